@@ -1,0 +1,1 @@
+//! Energy sensors (RAPL, NVML, hwmon).
