@@ -1,1 +1,442 @@
-fn main() {}
+//! `bitnet`: the command-line face of the library. A thin layer: parse arguments, load, call the
+//! library, print. Errors are reported with context through anyhow and a non-zero exit status.
+
+use std::io::{BufRead, Write};
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+use clap::{Args, Parser, Subcommand};
+
+use bitnet_wgpu::engine::{DeviceChoice, Engine, EngineOptions};
+use bitnet_wgpu::sampler::{Sampler, SamplerConfig};
+use bitnet_wgpu::tokenizer::ChatMessage;
+
+/// The model that ships with the project: a tiny BitNet b1.58 trained on public-domain stories.
+const BUNDLED_MODEL: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/assets/tiny-bitnet");
+
+#[derive(Parser)]
+#[command(
+    name = "bitnet",
+    version,
+    about = "Run BitNet b1.58 ternary language models on any GPU (wgpu) or the CPU, and measure them",
+    long_about = "Run BitNet b1.58 ternary language models (e.g. microsoft/bitnet-b1.58-2B-4T) from a \
+Hugging Face model folder (config.json, model.safetensors, tokenizer.json, tokenizer_config.json).\n\n\
+Without --model, the small model bundled in assets/tiny-bitnet is used (or $BITNET_MODEL)."
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Generate text from a prompt (streams to stdout; statistics go to stderr).
+    Generate(GenerateArgs),
+    /// Interactive multi-turn chat; the KV cache is kept between turns. /reset clears, /exit quits.
+    Chat(ChatArgs),
+    /// Write the logits of every position of a token sequence to a float32 .npy [n_tokens, vocab].
+    Logits(LogitsArgs),
+    /// Perplexity of a text file (sliding windows, like llama-perplexity / the HF guide).
+    Perplexity(PerplexityArgs),
+    /// Show a model's architecture, parameter counts, weight variant and memory needs.
+    Info(InfoArgs),
+}
+
+#[derive(Args, Clone)]
+struct ModelArgs {
+    /// Model folder (Hugging Face layout). Default: $BITNET_MODEL, else the bundled tiny model.
+    #[arg(short, long, value_name = "DIR")]
+    model: Option<PathBuf>,
+    /// Where to run: auto (a hardware GPU if usable, else CPU), cpu, or gpu.
+    #[arg(long, default_value = "auto", value_name = "auto|cpu|gpu")]
+    device: DeviceChoice,
+    /// Use the GPU adapter whose name contains this text.
+    #[arg(long, value_name = "NAME")]
+    adapter: Option<String>,
+    /// CPU threads (default: all cores).
+    #[arg(short, long, default_value_t = 0)]
+    threads: usize,
+    /// Context length in tokens (default: the model's max_position_embeddings).
+    #[arg(long)]
+    ctx: Option<usize>,
+}
+
+impl ModelArgs {
+    fn dir(&self) -> PathBuf {
+        self.model
+            .clone()
+            .or_else(|| std::env::var_os("BITNET_MODEL").map(PathBuf::from))
+            .unwrap_or_else(|| PathBuf::from(BUNDLED_MODEL))
+    }
+
+    fn load(&self) -> Result<Engine> {
+        let dir = self.dir();
+        let opts = EngineOptions {
+            device: self.device,
+            adapter: self.adapter.clone(),
+            threads: self.threads,
+            ctx: self.ctx,
+            progress: true,
+        };
+        let engine = Engine::load(&dir, &opts)
+            .with_context(|| format!("cannot load the model in {}", dir.display()))?;
+        Ok(engine)
+    }
+}
+
+#[derive(Args, Clone)]
+struct SamplingArgs {
+    /// Sampling temperature; 0 = greedy (always the most likely token).
+    #[arg(long, default_value_t = 0.8)]
+    temperature: f32,
+    /// Sample from the k most likely tokens only (0 = off).
+    #[arg(long, default_value_t = 40)]
+    top_k: usize,
+    /// Nucleus sampling: the smallest set of tokens whose probability reaches p (1 = off).
+    #[arg(long, default_value_t = 0.95)]
+    top_p: f32,
+    /// Drop tokens less likely than min_p × the most likely one (0 = off).
+    #[arg(long, default_value_t = 0.05)]
+    min_p: f32,
+    /// Penalise tokens seen in the last 64 (1 = off).
+    #[arg(long, default_value_t = 1.1)]
+    repeat_penalty: f32,
+    /// Random seed (same seed, same text).
+    #[arg(long, default_value_t = 42)]
+    seed: u64,
+    /// Maximum number of tokens to generate.
+    #[arg(short = 'n', long, default_value_t = 256)]
+    max_tokens: usize,
+    /// Keep going past end-of-sequence tokens.
+    #[arg(long)]
+    ignore_eos: bool,
+}
+
+impl SamplingArgs {
+    fn sampler(&self) -> Result<Sampler> {
+        // Greedy means plain argmax: no penalty either, so --temperature 0 is exactly reproducible.
+        let greedy = self.temperature == 0.0;
+        Ok(Sampler::new(SamplerConfig {
+            temperature: self.temperature,
+            top_k: self.top_k,
+            top_p: self.top_p,
+            min_p: self.min_p,
+            repeat_penalty: if greedy { 1.0 } else { self.repeat_penalty },
+            repeat_last_n: 64,
+            seed: self.seed,
+        })?)
+    }
+}
+
+#[derive(Args)]
+struct GenerateArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    #[command(flatten)]
+    sampling: SamplingArgs,
+    /// The prompt text.
+    #[arg(short, long, conflicts_with_all = ["tokens", "prompt_file"])]
+    prompt: Option<String>,
+    /// Read the prompt from a UTF-8 text file.
+    #[arg(long, value_name = "FILE", conflicts_with = "tokens")]
+    prompt_file: Option<PathBuf>,
+    /// The prompt as comma-separated token ids (no tokenization, no BOS added).
+    #[arg(long, value_name = "ID,ID,...")]
+    tokens: Option<String>,
+    /// Wrap the prompt in the model's chat format (a user turn, then the assistant's cue).
+    #[arg(long)]
+    chat: bool,
+    /// System message for --chat.
+    #[arg(long)]
+    system: Option<String>,
+    /// Print one JSON object (token_ids, text, finish_reason, timings) instead of streaming text.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args)]
+struct ChatArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    #[command(flatten)]
+    sampling: SamplingArgs,
+    /// System message that starts the conversation.
+    #[arg(long)]
+    system: Option<String>,
+}
+
+#[derive(Args)]
+struct LogitsArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    /// Comma-separated token ids.
+    #[arg(long, value_name = "ID,ID,...", required_unless_present = "prompt")]
+    tokens: Option<String>,
+    /// Text to tokenize (with the BOS the tokenizer adds) instead of --tokens.
+    #[arg(short, long, conflicts_with = "tokens")]
+    prompt: Option<String>,
+    /// Output .npy file: float32 [n_tokens, vocab_size].
+    #[arg(short, long, value_name = "FILE.npy")]
+    out: PathBuf,
+}
+
+#[derive(Args)]
+struct PerplexityArgs {
+    /// Here --ctx is the window length (default 512, capped by max_position_embeddings).
+    #[command(flatten)]
+    model: ModelArgs,
+    /// UTF-8 text file to score.
+    #[arg(short, long, value_name = "TEXT")]
+    file: PathBuf,
+    /// Start a new window every N tokens (default: half the window).
+    #[arg(long)]
+    stride: Option<usize>,
+    /// Print the result as JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args)]
+struct InfoArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+}
+
+fn parse_tokens(s: &str) -> Result<Vec<u32>> {
+    let ids = s
+        .split(',')
+        .map(str::trim)
+        .filter(|t| !t.is_empty())
+        .map(|t| t.parse::<u32>().with_context(|| format!("--tokens: {t:?} is not a token id")))
+        .collect::<Result<Vec<_>>>()?;
+    if ids.is_empty() {
+        bail!("--tokens is empty");
+    }
+    Ok(ids)
+}
+
+fn read_text(path: &Path) -> Result<String> {
+    let bytes = std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
+    String::from_utf8(bytes).map_err(|e| {
+        anyhow::anyhow!(
+            "{} is not valid UTF-8 (invalid byte at offset {})",
+            path.display(),
+            e.utf8_error().valid_up_to()
+        )
+    })
+}
+
+fn main() -> Result<()> {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Generate(a) => generate(a),
+        Command::Chat(a) => chat(a),
+        Command::Logits(a) => logits(a),
+        Command::Perplexity(a) => perplexity(a),
+        Command::Info(a) => info(a),
+    }
+}
+
+fn generate(a: GenerateArgs) -> Result<()> {
+    let mut sampler = a.sampling.sampler()?;
+    let mut engine = a.model.load()?;
+    let prompt_ids = if let Some(t) = &a.tokens {
+        parse_tokens(t)?
+    } else {
+        let text = match (&a.prompt, &a.prompt_file) {
+            (Some(p), _) => p.clone(),
+            (None, Some(f)) => read_text(f)?,
+            (None, None) => bail!("give a prompt: --prompt TEXT, --prompt-file FILE or --tokens IDS"),
+        };
+        if a.chat {
+            let mut msgs = Vec::new();
+            if let Some(s) = &a.system {
+                msgs.push(ChatMessage::new("system", s));
+            }
+            msgs.push(ChatMessage::new("user", &text));
+            engine.tokenizer.encode_chat(&msgs, true)?
+        } else {
+            engine.tokenizer.encode(&text, true)?
+        }
+    };
+    let mut stdout = std::io::stdout().lock();
+    let json = a.json;
+    let g = engine.generate(&prompt_ids, a.sampling.max_tokens, &mut sampler, a.sampling.ignore_eos, |piece| {
+        if !json {
+            let _ = stdout.write_all(piece.as_bytes());
+            let _ = stdout.flush();
+        }
+    })?;
+    if json {
+        let v = serde_json::json!({
+            "token_ids": g.token_ids,
+            "text": g.text,
+            "finish_reason": g.finish_reason,
+            "prompt_ids": prompt_ids,
+            "prompt_tokens": g.prompt_tokens,
+            "prefill_s": g.prefill_s,
+            "decode_s": g.decode_s,
+            "decode_tokens_per_s": g.decode_tokens_per_s(),
+            "backend": engine.model.backend_name(),
+        });
+        writeln!(stdout, "{v}")?;
+    } else {
+        writeln!(stdout)?;
+        eprintln!(
+            "[{}] prompt {} tokens in {:.3} s ({:.1} t/s); generated {} tokens, {:.1} t/s decode; stop: {:?}",
+            engine.model.backend_name(),
+            g.prompt_tokens,
+            g.prefill_s,
+            g.prompt_tokens as f64 / g.prefill_s.max(1e-9),
+            g.token_ids.len(),
+            g.decode_tokens_per_s(),
+            g.finish_reason
+        );
+    }
+    Ok(())
+}
+
+fn chat(a: ChatArgs) -> Result<()> {
+    let mut sampler = a.sampling.sampler()?;
+    let mut engine = a.model.load()?;
+    let mut messages: Vec<ChatMessage> = a.system.iter().map(|s| ChatMessage::new("system", s)).collect();
+    eprintln!(
+        "bitnet chat: {} on {}. Type a message; /reset clears the conversation, /exit or Ctrl-D quits.",
+        engine.files.dir.display(),
+        engine.model.backend_name()
+    );
+    let stdin = std::io::stdin();
+    let mut lines = stdin.lock().lines();
+    loop {
+        eprint!("> ");
+        std::io::stderr().flush()?;
+        let Some(line) = lines.next() else { break };
+        let line = line.context("reading the next message from stdin (is it valid UTF-8?)")?;
+        let line = line.trim();
+        match line {
+            "" => continue,
+            "/exit" | "/quit" => break,
+            "/reset" => {
+                messages.retain(|m| m.role == "system");
+                engine.reset();
+                eprintln!("(conversation cleared)");
+                continue;
+            }
+            _ => {}
+        }
+        messages.push(ChatMessage::new("user", line));
+        let mut ids = engine.tokenizer.encode_chat(&messages, true)?;
+        // Drop the oldest turns (never the system message) until the prompt leaves room to answer.
+        let room = a.sampling.max_tokens.min(engine.model.ctx() / 2);
+        while ids.len() + room > engine.model.ctx() && messages.iter().filter(|m| m.role != "system").count() > 1 {
+            let first = messages.iter().position(|m| m.role != "system").unwrap();
+            messages.remove(first);
+            ids = engine.tokenizer.encode_chat(&messages, true)?;
+        }
+        let mut stdout = std::io::stdout().lock();
+        let g = engine.generate(&ids, a.sampling.max_tokens, &mut sampler, false, |piece| {
+            let _ = stdout.write_all(piece.as_bytes());
+            let _ = stdout.flush();
+        })?;
+        writeln!(stdout)?;
+        messages.push(ChatMessage::new("assistant", g.text.trim()));
+    }
+    Ok(())
+}
+
+fn logits(a: LogitsArgs) -> Result<()> {
+    let mut engine = a.model.load()?;
+    let ids = match (&a.tokens, &a.prompt) {
+        (Some(t), _) => parse_tokens(t)?,
+        (None, Some(p)) => engine.tokenizer.encode(p, true)?,
+        (None, None) => bail!("give --tokens or --prompt"),
+    };
+    let logits = engine.logits(&ids)?;
+    let vocab = engine.config.vocab_size;
+    bitnet_wgpu::npy::write_f32(&a.out, &[ids.len(), vocab], &logits)
+        .with_context(|| format!("writing {}", a.out.display()))?;
+    eprintln!(
+        "wrote {} [{}, {}] float32 ({})",
+        a.out.display(),
+        ids.len(),
+        vocab,
+        engine.model.backend_name()
+    );
+    Ok(())
+}
+
+fn perplexity(a: PerplexityArgs) -> Result<()> {
+    let text = read_text(&a.file)?;
+    let mut margs = a.model.clone();
+    let config_path = margs.dir().join("config.json");
+    let max_pos = bitnet_wgpu::config::ModelConfig::from_file(&config_path)
+        .with_context(|| format!("cannot load the model in {}", margs.dir().display()))?
+        .max_position_embeddings;
+    let window = margs.ctx.unwrap_or(512).min(max_pos);
+    margs.ctx = Some(window);
+    let mut engine = margs.load()?;
+    let stride = a.stride.unwrap_or(window / 2).max(1);
+    let ids = engine.tokenizer.encode(&text, false)?;
+    let bar = indicatif::ProgressBar::new(0);
+    let t0 = std::time::Instant::now();
+    let r = bitnet_wgpu::perplexity::perplexity(&mut engine, &ids, window, stride, |done, total| {
+        bar.set_length(total as u64);
+        bar.set_position(done as u64);
+    })?;
+    bar.finish_and_clear();
+    if a.json {
+        println!("{}", serde_json::to_string(&r)?);
+    } else {
+        println!(
+            "perplexity {:.4} over {} scored tokens ({} tokens, {} windows of {} with stride {}) in {:.1} s on {}",
+            r.ppl,
+            r.n_scored,
+            r.n_tokens,
+            r.n_windows,
+            r.ctx,
+            r.stride,
+            t0.elapsed().as_secs_f64(),
+            engine.model.backend_name()
+        );
+    }
+    Ok(())
+}
+
+fn gib(bytes: u64) -> String {
+    format!("{:.2} GiB", bytes as f64 / (1u64 << 30) as f64)
+}
+
+fn info(a: InfoArgs) -> Result<()> {
+    let engine = a.model.load()?;
+    let c = &engine.config;
+    let w = &engine.weights;
+    println!("model folder     {}", engine.files.dir.display());
+    println!("architecture     BitNetForCausalLM (BitNet b1.58)");
+    println!(
+        "shape            hidden {}, intermediate {}, layers {}, heads {} (kv {}), head_dim {}",
+        c.hidden_size, c.intermediate_size, c.num_hidden_layers, c.num_attention_heads, c.num_key_value_heads, c.head_dim
+    );
+    println!("vocab            {}", c.vocab_size);
+    println!("context          {} positions (rope_theta {})", c.max_position_embeddings, c.rope_theta);
+    println!("weights          {}", c.variant.describe());
+    println!("lm head          {}", if c.tie_word_embeddings { "tied to the embedding" } else { "separate lm_head.weight" });
+    println!(
+        "parameters       {:.3} B ternary + {:.3} B float = {:.3} B",
+        c.ternary_params() as f64 / 1e9,
+        c.float_params() as f64 / 1e9,
+        (c.ternary_params() + c.float_params()) as f64 / 1e9
+    );
+    let ternary = w.ternary_bytes() as u64;
+    let emb = w.embed_tokens.bytes() as u64 + w.lm_head.as_ref().map_or(0, |m| m.bytes() as u64);
+    println!("memory           {} packed ternary weights + {} embedding/head", gib(ternary), gib(emb));
+    println!(
+        "kv cache         {} KiB per token (f32), {} at the full context of {}",
+        c.kv_bytes_per_position() / 1024,
+        gib(c.kv_bytes_per_position() * c.max_position_embeddings as u64),
+        c.max_position_embeddings
+    );
+    println!("tokens           bos {:?}, stop {:?}", c.bos_token_id, engine.stop_ids());
+    println!("backend          {}", engine.model.backend_name());
+    println!("load time        {:.2} s", engine.load_time.as_secs_f64());
+    Ok(())
+}

@@ -1,0 +1,464 @@
+//! The CPU backend: plain Rust over a rayon thread pool. Every op here is also the scalar twin
+//! that faster kernels (SIMD, WGSL) are tested against, so clarity wins over cleverness; the
+//! ternary matmul still walks the packed bytes directly (4 output rows per byte row) and never
+//! expands weights to floats.
+
+use rayon::prelude::*;
+
+use super::{AttentionShape, Backend, LogitRows};
+use crate::error::{BitnetError, Result};
+use crate::load::{decode_floats, FloatMatrix};
+use crate::ternary::{quantize_row, ternary_dot_byte_row, TernaryMatrix};
+
+/// f32 activations `[capacity, cols]`, row-major.
+#[derive(Debug, Clone)]
+pub struct CpuTensor {
+    pub data: Vec<f32>, // [capacity, cols]
+    pub capacity: usize,
+    pub cols: usize,
+}
+
+/// int8 activations `[capacity, cols]` plus the per-row scale `s = 127 / absmax`.
+#[derive(Debug, Clone)]
+pub struct CpuQTensor {
+    pub q: Vec<i8>,        // [capacity, cols]
+    pub scales: Vec<f32>,  // [capacity]
+    pub sums: Vec<i32>,    // [capacity]  Σ q over the row, for the Σq·code − Σq trick
+    pub capacity: usize,
+    pub cols: usize,
+}
+
+/// Keys and values of every layer, f32.
+pub struct CpuKvCache {
+    pub k: Vec<f32>, // [layers, ctx, kv_dim]
+    pub v: Vec<f32>, // [layers, ctx, kv_dim]
+    pub ctx: usize,
+    pub kv_dim: usize,
+}
+
+pub struct CpuBackend {
+    pool: rayon::ThreadPool,
+    threads: usize,
+    tokens: Vec<u32>, // [n] tokens of the current step
+    start_pos: usize,
+    acc: Vec<i32>, // scratch [out/4, n, 4] for the ternary matmul
+}
+
+impl CpuBackend {
+    /// `threads = 0` means one per available core.
+    pub fn new(threads: usize) -> Result<Self> {
+        let threads = if threads == 0 {
+            std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)
+        } else {
+            threads
+        };
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .build()
+            .map_err(|e| BitnetError::InvalidArgument(format!("cannot start {threads} threads: {e}")))?;
+        Ok(CpuBackend {
+            pool,
+            threads,
+            tokens: Vec::new(),
+            start_pos: 0,
+            acc: Vec::new(),
+        })
+    }
+
+    pub fn threads(&self) -> usize {
+        self.threads
+    }
+
+    fn n(&self) -> usize {
+        self.tokens.len()
+    }
+
+    fn check(&self, op: &'static str, t: &CpuTensor, cols: usize) -> Result<()> {
+        if t.cols != cols || t.capacity < self.n() {
+            return Err(BitnetError::op(
+                op,
+                format!(
+                    "tensor [{}, {}] cannot hold {} rows of {cols} columns",
+                    t.capacity,
+                    t.cols,
+                    self.n()
+                ),
+            ));
+        }
+        Ok(())
+    }
+}
+
+impl Backend for CpuBackend {
+    type Tensor = CpuTensor;
+    type QTensor = CpuQTensor;
+    type Linear = TernaryMatrix;
+    type Vector = Vec<f32>;
+    type Embedding = FloatMatrix;
+    type KvCache = CpuKvCache;
+
+    fn name(&self) -> String {
+        format!("cpu ({} threads)", self.threads)
+    }
+
+    fn upload_linear(&mut self, w: &TernaryMatrix) -> Result<TernaryMatrix> {
+        Ok(w.clone())
+    }
+
+    fn upload_vector(&mut self, v: &[f32]) -> Result<Vec<f32>> {
+        Ok(v.to_vec())
+    }
+
+    fn upload_embedding(&mut self, m: &FloatMatrix) -> Result<FloatMatrix> {
+        Ok(m.clone())
+    }
+
+    fn alloc(&mut self, capacity: usize, cols: usize) -> Result<CpuTensor> {
+        Ok(CpuTensor {
+            data: vec![0.0; capacity * cols],
+            capacity,
+            cols,
+        })
+    }
+
+    fn alloc_q(&mut self, capacity: usize, cols: usize) -> Result<CpuQTensor> {
+        Ok(CpuQTensor {
+            q: vec![0; capacity * cols],
+            scales: vec![0.0; capacity],
+            sums: vec![0; capacity],
+            capacity,
+            cols,
+        })
+    }
+
+    fn alloc_kv_cache(&mut self, layers: usize, ctx: usize, kv_dim: usize) -> Result<CpuKvCache> {
+        let len = layers
+            .checked_mul(ctx)
+            .and_then(|x| x.checked_mul(kv_dim))
+            .ok_or_else(|| BitnetError::op("alloc_kv_cache", "size overflows"))?;
+        Ok(CpuKvCache {
+            k: vec![0.0; len],
+            v: vec![0.0; len],
+            ctx,
+            kv_dim,
+        })
+    }
+
+    fn begin_step(&mut self, tokens: &[u32], start_pos: usize) -> Result<()> {
+        self.tokens.clear();
+        self.tokens.extend_from_slice(tokens);
+        self.start_pos = start_pos;
+        Ok(())
+    }
+
+    fn end_step(&mut self) -> Result<()> {
+        Ok(())
+    }
+
+    fn embed(&mut self, emb: &FloatMatrix, out: &mut CpuTensor) -> Result<()> {
+        self.check("embed", out, emb.cols)?;
+        for (t, &id) in self.tokens.iter().enumerate() {
+            if id as usize >= emb.rows {
+                return Err(BitnetError::TokenOutOfRange {
+                    id,
+                    vocab_size: emb.rows,
+                });
+            }
+            emb.row_f32(id as usize, &mut out.data[t * emb.cols..(t + 1) * emb.cols]);
+        }
+        Ok(())
+    }
+
+    fn rms_norm(&mut self, x: &CpuTensor, w: &Vec<f32>, eps: f32, out: &mut CpuTensor) -> Result<()> {
+        let cols = w.len();
+        self.check("rms_norm", x, cols)?;
+        self.check("rms_norm", out, cols)?;
+        let n = self.n();
+        for (xr, or) in x.data[..n * cols].chunks_exact(cols).zip(out.data.chunks_exact_mut(cols)) {
+            rms_norm_row(xr, w, eps, or);
+        }
+        Ok(())
+    }
+
+    fn quantize(&mut self, x: &CpuTensor, out: &mut CpuQTensor) -> Result<()> {
+        let (n, cols) = (self.n(), x.cols);
+        self.check("quantize", x, out.cols)?;
+        if out.capacity < n {
+            return Err(BitnetError::op("quantize", "output has too few rows"));
+        }
+        for t in 0..n {
+            let q = &mut out.q[t * cols..(t + 1) * cols];
+            out.scales[t] = quantize_row(&x.data[t * cols..(t + 1) * cols], q);
+            out.sums[t] = q.iter().map(|&v| v as i32).sum();
+        }
+        Ok(())
+    }
+
+    fn ternary_matmul(&mut self, w: &TernaryMatrix, x: &CpuQTensor, out: &mut CpuTensor) -> Result<()> {
+        let n = self.n();
+        if x.cols != w.cols || x.capacity < n {
+            return Err(BitnetError::op(
+                "ternary_matmul",
+                format!("{}: weight [{}, {}] vs activations [{n}, {}]", w.name, w.rows, w.cols, x.cols),
+            ));
+        }
+        self.check("ternary_matmul", out, w.rows)?;
+        let p4 = w.rows / 4;
+        let cols = w.cols;
+        self.acc.resize(p4 * n * 4, 0);
+        let acc = &mut self.acc;
+        // acc [P, n, 4]: byte row p serves 4 output rows; the byte row stays in L1 across tokens.
+        self.pool.install(|| {
+            acc.par_chunks_mut(n * 4).enumerate().for_each(|(p, a)| {
+                let bytes = w.byte_row(p);
+                for t in 0..n {
+                    let r = ternary_dot_byte_row(bytes, &x.q[t * cols..(t + 1) * cols], x.sums[t]);
+                    a[t * 4..t * 4 + 4].copy_from_slice(&r);
+                }
+            })
+        });
+        for t in 0..n {
+            let f = w.out_scale / x.scales[t];
+            let orow = &mut out.data[t * w.rows..(t + 1) * w.rows];
+            for p in 0..p4 {
+                for i in 0..4 {
+                    orow[i * p4 + p] = acc[(p * n + t) * 4 + i] as f32 * f;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn rope(&mut self, x: &mut CpuTensor, n_heads: usize, shape: &AttentionShape) -> Result<()> {
+        let hd = shape.head_dim;
+        self.check("rope", x, n_heads * hd)?;
+        for t in 0..self.n() {
+            let pos = self.start_pos + t;
+            let row = &mut x.data[t * n_heads * hd..(t + 1) * n_heads * hd];
+            for head in row.chunks_exact_mut(hd) {
+                rope_head(head, pos, shape.rope_theta);
+            }
+        }
+        Ok(())
+    }
+
+    fn attention(
+        &mut self,
+        q: &CpuTensor,
+        k: &CpuTensor,
+        v: &CpuTensor,
+        cache: &mut CpuKvCache,
+        layer: usize,
+        shape: &AttentionShape,
+        out: &mut CpuTensor,
+    ) -> Result<()> {
+        let (n, hd) = (self.n(), shape.head_dim);
+        let (qd, kvd) = (shape.n_heads * hd, shape.n_kv_heads * hd);
+        self.check("attention", q, qd)?;
+        self.check("attention", k, kvd)?;
+        self.check("attention", v, kvd)?;
+        self.check("attention", out, qd)?;
+        if cache.kv_dim != kvd || self.start_pos + n > cache.ctx {
+            return Err(BitnetError::ContextOverflow {
+                needed: self.start_pos + n,
+                ctx: cache.ctx,
+            });
+        }
+        let base = layer * cache.ctx * kvd;
+        let dst = base + self.start_pos * kvd..base + (self.start_pos + n) * kvd;
+        cache.k[dst.clone()].copy_from_slice(&k.data[..n * kvd]);
+        cache.v[dst].copy_from_slice(&v.data[..n * kvd]);
+        let (kc, vc) = (&cache.k[base..], &cache.v[base..]);
+        let group = shape.n_heads / shape.n_kv_heads;
+        let scale = 1.0 / (hd as f32).sqrt();
+        let start = self.start_pos;
+        self.pool.install(|| {
+            out.data[..n * qd].par_chunks_mut(hd).enumerate().for_each(|(idx, o)| {
+                let (t, h) = (idx / shape.n_heads, idx % shape.n_heads);
+                let kvh = h / group;
+                let qv = &q.data[t * qd + h * hd..t * qd + (h + 1) * hd];
+                let len = start + t + 1; // causal: positions 0..=start+t
+                let mut scores: Vec<f32> = (0..len)
+                    .map(|j| {
+                        let kr = &kc[j * kvd + kvh * hd..j * kvd + (kvh + 1) * hd];
+                        qv.iter().zip(kr).map(|(a, b)| a * b).sum::<f32>() * scale
+                    })
+                    .collect();
+                softmax_in_place(&mut scores);
+                o.fill(0.0);
+                for (j, &p) in scores.iter().enumerate() {
+                    let vr = &vc[j * kvd + kvh * hd..j * kvd + (kvh + 1) * hd];
+                    for (oi, vi) in o.iter_mut().zip(vr) {
+                        *oi += p * vi;
+                    }
+                }
+            })
+        });
+        Ok(())
+    }
+
+    fn relu2_mul(&mut self, gate: &CpuTensor, up: &CpuTensor, out: &mut CpuTensor) -> Result<()> {
+        let cols = gate.cols;
+        self.check("relu2_mul", up, cols)?;
+        self.check("relu2_mul", out, cols)?;
+        let len = self.n() * cols;
+        for ((o, &g), &u) in out.data[..len].iter_mut().zip(&gate.data).zip(&up.data) {
+            let r = g.max(0.0);
+            *o = r * r * u;
+        }
+        Ok(())
+    }
+
+    fn add_assign(&mut self, x: &mut CpuTensor, y: &CpuTensor) -> Result<()> {
+        self.check("add", y, x.cols)?;
+        let len = self.n() * x.cols;
+        for (a, b) in x.data[..len].iter_mut().zip(&y.data) {
+            *a += b;
+        }
+        Ok(())
+    }
+
+    fn lm_head(&mut self, head: &FloatMatrix, x: &CpuTensor, rows: LogitRows, logits: &mut CpuTensor) -> Result<()> {
+        let (n, h) = (self.n(), head.cols);
+        self.check("lm_head", x, h)?;
+        let first = match rows {
+            LogitRows::Last => n - 1,
+            LogitRows::All => 0,
+        };
+        let out_rows = n - first;
+        if logits.cols != head.rows || logits.capacity < out_rows {
+            return Err(BitnetError::op("lm_head", "logits tensor has the wrong shape"));
+        }
+        const CHUNK: usize = 256;
+        let es = head.dtype.size();
+        let data = head.data.as_slice();
+        self.pool.install(|| {
+            for r in 0..out_rows {
+                let xr = &x.data[(first + r) * h..(first + r + 1) * h];
+                let lr = &mut logits.data[r * head.rows..(r + 1) * head.rows];
+                lr.par_chunks_mut(CHUNK).enumerate().for_each(|(c, out)| {
+                    let mut row = vec![0f32; h];
+                    for (i, o) in out.iter_mut().enumerate() {
+                        let v = c * CHUNK + i;
+                        decode_floats(head.dtype, &data[v * h * es..(v + 1) * h * es], &mut row);
+                        *o = row.iter().zip(xr).map(|(a, b)| a * b).sum();
+                    }
+                });
+            }
+        });
+        Ok(())
+    }
+
+    fn read(&mut self, t: &CpuTensor, rows: usize) -> Result<Vec<f32>> {
+        Ok(t.data[..rows * t.cols].to_vec())
+    }
+
+    fn argmax_row0(&mut self, logits: &CpuTensor) -> Result<u32> {
+        Ok(argmax(&logits.data[..logits.cols]) as u32)
+    }
+}
+
+/// `out = x * rsqrt(mean(x²) + eps) * w` for one row, in f32 like transformers.
+pub fn rms_norm_row(x: &[f32], w: &[f32], eps: f32, out: &mut [f32]) {
+    let ms = x.iter().map(|v| v * v).sum::<f32>() / x.len() as f32;
+    let inv = 1.0 / (ms + eps).sqrt();
+    for ((o, &xi), &wi) in out.iter_mut().zip(x).zip(w) {
+        *o = wi * (xi * inv);
+    }
+}
+
+/// Half-split RoPE of one head vector at position `pos`:
+/// `v'[j] = v[j] cos − v[j+d/2] sin`, `v'[j+d/2] = v[j+d/2] cos + v[j] sin`, angle `pos · θ^(−2j/d)`.
+pub fn rope_head(v: &mut [f32], pos: usize, theta: f32) {
+    let half = v.len() / 2;
+    for j in 0..half {
+        // As transformers: inv_freq and the angle in f32, then cos/sin of that f32 angle.
+        let inv_freq = 1.0 / theta.powf((2 * j) as f32 / v.len() as f32);
+        let angle = pos as f32 * inv_freq;
+        let (s, c) = (angle as f64).sin_cos();
+        let (s, c) = (s as f32, c as f32);
+        let (a, b) = (v[j], v[j + half]);
+        v[j] = a * c - b * s;
+        v[j + half] = b * c + a * s;
+    }
+}
+
+/// Numerically stable softmax in f32.
+pub fn softmax_in_place(x: &mut [f32]) {
+    let m = x.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
+    let mut sum = 0.0;
+    for v in x.iter_mut() {
+        *v = (*v - m).exp();
+        sum += *v;
+    }
+    for v in x.iter_mut() {
+        *v /= sum;
+    }
+}
+
+/// Index of the largest value (the first one on ties, like torch.argmax).
+pub fn argmax(x: &[f32]) -> usize {
+    let mut best = 0;
+    for (i, &v) in x.iter().enumerate() {
+        if v > x[best] {
+            best = i;
+        }
+    }
+    best
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rope_half_split_rotates_pairs_j_and_j_plus_half() {
+        // d = 4: pairs (0,2) with inv_freq 1 and (1,3) with inv_freq θ^(-1/2) = 0.01 for θ = 1e4.
+        let mut v = [1.0f32, 1.0, 0.0, 0.0];
+        rope_head(&mut v, 1, 10000.0);
+        assert!((v[0] - 1f32.cos()).abs() < 1e-6 && (v[2] - 1f32.sin()).abs() < 1e-6, "{v:?}");
+        assert!((v[1] - 0.01f32.cos()).abs() < 1e-6 && (v[3] - 0.01f32.sin()).abs() < 1e-6, "{v:?}");
+        // position 0 is the identity
+        let mut w = [0.3f32, -0.2, 0.7, 0.1];
+        rope_head(&mut w, 0, 10000.0);
+        assert_eq!(w, [0.3, -0.2, 0.7, 0.1]);
+    }
+
+    #[test]
+    fn attention_gqa_maps_query_heads_to_kv_heads() {
+        // 4 query heads, 2 kv heads, head_dim 2, one token: softmax over one key = 1, so
+        // out(head h) = v(kv head h / 2).
+        let mut b = CpuBackend::new(1).unwrap();
+        let shape = AttentionShape { n_heads: 4, n_kv_heads: 2, head_dim: 2, rope_theta: 1e4 };
+        b.begin_step(&[0], 0).unwrap();
+        let q = CpuTensor { data: vec![1.0; 8], capacity: 1, cols: 8 };
+        let k = CpuTensor { data: vec![1.0; 4], capacity: 1, cols: 4 };
+        let v = CpuTensor { data: vec![10.0, 11.0, 20.0, 21.0], capacity: 1, cols: 4 };
+        let mut cache = b.alloc_kv_cache(1, 4, 4).unwrap();
+        let mut out = b.alloc(1, 8).unwrap();
+        b.attention(&q, &k, &v, &mut cache, 0, &shape, &mut out).unwrap();
+        assert_eq!(out.data, vec![10.0, 11.0, 10.0, 11.0, 20.0, 21.0, 20.0, 21.0]);
+        // second token: kv head 1 gets a key aligned with q heads 2,3 → they weight it more.
+        b.begin_step(&[0], 1).unwrap();
+        let k2 = CpuTensor { data: vec![0.0, 0.0, 5.0, 5.0], capacity: 1, cols: 4 };
+        let v2 = CpuTensor { data: vec![0.0, 0.0, 0.0, 0.0], capacity: 1, cols: 4 };
+        b.attention(&q, &k2, &v2, &mut cache, 0, &shape, &mut out).unwrap();
+        // heads 0,1: scores (1·1+1·1)/√2 vs 0 → p0 = σ(√2); heads 2,3: 2/√2 vs 10/√2.
+        let p0 = 1.0 / (1.0 + (-(2f32.sqrt())).exp());
+        let p1 = 1.0 / (1.0 + (8.0 / 2f32.sqrt()).exp());
+        assert!((out.data[0] - 10.0 * p0).abs() < 1e-4, "{:?}", out.data);
+        assert!((out.data[4] - 20.0 * p1).abs() < 1e-4, "{:?}", out.data);
+    }
+
+    #[test]
+    fn rms_norm_and_softmax() {
+        let mut o = [0.0f32; 2];
+        rms_norm_row(&[3.0, 4.0], &[1.0, 2.0], 0.0, &mut o);
+        let r = (12.5f32).sqrt();
+        assert!((o[0] - 3.0 / r).abs() < 1e-6 && (o[1] - 8.0 / r).abs() < 1e-6);
+        let mut s = [1000.0f32, 1000.0];
+        softmax_in_place(&mut s);
+        assert_eq!(s, [0.5, 0.5]);
+        assert_eq!(argmax(&[1.0, 3.0, 3.0, 2.0]), 1);
+    }
+}

@@ -1,0 +1,98 @@
+//! The narrow interface between the model graph (`model.rs`, written once) and the devices that
+//! run it. A backend owns its tensors; the model allocates every activation buffer once at load
+//! (sized for the largest batch) and each step only says how many rows are live and at which
+//! position they start (`begin_step`), so a GPU backend can record one command buffer per step
+//! and never allocate per token.
+//!
+//! Row counts: every activation tensor has `capacity` rows; ops act on the first `n_tokens` rows
+//! of the current step. The LM head can produce logits for all live rows or only the last one.
+
+pub mod cpu;
+
+use crate::error::Result;
+use crate::load::FloatMatrix;
+use crate::ternary::TernaryMatrix;
+
+/// Hyper-parameters the attention and RoPE ops need.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct AttentionShape {
+    pub n_heads: usize,
+    pub n_kv_heads: usize,
+    pub head_dim: usize,
+    pub rope_theta: f32,
+}
+
+/// Which rows the LM head computes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogitRows {
+    /// Only the last live row (generation): `[1, vocab]`.
+    Last,
+    /// Every live row (scoring, `bitnet logits`): `[n_tokens, vocab]`.
+    All,
+}
+
+/// The ops of a BitNet b1.58 forward pass. Shapes in the comments: `n` = live rows of the step.
+pub trait Backend {
+    /// f32 activations `[capacity, cols]`.
+    type Tensor;
+    /// int8 activations `[capacity, cols]` with one f32 scale per row.
+    type QTensor;
+    /// A ternary matrix in the backend's own layout.
+    type Linear;
+    /// An f32 vector (norm weights).
+    type Vector;
+    /// A float matrix `[vocab, hidden]` for the embedding lookup and the LM head.
+    type Embedding;
+    /// Keys and values of all layers, `[layers, ctx, kv_dim]` each.
+    type KvCache;
+
+    /// A human-readable name: "cpu (2 threads)", "wgpu Vulkan NVIDIA H100", ...
+    fn name(&self) -> String;
+
+    fn upload_linear(&mut self, w: &TernaryMatrix) -> Result<Self::Linear>;
+    fn upload_vector(&mut self, v: &[f32]) -> Result<Self::Vector>;
+    fn upload_embedding(&mut self, m: &FloatMatrix) -> Result<Self::Embedding>;
+    fn alloc(&mut self, capacity: usize, cols: usize) -> Result<Self::Tensor>;
+    fn alloc_q(&mut self, capacity: usize, cols: usize) -> Result<Self::QTensor>;
+    fn alloc_kv_cache(&mut self, layers: usize, ctx: usize, kv_dim: usize) -> Result<Self::KvCache>;
+
+    /// Starts a step over `tokens` at positions `start_pos..start_pos + tokens.len()`.
+    fn begin_step(&mut self, tokens: &[u32], start_pos: usize) -> Result<()>;
+    /// Ends the step: a GPU backend submits its command buffer here.
+    fn end_step(&mut self) -> Result<()>;
+
+    /// `out[t] = emb[tokens[t]]`: `[n, hidden]`.
+    fn embed(&mut self, emb: &Self::Embedding, out: &mut Self::Tensor) -> Result<()>;
+    /// `out = x * rsqrt(mean(x²) + eps) * w`, row-wise: `[n, cols]`.
+    fn rms_norm(&mut self, x: &Self::Tensor, w: &Self::Vector, eps: f32, out: &mut Self::Tensor) -> Result<()>;
+    /// Per-row absmax int8 quantization: `[n, cols]` → `[n, cols]` int8 + `[n]` scales.
+    fn quantize(&mut self, x: &Self::Tensor, out: &mut Self::QTensor) -> Result<()>;
+    /// `out = (x_q · Wᵀ) / s_x * out_scale`: `[n, in]` → `[n, out]`, exact integer accumulation.
+    fn ternary_matmul(&mut self, w: &Self::Linear, x: &Self::QTensor, out: &mut Self::Tensor) -> Result<()>;
+    /// Half-split rotary embedding in place on `[n, heads * head_dim]`, positions from the step.
+    fn rope(&mut self, x: &mut Self::Tensor, n_heads: usize, shape: &AttentionShape) -> Result<()>;
+    /// Stores `k, v [n, kv_dim]` into the cache of `layer` at the step's positions, then causal
+    /// GQA attention of `q [n, heads*head_dim]` over positions `0..=pos`: `out [n, heads*head_dim]`.
+    #[allow(clippy::too_many_arguments)]
+    fn attention(
+        &mut self,
+        q: &Self::Tensor,
+        k: &Self::Tensor,
+        v: &Self::Tensor,
+        cache: &mut Self::KvCache,
+        layer: usize,
+        shape: &AttentionShape,
+        out: &mut Self::Tensor,
+    ) -> Result<()>;
+    /// `out = relu(gate)² * up`: `[n, intermediate]`.
+    fn relu2_mul(&mut self, gate: &Self::Tensor, up: &Self::Tensor, out: &mut Self::Tensor) -> Result<()>;
+    /// `x += y`: `[n, cols]`.
+    fn add_assign(&mut self, x: &mut Self::Tensor, y: &Self::Tensor) -> Result<()>;
+    /// `logits = x · headᵀ` for the rows selected: `[1 or n, vocab]`.
+    fn lm_head(&mut self, head: &Self::Embedding, x: &Self::Tensor, rows: LogitRows, logits: &mut Self::Tensor) -> Result<()>;
+
+    /// Reads `rows` rows of `t` back to the host (a sync point): `[rows, cols]` flattened.
+    fn read(&mut self, t: &Self::Tensor, rows: usize) -> Result<Vec<f32>>;
+    /// Greedy pick of row 0 of `logits` without reading the whole vector back.
+    fn argmax_row0(&mut self, logits: &Self::Tensor) -> Result<u32>;
+}

@@ -1,0 +1,385 @@
+//! `config.json` of a Hugging Face BitNet folder: the architecture and how the linear layers
+//! scale their integer outputs.
+
+use std::path::Path;
+
+use serde_json::Value;
+
+use crate::error::{BitnetError, Result};
+
+/// How a ternary projection turns its exact integer accumulator into a float.
+/// With `s_act = 127 / absmax(x_t)` per token:
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WeightVariant {
+    /// Packed uint8 weights, `linear_class: autobitlinear` (the 2B4T repo): `acc / s_act * weight_scale`.
+    PackedAutoBitLinear,
+    /// Packed uint8 weights, `linear_class: bitlinear` or absent: `acc / (s_act * weight_scale)`.
+    PackedBitLinear,
+    /// bf16 master weights, `quantization_mode: online`: ternarized at load with absmean
+    /// `s = mean|W|`, output `acc / s_act * s`.
+    OnlineMaster,
+}
+
+impl WeightVariant {
+    pub fn describe(self) -> &'static str {
+        match self {
+            WeightVariant::PackedAutoBitLinear => "packed 2-bit, autobitlinear (output × weight_scale)",
+            WeightVariant::PackedBitLinear => "packed 2-bit, bitlinear (output ÷ weight_scale)",
+            WeightVariant::OnlineMaster => {
+                "bf16 master weights, ternarized at load (online absmean)"
+            }
+        }
+    }
+}
+
+/// The architecture of a BitNet b1.58 model, read from config.json and checked for consistency.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ModelConfig {
+    pub hidden_size: usize,
+    pub intermediate_size: usize,
+    pub num_hidden_layers: usize,
+    pub num_attention_heads: usize,
+    pub num_key_value_heads: usize,
+    pub head_dim: usize,
+    pub vocab_size: usize,
+    pub max_position_embeddings: usize,
+    pub rope_theta: f32,
+    pub rms_norm_eps: f32,
+    pub tie_word_embeddings: bool,
+    pub bos_token_id: Option<u32>,
+    pub eos_token_ids: Vec<u32>,
+    pub variant: WeightVariant,
+}
+
+impl ModelConfig {
+    /// The exact shape of microsoft/bitnet-b1.58-2B-4T.
+    pub fn bitnet_2b4t() -> Self {
+        ModelConfig {
+            hidden_size: 2560,
+            intermediate_size: 6912,
+            num_hidden_layers: 30,
+            num_attention_heads: 20,
+            num_key_value_heads: 5,
+            head_dim: 128,
+            vocab_size: 128256,
+            max_position_embeddings: 4096,
+            rope_theta: 500000.0,
+            rms_norm_eps: 1e-5,
+            tie_word_embeddings: true,
+            bos_token_id: Some(128000),
+            eos_token_ids: vec![128001, 128009],
+            variant: WeightVariant::PackedAutoBitLinear,
+        }
+    }
+
+    pub fn from_file(path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path).map_err(|e| BitnetError::io(path, e))?;
+        Self::from_json_str(&text).map_err(|msg| BitnetError::Config {
+            path: path.to_path_buf(),
+            msg,
+        })
+    }
+
+    /// Parses and validates; the error string names the key at fault.
+    pub fn from_json_str(text: &str) -> std::result::Result<Self, String> {
+        let v: Value = serde_json::from_str(text).map_err(|e| format!("not valid JSON: {e}"))?;
+        let obj = v.as_object().ok_or("the top level is not a JSON object")?;
+
+        let model_type = obj.get("model_type").and_then(Value::as_str).unwrap_or("bitnet");
+        if model_type != "bitnet" {
+            return Err(format!(
+                "model_type is {model_type:?}; this runtime reads BitNet b1.58 models (model_type \"bitnet\")"
+            ));
+        }
+        let usize_key = |key: &str| -> std::result::Result<usize, String> {
+            let val = obj.get(key).ok_or_else(|| format!("missing key {key:?}"))?;
+            let n = val
+                .as_u64()
+                .ok_or_else(|| format!("{key:?} must be a non-negative integer, found {val}"))?;
+            if n == 0 || n > (1 << 31) {
+                return Err(format!("{key:?} = {n} is out of range"));
+            }
+            Ok(n as usize)
+        };
+        let f32_key = |val: &Value, key: &str| -> std::result::Result<f32, String> {
+            let x = val
+                .as_f64()
+                .ok_or_else(|| format!("{key:?} must be a number, found {val}"))?;
+            if !x.is_finite() || x <= 0.0 {
+                return Err(format!("{key:?} = {x} must be a positive finite number"));
+            }
+            Ok(x as f32)
+        };
+
+        let hidden_size = usize_key("hidden_size")?;
+        let intermediate_size = usize_key("intermediate_size")?;
+        let num_hidden_layers = usize_key("num_hidden_layers")?;
+        let num_attention_heads = usize_key("num_attention_heads")?;
+        let num_key_value_heads = match obj.get("num_key_value_heads") {
+            Some(Value::Null) | None => num_attention_heads,
+            Some(_) => usize_key("num_key_value_heads")?,
+        };
+        let head_dim = match obj.get("head_dim") {
+            Some(Value::Null) | None => {
+                if hidden_size % num_attention_heads != 0 {
+                    return Err(format!(
+                        "hidden_size {hidden_size} is not divisible by num_attention_heads {num_attention_heads}"
+                    ));
+                }
+                hidden_size / num_attention_heads
+            }
+            Some(_) => usize_key("head_dim")?,
+        };
+        if head_dim % 2 != 0 {
+            return Err(format!("head_dim {head_dim} must be even for RoPE"));
+        }
+        if num_attention_heads % num_key_value_heads != 0 {
+            return Err(format!(
+                "num_attention_heads {num_attention_heads} is not a multiple of num_key_value_heads {num_key_value_heads}"
+            ));
+        }
+        let vocab_size = usize_key("vocab_size")?;
+        let max_position_embeddings = usize_key("max_position_embeddings")?;
+
+        let hidden_act = obj.get("hidden_act").and_then(Value::as_str).unwrap_or("relu2");
+        if hidden_act != "relu2" {
+            return Err(format!(
+                "unsupported hidden_act {hidden_act:?}: BitNet b1.58 uses \"relu2\" (relu(x)^2)"
+            ));
+        }
+
+        // rope_theta sits at the top level in transformers 4.x configs and under rope_parameters
+        // (with rope_type) in 5.x. Only the default (unscaled) RoPE is what BitNet uses.
+        let rope_params = obj
+            .get("rope_parameters")
+            .or_else(|| obj.get("rope_scaling"))
+            .filter(|v| !v.is_null());
+        if let Some(rp) = rope_params {
+            let rope_type = rp
+                .get("rope_type")
+                .or_else(|| rp.get("type"))
+                .and_then(Value::as_str)
+                .unwrap_or("default");
+            if rope_type != "default" {
+                return Err(format!(
+                    "unsupported RoPE type {rope_type:?}: only the default (unscaled) rotary embedding is implemented"
+                ));
+            }
+        }
+        let rope_theta = match (
+            obj.get("rope_theta"),
+            rope_params.and_then(|rp| rp.get("rope_theta")),
+        ) {
+            (Some(v), _) if !v.is_null() => f32_key(v, "rope_theta")?,
+            (_, Some(v)) => f32_key(v, "rope_parameters.rope_theta")?,
+            _ => 10000.0,
+        };
+        let rms_norm_eps = match obj.get("rms_norm_eps") {
+            Some(v) => f32_key(v, "rms_norm_eps")?,
+            None => 1e-6,
+        };
+        let tie_word_embeddings = match obj.get("tie_word_embeddings") {
+            None | Some(Value::Null) => true,
+            Some(Value::Bool(b)) => *b,
+            Some(v) => return Err(format!("tie_word_embeddings must be a bool, found {v}")),
+        };
+
+        let token_id = |v: &Value, key: &str| -> std::result::Result<u32, String> {
+            v.as_u64()
+                .filter(|&id| (id as usize) < vocab_size)
+                .map(|id| id as u32)
+                .ok_or_else(|| format!("{key:?} = {v} is not a token id below vocab_size {vocab_size}"))
+        };
+        let bos_token_id = match obj.get("bos_token_id") {
+            None | Some(Value::Null) => None,
+            Some(v) => Some(token_id(v, "bos_token_id")?),
+        };
+        let eos_token_ids = match obj.get("eos_token_id") {
+            None | Some(Value::Null) => Vec::new(),
+            Some(Value::Array(ids)) => ids
+                .iter()
+                .map(|v| token_id(v, "eos_token_id"))
+                .collect::<std::result::Result<_, _>>()?,
+            Some(v) => vec![token_id(v, "eos_token_id")?],
+        };
+
+        let variant = match obj.get("quantization_config").filter(|v| !v.is_null()) {
+            // No quantization_config: transformers would build plain nn.Linear layers, which is
+            // not a BitNet b1.58 checkpoint this runtime understands.
+            None => {
+                return Err(
+                    "no quantization_config: expected {\"quant_method\": \"bitnet\", ...} as in the BitNet b1.58 repos"
+                        .into(),
+                )
+            }
+            Some(qc) => {
+                let method = qc.get("quant_method").and_then(Value::as_str).unwrap_or("");
+                if method != "bitnet" {
+                    return Err(format!(
+                        "quantization_config.quant_method is {method:?}, expected \"bitnet\""
+                    ));
+                }
+                let class = qc
+                    .get("linear_class")
+                    .and_then(Value::as_str)
+                    .unwrap_or("bitlinear");
+                let mode = qc
+                    .get("quantization_mode")
+                    .and_then(Value::as_str)
+                    .unwrap_or("offline");
+                match (class, mode) {
+                    (_, "online") => WeightVariant::OnlineMaster,
+                    ("autobitlinear", "offline") => WeightVariant::PackedAutoBitLinear,
+                    ("bitlinear", "offline") => WeightVariant::PackedBitLinear,
+                    (c, "offline") => {
+                        return Err(format!(
+                            "unknown quantization_config.linear_class {c:?} (expected \"autobitlinear\" or \"bitlinear\")"
+                        ))
+                    }
+                    (_, m) => {
+                        return Err(format!(
+                            "unknown quantization_config.quantization_mode {m:?} (expected \"offline\" or \"online\")"
+                        ))
+                    }
+                }
+            }
+        };
+
+        for (name, dim) in [
+            ("hidden_size", hidden_size),
+            ("intermediate_size", intermediate_size),
+        ] {
+            if variant != WeightVariant::OnlineMaster && dim % 4 != 0 {
+                return Err(format!(
+                    "{name} {dim} is not a multiple of 4, so it cannot be a packed output dimension"
+                ));
+            }
+        }
+        if (num_attention_heads * head_dim) % 4 != 0 || (num_key_value_heads * head_dim) % 4 != 0 {
+            return Err("attention projection sizes must be multiples of 4".into());
+        }
+
+        Ok(ModelConfig {
+            hidden_size,
+            intermediate_size,
+            num_hidden_layers,
+            num_attention_heads,
+            num_key_value_heads,
+            head_dim,
+            vocab_size,
+            max_position_embeddings,
+            rope_theta,
+            rms_norm_eps,
+            tie_word_embeddings,
+            bos_token_id,
+            eos_token_ids,
+            variant,
+        })
+    }
+
+    /// Width of the concatenated query heads: `[n_heads * head_dim]`.
+    pub fn q_dim(&self) -> usize {
+        self.num_attention_heads * self.head_dim
+    }
+
+    /// Width of the concatenated key (or value) heads: `[n_kv_heads * head_dim]`.
+    pub fn kv_dim(&self) -> usize {
+        self.num_key_value_heads * self.head_dim
+    }
+
+    /// Ternary weights in the 7 projections of all layers.
+    pub fn ternary_params(&self) -> u64 {
+        let (h, i) = (self.hidden_size as u64, self.intermediate_size as u64);
+        let (q, kv) = (self.q_dim() as u64, self.kv_dim() as u64);
+        let per_layer = h * q + 2 * h * kv + q * h + 3 * h * i;
+        per_layer * self.num_hidden_layers as u64
+    }
+
+    /// Float parameters: embedding, untied head, norms.
+    pub fn float_params(&self) -> u64 {
+        let (h, i) = (self.hidden_size as u64, self.intermediate_size as u64);
+        let emb = self.vocab_size as u64 * h;
+        let head = if self.tie_word_embeddings { 0 } else { emb };
+        let norms = self.num_hidden_layers as u64 * (3 * h + i) + h;
+        emb + head + norms
+    }
+
+    /// Bytes of KV cache per position of context (f32 keys and values, all layers).
+    pub fn kv_bytes_per_position(&self) -> u64 {
+        (self.num_hidden_layers * 2 * self.kv_dim() * std::mem::size_of::<f32>()) as u64
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn base() -> serde_json::Map<String, Value> {
+        serde_json::from_str(
+            r#"{"model_type":"bitnet","hidden_size":64,"intermediate_size":172,"num_hidden_layers":2,
+            "num_attention_heads":4,"num_key_value_heads":2,"vocab_size":300,"max_position_embeddings":128,
+            "rope_theta":10000.0,"rms_norm_eps":1e-5,"hidden_act":"relu2","bos_token_id":0,"eos_token_id":[1,2],
+            "quantization_config":{"quant_method":"bitnet","linear_class":"autobitlinear","quantization_mode":"offline"}}"#,
+        )
+        .unwrap()
+    }
+
+    fn parse(m: &serde_json::Map<String, Value>) -> std::result::Result<ModelConfig, String> {
+        ModelConfig::from_json_str(&Value::Object(m.clone()).to_string())
+    }
+
+    #[test]
+    fn parses_variants_and_defaults() {
+        let c = parse(&base()).unwrap();
+        assert_eq!(c.head_dim, 16);
+        assert_eq!(c.eos_token_ids, vec![1, 2]);
+        assert_eq!(c.variant, WeightVariant::PackedAutoBitLinear);
+        let mut m = base();
+        m["quantization_config"] = serde_json::json!({"quant_method": "bitnet"});
+        assert_eq!(parse(&m).unwrap().variant, WeightVariant::PackedBitLinear);
+        m["quantization_config"] =
+            serde_json::json!({"quant_method": "bitnet", "linear_class": "autobitlinear", "quantization_mode": "online"});
+        assert_eq!(parse(&m).unwrap().variant, WeightVariant::OnlineMaster);
+    }
+
+    #[test]
+    fn rope_theta_under_rope_parameters() {
+        let mut m = base();
+        m.remove("rope_theta");
+        m.insert(
+            "rope_parameters".into(),
+            serde_json::json!({"rope_type": "default", "rope_theta": 500000.0}),
+        );
+        assert_eq!(parse(&m).unwrap().rope_theta, 500000.0);
+    }
+
+    #[test]
+    fn rejects_unknown_act_rope_and_class() {
+        let mut m = base();
+        m["hidden_act"] = "gelu".into();
+        assert!(parse(&m).unwrap_err().contains("hidden_act"));
+        let mut m = base();
+        m.insert("rope_scaling".into(), serde_json::json!({"rope_type": "yarn", "factor": 4.0}));
+        assert!(parse(&m).unwrap_err().contains("yarn"));
+        let mut m = base();
+        m["quantization_config"]["linear_class"] = "superlinear".into();
+        assert!(parse(&m).unwrap_err().contains("superlinear"));
+        let mut m = base();
+        m["num_key_value_heads"] = 3.into();
+        assert!(parse(&m).unwrap_err().contains("num_key_value_heads"));
+        let mut m = base();
+        m.remove("hidden_size");
+        assert!(parse(&m).unwrap_err().contains("hidden_size"));
+        let mut m = base();
+        m["eos_token_id"] = 999.into();
+        assert!(parse(&m).unwrap_err().contains("eos_token_id"));
+    }
+
+    #[test]
+    fn param_count_of_2b4t() {
+        let c = ModelConfig::bitnet_2b4t();
+        // 2.084 B ternary weights (spec), 328 M embedding.
+        assert_eq!(c.ternary_params(), 2_084_044_800);
+        assert_eq!(c.vocab_size as u64 * c.hidden_size as u64, 328_335_360);
+    }
+}

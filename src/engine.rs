@@ -1,0 +1,327 @@
+//! A loaded model ready to use: files, config, tokenizer and the model on the chosen backend,
+//! plus generation (prefill, decode loop, stop tokens, streaming) on top of it.
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+
+use crate::backend::cpu::CpuBackend;
+use crate::config::ModelConfig;
+use crate::error::{BitnetError, Result};
+use crate::load::{load_weights, ModelFiles, ModelWeights};
+use crate::model::{Model, ModelOptions};
+use crate::sampler::Sampler;
+use crate::tokenizer::{StreamDecoder, Tokenizer};
+
+/// Where to run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum DeviceChoice {
+    /// A hardware GPU if there is a usable one, else the CPU.
+    #[default]
+    Auto,
+    Cpu,
+    /// A GPU (software adapters included); an error if there is none.
+    Gpu,
+}
+
+impl std::str::FromStr for DeviceChoice {
+    type Err = BitnetError;
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "auto" => Ok(DeviceChoice::Auto),
+            "cpu" => Ok(DeviceChoice::Cpu),
+            "gpu" => Ok(DeviceChoice::Gpu),
+            _ => Err(BitnetError::InvalidArgument(format!(
+                "unknown device {s:?} (expected auto, cpu or gpu)"
+            ))),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct EngineOptions {
+    pub device: DeviceChoice,
+    /// Substring of the GPU adapter name to use.
+    pub adapter: Option<String>,
+    /// CPU threads (0 = all cores).
+    pub threads: usize,
+    /// Context length; None = max_position_embeddings.
+    pub ctx: Option<usize>,
+    /// Show a progress bar while loading.
+    pub progress: bool,
+}
+
+/// The model on one of the backends, chosen at run time.
+pub enum AnyModel {
+    Cpu(Model<CpuBackend>),
+}
+
+macro_rules! with_model {
+    ($any:expr, $m:ident => $body:expr) => {
+        match $any {
+            AnyModel::Cpu($m) => $body,
+        }
+    };
+}
+
+impl AnyModel {
+    pub fn backend_name(&self) -> String {
+        use crate::backend::Backend;
+        with_model!(self, m => m.backend.name())
+    }
+    pub fn position(&self) -> usize {
+        with_model!(self, m => m.position())
+    }
+    pub fn reset(&mut self) {
+        with_model!(self, m => m.reset())
+    }
+    pub fn truncate(&mut self, pos: usize) {
+        with_model!(self, m => m.truncate(pos))
+    }
+    pub fn forward_last(&mut self, tokens: &[u32]) -> Result<Vec<f32>> {
+        with_model!(self, m => m.forward_last(tokens))
+    }
+    pub fn forward_argmax(&mut self, tokens: &[u32]) -> Result<u32> {
+        with_model!(self, m => m.forward_argmax(tokens))
+    }
+    pub fn forward_all(&mut self, tokens: &[u32]) -> Result<Vec<f32>> {
+        with_model!(self, m => m.forward_all(tokens))
+    }
+    pub fn ctx(&self) -> usize {
+        with_model!(self, m => m.options.ctx)
+    }
+}
+
+/// Why generation stopped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FinishReason {
+    /// An end-of-sequence token (config eos ids, `<|eot_id|>`).
+    Stop,
+    /// `max_tokens` reached.
+    Length,
+    /// The context (KV cache) is full.
+    Context,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Generation {
+    /// Generated ids only (a final stop token included, as transformers' generate does).
+    pub token_ids: Vec<u32>,
+    /// Generated text (special tokens skipped).
+    pub text: String,
+    pub finish_reason: FinishReason,
+    pub prompt_tokens: usize,
+    pub prefill_s: f64,
+    pub decode_s: f64,
+}
+
+impl Generation {
+    /// Decode speed in tokens/s (tokens after the first, which comes out of the prefill).
+    pub fn decode_tokens_per_s(&self) -> f64 {
+        let n = self.token_ids.len().saturating_sub(1);
+        if self.decode_s > 0.0 {
+            n as f64 / self.decode_s
+        } else {
+            0.0
+        }
+    }
+}
+
+pub struct Engine {
+    pub files: ModelFiles,
+    pub config: ModelConfig,
+    pub tokenizer: Tokenizer,
+    pub weights: ModelWeights,
+    pub model: AnyModel,
+    pub load_time: Duration,
+    /// Token ids whose keys/values are in the cache, in order (for prefix reuse in chat).
+    fed: Vec<u32>,
+}
+
+impl Engine {
+    pub fn load(dir: &Path, opts: &EngineOptions) -> Result<Self> {
+        let t0 = Instant::now();
+        let files = ModelFiles::locate(dir)?;
+        let config = ModelConfig::from_file(&files.config)?;
+        let tokenizer = Tokenizer::from_files(&files.tokenizer, files.tokenizer_config.as_deref())?;
+        if tokenizer.vocab_size() > config.vocab_size {
+            return Err(BitnetError::Config {
+                path: files.config.clone(),
+                msg: format!(
+                    "tokenizer.json has {} tokens but vocab_size is {}",
+                    tokenizer.vocab_size(),
+                    config.vocab_size
+                ),
+            });
+        }
+        let bar = opts.progress.then(|| {
+            let bar = indicatif::ProgressBar::new(config.num_hidden_layers as u64);
+            bar.set_style(
+                indicatif::ProgressStyle::with_template("loading {msg} [{bar:30}] {pos}/{len} layers")
+                    .expect("static template")
+                    .progress_chars("=> "),
+            );
+            bar.set_message(dir.display().to_string());
+            bar
+        });
+        let weights = load_weights(&files.weights, &config, |i, _| {
+            if let Some(b) = &bar {
+                b.set_position(i as u64)
+            }
+        })?;
+        if let Some(b) = bar {
+            b.finish_and_clear();
+        }
+        let mut options = ModelOptions::for_config(&config);
+        if let Some(ctx) = opts.ctx {
+            options.ctx = ctx;
+        }
+        let model = match opts.device {
+            DeviceChoice::Cpu | DeviceChoice::Auto => {
+                AnyModel::Cpu(Model::new(CpuBackend::new(opts.threads)?, &weights, options)?)
+            }
+            DeviceChoice::Gpu => {
+                return Err(BitnetError::Gpu(
+                    "this build has no GPU backend yet; use --device cpu".into(),
+                ))
+            }
+        };
+        Ok(Engine {
+            files,
+            config,
+            tokenizer,
+            weights,
+            model,
+            load_time: t0.elapsed(),
+            fed: Vec::new(),
+        })
+    }
+
+    /// Ids that end generation: the config's eos ids plus `<|eot_id|>` / `<|end_of_text|>`.
+    pub fn stop_ids(&self) -> Vec<u32> {
+        let mut ids = self.config.eos_token_ids.clone();
+        for t in ["<|eot_id|>", "<|end_of_text|>"] {
+            if let Some(id) = self.tokenizer.token_to_id(t) {
+                if !ids.contains(&id) {
+                    ids.push(id);
+                }
+            }
+        }
+        ids
+    }
+
+    /// Clears the context.
+    pub fn reset(&mut self) {
+        self.model.reset();
+        self.fed.clear();
+    }
+
+    /// Makes the cache hold exactly `ids`, reusing the longest common prefix already there, and
+    /// returns the logits of the last id (None when `want_logits` is false and greedy suffices).
+    fn feed(&mut self, ids: &[u32], greedy: bool) -> Result<Fed> {
+        if ids.is_empty() {
+            return Err(BitnetError::EmptyInput("the prompt has no tokens"));
+        }
+        if ids.len() > self.model.ctx() {
+            return Err(BitnetError::ContextOverflow {
+                needed: ids.len(),
+                ctx: self.model.ctx(),
+            });
+        }
+        let mut common = self.fed.iter().zip(ids).take_while(|(a, b)| a == b).count();
+        common = common.min(ids.len() - 1); // always run at least one token to get logits
+        self.model.truncate(common);
+        self.fed.truncate(common);
+        let new = &ids[common..];
+        let out = if greedy {
+            Fed::Argmax(self.model.forward_argmax(new)?)
+        } else {
+            Fed::Logits(self.model.forward_last(new)?)
+        };
+        self.fed.extend_from_slice(new);
+        Ok(out)
+    }
+
+    /// Generates after `prompt` (which may extend the cached context: chat turns reuse it).
+    /// `on_text` receives streamed text pieces.
+    pub fn generate(
+        &mut self,
+        prompt: &[u32],
+        max_tokens: usize,
+        sampler: &mut Sampler,
+        ignore_eos: bool,
+        mut on_text: impl FnMut(&str),
+    ) -> Result<Generation> {
+        let stop = if ignore_eos { Vec::new() } else { self.stop_ids() };
+        let greedy = sampler.config.is_greedy();
+        let t0 = Instant::now();
+        let mut history: Vec<u32> = prompt.to_vec();
+        let mut out = Vec::new();
+        let mut stream = StreamDecoder::default();
+        let mut text = String::new();
+        let mut finish = FinishReason::Length;
+        let mut next = self.feed(prompt, greedy)?;
+        let prefill_s = t0.elapsed().as_secs_f64();
+        let t1 = Instant::now();
+        while out.len() < max_tokens {
+            let id = match next {
+                Fed::Argmax(id) => id,
+                Fed::Logits(ref l) => sampler.sample(l, &history),
+            };
+            out.push(id);
+            history.push(id);
+            if stop.contains(&id) {
+                finish = FinishReason::Stop;
+                break;
+            }
+            let piece = stream.push(&self.tokenizer, id)?;
+            on_text(&piece);
+            text.push_str(&piece);
+            if out.len() == max_tokens {
+                break;
+            }
+            if self.model.position() >= self.model.ctx() {
+                finish = FinishReason::Context;
+                break;
+            }
+            next = if greedy {
+                Fed::Argmax(self.model.forward_argmax(&[id])?)
+            } else {
+                Fed::Logits(self.model.forward_last(&[id])?)
+            };
+            self.fed.push(id);
+        }
+        let rest = stream.finish(&self.tokenizer)?;
+        on_text(&rest);
+        text.push_str(&rest);
+        Ok(Generation {
+            token_ids: out,
+            text,
+            finish_reason: finish,
+            prompt_tokens: prompt.len(),
+            prefill_s,
+            decode_s: t1.elapsed().as_secs_f64(),
+        })
+    }
+
+    /// Logits of every position of `tokens` from an empty context: `[n, vocab]` flattened.
+    pub fn logits(&mut self, tokens: &[u32]) -> Result<Vec<f32>> {
+        self.reset();
+        if tokens.len() > self.model.ctx() {
+            return Err(BitnetError::ContextOverflow {
+                needed: tokens.len(),
+                ctx: self.model.ctx(),
+            });
+        }
+        let out = self.model.forward_all(tokens);
+        self.reset();
+        out
+    }
+}
+
+enum Fed {
+    Argmax(u32),
+    Logits(Vec<f32>),
+}

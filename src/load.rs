@@ -1,0 +1,333 @@
+//! Loading a Hugging Face BitNet model folder: `config.json` + `model.safetensors` memory-mapped.
+//!
+//! Packed ternary weights and the bf16 embedding stay in the memory map (no copy, never
+//! expanded to floats); only the small norm vectors and the scales are converted to f32.
+//! The safetensors crate checks the header and every tensor's offsets against the file size;
+//! on top of that every tensor is checked against the shape and dtype the config implies.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use safetensors::{Dtype, SafeTensors};
+
+use crate::config::{ModelConfig, WeightVariant};
+use crate::error::{BitnetError, Result};
+use crate::ternary::{pack_ternary, ternarize_absmean, ByteStorage, TernaryMatrix};
+
+/// Element type of a float tensor kept in its file dtype.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FloatDtype {
+    Bf16,
+    F16,
+    F32,
+}
+
+impl FloatDtype {
+    pub fn size(self) -> usize {
+        match self {
+            FloatDtype::Bf16 | FloatDtype::F16 => 2,
+            FloatDtype::F32 => 4,
+        }
+    }
+}
+
+/// A float matrix `[rows, cols]` (embedding, untied LM head) kept in its file dtype.
+#[derive(Clone, Debug)]
+pub struct FloatMatrix {
+    pub name: String,
+    pub rows: usize,
+    pub cols: usize,
+    pub dtype: FloatDtype,
+    pub data: ByteStorage,
+}
+
+impl FloatMatrix {
+    /// Row `r` converted to f32: `out [cols]`.
+    pub fn row_f32(&self, r: usize, out: &mut [f32]) {
+        let es = self.dtype.size();
+        let bytes = &self.data.as_slice()[r * self.cols * es..(r + 1) * self.cols * es];
+        decode_floats(self.dtype, bytes, out);
+    }
+
+    pub fn bytes(&self) -> usize {
+        self.rows * self.cols * self.dtype.size()
+    }
+}
+
+/// Decodes little-endian floats of `dtype` into `out` (exact: bf16 and f16 widen losslessly).
+pub fn decode_floats(dtype: FloatDtype, bytes: &[u8], out: &mut [f32]) {
+    match dtype {
+        FloatDtype::Bf16 => {
+            for (o, b) in out.iter_mut().zip(bytes.chunks_exact(2)) {
+                *o = f32::from_bits((u16::from_le_bytes([b[0], b[1]]) as u32) << 16);
+            }
+        }
+        FloatDtype::F16 => {
+            for (o, b) in out.iter_mut().zip(bytes.chunks_exact(2)) {
+                *o = half::f16::from_bits(u16::from_le_bytes([b[0], b[1]])).to_f32();
+            }
+        }
+        FloatDtype::F32 => {
+            for (o, b) in out.iter_mut().zip(bytes.chunks_exact(4)) {
+                *o = f32::from_le_bytes([b[0], b[1], b[2], b[3]]);
+            }
+        }
+    }
+}
+
+/// The weights of one decoder layer. Shapes with `h = hidden`, `q = heads*head_dim`,
+/// `kv = kv_heads*head_dim`, `i = intermediate`.
+pub struct LayerWeights {
+    pub input_norm: Vec<f32>,     // [h]
+    pub post_attn_norm: Vec<f32>, // [h]
+    pub attn_sub_norm: Vec<f32>,  // [h]
+    pub ffn_sub_norm: Vec<f32>,   // [i]
+    pub q_proj: TernaryMatrix,    // [q, h]
+    pub k_proj: TernaryMatrix,    // [kv, h]
+    pub v_proj: TernaryMatrix,    // [kv, h]
+    pub o_proj: TernaryMatrix,    // [h, q]
+    pub gate_proj: TernaryMatrix, // [i, h]
+    pub up_proj: TernaryMatrix,   // [i, h]
+    pub down_proj: TernaryMatrix, // [h, i]
+}
+
+/// Everything needed to run the model, on the host.
+pub struct ModelWeights {
+    pub config: ModelConfig,
+    pub embed_tokens: FloatMatrix,     // [vocab, h]
+    pub lm_head: Option<FloatMatrix>,  // [vocab, h], None when tied to embed_tokens
+    pub final_norm: Vec<f32>,          // [h]
+    pub layers: Vec<LayerWeights>,
+}
+
+impl ModelWeights {
+    /// The matrix the LM head multiplies with: `lm_head.weight`, or the embedding when tied.
+    pub fn head(&self) -> &FloatMatrix {
+        self.lm_head.as_ref().unwrap_or(&self.embed_tokens)
+    }
+
+    /// Bytes of packed ternary weights (2 bits each).
+    pub fn ternary_bytes(&self) -> usize {
+        self.layers
+            .iter()
+            .map(|l| {
+                [&l.q_proj, &l.k_proj, &l.v_proj, &l.o_proj, &l.gate_proj, &l.up_proj, &l.down_proj]
+                    .iter()
+                    .map(|m| m.packed.as_slice().len())
+                    .sum::<usize>()
+            })
+            .sum()
+    }
+}
+
+/// Paths of a model folder, checked to exist.
+#[derive(Debug, Clone)]
+pub struct ModelFiles {
+    pub dir: PathBuf,
+    pub config: PathBuf,
+    pub weights: PathBuf,
+    pub tokenizer: PathBuf,
+    pub tokenizer_config: Option<PathBuf>,
+}
+
+impl ModelFiles {
+    pub fn locate(dir: &Path) -> Result<Self> {
+        if !dir.is_dir() {
+            return Err(BitnetError::io(
+                dir,
+                std::io::Error::new(std::io::ErrorKind::NotFound, "model folder not found"),
+            ));
+        }
+        let need = |file: &str| -> Result<PathBuf> {
+            let p = dir.join(file);
+            if p.is_file() {
+                Ok(p)
+            } else {
+                Err(BitnetError::MissingFile {
+                    dir: dir.to_path_buf(),
+                    file: file.to_string(),
+                })
+            }
+        };
+        let tc = dir.join("tokenizer_config.json");
+        Ok(ModelFiles {
+            dir: dir.to_path_buf(),
+            config: need("config.json")?,
+            weights: need("model.safetensors")?,
+            tokenizer: need("tokenizer.json")?,
+            tokenizer_config: tc.is_file().then_some(tc),
+        })
+    }
+}
+
+/// Memory-maps and checks `model.safetensors` against `config`. `on_layer(i, n)` reports progress.
+pub fn load_weights(
+    path: &Path,
+    config: &ModelConfig,
+    mut on_layer: impl FnMut(usize, usize),
+) -> Result<ModelWeights> {
+    let file = std::fs::File::open(path).map_err(|e| BitnetError::io(path, e))?;
+    // SAFETY: the map is read-only; a checkpoint modified while we run is the user's problem, as
+    // with every mmap-based loader (candle, llama.cpp).
+    let map = unsafe { memmap2::Mmap::map(&file) }.map_err(|e| BitnetError::io(path, e))?;
+    let map = Arc::new(map);
+    let st = SafeTensors::deserialize(&map[..]).map_err(|e| BitnetError::Safetensors {
+        path: path.to_path_buf(),
+        msg: e.to_string(),
+    })?;
+    let t = Tensors { st: &st, map: &map };
+
+    let c = config;
+    let (h, i) = (c.hidden_size, c.intermediate_size);
+    let embed_tokens = t.float_matrix("model.embed_tokens.weight", c.vocab_size, h)?;
+    let lm_head = if c.tie_word_embeddings {
+        None
+    } else {
+        Some(t.float_matrix("lm_head.weight", c.vocab_size, h)?)
+    };
+    let final_norm = t.vector("model.norm.weight", h)?;
+    let mut layers = Vec::with_capacity(c.num_hidden_layers);
+    for l in 0..c.num_hidden_layers {
+        on_layer(l, c.num_hidden_layers);
+        let p = format!("model.layers.{l}.");
+        let lin = |name: &str, rows: usize, cols: usize| t.ternary(&format!("{p}{name}"), rows, cols, c.variant);
+        layers.push(LayerWeights {
+            input_norm: t.vector(&format!("{p}input_layernorm.weight"), h)?,
+            post_attn_norm: t.vector(&format!("{p}post_attention_layernorm.weight"), h)?,
+            attn_sub_norm: t.vector(&format!("{p}self_attn.attn_sub_norm.weight"), h)?,
+            ffn_sub_norm: t.vector(&format!("{p}mlp.ffn_sub_norm.weight"), i)?,
+            q_proj: lin("self_attn.q_proj", c.q_dim(), h)?,
+            k_proj: lin("self_attn.k_proj", c.kv_dim(), h)?,
+            v_proj: lin("self_attn.v_proj", c.kv_dim(), h)?,
+            o_proj: lin("self_attn.o_proj", h, c.q_dim())?,
+            gate_proj: lin("mlp.gate_proj", i, h)?,
+            up_proj: lin("mlp.up_proj", i, h)?,
+            down_proj: lin("mlp.down_proj", h, i)?,
+        });
+    }
+    on_layer(c.num_hidden_layers, c.num_hidden_layers);
+    Ok(ModelWeights {
+        config: config.clone(),
+        embed_tokens,
+        lm_head,
+        final_norm,
+        layers,
+    })
+}
+
+struct Tensors<'a> {
+    st: &'a SafeTensors<'a>,
+    map: &'a Arc<memmap2::Mmap>,
+}
+
+fn float_dtype(name: &str, d: Dtype) -> Result<FloatDtype> {
+    match d {
+        Dtype::BF16 => Ok(FloatDtype::Bf16),
+        Dtype::F16 => Ok(FloatDtype::F16),
+        Dtype::F32 => Ok(FloatDtype::F32),
+        other => Err(BitnetError::Dtype {
+            name: name.to_string(),
+            expected: "bf16, f16 or f32".into(),
+            found: format!("{other:?}"),
+        }),
+    }
+}
+
+impl Tensors<'_> {
+    fn get(&self, name: &str) -> Result<safetensors::tensor::TensorView<'_>> {
+        self.st.tensor(name).map_err(|_| BitnetError::MissingTensor {
+            name: name.to_string(),
+        })
+    }
+
+    fn check_shape(name: &str, found: &[usize], expected: &[usize]) -> Result<()> {
+        if found != expected {
+            return Err(BitnetError::Shape {
+                name: name.to_string(),
+                expected: expected.to_vec(),
+                found: found.to_vec(),
+            });
+        }
+        Ok(())
+    }
+
+    /// The tensor's bytes as a view into the memory map.
+    fn storage(&self, data: &[u8]) -> ByteStorage {
+        let offset = data.as_ptr() as usize - self.map.as_ptr() as usize;
+        ByteStorage::Mapped {
+            map: Arc::clone(self.map),
+            offset,
+            len: data.len(),
+        }
+    }
+
+    fn float_matrix(&self, name: &str, rows: usize, cols: usize) -> Result<FloatMatrix> {
+        let v = self.get(name)?;
+        Self::check_shape(name, v.shape(), &[rows, cols])?;
+        let dtype = float_dtype(name, v.dtype())?;
+        Ok(FloatMatrix {
+            name: name.to_string(),
+            rows,
+            cols,
+            dtype,
+            data: self.storage(v.data()),
+        })
+    }
+
+    fn floats(&self, name: &str, expected_shapes: &[&[usize]]) -> Result<Vec<f32>> {
+        let v = self.get(name)?;
+        if !expected_shapes.contains(&v.shape()) {
+            return Err(BitnetError::Shape {
+                name: name.to_string(),
+                expected: expected_shapes[0].to_vec(),
+                found: v.shape().to_vec(),
+            });
+        }
+        let dtype = float_dtype(name, v.dtype())?;
+        let mut out = vec![0f32; v.data().len() / dtype.size()];
+        decode_floats(dtype, v.data(), &mut out);
+        if let Some(k) = out.iter().position(|x| !x.is_finite()) {
+            return Err(BitnetError::BadValue {
+                name: name.to_string(),
+                msg: format!("element {k} is {} (not finite)", out[k]),
+            });
+        }
+        Ok(out)
+    }
+
+    fn vector(&self, name: &str, len: usize) -> Result<Vec<f32>> {
+        self.floats(name, &[&[len]])
+    }
+
+    fn ternary(&self, prefix: &str, rows: usize, cols: usize, variant: WeightVariant) -> Result<TernaryMatrix> {
+        let wname = format!("{prefix}.weight");
+        let sname = format!("{prefix}.weight_scale");
+        if variant == WeightVariant::OnlineMaster {
+            let w = self.floats(&wname, &[&[rows, cols]])?;
+            let (q, s) = ternarize_absmean(&w);
+            let packed = pack_ternary(&q, rows, cols)?;
+            return TernaryMatrix::new(wname, rows, cols, ByteStorage::Owned(Arc::new(packed)), s);
+        }
+        let v = self.get(&wname)?;
+        if v.dtype() != Dtype::U8 {
+            return Err(BitnetError::Dtype {
+                name: wname,
+                expected: "U8 (packed ternary; for bf16 master weights set quantization_mode \"online\")".into(),
+                found: format!("{:?}", v.dtype()),
+            });
+        }
+        Self::check_shape(&wname, v.shape(), &[rows / 4, cols])?;
+        let scale = self.floats(&sname, &[&[1], &[]])?[0];
+        if scale <= 0.0 {
+            return Err(BitnetError::BadValue {
+                name: sname,
+                msg: format!("weight scale {scale} must be positive"),
+            });
+        }
+        let out_scale = match variant {
+            WeightVariant::PackedAutoBitLinear => scale,
+            _ => 1.0 / scale,
+        };
+        TernaryMatrix::new(wname, rows, cols, self.storage(v.data()), out_scale)
+    }
+}

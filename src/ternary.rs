@@ -1,0 +1,299 @@
+//! Ternary weights packed 2 bits per weight, int8 activations, and the plain scalar kernels that
+//! every optimised kernel (SIMD, WGSL) is tested against.
+//!
+//! Packed layout (transformers' `pack_weights`, kept as-is so that a checkpoint is used straight
+//! from the memory map): bytes `B [out/4, in]`, and with `P = out/4`
+//!
+//! ```text
+//! W[i*P + p, c] = ((B[p, c] >> 2i) & 3) - 1        i in 0..4
+//! ```
+//!
+//! One byte row `p` therefore carries the same column of four output rows `p, P+p, 2P+p, 3P+p`:
+//! a kernel that walks byte row `p` produces four outputs at once.
+
+use std::sync::Arc;
+
+use crate::error::{BitnetError, Result};
+
+/// Bytes that are either borrowed from a memory-mapped checkpoint or owned.
+#[derive(Clone)]
+pub enum ByteStorage {
+    Mapped {
+        map: Arc<memmap2::Mmap>,
+        offset: usize,
+        len: usize,
+    },
+    Owned(Arc<Vec<u8>>),
+}
+
+impl ByteStorage {
+    pub fn as_slice(&self) -> &[u8] {
+        match self {
+            ByteStorage::Mapped { map, offset, len } => &map[*offset..*offset + *len],
+            ByteStorage::Owned(v) => v,
+        }
+    }
+}
+
+impl std::fmt::Debug for ByteStorage {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ByteStorage::Mapped { len, .. } => write!(f, "Mapped({len} bytes)"),
+            ByteStorage::Owned(v) => write!(f, "Owned({} bytes)", v.len()),
+        }
+    }
+}
+
+/// A ternary weight matrix `W [rows = out, cols = in]` in the packed layout above, plus the one
+/// float that turns `x_q · W_row` (an exact integer) into the layer output:
+/// `y = acc / s_act * out_scale`.
+#[derive(Clone, Debug)]
+pub struct TernaryMatrix {
+    pub name: String,
+    pub rows: usize,
+    pub cols: usize,
+    /// `[rows / 4, cols]` packed codes.
+    pub packed: ByteStorage,
+    /// weight_scale (autobitlinear), 1/weight_scale (bitlinear) or mean|W| (online).
+    pub out_scale: f32,
+}
+
+impl TernaryMatrix {
+    /// Checks the shape and that no 2-bit field holds the invalid code 3.
+    pub fn new(
+        name: impl Into<String>,
+        rows: usize,
+        cols: usize,
+        packed: ByteStorage,
+        out_scale: f32,
+    ) -> Result<Self> {
+        let name = name.into();
+        let bytes = packed.as_slice();
+        if rows % 4 != 0 || bytes.len() != (rows / 4) * cols {
+            return Err(BitnetError::Shape {
+                name,
+                expected: vec![rows / 4, cols],
+                found: vec![bytes.len() / cols.max(1), cols],
+            });
+        }
+        if let Some(offset) = find_code3(bytes) {
+            return Err(BitnetError::InvalidTernaryCode { name, offset });
+        }
+        if !out_scale.is_finite() || out_scale == 0.0 {
+            return Err(BitnetError::BadValue {
+                name,
+                msg: format!("weight scale {out_scale} is not a finite non-zero number"),
+            });
+        }
+        Ok(TernaryMatrix {
+            name,
+            rows,
+            cols,
+            packed,
+            out_scale,
+        })
+    }
+
+    /// Bytes of one packed byte-row: `[cols]`, covering rows `p, P+p, 2P+p, 3P+p`.
+    pub fn byte_row(&self, p: usize) -> &[u8] {
+        &self.packed.as_slice()[p * self.cols..(p + 1) * self.cols]
+    }
+
+    /// The weight at `(r, c)` in {-1, 0, 1}.
+    pub fn get(&self, r: usize, c: usize) -> i8 {
+        let p4 = self.rows / 4;
+        let (i, p) = (r / p4, r % p4);
+        (((self.packed.as_slice()[p * self.cols + c] >> (2 * i)) & 3) as i8) - 1
+    }
+}
+
+/// Offset of the first byte holding a 2-bit field equal to 3, if any.
+pub fn find_code3(bytes: &[u8]) -> Option<usize> {
+    // A field is 3 when both its bits are set: (b >> 1) & b & 0b0101_0101 != 0.
+    let has3 = |w: u64| (w >> 1) & w & 0x5555_5555_5555_5555 != 0;
+    let mut chunks = bytes.chunks_exact(8);
+    for (k, chunk) in chunks.by_ref().enumerate() {
+        if has3(u64::from_le_bytes(chunk.try_into().unwrap())) {
+            let i = chunk.iter().position(|&b| (b >> 1) & b & 0x55 != 0).unwrap();
+            return Some(k * 8 + i);
+        }
+    }
+    let base = bytes.len() - chunks.remainder().len();
+    chunks
+        .remainder()
+        .iter()
+        .position(|&b| (b >> 1) & b & 0x55 != 0)
+        .map(|i| base + i)
+}
+
+/// Packs a ternary matrix `w [rows, cols]` (values in {-1, 0, 1}) into the layout above.
+pub fn pack_ternary(w: &[i8], rows: usize, cols: usize) -> Result<Vec<u8>> {
+    if rows % 4 != 0 || w.len() != rows * cols {
+        return Err(BitnetError::op(
+            "pack_ternary",
+            format!("need rows % 4 == 0 and len == rows*cols; rows {rows}, cols {cols}, len {}", w.len()),
+        ));
+    }
+    let p4 = rows / 4;
+    let mut out = vec![0u8; p4 * cols];
+    for r in 0..rows {
+        let (i, p) = (r / p4, r % p4);
+        for c in 0..cols {
+            let v = w[r * cols + c];
+            if !(-1..=1).contains(&v) {
+                return Err(BitnetError::op(
+                    "pack_ternary",
+                    format!("value {v} at ({r}, {c}) is not ternary"),
+                ));
+            }
+            out[p * cols + c] |= ((v + 1) as u8) << (2 * i);
+        }
+    }
+    Ok(out)
+}
+
+/// Absmean ternarization of master weights (`quantization_mode: online`):
+/// `s = max(mean|W|, 1e-5)`, `Wq = clamp(round(W / s), -1, 1)`. Returns (`Wq [rows, cols]`, s).
+pub fn ternarize_absmean(w: &[f32]) -> (Vec<i8>, f32) {
+    let sum: f64 = w.iter().map(|x| x.abs() as f64).sum();
+    let s = ((sum / w.len().max(1) as f64) as f32).max(1e-5);
+    // transformers multiplies by 1/s; do the same so that ties round identically.
+    let inv = 1.0 / s;
+    let q = w
+        .iter()
+        .map(|&x| (x * inv).round_ties_even().clamp(-1.0, 1.0) as i8)
+        .collect();
+    (q, s)
+}
+
+/// Per-token absmax quantization of one activation row: `s = 127 / max(absmax, 1e-5)`,
+/// `q = clamp(round_half_even(x * s), -128, 127)`. Writes `q [len]` and returns `s`.
+pub fn quantize_row(x: &[f32], q: &mut [i8]) -> f32 {
+    let absmax = x.iter().fold(0.0f32, |m, v| m.max(v.abs())).max(1e-5);
+    let s = 127.0 / absmax;
+    for (qi, &xi) in q.iter_mut().zip(x) {
+        *qi = (xi * s).round_ties_even().clamp(-128.0, 127.0) as i8;
+    }
+    s
+}
+
+/// Scalar reference: `acc[r] = Σ_c q[c] * W[r, c]` for all rows, exact in i32.
+pub fn ternary_dot_rows_scalar(w: &TernaryMatrix, q: &[i8], acc: &mut [i32]) {
+    debug_assert_eq!(q.len(), w.cols);
+    debug_assert_eq!(acc.len(), w.rows);
+    for (r, a) in acc.iter_mut().enumerate() {
+        *a = (0..w.cols).map(|c| q[c] as i32 * w.get(r, c) as i32).sum();
+    }
+}
+
+/// The four accumulators of byte row `p` (rows `p, P+p, 2P+p, 3P+p`):
+/// `Σ q·W = Σ q·code − Σ q`, so only unsigned codes need multiplying.
+#[inline]
+pub fn ternary_dot_byte_row(bytes: &[u8], q: &[i8], q_sum: i32) -> [i32; 4] {
+    let mut a = [0i32; 4];
+    for (&b, &x) in bytes.iter().zip(q) {
+        let x = x as i32;
+        a[0] += x * (b & 3) as i32;
+        a[1] += x * ((b >> 2) & 3) as i32;
+        a[2] += x * ((b >> 4) & 3) as i32;
+        a[3] += x * (b >> 6) as i32;
+    }
+    a.map(|v| v - q_sum)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand::{Rng, SeedableRng};
+
+    #[test]
+    fn pack_unpack_bit_order_matches_transformers() {
+        // rows 0..P in bits 1:0, P..2P in bits 3:2, 2P..3P in 5:4, 3P..4P in 7:6; code = w + 1.
+        let (rows, cols) = (8, 3);
+        let mut w = vec![0i8; rows * cols];
+        w[0] = -1; // row 0 (i=0, p=0), col 0 → code 0 in bits 1:0 of B[0,0]
+        w[2 * cols] = 1; // row 2 (i=1, p=0), col 0 → code 2 in bits 3:2 of B[0,0]
+        w[7 * cols + 2] = 1; // row 7 (i=3, p=1), col 2 → code 2 in bits 7:6 of B[1,2]
+        let b = pack_ternary(&w, rows, cols).unwrap();
+        assert_eq!(b[0], 0b01_01_10_00);
+        assert_eq!(b[cols + 2], 0b10_01_01_01);
+        let m = TernaryMatrix::new("t", rows, cols, ByteStorage::Owned(Arc::new(b)), 1.0).unwrap();
+        for r in 0..rows {
+            for c in 0..cols {
+                assert_eq!(m.get(r, c), w[r * cols + c], "({r},{c})");
+            }
+        }
+    }
+
+    #[test]
+    fn rejects_code_3_and_names_offset() {
+        let mut b = vec![0x55u8; 40];
+        b[37] = 0b0011_0101;
+        assert_eq!(find_code3(&b), Some(37));
+        b[37] = 0x55;
+        b[9] = 0b1100_0000;
+        assert_eq!(find_code3(&b), Some(9));
+        b[9] = 0xAA;
+        assert_eq!(find_code3(&b), None);
+        let mut bad = vec![0x55u8; 16];
+        bad[5] = 0xFF;
+        let err = TernaryMatrix::new("w", 8, 4, ByteStorage::Owned(Arc::new(bad)), 1.0).unwrap_err();
+        assert!(err.to_string().contains("byte 5"), "{err}");
+    }
+
+    #[test]
+    fn quantize_rounds_half_to_even_clamps_and_floors() {
+        // absmax 127 → s = 1: values land exactly on .5 and round to even.
+        let x = [0.5f32, 1.5, 2.5, -0.5, -1.5, 127.0, -3.5];
+        let mut q = [0i8; 7];
+        let s = quantize_row(&x, &mut q);
+        assert_eq!(s, 1.0);
+        assert_eq!(q, [0, 2, 2, 0, -2, 127, -4]);
+        // all zeros: absmax floored at 1e-5, no division by zero, all q = 0.
+        let mut q0 = [1i8; 3];
+        let s0 = quantize_row(&[0.0; 3], &mut q0);
+        assert_eq!(s0, 127.0 / 1e-5);
+        assert_eq!(q0, [0; 3]);
+        // the clamp at -128 never triggers for in-range absmax, but -absmax maps to -127.
+        let mut q1 = [0i8; 2];
+        quantize_row(&[-2.0, 1.0], &mut q1);
+        assert_eq!(q1, [-127, 64]);
+    }
+
+    #[test]
+    fn byte_row_kernel_equals_scalar_reference() {
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(7);
+        for &(rows, cols) in &[(4, 1), (8, 17), (12, 33), (172, 64)] {
+            let w: Vec<i8> = (0..rows * cols).map(|_| rng.random_range(-1..=1)).collect();
+            let m = TernaryMatrix::new(
+                "t",
+                rows,
+                cols,
+                ByteStorage::Owned(Arc::new(pack_ternary(&w, rows, cols).unwrap())),
+                1.0,
+            )
+            .unwrap();
+            let q: Vec<i8> = (0..cols).map(|_| rng.random_range(-128..=127)).collect();
+            let mut want = vec![0; rows];
+            ternary_dot_rows_scalar(&m, &q, &mut want);
+            let q_sum: i32 = q.iter().map(|&v| v as i32).sum();
+            let p4 = rows / 4;
+            for p in 0..p4 {
+                let got = ternary_dot_byte_row(m.byte_row(p), &q, q_sum);
+                for i in 0..4 {
+                    assert_eq!(got[i], want[i * p4 + p], "rows {rows} cols {cols} row {}", i * p4 + p);
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn absmean_ternarization() {
+        let w = [0.9f32, -0.1, 0.0, -2.0, 0.35, 0.05];
+        let (q, s) = ternarize_absmean(&w);
+        assert!((s - 0.5666667).abs() < 1e-6);
+        assert_eq!(q, vec![1, 0, 0, -1, 1, 0]);
+        let (q0, s0) = ternarize_absmean(&[0.0; 4]);
+        assert_eq!((q0, s0), (vec![0; 4], 1e-5));
+    }
+}

@@ -1,0 +1,163 @@
+//! Text ↔ token ids (Hugging Face `tokenizer.json` through the `tokenizers` crate) and the chat
+//! format (the Jinja `chat_template` of `tokenizer_config.json`, rendered with minijinja).
+
+use std::path::Path;
+
+use serde::Serialize;
+use serde_json::Value;
+
+use crate::error::{BitnetError, Result};
+
+/// One chat turn.
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct ChatMessage {
+    pub role: String,
+    pub content: String,
+}
+
+impl ChatMessage {
+    pub fn new(role: &str, content: &str) -> Self {
+        ChatMessage {
+            role: role.to_string(),
+            content: content.to_string(),
+        }
+    }
+}
+
+pub struct Tokenizer {
+    inner: tokenizers::Tokenizer,
+    chat_template: Option<String>,
+    bos_token: Option<String>,
+    eos_token: Option<String>,
+}
+
+/// The 2B4T chat format, used when the folder has no chat_template: `Role: content<|eot_id|>`
+/// per message, one bos at the start, then `Assistant: `.
+const FALLBACK_TEMPLATE: &str = "{% for message in messages %}{% set content = message['role'] | capitalize + ': ' + message['content'] | trim + '<|eot_id|>' %}{% if loop.index0 == 0 %}{% set content = bos_token + content %}{% endif %}{{ content }}{% endfor %}{% if add_generation_prompt %}{{ 'Assistant: ' }}{% endif %}";
+
+impl Tokenizer {
+    pub fn from_files(tokenizer_json: &Path, tokenizer_config: Option<&Path>) -> Result<Self> {
+        let inner = tokenizers::Tokenizer::from_file(tokenizer_json)
+            .map_err(|e| BitnetError::Tokenizer(format!("cannot load {}: {e}", tokenizer_json.display())))?;
+        let mut tok = Tokenizer {
+            inner,
+            chat_template: None,
+            bos_token: None,
+            eos_token: None,
+        };
+        if let Some(path) = tokenizer_config {
+            let text = std::fs::read_to_string(path).map_err(|e| BitnetError::io(path, e))?;
+            let v: Value = serde_json::from_str(&text).map_err(|e| BitnetError::Config {
+                path: path.to_path_buf(),
+                msg: format!("not valid JSON: {e}"),
+            })?;
+            // Tokens may be plain strings or {"content": "..."} objects (AddedToken).
+            let token = |key: &str| -> Option<String> {
+                match v.get(key)? {
+                    Value::String(s) => Some(s.clone()),
+                    Value::Object(o) => o.get("content")?.as_str().map(str::to_string),
+                    _ => None,
+                }
+            };
+            tok.bos_token = token("bos_token");
+            tok.eos_token = token("eos_token");
+            tok.chat_template = match v.get("chat_template") {
+                Some(Value::String(s)) => Some(s.clone()),
+                // A list of named templates: take "default".
+                Some(Value::Array(list)) => list
+                    .iter()
+                    .find(|t| t.get("name").and_then(Value::as_str) == Some("default"))
+                    .and_then(|t| t.get("template")?.as_str().map(str::to_string)),
+                _ => None,
+            };
+        }
+        Ok(tok)
+    }
+
+    pub fn vocab_size(&self) -> usize {
+        self.inner.get_vocab_size(true)
+    }
+
+    pub fn token_to_id(&self, token: &str) -> Option<u32> {
+        self.inner.token_to_id(token)
+    }
+
+    /// Encodes plain text; `add_special_tokens` lets the post-processor add `<|begin_of_text|>`.
+    pub fn encode(&self, text: &str, add_special_tokens: bool) -> Result<Vec<u32>> {
+        let enc = self
+            .inner
+            .encode(text, add_special_tokens)
+            .map_err(|e| BitnetError::Tokenizer(e.to_string()))?;
+        Ok(enc.get_ids().to_vec())
+    }
+
+    /// Decodes ids to text, dropping special tokens (invalid UTF-8 pieces become U+FFFD).
+    pub fn decode(&self, ids: &[u32]) -> Result<String> {
+        self.inner
+            .decode(ids, true)
+            .map_err(|e| BitnetError::Tokenizer(e.to_string()))
+    }
+
+    /// The chat prompt as text, rendered with the model's template (or the 2B4T fallback).
+    pub fn render_chat(&self, messages: &[ChatMessage], add_generation_prompt: bool) -> Result<String> {
+        let template = self.chat_template.as_deref().unwrap_or(FALLBACK_TEMPLATE);
+        let mut env = minijinja::Environment::new();
+        env.add_function("raise_exception", |msg: String| -> std::result::Result<String, minijinja::Error> {
+            Err(minijinja::Error::new(minijinja::ErrorKind::InvalidOperation, msg))
+        });
+        env.add_template("chat", template)
+            .map_err(|e| BitnetError::ChatTemplate(e.to_string()))?;
+        let bos = self.bos_token.clone().unwrap_or_else(|| "<|begin_of_text|>".into());
+        let eos = self.eos_token.clone().unwrap_or_default();
+        env.get_template("chat")
+            .and_then(|t| {
+                t.render(minijinja::context! {
+                    messages => messages,
+                    bos_token => bos,
+                    eos_token => eos,
+                    add_generation_prompt => add_generation_prompt,
+                })
+            })
+            .map_err(|e| BitnetError::ChatTemplate(e.to_string()))
+    }
+
+    /// Chat prompt ids. The template writes the bos itself, so the text is encoded without the
+    /// post-processor's specials (as transformers' apply_chat_template does): no doubled bos.
+    pub fn encode_chat(&self, messages: &[ChatMessage], add_generation_prompt: bool) -> Result<Vec<u32>> {
+        let text = self.render_chat(messages, add_generation_prompt)?;
+        self.encode(&text, false)
+    }
+}
+
+/// Turns a growing list of generated ids into text pieces for streaming, holding back bytes of
+/// a character that is not complete yet (byte-level BPE splits multi-byte UTF-8 across tokens).
+#[derive(Default)]
+pub struct StreamDecoder {
+    ids: Vec<u32>,
+    printed: usize, // bytes of the decoded text already returned
+}
+
+impl StreamDecoder {
+    pub fn push(&mut self, tok: &Tokenizer, id: u32) -> Result<String> {
+        self.ids.push(id);
+        let text = tok.decode(&self.ids)?;
+        if text.ends_with('\u{FFFD}') || text.len() < self.printed || !text.is_char_boundary(self.printed) {
+            return Ok(String::new());
+        }
+        let piece = text[self.printed..].to_string();
+        self.printed = text.len();
+        Ok(piece)
+    }
+
+    /// Whatever is left at the end (including a trailing replacement character).
+    pub fn finish(&mut self, tok: &Tokenizer) -> Result<String> {
+        let text = tok.decode(&self.ids)?;
+        let piece = if text.is_char_boundary(self.printed) && text.len() >= self.printed {
+            text[self.printed..].to_string()
+        } else {
+            String::new()
+        };
+        self.printed = text.len();
+        Ok(piece)
+    }
+}
