@@ -136,8 +136,24 @@ pub struct Engine {
     pub weights: ModelWeights,
     pub model: AnyModel,
     pub load_time: Duration,
+    /// How the engine was loaded (device, threads), to rebuild the model with other sizes.
+    pub options: EngineOptions,
     /// Token ids whose keys/values are in the cache, in order (for prefix reuse in chat).
     fed: Vec<u32>,
+}
+
+/// Puts the weights on the chosen device.
+fn build_model(weights: &ModelWeights, opts: &EngineOptions, options: ModelOptions) -> Result<AnyModel> {
+    match opts.device {
+        DeviceChoice::Cpu | DeviceChoice::Auto => Ok(AnyModel::Cpu(Model::new(
+            CpuBackend::new(opts.threads)?,
+            weights,
+            options,
+        )?)),
+        DeviceChoice::Gpu => Err(BitnetError::Gpu(
+            "this build has no GPU backend yet; use --device cpu".into(),
+        )),
+    }
 }
 
 impl Engine {
@@ -178,17 +194,9 @@ impl Engine {
         if let Some(ctx) = opts.ctx {
             options.ctx = ctx;
         }
-        let model = match opts.device {
-            DeviceChoice::Cpu | DeviceChoice::Auto => {
-                AnyModel::Cpu(Model::new(CpuBackend::new(opts.threads)?, &weights, options)?)
-            }
-            DeviceChoice::Gpu => {
-                return Err(BitnetError::Gpu(
-                    "this build has no GPU backend yet; use --device cpu".into(),
-                ))
-            }
-        };
+        let model = build_model(&weights, opts, options)?;
         Ok(Engine {
+            options: opts.clone(),
             files,
             config,
             tokenizer,
@@ -210,6 +218,18 @@ impl Engine {
             }
         }
         ids
+    }
+
+    /// The sizes the model was built with (context, batch).
+    pub fn model_options(&self) -> ModelOptions {
+        with_model!(&self.model, m => m.options)
+    }
+
+    /// Rebuilds the model on the same device with other sizes (the context is cleared).
+    pub fn rebuild(&mut self, options: ModelOptions) -> Result<()> {
+        self.model = build_model(&self.weights, &self.options, options)?;
+        self.fed.clear();
+        Ok(())
     }
 
     /// Clears the context.
