@@ -23,7 +23,9 @@ pub enum WeightVariant {
 impl WeightVariant {
     pub fn describe(self) -> &'static str {
         match self {
-            WeightVariant::PackedAutoBitLinear => "packed 2-bit, autobitlinear (output × weight_scale)",
+            WeightVariant::PackedAutoBitLinear => {
+                "packed 2-bit, autobitlinear (output × weight_scale)"
+            }
             WeightVariant::PackedBitLinear => "packed 2-bit, bitlinear (output ÷ weight_scale)",
             WeightVariant::OnlineMaster => {
                 "bf16 master weights, ternarized at load (online absmean)"
@@ -85,7 +87,10 @@ impl ModelConfig {
         let v: Value = serde_json::from_str(text).map_err(|e| format!("not valid JSON: {e}"))?;
         let obj = v.as_object().ok_or("the top level is not a JSON object")?;
 
-        let model_type = obj.get("model_type").and_then(Value::as_str).unwrap_or("bitnet");
+        let model_type = obj
+            .get("model_type")
+            .and_then(Value::as_str)
+            .unwrap_or("bitnet");
         if model_type != "bitnet" {
             return Err(format!(
                 "model_type is {model_type:?}; this runtime reads BitNet b1.58 models (model_type \"bitnet\")"
@@ -141,7 +146,10 @@ impl ModelConfig {
         let vocab_size = usize_key("vocab_size")?;
         let max_position_embeddings = usize_key("max_position_embeddings")?;
 
-        let hidden_act = obj.get("hidden_act").and_then(Value::as_str).unwrap_or("relu2");
+        let hidden_act = obj
+            .get("hidden_act")
+            .and_then(Value::as_str)
+            .unwrap_or("relu2");
         if hidden_act != "relu2" {
             return Err(format!(
                 "unsupported hidden_act {hidden_act:?}: BitNet b1.58 uses \"relu2\" (relu(x)^2)"
@@ -188,7 +196,9 @@ impl ModelConfig {
             v.as_u64()
                 .filter(|&id| (id as usize) < vocab_size)
                 .map(|id| id as u32)
-                .ok_or_else(|| format!("{key:?} = {v} is not a token id below vocab_size {vocab_size}"))
+                .ok_or_else(|| {
+                    format!("{key:?} = {v} is not a token id below vocab_size {vocab_size}")
+                })
         };
         let bos_token_id = match obj.get("bos_token_id") {
             None | Some(Value::Null) => None,
@@ -337,8 +347,7 @@ mod tests {
         let mut m = base();
         m["quantization_config"] = serde_json::json!({"quant_method": "bitnet"});
         assert_eq!(parse(&m).unwrap().variant, WeightVariant::PackedBitLinear);
-        m["quantization_config"] =
-            serde_json::json!({"quant_method": "bitnet", "linear_class": "autobitlinear", "quantization_mode": "online"});
+        m["quantization_config"] = serde_json::json!({"quant_method": "bitnet", "linear_class": "autobitlinear", "quantization_mode": "online"});
         assert_eq!(parse(&m).unwrap().variant, WeightVariant::OnlineMaster);
     }
 
@@ -359,7 +368,10 @@ mod tests {
         m["hidden_act"] = "gelu".into();
         assert!(parse(&m).unwrap_err().contains("hidden_act"));
         let mut m = base();
-        m.insert("rope_scaling".into(), serde_json::json!({"rope_type": "yarn", "factor": 4.0}));
+        m.insert(
+            "rope_scaling".into(),
+            serde_json::json!({"rope_type": "yarn", "factor": 4.0}),
+        );
         assert!(parse(&m).unwrap_err().contains("yarn"));
         let mut m = base();
         m["quantization_config"]["linear_class"] = "superlinear".into();

@@ -143,7 +143,11 @@ pub struct Engine {
 }
 
 /// Puts the weights on the chosen device.
-fn build_model(weights: &ModelWeights, opts: &EngineOptions, options: ModelOptions) -> Result<AnyModel> {
+fn build_model(
+    weights: &ModelWeights,
+    opts: &EngineOptions,
+    options: ModelOptions,
+) -> Result<AnyModel> {
     match opts.device {
         DeviceChoice::Cpu | DeviceChoice::Auto => Ok(AnyModel::Cpu(Model::new(
             CpuBackend::new(opts.threads)?,
@@ -175,9 +179,11 @@ impl Engine {
         let bar = opts.progress.then(|| {
             let bar = indicatif::ProgressBar::new(config.num_hidden_layers as u64);
             bar.set_style(
-                indicatif::ProgressStyle::with_template("loading {msg} [{bar:30}] {pos}/{len} layers")
-                    .expect("static template")
-                    .progress_chars("=> "),
+                indicatif::ProgressStyle::with_template(
+                    "loading {msg} [{bar:30}] {pos}/{len} layers",
+                )
+                .expect("static template")
+                .progress_chars("=> "),
             );
             bar.set_message(dir.display().to_string());
             bar
@@ -274,7 +280,11 @@ impl Engine {
         ignore_eos: bool,
         mut on_text: impl FnMut(&str),
     ) -> Result<Generation> {
-        let stop = if ignore_eos { Vec::new() } else { self.stop_ids() };
+        let stop = if ignore_eos {
+            Vec::new()
+        } else {
+            self.stop_ids()
+        };
         let greedy = sampler.config.is_greedy();
         let t0 = Instant::now();
         let mut history: Vec<u32> = prompt.to_vec();

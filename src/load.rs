@@ -94,9 +94,9 @@ pub struct LayerWeights {
 /// Everything needed to run the model, on the host.
 pub struct ModelWeights {
     pub config: ModelConfig,
-    pub embed_tokens: FloatMatrix,     // [vocab, h]
-    pub lm_head: Option<FloatMatrix>,  // [vocab, h], None when tied to embed_tokens
-    pub final_norm: Vec<f32>,          // [h]
+    pub embed_tokens: FloatMatrix,    // [vocab, h]
+    pub lm_head: Option<FloatMatrix>, // [vocab, h], None when tied to embed_tokens
+    pub final_norm: Vec<f32>,         // [h]
     pub layers: Vec<LayerWeights>,
 }
 
@@ -111,10 +111,18 @@ impl ModelWeights {
         self.layers
             .iter()
             .map(|l| {
-                [&l.q_proj, &l.k_proj, &l.v_proj, &l.o_proj, &l.gate_proj, &l.up_proj, &l.down_proj]
-                    .iter()
-                    .map(|m| m.packed.as_slice().len())
-                    .sum::<usize>()
+                [
+                    &l.q_proj,
+                    &l.k_proj,
+                    &l.v_proj,
+                    &l.o_proj,
+                    &l.gate_proj,
+                    &l.up_proj,
+                    &l.down_proj,
+                ]
+                .iter()
+                .map(|m| m.packed.as_slice().len())
+                .sum::<usize>()
             })
             .sum()
     }
@@ -190,7 +198,9 @@ pub fn load_weights(
     for l in 0..c.num_hidden_layers {
         on_layer(l, c.num_hidden_layers);
         let p = format!("model.layers.{l}.");
-        let lin = |name: &str, rows: usize, cols: usize| t.ternary(&format!("{p}{name}"), rows, cols, c.variant);
+        let lin = |name: &str, rows: usize, cols: usize| {
+            t.ternary(&format!("{p}{name}"), rows, cols, c.variant)
+        };
         layers.push(LayerWeights {
             input_norm: t.vector(&format!("{p}input_layernorm.weight"), h)?,
             post_attn_norm: t.vector(&format!("{p}post_attention_layernorm.weight"), h)?,
@@ -235,9 +245,11 @@ fn float_dtype(name: &str, d: Dtype) -> Result<FloatDtype> {
 
 impl Tensors<'_> {
     fn get(&self, name: &str) -> Result<safetensors::tensor::TensorView<'_>> {
-        self.st.tensor(name).map_err(|_| BitnetError::MissingTensor {
-            name: name.to_string(),
-        })
+        self.st
+            .tensor(name)
+            .map_err(|_| BitnetError::MissingTensor {
+                name: name.to_string(),
+            })
     }
 
     fn check_shape(name: &str, found: &[usize], expected: &[usize]) -> Result<()> {
@@ -299,7 +311,13 @@ impl Tensors<'_> {
         self.floats(name, &[&[len]])
     }
 
-    fn ternary(&self, prefix: &str, rows: usize, cols: usize, variant: WeightVariant) -> Result<TernaryMatrix> {
+    fn ternary(
+        &self,
+        prefix: &str,
+        rows: usize,
+        cols: usize,
+        variant: WeightVariant,
+    ) -> Result<TernaryMatrix> {
         let wname = format!("{prefix}.weight");
         let sname = format!("{prefix}.weight_scale");
         if variant == WeightVariant::OnlineMaster {
@@ -312,7 +330,9 @@ impl Tensors<'_> {
         if v.dtype() != Dtype::U8 {
             return Err(BitnetError::Dtype {
                 name: wname,
-                expected: "U8 (packed ternary; for bf16 master weights set quantization_mode \"online\")".into(),
+                expected:
+                    "U8 (packed ternary; for bf16 master weights set quantization_mode \"online\")"
+                        .into(),
                 found: format!("{:?}", v.dtype()),
             });
         }

@@ -52,22 +52,22 @@ struct Layer<B: Backend> {
 
 /// Activation buffers, allocated once for `max_batch` rows (B below).
 struct Scratch<B: Backend> {
-    x: B::Tensor,        // [B, h]  residual stream
-    xn: B::Tensor,       // [B, h]  normed
-    xq: B::QTensor,      // [B, h]  int8
-    q: B::Tensor,        // [B, q]
-    k: B::Tensor,        // [B, kv]
-    v: B::Tensor,        // [B, kv]
-    att: B::Tensor,      // [B, q]
-    att_n: B::Tensor,    // [B, q]
-    att_q: B::QTensor,   // [B, q]
-    proj: B::Tensor,     // [B, h]  o_proj / down_proj output
-    gate: B::Tensor,     // [B, i]
-    up: B::Tensor,       // [B, i]
-    ffn: B::Tensor,      // [B, i]
-    ffn_n: B::Tensor,    // [B, i]
-    ffn_q: B::QTensor,   // [B, i]
-    logits: B::Tensor,   // [max_logit_rows, vocab]
+    x: B::Tensor,      // [B, h]  residual stream
+    xn: B::Tensor,     // [B, h]  normed
+    xq: B::QTensor,    // [B, h]  int8
+    q: B::Tensor,      // [B, q]
+    k: B::Tensor,      // [B, kv]
+    v: B::Tensor,      // [B, kv]
+    att: B::Tensor,    // [B, q]
+    att_n: B::Tensor,  // [B, q]
+    att_q: B::QTensor, // [B, q]
+    proj: B::Tensor,   // [B, h]  o_proj / down_proj output
+    gate: B::Tensor,   // [B, i]
+    up: B::Tensor,     // [B, i]
+    ffn: B::Tensor,    // [B, i]
+    ffn_n: B::Tensor,  // [B, i]
+    ffn_q: B::QTensor, // [B, i]
+    logits: B::Tensor, // [max_logit_rows, vocab]
 }
 
 /// A model on a backend, with its KV cache and the number of positions it holds.
@@ -180,7 +180,10 @@ impl<B: Backend> Model<B> {
         if tokens.is_empty() {
             return Err(BitnetError::EmptyInput("no tokens to run"));
         }
-        if let Some(&id) = tokens.iter().find(|&&t| t as usize >= self.config.vocab_size) {
+        if let Some(&id) = tokens
+            .iter()
+            .find(|&&t| t as usize >= self.config.vocab_size)
+        {
             return Err(BitnetError::TokenOutOfRange {
                 id,
                 vocab_size: self.config.vocab_size,
@@ -218,7 +221,7 @@ impl<B: Backend> Model<B> {
             b.quantize(&s.att_n, &mut s.att_q)?;
             b.ternary_matmul(&l.o_proj, &s.att_q, &mut s.proj)?; // proj [n, h]
             b.add_assign(&mut s.x, &s.proj)?; // x = h [n, h]
-            // --- feed-forward block ---
+                                              // --- feed-forward block ---
             b.rms_norm(&s.x, &l.post_attn_norm, eps, &mut s.xn)?; // y [n, h]
             b.quantize(&s.xn, &mut s.xq)?; // shared by gate/up
             b.ternary_matmul(&l.gate_proj, &s.xq, &mut s.gate)?; // gate [n, i]
@@ -271,5 +274,48 @@ impl<B: Backend> Model<B> {
             out.extend(self.backend.read(&self.s.logits, chunk.len())?);
         }
         Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backend::cpu::CpuBackend;
+    use crate::synthetic::{preset, random_weights};
+
+    #[test]
+    fn incremental_decode_equals_batch_on_a_random_model() {
+        let c = preset("tiny").unwrap();
+        let w = random_weights(&c, 3).unwrap();
+        let opts = ModelOptions {
+            ctx: 64,
+            max_batch: 16,
+            max_logit_rows: 16,
+        };
+        let mut m = Model::new(CpuBackend::new(2).unwrap(), &w, opts).unwrap();
+        let tokens: Vec<u32> = (0..12).map(|i| (i * 337 + 5) % 4096).collect();
+        let all = m.forward_all(&tokens).unwrap(); // [12, vocab]
+        assert!(all.iter().all(|v| v.is_finite()));
+        let v = c.vocab_size;
+        let spread = all[..v].iter().fold(0f32, |a, &b| a.max(b))
+            - all[..v].iter().fold(0f32, |a, &b| a.min(b));
+        assert!(
+            spread > 1e-3,
+            "logits should not be constant: spread {spread}"
+        );
+        m.reset();
+        m.forward_last(&tokens[..5]).unwrap();
+        for t in 5..12 {
+            let got = m.forward_last(&tokens[t..t + 1]).unwrap();
+            for (j, (&g, &e)) in got.iter().zip(&all[t * v..(t + 1) * v]).enumerate() {
+                assert!(
+                    (g - e).abs() <= 1e-4 + 1e-4 * e.abs(),
+                    "pos {t} index {j}: got {g}, expected {e}"
+                );
+            }
+        }
+        assert_eq!(m.position(), 12);
+        let err = m.forward_last(&[4096]).unwrap_err();
+        assert!(err.to_string().contains("4096"), "{err}");
     }
 }

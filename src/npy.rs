@@ -16,7 +16,10 @@ pub fn write_f32(path: &Path, shape: &[usize], data: &[f32]) -> Result<()> {
         msg,
     };
     if shape.iter().product::<usize>() != data.len() {
-        return Err(err(format!("shape {shape:?} does not match {} values", data.len())));
+        return Err(err(format!(
+            "shape {shape:?} does not match {} values",
+            data.len()
+        )));
     }
     let dims: Vec<String> = shape.iter().map(|d| d.to_string()).collect();
     let shape_str = if dims.len() == 1 {
@@ -59,15 +62,24 @@ pub fn read_f32(path: &Path) -> Result<(Vec<usize>, Vec<f32>)> {
         ),
         _ => return Err(err("unsupported .npy version")),
     };
-    let hend = hstart.checked_add(hlen).filter(|&e| e <= bytes.len()).ok_or_else(|| err("truncated header"))?;
-    let header = std::str::from_utf8(&bytes[hstart..hend]).map_err(|_| err("header is not UTF-8"))?;
+    let hend = hstart
+        .checked_add(hlen)
+        .filter(|&e| e <= bytes.len())
+        .ok_or_else(|| err("truncated header"))?;
+    let header =
+        std::str::from_utf8(&bytes[hstart..hend]).map_err(|_| err("header is not UTF-8"))?;
     if !header.contains("'descr': '<f4'") {
-        return Err(err("only little-endian float32 ('<f4') arrays are supported"));
+        return Err(err(
+            "only little-endian float32 ('<f4') arrays are supported",
+        ));
     }
     if header.contains("'fortran_order': True") {
         return Err(err("Fortran-order arrays are not supported"));
     }
-    let open = header.find("'shape': (").ok_or_else(|| err("no shape in header"))? + 10;
+    let open = header
+        .find("'shape': (")
+        .ok_or_else(|| err("no shape in header"))?
+        + 10;
     let close = open + header[open..].find(')').ok_or_else(|| err("bad shape"))?;
     let shape: Vec<usize> = header[open..close]
         .split(',')

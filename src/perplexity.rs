@@ -22,7 +22,11 @@ pub struct PerplexityResult {
 /// `-log softmax(logits)[target]`, computed in f64 for a stable sum over thousands of tokens.
 pub fn nll(logits: &[f32], target: u32) -> f64 {
     let m = logits.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b)) as f64;
-    let lse = m + logits.iter().map(|&l| (l as f64 - m).exp()).sum::<f64>().ln();
+    let lse = m + logits
+        .iter()
+        .map(|&l| (l as f64 - m).exp())
+        .sum::<f64>()
+        .ln();
     lse - logits[target as usize] as f64
 }
 
@@ -55,7 +59,9 @@ pub fn perplexity(
     mut on_window: impl FnMut(usize, usize),
 ) -> Result<PerplexityResult> {
     if ids.len() < 2 {
-        return Err(BitnetError::EmptyInput("perplexity needs a text of at least 2 tokens"));
+        return Err(BitnetError::EmptyInput(
+            "perplexity needs a text of at least 2 tokens",
+        ));
     }
     if ctx < 2 || stride == 0 || stride > ctx {
         return Err(BitnetError::InvalidArgument(format!(

@@ -62,7 +62,10 @@ impl SamplerConfig {
             return bad(format!("--min-p {} must be in [0, 1]", self.min_p));
         }
         if !(self.repeat_penalty > 0.0 && self.repeat_penalty.is_finite()) {
-            return bad(format!("--repeat-penalty {} must be > 0", self.repeat_penalty));
+            return bad(format!(
+                "--repeat-penalty {} must be > 0",
+                self.repeat_penalty
+            ));
         }
         Ok(())
     }
@@ -200,10 +203,22 @@ mod tests {
     fn top_p_keeps_smallest_set_reaching_p() {
         // probs of ln(0.5), ln(0.3), ln(0.2): top_p 0.75 keeps two (0.5 + 0.3 ≥ 0.75).
         let l = [0.5f32.ln(), 0.3f32.ln(), 0.2f32.ln()];
-        let p = filtered_probs(&l, &SamplerConfig { top_p: 0.75, ..cfg() });
+        let p = filtered_probs(
+            &l,
+            &SamplerConfig {
+                top_p: 0.75,
+                ..cfg()
+            },
+        );
         assert_eq!(p.len(), 2);
         assert!((p[0].1 - 0.625).abs() < 1e-5);
-        let p = filtered_probs(&l, &SamplerConfig { top_p: 0.5, ..cfg() });
+        let p = filtered_probs(
+            &l,
+            &SamplerConfig {
+                top_p: 0.5,
+                ..cfg()
+            },
+        );
         assert_eq!(p.len(), 1);
     }
 
@@ -211,15 +226,33 @@ mod tests {
     fn min_p_drops_unlikely_tokens() {
         let l = [0.5f32.ln(), 0.3f32.ln(), 0.2f32.ln()];
         // floor = 0.5 × 0.5 = 0.25: keeps 0.5 and 0.3.
-        let p = filtered_probs(&l, &SamplerConfig { min_p: 0.5, ..cfg() });
+        let p = filtered_probs(
+            &l,
+            &SamplerConfig {
+                min_p: 0.5,
+                ..cfg()
+            },
+        );
         assert_eq!(p.iter().map(|e| e.0).collect::<Vec<_>>(), vec![0, 1]);
     }
 
     #[test]
     fn temperature_sharpens_and_flattens() {
         let l = [1.0f32, 0.0];
-        let cold = filtered_probs(&l, &SamplerConfig { temperature: 0.5, ..cfg() });
-        let hot = filtered_probs(&l, &SamplerConfig { temperature: 2.0, ..cfg() });
+        let cold = filtered_probs(
+            &l,
+            &SamplerConfig {
+                temperature: 0.5,
+                ..cfg()
+            },
+        );
+        let hot = filtered_probs(
+            &l,
+            &SamplerConfig {
+                temperature: 2.0,
+                ..cfg()
+            },
+        );
         assert!((cold[0].1 - 1.0 / (1.0 + (-2f32).exp())).abs() < 1e-6);
         assert!((hot[0].1 - 1.0 / (1.0 + (-0.5f32).exp())).abs() < 1e-6);
     }
@@ -251,8 +284,20 @@ mod tests {
 
     #[test]
     fn invalid_settings_are_rejected() {
-        assert!(Sampler::new(SamplerConfig { top_p: 0.0, ..cfg() }).is_err());
-        assert!(Sampler::new(SamplerConfig { temperature: -1.0, ..cfg() }).is_err());
-        assert!(Sampler::new(SamplerConfig { min_p: 2.0, ..cfg() }).is_err());
+        assert!(Sampler::new(SamplerConfig {
+            top_p: 0.0,
+            ..cfg()
+        })
+        .is_err());
+        assert!(Sampler::new(SamplerConfig {
+            temperature: -1.0,
+            ..cfg()
+        })
+        .is_err());
+        assert!(Sampler::new(SamplerConfig {
+            min_p: 2.0,
+            ..cfg()
+        })
+        .is_err());
     }
 }

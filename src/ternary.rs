@@ -114,7 +114,10 @@ pub fn find_code3(bytes: &[u8]) -> Option<usize> {
     let mut chunks = bytes.chunks_exact(8);
     for (k, chunk) in chunks.by_ref().enumerate() {
         if has3(u64::from_le_bytes(chunk.try_into().unwrap())) {
-            let i = chunk.iter().position(|&b| (b >> 1) & b & 0x55 != 0).unwrap();
+            let i = chunk
+                .iter()
+                .position(|&b| (b >> 1) & b & 0x55 != 0)
+                .unwrap();
             return Some(k * 8 + i);
         }
     }
@@ -131,7 +134,10 @@ pub fn pack_ternary(w: &[i8], rows: usize, cols: usize) -> Result<Vec<u8>> {
     if rows % 4 != 0 || w.len() != rows * cols {
         return Err(BitnetError::op(
             "pack_ternary",
-            format!("need rows % 4 == 0 and len == rows*cols; rows {rows}, cols {cols}, len {}", w.len()),
+            format!(
+                "need rows % 4 == 0 and len == rows*cols; rows {rows}, cols {cols}, len {}",
+                w.len()
+            ),
         ));
     }
     let p4 = rows / 4;
@@ -237,7 +243,8 @@ mod tests {
         assert_eq!(find_code3(&b), None);
         let mut bad = vec![0x55u8; 16];
         bad[5] = 0xFF;
-        let err = TernaryMatrix::new("w", 8, 4, ByteStorage::Owned(Arc::new(bad)), 1.0).unwrap_err();
+        let err =
+            TernaryMatrix::new("w", 16, 4, ByteStorage::Owned(Arc::new(bad)), 1.0).unwrap_err();
         assert!(err.to_string().contains("byte 5"), "{err}");
     }
 
@@ -281,7 +288,12 @@ mod tests {
             for p in 0..p4 {
                 let got = ternary_dot_byte_row(m.byte_row(p), &q, q_sum);
                 for i in 0..4 {
-                    assert_eq!(got[i], want[i * p4 + p], "rows {rows} cols {cols} row {}", i * p4 + p);
+                    assert_eq!(
+                        got[i],
+                        want[i * p4 + p],
+                        "rows {rows} cols {cols} row {}",
+                        i * p4 + p
+                    );
                 }
             }
         }

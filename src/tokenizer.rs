@@ -37,8 +37,9 @@ const FALLBACK_TEMPLATE: &str = "{% for message in messages %}{% set content = m
 
 impl Tokenizer {
     pub fn from_files(tokenizer_json: &Path, tokenizer_config: Option<&Path>) -> Result<Self> {
-        let inner = tokenizers::Tokenizer::from_file(tokenizer_json)
-            .map_err(|e| BitnetError::Tokenizer(format!("cannot load {}: {e}", tokenizer_json.display())))?;
+        let inner = tokenizers::Tokenizer::from_file(tokenizer_json).map_err(|e| {
+            BitnetError::Tokenizer(format!("cannot load {}: {e}", tokenizer_json.display()))
+        })?;
         let mut tok = Tokenizer {
             inner,
             chat_template: None,
@@ -99,15 +100,28 @@ impl Tokenizer {
     }
 
     /// The chat prompt as text, rendered with the model's template (or the 2B4T fallback).
-    pub fn render_chat(&self, messages: &[ChatMessage], add_generation_prompt: bool) -> Result<String> {
+    pub fn render_chat(
+        &self,
+        messages: &[ChatMessage],
+        add_generation_prompt: bool,
+    ) -> Result<String> {
         let template = self.chat_template.as_deref().unwrap_or(FALLBACK_TEMPLATE);
         let mut env = minijinja::Environment::new();
-        env.add_function("raise_exception", |msg: String| -> std::result::Result<String, minijinja::Error> {
-            Err(minijinja::Error::new(minijinja::ErrorKind::InvalidOperation, msg))
-        });
+        env.add_function(
+            "raise_exception",
+            |msg: String| -> std::result::Result<String, minijinja::Error> {
+                Err(minijinja::Error::new(
+                    minijinja::ErrorKind::InvalidOperation,
+                    msg,
+                ))
+            },
+        );
         env.add_template("chat", template)
             .map_err(|e| BitnetError::ChatTemplate(e.to_string()))?;
-        let bos = self.bos_token.clone().unwrap_or_else(|| "<|begin_of_text|>".into());
+        let bos = self
+            .bos_token
+            .clone()
+            .unwrap_or_else(|| "<|begin_of_text|>".into());
         let eos = self.eos_token.clone().unwrap_or_default();
         env.get_template("chat")
             .and_then(|t| {
@@ -123,7 +137,11 @@ impl Tokenizer {
 
     /// Chat prompt ids. The template writes the bos itself, so the text is encoded without the
     /// post-processor's specials (as transformers' apply_chat_template does): no doubled bos.
-    pub fn encode_chat(&self, messages: &[ChatMessage], add_generation_prompt: bool) -> Result<Vec<u32>> {
+    pub fn encode_chat(
+        &self,
+        messages: &[ChatMessage],
+        add_generation_prompt: bool,
+    ) -> Result<Vec<u32>> {
         let text = self.render_chat(messages, add_generation_prompt)?;
         self.encode(&text, false)
     }
@@ -141,7 +159,10 @@ impl StreamDecoder {
     pub fn push(&mut self, tok: &Tokenizer, id: u32) -> Result<String> {
         self.ids.push(id);
         let text = tok.decode(&self.ids)?;
-        if text.ends_with('\u{FFFD}') || text.len() < self.printed || !text.is_char_boundary(self.printed) {
+        if text.ends_with('\u{FFFD}')
+            || text.len() < self.printed
+            || !text.is_char_boundary(self.printed)
+        {
             return Ok(String::new());
         }
         let piece = text[self.printed..].to_string();

@@ -16,14 +16,20 @@ fn info(dir: &Path) -> std::process::Output {
 }
 
 /// Rewrites model.safetensors, letting `edit` replace any tensor (name → dtype, shape, bytes).
-fn rewrite_tensors(dir: &Path, edit: impl Fn(&str, Dtype, &[usize], &[u8]) -> Option<(Dtype, Vec<usize>, Vec<u8>)>) {
+fn rewrite_tensors(
+    dir: &Path,
+    edit: impl Fn(&str, Dtype, &[usize], &[u8]) -> Option<(Dtype, Vec<usize>, Vec<u8>)>,
+) {
     let path = dir.join("model.safetensors");
     let bytes = std::fs::read(&path).unwrap();
     let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
     let mut owned: Vec<(String, Dtype, Vec<usize>, Vec<u8>)> = Vec::new();
     for (name, v) in st.tensors() {
-        let (d, s, b) = edit(&name, v.dtype(), v.shape(), v.data())
-            .unwrap_or((v.dtype(), v.shape().to_vec(), v.data().to_vec()));
+        let (d, s, b) = edit(&name, v.dtype(), v.shape(), v.data()).unwrap_or((
+            v.dtype(),
+            v.shape().to_vec(),
+            v.data().to_vec(),
+        ));
         owned.push((name, d, s, b));
     }
     let views: Vec<(String, TensorView)> = owned
@@ -37,7 +43,8 @@ fn rewrite_tensors(dir: &Path, edit: impl Fn(&str, Dtype, &[usize], &[u8]) -> Op
 
 fn edit_config(dir: &Path, edit: impl Fn(&mut serde_json::Value)) {
     let p = dir.join("config.json");
-    let mut v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&p).unwrap()).unwrap();
+    let mut v: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&p).unwrap()).unwrap();
     edit(&mut v);
     std::fs::write(&p, v.to_string()).unwrap();
 }
@@ -67,7 +74,10 @@ fn truncated_and_corrupt_safetensors() {
     let p = d.path().join("model.safetensors");
     let bytes = std::fs::read(&p).unwrap();
     std::fs::write(&p, &bytes[..bytes.len() - 100]).unwrap();
-    assert_fails_with(&info(d.path()), &["corrupt safetensors", "model.safetensors"]);
+    assert_fails_with(
+        &info(d.path()),
+        &["corrupt safetensors", "model.safetensors"],
+    );
     // header length pointing past the end of the file
     let mut b = bytes.clone();
     b[..8].copy_from_slice(&(1u64 << 40).to_le_bytes());
@@ -89,15 +99,22 @@ fn truncated_and_corrupt_safetensors() {
 fn wrong_shape_dtype_and_missing_tensor() {
     let d = copy_fixture(BASE);
     rewrite_tensors(d.path(), |n, dt, s, b| {
-        (n == "model.layers.1.mlp.up_proj.weight").then(|| (dt, vec![s[0] / 2, s[1]], b[..b.len() / 2].to_vec()))
+        (n == "model.layers.1.mlp.up_proj.weight")
+            .then(|| (dt, vec![s[0] / 2, s[1]], b[..b.len() / 2].to_vec()))
     });
-    assert_fails_with(&info(d.path()), &["model.layers.1.mlp.up_proj.weight", "expected shape"]);
+    assert_fails_with(
+        &info(d.path()),
+        &["model.layers.1.mlp.up_proj.weight", "expected shape"],
+    );
 
     let d = copy_fixture(BASE);
     rewrite_tensors(d.path(), |n, _, s, b| {
         (n == "model.norm.weight").then(|| (Dtype::I16, s.to_vec(), b.to_vec()))
     });
-    assert_fails_with(&info(d.path()), &["model.norm.weight", "expected dtype", "I16"]);
+    assert_fails_with(
+        &info(d.path()),
+        &["model.norm.weight", "expected dtype", "I16"],
+    );
 
     let d = copy_fixture(BASE);
     rewrite_tensors(d.path(), |n, _, s, b| {
@@ -107,9 +124,13 @@ fn wrong_shape_dtype_and_missing_tensor() {
 
     let d = copy_fixture(BASE);
     rewrite_tensors(d.path(), |n, dt, _, b| {
-        (n == "model.layers.0.self_attn.k_proj.weight_scale").then(|| (dt, vec![usize::MAX], b.to_vec()))
+        (n == "model.layers.0.self_attn.k_proj.weight_scale")
+            .then(|| (dt, vec![usize::MAX], b.to_vec()))
     });
-    assert_fails_with(&info(d.path()), &["model.layers.0.self_attn.k_proj.weight_scale", "missing"]);
+    assert_fails_with(
+        &info(d.path()),
+        &["model.layers.0.self_attn.k_proj.weight_scale", "missing"],
+    );
 }
 
 #[test]
@@ -122,7 +143,10 @@ fn code_3_in_a_packed_weight() {
             (dt, s.to_vec(), b)
         })
     });
-    assert_fails_with(&info(d.path()), &["down_proj.weight", "invalid ternary code 3", "byte 5"]);
+    assert_fails_with(
+        &info(d.path()),
+        &["down_proj.weight", "invalid ternary code 3", "byte 5"],
+    );
 }
 
 #[test]
@@ -132,7 +156,9 @@ fn unknown_hidden_act_rope_type_and_contradicting_config() {
     assert_fails_with(&info(d.path()), &["hidden_act", "silu"]);
 
     let d = copy_fixture(BASE);
-    edit_config(d.path(), |v| v["rope_scaling"] = serde_json::json!({"rope_type": "llama3", "factor": 8.0}));
+    edit_config(d.path(), |v| {
+        v["rope_scaling"] = serde_json::json!({"rope_type": "llama3", "factor": 8.0})
+    });
     assert_fails_with(&info(d.path()), &["RoPE type", "llama3"]);
 
     let d = copy_fixture(BASE);
@@ -159,9 +185,19 @@ fn corrupt_tokenizer() {
 fn token_ids_out_of_range_and_bad_token_lists() {
     let m = fixture(BASE);
     let m = m.to_str().unwrap();
-    let o = bitnet(&["generate", "--model", m, "--tokens", "1,999999", "--device", "cpu"]);
+    let o = bitnet(&[
+        "generate", "--model", m, "--tokens", "1,999999", "--device", "cpu",
+    ]);
     assert_fails_with(&o, &["token id 999999", "out of range"]);
-    let o = bitnet(&["logits", "--model", m, "--tokens", "1,2,x", "--out", "/tmp/x.npy"]);
+    let o = bitnet(&[
+        "logits",
+        "--model",
+        m,
+        "--tokens",
+        "1,2,x",
+        "--out",
+        "/tmp/x.npy",
+    ]);
     assert_fails_with(&o, &["\"x\" is not a token id"]);
 }
 
@@ -170,11 +206,29 @@ fn prompt_longer_than_the_context() {
     let m = fixture(BASE);
     let m = m.to_str().unwrap();
     let long: Vec<String> = (0..20).map(|i| (i + 3).to_string()).collect();
-    let o = bitnet(&["generate", "--model", m, "--tokens", &long.join(","), "--ctx", "8", "--device", "cpu"]);
+    let o = bitnet(&[
+        "generate",
+        "--model",
+        m,
+        "--tokens",
+        &long.join(","),
+        "--ctx",
+        "8",
+        "--device",
+        "cpu",
+    ]);
     assert_fails_with(&o, &["context overflow", "20 positions", "holds 8"]);
     // beyond max_position_embeddings (128 for the fixtures)
     let long: Vec<String> = (0..200).map(|i| (i % 50 + 3).to_string()).collect();
-    let o = bitnet(&["logits", "--model", m, "--tokens", &long.join(","), "--out", "/tmp/never.npy"]);
+    let o = bitnet(&[
+        "logits",
+        "--model",
+        m,
+        "--tokens",
+        &long.join(","),
+        "--out",
+        "/tmp/never.npy",
+    ]);
     assert_fails_with(&o, &["context overflow", "200"]);
     let o = bitnet(&["generate", "--model", m, "--tokens", "1", "--ctx", "4096"]);
     assert_fails_with(&o, &["context 4096", "max_position_embeddings"]);
@@ -186,13 +240,27 @@ fn invalid_utf8_prompt_file() {
     let p = d.path().join("prompt.txt");
     std::fs::write(&p, b"hello \xff\xfe world").unwrap();
     let m = fixture(BASE);
-    let o = bitnet(&["generate", "--model", m.to_str().unwrap(), "--prompt-file", p.to_str().unwrap()]);
+    let o = bitnet(&[
+        "generate",
+        "--model",
+        m.to_str().unwrap(),
+        "--prompt-file",
+        p.to_str().unwrap(),
+    ]);
     assert_fails_with(&o, &["not valid UTF-8", "offset 6"]);
 }
 
 #[test]
 fn unwritable_output() {
     let m = fixture(BASE);
-    let o = bitnet(&["logits", "--model", m.to_str().unwrap(), "--tokens", "1,2", "--out", "/nonexistent/dir/l.npy"]);
+    let o = bitnet(&[
+        "logits",
+        "--model",
+        m.to_str().unwrap(),
+        "--tokens",
+        "1,2",
+        "--out",
+        "/nonexistent/dir/l.npy",
+    ]);
     assert_fails_with(&o, &["/nonexistent/dir/l.npy"]);
 }

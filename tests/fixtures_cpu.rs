@@ -35,7 +35,11 @@ fn logits_match_transformers_for_every_variant() {
         let prompt = ids(&r["prompt_ids"]);
         let (shape, want) = bitnet_wgpu::npy::read_f32(&fixture(name).join("logits.npy")).unwrap();
         let mut e = cpu_engine(name);
-        assert_eq!(shape, vec![prompt.len(), e.config.vocab_size], "{name}: logits.npy shape");
+        assert_eq!(
+            shape,
+            vec![prompt.len(), e.config.vocab_size],
+            "{name}: logits.npy shape"
+        );
         let got = e.logits(&prompt).unwrap();
         assert_close(&format!("{name} logits"), &got, &want, ABS_TOL, REL_TOL);
     }
@@ -49,7 +53,9 @@ fn greedy_continuation_matches_transformers_for_every_variant() {
         let want = ids(&r["greedy_ids"]);
         let mut e = cpu_engine(name);
         let mut s = Sampler::new(SamplerConfig::greedy()).unwrap();
-        let g = e.generate(&prompt, want.len(), &mut s, true, |_| {}).unwrap();
+        let g = e
+            .generate(&prompt, want.len(), &mut s, true, |_| {})
+            .unwrap();
         assert_eq!(g.token_ids, want, "{name}: greedy ids");
     }
 }
@@ -67,7 +73,13 @@ fn cached_decode_equals_full_recompute() {
     e.model.forward_last(&prompt[..n - 3]).unwrap();
     for t in n - 3..n {
         let got = e.model.forward_last(&prompt[t..t + 1]).unwrap();
-        assert_close(&format!("position {t}"), &got, &full[t * vocab..(t + 1) * vocab], 1e-4, 1e-4);
+        assert_close(
+            &format!("position {t}"),
+            &got,
+            &full[t * vocab..(t + 1) * vocab],
+            1e-4,
+            1e-4,
+        );
     }
 }
 
@@ -97,19 +109,32 @@ fn tokenizer_and_chat_template_match_transformers() {
     let r = reference(name);
     let e = cpu_engine(name);
     let text = r["text_example"]["text"].as_str().unwrap();
-    assert_eq!(e.tokenizer.encode(text, true).unwrap(), ids(&r["text_example"]["ids_with_specials"]));
-    assert_eq!(e.tokenizer.encode(text, false).unwrap(), ids(&r["text_example"]["ids_without_specials"]));
+    assert_eq!(
+        e.tokenizer.encode(text, true).unwrap(),
+        ids(&r["text_example"]["ids_with_specials"])
+    );
+    assert_eq!(
+        e.tokenizer.encode(text, false).unwrap(),
+        ids(&r["text_example"]["ids_without_specials"])
+    );
     let msgs: Vec<ChatMessage> = r["chat_example"]["messages"]
         .as_array()
         .unwrap()
         .iter()
         .map(|m| ChatMessage::new(m["role"].as_str().unwrap(), m["content"].as_str().unwrap()))
         .collect();
-    assert_eq!(e.tokenizer.render_chat(&msgs, true).unwrap(), r["chat_example"]["text"].as_str().unwrap());
+    assert_eq!(
+        e.tokenizer.render_chat(&msgs, true).unwrap(),
+        r["chat_example"]["text"].as_str().unwrap()
+    );
     let chat_ids = e.tokenizer.encode_chat(&msgs, true).unwrap();
     assert_eq!(chat_ids, ids(&r["chat_example"]["ids"]));
     let bos = e.config.bos_token_id.unwrap();
-    assert_eq!(chat_ids.iter().filter(|&&i| i == bos).count(), 1, "exactly one BOS");
+    assert_eq!(
+        chat_ids.iter().filter(|&&i| i == bos).count(),
+        1,
+        "exactly one BOS"
+    );
 }
 
 #[test]
@@ -123,7 +148,14 @@ fn cli_logits_and_generate_json() {
     let out = dir.path().join("l.npy");
     let model = fixture(name);
     let o = bitnet(&[
-        "logits", "--model", model.to_str().unwrap(), "--tokens", &tokens, "--device", "cpu", "--out",
+        "logits",
+        "--model",
+        model.to_str().unwrap(),
+        "--tokens",
+        &tokens,
+        "--device",
+        "cpu",
+        "--out",
         out.to_str().unwrap(),
     ]);
     assert!(o.status.success(), "{}", stderr(&o));
@@ -135,8 +167,19 @@ fn cli_logits_and_generate_json() {
     let greedy = ids(&r["greedy_ids"]);
     let n = greedy.len().to_string();
     let o = bitnet(&[
-        "generate", "--model", model.to_str().unwrap(), "--tokens", &tokens, "--temperature", "0",
-        "--max-tokens", &n, "--json", "--ignore-eos", "--device", "cpu",
+        "generate",
+        "--model",
+        model.to_str().unwrap(),
+        "--tokens",
+        &tokens,
+        "--temperature",
+        "0",
+        "--max-tokens",
+        &n,
+        "--json",
+        "--ignore-eos",
+        "--device",
+        "cpu",
     ]);
     assert!(o.status.success(), "{}", stderr(&o));
     let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();

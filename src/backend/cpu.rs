@@ -21,9 +21,9 @@ pub struct CpuTensor {
 /// int8 activations `[capacity, cols]` plus the per-row scale `s = 127 / absmax`.
 #[derive(Debug, Clone)]
 pub struct CpuQTensor {
-    pub q: Vec<i8>,        // [capacity, cols]
-    pub scales: Vec<f32>,  // [capacity]
-    pub sums: Vec<i32>,    // [capacity]  Σ q over the row, for the Σq·code − Σq trick
+    pub q: Vec<i8>,       // [capacity, cols]
+    pub scales: Vec<f32>, // [capacity]
+    pub sums: Vec<i32>,   // [capacity]  Σ q over the row, for the Σq·code − Σq trick
     pub capacity: usize,
     pub cols: usize,
 }
@@ -48,14 +48,18 @@ impl CpuBackend {
     /// `threads = 0` means one per available core.
     pub fn new(threads: usize) -> Result<Self> {
         let threads = if threads == 0 {
-            std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)
+            std::thread::available_parallelism()
+                .map(|n| n.get())
+                .unwrap_or(1)
         } else {
             threads
         };
         let pool = rayon::ThreadPoolBuilder::new()
             .num_threads(threads)
             .build()
-            .map_err(|e| BitnetError::InvalidArgument(format!("cannot start {threads} threads: {e}")))?;
+            .map_err(|e| {
+                BitnetError::InvalidArgument(format!("cannot start {threads} threads: {e}"))
+            })?;
         Ok(CpuBackend {
             pool,
             threads,
@@ -169,12 +173,21 @@ impl Backend for CpuBackend {
         Ok(())
     }
 
-    fn rms_norm(&mut self, x: &CpuTensor, w: &Vec<f32>, eps: f32, out: &mut CpuTensor) -> Result<()> {
+    fn rms_norm(
+        &mut self,
+        x: &CpuTensor,
+        w: &Vec<f32>,
+        eps: f32,
+        out: &mut CpuTensor,
+    ) -> Result<()> {
         let cols = w.len();
         self.check("rms_norm", x, cols)?;
         self.check("rms_norm", out, cols)?;
         let n = self.n();
-        for (xr, or) in x.data[..n * cols].chunks_exact(cols).zip(out.data.chunks_exact_mut(cols)) {
+        for (xr, or) in x.data[..n * cols]
+            .chunks_exact(cols)
+            .zip(out.data.chunks_exact_mut(cols))
+        {
             rms_norm_row(xr, w, eps, or);
         }
         Ok(())
@@ -194,12 +207,20 @@ impl Backend for CpuBackend {
         Ok(())
     }
 
-    fn ternary_matmul(&mut self, w: &TernaryMatrix, x: &CpuQTensor, out: &mut CpuTensor) -> Result<()> {
+    fn ternary_matmul(
+        &mut self,
+        w: &TernaryMatrix,
+        x: &CpuQTensor,
+        out: &mut CpuTensor,
+    ) -> Result<()> {
         let n = self.n();
         if x.cols != w.cols || x.capacity < n {
             return Err(BitnetError::op(
                 "ternary_matmul",
-                format!("{}: weight [{}, {}] vs activations [{n}, {}]", w.name, w.rows, w.cols, x.cols),
+                format!(
+                    "{}: weight [{}, {}] vs activations [{n}, {}]",
+                    w.name, w.rows, w.cols, x.cols
+                ),
             ));
         }
         self.check("ternary_matmul", out, w.rows)?;
@@ -273,26 +294,29 @@ impl Backend for CpuBackend {
         let scale = 1.0 / (hd as f32).sqrt();
         let start = self.start_pos;
         self.pool.install(|| {
-            out.data[..n * qd].par_chunks_mut(hd).enumerate().for_each(|(idx, o)| {
-                let (t, h) = (idx / shape.n_heads, idx % shape.n_heads);
-                let kvh = h / group;
-                let qv = &q.data[t * qd + h * hd..t * qd + (h + 1) * hd];
-                let len = start + t + 1; // causal: positions 0..=start+t
-                let mut scores: Vec<f32> = (0..len)
-                    .map(|j| {
-                        let kr = &kc[j * kvd + kvh * hd..j * kvd + (kvh + 1) * hd];
-                        qv.iter().zip(kr).map(|(a, b)| a * b).sum::<f32>() * scale
-                    })
-                    .collect();
-                softmax_in_place(&mut scores);
-                o.fill(0.0);
-                for (j, &p) in scores.iter().enumerate() {
-                    let vr = &vc[j * kvd + kvh * hd..j * kvd + (kvh + 1) * hd];
-                    for (oi, vi) in o.iter_mut().zip(vr) {
-                        *oi += p * vi;
+            out.data[..n * qd]
+                .par_chunks_mut(hd)
+                .enumerate()
+                .for_each(|(idx, o)| {
+                    let (t, h) = (idx / shape.n_heads, idx % shape.n_heads);
+                    let kvh = h / group;
+                    let qv = &q.data[t * qd + h * hd..t * qd + (h + 1) * hd];
+                    let len = start + t + 1; // causal: positions 0..=start+t
+                    let mut scores: Vec<f32> = (0..len)
+                        .map(|j| {
+                            let kr = &kc[j * kvd + kvh * hd..j * kvd + (kvh + 1) * hd];
+                            qv.iter().zip(kr).map(|(a, b)| a * b).sum::<f32>() * scale
+                        })
+                        .collect();
+                    softmax_in_place(&mut scores);
+                    o.fill(0.0);
+                    for (j, &p) in scores.iter().enumerate() {
+                        let vr = &vc[j * kvd + kvh * hd..j * kvd + (kvh + 1) * hd];
+                        for (oi, vi) in o.iter_mut().zip(vr) {
+                            *oi += p * vi;
+                        }
                     }
-                }
-            })
+                })
         });
         Ok(())
     }
@@ -318,7 +342,13 @@ impl Backend for CpuBackend {
         Ok(())
     }
 
-    fn lm_head(&mut self, head: &FloatMatrix, x: &CpuTensor, rows: LogitRows, logits: &mut CpuTensor) -> Result<()> {
+    fn lm_head(
+        &mut self,
+        head: &FloatMatrix,
+        x: &CpuTensor,
+        rows: LogitRows,
+        logits: &mut CpuTensor,
+    ) -> Result<()> {
         let (n, h) = (self.n(), head.cols);
         self.check("lm_head", x, h)?;
         let first = match rows {
@@ -327,7 +357,10 @@ impl Backend for CpuBackend {
         };
         let out_rows = n - first;
         if logits.cols != head.rows || logits.capacity < out_rows {
-            return Err(BitnetError::op("lm_head", "logits tensor has the wrong shape"));
+            return Err(BitnetError::op(
+                "lm_head",
+                "logits tensor has the wrong shape",
+            ));
         }
         const CHUNK: usize = 256;
         let es = head.dtype.size();
@@ -416,8 +449,14 @@ mod tests {
         // d = 4: pairs (0,2) with inv_freq 1 and (1,3) with inv_freq θ^(-1/2) = 0.01 for θ = 1e4.
         let mut v = [1.0f32, 1.0, 0.0, 0.0];
         rope_head(&mut v, 1, 10000.0);
-        assert!((v[0] - 1f32.cos()).abs() < 1e-6 && (v[2] - 1f32.sin()).abs() < 1e-6, "{v:?}");
-        assert!((v[1] - 0.01f32.cos()).abs() < 1e-6 && (v[3] - 0.01f32.sin()).abs() < 1e-6, "{v:?}");
+        assert!(
+            (v[0] - 1f32.cos()).abs() < 1e-6 && (v[2] - 1f32.sin()).abs() < 1e-6,
+            "{v:?}"
+        );
+        assert!(
+            (v[1] - 0.01f32.cos()).abs() < 1e-6 && (v[3] - 0.01f32.sin()).abs() < 1e-6,
+            "{v:?}"
+        );
         // position 0 is the identity
         let mut w = [0.3f32, -0.2, 0.7, 0.1];
         rope_head(&mut w, 0, 10000.0);
@@ -429,20 +468,50 @@ mod tests {
         // 4 query heads, 2 kv heads, head_dim 2, one token: softmax over one key = 1, so
         // out(head h) = v(kv head h / 2).
         let mut b = CpuBackend::new(1).unwrap();
-        let shape = AttentionShape { n_heads: 4, n_kv_heads: 2, head_dim: 2, rope_theta: 1e4 };
+        let shape = AttentionShape {
+            n_heads: 4,
+            n_kv_heads: 2,
+            head_dim: 2,
+            rope_theta: 1e4,
+        };
         b.begin_step(&[0], 0).unwrap();
-        let q = CpuTensor { data: vec![1.0; 8], capacity: 1, cols: 8 };
-        let k = CpuTensor { data: vec![1.0; 4], capacity: 1, cols: 4 };
-        let v = CpuTensor { data: vec![10.0, 11.0, 20.0, 21.0], capacity: 1, cols: 4 };
+        let q = CpuTensor {
+            data: vec![1.0; 8],
+            capacity: 1,
+            cols: 8,
+        };
+        let k = CpuTensor {
+            data: vec![1.0; 4],
+            capacity: 1,
+            cols: 4,
+        };
+        let v = CpuTensor {
+            data: vec![10.0, 11.0, 20.0, 21.0],
+            capacity: 1,
+            cols: 4,
+        };
         let mut cache = b.alloc_kv_cache(1, 4, 4).unwrap();
         let mut out = b.alloc(1, 8).unwrap();
-        b.attention(&q, &k, &v, &mut cache, 0, &shape, &mut out).unwrap();
-        assert_eq!(out.data, vec![10.0, 11.0, 10.0, 11.0, 20.0, 21.0, 20.0, 21.0]);
+        b.attention(&q, &k, &v, &mut cache, 0, &shape, &mut out)
+            .unwrap();
+        assert_eq!(
+            out.data,
+            vec![10.0, 11.0, 10.0, 11.0, 20.0, 21.0, 20.0, 21.0]
+        );
         // second token: kv head 1 gets a key aligned with q heads 2,3 → they weight it more.
         b.begin_step(&[0], 1).unwrap();
-        let k2 = CpuTensor { data: vec![0.0, 0.0, 5.0, 5.0], capacity: 1, cols: 4 };
-        let v2 = CpuTensor { data: vec![0.0, 0.0, 0.0, 0.0], capacity: 1, cols: 4 };
-        b.attention(&q, &k2, &v2, &mut cache, 0, &shape, &mut out).unwrap();
+        let k2 = CpuTensor {
+            data: vec![0.0, 0.0, 5.0, 5.0],
+            capacity: 1,
+            cols: 4,
+        };
+        let v2 = CpuTensor {
+            data: vec![0.0, 0.0, 0.0, 0.0],
+            capacity: 1,
+            cols: 4,
+        };
+        b.attention(&q, &k2, &v2, &mut cache, 0, &shape, &mut out)
+            .unwrap();
         // heads 0,1: scores (1·1+1·1)/√2 vs 0 → p0 = σ(√2); heads 2,3: 2/√2 vs 10/√2.
         let p0 = 1.0 / (1.0 + (-(2f32.sqrt())).exp());
         let p1 = 1.0 / (1.0 + (8.0 / 2f32.sqrt()).exp());

@@ -54,7 +54,8 @@ pub trait Backend {
     fn upload_embedding(&mut self, m: &FloatMatrix) -> Result<Self::Embedding>;
     fn alloc(&mut self, capacity: usize, cols: usize) -> Result<Self::Tensor>;
     fn alloc_q(&mut self, capacity: usize, cols: usize) -> Result<Self::QTensor>;
-    fn alloc_kv_cache(&mut self, layers: usize, ctx: usize, kv_dim: usize) -> Result<Self::KvCache>;
+    fn alloc_kv_cache(&mut self, layers: usize, ctx: usize, kv_dim: usize)
+        -> Result<Self::KvCache>;
 
     /// Starts a step over `tokens` at positions `start_pos..start_pos + tokens.len()`.
     fn begin_step(&mut self, tokens: &[u32], start_pos: usize) -> Result<()>;
@@ -64,11 +65,22 @@ pub trait Backend {
     /// `out[t] = emb[tokens[t]]`: `[n, hidden]`.
     fn embed(&mut self, emb: &Self::Embedding, out: &mut Self::Tensor) -> Result<()>;
     /// `out = x * rsqrt(mean(x²) + eps) * w`, row-wise: `[n, cols]`.
-    fn rms_norm(&mut self, x: &Self::Tensor, w: &Self::Vector, eps: f32, out: &mut Self::Tensor) -> Result<()>;
+    fn rms_norm(
+        &mut self,
+        x: &Self::Tensor,
+        w: &Self::Vector,
+        eps: f32,
+        out: &mut Self::Tensor,
+    ) -> Result<()>;
     /// Per-row absmax int8 quantization: `[n, cols]` → `[n, cols]` int8 + `[n]` scales.
     fn quantize(&mut self, x: &Self::Tensor, out: &mut Self::QTensor) -> Result<()>;
     /// `out = (x_q · Wᵀ) / s_x * out_scale`: `[n, in]` → `[n, out]`, exact integer accumulation.
-    fn ternary_matmul(&mut self, w: &Self::Linear, x: &Self::QTensor, out: &mut Self::Tensor) -> Result<()>;
+    fn ternary_matmul(
+        &mut self,
+        w: &Self::Linear,
+        x: &Self::QTensor,
+        out: &mut Self::Tensor,
+    ) -> Result<()>;
     /// Half-split rotary embedding in place on `[n, heads * head_dim]`, positions from the step.
     fn rope(&mut self, x: &mut Self::Tensor, n_heads: usize, shape: &AttentionShape) -> Result<()>;
     /// Stores `k, v [n, kv_dim]` into the cache of `layer` at the step's positions, then causal
@@ -85,11 +97,22 @@ pub trait Backend {
         out: &mut Self::Tensor,
     ) -> Result<()>;
     /// `out = relu(gate)² * up`: `[n, intermediate]`.
-    fn relu2_mul(&mut self, gate: &Self::Tensor, up: &Self::Tensor, out: &mut Self::Tensor) -> Result<()>;
+    fn relu2_mul(
+        &mut self,
+        gate: &Self::Tensor,
+        up: &Self::Tensor,
+        out: &mut Self::Tensor,
+    ) -> Result<()>;
     /// `x += y`: `[n, cols]`.
     fn add_assign(&mut self, x: &mut Self::Tensor, y: &Self::Tensor) -> Result<()>;
     /// `logits = x · headᵀ` for the rows selected: `[1 or n, vocab]`.
-    fn lm_head(&mut self, head: &Self::Embedding, x: &Self::Tensor, rows: LogitRows, logits: &mut Self::Tensor) -> Result<()>;
+    fn lm_head(
+        &mut self,
+        head: &Self::Embedding,
+        x: &Self::Tensor,
+        rows: LogitRows,
+        logits: &mut Self::Tensor,
+    ) -> Result<()>;
 
     /// Reads `rows` rows of `t` back to the host (a sync point): `[rows, cols]` flattened.
     fn read(&mut self, t: &Self::Tensor, rows: usize) -> Result<Vec<f32>>;

@@ -207,7 +207,10 @@ fn parse_tokens(s: &str) -> Result<Vec<u32>> {
         .split(',')
         .map(str::trim)
         .filter(|t| !t.is_empty())
-        .map(|t| t.parse::<u32>().with_context(|| format!("--tokens: {t:?} is not a token id")))
+        .map(|t| {
+            t.parse::<u32>()
+                .with_context(|| format!("--tokens: {t:?} is not a token id"))
+        })
         .collect::<Result<Vec<_>>>()?;
     if ids.is_empty() {
         bail!("--tokens is empty");
@@ -246,7 +249,9 @@ fn generate(a: GenerateArgs) -> Result<()> {
         let text = match (&a.prompt, &a.prompt_file) {
             (Some(p), _) => p.clone(),
             (None, Some(f)) => read_text(f)?,
-            (None, None) => bail!("give a prompt: --prompt TEXT, --prompt-file FILE or --tokens IDS"),
+            (None, None) => {
+                bail!("give a prompt: --prompt TEXT, --prompt-file FILE or --tokens IDS")
+            }
         };
         if a.chat {
             let mut msgs = Vec::new();
@@ -261,12 +266,18 @@ fn generate(a: GenerateArgs) -> Result<()> {
     };
     let mut stdout = std::io::stdout().lock();
     let json = a.json;
-    let g = engine.generate(&prompt_ids, a.sampling.max_tokens, &mut sampler, a.sampling.ignore_eos, |piece| {
-        if !json {
-            let _ = stdout.write_all(piece.as_bytes());
-            let _ = stdout.flush();
-        }
-    })?;
+    let g = engine.generate(
+        &prompt_ids,
+        a.sampling.max_tokens,
+        &mut sampler,
+        a.sampling.ignore_eos,
+        |piece| {
+            if !json {
+                let _ = stdout.write_all(piece.as_bytes());
+                let _ = stdout.flush();
+            }
+        },
+    )?;
     if json {
         let v = serde_json::json!({
             "token_ids": g.token_ids,
@@ -299,7 +310,11 @@ fn generate(a: GenerateArgs) -> Result<()> {
 fn chat(a: ChatArgs) -> Result<()> {
     let mut sampler = a.sampling.sampler()?;
     let mut engine = a.model.load()?;
-    let mut messages: Vec<ChatMessage> = a.system.iter().map(|s| ChatMessage::new("system", s)).collect();
+    let mut messages: Vec<ChatMessage> = a
+        .system
+        .iter()
+        .map(|s| ChatMessage::new("system", s))
+        .collect();
     eprintln!(
         "bitnet chat: {} on {}. Type a message; /reset clears the conversation, /exit or Ctrl-D quits.",
         engine.files.dir.display(),
@@ -328,7 +343,9 @@ fn chat(a: ChatArgs) -> Result<()> {
         let mut ids = engine.tokenizer.encode_chat(&messages, true)?;
         // Drop the oldest turns (never the system message) until the prompt leaves room to answer.
         let room = a.sampling.max_tokens.min(engine.model.ctx() / 2);
-        while ids.len() + room > engine.model.ctx() && messages.iter().filter(|m| m.role != "system").count() > 1 {
+        while ids.len() + room > engine.model.ctx()
+            && messages.iter().filter(|m| m.role != "system").count() > 1
+        {
             let first = messages.iter().position(|m| m.role != "system").unwrap();
             messages.remove(first);
             ids = engine.tokenizer.encode_chat(&messages, true)?;
@@ -379,10 +396,11 @@ fn perplexity(a: PerplexityArgs) -> Result<()> {
     let ids = engine.tokenizer.encode(&text, false)?;
     let bar = indicatif::ProgressBar::new(0);
     let t0 = std::time::Instant::now();
-    let r = bitnet_wgpu::perplexity::perplexity(&mut engine, &ids, window, stride, |done, total| {
-        bar.set_length(total as u64);
-        bar.set_position(done as u64);
-    })?;
+    let r =
+        bitnet_wgpu::perplexity::perplexity(&mut engine, &ids, window, stride, |done, total| {
+            bar.set_length(total as u64);
+            bar.set_position(done as u64);
+        })?;
     bar.finish_and_clear();
     if a.json {
         println!("{}", serde_json::to_string(&r)?);
@@ -414,12 +432,27 @@ fn info(a: InfoArgs) -> Result<()> {
     println!("architecture     BitNetForCausalLM (BitNet b1.58)");
     println!(
         "shape            hidden {}, intermediate {}, layers {}, heads {} (kv {}), head_dim {}",
-        c.hidden_size, c.intermediate_size, c.num_hidden_layers, c.num_attention_heads, c.num_key_value_heads, c.head_dim
+        c.hidden_size,
+        c.intermediate_size,
+        c.num_hidden_layers,
+        c.num_attention_heads,
+        c.num_key_value_heads,
+        c.head_dim
     );
     println!("vocab            {}", c.vocab_size);
-    println!("context          {} positions (rope_theta {})", c.max_position_embeddings, c.rope_theta);
+    println!(
+        "context          {} positions (rope_theta {})",
+        c.max_position_embeddings, c.rope_theta
+    );
     println!("weights          {}", c.variant.describe());
-    println!("lm head          {}", if c.tie_word_embeddings { "tied to the embedding" } else { "separate lm_head.weight" });
+    println!(
+        "lm head          {}",
+        if c.tie_word_embeddings {
+            "tied to the embedding"
+        } else {
+            "separate lm_head.weight"
+        }
+    );
     println!(
         "parameters       {:.3} B ternary + {:.3} B float = {:.3} B",
         c.ternary_params() as f64 / 1e9,
@@ -428,14 +461,22 @@ fn info(a: InfoArgs) -> Result<()> {
     );
     let ternary = w.ternary_bytes() as u64;
     let emb = w.embed_tokens.bytes() as u64 + w.lm_head.as_ref().map_or(0, |m| m.bytes() as u64);
-    println!("memory           {} packed ternary weights + {} embedding/head", gib(ternary), gib(emb));
+    println!(
+        "memory           {} packed ternary weights + {} embedding/head",
+        gib(ternary),
+        gib(emb)
+    );
     println!(
         "kv cache         {} KiB per token (f32), {} at the full context of {}",
         c.kv_bytes_per_position() / 1024,
         gib(c.kv_bytes_per_position() * c.max_position_embeddings as u64),
         c.max_position_embeddings
     );
-    println!("tokens           bos {:?}, stop {:?}", c.bos_token_id, engine.stop_ids());
+    println!(
+        "tokens           bos {:?}, stop {:?}",
+        c.bos_token_id,
+        engine.stop_ids()
+    );
     println!("backend          {}", engine.model.backend_name());
     println!("load time        {:.2} s", engine.load_time.as_secs_f64());
     Ok(())

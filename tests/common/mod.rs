@@ -13,7 +13,9 @@ pub const VARIANTS: [&str; 4] = [
 ];
 
 pub fn fixture(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(name)
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures")
+        .join(name)
 }
 
 pub fn reference(name: &str) -> serde_json::Value {
@@ -37,7 +39,8 @@ pub fn assert_close(what: &str, got: &[f32], want: &[f32], abs: f32, rel: f32) {
     let mut first_bad = None;
     for (i, (&g, &w)) in got.iter().zip(want).enumerate() {
         let err = (g - w).abs();
-        if !(err <= abs + rel * w.abs()) && first_bad.is_none() {
+        let within = err <= abs + rel * w.abs(); // false for NaN
+        if !within && first_bad.is_none() {
             first_bad = Some((i, g, w));
         }
         if err > worst.1 || err.is_nan() {
@@ -67,8 +70,14 @@ pub fn stderr(o: &Output) -> String {
 /// Asserts a clean failure: non-zero exit, no panic, and stderr containing every `needles`.
 pub fn assert_fails_with(o: &Output, needles: &[&str]) {
     let err = stderr(o);
-    assert!(!o.status.success(), "expected failure, got success; stderr: {err}");
-    assert!(!err.contains("panicked"), "panicked instead of a clean error: {err}");
+    assert!(
+        !o.status.success(),
+        "expected failure, got success; stderr: {err}"
+    );
+    assert!(
+        !err.contains("panicked"),
+        "panicked instead of a clean error: {err}"
+    );
     for n in needles {
         assert!(err.contains(n), "stderr lacks {n:?}: {err}");
     }
