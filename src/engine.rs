@@ -88,6 +88,9 @@ impl AnyModel {
     pub fn forward_all(&mut self, tokens: &[u32]) -> Result<Vec<f32>> {
         with_model!(self, m => m.forward_all(tokens))
     }
+    pub fn vocab_size(&self) -> usize {
+        with_model!(self, m => m.config.vocab_size)
+    }
     pub fn ctx(&self) -> usize {
         with_model!(self, m => m.options.ctx)
     }
@@ -143,7 +146,7 @@ pub struct Engine {
 }
 
 /// Puts the weights on the chosen device.
-fn build_model(
+pub fn build_model(
     weights: &ModelWeights,
     opts: &EngineOptions,
     options: ModelOptions,

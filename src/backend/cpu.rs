@@ -5,10 +5,12 @@
 
 use rayon::prelude::*;
 
+use super::kernels::{dot_bf16, ternary_dot4, CpuLevel};
 use super::{AttentionShape, Backend, LogitRows};
 use crate::error::{BitnetError, Result};
+use crate::load::FloatDtype;
 use crate::load::{decode_floats, FloatMatrix};
-use crate::ternary::{quantize_row, ternary_dot_byte_row, TernaryMatrix};
+use crate::ternary::{quantize_row, TernaryMatrix};
 
 /// f32 activations `[capacity, cols]`, row-major.
 #[derive(Debug, Clone)]
@@ -42,6 +44,7 @@ pub struct CpuBackend {
     tokens: Vec<u32>, // [n] tokens of the current step
     start_pos: usize,
     acc: Vec<i32>, // scratch [out/4, n, 4] for the ternary matmul
+    level: CpuLevel,
 }
 
 impl CpuBackend {
@@ -66,7 +69,24 @@ impl CpuBackend {
             tokens: Vec::new(),
             start_pos: 0,
             acc: Vec::new(),
+            level: CpuLevel::detect(),
         })
+    }
+
+    /// Forces a kernel level (tests compare levels; the level must be one `available()` lists).
+    pub fn with_level(mut self, level: CpuLevel) -> Result<Self> {
+        if !CpuLevel::available().contains(&level) {
+            return Err(BitnetError::InvalidArgument(format!(
+                "CPU kernel level {} is not available on this machine",
+                level.name()
+            )));
+        }
+        self.level = level;
+        Ok(self)
+    }
+
+    pub fn level(&self) -> CpuLevel {
+        self.level
     }
 
     pub fn threads(&self) -> usize {
@@ -102,7 +122,7 @@ impl Backend for CpuBackend {
     type KvCache = CpuKvCache;
 
     fn name(&self) -> String {
-        format!("cpu ({} threads)", self.threads)
+        format!("cpu {} ({} threads)", self.level.name(), self.threads)
     }
 
     fn upload_linear(&mut self, w: &TernaryMatrix) -> Result<TernaryMatrix> {
@@ -228,12 +248,13 @@ impl Backend for CpuBackend {
         let cols = w.cols;
         self.acc.resize(p4 * n * 4, 0);
         let acc = &mut self.acc;
+        let level = self.level;
         // acc [P, n, 4]: byte row p serves 4 output rows; the byte row stays in L1 across tokens.
         self.pool.install(|| {
             acc.par_chunks_mut(n * 4).enumerate().for_each(|(p, a)| {
                 let bytes = w.byte_row(p);
                 for t in 0..n {
-                    let r = ternary_dot_byte_row(bytes, &x.q[t * cols..(t + 1) * cols], x.sums[t]);
+                    let r = ternary_dot4(level, bytes, &x.q[t * cols..(t + 1) * cols], x.sums[t]);
                     a[t * 4..t * 4 + 4].copy_from_slice(&r);
                 }
             })
@@ -365,6 +386,7 @@ impl Backend for CpuBackend {
         const CHUNK: usize = 256;
         let es = head.dtype.size();
         let data = head.data.as_slice();
+        let level = self.level;
         self.pool.install(|| {
             for r in 0..out_rows {
                 let xr = &x.data[(first + r) * h..(first + r + 1) * h];
@@ -373,8 +395,13 @@ impl Backend for CpuBackend {
                     let mut row = vec![0f32; h];
                     for (i, o) in out.iter_mut().enumerate() {
                         let v = c * CHUNK + i;
-                        decode_floats(head.dtype, &data[v * h * es..(v + 1) * h * es], &mut row);
-                        *o = row.iter().zip(xr).map(|(a, b)| a * b).sum();
+                        let bytes = &data[v * h * es..(v + 1) * h * es];
+                        *o = if head.dtype == FloatDtype::Bf16 {
+                            dot_bf16(level, bytes, xr)
+                        } else {
+                            decode_floats(head.dtype, bytes, &mut row);
+                            row.iter().zip(xr).map(|(a, b)| a * b).sum()
+                        };
                     }
                 });
             }

@@ -8,6 +8,8 @@
 //! of the current step. The LM head can produce logits for all live rows or only the last one.
 
 pub mod cpu;
+pub mod kernels;
+pub mod wgpu;
 
 use crate::error::Result;
 use crate::load::FloatMatrix;

@@ -38,6 +38,8 @@ enum Command {
     Logits(LogitsArgs),
     /// Perplexity of a text file (sliding windows, like llama-perplexity / the HF guide).
     Perplexity(PerplexityArgs),
+    /// Measure prefill (ppN) and decode (tgN) speed like llama-bench, with energy where sensors exist.
+    Bench(BenchArgs),
     /// Show a model's architecture, parameter counts, weight variant and memory needs.
     Info(InfoArgs),
 }
@@ -197,6 +199,47 @@ struct PerplexityArgs {
 }
 
 #[derive(Args)]
+struct BenchArgs {
+    /// Model folder to measure (or use --synthetic).
+    #[arg(short, long, value_name = "DIR", conflicts_with = "synthetic")]
+    model: Option<PathBuf>,
+    /// Random weights of a real shape built in memory: 2b4t, large (0.7B) or tiny.
+    #[arg(long, value_name = "PRESET")]
+    synthetic: Option<String>,
+    /// Where to run: auto, cpu or gpu.
+    #[arg(long, default_value = "auto")]
+    device: DeviceChoice,
+    /// GPU adapter name substring.
+    #[arg(long)]
+    adapter: Option<String>,
+    /// Prompt lengths for the prefill tests (comma-separated; 0 = none).
+    #[arg(
+        short = 'p',
+        long = "n-prompt",
+        default_value = "512",
+        value_delimiter = ','
+    )]
+    n_prompt: Vec<usize>,
+    /// Generated tokens for the decode tests (comma-separated; 0 = none).
+    #[arg(
+        short = 'n',
+        long = "n-gen",
+        default_value = "128",
+        value_delimiter = ','
+    )]
+    n_gen: Vec<usize>,
+    /// Repetitions per test (after one warm-up).
+    #[arg(short = 'r', long, default_value_t = 5)]
+    repetitions: usize,
+    /// CPU thread counts to test (comma-separated; default: all cores).
+    #[arg(short = 't', long, value_delimiter = ',')]
+    threads: Vec<usize>,
+    /// Context depths to pre-fill before each test (comma-separated).
+    #[arg(short = 'd', long, default_value = "0", value_delimiter = ',')]
+    depth: Vec<usize>,
+}
+
+#[derive(Args)]
 struct InfoArgs {
     #[command(flatten)]
     model: ModelArgs,
@@ -237,6 +280,7 @@ fn main() -> Result<()> {
         Command::Logits(a) => logits(a),
         Command::Perplexity(a) => perplexity(a),
         Command::Info(a) => info(a),
+        Command::Bench(a) => bench(a),
     }
 }
 
@@ -479,5 +523,82 @@ fn info(a: InfoArgs) -> Result<()> {
     );
     println!("backend          {}", engine.model.backend_name());
     println!("load time        {:.2} s", engine.load_time.as_secs_f64());
+    Ok(())
+}
+
+fn bench(a: BenchArgs) -> Result<()> {
+    use bitnet_wgpu::benchmark::{build_for_tests, run_test, TestKind, TestSpec};
+    let (weights, model_name, size) = match (&a.model, &a.synthetic) {
+        (_, Some(p)) => {
+            let config = bitnet_wgpu::synthetic::preset(p)?;
+            eprintln!("building random {p} weights in memory...");
+            let w = bitnet_wgpu::synthetic::random_weights(&config, 1)?;
+            let size = w.ternary_bytes() + w.embed_tokens.bytes();
+            (w, format!("synthetic {p}"), size)
+        }
+        (Some(dir), None) => {
+            let files = bitnet_wgpu::load::ModelFiles::locate(dir)?;
+            let config = bitnet_wgpu::config::ModelConfig::from_file(&files.config)?;
+            let w = bitnet_wgpu::load::load_weights(&files.weights, &config, |_, _| {})?;
+            let size = w.ternary_bytes() + w.embed_tokens.bytes();
+            (w, dir.display().to_string(), size)
+        }
+        (None, None) => bail!("give --model DIR or --synthetic 2b4t"),
+    };
+    let mut tests = Vec::new();
+    for &d in &a.depth {
+        for &p in a.n_prompt.iter().filter(|&&p| p > 0) {
+            tests.push(TestSpec {
+                kind: TestKind::Prefill,
+                n_tokens: p,
+                depth: d,
+            });
+        }
+        for &n in a.n_gen.iter().filter(|&&n| n > 0) {
+            tests.push(TestSpec {
+                kind: TestKind::Decode,
+                n_tokens: n,
+                depth: d,
+            });
+        }
+    }
+    let threads = if a.threads.is_empty() {
+        vec![0]
+    } else {
+        a.threads.clone()
+    };
+    let params = weights.config.ternary_params() + weights.config.float_params();
+    println!("| model | size | params | backend | test | t/s |");
+    println!("| --- | ---: | ---: | --- | ---: | ---: |");
+    for &t in &threads {
+        let opts = EngineOptions {
+            device: a.device,
+            adapter: a.adapter.clone(),
+            threads: t,
+            ctx: None,
+            progress: false,
+        };
+        let mut model = build_for_tests(&weights, &opts, &tests)?;
+        for &spec in &tests {
+            let times = run_test(&mut model, spec, a.repetitions.max(1), 7, |_| {})?;
+            let tps = times.tokens_per_s();
+            let mean = tps.iter().sum::<f64>() / tps.len() as f64;
+            let var = if tps.len() > 1 {
+                tps.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / (tps.len() - 1) as f64
+            } else {
+                0.0
+            };
+            println!(
+                "| {} | {:.2} GiB | {:.2} B | {} | {} | {:.2} ± {:.2} |",
+                model_name,
+                size as f64 / (1u64 << 30) as f64,
+                params as f64 / 1e9,
+                model.backend_name(),
+                spec.name(),
+                mean,
+                var.sqrt()
+            );
+        }
+    }
     Ok(())
 }

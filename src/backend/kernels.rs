@@ -1,0 +1,325 @@
+//! CPU kernels with run-time feature detection. Each optimised kernel has the plain scalar twin
+//! in this file (and `ternary::ternary_dot_rows_scalar` above them all); tests compare them
+//! exactly (integer paths) for every level this machine can run.
+//!
+//! The ternary dot works on one packed byte row (4 output rows, see `ternary.rs`): with codes
+//! `c = w + 1` in {0, 1, 2}, `Σ q·w = Σ q·c − Σ q`, so the inner loop multiplies *unsigned* codes
+//! by *signed* int8 activations — exactly what x86's `pmaddubsw` / `vpdpbusd` take.
+
+use std::sync::OnceLock;
+
+/// Which kernel family runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum CpuLevel {
+    Scalar,
+    /// x86-64 AVX2 (pmaddubsw + pmaddwd).
+    Avx2,
+    /// x86-64 AVX-512 BW + VNNI (vpdpbusd on 512-bit vectors).
+    Avx512Vnni,
+    /// aarch64 NEON (smull + sadalp).
+    Neon,
+}
+
+impl CpuLevel {
+    pub fn name(self) -> &'static str {
+        match self {
+            CpuLevel::Scalar => "scalar",
+            CpuLevel::Avx2 => "avx2",
+            CpuLevel::Avx512Vnni => "avx512vnni",
+            CpuLevel::Neon => "neon",
+        }
+    }
+
+    /// Every level this machine can run, lowest first.
+    pub fn available() -> Vec<CpuLevel> {
+        let mut v = vec![CpuLevel::Scalar];
+        #[cfg(target_arch = "x86_64")]
+        {
+            if is_x86_feature_detected!("avx2") {
+                v.push(CpuLevel::Avx2);
+            }
+            if is_x86_feature_detected!("avx512bw")
+                && is_x86_feature_detected!("avx512f")
+                && is_x86_feature_detected!("avx512vnni")
+            {
+                v.push(CpuLevel::Avx512Vnni);
+            }
+        }
+        #[cfg(target_arch = "aarch64")]
+        {
+            if std::arch::is_aarch64_feature_detected!("neon") {
+                v.push(CpuLevel::Neon);
+            }
+        }
+        v
+    }
+
+    /// The best level, or the one `BITNET_CPU_KERNEL=scalar|avx2|avx512vnni|neon` forces (if this
+    /// machine can run it; a level it cannot run falls back to the best one with a warning).
+    pub fn detect() -> CpuLevel {
+        static LEVEL: OnceLock<CpuLevel> = OnceLock::new();
+        *LEVEL.get_or_init(|| {
+            let avail = Self::available();
+            let best = *avail.last().unwrap();
+            match std::env::var("BITNET_CPU_KERNEL") {
+                Ok(want) => match avail.iter().find(|l| l.name() == want) {
+                    Some(&l) => l,
+                    None => {
+                        eprintln!(
+                            "warning: BITNET_CPU_KERNEL={want} is not available here (available: {}); using {}",
+                            avail.iter().map(|l| l.name()).collect::<Vec<_>>().join(", "),
+                            best.name()
+                        );
+                        best
+                    }
+                },
+                Err(_) => best,
+            }
+        })
+    }
+}
+
+/// `[Σ q·W_row]` for the 4 rows of one packed byte row; `q_sum = Σ q`.
+#[inline]
+pub fn ternary_dot4(level: CpuLevel, bytes: &[u8], q: &[i8], q_sum: i32) -> [i32; 4] {
+    debug_assert_eq!(bytes.len(), q.len());
+    match level {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: the level is only ever one `available()` returned for this machine.
+        CpuLevel::Avx2 => unsafe { x86::ternary_dot4_avx2(bytes, q, q_sum) },
+        #[cfg(target_arch = "x86_64")]
+        CpuLevel::Avx512Vnni => unsafe { x86::ternary_dot4_avx512vnni(bytes, q, q_sum) },
+        #[cfg(target_arch = "aarch64")]
+        CpuLevel::Neon => unsafe { arm::ternary_dot4_neon(bytes, q, q_sum) },
+        _ => crate::ternary::ternary_dot_byte_row(bytes, q, q_sum),
+    }
+}
+
+/// `Σ x·row` with `row` in bf16 (little-endian bytes), f32 accumulation. The LM head's kernel.
+#[inline]
+pub fn dot_bf16(level: CpuLevel, row: &[u8], x: &[f32]) -> f32 {
+    debug_assert_eq!(row.len(), 2 * x.len());
+    match level {
+        #[cfg(target_arch = "x86_64")]
+        CpuLevel::Avx2 | CpuLevel::Avx512Vnni => unsafe { x86::dot_bf16_avx2(row, x) },
+        _ => dot_bf16_scalar(row, x),
+    }
+}
+
+pub fn dot_bf16_scalar(row: &[u8], x: &[f32]) -> f32 {
+    row.chunks_exact(2)
+        .zip(x)
+        .map(|(b, &xi)| f32::from_bits((u16::from_le_bytes([b[0], b[1]]) as u32) << 16) * xi)
+        .sum()
+}
+
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    use std::arch::x86_64::*;
+
+    /// Sum of the 8 i32 lanes.
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    fn hsum_epi32(v: __m256i) -> i32 {
+        let s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+        let s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0b01_00_11_10));
+        let s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0b10_11_00_01));
+        _mm_cvtsi128_si32(s)
+    }
+
+    /// 32 columns per step: 4 code planes × pmaddubsw (u8 code × i8 act, pairs → i16, |·| ≤ 512),
+    /// summed in i16 for up to 32 steps (≤ 16384, no overflow), then widened with pmaddwd.
+    #[target_feature(enable = "avx2")]
+    pub unsafe fn ternary_dot4_avx2(bytes: &[u8], q: &[i8], q_sum: i32) -> [i32; 4] {
+        let n = bytes.len() / 32 * 32;
+        let mask = _mm256_set1_epi8(3);
+        let ones = _mm256_set1_epi16(1);
+        let mut acc32 = [_mm256_setzero_si256(); 4];
+        let mut c = 0;
+        while c < n {
+            let block_end = (c + 32 * 32).min(n);
+            let mut acc16 = [_mm256_setzero_si256(); 4];
+            while c < block_end {
+                // SAFETY: c + 32 ≤ n ≤ len of both slices.
+                let w = unsafe { _mm256_loadu_si256(bytes.as_ptr().add(c) as *const __m256i) };
+                let x = unsafe { _mm256_loadu_si256(q.as_ptr().add(c) as *const __m256i) };
+                let c0 = _mm256_and_si256(w, mask);
+                let c1 = _mm256_and_si256(_mm256_srli_epi16(w, 2), mask);
+                let c2 = _mm256_and_si256(_mm256_srli_epi16(w, 4), mask);
+                let c3 = _mm256_and_si256(_mm256_srli_epi16(w, 6), mask);
+                acc16[0] = _mm256_add_epi16(acc16[0], _mm256_maddubs_epi16(c0, x));
+                acc16[1] = _mm256_add_epi16(acc16[1], _mm256_maddubs_epi16(c1, x));
+                acc16[2] = _mm256_add_epi16(acc16[2], _mm256_maddubs_epi16(c2, x));
+                acc16[3] = _mm256_add_epi16(acc16[3], _mm256_maddubs_epi16(c3, x));
+                c += 32;
+            }
+            for i in 0..4 {
+                acc32[i] = _mm256_add_epi32(acc32[i], _mm256_madd_epi16(acc16[i], ones));
+            }
+        }
+        let mut out = [0i32; 4];
+        for i in 0..4 {
+            out[i] = hsum_epi32(acc32[i]);
+        }
+        let tail = crate::ternary::ternary_dot_byte_row(&bytes[n..], &q[n..], 0);
+        [0, 1, 2, 3].map(|i| out[i] + tail[i] - q_sum)
+    }
+
+    /// 64 columns per step with vpdpbusd (u8 code × i8 act, 4-way sums straight into i32).
+    #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
+    pub unsafe fn ternary_dot4_avx512vnni(bytes: &[u8], q: &[i8], q_sum: i32) -> [i32; 4] {
+        let n = bytes.len() / 64 * 64;
+        let mask = _mm512_set1_epi8(3);
+        let mut acc = [_mm512_setzero_si512(); 4];
+        let mut c = 0;
+        while c < n {
+            // SAFETY: c + 64 ≤ n ≤ len of both slices.
+            let w = unsafe { _mm512_loadu_si512(bytes.as_ptr().add(c) as *const _) };
+            let x = unsafe { _mm512_loadu_si512(q.as_ptr().add(c) as *const _) };
+            acc[0] = _mm512_dpbusd_epi32(acc[0], _mm512_and_si512(w, mask), x);
+            acc[1] =
+                _mm512_dpbusd_epi32(acc[1], _mm512_and_si512(_mm512_srli_epi16(w, 2), mask), x);
+            acc[2] =
+                _mm512_dpbusd_epi32(acc[2], _mm512_and_si512(_mm512_srli_epi16(w, 4), mask), x);
+            acc[3] =
+                _mm512_dpbusd_epi32(acc[3], _mm512_and_si512(_mm512_srli_epi16(w, 6), mask), x);
+            c += 64;
+        }
+        let tail = crate::ternary::ternary_dot_byte_row(&bytes[n..], &q[n..], 0);
+        [0, 1, 2, 3].map(|i| _mm512_reduce_add_epi32(acc[i]) + tail[i] - q_sum)
+    }
+
+    /// bf16 → f32 is a 16-bit left shift; 8 columns per step with FMA-free mul+add so the result
+    /// does not depend on FMA availability (AVX2 machines without FMA exist).
+    #[target_feature(enable = "avx2")]
+    pub unsafe fn dot_bf16_avx2(row: &[u8], x: &[f32]) -> f32 {
+        let n = x.len() / 16 * 16;
+        let mut acc0 = _mm256_setzero_ps();
+        let mut acc1 = _mm256_setzero_ps();
+        let mut c = 0;
+        while c < n {
+            // SAFETY: c + 16 ≤ n: 32 bytes of row and 16 floats of x are in bounds.
+            let (w, x0, x1) = unsafe {
+                (
+                    _mm256_loadu_si256(row.as_ptr().add(2 * c) as *const __m256i),
+                    _mm256_loadu_ps(x.as_ptr().add(c)),
+                    _mm256_loadu_ps(x.as_ptr().add(c + 8)),
+                )
+            };
+            let lo = _mm256_cvtepu16_epi32(_mm256_castsi256_si128(w));
+            let hi = _mm256_cvtepu16_epi32(_mm256_extracti128_si256(w, 1));
+            let w0 = _mm256_castsi256_ps(_mm256_slli_epi32(lo, 16));
+            let w1 = _mm256_castsi256_ps(_mm256_slli_epi32(hi, 16));
+            acc0 = _mm256_add_ps(acc0, _mm256_mul_ps(w0, x0));
+            acc1 = _mm256_add_ps(acc1, _mm256_mul_ps(w1, x1));
+            c += 16;
+        }
+        let mut lanes = [0f32; 8];
+        // SAFETY: lanes has 8 floats.
+        unsafe { _mm256_storeu_ps(lanes.as_mut_ptr(), _mm256_add_ps(acc0, acc1)) };
+        lanes.iter().sum::<f32>() + super::dot_bf16_scalar(&row[2 * n..], &x[n..])
+    }
+}
+
+#[cfg(target_arch = "aarch64")]
+mod arm {
+    use std::arch::aarch64::*;
+
+    /// 16 columns per step: codes × activations with smull (i8×i8 → i16), pairwise-accumulated
+    /// into i32 with sadalp.
+    #[target_feature(enable = "neon")]
+    pub unsafe fn ternary_dot4_neon(bytes: &[u8], q: &[i8], q_sum: i32) -> [i32; 4] {
+        let n = bytes.len() / 16 * 16;
+        let mask = vdupq_n_u8(3);
+        let mut acc = [vdupq_n_s32(0); 4];
+        let mut c = 0;
+        while c < n {
+            // SAFETY: c + 16 ≤ n ≤ len of both slices.
+            let (w, x) = unsafe { (vld1q_u8(bytes.as_ptr().add(c)), vld1q_s8(q.as_ptr().add(c))) };
+            let codes = [
+                vandq_u8(w, mask),
+                vandq_u8(vshrq_n_u8::<2>(w), mask),
+                vandq_u8(vshrq_n_u8::<4>(w), mask),
+                vshrq_n_u8::<6>(w),
+            ];
+            for i in 0..4 {
+                let ci = vreinterpretq_s8_u8(codes[i]);
+                let lo = vmull_s8(vget_low_s8(ci), vget_low_s8(x));
+                let hi = vmull_high_s8(ci, x);
+                acc[i] = vpadalq_s16(acc[i], lo);
+                acc[i] = vpadalq_s16(acc[i], hi);
+            }
+            c += 16;
+        }
+        let tail = crate::ternary::ternary_dot_byte_row(&bytes[n..], &q[n..], 0);
+        [0, 1, 2, 3].map(|i| vaddvq_s32(acc[i]) + tail[i] - q_sum)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand::{Rng, SeedableRng};
+
+    #[test]
+    fn every_available_level_equals_scalar_exactly() {
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(11);
+        let levels = CpuLevel::available();
+        eprintln!("CPU kernel levels tested here: {levels:?}");
+        for &cols in &[1usize, 15, 31, 32, 33, 64, 100, 1000, 1025, 2560, 6912] {
+            let bytes: Vec<u8> = (0..cols)
+                .map(|_| (0..4).fold(0u8, |b, i| b | (rng.random_range(0..3u8) << (2 * i))))
+                .collect();
+            // extremes included: all -128 / 127 stress the i16 partial sums
+            for pattern in 0..3 {
+                let q: Vec<i8> = (0..cols)
+                    .map(|_| match pattern {
+                        0 => rng.random(),
+                        1 => -128,
+                        _ => 127,
+                    })
+                    .collect();
+                let q_sum: i32 = q.iter().map(|&v| v as i32).sum();
+                let want = crate::ternary::ternary_dot_byte_row(&bytes, &q, q_sum);
+                for &l in &levels {
+                    assert_eq!(
+                        ternary_dot4(l, &bytes, &q, q_sum),
+                        want,
+                        "{l:?} cols {cols} pattern {pattern}"
+                    );
+                }
+            }
+            // all codes 2 (+1) with q = -128 is the largest i16 partial sum: 2·2·128 per pair
+            let twos = vec![0xAAu8; cols];
+            let q = vec![-128i8; cols];
+            let want = crate::ternary::ternary_dot_byte_row(&twos, &q, -128 * cols as i32);
+            for &l in &levels {
+                assert_eq!(
+                    ternary_dot4(l, &twos, &q, -128 * cols as i32),
+                    want,
+                    "{l:?} cols {cols} all +1"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn bf16_dot_matches_scalar_within_tolerance() {
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(5);
+        for &n in &[1usize, 7, 16, 17, 255, 2560] {
+            let row: Vec<u8> = (0..n)
+                .flat_map(|_| half::bf16::from_f32(rng.random_range(-1.0..1.0)).to_le_bytes())
+                .collect();
+            let x: Vec<f32> = (0..n).map(|_| rng.random_range(-1.0..1.0)).collect();
+            let want = dot_bf16_scalar(&row, &x);
+            let mag: f32 = x.iter().map(|v| v.abs()).sum();
+            for &l in &CpuLevel::available() {
+                let got = dot_bf16(l, &row, &x);
+                assert!(
+                    (got - want).abs() <= 1e-6 + 1e-6 * mag,
+                    "{l:?} n {n}: got {got}, expected {want}"
+                );
+            }
+        }
+    }
+}

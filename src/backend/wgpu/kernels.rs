@@ -1,0 +1,206 @@
+//! The WGSL kernels: sources (one kernel family per file under `shaders/`, compiled into the
+//! binary with `include_str!`), their binding signatures, and the caches of shader modules,
+//! bind group layouts and pipelines.
+//!
+//! A pipeline is specialised by WGSL `override` constants (shape numbers such as `COLS`, `HD`,
+//! `EPS`) and cached under (kernel, constants): a model creates a handful of pipelines at its
+//! first step and none afterwards. Bind group layouts are created once per binding signature
+//! and shared by every kernel with that signature.
+
+use std::collections::HashMap;
+
+use crate::error::{BitnetError, Result};
+
+/// Prepended to every kernel file: the `Step` uniform and the 2-D workgroup fold.
+const PRELUDE: &str = include_str!("../../../shaders/common.wgsl");
+
+/// How a kernel uses one binding (its index is the position in [`Kernel::bindings`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Bind {
+    Uniform,
+    Read,
+    ReadWrite,
+}
+
+/// One entry point of one shader file.
+#[derive(Debug)]
+pub struct Kernel {
+    /// File name under `shaders/`, for messages.
+    pub file: &'static str,
+    pub source: &'static str,
+    pub entry: &'static str,
+    pub bindings: &'static [Bind],
+}
+
+use Bind::{Read as R, ReadWrite as RW, Uniform as U};
+
+macro_rules! kernel {
+    ($name:ident, $file:literal, $entry:literal, [$($b:expr),* $(,)?]) => {
+        pub static $name: Kernel = Kernel {
+            file: $file,
+            source: include_str!(concat!("../../../shaders/", $file)),
+            entry: $entry,
+            bindings: &[$($b),*],
+        };
+    };
+}
+
+// Binding 0 is always the Step uniform. Shapes of the other bindings are in the .wgsl files.
+kernel!(ADD, "elementwise.wgsl", "add", [U, RW, R]);
+kernel!(RELU2_MUL, "elementwise.wgsl", "relu2_mul", [U, R, R, RW]);
+kernel!(RMS_NORM, "rms_norm.wgsl", "rms_norm", [U, R, R, RW]);
+kernel!(QUANTIZE, "quantize.wgsl", "quantize", [U, R, RW, RW]);
+kernel!(MATVEC, "ternary_matmul.wgsl", "matvec", [U, U, R, R, R, RW]);
+kernel!(
+    MATMUL_TILED,
+    "ternary_matmul.wgsl",
+    "matmul_tiled",
+    [U, U, R, R, R, RW]
+);
+kernel!(ROPE, "rope.wgsl", "rope", [U, RW, R]);
+kernel!(KV_STORE, "attention.wgsl", "kv_store", [U, R, R, RW, RW]);
+kernel!(ATTEND, "attention.wgsl", "attend", [U, R, R, R, RW]);
+kernel!(EMBED, "embedding.wgsl", "embed", [U, U, R, R, RW]);
+kernel!(LM_HEAD, "embedding.wgsl", "lm_head", [U, U, R, R, RW]);
+kernel!(
+    ARGMAX_PARTIAL,
+    "argmax.wgsl",
+    "argmax_partial",
+    [U, R, RW, RW]
+);
+kernel!(ARGMAX_FINAL, "argmax.wgsl", "argmax_final", [U, R, RW, RW]);
+
+/// Every kernel, for tests that compile them all.
+pub static ALL: [&Kernel; 13] = [
+    &ADD,
+    &RELU2_MUL,
+    &RMS_NORM,
+    &QUANTIZE,
+    &MATVEC,
+    &MATMUL_TILED,
+    &ROPE,
+    &KV_STORE,
+    &ATTEND,
+    &EMBED,
+    &LM_HEAD,
+    &ARGMAX_PARTIAL,
+    &ARGMAX_FINAL,
+];
+
+/// Override constants of one pipeline: (name, value). Values are f64 as wgpu takes them; every
+/// u32 and f32 is exactly representable.
+pub type Constants = Vec<(&'static str, f64)>;
+
+type PipelineKey = (&'static str, &'static str, Vec<(&'static str, u64)>);
+
+/// Shader modules, layouts and pipelines, created on first use and kept for the device's life.
+#[derive(Default)]
+pub struct PipelineCache {
+    modules: HashMap<&'static str, wgpu::ShaderModule>,
+    layouts: HashMap<&'static [Bind], (wgpu::BindGroupLayout, wgpu::PipelineLayout)>,
+    pipelines: HashMap<PipelineKey, wgpu::ComputePipeline>,
+}
+
+impl PipelineCache {
+    /// The bind group layout of `k` (shared by all kernels with the same signature).
+    pub fn bind_group_layout(
+        &mut self,
+        device: &wgpu::Device,
+        k: &'static Kernel,
+    ) -> wgpu::BindGroupLayout {
+        self.layout(device, k.bindings).0.clone()
+    }
+
+    fn layout(
+        &mut self,
+        device: &wgpu::Device,
+        sig: &'static [Bind],
+    ) -> &(wgpu::BindGroupLayout, wgpu::PipelineLayout) {
+        self.layouts.entry(sig).or_insert_with(|| {
+            let entries: Vec<wgpu::BindGroupLayoutEntry> = sig
+                .iter()
+                .enumerate()
+                .map(|(i, b)| wgpu::BindGroupLayoutEntry {
+                    binding: i as u32,
+                    visibility: wgpu::ShaderStages::COMPUTE,
+                    ty: wgpu::BindingType::Buffer {
+                        ty: match b {
+                            Bind::Uniform => wgpu::BufferBindingType::Uniform,
+                            Bind::Read => wgpu::BufferBindingType::Storage { read_only: true },
+                            Bind::ReadWrite => {
+                                wgpu::BufferBindingType::Storage { read_only: false }
+                            }
+                        },
+                        has_dynamic_offset: false,
+                        min_binding_size: None,
+                    },
+                    count: None,
+                })
+                .collect();
+            let bgl = device.create_bind_group_layout(&wgpu::BindGroupLayoutDescriptor {
+                label: Some("bitnet bind group layout"),
+                entries: &entries,
+            });
+            let pl = device.create_pipeline_layout(&wgpu::PipelineLayoutDescriptor {
+                label: Some("bitnet pipeline layout"),
+                bind_group_layouts: &[Some(&bgl)],
+                immediate_size: 0,
+            });
+            (bgl, pl)
+        })
+    }
+
+    /// The pipeline of `k` specialised with `constants`; compile errors become `BitnetError::Gpu`.
+    pub fn pipeline(
+        &mut self,
+        device: &wgpu::Device,
+        k: &'static Kernel,
+        constants: &[(&'static str, f64)],
+    ) -> Result<wgpu::ComputePipeline> {
+        let key: PipelineKey = (
+            k.file,
+            k.entry,
+            constants.iter().map(|&(n, v)| (n, v.to_bits())).collect(),
+        );
+        if let Some(p) = self.pipelines.get(&key) {
+            return Ok(p.clone());
+        }
+        let scope = device.push_error_scope(wgpu::ErrorFilter::Validation);
+        if !self.modules.contains_key(k.file) {
+            let source = format!("{PRELUDE}\n{}", k.source);
+            let module = device.create_shader_module(wgpu::ShaderModuleDescriptor {
+                label: Some(k.file),
+                source: wgpu::ShaderSource::Wgsl(source.into()),
+            });
+            self.modules.insert(k.file, module);
+        }
+        let layout = self.layout(device, k.bindings).1.clone();
+        let module = &self.modules[k.file];
+        let pipeline = device.create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
+            label: Some(k.entry),
+            layout: Some(&layout),
+            module,
+            entry_point: Some(k.entry),
+            compilation_options: wgpu::PipelineCompilationOptions {
+                constants,
+                // Every kernel writes its workgroup memory before reading it.
+                zero_initialize_workgroup_memory: false,
+            },
+            cache: None,
+        });
+        if let Some(e) = pollster::block_on(scope.pop()) {
+            // A module that failed to compile stays broken: forget it so that the message repeats.
+            self.modules.remove(k.file);
+            return Err(BitnetError::Gpu(format!(
+                "kernel {}::{} {constants:?}: {e}",
+                k.file, k.entry
+            )));
+        }
+        self.pipelines.insert(key, pipeline.clone());
+        Ok(pipeline)
+    }
+
+    pub fn pipeline_count(&self) -> usize {
+        self.pipelines.len()
+    }
+}
