@@ -100,7 +100,7 @@ fn wrong_shape_dtype_and_missing_tensor() {
     let d = copy_fixture(BASE);
     rewrite_tensors(d.path(), |n, dt, s, b| {
         (n == "model.layers.1.mlp.up_proj.weight")
-            .then(|| (dt, vec![s[0] / 2, s[1]], b[..b.len() / 2].to_vec()))
+            .then(|| (dt, vec![s[0] / 2, s[1]], b[..s[0] / 2 * s[1]].to_vec()))
     });
     assert_fails_with(
         &info(d.path()),
