@@ -464,8 +464,24 @@ fn perplexity(a: PerplexityArgs) -> Result<()> {
     Ok(())
 }
 
+/// Bytes in the largest binary unit that keeps the number ≥ 1.
 fn gib(bytes: u64) -> String {
-    format!("{:.2} GiB", bytes as f64 / (1u64 << 30) as f64)
+    let b = bytes as f64;
+    match bytes {
+        0..1024 => format!("{bytes} B"),
+        1024..1048576 => format!("{:.1} KiB", b / 1024.0),
+        1048576..1073741824 => format!("{:.1} MiB", b / 1048576.0),
+        _ => format!("{:.2} GiB", b / 1073741824.0),
+    }
+}
+
+/// A parameter count in B or M.
+fn count(n: u64) -> String {
+    if n >= 1_000_000_000 {
+        format!("{:.3} B", n as f64 / 1e9)
+    } else {
+        format!("{:.3} M", n as f64 / 1e6)
+    }
 }
 
 fn info(a: InfoArgs) -> Result<()> {
@@ -498,10 +514,10 @@ fn info(a: InfoArgs) -> Result<()> {
         }
     );
     println!(
-        "parameters       {:.3} B ternary + {:.3} B float = {:.3} B",
-        c.ternary_params() as f64 / 1e9,
-        c.float_params() as f64 / 1e9,
-        (c.ternary_params() + c.float_params()) as f64 / 1e9
+        "parameters       {} ternary + {} float = {}",
+        count(c.ternary_params()),
+        count(c.float_params()),
+        count(c.ternary_params() + c.float_params())
     );
     let ternary = w.ternary_bytes() as u64;
     let emb = w.embed_tokens.bytes() as u64 + w.lm_head.as_ref().map_or(0, |m| m.bytes() as u64);
@@ -511,8 +527,8 @@ fn info(a: InfoArgs) -> Result<()> {
         gib(emb)
     );
     println!(
-        "kv cache         {} KiB per token (f32), {} at the full context of {}",
-        c.kv_bytes_per_position() / 1024,
+        "kv cache         {} per token (f32), {} at the full context of {}",
+        gib(c.kv_bytes_per_position()),
         gib(c.kv_bytes_per_position() * c.max_position_embeddings as u64),
         c.max_position_embeddings
     );
