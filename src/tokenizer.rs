@@ -29,6 +29,9 @@ pub struct Tokenizer {
     chat_template: Option<String>,
     bos_token: Option<String>,
     eos_token: Option<String>,
+    /// tokenizer_config's `add_bos_token`: transformers' LLaMA tokenizers add the bos themselves
+    /// when this is set, even if tokenizer.json's post-processor does not.
+    add_bos_token: bool,
 }
 
 /// The 2B4T chat format, used when the folder has no chat_template: `Role: content<|eot_id|>`
@@ -45,6 +48,7 @@ impl Tokenizer {
             chat_template: None,
             bos_token: None,
             eos_token: None,
+            add_bos_token: false,
         };
         if let Some(path) = tokenizer_config {
             let text = std::fs::read_to_string(path).map_err(|e| BitnetError::io(path, e))?;
@@ -62,6 +66,7 @@ impl Tokenizer {
             };
             tok.bos_token = token("bos_token");
             tok.eos_token = token("eos_token");
+            tok.add_bos_token = v.get("add_bos_token").and_then(Value::as_bool).unwrap_or(false);
             tok.chat_template = match v.get("chat_template") {
                 Some(Value::String(s)) => Some(s.clone()),
                 // A list of named templates: take "default".
@@ -89,7 +94,14 @@ impl Tokenizer {
             .inner
             .encode(text, add_special_tokens)
             .map_err(|e| BitnetError::Tokenizer(e.to_string()))?;
-        Ok(enc.get_ids().to_vec())
+        let mut ids = enc.get_ids().to_vec();
+        if add_special_tokens && self.add_bos_token {
+            let bos = self.bos_token.as_deref().and_then(|t| self.inner.token_to_id(t));
+            if let Some(bos) = bos.filter(|&b| ids.first() != Some(&b)) {
+                ids.insert(0, bos);
+            }
+        }
+        Ok(ids)
     }
 
     /// Decodes ids to text, dropping special tokens (invalid UTF-8 pieces become U+FFFD).
