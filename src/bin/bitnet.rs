@@ -237,6 +237,21 @@ struct BenchArgs {
     /// Context depths to pre-fill before each test (comma-separated).
     #[arg(short = 'd', long, default_value = "0", value_delimiter = ',')]
     depth: Vec<usize>,
+    /// Output format: md (llama-bench style table), json or csv.
+    #[arg(short = 'o', long, default_value = "md")]
+    output: String,
+    /// Draw tokens/s (and J/token where measured) against depth or threads into FILE.svg/.png.
+    #[arg(long, value_name = "FILE")]
+    plot: Option<PathBuf>,
+    /// No sensor? Declare the wall power (W) you read on a meter; results are labelled estimates.
+    #[arg(long, value_name = "W")]
+    power_watts: Option<f64>,
+    /// With --power-watts: the idle wall power (W) you read before the run.
+    #[arg(long, value_name = "W", requires = "power_watts")]
+    idle_watts: Option<f64>,
+    /// Seconds of idle power measurement before the run (0 = skip).
+    #[arg(long, default_value_t = 3.0)]
+    idle_seconds: f64,
 }
 
 #[derive(Args)]
@@ -543,7 +558,58 @@ fn info(a: InfoArgs) -> Result<()> {
 }
 
 fn bench(a: BenchArgs) -> Result<()> {
+    use bitnet_wgpu::bench::{
+        plot_series, render, BenchResult, EnergyResult, OutputFormat, Summary,
+    };
     use bitnet_wgpu::benchmark::{build_for_tests, run_test, TestKind, TestSpec};
+    use bitnet_wgpu::energy::{
+        discover_sensors, peak_rss_bytes, reset_peak_rss, DiscoverOptions, EnergyMeter,
+        EnergyReading, WallMeterEstimate,
+    };
+
+    let format: OutputFormat = a
+        .output
+        .parse()
+        .map_err(|e| anyhow::anyhow!("--output: {e}"))?;
+    if let Some(p) = &a.plot {
+        let ext = p.extension().and_then(|e| e.to_str()).unwrap_or("");
+        if ext != "svg" && ext != "png" {
+            bail!("--plot {}: use a .svg or .png file name", p.display());
+        }
+    }
+
+    // Energy first, on the idle machine, before the model takes memory and threads.
+    let (mut meter, na_reason) = match a.power_watts {
+        Some(w) => {
+            if !(w > 0.0 && w.is_finite()) {
+                bail!("--power-watts {w} must be a positive number of watts");
+            }
+            let mut est = WallMeterEstimate::new(w);
+            est.idle_watts = a.idle_watts;
+            (Some(EnergyMeter::from_estimate(est)), String::new())
+        }
+        None => {
+            let d = discover_sensors(&DiscoverOptions::default());
+            let reason = d.na_reason();
+            if d.sensors.is_empty() {
+                (None, reason)
+            } else {
+                (Some(EnergyMeter::new(d.sensors)), reason)
+            }
+        }
+    };
+    let idle = match meter.as_mut() {
+        Some(m) if a.idle_seconds > 0.0 || m.is_estimate() => {
+            eprintln!(
+                "measuring idle power for {} s ({})...",
+                a.idle_seconds,
+                m.source()
+            );
+            m.measure_idle(std::time::Duration::from_secs_f64(a.idle_seconds))?
+        }
+        _ => None,
+    };
+
     let (weights, model_name, size) = match (&a.model, &a.synthetic) {
         (_, Some(p)) => {
             let config = bitnet_wgpu::synthetic::preset(p)?;
@@ -556,8 +622,14 @@ fn bench(a: BenchArgs) -> Result<()> {
             let files = bitnet_wgpu::load::ModelFiles::locate(dir)?;
             let config = bitnet_wgpu::config::ModelConfig::from_file(&files.config)?;
             let w = bitnet_wgpu::load::load_weights(&files.weights, &config, |_, _| {})?;
-            let size = w.ternary_bytes() + w.embed_tokens.bytes();
-            (w, dir.display().to_string(), size)
+            let size = w.ternary_bytes()
+                + w.embed_tokens.bytes()
+                + w.lm_head.as_ref().map_or(0, |m| m.bytes());
+            let name = dir
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default();
+            (w, name, size)
         }
         (None, None) => bail!("give --model DIR or --synthetic 2b4t"),
     };
@@ -578,14 +650,19 @@ fn bench(a: BenchArgs) -> Result<()> {
             });
         }
     }
+    if tests.is_empty() {
+        bail!("nothing to run: -p and -n are both 0");
+    }
     let threads = if a.threads.is_empty() {
-        vec![0]
+        vec![std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(1)]
     } else {
         a.threads.clone()
     };
     let params = weights.config.ternary_params() + weights.config.float_params();
-    println!("| model | size | params | backend | test | t/s |");
-    println!("| --- | ---: | ---: | --- | ---: | ---: |");
+    let reps = a.repetitions.max(1);
+    let mut results = Vec::new();
     for &t in &threads {
         let opts = EngineOptions {
             device: a.device,
@@ -596,25 +673,117 @@ fn bench(a: BenchArgs) -> Result<()> {
         };
         let mut model = build_for_tests(&weights, &opts, &tests)?;
         for &spec in &tests {
-            let times = run_test(&mut model, spec, a.repetitions.max(1), 7, |_| {})?;
-            let tps = times.tokens_per_s();
-            let mean = tps.iter().sum::<f64>() / tps.len() as f64;
-            let var = if tps.len() > 1 {
-                tps.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / (tps.len() - 1) as f64
-            } else {
-                0.0
-            };
-            println!(
-                "| {} | {:.2} GiB | {:.2} B | {} | {} | {:.2} ± {:.2} |",
-                model_name,
-                size as f64 / (1u64 << 30) as f64,
-                params as f64 / 1e9,
-                model.backend_name(),
+            eprintln!(
+                "running {} on {} ({} repetitions)...",
                 spec.name(),
-                mean,
-                var.sqrt()
+                model.backend_name(),
+                reps
             );
+            reset_peak_rss();
+            let mut readings: Vec<EnergyReading> = Vec::new();
+            let mut energy_err: Option<String> = None;
+            let mut snap = None;
+            let times = run_test(&mut model, spec, reps, 7, |start| {
+                let Some(m) = meter.as_mut() else { return };
+                if start {
+                    snap = m.start().map_err(|e| energy_err = Some(e.to_string())).ok();
+                } else if let Some(s) = snap.take() {
+                    match m.stop(&s) {
+                        Ok(r) => readings.push(r),
+                        Err(e) => energy_err = Some(e.to_string()),
+                    }
+                }
+            })?;
+            let tps = Summary::from_slice(&times.tokens_per_s()).context("no repetitions ran")?;
+            let mut r = BenchResult {
+                model: model_name.clone(),
+                model_size_bytes: size as u64,
+                params,
+                backend: model.backend_name(),
+                threads: t,
+                test: spec.name(),
+                n_tokens: spec.n_tokens,
+                depth: spec.depth,
+                tokens_per_s: tps,
+                energy: None,
+                energy_na_reason: None,
+                peak_rss_bytes: peak_rss_bytes(),
+                gpu_mem_bytes: None,
+            };
+            let energy = match (meter.is_some(), energy_err, readings.split_first()) {
+                (false, _, _) => Err(na_reason.clone()),
+                (_, Some(e), _) => Err(format!("energy reading failed: {e}")),
+                (_, None, Some((first, rest))) => {
+                    // Sum the timed repetitions only (the untimed context pre-fill is excluded).
+                    let mut total = first.clone();
+                    for x in rest {
+                        total.total_j += x.total_j;
+                        total.seconds += x.seconds;
+                        for (acc, y) in total.joules_by_sensor.iter_mut().zip(&x.joules_by_sensor) {
+                            acc.2 += y.2;
+                        }
+                    }
+                    EnergyResult::from_reading(&total, (spec.n_tokens * reps) as u64, idle.as_ref())
+                        .ok_or_else(|| "no time measured".to_string())
+                }
+                (_, None, None) => Err("no reading".to_string()),
+            };
+            r.set_energy(energy);
+            results.push(r);
         }
+    }
+    println!("{}", render(format, &results)?);
+
+    if let Some(path) = &a.plot {
+        // x axis: context depth when several depths were run, else the thread count.
+        let by_depth = a.depth.len() > 1 || threads.len() == 1;
+        let mut speed: Vec<(String, Vec<(f64, f64)>)> = Vec::new();
+        let mut joules: Vec<(String, Vec<(f64, f64)>)> = Vec::new();
+        for r in &results {
+            let label = if by_depth {
+                format!(
+                    "{} {}t",
+                    if r.test.starts_with("pp") {
+                        format!("pp{}", r.n_tokens)
+                    } else {
+                        format!("tg{}", r.n_tokens)
+                    },
+                    r.threads
+                )
+            } else {
+                r.test.clone()
+            };
+            let x = if by_depth {
+                r.depth as f64
+            } else {
+                r.threads as f64
+            };
+            let push = |v: &mut Vec<(String, Vec<(f64, f64)>)>, y: f64| match v
+                .iter_mut()
+                .find(|s| s.0 == label)
+            {
+                Some(s) => s.1.push((x, y)),
+                None => v.push((label.clone(), vec![(x, y)])),
+            };
+            push(&mut speed, r.tokens_per_s.mean);
+            if let Some(e) = &r.energy {
+                push(&mut joules, e.joules_per_token);
+            }
+        }
+        let x_label = if by_depth {
+            "context depth (tokens)"
+        } else {
+            "threads"
+        };
+        let title = format!("{model_name}: tokens/s");
+        plot_series(
+            path,
+            &title,
+            x_label,
+            &speed,
+            (!joules.is_empty()).then_some(&joules[..]),
+        )?;
+        eprintln!("wrote {}", path.display());
     }
     Ok(())
 }
