@@ -186,8 +186,9 @@ impl ModelConfig {
             Some(v) => f32_key(v, "rms_norm_eps")?,
             None => 1e-6,
         };
+        // transformers' BitNetConfig defaults to untied: without the key, lm_head.weight must exist.
         let tie_word_embeddings = match obj.get("tie_word_embeddings") {
-            None | Some(Value::Null) => true,
+            None | Some(Value::Null) => false,
             Some(Value::Bool(b)) => *b,
             Some(v) => return Err(format!("tie_word_embeddings must be a bool, found {v}")),
         };

@@ -191,7 +191,14 @@ pub fn load_weights(
     let lm_head = if c.tie_word_embeddings {
         None
     } else {
-        Some(t.float_matrix("lm_head.weight", c.vocab_size, h)?)
+        match t.float_matrix("lm_head.weight", c.vocab_size, h) {
+            Err(BitnetError::MissingTensor { .. }) => {
+                return Err(BitnetError::MissingTensor {
+                    name: "lm_head.weight (the config does not set tie_word_embeddings: true, and transformers then expects a separate head)".into(),
+                })
+            }
+            other => Some(other?),
+        }
     };
     let final_norm = t.vector("model.norm.weight", h)?;
     let mut layers = Vec::with_capacity(c.num_hidden_layers);

@@ -66,7 +66,10 @@ impl Tokenizer {
             };
             tok.bos_token = token("bos_token");
             tok.eos_token = token("eos_token");
-            tok.add_bos_token = v.get("add_bos_token").and_then(Value::as_bool).unwrap_or(false);
+            tok.add_bos_token = v
+                .get("add_bos_token")
+                .and_then(Value::as_bool)
+                .unwrap_or(false);
             tok.chat_template = match v.get("chat_template") {
                 Some(Value::String(s)) => Some(s.clone()),
                 // A list of named templates: take "default".
@@ -96,7 +99,10 @@ impl Tokenizer {
             .map_err(|e| BitnetError::Tokenizer(e.to_string()))?;
         let mut ids = enc.get_ids().to_vec();
         if add_special_tokens && self.add_bos_token {
-            let bos = self.bos_token.as_deref().and_then(|t| self.inner.token_to_id(t));
+            let bos = self
+                .bos_token
+                .as_deref()
+                .and_then(|t| self.inner.token_to_id(t));
             if let Some(bos) = bos.filter(|&b| ids.first() != Some(&b)) {
                 ids.insert(0, bos);
             }

@@ -264,3 +264,12 @@ fn unwritable_output() {
     ]);
     assert_fails_with(&o, &["/nonexistent/dir/l.npy"]);
 }
+
+#[test]
+fn untied_config_without_a_head_tensor() {
+    let d = copy_fixture(BASE);
+    edit_config(d.path(), |v| {
+        v.as_object_mut().unwrap().remove("tie_word_embeddings");
+    });
+    assert_fails_with(&info(d.path()), &["lm_head.weight", "tie_word_embeddings"]);
+}

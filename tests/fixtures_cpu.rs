@@ -188,3 +188,62 @@ fn cli_logits_and_generate_json() {
     assert_eq!(ids(&v["token_ids"]), greedy);
     assert!(v["text"].is_string());
 }
+
+#[test]
+fn chat_turns_reuse_the_cache_and_equal_a_fresh_run() {
+    let name = "tiny-autobitlinear";
+    let mut e = cpu_engine(name);
+    let mut msgs = vec![ChatMessage::new("user", "Hello world")];
+    let mut s = Sampler::new(SamplerConfig::greedy()).unwrap();
+    let ids1 = e.tokenizer.encode_chat(&msgs, true).unwrap();
+    let g1 = e.generate(&ids1, 6, &mut s, true, |_| {}).unwrap();
+    assert_eq!(
+        e.model.position(),
+        ids1.len() + 5,
+        "the last generated token is not fed"
+    );
+    msgs.push(ChatMessage::new("assistant", g1.text.trim()));
+    msgs.push(ChatMessage::new("user", "how are you?"));
+    let ids2 = e.tokenizer.encode_chat(&msgs, true).unwrap();
+    let g2 = e.generate(&ids2, 6, &mut s, true, |_| {}).unwrap();
+    // a fresh engine on the whole conversation gives the same continuation
+    let mut fresh = cpu_engine(name);
+    let g2_fresh = fresh.generate(&ids2, 6, &mut s, true, |_| {}).unwrap();
+    assert_eq!(g2.token_ids, g2_fresh.token_ids);
+}
+
+#[test]
+fn cli_chat_answers_each_turn() {
+    use std::io::Write;
+    let model = fixture("tiny-autobitlinear");
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_bitnet"))
+        .args([
+            "chat",
+            "--model",
+            model.to_str().unwrap(),
+            "-n",
+            "4",
+            "--device",
+            "cpu",
+        ])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(b"Hello\n/reset\nHow are you?\n/exit\n")
+        .unwrap();
+    let o = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{err}");
+    assert!(err.contains("(conversation cleared)"), "{err}");
+    assert_eq!(
+        String::from_utf8_lossy(&o.stdout).lines().count(),
+        2,
+        "one answer line per turn"
+    );
+}

@@ -47,7 +47,10 @@ pub fn assert_close(what: &str, got: &[f32], want: &[f32], abs: f32, rel: f32) {
             worst = (i, err);
         }
     }
-    eprintln!("{what}: worst |got - ref| = {:e} at index {}", worst.1, worst.0);
+    eprintln!(
+        "{what}: worst |got - ref| = {:e} at index {}",
+        worst.1, worst.0
+    );
     if let Some((i, g, w)) = first_bad {
         panic!(
             "{what}: index {i}: got {g}, expected {w} (tolerance {abs} + {rel}·|ref|); worst error {} at index {}",
