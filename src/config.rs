@@ -126,7 +126,7 @@ impl ModelConfig {
         };
         let head_dim = match obj.get("head_dim") {
             Some(Value::Null) | None => {
-                if hidden_size % num_attention_heads != 0 {
+                if !hidden_size.is_multiple_of(num_attention_heads) {
                     return Err(format!(
                         "hidden_size {hidden_size} is not divisible by num_attention_heads {num_attention_heads}"
                     ));
@@ -135,10 +135,10 @@ impl ModelConfig {
             }
             Some(_) => usize_key("head_dim")?,
         };
-        if head_dim % 2 != 0 {
+        if !head_dim.is_multiple_of(2) {
             return Err(format!("head_dim {head_dim} must be even for RoPE"));
         }
-        if num_attention_heads % num_key_value_heads != 0 {
+        if !num_attention_heads.is_multiple_of(num_key_value_heads) {
             return Err(format!(
                 "num_attention_heads {num_attention_heads} is not a multiple of num_key_value_heads {num_key_value_heads}"
             ));
@@ -260,13 +260,15 @@ impl ModelConfig {
             ("hidden_size", hidden_size),
             ("intermediate_size", intermediate_size),
         ] {
-            if variant != WeightVariant::OnlineMaster && dim % 4 != 0 {
+            if variant != WeightVariant::OnlineMaster && !dim.is_multiple_of(4) {
                 return Err(format!(
                     "{name} {dim} is not a multiple of 4, so it cannot be a packed output dimension"
                 ));
             }
         }
-        if (num_attention_heads * head_dim) % 4 != 0 || (num_key_value_heads * head_dim) % 4 != 0 {
+        if !(num_attention_heads * head_dim).is_multiple_of(4)
+            || !(num_key_value_heads * head_dim).is_multiple_of(4)
+        {
             return Err("attention projection sizes must be multiples of 4".into());
         }
 

@@ -69,7 +69,7 @@ impl TernaryMatrix {
     ) -> Result<Self> {
         let name = name.into();
         let bytes = packed.as_slice();
-        if rows % 4 != 0 || bytes.len() != (rows / 4) * cols {
+        if !rows.is_multiple_of(4) || bytes.len() != (rows / 4) * cols {
             return Err(BitnetError::Shape {
                 name,
                 expected: vec![rows / 4, cols],
@@ -131,7 +131,7 @@ pub fn find_code3(bytes: &[u8]) -> Option<usize> {
 
 /// Packs a ternary matrix `w [rows, cols]` (values in {-1, 0, 1}) into the layout above.
 pub fn pack_ternary(w: &[i8], rows: usize, cols: usize) -> Result<Vec<u8>> {
-    if rows % 4 != 0 || w.len() != rows * cols {
+    if !rows.is_multiple_of(4) || w.len() != rows * cols {
         return Err(BitnetError::op(
             "pack_ternary",
             format!(
