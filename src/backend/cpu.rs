@@ -5,7 +5,7 @@
 
 use rayon::prelude::*;
 
-use super::kernels::{dot_bf16, ternary_dot4, CpuLevel};
+use super::kernels::{dot_bf16, ternary_dot4, ternary_dot4_x2, CpuLevel};
 use super::{AttentionShape, Backend, LogitRows};
 use crate::error::{BitnetError, Result};
 use crate::load::FloatDtype;
@@ -253,8 +253,21 @@ impl Backend for CpuBackend {
         self.pool.install(|| {
             acc.par_chunks_mut(n * 4).enumerate().for_each(|(p, a)| {
                 let bytes = w.byte_row(p);
-                for t in 0..n {
-                    let r = ternary_dot4(level, bytes, &x.q[t * cols..(t + 1) * cols], x.sums[t]);
+                let row = |t: usize| &x.q[t * cols..(t + 1) * cols];
+                let mut t = 0;
+                while t + 2 <= n {
+                    let r = ternary_dot4_x2(
+                        level,
+                        bytes,
+                        [row(t), row(t + 1)],
+                        [x.sums[t], x.sums[t + 1]],
+                    );
+                    a[t * 4..t * 4 + 4].copy_from_slice(&r[0]);
+                    a[t * 4 + 4..t * 4 + 8].copy_from_slice(&r[1]);
+                    t += 2;
+                }
+                if t < n {
+                    let r = ternary_dot4(level, bytes, row(t), x.sums[t]);
                     a[t * 4..t * 4 + 4].copy_from_slice(&r);
                 }
             })

@@ -95,6 +95,28 @@ pub fn ternary_dot4(level: CpuLevel, bytes: &[u8], q: &[i8], q_sum: i32) -> [i32
     }
 }
 
+/// Two tokens against one packed byte row: the code planes are extracted once and used twice,
+/// which is what makes prefill cheaper per token than decode.
+#[inline]
+pub fn ternary_dot4_x2(
+    level: CpuLevel,
+    bytes: &[u8],
+    q: [&[i8]; 2],
+    q_sum: [i32; 2],
+) -> [[i32; 4]; 2] {
+    match level {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: the level is only ever one `available()` returned for this machine.
+        CpuLevel::Avx2 | CpuLevel::Avx512Vnni => unsafe {
+            x86::ternary_dot4_x2_avx2(bytes, q, q_sum)
+        },
+        _ => [
+            ternary_dot4(level, bytes, q[0], q_sum[0]),
+            ternary_dot4(level, bytes, q[1], q_sum[1]),
+        ],
+    }
+}
+
 /// `Σ x·row` with `row` in bf16 (little-endian bytes), f32 accumulation. The LM head's kernel.
 #[inline]
 pub fn dot_bf16(level: CpuLevel, row: &[u8], x: &[f32]) -> f32 {
@@ -163,6 +185,62 @@ mod x86 {
         }
         let tail = crate::ternary::ternary_dot_byte_row(&bytes[n..], &q[n..], 0);
         [0, 1, 2, 3].map(|i| out[i] + tail[i] - q_sum)
+    }
+
+    /// [`ternary_dot4_avx2`] for two tokens: 8 i16 accumulators + 4 code planes fit the 16 ymm
+    /// registers without spilling.
+    #[target_feature(enable = "avx2")]
+    pub unsafe fn ternary_dot4_x2_avx2(
+        bytes: &[u8],
+        q: [&[i8]; 2],
+        q_sum: [i32; 2],
+    ) -> [[i32; 4]; 2] {
+        let n = bytes.len() / 32 * 32;
+        let mask = _mm256_set1_epi8(3);
+        let ones = _mm256_set1_epi16(1);
+        let mut acc32 = [[_mm256_setzero_si256(); 4]; 2];
+        let mut c = 0;
+        while c < n {
+            let block_end = (c + 32 * 32).min(n);
+            let mut acc16 = [[_mm256_setzero_si256(); 4]; 2];
+            while c < block_end {
+                // SAFETY: c + 32 ≤ n ≤ len of all three slices.
+                let (w, x0, x1) = unsafe {
+                    (
+                        _mm256_loadu_si256(bytes.as_ptr().add(c) as *const __m256i),
+                        _mm256_loadu_si256(q[0].as_ptr().add(c) as *const __m256i),
+                        _mm256_loadu_si256(q[1].as_ptr().add(c) as *const __m256i),
+                    )
+                };
+                let planes = [
+                    _mm256_and_si256(w, mask),
+                    _mm256_and_si256(_mm256_srli_epi16(w, 2), mask),
+                    _mm256_and_si256(_mm256_srli_epi16(w, 4), mask),
+                    _mm256_and_si256(_mm256_srli_epi16(w, 6), mask),
+                ];
+                for i in 0..4 {
+                    acc16[0][i] =
+                        _mm256_add_epi16(acc16[0][i], _mm256_maddubs_epi16(planes[i], x0));
+                    acc16[1][i] =
+                        _mm256_add_epi16(acc16[1][i], _mm256_maddubs_epi16(planes[i], x1));
+                }
+                c += 32;
+            }
+            for t in 0..2 {
+                for i in 0..4 {
+                    acc32[t][i] =
+                        _mm256_add_epi32(acc32[t][i], _mm256_madd_epi16(acc16[t][i], ones));
+                }
+            }
+        }
+        let mut out = [[0i32; 4]; 2];
+        for t in 0..2 {
+            let tail = crate::ternary::ternary_dot_byte_row(&bytes[n..], &q[t][n..], 0);
+            for i in 0..4 {
+                out[t][i] = hsum_epi32(acc32[t][i]) + tail[i] - q_sum[t];
+            }
+        }
+        out
     }
 
     /// 64 columns per step with vpdpbusd (u8 code × i8 act, 4-way sums straight into i32).
