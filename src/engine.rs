@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 use serde::Serialize;
 
 use crate::backend::cpu::CpuBackend;
+use crate::backend::wgpu::{self as gpu, AdapterChoice, WgpuBackend};
 use crate::config::ModelConfig;
 use crate::error::{BitnetError, Result};
 use crate::load::{load_weights, ModelFiles, ModelWeights};
@@ -55,12 +56,14 @@ pub struct EngineOptions {
 /// The model on one of the backends, chosen at run time.
 pub enum AnyModel {
     Cpu(Model<CpuBackend>),
+    Gpu(Model<WgpuBackend>),
 }
 
 macro_rules! with_model {
     ($any:expr, $m:ident => $body:expr) => {
         match $any {
             AnyModel::Cpu($m) => $body,
+            AnyModel::Gpu($m) => $body,
         }
     };
 }
@@ -139,28 +142,67 @@ pub struct Engine {
     pub weights: ModelWeights,
     pub model: AnyModel,
     pub load_time: Duration,
+    /// Why `--device auto` chose the CPU, if it did.
+    pub device_note: Option<String>,
     /// How the engine was loaded (device, threads), to rebuild the model with other sizes.
     pub options: EngineOptions,
     /// Token ids whose keys/values are in the cache, in order (for prefix reuse in chat).
     fed: Vec<u32>,
 }
 
-/// Puts the weights on the chosen device.
+/// Puts the weights on the chosen device (see [`build_model_explained`]).
 pub fn build_model(
     weights: &ModelWeights,
     opts: &EngineOptions,
     options: ModelOptions,
 ) -> Result<AnyModel> {
-    match opts.device {
-        DeviceChoice::Cpu | DeviceChoice::Auto => Ok(AnyModel::Cpu(Model::new(
+    build_model_explained(weights, opts, options).map(|(m, _)| m)
+}
+
+/// Puts the weights on the chosen device: `Cpu`; `Gpu`, any adapter (software ones such as
+/// lavapipe included), an error when there is none or the model does not fit; `Auto`, a hardware
+/// GPU (discrete, then integrated, never a software one) when the model is likely to fit it,
+/// else the CPU. Returns the model and, when `Auto` fell back to the CPU, why.
+pub fn build_model_explained(
+    weights: &ModelWeights,
+    opts: &EngineOptions,
+    options: ModelOptions,
+) -> Result<(AnyModel, Option<String>)> {
+    let cpu = || -> Result<AnyModel> {
+        Ok(AnyModel::Cpu(Model::new(
             CpuBackend::new(opts.threads)?,
             weights,
             options,
-        )?)),
-        DeviceChoice::Gpu => Err(BitnetError::Gpu(
-            "this build has no GPU backend yet; use --device cpu".into(),
+        )?))
+    };
+    match opts.device {
+        DeviceChoice::Cpu => Ok((cpu()?, None)),
+        DeviceChoice::Gpu => Ok((
+            AnyModel::Gpu(gpu_model(weights, opts, options, AdapterChoice::Gpu)?),
+            None,
         )),
+        DeviceChoice::Auto => match gpu_model(weights, opts, options, AdapterChoice::Auto) {
+            Ok(m) => Ok((AnyModel::Gpu(m), None)),
+            Err(e) => Ok((cpu()?, Some(format!("running on the CPU: {e}")))),
+        },
     }
+}
+
+/// The model on the adapter chosen by `choice` and `opts.adapter`, when it is likely to fit
+/// (wgpu cannot query free memory: see `backend::wgpu::check_fits`).
+fn gpu_model(
+    weights: &ModelWeights,
+    opts: &EngineOptions,
+    options: ModelOptions,
+    choice: AdapterChoice,
+) -> Result<Model<WgpuBackend>> {
+    let adapter = gpu::select_adapter(choice, opts.adapter.as_deref()).map_err(BitnetError::Gpu)?;
+    let info = adapter.get_info();
+    let elem_bytes = weights.embed_tokens.dtype.size() as u64;
+    let need = gpu::estimate_memory(&weights.config, &options, elem_bytes);
+    gpu::check_fits(&need, &info, &adapter.limits())
+        .map_err(|e| BitnetError::Gpu(format!("{}: {e}", info.name)))?;
+    Model::new(WgpuBackend::from_adapter(adapter)?, weights, options)
 }
 
 impl Engine {
@@ -203,8 +245,9 @@ impl Engine {
         if let Some(ctx) = opts.ctx {
             options.ctx = ctx;
         }
-        let model = build_model(&weights, opts, options)?;
+        let (model, device_note) = build_model_explained(&weights, opts, options)?;
         Ok(Engine {
+            device_note,
             options: opts.clone(),
             files,
             config,

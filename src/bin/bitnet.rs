@@ -82,6 +82,9 @@ impl ModelArgs {
         };
         let engine = Engine::load(&dir, &opts)
             .with_context(|| format!("cannot load the model in {}", dir.display()))?;
+        if let Some(note) = &engine.device_note {
+            eprintln!("note: {note}");
+        }
         Ok(engine)
     }
 }
@@ -554,6 +557,26 @@ fn info(a: InfoArgs) -> Result<()> {
     );
     println!("backend          {}", engine.model.backend_name());
     println!("load time        {:.2} s", engine.load_time.as_secs_f64());
+    let adapters = bitnet_wgpu::backend::wgpu::list_adapters();
+    if adapters.is_empty() {
+        println!("gpu adapters     none found");
+    }
+    for (i, a) in adapters.iter().enumerate() {
+        let label = if i == 0 { "gpu adapters" } else { "" };
+        println!("{label:<17}{a}");
+    }
+    let need = bitnet_wgpu::backend::wgpu::estimate_memory(
+        c,
+        &engine.model_options(),
+        w.embed_tokens.dtype.size() as u64,
+    );
+    println!(
+        "gpu memory       {} needed on a GPU (weights, f32 KV cache, activations)",
+        gib(need.total())
+    );
+    if let Some(note) = &engine.device_note {
+        println!("auto device      {note}");
+    }
     Ok(())
 }
 

@@ -46,10 +46,12 @@ macro_rules! kernel {
 }
 
 // Binding 0 is always the Step uniform. Shapes of the other bindings are in the .wgsl files.
-kernel!(ADD, "elementwise.wgsl", "add", [U, RW, R]);
-kernel!(RELU2_MUL, "elementwise.wgsl", "relu2_mul", [U, R, R, RW]);
-kernel!(RMS_NORM, "rms_norm.wgsl", "rms_norm", [U, R, R, RW]);
-kernel!(QUANTIZE, "quantize.wgsl", "quantize", [U, R, RW, RW]);
+kernel!(
+    ROW_OPS,
+    "row_ops.wgsl",
+    "row_ops",
+    [U, RW, R, R, R, RW, RW, RW]
+);
 kernel!(MATVEC, "ternary_matmul.wgsl", "matvec", [U, U, R, R, R, RW]);
 kernel!(
     MATMUL_TILED,
@@ -60,6 +62,18 @@ kernel!(
 kernel!(ROPE, "rope.wgsl", "rope", [U, RW, R]);
 kernel!(KV_STORE, "attention.wgsl", "kv_store", [U, R, R, RW, RW]);
 kernel!(ATTEND, "attention.wgsl", "attend", [U, R, R, R, RW]);
+kernel!(
+    ATTEND_SPLIT,
+    "attention.wgsl",
+    "attend_split",
+    [U, R, R, R, RW]
+);
+kernel!(
+    ATTEND_COMBINE,
+    "attention.wgsl",
+    "attend_combine",
+    [U, R, RW]
+);
 kernel!(EMBED, "embedding.wgsl", "embed", [U, U, R, R, RW]);
 kernel!(LM_HEAD, "embedding.wgsl", "lm_head", [U, U, R, R, RW]);
 kernel!(
@@ -71,16 +85,15 @@ kernel!(
 kernel!(ARGMAX_FINAL, "argmax.wgsl", "argmax_final", [U, R, RW, RW]);
 
 /// Every kernel, for tests that compile them all.
-pub static ALL: [&Kernel; 13] = [
-    &ADD,
-    &RELU2_MUL,
-    &RMS_NORM,
-    &QUANTIZE,
+pub static ALL: [&Kernel; 12] = [
+    &ROW_OPS,
     &MATVEC,
     &MATMUL_TILED,
     &ROPE,
     &KV_STORE,
     &ATTEND,
+    &ATTEND_SPLIT,
+    &ATTEND_COMBINE,
     &EMBED,
     &LM_HEAD,
     &ARGMAX_PARTIAL,
@@ -91,7 +104,16 @@ pub static ALL: [&Kernel; 13] = [
 /// u32 and f32 is exactly representable.
 pub type Constants = Vec<(&'static str, f64)>;
 
-type PipelineKey = (&'static str, &'static str, Vec<(&'static str, u64)>);
+/// Most override constants one pipeline sets.
+pub const MAX_CONSTANTS: usize = 8;
+
+/// (file, entry, constants as (name, f64 bits), padded with ("", 0)): a fixed-size key, so a
+/// lookup on the per-token path allocates nothing.
+type PipelineKey = (
+    &'static str,
+    &'static str,
+    [(&'static str, u64); MAX_CONSTANTS],
+);
 
 /// Shader modules, layouts and pipelines, created on first use and kept for the device's life.
 #[derive(Default)]
@@ -157,11 +179,16 @@ impl PipelineCache {
         k: &'static Kernel,
         constants: &[(&'static str, f64)],
     ) -> Result<wgpu::ComputePipeline> {
-        let key: PipelineKey = (
-            k.file,
-            k.entry,
-            constants.iter().map(|&(n, v)| (n, v.to_bits())).collect(),
+        assert!(
+            constants.len() <= MAX_CONSTANTS,
+            "{}: too many constants",
+            k.entry
         );
+        let mut consts = [("", 0u64); MAX_CONSTANTS];
+        for (slot, &(n, v)) in consts.iter_mut().zip(constants) {
+            *slot = (n, v.to_bits());
+        }
+        let key: PipelineKey = (k.file, k.entry, consts);
         if let Some(p) = self.pipelines.get(&key) {
             return Ok(p.clone());
         }

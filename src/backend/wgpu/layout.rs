@@ -1,14 +1,16 @@
 //! Host-side preparation of the device layouts (pure functions, tested without a GPU).
 //!
 //! - Ternary weights: transformers' packed bytes `[out/4, in]` (4 rows per byte) are repacked
-//!   once at upload into `[out, ceil(in/16)]` u32 words, still 2 bits per weight: word `(r, g)`
-//!   holds the codes (`w + 1`) of columns `16g .. 16g+15` of row `r`, column `16g + 4s + m` at
-//!   bits `8m + 2s`. Then `(word >> 2s) & 0x03030303` is 4 code bytes aligned with the int8
+//!   once at upload into `[out, G]` u32 words, still 2 bits per weight: word `(r, g)` holds the
+//!   codes (`w + 1`) of columns `16g .. 16g+15` of row `r`, column `16g + 4s + m` at bits
+//!   `8m + 2s`. Then `(word >> 2s) & 0x03030303` is 4 code bytes aligned with the int8
 //!   activation word `s` of the group, ready for `dot4I8Packed` (see shaders/ternary_matmul.wgsl).
-//!   Rows become contiguous, which is what a mat-vec (decode) wants for coalesced reads.
+//!   Rows become contiguous, which is what a mat-vec (decode) wants for coalesced reads, and are
+//!   padded to a multiple of 64 columns (`G = 4·ceil(in/64)`, weight 0) so that it can load
+//!   16-byte vectors. int8 activation rows are padded the same way (with zeros).
 //! - Float matrices (embedding / LM head) stay in their file dtype (bf16 and f16 as pairs of u16
-//!   in a u32, f32 as is; exact), rows padded to whole u32 words, split by rows into chunks that
-//!   each fit one storage binding.
+//!   in a u32, f32 as is; exact), rows padded to 16 bytes (so the LM head loads 16-byte vectors),
+//!   split by rows into chunks that each fit one storage binding.
 //! - RoPE: the (cos, sin) table, computed exactly as the CPU backend computes them.
 
 use crate::load::{FloatDtype, FloatMatrix};
@@ -17,9 +19,9 @@ use crate::ternary::TernaryMatrix;
 /// Codes of 16 columns that are all weight 0 (code 1): the padding of the last group.
 pub const ZERO_WORD: u32 = 0x5555_5555;
 
-/// 16-column groups per row of `cols` columns.
+/// 16-column groups per stored row of `cols` columns (padded to a multiple of 64 columns).
 pub fn groups(cols: usize) -> usize {
-    cols.div_ceil(16)
+    cols.div_ceil(64) * 4
 }
 
 /// Bit offset of column `k` (0..16) of a group inside its u32 word.
@@ -98,12 +100,9 @@ pub fn dtype_code(d: FloatDtype) -> u32 {
     }
 }
 
-/// u32 words per stored row of a float matrix with `cols` columns of `dtype`.
+/// u32 words per stored row of a float matrix with `cols` columns of `dtype` (16-byte rows).
 pub fn row_words(dtype: FloatDtype, cols: usize) -> usize {
-    match dtype {
-        FloatDtype::Bf16 | FloatDtype::F16 => cols.div_ceil(2),
-        FloatDtype::F32 => cols,
-    }
+    (cols * dtype.size()).div_ceil(16) * 4
 }
 
 /// Splits `rows` rows of `row_bytes` bytes each into chunks of at most `max_bytes` bytes:
@@ -176,6 +175,7 @@ mod tests {
                 .unwrap();
             let words = repack_ternary(&m);
             assert_eq!(words.len(), rows * groups(cols));
+            assert_eq!(groups(cols) % 4, 0);
             for r in 0..rows {
                 for c in 0..cols {
                     assert_eq!(repacked_weight(&words, cols, r, c), w[r * cols + c]);
@@ -202,7 +202,7 @@ mod tests {
     fn q_packing_round_trips() {
         let q: Vec<i8> = (0..3 * 21).map(|i| (i * 37 % 256) as u8 as i8).collect();
         let words = pack_q_rows(&q, 3, 21);
-        assert_eq!(words.len(), 3 * 8);
+        assert_eq!(words.len(), 3 * 16); // rows padded to 64 columns
         assert_eq!(unpack_q_rows(&words, 3, 21), q);
     }
 

@@ -1,0 +1,81 @@
+// Greedy pick over logits row 0 [LEN] on the device, so that a decoded token reads back 4 bytes.
+// Ties go to the lowest index (like torch.argmax and the CPU backend).
+// argmax_partial: each workgroup reduces PER_WG consecutive values to (value bits, index).
+// argmax_final:   one workgroup reduces the NPART partials and writes result[0] = index.
+
+override LEN: u32 = 1u;   // values in the row
+override NPART: u32 = 1u; // partials = ceil(LEN / PER_WG)
+
+const WG: u32 = 256u;
+const PER_WG: u32 = 4096u;
+const EMPTY: u32 = 0xffffffffu; // index of "no value yet"
+
+@group(0) @binding(0) var<uniform> step: Step;
+@group(0) @binding(1) var<storage, read> values: array<f32>;              // [LEN] (row 0)
+@group(0) @binding(2) var<storage, read_write> partial: array<vec2<u32>>; // [NPART]
+@group(0) @binding(3) var<storage, read_write> result: array<u32>;        // [4]
+
+var<workgroup> best_v: array<f32, WG>;
+var<workgroup> best_i: array<u32, WG>;
+
+// Does (va, ia) win over (vb, ib)?
+fn better(va: f32, ia: u32, vb: f32, ib: u32) -> bool {
+    if ia == EMPTY {
+        return false;
+    }
+    if ib == EMPTY {
+        return true;
+    }
+    return va > vb || (va == vb && ia < ib);
+}
+
+fn reduce(lid: u32) {
+    for (var s = WG / 2u; s > 0u; s >>= 1u) {
+        if lid < s && better(best_v[lid + s], best_i[lid + s], best_v[lid], best_i[lid]) {
+            best_v[lid] = best_v[lid + s];
+            best_i[lid] = best_i[lid + s];
+        }
+        workgroupBarrier();
+    }
+}
+
+@compute @workgroup_size(256)
+fn argmax_partial(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
+    var bv = 0.0;
+    var bi = EMPTY;
+    let end = min(LEN, (wid.x + 1u) * PER_WG);
+    for (var i = wid.x * PER_WG + lid; i < end; i += WG) {
+        let v = values[i];
+        if better(v, i, bv, bi) {
+            bv = v;
+            bi = i;
+        }
+    }
+    best_v[lid] = bv;
+    best_i[lid] = bi;
+    workgroupBarrier();
+    reduce(lid);
+    if lid == 0u {
+        partial[wid.x] = vec2<u32>(bitcast<u32>(best_v[0]), best_i[0]);
+    }
+}
+
+@compute @workgroup_size(256)
+fn argmax_final(@builtin(local_invocation_index) lid: u32) {
+    var bv = 0.0;
+    var bi = EMPTY;
+    for (var i = lid; i < NPART; i += WG) {
+        let p = partial[i];
+        if better(bitcast<f32>(p.x), p.y, bv, bi) {
+            bv = bitcast<f32>(p.x);
+            bi = p.y;
+        }
+    }
+    best_v[lid] = bv;
+    best_i[lid] = bi;
+    workgroupBarrier();
+    reduce(lid);
+    if lid == 0u {
+        result[0] = select(best_i[0], 0u, best_i[0] == EMPTY);
+    }
+}

@@ -1,0 +1,257 @@
+// Causal grouped-query attention over the KV cache of one layer.
+//
+// kv_store: copies this step's k, v [n, KVD] into the cache rows start_pos .. start_pos + n.
+// attend:   prefill. One workgroup per (token t, query head h) reads kv head h / (HEADS /
+//           KV_HEADS) at positions 0 ..= start_pos + t in chunks of WG positions with an online
+//           softmax (running max m and sum l, rescaled per chunk), so any context length fits in
+//           a fixed amount of workgroup memory. n · HEADS workgroups keep the device busy.
+// attend_split + attend_combine: decode (few tokens), "flash decoding". With one token there are
+//           only HEADS rows of work, too few workgroups for a large GPU at long contexts, so the
+//           positions are split into blocks of BLK: one workgroup per (block, kv head, token)
+//           scores the block for all GROUP = HEADS / KV_HEADS query heads that share the kv head
+//           (each key and value row is read once per group, not once per query head) and writes
+//           the block's partial softmax (max m, sum l, unnormalised output o); attend_combine
+//           merges the blocks of each (token, head): o = Σ_b o_b e^(m_b − M) / Σ_b l_b e^(m_b − M).
+// scores = q·k · SCALE, SCALE = head_dim^-0.5; softmax in f32.
+// Cache layout per layer: kc, vc [ctx, KVD] f32.
+
+override HEADS: u32 = 1u;    // query heads
+override KV_HEADS: u32 = 1u; // key/value heads
+override HD: u32 = 1u;       // head_dim (≤ MAX_HD)
+override SCALE: f32 = 1.0;   // 1 / sqrt(head_dim), computed on the host like the CPU backend
+override NB: u32 = 1u;       // split: blocks per (token, head) in the partials = ceil(ctx / BLK)
+
+const WG: u32 = 128u;
+const MAX_HD: u32 = 512u;
+const DPT: u32 = 4u; // output dims per thread: MAX_HD / WG
+const NEG_BIG: f32 = -3.0e38;
+
+@group(0) @binding(0) var<uniform> step: Step;
+
+// ---- kv_store: dispatch ceil(n · KVD / 256) workgroups (folded 2-D) ----
+@group(0) @binding(1) var<storage, read> st_k: array<f32>;          // [capacity, KVD]
+@group(0) @binding(2) var<storage, read> st_v: array<f32>;          // [capacity, KVD]
+@group(0) @binding(3) var<storage, read_write> st_kc: array<f32>;   // [ctx, KVD]
+@group(0) @binding(4) var<storage, read_write> st_vc: array<f32>;   // [ctx, KVD]
+
+@compute @workgroup_size(256)
+fn kv_store(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+            @builtin(local_invocation_index) lid: u32) {
+    let kvd = KV_HEADS * HD;
+    let i = linear_wg(wid, nwg) * 256u + lid;
+    if i < step.n_tokens * kvd {
+        let dst = step.start_pos * kvd + i;
+        st_kc[dst] = st_k[i];
+        st_vc[dst] = st_v[i];
+    }
+}
+
+// ---- attend: dispatch n · HEADS workgroups (folded 2-D) ----
+@group(0) @binding(1) var<storage, read> q: array<f32>;           // [capacity, HEADS * HD]
+@group(0) @binding(2) var<storage, read> kc: array<f32>;          // [ctx, KVD]
+@group(0) @binding(3) var<storage, read> vc: array<f32>;          // [ctx, KVD]
+@group(0) @binding(4) var<storage, read_write> out: array<f32>;   // [capacity, HEADS * HD]
+
+var<workgroup> q_s: array<f32, MAX_HD>; // the query vector
+var<workgroup> p_s: array<f32, WG>;     // exp(score − m) of the chunk
+var<workgroup> red: array<f32, WG>;
+
+@compute @workgroup_size(128)
+fn attend(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+          @builtin(local_invocation_index) lid: u32) {
+    let idx = linear_wg(wid, nwg);
+    if idx >= step.n_tokens * HEADS {
+        return;
+    }
+    let qd = HEADS * HD;
+    let kvd = KV_HEADS * HD;
+    let t = idx / HEADS;
+    let h = idx % HEADS;
+    let kv_off = (h / (HEADS / KV_HEADS)) * HD;
+    for (var d = lid; d < HD; d += WG) {
+        q_s[d] = q[t * qd + h * HD + d];
+    }
+    workgroupBarrier();
+    let len = step.start_pos + t + 1u; // causal: positions 0 ..= start_pos + t
+    var m = NEG_BIG;
+    var l = 0.0;
+    var o = array<f32, DPT>(0.0, 0.0, 0.0, 0.0);
+    for (var c0 = 0u; c0 < len; c0 += WG) {
+        let j = c0 + lid;
+        var s = NEG_BIG;
+        if j < len {
+            let kb = j * kvd + kv_off;
+            var dot = 0.0;
+            for (var d = 0u; d < HD; d++) {
+                dot += q_s[d] * kc[kb + d];
+            }
+            s = dot * SCALE;
+        }
+        red[lid] = s;
+        workgroupBarrier();
+        for (var r = WG / 2u; r > 0u; r >>= 1u) {
+            if lid < r {
+                red[lid] = max(red[lid], red[lid + r]);
+            }
+            workgroupBarrier();
+        }
+        let m_new = max(m, red[0]);
+        workgroupBarrier(); // everyone has read red[0] before it is reused
+        let alpha = exp(m - m_new);
+        var p = 0.0;
+        if j < len {
+            p = exp(s - m_new);
+        }
+        p_s[lid] = p;
+        red[lid] = p;
+        workgroupBarrier();
+        for (var r = WG / 2u; r > 0u; r >>= 1u) {
+            if lid < r {
+                red[lid] += red[lid + r];
+            }
+            workgroupBarrier();
+        }
+        l = l * alpha + red[0];
+        let cnt = min(WG, len - c0);
+        for (var k = 0u; k < DPT; k++) {
+            let d = lid + k * WG;
+            if d < HD {
+                var a = o[k] * alpha;
+                for (var jj = 0u; jj < cnt; jj++) {
+                    a += p_s[jj] * vc[(c0 + jj) * kvd + kv_off + d];
+                }
+                o[k] = a;
+            }
+        }
+        m = m_new;
+        workgroupBarrier(); // p_s and red are rewritten by the next chunk
+    }
+    for (var k = 0u; k < DPT; k++) {
+        let d = lid + k * WG;
+        if d < HD {
+            out[t * qd + h * HD + d] = o[k] / l;
+        }
+    }
+}
+
+// ---- attend_split: dispatch (ceil((start_pos + n) / BLK), KV_HEADS, n) ----
+// Binds q, kc, vc as attend does, and the partials [n, HEADS, NB, HD + 2] at binding 4:
+// per (token, head, block): m, l, o[HD].
+const BLK: u32 = 64u;      // positions per block
+const MAX_G: u32 = 16u;    // query heads per kv head
+const MAX_GHD: u32 = 1024u; // GROUP · HD
+
+var<workgroup> sq: array<f32, MAX_GHD>;      // q of the group's heads [GROUP, HD]
+var<workgroup> sp: array<f32, 1024>;         // scores, then e^(s − m): [GROUP, BLK]
+var<workgroup> sm: array<f32, MAX_G>;        // block max per head
+
+@compute @workgroup_size(128)
+fn attend_split(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
+    let blk = wid.x;
+    let kvh = wid.y;
+    let t = wid.z;
+    if t >= step.n_tokens {
+        return;
+    }
+    let group = HEADS / KV_HEADS;
+    let qd = HEADS * HD;
+    let kvd = KV_HEADS * HD;
+    let len = step.start_pos + t + 1u;
+    let p0 = blk * BLK;
+    if p0 >= len {
+        return; // attend_combine reads only the blocks below len
+    }
+    let cnt = min(BLK, len - p0);
+    let kv_off = kvh * HD;
+    // heads kvh·GROUP .. kvh·GROUP + GROUP − 1 are contiguous in the q row
+    for (var i = lid; i < group * HD; i += WG) {
+        sq[i] = q[t * qd + kvh * group * HD + i];
+    }
+    workgroupBarrier();
+    for (var e = lid; e < group * BLK; e += WG) {
+        let g = e / BLK;
+        let j = e % BLK;
+        var s = NEG_BIG;
+        if j < cnt {
+            let kb = (p0 + j) * kvd + kv_off;
+            var dot = 0.0;
+            for (var d = 0u; d < HD; d++) {
+                dot += sq[g * HD + d] * kc[kb + d];
+            }
+            s = dot * SCALE;
+        }
+        sp[e] = s;
+    }
+    workgroupBarrier();
+    if lid < group {
+        var m = NEG_BIG;
+        for (var j = 0u; j < cnt; j++) {
+            m = max(m, sp[lid * BLK + j]);
+        }
+        sm[lid] = m;
+    }
+    workgroupBarrier();
+    for (var e = lid; e < group * BLK; e += WG) {
+        let j = e % BLK;
+        var p = 0.0;
+        if j < cnt {
+            p = exp(sp[e] - sm[e / BLK]);
+        }
+        sp[e] = p;
+    }
+    workgroupBarrier();
+    let stride = HD + 2u;
+    for (var g = 0u; g < group; g++) {
+        let h = kvh * group + g;
+        let pb = ((t * HEADS + h) * NB + blk) * stride;
+        if lid == 0u {
+            var l = 0.0;
+            for (var j = 0u; j < cnt; j++) {
+                l += sp[g * BLK + j];
+            }
+            out[pb] = sm[g];
+            out[pb + 1u] = l;
+        }
+        for (var d = lid; d < HD; d += WG) {
+            var a = 0.0;
+            for (var j = 0u; j < cnt; j++) {
+                a += sp[g * BLK + j] * vc[(p0 + j) * kvd + kv_off + d];
+            }
+            out[pb + 2u + d] = a;
+        }
+    }
+}
+
+// ---- attend_combine: dispatch n · HEADS workgroups (folded 2-D) ----
+@group(0) @binding(1) var<storage, read> cb_part: array<f32>;         // [n, HEADS, NB, HD + 2]
+@group(0) @binding(2) var<storage, read_write> cb_out: array<f32>;    // [capacity, HEADS * HD]
+
+@compute @workgroup_size(128)
+fn attend_combine(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+                  @builtin(local_invocation_index) lid: u32) {
+    let idx = linear_wg(wid, nwg);
+    if idx >= step.n_tokens * HEADS {
+        return;
+    }
+    let t = idx / HEADS;
+    let h = idx % HEADS;
+    let len = step.start_pos + t + 1u;
+    let nb = (len + BLK - 1u) / BLK;
+    let stride = HD + 2u;
+    let base = idx * NB * stride; // idx = t · HEADS + h
+    var mx = NEG_BIG;
+    for (var b = 0u; b < nb; b++) {
+        mx = max(mx, cb_part[base + b * stride]);
+    }
+    var l = 0.0;
+    for (var b = 0u; b < nb; b++) {
+        l += cb_part[base + b * stride + 1u] * exp(cb_part[base + b * stride] - mx);
+    }
+    for (var d = lid; d < HD; d += WG) {
+        var o = 0.0;
+        for (var b = 0u; b < nb; b++) {
+            o += cb_part[base + b * stride + 2u + d] * exp(cb_part[base + b * stride] - mx);
+        }
+        cb_out[t * HEADS * HD + h * HD + d] = o / l;
+    }
+}

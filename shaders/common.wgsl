@@ -1,0 +1,16 @@
+// Prelude prepended (by the host, src/backend/wgpu/kernels.rs) to every kernel file of shaders/.
+//
+// `Step` is the only per-token upload: the host writes these 16 bytes once per step (begin_step)
+// and every dispatch of the step reads them, so decoding a token re-uses the recorded bind groups.
+struct Step {
+    n_tokens: u32,  // live rows of this step
+    start_pos: u32, // position of row 0 in the KV cache
+    _pad0: u32,
+    _pad1: u32,
+}
+
+// Workgroup index of a dispatch that the host may have folded onto a 2-D grid, because one
+// dimension is limited to max_compute_workgroups_per_dimension (65535 on most devices).
+fn linear_wg(wid: vec3<u32>, nwg: vec3<u32>) -> u32 {
+    return wid.x + wid.y * nwg.x;
+}
