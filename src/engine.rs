@@ -54,6 +54,8 @@ pub struct EngineOptions {
 }
 
 /// The model on one of the backends, chosen at run time.
+// One model per engine, moved rarely: boxing the larger GPU variant would only add an indirection.
+#[allow(clippy::large_enum_variant)]
 pub enum AnyModel {
     Cpu(Model<CpuBackend>),
     Gpu(Model<WgpuBackend>),
