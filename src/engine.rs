@@ -308,14 +308,43 @@ impl Engine {
         common = common.min(ids.len() - 1); // always run at least one token to get logits
         self.model.truncate(common);
         self.fed.truncate(common);
-        let new = &ids[common..];
-        let out = if greedy {
-            Fed::Argmax(self.model.forward_argmax(new)?)
-        } else {
-            Fed::Logits(self.model.forward_last(new)?)
-        };
-        self.fed.extend_from_slice(new);
+        let new = ids[common..].to_vec();
+        let out = self.step(&new, greedy)?;
+        self.fed.extend_from_slice(&new);
         Ok(out)
+    }
+
+    /// Runs `tokens` after the cached ones. If the GPU is lost, generation goes on on the CPU
+    /// from the same position: the cache is rebuilt from the tokens fed so far, no token lost.
+    fn step(&mut self, tokens: &[u32], greedy: bool) -> Result<Fed> {
+        let run = |m: &mut AnyModel| -> Result<Fed> {
+            Ok(if greedy {
+                Fed::Argmax(m.forward_argmax(tokens)?)
+            } else {
+                Fed::Logits(m.forward_last(tokens)?)
+            })
+        };
+        match run(&mut self.model) {
+            Err(BitnetError::Gpu(msg)) if matches!(self.model, AnyModel::Gpu(_)) => {
+                eprintln!(
+                    "warning: GPU failed ({msg}); continuing on the CPU from position {}",
+                    self.fed.len()
+                );
+                let options = self.model_options();
+                self.model = AnyModel::Cpu(Model::new(
+                    CpuBackend::new(self.options.threads)?,
+                    &self.weights,
+                    options,
+                )?);
+                self.device_note = Some(format!("fell back to the CPU after a GPU failure: {msg}"));
+                if !self.fed.is_empty() {
+                    let fed = self.fed.clone();
+                    self.model.forward_argmax(&fed)?;
+                }
+                run(&mut self.model)
+            }
+            other => other,
+        }
     }
 
     /// Generates after `prompt` (which may extend the cached context: chat turns reuse it).
@@ -364,11 +393,7 @@ impl Engine {
                 finish = FinishReason::Context;
                 break;
             }
-            next = if greedy {
-                Fed::Argmax(self.model.forward_argmax(&[id])?)
-            } else {
-                Fed::Logits(self.model.forward_last(&[id])?)
-            };
+            next = self.step(&[id], greedy)?;
             self.fed.push(id);
         }
         let rest = stream.finish(&self.tokenizer)?;

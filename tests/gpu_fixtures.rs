@@ -206,3 +206,35 @@ fn gpu_runs_the_2b4t_shapes() {
     // int8 tie flips (see the tiny preset test) allow a loose bound only
     assert_close("2b4t shapes GPU vs CPU", &got, &want, 5e-2, 5e-2);
 }
+
+#[test]
+fn device_loss_mid_generation_continues_on_the_cpu_without_losing_a_token() {
+    use bitnet_wgpu::engine::{AnyModel, DeviceChoice, Engine, EngineOptions};
+    use bitnet_wgpu::sampler::{Sampler, SamplerConfig};
+    if gpu_backend_for_test("device_loss_mid_generation").is_none() {
+        return;
+    }
+    let name = "tiny-autobitlinear";
+    let r = reference(name);
+    let prompt = ids(&r["prompt_ids"]);
+    let want = ids(&r["greedy_ids"]);
+    let opts = EngineOptions {
+        device: DeviceChoice::Gpu,
+        ..Default::default()
+    };
+    let mut e = Engine::load(&fixture(name), &opts).unwrap();
+    let mut s = Sampler::new(SamplerConfig::greedy()).unwrap();
+    let first = e.generate(&prompt, 4, &mut s, true, |_| {}).unwrap();
+    assert_eq!(first.token_ids, want[..4]);
+    match &mut e.model {
+        AnyModel::Gpu(m) => m.backend.simulate_device_loss(),
+        AnyModel::Cpu(_) => panic!("--device gpu gave a CPU model"),
+    }
+    let mut cont = prompt.clone();
+    cont.extend_from_slice(&first.token_ids);
+    let rest = e
+        .generate(&cont, want.len() - 4, &mut s, true, |_| {})
+        .unwrap();
+    assert!(matches!(e.model, AnyModel::Cpu(_)), "fell back to the CPU");
+    assert_eq!(rest.token_ids, want[4..]);
+}
