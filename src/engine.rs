@@ -170,13 +170,7 @@ pub fn build_model_explained(
     opts: &EngineOptions,
     options: ModelOptions,
 ) -> Result<(AnyModel, Option<String>)> {
-    let cpu = || -> Result<AnyModel> {
-        Ok(AnyModel::Cpu(Model::new(
-            CpuBackend::new(opts.threads)?,
-            weights,
-            options,
-        )?))
-    };
+    let cpu = || cpu_model(weights, opts.threads, options);
     match opts.device {
         DeviceChoice::Cpu => Ok((cpu()?, None)),
         DeviceChoice::Gpu => Ok((
@@ -188,6 +182,15 @@ pub fn build_model_explained(
             Err(e) => Ok((cpu()?, Some(format!("running on the CPU: {e}")))),
         },
     }
+}
+
+/// The model on the CPU backend.
+fn cpu_model(weights: &ModelWeights, threads: usize, options: ModelOptions) -> Result<AnyModel> {
+    Ok(AnyModel::Cpu(Model::new(
+        CpuBackend::new(threads)?,
+        weights,
+        options,
+    )?))
 }
 
 /// The model on the adapter chosen by `choice` and `opts.adapter`, when it is likely to fit
@@ -331,11 +334,7 @@ impl Engine {
                     self.fed.len()
                 );
                 let options = self.model_options();
-                self.model = AnyModel::Cpu(Model::new(
-                    CpuBackend::new(self.options.threads)?,
-                    &self.weights,
-                    options,
-                )?);
+                self.model = cpu_model(&self.weights, self.options.threads, options)?;
                 self.device_note = Some(format!("fell back to the CPU after a GPU failure: {msg}"));
                 if !self.fed.is_empty() {
                     let fed = self.fed.clone();

@@ -331,18 +331,18 @@ impl Backend for CpuBackend {
             out.data[..n * qd]
                 .par_chunks_mut(hd)
                 .enumerate()
-                .for_each(|(idx, o)| {
+                // One score buffer per rayon job, reused across the (token, head) pairs it runs.
+                .for_each_init(Vec::new, |scores: &mut Vec<f32>, (idx, o)| {
                     let (t, h) = (idx / shape.n_heads, idx % shape.n_heads);
                     let kvh = h / group;
                     let qv = &q.data[t * qd + h * hd..t * qd + (h + 1) * hd];
                     let len = start + t + 1; // causal: positions 0..=start+t
-                    let mut scores: Vec<f32> = (0..len)
-                        .map(|j| {
-                            let kr = &kc[j * kvd + kvh * hd..j * kvd + (kvh + 1) * hd];
-                            qv.iter().zip(kr).map(|(a, b)| a * b).sum::<f32>() * scale
-                        })
-                        .collect();
-                    softmax_in_place(&mut scores);
+                    scores.clear();
+                    scores.extend((0..len).map(|j| {
+                        let kr = &kc[j * kvd + kvh * hd..j * kvd + (kvh + 1) * hd];
+                        qv.iter().zip(kr).map(|(a, b)| a * b).sum::<f32>() * scale
+                    }));
+                    softmax_in_place(scores);
                     o.fill(0.0);
                     for (j, &p) in scores.iter().enumerate() {
                         let vr = &vc[j * kvd + kvh * hd..j * kvd + (kvh + 1) * hd];
