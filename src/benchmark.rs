@@ -87,6 +87,7 @@ pub fn build_for_tests(
         .max(512)
         .min(need);
     mo.max_logit_rows = 1;
+    mo.lm_head = opts.lm_head;
     build_model(weights, opts, mo)
 }
 

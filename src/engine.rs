@@ -8,6 +8,7 @@ use serde::Serialize;
 
 use crate::backend::cpu::CpuBackend;
 use crate::backend::wgpu::{self as gpu, AdapterChoice, WgpuBackend};
+pub use crate::backend::HeadFormat;
 use crate::config::ModelConfig;
 use crate::error::{BitnetError, Result};
 use crate::load::{load_weights, ModelFiles, ModelWeights};
@@ -51,6 +52,8 @@ pub struct EngineOptions {
     pub ctx: Option<usize>,
     /// Show a progress bar while loading.
     pub progress: bool,
+    /// Storage of the LM head (`q8`: smaller and faster on the CPU, slightly approximate).
+    pub lm_head: HeadFormat,
 }
 
 /// The model on one of the backends, chosen at run time.
@@ -250,6 +253,7 @@ impl Engine {
         if let Some(ctx) = opts.ctx {
             options.ctx = ctx;
         }
+        options.lm_head = opts.lm_head;
         let (model, device_note) = build_model_explained(&weights, opts, options)?;
         Ok(Engine {
             device_note,

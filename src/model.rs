@@ -10,7 +10,7 @@
 //! Every projection quantizes its input to int8 per token; q/k/v share one quantized input and so
 //! do gate/up, exactly as in transformers (each BitLinear quantizes the same tensor identically).
 
-use crate::backend::{AttentionShape, Backend, LogitRows};
+use crate::backend::{AttentionShape, Backend, HeadFormat, LogitRows};
 use crate::config::ModelConfig;
 use crate::error::{BitnetError, Result};
 use crate::load::ModelWeights;
@@ -24,6 +24,8 @@ pub struct ModelOptions {
     pub max_batch: usize,
     /// Largest number of logit rows one step can produce (`[rows, vocab]` buffer).
     pub max_logit_rows: usize,
+    /// Storage of the LM head.
+    pub lm_head: HeadFormat,
 }
 
 impl ModelOptions {
@@ -32,6 +34,7 @@ impl ModelOptions {
             ctx: config.max_position_embeddings,
             max_batch: 512,
             max_logit_rows: 64,
+            lm_head: HeadFormat::Exact,
         }
     }
 }
@@ -76,7 +79,7 @@ pub struct Model<B: Backend> {
     pub options: ModelOptions,
     pub backend: B,
     embed: B::Embedding,
-    head: Option<B::Embedding>, // None when tied
+    head: B::Head,
     final_norm: B::Vector,
     layers: Vec<Layer<B>>,
     s: Scratch<B>,
@@ -114,10 +117,8 @@ impl<B: Backend> Model<B> {
             });
         }
         let embed = b.upload_embedding(&w.embed_tokens)?;
-        let head = match &w.lm_head {
-            Some(m) => Some(b.upload_embedding(m)?),
-            None => None,
-        };
+        let tied = w.lm_head.is_none().then_some(&embed);
+        let head = b.upload_lm_head(w.head(), tied, options.lm_head)?;
         let final_norm = b.upload_vector(&w.final_norm)?;
         let (n, h, i) = (options.max_batch, c.hidden_size, c.intermediate_size);
         let (qd, kvd) = (c.q_dim(), c.kv_dim());
@@ -234,8 +235,7 @@ impl<B: Backend> Model<B> {
         }
         if let Some(rows) = rows {
             b.rms_norm(&s.x, &self.final_norm, eps, &mut s.xn)?; // xn [n, h]
-            let head = self.head.as_ref().unwrap_or(&self.embed);
-            b.lm_head(head, &s.xn, rows, &mut s.logits)?; // logits [1 or n, vocab]
+            b.lm_head(&self.head, &s.xn, rows, &mut s.logits)?; // logits [1 or n, vocab]
         }
         b.end_step()?;
         self.pos += tokens.len();
@@ -291,6 +291,7 @@ mod tests {
             ctx: 64,
             max_batch: 16,
             max_logit_rows: 16,
+            lm_head: HeadFormat::Exact,
         };
         let mut m = Model::new(CpuBackend::new(2).unwrap(), &w, opts).unwrap();
         let tokens: Vec<u32> = (0..12).map(|i| (i * 337 + 5) % 4096).collect();

@@ -33,6 +33,34 @@ impl ByteStorage {
             ByteStorage::Owned(v) => v,
         }
     }
+
+    /// Lets the OS drop the resident pages of `range` (bytes of this storage) when they come from
+    /// a file mapping; the next access reads them from the file again. Used after a copy in
+    /// another format was made, so that the copy does not double the resident memory. Best
+    /// effort: a no-op for owned bytes, off Unix, and for pages only partly inside `range`.
+    pub fn release(&self, range: std::ops::Range<usize>) {
+        #[cfg(unix)]
+        if let ByteStorage::Mapped { map, offset, len } = self {
+            // 64 KiB covers every page size in use (4 KiB x86, 16 KiB Apple, 64 KiB some Arm).
+            const ALIGN: usize = 1 << 16;
+            let start = (offset + range.start.min(*len)).next_multiple_of(ALIGN);
+            let end = (offset + range.end.min(*len)) / ALIGN * ALIGN;
+            if end > start {
+                // SAFETY: the mapping is a read-only private file mapping whose pages are never
+                // written, so MADV_DONTNEED cannot change what any live borrow reads: a dropped
+                // page is refilled from the same file bytes on the next access.
+                let _ = unsafe {
+                    map.unchecked_advise_range(
+                        memmap2::UncheckedAdvice::DontNeed,
+                        start,
+                        end - start,
+                    )
+                };
+            }
+        }
+        #[cfg(not(unix))]
+        let _ = range;
+    }
 }
 
 impl std::fmt::Debug for ByteStorage {

@@ -13,7 +13,7 @@
 
 mod common;
 
-use bitnet_wgpu::engine::{DeviceChoice, Engine, EngineOptions};
+use bitnet_wgpu::engine::{DeviceChoice, Engine, EngineOptions, HeadFormat};
 use bitnet_wgpu::sampler::{Sampler, SamplerConfig};
 use bitnet_wgpu::tokenizer::ChatMessage;
 use common::*;
@@ -246,4 +246,33 @@ fn cli_chat_answers_each_turn() {
         2,
         "one answer line per turn"
     );
+}
+
+/// `--lm-head q8`: the head's weights are rounded to int8 per 64-column block, so a logit moves by
+/// at most Σ_c |δw_c·x_c| ≤ (absmax_block / 254)·Σ|x| (≈ 0.4 here: hidden 64, embedding absmax
+/// ≈ 1.9, |x| ≈ 1), typically ~1 % of the logits' spread. Measured 2026-11-25: worst
+/// |got − ref| 0.094–0.134 over the 4 fixtures (logit std ≈ 4, max ≈ 17), greedy ids unchanged.
+/// Tolerance 0.2 absolute (5 % of the spread): a wrong scale, block or row is off by ~4.
+#[test]
+fn q8_lm_head_stays_close_to_transformers() {
+    for name in VARIANTS {
+        let r = reference(name);
+        let prompt = ids(&r["prompt_ids"]);
+        let (_, want) = bitnet_wgpu::npy::read_f32(&fixture(name).join("logits.npy")).unwrap();
+        let opts = EngineOptions {
+            device: DeviceChoice::Cpu,
+            threads: 2,
+            lm_head: HeadFormat::Q8,
+            ..Default::default()
+        };
+        let mut e = Engine::load(&fixture(name), &opts).unwrap();
+        let got = e.logits(&prompt).unwrap();
+        assert_close(&format!("{name} q8 logits"), &got, &want, 0.2, 0.0);
+        let mut s = Sampler::new(SamplerConfig::greedy()).unwrap();
+        let want_ids = ids(&r["greedy_ids"]);
+        let g = e
+            .generate(&prompt, want_ids.len(), &mut s, true, |_| {})
+            .unwrap();
+        assert_eq!(g.token_ids, want_ids, "{name}: greedy ids with the q8 head");
+    }
 }

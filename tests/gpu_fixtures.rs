@@ -141,6 +141,7 @@ fn gpu_and_cpu_agree_on_a_random_tiny_preset_model() {
         ctx: 64,
         max_batch: 16,
         max_logit_rows: 16,
+        lm_head: Default::default(),
     };
     let Some(mut g) = gpu_model("gpu_and_cpu_agree_tiny", &w, options) else {
         return;
@@ -181,6 +182,7 @@ fn gpu_runs_the_2b4t_shapes() {
         ctx: 128,
         max_batch: 8,
         max_logit_rows: 1,
+        lm_head: Default::default(),
     };
     let t0 = Instant::now();
     let Some(mut g) = gpu_model("gpu_runs_the_2b4t_shapes", &w, options) else {
@@ -237,4 +239,21 @@ fn device_loss_mid_generation_continues_on_the_cpu_without_losing_a_token() {
         .unwrap();
     assert!(matches!(e.model, AnyModel::Cpu(_)), "fell back to the CPU");
     assert_eq!(rest.token_ids, want[4..]);
+}
+
+/// The GPU keeps the exact (f16) head; asking it for the CPU-only 8-bit head is a clear error,
+/// not a silent change of format.
+#[test]
+fn gpu_rejects_the_q8_head_by_name() {
+    let Some(b) = gpu_backend_for_test("gpu_rejects_the_q8_head_by_name") else {
+        return;
+    };
+    let w = weights("tiny-autobitlinear");
+    let mut o = ModelOptions::for_config(&w.config);
+    o.lm_head = bitnet_wgpu::backend::HeadFormat::Q8;
+    let err = match Model::new(b, &w, o) {
+        Ok(_) => panic!("the wgpu backend accepted --lm-head q8"),
+        Err(e) => e.to_string(),
+    };
+    assert!(err.contains("q8") && err.contains("CPU"), "{err}");
 }

@@ -5,8 +5,9 @@
 
 use rayon::prelude::*;
 
-use super::kernels::{dot_bf16, ternary_dot4, ternary_dot4_x2, CpuLevel};
-use super::{AttentionShape, Backend, LogitRows};
+use super::kernels::{dot_bf16, dot_f32, ternary_dot4, ternary_dot4_x2, CpuLevel};
+use super::q8::Q8Matrix;
+use super::{AttentionShape, Backend, HeadFormat, LogitRows};
 use crate::error::{BitnetError, Result};
 use crate::load::FloatDtype;
 use crate::load::{decode_floats, FloatMatrix};
@@ -36,6 +37,30 @@ pub struct CpuKvCache {
     pub v: Vec<f32>, // [layers, ctx, kv_dim]
     pub ctx: usize,
     pub kv_dim: usize,
+}
+
+/// The CPU LM head: the checkpoint's floats (shared with the embedding when tied), or the
+/// 8-bit copy of `--lm-head q8`.
+#[derive(Debug, Clone)]
+pub enum CpuLmHead {
+    Exact(FloatMatrix), // [vocab, hidden] file dtype
+    Q8(Q8Matrix),       // [vocab, hidden] int8 + [vocab, hidden / 64] scales
+}
+
+impl CpuLmHead {
+    fn rows(&self) -> usize {
+        match self {
+            CpuLmHead::Exact(m) => m.rows,
+            CpuLmHead::Q8(m) => m.rows,
+        }
+    }
+
+    fn cols(&self) -> usize {
+        match self {
+            CpuLmHead::Exact(m) => m.cols,
+            CpuLmHead::Q8(m) => m.cols,
+        }
+    }
 }
 
 pub struct CpuBackend {
@@ -119,6 +144,7 @@ impl Backend for CpuBackend {
     type Linear = TernaryMatrix;
     type Vector = Vec<f32>;
     type Embedding = FloatMatrix;
+    type Head = CpuLmHead;
     type KvCache = CpuKvCache;
 
     fn name(&self) -> String {
@@ -135,6 +161,27 @@ impl Backend for CpuBackend {
 
     fn upload_embedding(&mut self, m: &FloatMatrix) -> Result<FloatMatrix> {
         Ok(m.clone())
+    }
+
+    fn upload_lm_head(
+        &mut self,
+        m: &FloatMatrix,
+        _tied: Option<&FloatMatrix>,
+        format: HeadFormat,
+    ) -> Result<CpuLmHead> {
+        Ok(match format {
+            // A clone shares the bytes (memory map or Arc), tied or not.
+            HeadFormat::Exact => CpuLmHead::Exact(m.clone()),
+            HeadFormat::Q8 => {
+                let row_bytes = m.cols * m.dtype.size();
+                let q8 = self.pool.install(|| {
+                    Q8Matrix::quantize(m, |rows| {
+                        m.data.release(rows.start * row_bytes..rows.end * row_bytes)
+                    })
+                });
+                CpuLmHead::Q8(q8)
+            }
+        })
     }
 
     fn alloc(&mut self, capacity: usize, cols: usize) -> Result<CpuTensor> {
@@ -204,11 +251,15 @@ impl Backend for CpuBackend {
         self.check("rms_norm", x, cols)?;
         self.check("rms_norm", out, cols)?;
         let n = self.n();
-        for (xr, or) in x.data[..n * cols]
-            .chunks_exact(cols)
-            .zip(out.data.chunks_exact_mut(cols))
-        {
-            rms_norm_row(xr, w, eps, or);
+        let rows = x.data[..n * cols]
+            .par_chunks_exact(cols)
+            .zip(out.data.par_chunks_exact_mut(cols));
+        // Rows in parallel for prefill; a decode step's single row is not worth a rayon job.
+        if n > 1 {
+            self.pool
+                .install(|| rows.for_each(|(xr, or)| rms_norm_row(xr, w, eps, or)));
+        } else {
+            rms_norm_row(&x.data[..cols], w, eps, &mut out.data[..cols]);
         }
         Ok(())
     }
@@ -219,10 +270,26 @@ impl Backend for CpuBackend {
         if out.capacity < n {
             return Err(BitnetError::op("quantize", "output has too few rows"));
         }
-        for t in 0..n {
-            let q = &mut out.q[t * cols..(t + 1) * cols];
-            out.scales[t] = quantize_row(&x.data[t * cols..(t + 1) * cols], q);
-            out.sums[t] = q.iter().map(|&v| v as i32).sum();
+        let quantize = |xr: &[f32], q: &mut [i8], s: &mut f32, sum: &mut i32| {
+            *s = quantize_row(xr, q);
+            *sum = q.iter().map(|&v| v as i32).sum();
+        };
+        if n > 1 {
+            self.pool.install(|| {
+                x.data[..n * cols]
+                    .par_chunks_exact(cols)
+                    .zip(out.q.par_chunks_exact_mut(cols))
+                    .zip(out.scales.par_iter_mut())
+                    .zip(out.sums.par_iter_mut())
+                    .for_each(|(((xr, q), s), sum)| quantize(xr, q, s, sum))
+            });
+        } else {
+            quantize(
+                &x.data[..cols],
+                &mut out.q[..cols],
+                &mut out.scales[0],
+                &mut out.sums[0],
+            );
         }
         Ok(())
     }
@@ -272,14 +339,20 @@ impl Backend for CpuBackend {
                 }
             })
         });
-        for t in 0..n {
+        // acc [P, n, 4] → out [n, rows]: row i·P + p of token t is acc[p, t, i].
+        let scatter = |(t, orow): (usize, &mut [f32])| {
             let f = w.out_scale / x.scales[t];
-            let orow = &mut out.data[t * w.rows..(t + 1) * w.rows];
             for p in 0..p4 {
                 for i in 0..4 {
                     orow[i * p4 + p] = acc[(p * n + t) * 4 + i] as f32 * f;
                 }
             }
+        };
+        let out_rows = out.data[..n * w.rows].par_chunks_mut(w.rows).enumerate();
+        if n > 1 {
+            self.pool.install(|| out_rows.for_each(scatter));
+        } else {
+            scatter((0, &mut out.data[..w.rows]));
         }
         Ok(())
     }
@@ -327,6 +400,7 @@ impl Backend for CpuBackend {
         let group = shape.n_heads / shape.n_kv_heads;
         let scale = 1.0 / (hd as f32).sqrt();
         let start = self.start_pos;
+        let level = self.level;
         self.pool.install(|| {
             out.data[..n * qd]
                 .par_chunks_mut(hd)
@@ -340,7 +414,7 @@ impl Backend for CpuBackend {
                     scores.clear();
                     scores.extend((0..len).map(|j| {
                         let kr = &kc[j * kvd + kvh * hd..j * kvd + (kvh + 1) * hd];
-                        qv.iter().zip(kr).map(|(a, b)| a * b).sum::<f32>() * scale
+                        dot_f32(level, qv, kr) * scale
                     }));
                     softmax_in_place(scores);
                     o.fill(0.0);
@@ -378,45 +452,62 @@ impl Backend for CpuBackend {
 
     fn lm_head(
         &mut self,
-        head: &FloatMatrix,
+        head: &CpuLmHead,
         x: &CpuTensor,
         rows: LogitRows,
         logits: &mut CpuTensor,
     ) -> Result<()> {
-        let (n, h) = (self.n(), head.cols);
+        let (n, h, vocab) = (self.n(), head.cols(), head.rows());
         self.check("lm_head", x, h)?;
         let first = match rows {
             LogitRows::Last => n - 1,
             LogitRows::All => 0,
         };
         let out_rows = n - first;
-        if logits.cols != head.rows || logits.capacity < out_rows {
+        if logits.cols != vocab || logits.capacity < out_rows {
             return Err(BitnetError::op(
                 "lm_head",
-                "logits tensor has the wrong shape",
+                format!(
+                    "logits tensor [{}, {}] cannot hold [{out_rows}, {vocab}]",
+                    logits.capacity, logits.cols
+                ),
             ));
         }
+        // 256 vocabulary rows per rayon job: ~1.3 MB of bf16 head, enough to hide the job cost.
         const CHUNK: usize = 256;
-        let es = head.dtype.size();
-        let data = head.data.as_slice();
         let level = self.level;
         self.pool.install(|| {
             for r in 0..out_rows {
-                let xr = &x.data[(first + r) * h..(first + r + 1) * h];
-                let lr = &mut logits.data[r * head.rows..(r + 1) * head.rows];
-                lr.par_chunks_mut(CHUNK).enumerate().for_each(|(c, out)| {
-                    let mut row = vec![0f32; h];
-                    for (i, o) in out.iter_mut().enumerate() {
-                        let v = c * CHUNK + i;
-                        let bytes = &data[v * h * es..(v + 1) * h * es];
-                        *o = if head.dtype == FloatDtype::Bf16 {
-                            dot_bf16(level, bytes, xr)
-                        } else {
-                            decode_floats(head.dtype, bytes, &mut row);
-                            row.iter().zip(xr).map(|(a, b)| a * b).sum()
-                        };
+                let xr = &x.data[(first + r) * h..(first + r + 1) * h]; // [h]
+                let lr = &mut logits.data[r * vocab..(r + 1) * vocab]; // [vocab]
+                match head {
+                    CpuLmHead::Q8(q8) => {
+                        lr.par_chunks_mut(CHUNK).enumerate().for_each(|(c, out)| {
+                            for (i, o) in out.iter_mut().enumerate() {
+                                *o = q8.dot(level, c * CHUNK + i, xr);
+                            }
+                        })
                     }
-                });
+                    CpuLmHead::Exact(m) => {
+                        let es = m.dtype.size();
+                        let data = m.data.as_slice();
+                        lr.par_chunks_mut(CHUNK).enumerate().for_each_init(
+                            || vec![0f32; h],
+                            |row, (c, out)| {
+                                for (i, o) in out.iter_mut().enumerate() {
+                                    let v = c * CHUNK + i;
+                                    let bytes = &data[v * h * es..(v + 1) * h * es];
+                                    *o = if m.dtype == FloatDtype::Bf16 {
+                                        dot_bf16(level, bytes, xr)
+                                    } else {
+                                        decode_floats(m.dtype, bytes, row);
+                                        row.iter().zip(xr).map(|(a, b)| a * b).sum()
+                                    };
+                                }
+                            },
+                        )
+                    }
+                }
             }
         });
         Ok(())

@@ -12,7 +12,7 @@ use std::sync::OnceLock;
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub enum CpuLevel {
     Scalar,
-    /// x86-64 AVX2 (pmaddubsw + pmaddwd).
+    /// x86-64 AVX2 + FMA (pmaddubsw + pmaddwd; FMA for the float kernels).
     Avx2,
     /// x86-64 AVX-512 BW + VNNI (vpdpbusd on 512-bit vectors).
     Avx512Vnni,
@@ -35,7 +35,7 @@ impl CpuLevel {
         let mut v = vec![CpuLevel::Scalar];
         #[cfg(target_arch = "x86_64")]
         {
-            if is_x86_feature_detected!("avx2") {
+            if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
                 v.push(CpuLevel::Avx2);
             }
             if is_x86_feature_detected!("avx512bw")
@@ -126,6 +126,23 @@ pub fn dot_bf16(level: CpuLevel, row: &[u8], x: &[f32]) -> f32 {
         CpuLevel::Avx2 | CpuLevel::Avx512Vnni => unsafe { x86::dot_bf16_avx2(row, x) },
         _ => dot_bf16_scalar(row, x),
     }
+}
+
+/// `Σ a·b` in f32 (attention scores).
+#[inline]
+pub fn dot_f32(level: CpuLevel, a: &[f32], b: &[f32]) -> f32 {
+    debug_assert_eq!(a.len(), b.len());
+    match level {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: the level is only ever one `available()` returned (AVX2 implies FMA there).
+        CpuLevel::Avx2 | CpuLevel::Avx512Vnni => unsafe { x86::dot_f32_avx2(a, b) },
+        _ => dot_f32_scalar(a, b),
+    }
+}
+
+/// The scalar twin of [`dot_f32`].
+pub fn dot_f32_scalar(a: &[f32], b: &[f32]) -> f32 {
+    a.iter().zip(b).map(|(x, y)| x * y).sum()
 }
 
 pub fn dot_bf16_scalar(row: &[u8], x: &[f32]) -> f32 {
@@ -267,6 +284,36 @@ mod x86 {
         [0, 1, 2, 3].map(|i| _mm512_reduce_add_epi32(acc[i]) + tail[i] - q_sum)
     }
 
+    /// 16 floats per step into two FMA accumulators (a scalar sum cannot vectorise: it fixes
+    /// the order of the additions).
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn dot_f32_avx2(a: &[f32], b: &[f32]) -> f32 {
+        let n = a.len() / 16 * 16;
+        let mut acc0 = _mm256_setzero_ps();
+        let mut acc1 = _mm256_setzero_ps();
+        let mut c = 0;
+        while c < n {
+            // SAFETY: c + 16 ≤ n ≤ len of both slices.
+            unsafe {
+                acc0 = _mm256_fmadd_ps(
+                    _mm256_loadu_ps(a.as_ptr().add(c)),
+                    _mm256_loadu_ps(b.as_ptr().add(c)),
+                    acc0,
+                );
+                acc1 = _mm256_fmadd_ps(
+                    _mm256_loadu_ps(a.as_ptr().add(c + 8)),
+                    _mm256_loadu_ps(b.as_ptr().add(c + 8)),
+                    acc1,
+                );
+            }
+            c += 16;
+        }
+        let mut lanes = [0f32; 8];
+        // SAFETY: lanes has 8 floats.
+        unsafe { _mm256_storeu_ps(lanes.as_mut_ptr(), _mm256_add_ps(acc0, acc1)) };
+        lanes.iter().sum::<f32>() + super::dot_f32_scalar(&a[n..], &b[n..])
+    }
+
     /// bf16 → f32 is a 16-bit left shift; 8 columns per step with FMA-free mul+add so the result
     /// does not depend on FMA availability (AVX2 machines without FMA exist).
     #[target_feature(enable = "avx2")]
@@ -376,6 +423,25 @@ mod tests {
                     ternary_dot4(l, &twos, &q, -128 * cols as i32),
                     want,
                     "{l:?} cols {cols} all +1"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn f32_dot_matches_scalar_within_tolerance() {
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(11);
+        for len in [0usize, 1, 15, 16, 17, 64, 128, 131] {
+            let a: Vec<f32> = (0..len).map(|_| rng.random_range(-3f32..3.0)).collect();
+            let b: Vec<f32> = (0..len).map(|_| rng.random_range(-3f32..3.0)).collect();
+            let want = dot_f32_scalar(&a, &b);
+            for level in CpuLevel::available() {
+                let got = dot_f32(level, &a, &b);
+                let tol = 1e-4 + 1e-4 * want.abs();
+                assert!(
+                    (got - want).abs() <= tol,
+                    "{} len {len}: got {got}, expected {want}",
+                    level.name()
                 );
             }
         }

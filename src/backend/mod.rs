@@ -9,6 +9,7 @@
 
 pub mod cpu;
 pub mod kernels;
+pub mod q8;
 pub mod wgpu;
 
 use crate::error::Result;
@@ -33,6 +34,39 @@ pub enum LogitRows {
     All,
 }
 
+/// How the LM head is stored on the device.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum HeadFormat {
+    /// The checkpoint's floats (bf16 on the CPU, f16 on the GPU): logits as transformers.
+    #[default]
+    Exact,
+    /// int8 with one f32 scale per 64 columns (CPU only): 1.9× fewer bytes per decoded token,
+    /// logits within ~1e-3 relative of the exact head (see BENCHMARKS.md).
+    Q8,
+}
+
+impl std::str::FromStr for HeadFormat {
+    type Err = crate::error::BitnetError;
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "exact" => Ok(HeadFormat::Exact),
+            "q8" => Ok(HeadFormat::Q8),
+            _ => Err(crate::error::BitnetError::InvalidArgument(format!(
+                "unknown LM head format {s:?} (expected exact or q8)"
+            ))),
+        }
+    }
+}
+
+impl HeadFormat {
+    pub fn name(self) -> &'static str {
+        match self {
+            HeadFormat::Exact => "exact",
+            HeadFormat::Q8 => "q8",
+        }
+    }
+}
+
 /// The ops of a BitNet b1.58 forward pass. Shapes in the comments: `n` = live rows of the step.
 pub trait Backend {
     /// f32 activations `[capacity, cols]`.
@@ -43,8 +77,10 @@ pub trait Backend {
     type Linear;
     /// An f32 vector (norm weights).
     type Vector;
-    /// A float matrix `[vocab, hidden]` for the embedding lookup and the LM head.
+    /// A float matrix `[vocab, hidden]` for the embedding lookup.
     type Embedding;
+    /// The LM head `[vocab, hidden]` in the backend's format for it.
+    type Head;
     /// Keys and values of all layers, `[layers, ctx, kv_dim]` each.
     type KvCache;
 
@@ -54,6 +90,14 @@ pub trait Backend {
     fn upload_linear(&mut self, w: &TernaryMatrix) -> Result<Self::Linear>;
     fn upload_vector(&mut self, v: &[f32]) -> Result<Self::Vector>;
     fn upload_embedding(&mut self, m: &FloatMatrix) -> Result<Self::Embedding>;
+    /// The LM head `m`; `tied` is the uploaded embedding when `m` is the same matrix (tied
+    /// weights), so that a backend keeping the exact format can share it instead of a copy.
+    fn upload_lm_head(
+        &mut self,
+        m: &FloatMatrix,
+        tied: Option<&Self::Embedding>,
+        format: HeadFormat,
+    ) -> Result<Self::Head>;
     fn alloc(&mut self, capacity: usize, cols: usize) -> Result<Self::Tensor>;
     fn alloc_q(&mut self, capacity: usize, cols: usize) -> Result<Self::QTensor>;
     fn alloc_kv_cache(&mut self, layers: usize, ctx: usize, kv_dim: usize)
@@ -110,7 +154,7 @@ pub trait Backend {
     /// `logits = x · headᵀ` for the rows selected: `[1 or n, vocab]`.
     fn lm_head(
         &mut self,
-        head: &Self::Embedding,
+        head: &Self::Head,
         x: &Self::Tensor,
         rows: LogitRows,
         logits: &mut Self::Tensor,

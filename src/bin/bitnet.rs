@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
 
-use bitnet_wgpu::engine::{DeviceChoice, Engine, EngineOptions};
+use bitnet_wgpu::engine::{DeviceChoice, Engine, EngineOptions, HeadFormat};
 use bitnet_wgpu::sampler::{Sampler, SamplerConfig};
 use bitnet_wgpu::tokenizer::ChatMessage;
 
@@ -49,18 +49,42 @@ struct ModelArgs {
     /// Model folder (Hugging Face layout). Default: $BITNET_MODEL, else the bundled tiny model.
     #[arg(short, long, value_name = "DIR")]
     model: Option<PathBuf>,
-    /// Where to run: auto (a hardware GPU if usable, else CPU), cpu, or gpu.
-    #[arg(long, default_value = "auto", value_name = "auto|cpu|gpu")]
-    device: DeviceChoice,
-    /// Use the GPU adapter whose name contains this text.
-    #[arg(long, value_name = "NAME")]
-    adapter: Option<String>,
+    #[command(flatten)]
+    device: DeviceArgs,
     /// CPU threads (default: all cores).
     #[arg(short, long, default_value_t = 0)]
     threads: usize,
     /// Context length in tokens (default: the model's max_position_embeddings).
     #[arg(long)]
     ctx: Option<usize>,
+}
+
+/// Where and in which format the model runs (shared by the model commands and `bench`).
+#[derive(Args, Clone)]
+struct DeviceArgs {
+    /// Where to run: auto (a hardware GPU if usable, else CPU), cpu, or gpu.
+    #[arg(long, default_value = "auto", value_name = "auto|cpu|gpu")]
+    device: DeviceChoice,
+    /// Use the GPU adapter whose name contains this text.
+    #[arg(long, value_name = "NAME")]
+    adapter: Option<String>,
+    /// LM head storage: exact (the checkpoint's floats) or q8 (CPU only: int8 with a scale per
+    /// 64 columns, ~1.9x less memory traffic per token, logits within ~1e-3 relative).
+    #[arg(long, default_value = "exact", value_name = "exact|q8")]
+    lm_head: HeadFormat,
+}
+
+impl DeviceArgs {
+    fn engine_options(&self, threads: usize, ctx: Option<usize>, progress: bool) -> EngineOptions {
+        EngineOptions {
+            device: self.device,
+            adapter: self.adapter.clone(),
+            threads,
+            ctx,
+            progress,
+            lm_head: self.lm_head,
+        }
+    }
 }
 
 impl ModelArgs {
@@ -73,13 +97,7 @@ impl ModelArgs {
 
     fn load(&self) -> Result<Engine> {
         let dir = self.dir();
-        let opts = EngineOptions {
-            device: self.device,
-            adapter: self.adapter.clone(),
-            threads: self.threads,
-            ctx: self.ctx,
-            progress: true,
-        };
+        let opts = self.device.engine_options(self.threads, self.ctx, true);
         let engine = Engine::load(&dir, &opts)
             .with_context(|| format!("cannot load the model in {}", dir.display()))?;
         if let Some(note) = &engine.device_note {
@@ -209,12 +227,8 @@ struct BenchArgs {
     /// Random weights of a real shape built in memory: 2b4t, large (0.7B) or tiny.
     #[arg(long, value_name = "PRESET")]
     synthetic: Option<String>,
-    /// Where to run: auto, cpu or gpu.
-    #[arg(long, default_value = "auto")]
-    device: DeviceChoice,
-    /// GPU adapter name substring.
-    #[arg(long)]
-    adapter: Option<String>,
+    #[command(flatten)]
+    device: DeviceArgs,
     /// Prompt lengths for the prefill tests (comma-separated; 0 = none).
     #[arg(
         short = 'p',
@@ -687,13 +701,7 @@ fn bench(a: BenchArgs) -> Result<()> {
     let reps = a.repetitions.max(1);
     let mut results = Vec::new();
     for &t in &threads {
-        let opts = EngineOptions {
-            device: a.device,
-            adapter: a.adapter.clone(),
-            threads: t,
-            ctx: None,
-            progress: false,
-        };
+        let opts = a.device.engine_options(t, None, false);
         let mut model = build_for_tests(&weights, &opts, &tests)?;
         for &spec in &tests {
             eprintln!(

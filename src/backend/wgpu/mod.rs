@@ -35,7 +35,7 @@ pub use adapter::{
     MemoryEstimate,
 };
 
-use super::{AttentionShape, Backend, LogitRows};
+use super::{AttentionShape, Backend, HeadFormat, LogitRows};
 use crate::error::{BitnetError, Result};
 use crate::load::{FloatDtype, FloatMatrix};
 use crate::ternary::TernaryMatrix;
@@ -881,7 +881,9 @@ impl Backend for WgpuBackend {
     type QTensor = GpuQTensor;
     type Linear = GpuLinear;
     type Vector = GpuVector;
-    type Embedding = GpuEmbedding;
+    // Shared (Arc) so that a tied LM head is the embedding's buffers, not a second upload.
+    type Embedding = Arc<GpuEmbedding>;
+    type Head = Arc<GpuEmbedding>;
     type KvCache = GpuKvCache;
 
     fn name(&self) -> String {
@@ -922,7 +924,26 @@ impl Backend for WgpuBackend {
         })
     }
 
-    fn upload_embedding(&mut self, m: &FloatMatrix) -> Result<GpuEmbedding> {
+    fn upload_lm_head(
+        &mut self,
+        m: &FloatMatrix,
+        tied: Option<&Arc<GpuEmbedding>>,
+        format: HeadFormat,
+    ) -> Result<Arc<GpuEmbedding>> {
+        if format != HeadFormat::Exact {
+            return Err(BitnetError::Unsupported {
+                what: "LM head format on the GPU",
+                value: format.name().into(),
+                hint: "the wgpu backend keeps the head in f16; --lm-head q8 is a CPU option",
+            });
+        }
+        match tied {
+            Some(e) => Ok(Arc::clone(e)),
+            None => self.upload_embedding(m),
+        }
+    }
+
+    fn upload_embedding(&mut self, m: &FloatMatrix) -> Result<Arc<GpuEmbedding>> {
         let row_words = layout::row_words(m.dtype, m.cols);
         let row_bytes = row_words * 4;
         let max = self
@@ -952,13 +973,13 @@ impl Backend for WgpuBackend {
             )?;
             chunks.push(EmbChunk { data, params, rows });
         }
-        Ok(GpuEmbedding {
+        Ok(Arc::new(GpuEmbedding {
             chunks,
             rows: m.rows,
             cols: m.cols,
             dtype: m.dtype,
             row_words,
-        })
+        }))
     }
 
     fn alloc(&mut self, capacity: usize, cols: usize) -> Result<GpuTensor> {
@@ -1036,7 +1057,7 @@ impl Backend for WgpuBackend {
         self.flush()
     }
 
-    fn embed(&mut self, emb: &GpuEmbedding, out: &mut GpuTensor) -> Result<()> {
+    fn embed(&mut self, emb: &Arc<GpuEmbedding>, out: &mut GpuTensor) -> Result<()> {
         self.check("embed", out, emb.cols)?;
         if let Some(&id) = self.tokens.iter().find(|&&t| t as usize >= emb.rows) {
             return Err(BitnetError::TokenOutOfRange {
@@ -1241,7 +1262,7 @@ impl Backend for WgpuBackend {
 
     fn lm_head(
         &mut self,
-        head: &GpuEmbedding,
+        head: &Arc<GpuEmbedding>,
         x: &GpuTensor,
         rows: LogitRows,
         logits: &mut GpuTensor,

@@ -1,0 +1,128 @@
+//! Kernel-level CPU benchmarks (`cargo bench --bench cpu_kernels`): the ternary dot of one packed
+//! byte row (4 output rows) for each kernel level this machine runs, a whole 2B4T-shaped
+//! projection (decode: 1 token; prefill: 64 tokens) through the CPU backend, and one LM-head row
+//! in bf16 and q8. Throughput is in packed weight bytes (decode) or multiply-adds (prefill), so
+//! the figures compare with the machine's memory bandwidth and SIMD peak. Whole-model speed is
+//! `bitnet bench`'s job.
+
+use std::sync::Arc;
+
+use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
+use rand::{Rng, SeedableRng};
+
+use bitnet_wgpu::backend::cpu::CpuBackend;
+use bitnet_wgpu::backend::kernels::{dot_bf16, ternary_dot4, ternary_dot4_x2, CpuLevel};
+use bitnet_wgpu::backend::q8::Q8Matrix;
+use bitnet_wgpu::backend::Backend;
+use bitnet_wgpu::load::{FloatDtype, FloatMatrix};
+use bitnet_wgpu::ternary::{ByteStorage, TernaryMatrix};
+
+fn rng() -> rand_chacha::ChaCha8Rng {
+    rand_chacha::ChaCha8Rng::seed_from_u64(42)
+}
+
+/// Random valid packed bytes (every 2-bit field in 0..=2).
+fn packed(len: usize) -> Vec<u8> {
+    let mut r = rng();
+    (0..len)
+        .map(|_| (0..4).fold(0u8, |b, i| b | (r.random_range(0..3u8) << (2 * i))))
+        .collect()
+}
+
+fn activations(len: usize) -> Vec<i8> {
+    let mut r = rng();
+    (0..len).map(|_| r.random_range(-127..=127i8)).collect()
+}
+
+fn dot_kernels(c: &mut Criterion) {
+    let cols = 2560;
+    let bytes = packed(cols);
+    let (q0, q1) = (activations(cols), activations(cols));
+    let mut g = c.benchmark_group("ternary_dot4 (1 byte row, 2560 cols, L1)");
+    g.throughput(Throughput::Bytes(cols as u64));
+    for level in CpuLevel::available() {
+        g.bench_function(BenchmarkId::new("1 token", level.name()), |b| {
+            b.iter(|| ternary_dot4(level, &bytes, &q0, 0))
+        });
+        g.bench_function(BenchmarkId::new("2 tokens", level.name()), |b| {
+            b.iter(|| ternary_dot4_x2(level, &bytes, [&q0, &q1], [0, 0]))
+        });
+    }
+    g.finish();
+}
+
+fn projection(c: &mut Criterion) {
+    // gate_proj of 2B4T: [6912, 2560], 4.4 MB packed.
+    let (rows, cols) = (6912, 2560);
+    let w = TernaryMatrix::new(
+        "gate_proj",
+        rows,
+        cols,
+        ByteStorage::Owned(Arc::new(packed(rows / 4 * cols))),
+        0.01,
+    )
+    .unwrap();
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let mut g = c.benchmark_group("ternary_matmul [6912, 2560]");
+    g.sample_size(20);
+    for n in [1usize, 64] {
+        let mut b = CpuBackend::new(threads).unwrap();
+        let mut x = b.alloc(n, cols).unwrap();
+        let mut r = rng();
+        x.data
+            .iter_mut()
+            .for_each(|v| *v = r.random_range(-1f32..1.0));
+        let tokens = vec![0u32; n];
+        b.begin_step(&tokens, 0).unwrap();
+        let mut xq = b.alloc_q(n, cols).unwrap();
+        b.quantize(&x, &mut xq).unwrap();
+        let mut out = b.alloc(n, rows).unwrap();
+        if n == 1 {
+            g.throughput(Throughput::Bytes((rows / 4 * cols) as u64));
+        } else {
+            g.throughput(Throughput::Elements((n * rows * cols) as u64));
+        }
+        let label = format!("{n} tokens, {} ({threads} threads)", b.level().name());
+        g.bench_function(label, |bch| {
+            bch.iter(|| b.ternary_matmul(&w, &xq, &mut out).unwrap())
+        });
+    }
+    g.finish();
+}
+
+fn head_row(c: &mut Criterion) {
+    // 256 rows of a 2560-wide head: one rayon job's worth of the LM head.
+    let (rows, cols) = (256, 2560);
+    let mut r = rng();
+    let data: Vec<u8> = (0..rows * cols)
+        .flat_map(|_| half::bf16::from_f32(r.random_range(-0.1f32..0.1)).to_le_bytes())
+        .collect();
+    let m = FloatMatrix {
+        name: "head".into(),
+        rows,
+        cols,
+        dtype: FloatDtype::Bf16,
+        data: ByteStorage::Owned(Arc::new(data)),
+    };
+    let q8 = Q8Matrix::quantize(&m, |_| {});
+    let x: Vec<f32> = (0..cols).map(|_| r.random_range(-2f32..2.0)).collect();
+    let raw = m.data.as_slice();
+    let mut g = c.benchmark_group("lm_head 256 rows x 2560");
+    g.throughput(Throughput::Elements((rows * cols) as u64));
+    for level in CpuLevel::available() {
+        g.bench_function(BenchmarkId::new("bf16", level.name()), |b| {
+            b.iter(|| {
+                (0..rows)
+                    .map(|i| dot_bf16(level, &raw[i * cols * 2..(i + 1) * cols * 2], &x))
+                    .sum::<f32>()
+            })
+        });
+        g.bench_function(BenchmarkId::new("q8", level.name()), |b| {
+            b.iter(|| (0..rows).map(|i| q8.dot(level, i, &x)).sum::<f32>())
+        });
+    }
+    g.finish();
+}
+
+criterion_group!(benches, dot_kernels, projection, head_row);
+criterion_main!(benches);
