@@ -12,7 +12,7 @@ use rand::{Rng, SeedableRng};
 
 use bitnet_wgpu::backend::cpu::CpuBackend;
 use bitnet_wgpu::backend::kernels::{dot_bf16, ternary_dot4, ternary_dot4_x2, CpuLevel};
-use bitnet_wgpu::backend::q8::Q8Matrix;
+use bitnet_wgpu::backend::q8::{HeadInput, Q8Matrix};
 use bitnet_wgpu::backend::Backend;
 use bitnet_wgpu::load::{FloatDtype, FloatMatrix};
 use bitnet_wgpu::ternary::{ByteStorage, TernaryMatrix};
@@ -107,6 +107,7 @@ fn head_row(c: &mut Criterion) {
     let q8 = Q8Matrix::quantize(&m, |_| {});
     let x: Vec<f32> = (0..cols).map(|_| r.random_range(-2f32..2.0)).collect();
     let raw = m.data.as_slice();
+    let hx = HeadInput::new(&x);
     let mut g = c.benchmark_group("lm_head 256 rows x 2560");
     g.throughput(Throughput::Elements((rows * cols) as u64));
     for level in CpuLevel::available() {
@@ -118,7 +119,7 @@ fn head_row(c: &mut Criterion) {
             })
         });
         g.bench_function(BenchmarkId::new("q8", level.name()), |b| {
-            b.iter(|| (0..rows).map(|i| q8.dot(level, i, &x)).sum::<f32>())
+            b.iter(|| (0..rows).map(|i| q8.dot(level, i, &hx)).sum::<f32>())
         });
     }
     g.finish();

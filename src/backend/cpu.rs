@@ -6,7 +6,7 @@
 use rayon::prelude::*;
 
 use super::kernels::{dot_bf16, dot_f32, ternary_dot4, ternary_dot4_x2, CpuLevel};
-use super::q8::Q8Matrix;
+use super::q8::{HeadInput, Q8Matrix};
 use super::{AttentionShape, Backend, HeadFormat, LogitRows};
 use crate::error::{BitnetError, Result};
 use crate::load::FloatDtype;
@@ -73,12 +73,10 @@ pub struct CpuBackend {
 }
 
 impl CpuBackend {
-    /// `threads = 0` means one per available core.
+    /// `threads = 0` means [`default_threads`].
     pub fn new(threads: usize) -> Result<Self> {
         let threads = if threads == 0 {
-            std::thread::available_parallelism()
-                .map(|n| n.get())
-                .unwrap_or(1)
+            default_threads()
         } else {
             threads
         };
@@ -316,28 +314,40 @@ impl Backend for CpuBackend {
         self.acc.resize(p4 * n * 4, 0);
         let acc = &mut self.acc;
         let level = self.level;
-        // acc [P, n, 4]: byte row p serves 4 output rows; the byte row stays in L1 across tokens.
+        // acc [P, n, 4]: byte row p serves 4 output rows. A job takes BYTE_ROWS byte rows and
+        // walks them once per block of TOKEN_BLOCK tokens, so that the block's int8 activations
+        // (≤ 32 × 6912 B for 2B4T) stay in L2 and each byte row stays in L1 across the block.
+        const BYTE_ROWS: usize = 8;
+        const TOKEN_BLOCK: usize = 32;
+        let job_rows = if n == 1 { 1 } else { BYTE_ROWS };
         self.pool.install(|| {
-            acc.par_chunks_mut(n * 4).enumerate().for_each(|(p, a)| {
-                let bytes = w.byte_row(p);
-                let row = |t: usize| &x.q[t * cols..(t + 1) * cols];
-                let mut t = 0;
-                while t + 2 <= n {
-                    let r = ternary_dot4_x2(
-                        level,
-                        bytes,
-                        [row(t), row(t + 1)],
-                        [x.sums[t], x.sums[t + 1]],
-                    );
-                    a[t * 4..t * 4 + 4].copy_from_slice(&r[0]);
-                    a[t * 4 + 4..t * 4 + 8].copy_from_slice(&r[1]);
-                    t += 2;
-                }
-                if t < n {
-                    let r = ternary_dot4(level, bytes, row(t), x.sums[t]);
-                    a[t * 4..t * 4 + 4].copy_from_slice(&r);
-                }
-            })
+            acc.par_chunks_mut(n * 4 * job_rows)
+                .enumerate()
+                .for_each(|(job, a)| {
+                    let row = |t: usize| &x.q[t * cols..(t + 1) * cols]; // [cols]
+                    for t0 in (0..n).step_by(TOKEN_BLOCK) {
+                        let t1 = (t0 + TOKEN_BLOCK).min(n);
+                        for (g, a) in a.chunks_mut(n * 4).enumerate() {
+                            let bytes = w.byte_row(job * job_rows + g); // [cols]
+                            let mut t = t0;
+                            while t + 2 <= t1 {
+                                let r = ternary_dot4_x2(
+                                    level,
+                                    bytes,
+                                    [row(t), row(t + 1)],
+                                    [x.sums[t], x.sums[t + 1]],
+                                );
+                                a[t * 4..t * 4 + 4].copy_from_slice(&r[0]);
+                                a[t * 4 + 4..t * 4 + 8].copy_from_slice(&r[1]);
+                                t += 2;
+                            }
+                            if t < t1 {
+                                let r = ternary_dot4(level, bytes, row(t), x.sums[t]);
+                                a[t * 4..t * 4 + 4].copy_from_slice(&r);
+                            }
+                        }
+                    }
+                })
         });
         // acc [P, n, 4] → out [n, rows]: row i·P + p of token t is acc[p, t, i].
         let scatter = |(t, orow): (usize, &mut [f32])| {
@@ -482,9 +492,10 @@ impl Backend for CpuBackend {
                 let lr = &mut logits.data[r * vocab..(r + 1) * vocab]; // [vocab]
                 match head {
                     CpuLmHead::Q8(q8) => {
+                        let hx = HeadInput::new(xr); // [h] int16
                         lr.par_chunks_mut(CHUNK).enumerate().for_each(|(c, out)| {
                             for (i, o) in out.iter_mut().enumerate() {
-                                *o = q8.dot(level, c * CHUNK + i, xr);
+                                *o = q8.dot(level, c * CHUNK + i, &hx);
                             }
                         })
                     }
@@ -520,6 +531,41 @@ impl Backend for CpuBackend {
     fn argmax_row0(&mut self, logits: &CpuTensor) -> Result<u32> {
         Ok(argmax(&logits.data[..logits.cols]) as u32)
     }
+}
+
+/// One thread per physical core this process may use: SMT siblings share the SIMD units the
+/// ternary kernels saturate, so a second thread per core adds scheduling cost and no speed.
+/// Linux reads the core topology from sysfs; elsewhere (or if sysfs is unreadable) every
+/// logical CPU counts.
+pub fn default_threads() -> usize {
+    let logical = std::thread::available_parallelism().map_or(1, |n| n.get());
+    physical_cores().map_or(logical, |p| p.clamp(1, logical))
+}
+
+fn physical_cores() -> Option<usize> {
+    #[cfg(target_os = "linux")]
+    {
+        let mut cores = std::collections::HashSet::new();
+        for entry in std::fs::read_dir("/sys/devices/system/cpu").ok()? {
+            let path = entry.ok()?.path();
+            let name = path.file_name()?.to_str()?;
+            if name
+                .strip_prefix("cpu")
+                .is_none_or(|n| n.parse::<u32>().is_err())
+            {
+                continue;
+            }
+            // Offline CPUs have no topology folder; they are skipped.
+            if let Ok(siblings) =
+                std::fs::read_to_string(path.join("topology/thread_siblings_list"))
+            {
+                cores.insert(siblings.trim().to_string());
+            }
+        }
+        (!cores.is_empty()).then_some(cores.len())
+    }
+    #[cfg(not(target_os = "linux"))]
+    None
 }
 
 /// `out = x * rsqrt(mean(x²) + eps) * w` for one row, in f32 like transformers.
@@ -648,6 +694,16 @@ mod tests {
         let p1 = 1.0 / (1.0 + (8.0 / 2f32.sqrt()).exp());
         assert!((out.data[0] - 10.0 * p0).abs() < 1e-4, "{:?}", out.data);
         assert!((out.data[4] - 20.0 * p1).abs() < 1e-4, "{:?}", out.data);
+    }
+
+    #[test]
+    fn default_threads_is_within_the_logical_cpus() {
+        let logical = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let t = default_threads();
+        assert!(
+            (1..=logical).contains(&t),
+            "{t} threads of {logical} logical CPUs"
+        );
     }
 
     #[test]

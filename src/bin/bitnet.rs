@@ -51,7 +51,7 @@ struct ModelArgs {
     model: Option<PathBuf>,
     #[command(flatten)]
     device: DeviceArgs,
-    /// CPU threads (default: all cores).
+    /// CPU threads (default: one per physical core).
     #[arg(short, long, default_value_t = 0)]
     threads: usize,
     /// Context length in tokens (default: the model's max_position_embeddings).
@@ -248,7 +248,7 @@ struct BenchArgs {
     /// Repetitions per test (after one warm-up).
     #[arg(short = 'r', long, default_value_t = 5)]
     repetitions: usize,
-    /// CPU thread counts to test (comma-separated; default: all cores).
+    /// CPU thread counts to test (comma-separated; default: one per physical core).
     #[arg(short = 't', long, value_delimiter = ',')]
     threads: Vec<usize>,
     /// Context depths to pre-fill before each test (comma-separated).
@@ -691,9 +691,7 @@ fn bench(a: BenchArgs) -> Result<()> {
         bail!("nothing to run: -p and -n are both 0");
     }
     let threads = if a.threads.is_empty() {
-        vec![std::thread::available_parallelism()
-            .map(|n| n.get())
-            .unwrap_or(1)]
+        vec![bitnet_wgpu::backend::cpu::default_threads()]
     } else {
         a.threads.clone()
     };
