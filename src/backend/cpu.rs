@@ -169,7 +169,10 @@ impl Backend for CpuBackend {
     ) -> Result<CpuLmHead> {
         Ok(match format {
             // A clone shares the bytes (memory map or Arc), tied or not.
-            HeadFormat::Exact => CpuLmHead::Exact(m.clone()),
+            HeadFormat::Exact => {
+                self.pool.install(|| m.data.prefault());
+                CpuLmHead::Exact(m.clone())
+            }
             HeadFormat::Q8 => {
                 let row_bytes = m.cols * m.dtype.size();
                 let q8 = self.pool.install(|| {
