@@ -90,6 +90,36 @@ fn projection(c: &mut Criterion) {
     g.finish();
 }
 
+/// k_proj of 2B4T, [640, 2560]: 410 KB, ~40 µs of work, so the cost of starting a parallel
+/// region shows.
+fn small_projection(c: &mut Criterion) {
+    let (rows, cols) = (640, 2560);
+    let w = TernaryMatrix::new(
+        "k_proj",
+        rows,
+        cols,
+        ByteStorage::Owned(Arc::new(packed(rows / 4 * cols))),
+        0.01,
+    )
+    .unwrap();
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let mut g = c.benchmark_group("ternary_matmul [640, 2560]");
+    g.throughput(Throughput::Bytes((rows / 4 * cols) as u64));
+    for t in [1, threads] {
+        let mut b = CpuBackend::new(t).unwrap();
+        let x = b.alloc(1, cols).unwrap();
+        b.begin_step(&[0], 0).unwrap();
+        let mut xq = b.alloc_q(1, cols).unwrap();
+        b.quantize(&x, &mut xq).unwrap();
+        let mut out = b.alloc(1, rows).unwrap();
+        let label = format!("1 token, {} ({t} threads)", b.level().name());
+        g.bench_function(label, |bch| {
+            bch.iter(|| b.ternary_matmul(&w, &xq, &mut out).unwrap())
+        });
+    }
+    g.finish();
+}
+
 fn head_row(c: &mut Criterion) {
     // 256 rows of a 2560-wide head: one rayon job's worth of the LM head.
     let (rows, cols) = (256, 2560);
@@ -125,5 +155,5 @@ fn head_row(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, dot_kernels, projection, head_row);
+criterion_group!(benches, dot_kernels, projection, small_projection, head_row);
 criterion_main!(benches);

@@ -218,12 +218,21 @@ pub fn ternarize_absmean(w: &[f32]) -> (Vec<i8>, f32) {
 /// Per-token absmax quantization of one activation row: `s = 127 / max(absmax, 1e-5)`,
 /// `q = clamp(round_half_even(x * s), -128, 127)`. Writes `q [len]` and returns `s`.
 pub fn quantize_row(x: &[f32], q: &mut [i8]) -> f32 {
-    let absmax = x.iter().fold(0.0f32, |m, v| m.max(v.abs())).max(1e-5);
-    let s = 127.0 / absmax;
+    let s = activation_scale(x);
+    quantize_row_with_scale(x, s, q);
+    s
+}
+
+/// The per-token scale of [`quantize_row`]: `127 / max(absmax, 1e-5)`.
+pub fn activation_scale(x: &[f32]) -> f32 {
+    127.0 / x.iter().fold(0.0f32, |m, v| m.max(v.abs())).max(1e-5)
+}
+
+/// The int8 values of [`quantize_row`] for a scale already known.
+pub fn quantize_row_with_scale(x: &[f32], s: f32, q: &mut [i8]) {
     for (qi, &xi) in q.iter_mut().zip(x) {
         *qi = (xi * s).round_ties_even().clamp(-128.0, 127.0) as i8;
     }
-    s
 }
 
 /// Scalar reference: `acc[r] = Σ_c q[c] * W[r, c]` for all rows, exact in i32.

@@ -1,17 +1,18 @@
-//! The CPU backend: plain Rust over a rayon thread pool. Every op here is also the scalar twin
+//! The CPU backend: plain Rust over a small spinning thread pool (`pool.rs`). Every op here is also the scalar twin
 //! that faster kernels (SIMD, WGSL) are tested against, so clarity wins over cleverness; the
 //! ternary matmul still walks the packed bytes directly (4 output rows per byte row) and never
 //! expands weights to floats.
 
-use rayon::prelude::*;
+use std::cell::RefCell;
 
 use super::kernels::{dot_bf16, dot_f32, ternary_dot4, ternary_dot4_x2, CpuLevel};
+use super::pool::SpinPool;
 use super::q8::{HeadInput, Q8Matrix};
 use super::{AttentionShape, Backend, HeadFormat, LogitRows};
 use crate::error::{BitnetError, Result};
 use crate::load::FloatDtype;
 use crate::load::{decode_floats, FloatMatrix};
-use crate::ternary::{quantize_row, TernaryMatrix};
+use crate::ternary::{activation_scale, quantize_row, quantize_row_with_scale, TernaryMatrix};
 
 /// f32 activations `[capacity, cols]`, row-major.
 #[derive(Debug, Clone)]
@@ -64,7 +65,7 @@ impl CpuLmHead {
 }
 
 pub struct CpuBackend {
-    pool: rayon::ThreadPool,
+    pool: SpinPool,
     threads: usize,
     tokens: Vec<u32>, // [n] tokens of the current step
     start_pos: usize,
@@ -80,12 +81,9 @@ impl CpuBackend {
         } else {
             threads
         };
-        let pool = rayon::ThreadPoolBuilder::new()
-            .num_threads(threads)
-            .build()
-            .map_err(|e| {
-                BitnetError::InvalidArgument(format!("cannot start {threads} threads: {e}"))
-            })?;
+        let pool = SpinPool::new(threads).map_err(|e| {
+            BitnetError::InvalidArgument(format!("cannot start {threads} threads: {e}"))
+        })?;
         Ok(CpuBackend {
             pool,
             threads,
@@ -169,16 +167,15 @@ impl Backend for CpuBackend {
     ) -> Result<CpuLmHead> {
         Ok(match format {
             // A clone shares the bytes (memory map or Arc), tied or not.
+            // (Load-time work runs on rayon's global pool; the spin pool is for the forward pass.)
             HeadFormat::Exact => {
-                self.pool.install(|| m.data.prefault());
+                m.data.prefault();
                 CpuLmHead::Exact(m.clone())
             }
             HeadFormat::Q8 => {
                 let row_bytes = m.cols * m.dtype.size();
-                let q8 = self.pool.install(|| {
-                    Q8Matrix::quantize(m, |rows| {
-                        m.data.release(rows.start * row_bytes..rows.end * row_bytes)
-                    })
+                let q8 = Q8Matrix::quantize(m, |rows| {
+                    m.data.release(rows.start * row_bytes..rows.end * row_bytes)
                 });
                 CpuLmHead::Q8(q8)
             }
@@ -252,16 +249,11 @@ impl Backend for CpuBackend {
         self.check("rms_norm", x, cols)?;
         self.check("rms_norm", out, cols)?;
         let n = self.n();
-        let rows = x.data[..n * cols]
-            .par_chunks_exact(cols)
-            .zip(out.data.par_chunks_exact_mut(cols));
-        // Rows in parallel for prefill; a decode step's single row is not worth a rayon job.
-        if n > 1 {
-            self.pool
-                .install(|| rows.for_each(|(xr, or)| rms_norm_row(xr, w, eps, or)));
-        } else {
-            rms_norm_row(&x.data[..cols], w, eps, &mut out.data[..cols]);
-        }
+        // Rows in parallel (a decode step's single row runs inline).
+        self.pool
+            .for_each_chunk_mut(&mut out.data[..n * cols], cols, |t, or| {
+                rms_norm_row(&x.data[t * cols..(t + 1) * cols], w, eps, or)
+            });
         Ok(())
     }
 
@@ -271,27 +263,28 @@ impl Backend for CpuBackend {
         if out.capacity < n {
             return Err(BitnetError::op("quantize", "output has too few rows"));
         }
-        let quantize = |xr: &[f32], q: &mut [i8], s: &mut f32, sum: &mut i32| {
-            *s = quantize_row(xr, q);
-            *sum = q.iter().map(|&v| v as i32).sum();
-        };
-        if n > 1 {
-            self.pool.install(|| {
-                x.data[..n * cols]
-                    .par_chunks_exact(cols)
-                    .zip(out.q.par_chunks_exact_mut(cols))
-                    .zip(out.scales.par_iter_mut())
-                    .zip(out.sums.par_iter_mut())
-                    .for_each(|(((xr, q), s), sum)| quantize(xr, q, s, sum))
-            });
-        } else {
-            quantize(
-                &x.data[..cols],
-                &mut out.q[..cols],
-                &mut out.scales[0],
-                &mut out.sums[0],
-            );
+        if n == 1 {
+            out.scales[0] = quantize_row(&x.data[..cols], &mut out.q[..cols]);
+            out.sums[0] = out.q[..cols].iter().map(|&v| v as i32).sum();
+            return Ok(());
         }
+        // Rows in parallel, one field per region (each borrows one output mutably).
+        let xs = &x.data;
+        let row = |t: usize| &xs[t * cols..(t + 1) * cols]; // [cols]
+        self.pool
+            .for_each_chunk_mut(&mut out.scales[..n], 1, |t, s| {
+                s[0] = activation_scale(row(t));
+            });
+        let scales = &out.scales;
+        self.pool
+            .for_each_chunk_mut(&mut out.q[..n * cols], cols, |t, q| {
+                quantize_row_with_scale(row(t), scales[t], q)
+            });
+        let q = &out.q;
+        self.pool
+            .for_each_chunk_mut(&mut out.sums[..n], 1, |t, sum| {
+                sum[0] = q[t * cols..(t + 1) * cols].iter().map(|&v| v as i32).sum();
+            });
         Ok(())
     }
 
@@ -320,13 +313,17 @@ impl Backend for CpuBackend {
         // acc [P, n, 4]: byte row p serves 4 output rows. A job takes BYTE_ROWS byte rows and
         // walks them once per block of TOKEN_BLOCK tokens, so that the block's int8 activations
         // (≤ 32 × 6912 B for 2B4T) stay in L2 and each byte row stays in L1 across the block.
+        // Decode: ~8 jobs per thread (few claims of the shared counter, still balanced).
         const BYTE_ROWS: usize = 8;
         const TOKEN_BLOCK: usize = 32;
-        let job_rows = if n == 1 { 1 } else { BYTE_ROWS };
-        self.pool.install(|| {
-            acc.par_chunks_mut(n * 4 * job_rows)
-                .enumerate()
-                .for_each(|(job, a)| {
+        let job_rows = if n == 1 {
+            p4.div_ceil(8 * self.threads).max(1)
+        } else {
+            BYTE_ROWS
+        };
+        {
+            self.pool
+                .for_each_chunk_mut(&mut acc[..p4 * n * 4], n * 4 * job_rows, |job, a| {
                     let row = |t: usize| &x.q[t * cols..(t + 1) * cols]; // [cols]
                     for t0 in (0..n).step_by(TOKEN_BLOCK) {
                         let t1 = (t0 + TOKEN_BLOCK).min(n);
@@ -350,10 +347,10 @@ impl Backend for CpuBackend {
                             }
                         }
                     }
-                })
-        });
+                });
+        }
         // acc [P, n, 4] → out [n, rows]: row i·P + p of token t is acc[p, t, i].
-        let scatter = |(t, orow): (usize, &mut [f32])| {
+        let scatter = |t: usize, orow: &mut [f32]| {
             let f = w.out_scale / x.scales[t];
             for p in 0..p4 {
                 for i in 0..4 {
@@ -361,12 +358,8 @@ impl Backend for CpuBackend {
                 }
             }
         };
-        let out_rows = out.data[..n * w.rows].par_chunks_mut(w.rows).enumerate();
-        if n > 1 {
-            self.pool.install(|| out_rows.for_each(scatter));
-        } else {
-            scatter((0, &mut out.data[..w.rows]));
-        }
+        self.pool
+            .for_each_chunk_mut(&mut out.data[..n * w.rows], w.rows, scatter);
         Ok(())
     }
 
@@ -414,12 +407,13 @@ impl Backend for CpuBackend {
         let scale = 1.0 / (hd as f32).sqrt();
         let start = self.start_pos;
         let level = self.level;
-        self.pool.install(|| {
-            out.data[..n * qd]
-                .par_chunks_mut(hd)
-                .enumerate()
-                // One score buffer per rayon job, reused across the (token, head) pairs it runs.
-                .for_each_init(Vec::new, |scores: &mut Vec<f32>, (idx, o)| {
+        thread_local! {
+            // Attention scores of one (token, head): one buffer per thread, grown as needed.
+            static SCORES: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+        }
+        self.pool
+            .for_each_chunk_mut(&mut out.data[..n * qd], hd, |idx, o| {
+                SCORES.with_borrow_mut(|scores| {
                     let (t, h) = (idx / shape.n_heads, idx % shape.n_heads);
                     let kvh = h / group;
                     let qv = &q.data[t * qd + h * hd..t * qd + (h + 1) * hd];
@@ -438,7 +432,7 @@ impl Backend for CpuBackend {
                         }
                     }
                 })
-        });
+            });
         Ok(())
     }
 
@@ -486,44 +480,46 @@ impl Backend for CpuBackend {
                 ),
             ));
         }
-        // 256 vocabulary rows per rayon job: ~1.3 MB of bf16 head, enough to hide the job cost.
+        // 256 vocabulary rows per job: ~1.3 MB of bf16 head, enough to hide the cost of a claim.
         const CHUNK: usize = 256;
         let level = self.level;
-        self.pool.install(|| {
-            for r in 0..out_rows {
-                let xr = &x.data[(first + r) * h..(first + r + 1) * h]; // [h]
-                let lr = &mut logits.data[r * vocab..(r + 1) * vocab]; // [vocab]
-                match head {
-                    CpuLmHead::Q8(q8) => {
-                        let hx = HeadInput::new(xr); // [h] int16
-                        lr.par_chunks_mut(CHUNK).enumerate().for_each(|(c, out)| {
-                            for (i, o) in out.iter_mut().enumerate() {
-                                *o = q8.dot(level, c * CHUNK + i, &hx);
-                            }
-                        })
-                    }
-                    CpuLmHead::Exact(m) => {
-                        let es = m.dtype.size();
-                        let data = m.data.as_slice();
-                        lr.par_chunks_mut(CHUNK).enumerate().for_each_init(
-                            || vec![0f32; h],
-                            |row, (c, out)| {
-                                for (i, o) in out.iter_mut().enumerate() {
-                                    let v = c * CHUNK + i;
-                                    let bytes = &data[v * h * es..(v + 1) * h * es];
-                                    *o = if m.dtype == FloatDtype::Bf16 {
-                                        dot_bf16(level, bytes, xr)
-                                    } else {
-                                        decode_floats(m.dtype, bytes, row);
-                                        row.iter().zip(xr).map(|(a, b)| a * b).sum()
-                                    };
-                                }
-                            },
-                        )
-                    }
+        thread_local! {
+            // One decoded head row, for heads that are not bf16 (f16, f32).
+            static ROW: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+        }
+        for r in 0..out_rows {
+            let xr = &x.data[(first + r) * h..(first + r + 1) * h]; // [h]
+            let lr = &mut logits.data[r * vocab..(r + 1) * vocab]; // [vocab]
+            match head {
+                CpuLmHead::Q8(q8) => {
+                    let hx = HeadInput::new(xr); // [h] int16
+                    self.pool.for_each_chunk_mut(lr, CHUNK, |c, out| {
+                        for (i, o) in out.iter_mut().enumerate() {
+                            *o = q8.dot(level, c * CHUNK + i, &hx);
+                        }
+                    })
+                }
+                CpuLmHead::Exact(m) => {
+                    let es = m.dtype.size();
+                    let data = m.data.as_slice();
+                    self.pool.for_each_chunk_mut(lr, CHUNK, |c, out| {
+                        for (i, o) in out.iter_mut().enumerate() {
+                            let v = c * CHUNK + i;
+                            let bytes = &data[v * h * es..(v + 1) * h * es];
+                            *o = if m.dtype == FloatDtype::Bf16 {
+                                dot_bf16(level, bytes, xr)
+                            } else {
+                                ROW.with_borrow_mut(|row| {
+                                    row.resize(h, 0.0);
+                                    decode_floats(m.dtype, bytes, row);
+                                    row.iter().zip(xr).map(|(a, b)| a * b).sum()
+                                })
+                            };
+                        }
+                    })
                 }
             }
-        });
+        }
         Ok(())
     }
 

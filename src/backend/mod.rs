@@ -9,6 +9,7 @@
 
 pub mod cpu;
 pub mod kernels;
+pub mod pool;
 pub mod q8;
 pub mod wgpu;
 
