@@ -5,7 +5,9 @@
 
 use std::cell::RefCell;
 
-use super::kernels::{dot_bf16, dot_f32, ternary_dot4, ternary_dot4_x2, CpuLevel};
+use super::kernels::{
+    axpy_f32, dot_bf16, dot_f32, ternary_dot4, ternary_dot4_x2, ternary_dot4_x4, CpuLevel,
+};
 use super::pool::SpinPool;
 use super::q8::{HeadInput, Q8Matrix};
 use super::{AttentionShape, Backend, HeadFormat, LogitRows};
@@ -330,7 +332,17 @@ impl Backend for CpuBackend {
                         for (g, a) in a.chunks_mut(n * 4).enumerate() {
                             let bytes = w.byte_row(job * job_rows + g); // [cols]
                             let mut t = t0;
-                            while t + 2 <= t1 {
+                            while t + 4 <= t1 {
+                                let r = ternary_dot4_x4(
+                                    level,
+                                    bytes,
+                                    [row(t), row(t + 1), row(t + 2), row(t + 3)],
+                                    [x.sums[t], x.sums[t + 1], x.sums[t + 2], x.sums[t + 3]],
+                                );
+                                a[t * 4..t * 4 + 16].copy_from_slice(r.as_flattened());
+                                t += 4;
+                            }
+                            if t + 2 <= t1 {
                                 let r = ternary_dot4_x2(
                                     level,
                                     bytes,
@@ -349,30 +361,51 @@ impl Backend for CpuBackend {
                     }
                 });
         }
-        // acc [P, n, 4] → out [n, rows]: row i·P + p of token t is acc[p, t, i].
-        let scatter = |t: usize, orow: &mut [f32]| {
-            let f = w.out_scale / x.scales[t];
+        // acc [P, n, 4] → out [n, rows]: row i·P + p of token t is acc[p, t, i]. Tokens go in
+        // blocks of SCATTER_TOKENS so that each acc line read (16 i32 = 4 tokens × 4 rows) is
+        // used whole; one token at a time strides n·16 bytes per read and, for a 512-token
+        // prefill, pulled every line of the 14 MB acc from memory four times.
+        const SCATTER_TOKENS: usize = 16;
+        let scatter = |blk: usize, orows: &mut [f32]| {
+            let t0 = blk * SCATTER_TOKENS;
+            let tn = orows.len() / w.rows;
+            let mut f = [0f32; SCATTER_TOKENS];
+            for (tt, f) in f.iter_mut().enumerate().take(tn) {
+                *f = w.out_scale / x.scales[t0 + tt];
+            }
             for p in 0..p4 {
-                for i in 0..4 {
-                    orow[i * p4 + p] = acc[(p * n + t) * 4 + i] as f32 * f;
+                let a = &acc[(p * n + t0) * 4..(p * n + t0 + tn) * 4]; // [tn, 4]
+                for (tt, a4) in a.chunks_exact(4).enumerate() {
+                    let orow = &mut orows[tt * w.rows..(tt + 1) * w.rows];
+                    for (i, &v) in a4.iter().enumerate() {
+                        orow[i * p4 + p] = v as f32 * f[tt];
+                    }
                 }
             }
         };
-        self.pool
-            .for_each_chunk_mut(&mut out.data[..n * w.rows], w.rows, scatter);
+        self.pool.for_each_chunk_mut(
+            &mut out.data[..n * w.rows],
+            SCATTER_TOKENS * w.rows,
+            scatter,
+        );
         Ok(())
     }
 
     fn rope(&mut self, x: &mut CpuTensor, n_heads: usize, shape: &AttentionShape) -> Result<()> {
         let hd = shape.head_dim;
         self.check("rope", x, n_heads * hd)?;
-        for t in 0..self.n() {
-            let pos = self.start_pos + t;
-            let row = &mut x.data[t * n_heads * hd..(t + 1) * n_heads * hd];
-            for head in row.chunks_exact_mut(hd) {
-                rope_head(head, pos, shape.rope_theta);
-            }
-        }
+        let (start, theta) = (self.start_pos, shape.rope_theta);
+        self.pool.for_each_chunk_mut(
+            &mut x.data[..self.n() * n_heads * hd],
+            n_heads * hd,
+            |t, row| {
+                // cos/sin once per position, shared by every head of the token
+                let angles = rope_angles(start + t, hd, theta); // [hd/2] (cos, sin)
+                for head in row.chunks_exact_mut(hd) {
+                    rope_head_with(head, &angles);
+                }
+            },
+        );
         Ok(())
     }
 
@@ -427,9 +460,7 @@ impl Backend for CpuBackend {
                     o.fill(0.0);
                     for (j, &p) in scores.iter().enumerate() {
                         let vr = &vc[j * kvd + kvh * hd..j * kvd + (kvh + 1) * hd];
-                        for (oi, vi) in o.iter_mut().zip(vr) {
-                            *oi += p * vi;
-                        }
+                        axpy_f32(level, p, vr, o);
                     }
                 })
             });
@@ -579,13 +610,26 @@ pub fn rms_norm_row(x: &[f32], w: &[f32], eps: f32, out: &mut [f32]) {
 /// Half-split RoPE of one head vector at position `pos`:
 /// `v'[j] = v[j] cos − v[j+d/2] sin`, `v'[j+d/2] = v[j+d/2] cos + v[j] sin`, angle `pos · θ^(−2j/d)`.
 pub fn rope_head(v: &mut [f32], pos: usize, theta: f32) {
+    rope_head_with(v, &rope_angles(pos, v.len(), theta));
+}
+
+/// `(cos, sin)` of RoPE's angles at `pos` for a head of `head_dim`: `[head_dim / 2]`.
+pub fn rope_angles(pos: usize, head_dim: usize, theta: f32) -> Vec<(f32, f32)> {
+    (0..head_dim / 2)
+        .map(|j| {
+            // As transformers: inv_freq and the angle in f32, then cos/sin of that f32 angle.
+            let inv_freq = 1.0 / theta.powf((2 * j) as f32 / head_dim as f32);
+            let angle = pos as f32 * inv_freq;
+            let (s, c) = (angle as f64).sin_cos();
+            (c as f32, s as f32)
+        })
+        .collect()
+}
+
+/// [`rope_head`] with the angles of [`rope_angles`].
+pub fn rope_head_with(v: &mut [f32], angles: &[(f32, f32)]) {
     let half = v.len() / 2;
-    for j in 0..half {
-        // As transformers: inv_freq and the angle in f32, then cos/sin of that f32 angle.
-        let inv_freq = 1.0 / theta.powf((2 * j) as f32 / v.len() as f32);
-        let angle = pos as f32 * inv_freq;
-        let (s, c) = (angle as f64).sin_cos();
-        let (s, c) = (s as f32, c as f32);
+    for (j, &(c, s)) in angles.iter().enumerate().take(half) {
         let (a, b) = (v[j], v[j + half]);
         v[j] = a * c - b * s;
         v[j + half] = b * c + a * s;

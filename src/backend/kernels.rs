@@ -82,13 +82,20 @@ impl CpuLevel {
 /// `[Σ q·W_row]` for the 4 rows of one packed byte row; `q_sum = Σ q`.
 #[inline]
 pub fn ternary_dot4(level: CpuLevel, bytes: &[u8], q: &[i8], q_sum: i32) -> [i32; 4] {
-    debug_assert_eq!(bytes.len(), q.len());
+    // a real check: the SIMD kernels read q as far as bytes reaches (one compare per row)
+    assert_eq!(
+        bytes.len(),
+        q.len(),
+        "ternary_dot4: row and activation lengths differ"
+    );
     match level {
         #[cfg(target_arch = "x86_64")]
         // SAFETY: the level is only ever one `available()` returned for this machine.
         CpuLevel::Avx2 => unsafe { x86::ternary_dot4_avx2(bytes, q, q_sum) },
         #[cfg(target_arch = "x86_64")]
-        CpuLevel::Avx512Vnni => unsafe { x86::ternary_dot4_avx512vnni(bytes, q, q_sum) },
+        CpuLevel::Avx512Vnni => unsafe {
+            x86::ternary_dot4_xn_avx512vnni::<1>(bytes, [q], [q_sum])[0]
+        },
         #[cfg(target_arch = "aarch64")]
         CpuLevel::Neon => unsafe { arm::ternary_dot4_neon(bytes, q, q_sum) },
         _ => crate::ternary::ternary_dot_byte_row(bytes, q, q_sum),
@@ -104,16 +111,45 @@ pub fn ternary_dot4_x2(
     q: [&[i8]; 2],
     q_sum: [i32; 2],
 ) -> [[i32; 4]; 2] {
+    assert!(
+        q.iter().all(|r| r.len() == bytes.len()),
+        "ternary_dot4_x2: row and activation lengths differ"
+    );
     match level {
         #[cfg(target_arch = "x86_64")]
         // SAFETY: the level is only ever one `available()` returned for this machine.
-        CpuLevel::Avx2 | CpuLevel::Avx512Vnni => unsafe {
-            x86::ternary_dot4_x2_avx2(bytes, q, q_sum)
-        },
+        CpuLevel::Avx2 => unsafe { x86::ternary_dot4_x2_avx2(bytes, q, q_sum) },
+        #[cfg(target_arch = "x86_64")]
+        CpuLevel::Avx512Vnni => unsafe { x86::ternary_dot4_xn_avx512vnni::<2>(bytes, q, q_sum) },
         _ => [
             ternary_dot4(level, bytes, q[0], q_sum[0]),
             ternary_dot4(level, bytes, q[1], q_sum[1]),
         ],
+    }
+}
+
+/// Four tokens against one packed byte row (prefill): with 32 vector registers the planes are
+/// reused 4 times; elsewhere it is two calls of the two-token kernel.
+#[inline]
+pub fn ternary_dot4_x4(
+    level: CpuLevel,
+    bytes: &[u8],
+    q: [&[i8]; 4],
+    q_sum: [i32; 4],
+) -> [[i32; 4]; 4] {
+    assert!(
+        q.iter().all(|r| r.len() == bytes.len()),
+        "ternary_dot4_x4: row and activation lengths differ"
+    );
+    match level {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: the level is only ever one `available()` returned for this machine.
+        CpuLevel::Avx512Vnni => unsafe { x86::ternary_dot4_xn_avx512vnni::<4>(bytes, q, q_sum) },
+        _ => {
+            let [a, b] = ternary_dot4_x2(level, bytes, [q[0], q[1]], [q_sum[0], q_sum[1]]);
+            let [c, d] = ternary_dot4_x2(level, bytes, [q[2], q[3]], [q_sum[2], q_sum[3]]);
+            [a, b, c, d]
+        }
     }
 }
 
@@ -140,6 +176,26 @@ pub fn dot_f32(level: CpuLevel, a: &[f32], b: &[f32]) -> f32 {
     }
 }
 
+/// `y += a·x` in f32 (attention's weighted sum of values).
+#[inline]
+pub fn axpy_f32(level: CpuLevel, a: f32, x: &[f32], y: &mut [f32]) {
+    assert_eq!(x.len(), y.len(), "axpy_f32: lengths differ");
+    match level {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: the level is only ever one `available()` returned (AVX2 implies FMA there).
+        CpuLevel::Avx2 | CpuLevel::Avx512Vnni => unsafe { x86::axpy_f32_avx2(a, x, y) },
+        _ => axpy_f32_scalar(a, x, y),
+    }
+}
+
+/// The scalar twin of [`axpy_f32`] (a separate multiply and add: the FMA kernel rounds once, so
+/// the two differ by an ulp per step, which the tests' tolerance allows).
+pub fn axpy_f32_scalar(a: f32, x: &[f32], y: &mut [f32]) {
+    for (yi, xi) in y.iter_mut().zip(x) {
+        *yi += a * xi;
+    }
+}
+
 /// The scalar twin of [`dot_f32`].
 pub fn dot_f32_scalar(a: &[f32], b: &[f32]) -> f32 {
     a.iter().zip(b).map(|(x, y)| x * y).sum()
@@ -153,8 +209,21 @@ pub fn dot_bf16_scalar(row: &[u8], x: &[f32]) -> f32 {
 }
 
 #[cfg(target_arch = "x86_64")]
-mod x86 {
+pub(crate) mod x86 {
     use std::arch::x86_64::*;
+
+    /// How far ahead of the weight stream the decode kernels prefetch. The weights of a token
+    /// are streamed once from memory, and the hardware prefetchers stop at each 4 KiB page;
+    /// asking for the line this far ahead keeps misses in flight across page boundaries.
+    pub(crate) const PREFETCH_BYTES: usize = 2048;
+
+    /// A hint to fetch the line at `p` into L1. Never faults, so `p` may point past the slice
+    /// (it is made with `wrapping_add` and never dereferenced).
+    #[inline(always)]
+    pub(crate) fn prefetch(p: *const u8) {
+        // SAFETY: prefetch is a hint; it does not read memory architecturally and cannot fault.
+        unsafe { _mm_prefetch::<_MM_HINT_T0>(p as *const i8) }
+    }
 
     /// Sum of the 8 i32 lanes.
     #[inline]
@@ -212,6 +281,7 @@ mod x86 {
             let block_end = (c + 32 * I16_STEPS).min(n);
             let mut acc16 = [_mm256_setzero_si256(); 4];
             while c < block_end {
+                prefetch(bytes.as_ptr().wrapping_add(c + PREFETCH_BYTES));
                 // SAFETY: c + 32 ≤ n ≤ len of both slices.
                 let (w, x) = unsafe {
                     (
@@ -250,6 +320,7 @@ mod x86 {
             let block_end = (c + 32 * I16_STEPS).min(n);
             let mut acc16 = [[_mm256_setzero_si256(); 4]; 2];
             while c < block_end {
+                prefetch(bytes.as_ptr().wrapping_add(c + PREFETCH_BYTES));
                 // SAFETY: c + 32 ≤ n ≤ len of all three slices.
                 let (w, x0, x1) = unsafe {
                     (
@@ -283,28 +354,72 @@ mod x86 {
         out
     }
 
-    /// 64 columns per step with vpdpbusd (u8 code × i8 act, 4-way sums straight into i32).
+    /// `T` tokens against one packed byte row, 64 columns per step: the one-shift code planes
+    /// (as in [`planes`]) feed vpdpbusd (u8 code × i8 act, 4-way sums straight into i32), so a
+    /// step costs 1 shift + 4 ands for the weights and 4 vpdpbusd per token. `T = 4` uses 16
+    /// accumulators + 4 planes + 3 temporaries of the 32 zmm registers: the weight-side work is
+    /// amortised over 4 tokens and the loop is bound by vpdpbusd alone, which is the floor for
+    /// 8-bit products (1 multiply-add per weight per token).
+    #[inline]
     #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
-    pub unsafe fn ternary_dot4_avx512vnni(bytes: &[u8], q: &[i8], q_sum: i32) -> [i32; 4] {
+    pub unsafe fn ternary_dot4_xn_avx512vnni<const T: usize>(
+        bytes: &[u8],
+        q: [&[i8]; T],
+        q_sum: [i32; T],
+    ) -> [[i32; 4]; T] {
         let n = bytes.len() / 64 * 64;
-        let mask = _mm512_set1_epi8(3);
-        let mut acc = [_mm512_setzero_si512(); 4];
+        let (m3, m12) = (_mm512_set1_epi8(3), _mm512_set1_epi8(12));
+        let mut acc = [[_mm512_setzero_si512(); 4]; T];
         let mut c = 0;
         while c < n {
-            // SAFETY: c + 64 ≤ n ≤ len of both slices.
+            // SAFETY: c + 64 ≤ n ≤ the length of every slice (the caller's contract).
             let w = unsafe { _mm512_loadu_si512(bytes.as_ptr().add(c) as *const _) };
-            let x = unsafe { _mm512_loadu_si512(q.as_ptr().add(c) as *const _) };
-            acc[0] = _mm512_dpbusd_epi32(acc[0], _mm512_and_si512(w, mask), x);
-            acc[1] =
-                _mm512_dpbusd_epi32(acc[1], _mm512_and_si512(_mm512_srli_epi16(w, 2), mask), x);
-            acc[2] =
-                _mm512_dpbusd_epi32(acc[2], _mm512_and_si512(_mm512_srli_epi16(w, 4), mask), x);
-            acc[3] =
-                _mm512_dpbusd_epi32(acc[3], _mm512_and_si512(_mm512_srli_epi16(w, 6), mask), x);
+            prefetch(bytes.as_ptr().wrapping_add(c + PREFETCH_BYTES));
+            let hi = _mm512_srli_epi16(w, 4);
+            let p = [
+                _mm512_and_si512(w, m3),
+                _mm512_and_si512(w, m12),
+                _mm512_and_si512(hi, m3),
+                _mm512_and_si512(hi, m12),
+            ];
+            for t in 0..T {
+                let x = unsafe { _mm512_loadu_si512(q[t].as_ptr().add(c) as *const _) };
+                for i in 0..4 {
+                    acc[t][i] = _mm512_dpbusd_epi32(acc[t][i], p[i], x);
+                }
+            }
             c += 64;
         }
-        let tail = crate::ternary::ternary_dot_byte_row(&bytes[n..], &q[n..], 0);
-        [0, 1, 2, 3].map(|i| _mm512_reduce_add_epi32(acc[i]) + tail[i] - q_sum)
+        let mut out = [[0i32; 4]; T];
+        for t in 0..T {
+            let tail = crate::ternary::ternary_dot_byte_row(&bytes[n..], &q[t][n..], 0);
+            for i in 0..4 {
+                // planes 1 and 3 hold 4·code: every lane sum is a multiple of 4, so >> 2 is exact
+                let s = _mm512_reduce_add_epi32(acc[t][i]);
+                let s = if i % 2 == 1 { s >> 2 } else { s };
+                out[t][i] = s + tail[i] - q_sum[t];
+            }
+        }
+        out
+    }
+
+    /// 8 floats per step, one FMA each; the tail in scalar.
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn axpy_f32_avx2(a: f32, x: &[f32], y: &mut [f32]) {
+        let n = x.len() / 8 * 8;
+        let av = _mm256_set1_ps(a);
+        let mut i = 0;
+        while i < n {
+            // SAFETY: i + 8 ≤ n ≤ the length of both slices (checked by the caller).
+            unsafe {
+                let yp = y.as_mut_ptr().add(i);
+                let r =
+                    _mm256_fmadd_ps(av, _mm256_loadu_ps(x.as_ptr().add(i)), _mm256_loadu_ps(yp));
+                _mm256_storeu_ps(yp, r);
+            }
+            i += 8;
+        }
+        super::axpy_f32_scalar(a, &x[n..], &mut y[n..]);
     }
 
     /// 16 floats per step into two FMA accumulators (a scalar sum cannot vectorise: it fixes
@@ -346,6 +461,7 @@ mod x86 {
         let mut acc1 = _mm256_setzero_ps();
         let mut c = 0;
         while c < n {
+            prefetch(row.as_ptr().wrapping_add(2 * c + PREFETCH_BYTES));
             // SAFETY: c + 16 ≤ n: 32 bytes of row and 16 floats of x are in bounds.
             let (w, x0, x1) = unsafe {
                 (
@@ -432,7 +548,29 @@ mod tests {
                 // the two-token kernel, paired with the activations reversed
                 let r: Vec<i8> = q.iter().rev().copied().collect();
                 let want_r = crate::ternary::ternary_dot_byte_row(&bytes, &r, q_sum);
+                // the four-token kernel: tokens q, r, q negated (−128 → 127 saturates: its own
+                // sum), and r rotated by one column
+                let neg: Vec<i8> = q.iter().map(|&v| v.saturating_neg()).collect();
+                let rot: Vec<i8> = r.iter().cycle().skip(1).take(cols).copied().collect();
+                let sum = |v: &[i8]| v.iter().map(|&e| e as i32).sum::<i32>();
+                let (neg_sum, rot_sum) = (sum(&neg), sum(&rot));
+                let want4 = [
+                    want,
+                    want_r,
+                    crate::ternary::ternary_dot_byte_row(&bytes, &neg, neg_sum),
+                    crate::ternary::ternary_dot_byte_row(&bytes, &rot, rot_sum),
+                ];
                 for &l in &levels {
+                    assert_eq!(
+                        ternary_dot4_x4(
+                            l,
+                            &bytes,
+                            [&q, &r, &neg, &rot],
+                            [q_sum, q_sum, neg_sum, rot_sum]
+                        ),
+                        want4,
+                        "{l:?} cols {cols} pattern {pattern}, four tokens"
+                    );
                     assert_eq!(
                         ternary_dot4(l, &bytes, &q, q_sum),
                         want,
@@ -460,6 +598,11 @@ mod tests {
                     [want, want],
                     "{l:?} cols {cols} all +1, two tokens"
                 );
+                assert_eq!(
+                    ternary_dot4_x4(l, &twos, [&q; 4], [-128 * cols as i32; 4]),
+                    [want; 4],
+                    "{l:?} cols {cols} all +1, four tokens"
+                );
             }
         }
     }
@@ -479,6 +622,29 @@ mod tests {
                     "{} len {len}: got {got}, expected {want}",
                     level.name()
                 );
+            }
+        }
+    }
+
+    #[test]
+    fn f32_axpy_matches_scalar_within_tolerance() {
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(12);
+        for len in [0usize, 1, 7, 8, 9, 128, 131] {
+            let x: Vec<f32> = (0..len).map(|_| rng.random_range(-3f32..3.0)).collect();
+            let y0: Vec<f32> = (0..len).map(|_| rng.random_range(-3f32..3.0)).collect();
+            let a = rng.random_range(-2f32..2.0);
+            let mut want = y0.clone();
+            axpy_f32_scalar(a, &x, &mut want);
+            for level in CpuLevel::available() {
+                let mut got = y0.clone();
+                axpy_f32(level, a, &x, &mut got);
+                for (i, (&g, &w)) in got.iter().zip(&want).enumerate() {
+                    assert!(
+                        (g - w).abs() <= 1e-6 + 1e-6 * w.abs(),
+                        "{} len {len} index {i}: got {g}, expected {w}",
+                        level.name()
+                    );
+                }
             }
         }
     }

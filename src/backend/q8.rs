@@ -191,6 +191,7 @@ pub fn q8_head_error(m: &FloatMatrix, q8: &Q8Matrix, rows: usize) -> f32 {
 #[cfg(target_arch = "x86_64")]
 mod x86 {
     use super::Q8_BLOCK;
+    use crate::backend::kernels::x86::{prefetch, PREFETCH_BYTES};
     use std::arch::x86_64::*;
 
     /// 16 weights per step: sign-extend int8 → int16, `pmaddwd` with the int16 activations
@@ -202,6 +203,8 @@ mod x86 {
         let mut total = _mm256_setzero_ps();
         for (b, &scale) in scales[..full].iter().enumerate() {
             let base = b * Q8_BLOCK;
+            // one 64-byte block is one cache line of q: ask for the one PREFETCH_BYTES ahead
+            prefetch(q.as_ptr().wrapping_add(base + PREFETCH_BYTES) as *const u8);
             let mut acc = _mm256_setzero_si256();
             let mut c = 0;
             while c < Q8_BLOCK {
