@@ -71,7 +71,7 @@ pub struct CpuBackend {
     threads: usize,
     tokens: Vec<u32>, // [n] tokens of the current step
     start_pos: usize,
-    acc: Vec<i32>, // scratch [out/4, n, 4] for the ternary matmul
+    token_factor: Vec<f32>, // [n] out_scale / activation scale, for the ternary matmul
     level: CpuLevel,
 }
 
@@ -91,7 +91,7 @@ impl CpuBackend {
             threads,
             tokens: Vec::new(),
             start_pos: 0,
-            acc: Vec::new(),
+            token_factor: Vec::new(),
             level: CpuLevel::detect(),
         })
     }
@@ -307,87 +307,71 @@ impl Backend for CpuBackend {
             ));
         }
         self.check("ternary_matmul", out, w.rows)?;
-        let p4 = w.rows / 4;
-        let cols = w.cols;
-        self.acc.resize(p4 * n * 4, 0);
-        let acc = &mut self.acc;
+        let (p4, rows, cols) = (w.rows / 4, w.rows, w.cols);
         let level = self.level;
-        // acc [P, n, 4]: byte row p serves 4 output rows. A job takes BYTE_ROWS byte rows and
-        // walks them once per block of TOKEN_BLOCK tokens, so that the block's int8 activations
-        // (≤ 32 × 6912 B for 2B4T) stay in L2 and each byte row stays in L1 across the block.
-        // Decode: ~8 jobs per thread (few claims of the shared counter, still balanced).
-        const BYTE_ROWS: usize = 8;
+        // out[t, i·P + p] = (Σ W[i·P + p]·q[t]) · out_scale / act_scale[t]: one factor per token
+        self.token_factor.clear();
+        self.token_factor
+            .extend(x.scales[..n].iter().map(|&s| w.out_scale / s));
+        let factor = &self.token_factor; // [n]
+        let out_rows = DisjointRows::new(&mut out.data[..n * rows]); // [n, rows]
+                                                                     // A job takes a run of byte rows (byte row p serves output rows p, P+p, 2P+p, 3P+p)
+                                                                     // and walks it once per block of TOKEN_BLOCK tokens, so that the block's int8
+                                                                     // activations (≤ 32 × 6912 B for 2B4T) stay in L2 and each byte row stays in L1 across
+                                                                     // the block. The sums go straight to `out`, scaled: a job's outputs are 4 runs of
+                                                                     // BYTE_ROWS floats per token (whole cache lines for 2B4T), no other job writes them.
+                                                                     // Decode: ~8 jobs per thread (few claims of the shared counter, still balanced).
+        const BYTE_ROWS: usize = 16;
         const TOKEN_BLOCK: usize = 32;
         let job_rows = if n == 1 {
             p4.div_ceil(8 * self.threads).max(1)
         } else {
             BYTE_ROWS
         };
-        {
-            self.pool
-                .for_each_chunk_mut(&mut acc[..p4 * n * 4], n * 4 * job_rows, |job, a| {
-                    let row = |t: usize| &x.q[t * cols..(t + 1) * cols]; // [cols]
-                    for t0 in (0..n).step_by(TOKEN_BLOCK) {
-                        let t1 = (t0 + TOKEN_BLOCK).min(n);
-                        for (g, a) in a.chunks_mut(n * 4).enumerate() {
-                            let bytes = w.byte_row(job * job_rows + g); // [cols]
-                            let mut t = t0;
-                            while t + 4 <= t1 {
-                                let r = ternary_dot4_x4(
-                                    level,
-                                    bytes,
-                                    [row(t), row(t + 1), row(t + 2), row(t + 3)],
-                                    [x.sums[t], x.sums[t + 1], x.sums[t + 2], x.sums[t + 3]],
-                                );
-                                a[t * 4..t * 4 + 16].copy_from_slice(r.as_flattened());
-                                t += 4;
-                            }
-                            if t + 2 <= t1 {
-                                let r = ternary_dot4_x2(
-                                    level,
-                                    bytes,
-                                    [row(t), row(t + 1)],
-                                    [x.sums[t], x.sums[t + 1]],
-                                );
-                                a[t * 4..t * 4 + 4].copy_from_slice(&r[0]);
-                                a[t * 4 + 4..t * 4 + 8].copy_from_slice(&r[1]);
-                                t += 2;
-                            }
-                            if t < t1 {
-                                let r = ternary_dot4(level, bytes, row(t), x.sums[t]);
-                                a[t * 4..t * 4 + 4].copy_from_slice(&r);
-                            }
+        let job = |job: usize| {
+            let row = |t: usize| &x.q[t * cols..(t + 1) * cols]; // [cols]
+            let put = |t: usize, p: usize, r: [i32; 4]| {
+                for (i, &v) in r.iter().enumerate() {
+                    // SAFETY: p lies in this job's byte rows, so no other job writes (t, i·P + p)
+                    unsafe { out_rows.write(t * rows + i * p4 + p, v as f32 * factor[t]) };
+                }
+            };
+            let (p0, p1) = (job * job_rows, ((job + 1) * job_rows).min(p4));
+            for t0 in (0..n).step_by(TOKEN_BLOCK) {
+                let t1 = (t0 + TOKEN_BLOCK).min(n);
+                for p in p0..p1 {
+                    let bytes = w.byte_row(p); // [cols]
+                    let mut t = t0;
+                    while t + 4 <= t1 {
+                        let r = ternary_dot4_x4(
+                            level,
+                            bytes,
+                            [row(t), row(t + 1), row(t + 2), row(t + 3)],
+                            [x.sums[t], x.sums[t + 1], x.sums[t + 2], x.sums[t + 3]],
+                        );
+                        for (k, r) in r.into_iter().enumerate() {
+                            put(t + k, p, r);
                         }
+                        t += 4;
                     }
-                });
-        }
-        // acc [P, n, 4] → out [n, rows]: row i·P + p of token t is acc[p, t, i]. Tokens go in
-        // blocks of SCATTER_TOKENS so that each acc line read (16 i32 = 4 tokens × 4 rows) is
-        // used whole; one token at a time strides n·16 bytes per read and, for a 512-token
-        // prefill, pulled every line of the 14 MB acc from memory four times.
-        const SCATTER_TOKENS: usize = 16;
-        let scatter = |blk: usize, orows: &mut [f32]| {
-            let t0 = blk * SCATTER_TOKENS;
-            let tn = orows.len() / w.rows;
-            let mut f = [0f32; SCATTER_TOKENS];
-            for (tt, f) in f.iter_mut().enumerate().take(tn) {
-                *f = w.out_scale / x.scales[t0 + tt];
-            }
-            for p in 0..p4 {
-                let a = &acc[(p * n + t0) * 4..(p * n + t0 + tn) * 4]; // [tn, 4]
-                for (tt, a4) in a.chunks_exact(4).enumerate() {
-                    let orow = &mut orows[tt * w.rows..(tt + 1) * w.rows];
-                    for (i, &v) in a4.iter().enumerate() {
-                        orow[i * p4 + p] = v as f32 * f[tt];
+                    if t + 2 <= t1 {
+                        let r = ternary_dot4_x2(
+                            level,
+                            bytes,
+                            [row(t), row(t + 1)],
+                            [x.sums[t], x.sums[t + 1]],
+                        );
+                        put(t, p, r[0]);
+                        put(t + 1, p, r[1]);
+                        t += 2;
+                    }
+                    if t < t1 {
+                        put(t, p, ternary_dot4(level, bytes, row(t), x.sums[t]));
                     }
                 }
             }
         };
-        self.pool.for_each_chunk_mut(
-            &mut out.data[..n * w.rows],
-            SCATTER_TOKENS * w.rows,
-            scatter,
-        );
+        self.pool.run(p4.div_ceil(job_rows), &job);
         Ok(())
     }
 
@@ -567,6 +551,43 @@ impl Backend for CpuBackend {
 /// ternary kernels saturate, so a second thread per core adds scheduling cost and no speed.
 /// Linux reads the core topology from sysfs; elsewhere (or if sysfs is unreadable) every
 /// logical CPU counts.
+/// An output buffer that parallel jobs write through a raw pointer, each to elements no other
+/// job writes. The ternary matmul needs it: a job owns a run of byte rows, whose outputs are 4
+/// strided runs per token, which no `chunks_mut` split can express.
+struct DisjointRows<'a> {
+    ptr: *mut f32,
+    len: usize,
+    _borrow: std::marker::PhantomData<&'a mut [f32]>, // holds the buffer's borrow
+}
+
+// SAFETY: the writes go through `write`, whose contract is that no two jobs write one index,
+// and the buffer stays mutably borrowed for the struct's lifetime.
+unsafe impl Send for DisjointRows<'_> {}
+unsafe impl Sync for DisjointRows<'_> {}
+
+impl<'a> DisjointRows<'a> {
+    fn new(data: &'a mut [f32]) -> Self {
+        DisjointRows {
+            ptr: data.as_mut_ptr(),
+            len: data.len(),
+            _borrow: std::marker::PhantomData,
+        }
+    }
+
+    /// # Safety
+    /// No other thread reads or writes `index` while the jobs run.
+    #[inline]
+    unsafe fn write(&self, index: usize, v: f32) {
+        assert!(
+            index < self.len,
+            "DisjointRows: index {index} out of {}",
+            self.len
+        );
+        // SAFETY: in bounds (checked); exclusive per the caller's contract.
+        unsafe { *self.ptr.add(index) = v };
+    }
+}
+
 pub fn default_threads() -> usize {
     let logical = std::thread::available_parallelism().map_or(1, |n| n.get());
     physical_cores().map_or(logical, |p| p.clamp(1, logical))
@@ -737,6 +758,59 @@ mod tests {
         let p1 = 1.0 / (1.0 + (8.0 / 2f32.sqrt()).exp());
         assert!((out.data[0] - 10.0 * p0).abs() < 1e-4, "{:?}", out.data);
         assert!((out.data[4] - 20.0 * p1).abs() < 1e-4, "{:?}", out.data);
+    }
+
+    #[test]
+    fn ternary_matmul_equals_the_scalar_dot_at_every_level_and_thread_count() {
+        use crate::ternary::{ternary_dot_byte_row, ByteStorage};
+        use rand::{Rng, SeedableRng};
+        use std::sync::Arc;
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(21);
+        // rows: fewer byte rows than a job, not a multiple of the job size, many jobs;
+        // cols: below and above one SIMD step; tokens: every remainder of the 4- and 2-token
+        // kernels and more than one token block
+        for &(rows, cols) in &[(4usize, 1usize), (68, 33), (148, 64), (640, 130)] {
+            let packed: Vec<u8> = (0..rows / 4 * cols)
+                .map(|_| (0..4).fold(0u8, |b, i| b | (rng.random_range(0..3u8) << (2 * i))))
+                .collect();
+            let w = TernaryMatrix::new("w", rows, cols, ByteStorage::Owned(Arc::new(packed)), 0.37)
+                .unwrap();
+            for n in [1usize, 2, 3, 5, 7, 37] {
+                let x_data: Vec<f32> = (0..n * cols)
+                    .map(|_| rng.random_range(-2f32..2.0))
+                    .collect();
+                for level in CpuLevel::available() {
+                    for threads in [1, 3] {
+                        let mut b = CpuBackend::new(threads).unwrap().with_level(level).unwrap();
+                        b.begin_step(&vec![0; n], 0).unwrap();
+                        let mut x = b.alloc(n, cols).unwrap();
+                        x.data[..n * cols].copy_from_slice(&x_data);
+                        let mut q = b.alloc_q(n, cols).unwrap();
+                        b.quantize(&x, &mut q).unwrap();
+                        let mut out = b.alloc(n, rows).unwrap();
+                        b.ternary_matmul(&w, &q, &mut out).unwrap();
+                        let p4 = rows / 4;
+                        for t in 0..n {
+                            let qt = &q.q[t * cols..(t + 1) * cols];
+                            let f = w.out_scale / q.scales[t];
+                            for p in 0..p4 {
+                                let r = ternary_dot_byte_row(w.byte_row(p), qt, q.sums[t]);
+                                for (i, &v) in r.iter().enumerate() {
+                                    let (got, want) =
+                                        (out.data[t * rows + i * p4 + p], v as f32 * f);
+                                    assert_eq!(
+                                        got, want,
+                                        "{} {threads} threads [{rows}x{cols}] n={n}: token {t} row {}: got {got}, expected {want}",
+                                        level.name(),
+                                        i * p4 + p
+                                    );
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+        }
     }
 
     #[test]
