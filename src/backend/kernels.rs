@@ -171,7 +171,9 @@ pub fn dot_f32(level: CpuLevel, a: &[f32], b: &[f32]) -> f32 {
     match level {
         #[cfg(target_arch = "x86_64")]
         // SAFETY: the level is only ever one `available()` returned (AVX2 implies FMA there).
-        CpuLevel::Avx2 | CpuLevel::Avx512Vnni => unsafe { x86::dot_f32_avx2(a, b) },
+        CpuLevel::Avx2 => unsafe { x86::dot_f32_avx2(a, b) },
+        #[cfg(target_arch = "x86_64")]
+        CpuLevel::Avx512Vnni => unsafe { x86::dot_f32_avx512(a, b) },
         _ => dot_f32_scalar(a, b),
     }
 }
@@ -183,7 +185,9 @@ pub fn axpy_f32(level: CpuLevel, a: f32, x: &[f32], y: &mut [f32]) {
     match level {
         #[cfg(target_arch = "x86_64")]
         // SAFETY: the level is only ever one `available()` returned (AVX2 implies FMA there).
-        CpuLevel::Avx2 | CpuLevel::Avx512Vnni => unsafe { x86::axpy_f32_avx2(a, x, y) },
+        CpuLevel::Avx2 => unsafe { x86::axpy_f32_avx2(a, x, y) },
+        #[cfg(target_arch = "x86_64")]
+        CpuLevel::Avx512Vnni => unsafe { x86::axpy_f32_avx512(a, x, y) },
         _ => axpy_f32_scalar(a, x, y),
     }
 }
@@ -401,6 +405,48 @@ pub(crate) mod x86 {
             }
         }
         out
+    }
+
+    /// 16 floats per step, one FMA each; the tail in scalar.
+    #[target_feature(enable = "avx512f")]
+    pub unsafe fn axpy_f32_avx512(a: f32, x: &[f32], y: &mut [f32]) {
+        let n = x.len() / 16 * 16;
+        let av = _mm512_set1_ps(a);
+        let mut i = 0;
+        while i < n {
+            // SAFETY: i + 16 ≤ n ≤ the length of both slices (checked by the caller).
+            unsafe {
+                let yp = y.as_mut_ptr().add(i);
+                let r =
+                    _mm512_fmadd_ps(av, _mm512_loadu_ps(x.as_ptr().add(i)), _mm512_loadu_ps(yp));
+                _mm512_storeu_ps(yp, r);
+            }
+            i += 16;
+        }
+        super::axpy_f32_scalar(a, &x[n..], &mut y[n..]);
+    }
+
+    /// 64 floats per step into four independent FMA chains: a 128-wide head is 2 steps, so the
+    /// chains, not the FMA latency, set the pace; one reduction at the end.
+    #[target_feature(enable = "avx512f")]
+    pub unsafe fn dot_f32_avx512(a: &[f32], b: &[f32]) -> f32 {
+        let n = a.len() / 16 * 16;
+        let mut acc = [_mm512_setzero_ps(); 4];
+        let mut c = 0;
+        while c < n {
+            // SAFETY: c + 16 ≤ n ≤ len of both slices; the chain index cycles over 4.
+            unsafe {
+                let k = (c / 16) % 4;
+                acc[k] = _mm512_fmadd_ps(
+                    _mm512_loadu_ps(a.as_ptr().add(c)),
+                    _mm512_loadu_ps(b.as_ptr().add(c)),
+                    acc[k],
+                );
+            }
+            c += 16;
+        }
+        let s = _mm512_add_ps(_mm512_add_ps(acc[0], acc[1]), _mm512_add_ps(acc[2], acc[3]));
+        _mm512_reduce_add_ps(s) + super::dot_f32_scalar(&a[n..], &b[n..])
     }
 
     /// 8 floats per step, one FMA each; the tail in scalar.
