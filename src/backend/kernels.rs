@@ -192,6 +192,22 @@ pub fn axpy_f32(level: CpuLevel, a: f32, x: &[f32], y: &mut [f32]) {
     }
 }
 
+/// `q = clamp(round_half_even(x·s), −128, 127)`: the int8 values of per-token activation
+/// quantization, exactly [`crate::ternary::quantize_row_with_scale`] (its scalar twin), NaN → 0
+/// included.
+#[inline]
+pub fn quantize_i8(level: CpuLevel, x: &[f32], s: f32, q: &mut [i8]) {
+    assert_eq!(x.len(), q.len(), "quantize_i8: lengths differ");
+    match level {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: the level is only ever one `available()` returned for this machine.
+        CpuLevel::Avx2 => unsafe { x86::quantize_i8_avx2(x, s, q) },
+        #[cfg(target_arch = "x86_64")]
+        CpuLevel::Avx512Vnni => unsafe { x86::quantize_i8_avx512(x, s, q) },
+        _ => crate::ternary::quantize_row_with_scale(x, s, q),
+    }
+}
+
 /// The scalar twin of [`axpy_f32`] (a separate multiply and add: the FMA kernel rounds once, so
 /// the two differ by an ulp per step, which the tests' tolerance allows).
 pub fn axpy_f32_scalar(a: f32, x: &[f32], y: &mut [f32]) {
@@ -395,16 +411,96 @@ pub(crate) mod x86 {
             c += 64;
         }
         let mut out = [[0i32; 4]; T];
+        // planes 1 and 3 hold 4·code: every lane sum is a multiple of 4, so >> 2 is exact
+        let unscale = _mm_set_epi32(2, 0, 2, 0);
         for t in 0..T {
             let tail = crate::ternary::ternary_dot_byte_row(&bytes[n..], &q[t][n..], 0);
-            for i in 0..4 {
-                // planes 1 and 3 hold 4·code: every lane sum is a multiple of 4, so >> 2 is exact
-                let s = _mm512_reduce_add_epi32(acc[t][i]);
-                let s = if i % 2 == 1 { s >> 2 } else { s };
-                out[t][i] = s + tail[i] - q_sum[t];
-            }
+            let fix = _mm_set_epi32(
+                tail[3] - q_sum[t],
+                tail[2] - q_sum[t],
+                tail[1] - q_sum[t],
+                tail[0] - q_sum[t],
+            );
+            let sums = _mm_srav_epi32(hsum4_epi32(&acc[t]), unscale);
+            // one 16-byte store: the caller's 16-byte read of it is forwarded from the store
+            // buffer (four 4-byte stores read back as one vector stall ~15 cycles per call)
+            // SAFETY: out[t] is 4 i32 = 16 bytes.
+            unsafe {
+                _mm_storeu_si128(
+                    out[t].as_mut_ptr() as *mut __m128i,
+                    _mm_add_epi32(sums, fix),
+                )
+            };
         }
         out
+    }
+
+    /// `[Σ lanes of v[0], …, Σ lanes of v[3]]` as one vector.
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    fn hsum4_epi32(v: &[__m512i; 4]) -> __m128i {
+        let half = |x: __m512i| {
+            let y = _mm256_add_epi32(_mm512_castsi512_si256(x), _mm512_extracti64x4_epi64(x, 1));
+            _mm_add_epi32(_mm256_castsi256_si128(y), _mm256_extracti128_si256(y, 1))
+        };
+        let (a, b, c, d) = (half(v[0]), half(v[1]), half(v[2]), half(v[3]));
+        _mm_hadd_epi32(_mm_hadd_epi32(a, b), _mm_hadd_epi32(c, d))
+    }
+
+    /// 32 values per step. `cvtps_epi32` rounds half to even (the default MXCSR mode, which
+    /// Rust never changes); the clamp is done in float (so ±inf saturate like the scalar code)
+    /// and NaN lanes are zeroed (the scalar `NaN as i8` is 0; the conversion would give −128).
+    #[target_feature(enable = "avx2")]
+    pub unsafe fn quantize_i8_avx2(x: &[f32], s: f32, q: &mut [i8]) {
+        let n = x.len() / 32 * 32;
+        let sv = _mm256_set1_ps(s);
+        let (lo, hi) = (_mm256_set1_ps(-128.0), _mm256_set1_ps(127.0));
+        // packs interleave 128-bit lanes: this puts the 8 groups of 4 back in order
+        let order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+        let conv = |p: *const f32| {
+            // SAFETY: the caller keeps p + 8 within x.
+            let v = _mm256_mul_ps(unsafe { _mm256_loadu_ps(p) }, sv);
+            let ordered = _mm256_cmp_ps::<_CMP_ORD_Q>(v, v);
+            // clamp in float first: ±inf would convert to i32::MIN
+            let v = _mm256_min_ps(_mm256_max_ps(v, lo), hi);
+            _mm256_and_si256(_mm256_cvtps_epi32(v), _mm256_castps_si256(ordered))
+        };
+        let mut i = 0;
+        while i < n {
+            let p = x.as_ptr().wrapping_add(i);
+            let (a, b) = (conv(p), conv(p.wrapping_add(8)));
+            let (c, d) = (conv(p.wrapping_add(16)), conv(p.wrapping_add(24)));
+            let packed = _mm256_packs_epi16(_mm256_packs_epi32(a, b), _mm256_packs_epi32(c, d));
+            let v = _mm256_permutevar8x32_epi32(packed, order);
+            // SAFETY: i + 32 ≤ n ≤ q.len().
+            unsafe { _mm256_storeu_si256(q.as_mut_ptr().add(i) as *mut __m256i, v) };
+            i += 32;
+        }
+        crate::ternary::quantize_row_with_scale(&x[n..], s, &mut q[n..]);
+    }
+
+    /// [`quantize_i8_avx2`] with 16 values per step and the saturating `vpmovsdb`.
+    #[target_feature(enable = "avx512f")]
+    pub unsafe fn quantize_i8_avx512(x: &[f32], s: f32, q: &mut [i8]) {
+        let n = x.len() / 16 * 16;
+        let sv = _mm512_set1_ps(s);
+        let (lo, hi) = (_mm512_set1_ps(-128.0), _mm512_set1_ps(127.0));
+        let mut i = 0;
+        while i < n {
+            // SAFETY: i + 16 ≤ n ≤ the length of both slices.
+            unsafe {
+                let v = _mm512_mul_ps(_mm512_loadu_ps(x.as_ptr().add(i)), sv);
+                let ordered = _mm512_cmp_ps_mask::<_CMP_ORD_Q>(v, v);
+                let v = _mm512_min_ps(_mm512_max_ps(v, lo), hi); // ±inf → the clamp's ends
+                let r = _mm512_maskz_cvtps_epi32(ordered, v);
+                _mm_storeu_si128(
+                    q.as_mut_ptr().add(i) as *mut __m128i,
+                    _mm512_cvtsepi32_epi8(r),
+                );
+            }
+            i += 16;
+        }
+        crate::ternary::quantize_row_with_scale(&x[n..], s, &mut q[n..]);
     }
 
     /// 16 floats per step, one FMA each; the tail in scalar.
@@ -690,6 +786,49 @@ mod tests {
                         "{} len {len} index {i}: got {g}, expected {w}",
                         level.name()
                     );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn quantize_equals_scalar_exactly() {
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(13);
+        for len in [0usize, 1, 15, 16, 17, 31, 32, 33, 100, 2560] {
+            let mut x: Vec<f32> = (0..len).map(|_| rng.random_range(-4f32..4.0)).collect();
+            // ties (k + 0.5 after scaling by 1), saturation, NaN, infinities, signed zero
+            for (i, v) in [
+                2.5f32,
+                -3.5,
+                0.5,
+                200.0,
+                -300.0,
+                f32::NAN,
+                f32::INFINITY,
+                -0.0,
+            ]
+            .into_iter()
+            .enumerate()
+            {
+                if i * 3 < len {
+                    x[i * 3] = v;
+                }
+            }
+            for s in [1.0f32, 127.0 / 4.0, 0.0] {
+                let mut want = vec![0i8; len];
+                crate::ternary::quantize_row_with_scale(&x, s, &mut want);
+                for level in CpuLevel::available() {
+                    let mut got = vec![0i8; len];
+                    quantize_i8(level, &x, s, &mut got);
+                    for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+                        assert_eq!(
+                            g,
+                            w,
+                            "{} len {len} s {s} index {i}: x {}",
+                            level.name(),
+                            x[i]
+                        );
+                    }
                 }
             }
         }
