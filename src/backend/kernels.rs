@@ -108,9 +108,9 @@ pub fn ternary_dot4(level: CpuLevel, bytes: &[u8], q: &[i8], q_sum: i32) -> [i32
             x86::ternary_dot4_xn_avx512vnni::<1>(bytes, [q], [q_sum])[0]
         },
         #[cfg(target_arch = "aarch64")]
-        CpuLevel::Neon => unsafe { arm::ternary_dot4_neon(bytes, q, q_sum) },
+        CpuLevel::Neon => unsafe { arm::ternary_dot4_xn_neon::<1>(bytes, [q], [q_sum])[0] },
         #[cfg(target_arch = "aarch64")]
-        CpuLevel::NeonDot => unsafe { arm::ternary_dot4_neondot(bytes, q, q_sum) },
+        CpuLevel::NeonDot => unsafe { arm::ternary_dot4_xn_neondot::<1>(bytes, [q], [q_sum])[0] },
         _ => crate::ternary::ternary_dot_byte_row(bytes, q, q_sum),
     }
 }
@@ -135,9 +135,9 @@ pub fn ternary_dot4_x2(
         #[cfg(target_arch = "x86_64")]
         CpuLevel::Avx512Vnni => unsafe { x86::ternary_dot4_xn_avx512vnni::<2>(bytes, q, q_sum) },
         #[cfg(target_arch = "aarch64")]
-        CpuLevel::Neon => unsafe { arm::ternary_dot4_x2_neon(bytes, q, q_sum) },
+        CpuLevel::Neon => unsafe { arm::ternary_dot4_xn_neon::<2>(bytes, q, q_sum) },
         #[cfg(target_arch = "aarch64")]
-        CpuLevel::NeonDot => unsafe { arm::ternary_dot4_x2_neondot(bytes, q, q_sum) },
+        CpuLevel::NeonDot => unsafe { arm::ternary_dot4_xn_neondot::<2>(bytes, q, q_sum) },
         _ => [
             ternary_dot4(level, bytes, q[0], q_sum[0]),
             ternary_dot4(level, bytes, q[1], q_sum[1]),
@@ -162,6 +162,10 @@ pub fn ternary_dot4_x4(
         #[cfg(target_arch = "x86_64")]
         // SAFETY: the level is only ever one `available()` returned for this machine.
         CpuLevel::Avx512Vnni => unsafe { x86::ternary_dot4_xn_avx512vnni::<4>(bytes, q, q_sum) },
+        #[cfg(target_arch = "aarch64")]
+        CpuLevel::Neon => unsafe { arm::ternary_dot4_xn_neon::<4>(bytes, q, q_sum) },
+        #[cfg(target_arch = "aarch64")]
+        CpuLevel::NeonDot => unsafe { arm::ternary_dot4_xn_neondot::<4>(bytes, q, q_sum) },
         _ => {
             let [a, b] = ternary_dot4_x2(level, bytes, [q[0], q[1]], [q_sum[0], q_sum[1]]);
             let [c, d] = ternary_dot4_x2(level, bytes, [q[2], q[3]], [q_sum[2], q_sum[3]]);
@@ -581,72 +585,56 @@ mod arm {
         vpadalq_s16(vpadalq_s16(acc, lo), hi)
     }
 
-    /// 16 columns per step: codes × activations with smull, pairwise-accumulated into i32 with
-    /// sadalp.
-    #[target_feature(enable = "neon")]
-    pub unsafe fn ternary_dot4_neon(bytes: &[u8], q: &[i8], q_sum: i32) -> [i32; 4] {
-        let n = bytes.len() / 16 * 16;
-        let mut acc = [vdupq_n_s32(0); 4];
-        let mut c = 0;
-        while c < n {
-            // SAFETY: c + 16 ≤ n ≤ len of both slices.
-            let (w, x) = unsafe { (vld1q_u8(bytes.as_ptr().add(c)), vld1q_s8(q.as_ptr().add(c))) };
-            let p = codes(w);
-            for i in 0..4 {
-                acc[i] = mul_acc(acc[i], p[i], x);
-            }
-            c += 16;
-        }
-        let tail = crate::ternary::ternary_dot_byte_row(&bytes[n..], &q[n..], 0);
-        [0, 1, 2, 3].map(|i| vaddvq_s32(acc[i]) + tail[i] - q_sum)
-    }
-
-    /// [`ternary_dot4_neon`] for two tokens: the planes are extracted once (8 accumulators + 4
-    /// planes + 3 loads fit the 32 vector registers many times over).
-    #[target_feature(enable = "neon")]
-    pub unsafe fn ternary_dot4_x2_neon(
-        bytes: &[u8],
-        q: [&[i8]; 2],
-        q_sum: [i32; 2],
-    ) -> [[i32; 4]; 2] {
-        let n = bytes.len() / 16 * 16;
-        let mut acc = [[vdupq_n_s32(0); 4]; 2];
-        let mut c = 0;
-        while c < n {
-            // SAFETY: c + 16 ≤ n ≤ len of all three slices.
-            let (w, x0, x1) = unsafe {
-                (
-                    vld1q_u8(bytes.as_ptr().add(c)),
-                    vld1q_s8(q[0].as_ptr().add(c)),
-                    vld1q_s8(q[1].as_ptr().add(c)),
-                )
-            };
-            let p = codes(w);
-            for i in 0..4 {
-                acc[0][i] = mul_acc(acc[0][i], p[i], x0);
-                acc[1][i] = mul_acc(acc[1][i], p[i], x1);
-            }
-            c += 16;
-        }
-        finish_x2(bytes, q, q_sum, n, &acc, [0; 4])
-    }
-
-    /// The two tokens' lane sums plus the scalar tail (columns `n..`), minus `Σ q`. Plane `i`'s
-    /// sum is shifted right by `shift[i]` (exact: the scaled planes' sums are multiples of 4).
+    /// `T` tokens against one packed byte row, 16 columns per step: codes × activations with
+    /// smull, pairwise-accumulated into i32 with sadalp. The planes are extracted once for all
+    /// `T` tokens; `T = 4` keeps 16 accumulators, 4 planes, the mask and the temporaries in the
+    /// 32 vector registers.
+    ///
+    /// Every `q[t]` must be as long as `bytes` (the dispatchers assert it).
     #[inline]
     #[target_feature(enable = "neon")]
-    fn finish_x2(
+    pub unsafe fn ternary_dot4_xn_neon<const T: usize>(
         bytes: &[u8],
-        q: [&[i8]; 2],
-        q_sum: [i32; 2],
+        q: [&[i8]; T],
+        q_sum: [i32; T],
+    ) -> [[i32; 4]; T] {
+        let n = bytes.len() / 16 * 16;
+        let mut acc = [[vdupq_n_s32(0); 4]; T];
+        let mut c = 0;
+        while c < n {
+            // SAFETY: c + 16 ≤ n ≤ the length of every slice (the caller's contract).
+            let p = codes(unsafe { vld1q_u8(bytes.as_ptr().add(c)) });
+            for t in 0..T {
+                let x = unsafe { vld1q_s8(q[t].as_ptr().add(c)) };
+                for i in 0..4 {
+                    acc[t][i] = mul_acc(acc[t][i], p[i], x);
+                }
+            }
+            c += 16;
+        }
+        finish(bytes, q, q_sum, n, &acc, [0; 4])
+    }
+
+    /// Each token's lane sums plus the scalar tail (columns `n..`), minus `Σ q`. Plane `i`'s
+    /// sum is shifted right by `shift[i]` (exact: a scaled plane's sum is a multiple of 4).
+    #[inline]
+    #[target_feature(enable = "neon")]
+    fn finish<const T: usize>(
+        bytes: &[u8],
+        q: [&[i8]; T],
+        q_sum: [i32; T],
         n: usize,
-        acc: &[[int32x4_t; 4]; 2],
+        acc: &[[int32x4_t; 4]; T],
         shift: [u32; 4],
-    ) -> [[i32; 4]; 2] {
-        [0, 1].map(|t| {
+    ) -> [[i32; 4]; T] {
+        let mut out = [[0i32; 4]; T];
+        for t in 0..T {
             let tail = crate::ternary::ternary_dot_byte_row(&bytes[n..], &q[t][n..], 0);
-            [0, 1, 2, 3].map(|i| (vaddvq_s32(acc[t][i]) >> shift[i]) + tail[i] - q_sum[t])
-        })
+            for i in 0..4 {
+                out[t][i] = (vaddvq_s32(acc[t][i]) >> shift[i]) + tail[i] - q_sum[t];
+            }
+        }
+        out
     }
 
     /// `acc[l] += Σ_{j<4} a[4l+j]·b[4l+j]` (SDOT, the dotprod extension). Its intrinsic
@@ -689,53 +677,33 @@ mod arm {
     /// Right shifts that undo [`codes_dot`]'s scaling.
     const SHIFT_DOT: [u32; 4] = [0, 2, 0, 0];
 
-    /// 16 columns per step, one sdot per plane: products go straight into i32 lanes, four per
-    /// lane (|lane step| ≤ 4·8·128, so i32 holds millions of columns).
+    /// [`ternary_dot4_xn_neon`] with one sdot per plane and token: products go straight into
+    /// i32 lanes, four per lane (|lane step| ≤ 4·8·128, so i32 holds millions of columns), and
+    /// the planes cost 2 shifts + 3 ands per 16 columns, shared by the `T` tokens.
+    ///
+    /// Every `q[t]` must be as long as `bytes` (the dispatchers assert it).
+    #[inline]
     #[target_feature(enable = "neon,dotprod")]
-    pub unsafe fn ternary_dot4_neondot(bytes: &[u8], q: &[i8], q_sum: i32) -> [i32; 4] {
-        let n = bytes.len() / 16 * 16;
-        let mut acc = [vdupq_n_s32(0); 4];
-        let mut c = 0;
-        while c < n {
-            // SAFETY: c + 16 ≤ n ≤ len of both slices.
-            let (w, x) = unsafe { (vld1q_u8(bytes.as_ptr().add(c)), vld1q_s8(q.as_ptr().add(c))) };
-            let p = codes_dot(w);
-            for i in 0..4 {
-                acc[i] = sdot(acc[i], p[i], x);
-            }
-            c += 16;
-        }
-        let tail = crate::ternary::ternary_dot_byte_row(&bytes[n..], &q[n..], 0);
-        [0, 1, 2, 3].map(|i| (vaddvq_s32(acc[i]) >> SHIFT_DOT[i]) + tail[i] - q_sum)
-    }
-
-    /// [`ternary_dot4_neondot`] for two tokens sharing the planes.
-    #[target_feature(enable = "neon,dotprod")]
-    pub unsafe fn ternary_dot4_x2_neondot(
+    pub unsafe fn ternary_dot4_xn_neondot<const T: usize>(
         bytes: &[u8],
-        q: [&[i8]; 2],
-        q_sum: [i32; 2],
-    ) -> [[i32; 4]; 2] {
+        q: [&[i8]; T],
+        q_sum: [i32; T],
+    ) -> [[i32; 4]; T] {
         let n = bytes.len() / 16 * 16;
-        let mut acc = [[vdupq_n_s32(0); 4]; 2];
+        let mut acc = [[vdupq_n_s32(0); 4]; T];
         let mut c = 0;
         while c < n {
-            // SAFETY: c + 16 ≤ n ≤ len of all three slices.
-            let (w, x0, x1) = unsafe {
-                (
-                    vld1q_u8(bytes.as_ptr().add(c)),
-                    vld1q_s8(q[0].as_ptr().add(c)),
-                    vld1q_s8(q[1].as_ptr().add(c)),
-                )
-            };
-            let p = codes_dot(w);
-            for i in 0..4 {
-                acc[0][i] = sdot(acc[0][i], p[i], x0);
-                acc[1][i] = sdot(acc[1][i], p[i], x1);
+            // SAFETY: c + 16 ≤ n ≤ the length of every slice (the caller's contract).
+            let p = codes_dot(unsafe { vld1q_u8(bytes.as_ptr().add(c)) });
+            for t in 0..T {
+                let x = unsafe { vld1q_s8(q[t].as_ptr().add(c)) };
+                for i in 0..4 {
+                    acc[t][i] = sdot(acc[t][i], p[i], x);
+                }
             }
             c += 16;
         }
-        finish_x2(bytes, q, q_sum, n, &acc, SHIFT_DOT)
+        finish(bytes, q, q_sum, n, &acc, SHIFT_DOT)
     }
 
     /// 16 floats per step into four FMA accumulators (aarch64 always has FMA; a scalar sum
@@ -852,6 +820,11 @@ mod tests {
                         ternary_dot4_x2(l, &zeros, [&q, &q], [q_sum; 2]),
                         [want, want],
                         "{l:?} cols {cols} all -1, two tokens"
+                    );
+                    assert_eq!(
+                        ternary_dot4_x4(l, &zeros, [&q; 4], [q_sum; 4]),
+                        [want; 4],
+                        "{l:?} cols {cols} all -1, four tokens"
                     );
                 }
             }
