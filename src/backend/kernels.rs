@@ -18,6 +18,8 @@ pub enum CpuLevel {
     Avx512Vnni,
     /// aarch64 NEON (smull + sadalp).
     Neon,
+    /// aarch64 NEON + the dotprod extension (sdot: four int8 products summed into each i32 lane).
+    NeonDot,
 }
 
 impl CpuLevel {
@@ -27,6 +29,7 @@ impl CpuLevel {
             CpuLevel::Avx2 => "avx2",
             CpuLevel::Avx512Vnni => "avx512vnni",
             CpuLevel::Neon => "neon",
+            CpuLevel::NeonDot => "neondot",
         }
     }
 
@@ -49,33 +52,41 @@ impl CpuLevel {
         {
             if std::arch::is_aarch64_feature_detected!("neon") {
                 v.push(CpuLevel::Neon);
+                if std::arch::is_aarch64_feature_detected!("dotprod") {
+                    v.push(CpuLevel::NeonDot);
+                }
             }
         }
         v
     }
 
-    /// The best level, or the one `BITNET_CPU_KERNEL=scalar|avx2|avx512vnni|neon` forces (if this
-    /// machine can run it; a level it cannot run falls back to the best one with a warning).
+    /// The best level, or the one `BITNET_CPU_KERNEL=scalar|avx2|avx512vnni|neon|neondot` forces
+    /// (if this machine can run it; a level it cannot run falls back to the best one with a
+    /// warning).
     pub fn detect() -> CpuLevel {
         static LEVEL: OnceLock<CpuLevel> = OnceLock::new();
-        *LEVEL.get_or_init(|| {
-            let avail = Self::available();
-            let best = *avail.last().unwrap();
-            match std::env::var("BITNET_CPU_KERNEL") {
-                Ok(want) => match avail.iter().find(|l| l.name() == want) {
-                    Some(&l) => l,
-                    None => {
-                        eprintln!(
-                            "warning: BITNET_CPU_KERNEL={want} is not available here (available: {}); using {}",
-                            avail.iter().map(|l| l.name()).collect::<Vec<_>>().join(", "),
-                            best.name()
-                        );
-                        best
-                    }
-                },
-                Err(_) => best,
-            }
-        })
+        *LEVEL.get_or_init(|| Self::pick(std::env::var("BITNET_CPU_KERNEL").ok().as_deref()))
+    }
+
+    /// [`CpuLevel::detect`]'s choice for a `BITNET_CPU_KERNEL` value; apart from the env var and
+    /// the cache so that a test can check every forced level in one process.
+    fn pick(want: Option<&str>) -> CpuLevel {
+        let avail = Self::available();
+        let best = *avail.last().unwrap();
+        match want {
+            Some(want) => match avail.iter().find(|l| l.name() == want) {
+                Some(&l) => l,
+                None => {
+                    eprintln!(
+                        "warning: BITNET_CPU_KERNEL={want} is not available here (available: {}); using {}",
+                        avail.iter().map(|l| l.name()).collect::<Vec<_>>().join(", "),
+                        best.name()
+                    );
+                    best
+                }
+            },
+            None => best,
+        }
     }
 }
 
@@ -97,7 +108,9 @@ pub fn ternary_dot4(level: CpuLevel, bytes: &[u8], q: &[i8], q_sum: i32) -> [i32
             x86::ternary_dot4_xn_avx512vnni::<1>(bytes, [q], [q_sum])[0]
         },
         #[cfg(target_arch = "aarch64")]
-        CpuLevel::Neon => unsafe { arm::ternary_dot4_neon(bytes, q, q_sum) },
+        CpuLevel::Neon => unsafe { arm::ternary_dot4_xn_neon::<1>(bytes, [q], [q_sum])[0] },
+        #[cfg(target_arch = "aarch64")]
+        CpuLevel::NeonDot => unsafe { arm::ternary_dot4_xn_neondot::<1>(bytes, [q], [q_sum])[0] },
         _ => crate::ternary::ternary_dot_byte_row(bytes, q, q_sum),
     }
 }
@@ -121,6 +134,10 @@ pub fn ternary_dot4_x2(
         CpuLevel::Avx2 => unsafe { x86::ternary_dot4_x2_avx2(bytes, q, q_sum) },
         #[cfg(target_arch = "x86_64")]
         CpuLevel::Avx512Vnni => unsafe { x86::ternary_dot4_xn_avx512vnni::<2>(bytes, q, q_sum) },
+        #[cfg(target_arch = "aarch64")]
+        CpuLevel::Neon => unsafe { arm::ternary_dot4_xn_neon::<2>(bytes, q, q_sum) },
+        #[cfg(target_arch = "aarch64")]
+        CpuLevel::NeonDot => unsafe { arm::ternary_dot4_xn_neondot::<2>(bytes, q, q_sum) },
         _ => [
             ternary_dot4(level, bytes, q[0], q_sum[0]),
             ternary_dot4(level, bytes, q[1], q_sum[1]),
@@ -145,6 +162,10 @@ pub fn ternary_dot4_x4(
         #[cfg(target_arch = "x86_64")]
         // SAFETY: the level is only ever one `available()` returned for this machine.
         CpuLevel::Avx512Vnni => unsafe { x86::ternary_dot4_xn_avx512vnni::<4>(bytes, q, q_sum) },
+        #[cfg(target_arch = "aarch64")]
+        CpuLevel::Neon => unsafe { arm::ternary_dot4_xn_neon::<4>(bytes, q, q_sum) },
+        #[cfg(target_arch = "aarch64")]
+        CpuLevel::NeonDot => unsafe { arm::ternary_dot4_xn_neondot::<4>(bytes, q, q_sum) },
         _ => {
             let [a, b] = ternary_dot4_x2(level, bytes, [q[0], q[1]], [q_sum[0], q_sum[1]]);
             let [c, d] = ternary_dot4_x2(level, bytes, [q[2], q[3]], [q_sum[2], q_sum[3]]);
@@ -160,6 +181,8 @@ pub fn dot_bf16(level: CpuLevel, row: &[u8], x: &[f32]) -> f32 {
     match level {
         #[cfg(target_arch = "x86_64")]
         CpuLevel::Avx2 | CpuLevel::Avx512Vnni => unsafe { x86::dot_bf16_avx2(row, x) },
+        #[cfg(target_arch = "aarch64")]
+        CpuLevel::Neon | CpuLevel::NeonDot => unsafe { arm::dot_bf16_neon(row, x) },
         _ => dot_bf16_scalar(row, x),
     }
 }
@@ -174,6 +197,8 @@ pub fn dot_f32(level: CpuLevel, a: &[f32], b: &[f32]) -> f32 {
         CpuLevel::Avx2 => unsafe { x86::dot_f32_avx2(a, b) },
         #[cfg(target_arch = "x86_64")]
         CpuLevel::Avx512Vnni => unsafe { x86::dot_f32_avx512(a, b) },
+        #[cfg(target_arch = "aarch64")]
+        CpuLevel::Neon | CpuLevel::NeonDot => unsafe { arm::dot_f32_neon(a, b) },
         _ => dot_f32_scalar(a, b),
     }
 }
@@ -630,35 +655,209 @@ pub(crate) mod x86 {
 #[cfg(target_arch = "aarch64")]
 mod arm {
     use std::arch::aarch64::*;
+    use std::arch::asm;
 
-    /// 16 columns per step: codes × activations with smull (i8×i8 → i16), pairwise-accumulated
-    /// into i32 with sadalp.
+    /// The 4 code planes (`c = w + 1` in {0, 1, 2}) of 16 packed bytes, as i8 lanes.
+    #[inline]
     #[target_feature(enable = "neon")]
-    pub unsafe fn ternary_dot4_neon(bytes: &[u8], q: &[i8], q_sum: i32) -> [i32; 4] {
-        let n = bytes.len() / 16 * 16;
+    fn codes(w: uint8x16_t) -> [int8x16_t; 4] {
         let mask = vdupq_n_u8(3);
-        let mut acc = [vdupq_n_s32(0); 4];
+        [
+            vreinterpretq_s8_u8(vandq_u8(w, mask)),
+            vreinterpretq_s8_u8(vandq_u8(vshrq_n_u8::<2>(w), mask)),
+            vreinterpretq_s8_u8(vandq_u8(vshrq_n_u8::<4>(w), mask)),
+            vreinterpretq_s8_u8(vshrq_n_u8::<6>(w)),
+        ]
+    }
+
+    /// `acc += Σ code·x` over 16 lanes: smull (i8×i8 → i16, |product| ≤ 256) and sadalp (pairs
+    /// of i16 added into the i32 lanes). On cores like the Cortex-A7x the multiply and the
+    /// pairwise add go to different pipes, so the two halves overlap.
+    #[inline]
+    #[target_feature(enable = "neon")]
+    fn mul_acc(acc: int32x4_t, code: int8x16_t, x: int8x16_t) -> int32x4_t {
+        let lo = vmull_s8(vget_low_s8(code), vget_low_s8(x));
+        let hi = vmull_high_s8(code, x);
+        vpadalq_s16(vpadalq_s16(acc, lo), hi)
+    }
+
+    /// `T` tokens against one packed byte row, 16 columns per step: codes × activations with
+    /// smull, pairwise-accumulated into i32 with sadalp. The planes are extracted once for all
+    /// `T` tokens; `T = 4` keeps 16 accumulators, 4 planes, the mask and the temporaries in the
+    /// 32 vector registers.
+    ///
+    /// Every `q[t]` must be as long as `bytes` (the dispatchers assert it).
+    #[inline]
+    #[target_feature(enable = "neon")]
+    pub unsafe fn ternary_dot4_xn_neon<const T: usize>(
+        bytes: &[u8],
+        q: [&[i8]; T],
+        q_sum: [i32; T],
+    ) -> [[i32; 4]; T] {
+        let n = bytes.len() / 16 * 16;
+        let mut acc = [[vdupq_n_s32(0); 4]; T];
         let mut c = 0;
         while c < n {
-            // SAFETY: c + 16 ≤ n ≤ len of both slices.
-            let (w, x) = unsafe { (vld1q_u8(bytes.as_ptr().add(c)), vld1q_s8(q.as_ptr().add(c))) };
-            let codes = [
-                vandq_u8(w, mask),
-                vandq_u8(vshrq_n_u8::<2>(w), mask),
-                vandq_u8(vshrq_n_u8::<4>(w), mask),
-                vshrq_n_u8::<6>(w),
-            ];
-            for i in 0..4 {
-                let ci = vreinterpretq_s8_u8(codes[i]);
-                let lo = vmull_s8(vget_low_s8(ci), vget_low_s8(x));
-                let hi = vmull_high_s8(ci, x);
-                acc[i] = vpadalq_s16(acc[i], lo);
-                acc[i] = vpadalq_s16(acc[i], hi);
+            // SAFETY: c + 16 ≤ n ≤ the length of every slice (the caller's contract).
+            let p = codes(unsafe { vld1q_u8(bytes.as_ptr().add(c)) });
+            for t in 0..T {
+                let x = unsafe { vld1q_s8(q[t].as_ptr().add(c)) };
+                for i in 0..4 {
+                    acc[t][i] = mul_acc(acc[t][i], p[i], x);
+                }
             }
             c += 16;
         }
-        let tail = crate::ternary::ternary_dot_byte_row(&bytes[n..], &q[n..], 0);
-        [0, 1, 2, 3].map(|i| vaddvq_s32(acc[i]) + tail[i] - q_sum)
+        finish(bytes, q, q_sum, n, &acc, [0; 4])
+    }
+
+    /// Each token's lane sums plus the scalar tail (columns `n..`), minus `Σ q`. Plane `i`'s
+    /// sum is shifted right by `shift[i]` (exact: a scaled plane's sum is a multiple of 4).
+    #[inline]
+    #[target_feature(enable = "neon")]
+    fn finish<const T: usize>(
+        bytes: &[u8],
+        q: [&[i8]; T],
+        q_sum: [i32; T],
+        n: usize,
+        acc: &[[int32x4_t; 4]; T],
+        shift: [u32; 4],
+    ) -> [[i32; 4]; T] {
+        let mut out = [[0i32; 4]; T];
+        for t in 0..T {
+            let tail = crate::ternary::ternary_dot_byte_row(&bytes[n..], &q[t][n..], 0);
+            for i in 0..4 {
+                out[t][i] = (vaddvq_s32(acc[t][i]) >> shift[i]) + tail[i] - q_sum[t];
+            }
+        }
+        out
+    }
+
+    /// `acc[l] += Σ_{j<4} a[4l+j]·b[4l+j]` (SDOT, the dotprod extension). Its intrinsic
+    /// `vdotq_s32` is still unstable in Rust 1.95 (`stdarch_neon_dotprod`), so the instruction is
+    /// written with `asm!`; the `dotprod` target feature is what lets the assembler accept it,
+    /// and `pure, nomem` leaves the compiler free to schedule it like an intrinsic.
+    #[inline]
+    #[target_feature(enable = "neon,dotprod")]
+    fn sdot(mut acc: int32x4_t, a: int8x16_t, b: int8x16_t) -> int32x4_t {
+        // SAFETY: register-only arithmetic; this function only runs where dotprod exists (its
+        // target feature makes every caller check that).
+        unsafe {
+            asm!(
+                "sdot {acc:v}.4s, {a:v}.16b, {b:v}.16b",
+                acc = inout(vreg) acc,
+                a = in(vreg) a,
+                b = in(vreg) b,
+                options(pure, nomem, nostack, preserves_flags),
+            );
+        }
+        acc
+    }
+
+    /// The planes for sdot with one shift fewer: `w & 3`, `w & 12` (= 4·code), `(w >> 4) & 3`,
+    /// `w >> 6`. The scaled plane's products (≤ 8·128 in magnitude) still fit sdot's int8
+    /// operands and i32 lanes; its sum is shifted right by 2 at the end ([`SHIFT_DOT`]).
+    #[inline]
+    #[target_feature(enable = "neon")]
+    fn codes_dot(w: uint8x16_t) -> [int8x16_t; 4] {
+        let hi = vshrq_n_u8::<4>(w);
+        let (m3, m12) = (vdupq_n_u8(3), vdupq_n_u8(12));
+        [
+            vreinterpretq_s8_u8(vandq_u8(w, m3)),
+            vreinterpretq_s8_u8(vandq_u8(w, m12)),
+            vreinterpretq_s8_u8(vandq_u8(hi, m3)),
+            vreinterpretq_s8_u8(vshrq_n_u8::<6>(w)),
+        ]
+    }
+
+    /// Right shifts that undo [`codes_dot`]'s scaling.
+    const SHIFT_DOT: [u32; 4] = [0, 2, 0, 0];
+
+    /// [`ternary_dot4_xn_neon`] with one sdot per plane and token: products go straight into
+    /// i32 lanes, four per lane (|lane step| ≤ 4·8·128, so i32 holds millions of columns), and
+    /// the planes cost 2 shifts + 3 ands per 16 columns, shared by the `T` tokens.
+    ///
+    /// Every `q[t]` must be as long as `bytes` (the dispatchers assert it).
+    #[inline]
+    #[target_feature(enable = "neon,dotprod")]
+    pub unsafe fn ternary_dot4_xn_neondot<const T: usize>(
+        bytes: &[u8],
+        q: [&[i8]; T],
+        q_sum: [i32; T],
+    ) -> [[i32; 4]; T] {
+        let n = bytes.len() / 16 * 16;
+        let mut acc = [[vdupq_n_s32(0); 4]; T];
+        let mut c = 0;
+        while c < n {
+            // SAFETY: c + 16 ≤ n ≤ the length of every slice (the caller's contract).
+            let p = codes_dot(unsafe { vld1q_u8(bytes.as_ptr().add(c)) });
+            for t in 0..T {
+                let x = unsafe { vld1q_s8(q[t].as_ptr().add(c)) };
+                for i in 0..4 {
+                    acc[t][i] = sdot(acc[t][i], p[i], x);
+                }
+            }
+            c += 16;
+        }
+        finish(bytes, q, q_sum, n, &acc, SHIFT_DOT)
+    }
+
+    /// 16 floats per step into four FMA accumulators (aarch64 always has FMA; a scalar sum
+    /// cannot vectorise: it fixes the order of the additions).
+    #[target_feature(enable = "neon")]
+    pub unsafe fn dot_f32_neon(a: &[f32], b: &[f32]) -> f32 {
+        // bounded by both lengths (the dispatcher only debug-asserts them equal), so a length
+        // mismatch reads nothing out of bounds and sums like the scalar twin's zip
+        let n = a.len().min(b.len()) / 16 * 16;
+        let mut acc = [vdupq_n_f32(0.0); 4];
+        let mut c = 0;
+        while c < n {
+            for (k, acc) in acc.iter_mut().enumerate() {
+                // SAFETY: c + 4k + 4 ≤ c + 16 ≤ n ≤ the length of each slice.
+                let (va, vb) = unsafe {
+                    (
+                        vld1q_f32(a.as_ptr().add(c + 4 * k)),
+                        vld1q_f32(b.as_ptr().add(c + 4 * k)),
+                    )
+                };
+                *acc = vfmaq_f32(*acc, va, vb);
+            }
+            c += 16;
+        }
+        let s = vaddq_f32(vaddq_f32(acc[0], acc[1]), vaddq_f32(acc[2], acc[3]));
+        vaddvq_f32(s) + super::dot_f32_scalar(&a[n..], &b[n..])
+    }
+
+    /// bf16 → f32 is a 16-bit left shift (ushll #16 widens and shifts in one instruction);
+    /// 16 columns (32 bytes) per step into four FMA accumulators. The bytes are loaded as u8 and
+    /// reinterpreted, which reads the little-endian u16 values on this little-endian target
+    /// without assuming the row is 2-byte aligned.
+    #[target_feature(enable = "neon")]
+    pub unsafe fn dot_bf16_neon(row: &[u8], x: &[f32]) -> f32 {
+        // bounded by both lengths, as in dot_f32_neon
+        let n = x.len().min(row.len() / 2) / 16 * 16;
+        let mut acc = [vdupq_n_f32(0.0); 4];
+        let mut c = 0;
+        while c < n {
+            for h in 0..2 {
+                // SAFETY: c + 16 ≤ n: bytes 2c .. 2c + 32 of row and floats c .. c + 16 of x are
+                // in bounds.
+                let (w, x0, x1) = unsafe {
+                    (
+                        vreinterpretq_u16_u8(vld1q_u8(row.as_ptr().add(2 * c + 16 * h))),
+                        vld1q_f32(x.as_ptr().add(c + 8 * h)),
+                        vld1q_f32(x.as_ptr().add(c + 8 * h + 4)),
+                    )
+                };
+                let w0 = vreinterpretq_f32_u32(vshll_n_u16::<16>(vget_low_u16(w)));
+                let w1 = vreinterpretq_f32_u32(vshll_high_n_u16::<16>(w));
+                acc[2 * h] = vfmaq_f32(acc[2 * h], w0, x0);
+                acc[2 * h + 1] = vfmaq_f32(acc[2 * h + 1], w1, x1);
+            }
+            c += 16;
+        }
+        let s = vaddq_f32(vaddq_f32(acc[0], acc[1]), vaddq_f32(acc[2], acc[3]));
+        vaddvq_f32(s) + super::dot_bf16_scalar(&row[2 * n..], &x[n..])
     }
 }
 
@@ -667,15 +866,64 @@ mod tests {
     use super::*;
     use rand::{Rng, SeedableRng};
 
+    /// The levels tested here, checked against `BITNET_REQUIRE_CPU_LEVELS` (comma-separated
+    /// names): CI sets it so that a detection bug cannot silently skip a kernel family (the
+    /// qemu run requires `neon,neondot`).
+    fn tested_levels() -> Vec<CpuLevel> {
+        let levels = CpuLevel::available();
+        eprintln!(
+            "CPU kernel levels tested here: {}",
+            levels
+                .iter()
+                .map(|l| l.name())
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+        #[cfg(target_arch = "aarch64")]
+        assert!(levels.contains(&CpuLevel::Neon), "NEON is part of aarch64");
+        if let Ok(required) = std::env::var("BITNET_REQUIRE_CPU_LEVELS") {
+            for name in required.split(',').filter(|n| !n.is_empty()) {
+                assert!(
+                    levels.iter().any(|l| l.name() == name),
+                    "BITNET_REQUIRE_CPU_LEVELS: {name} is not available here ({levels:?})"
+                );
+            }
+        }
+        levels
+    }
+
     #[test]
     fn every_available_level_equals_scalar_exactly() {
         let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(11);
-        let levels = CpuLevel::available();
-        eprintln!("CPU kernel levels tested here: {levels:?}");
+        let levels = tested_levels();
         for &cols in &[1usize, 15, 31, 32, 33, 64, 100, 1000, 1025, 2560, 6912] {
             let bytes: Vec<u8> = (0..cols)
                 .map(|_| (0..4).fold(0u8, |b, i| b | (rng.random_range(0..3u8) << (2 * i))))
                 .collect();
+            // all weights -1 (codes 0) against extreme activations: the other sign's bound
+            let zeros = vec![0u8; cols];
+            for q in [vec![-128i8; cols], vec![127i8; cols]] {
+                let q_sum: i32 = q.iter().map(|&v| v as i32).sum();
+                let want = crate::ternary::ternary_dot_byte_row(&zeros, &q, q_sum);
+                assert_eq!(want, [-q_sum; 4]);
+                for &l in &levels {
+                    assert_eq!(
+                        ternary_dot4(l, &zeros, &q, q_sum),
+                        want,
+                        "{l:?} cols {cols} all -1"
+                    );
+                    assert_eq!(
+                        ternary_dot4_x2(l, &zeros, [&q, &q], [q_sum; 2]),
+                        [want, want],
+                        "{l:?} cols {cols} all -1, two tokens"
+                    );
+                    assert_eq!(
+                        ternary_dot4_x4(l, &zeros, [&q; 4], [q_sum; 4]),
+                        [want; 4],
+                        "{l:?} cols {cols} all -1, four tokens"
+                    );
+                }
+            }
             // extremes included: all -128 / 127 stress the i16 partial sums
             for pattern in 0..3 {
                 let q: Vec<i8> = (0..cols)
@@ -747,6 +995,17 @@ mod tests {
                 );
             }
         }
+    }
+
+    #[test]
+    fn forced_level_is_used_and_unknown_falls_back_to_best() {
+        let levels = tested_levels();
+        for &l in &levels {
+            assert_eq!(CpuLevel::pick(Some(l.name())), l);
+        }
+        let best = *levels.last().unwrap();
+        assert_eq!(CpuLevel::pick(None), best);
+        assert_eq!(CpuLevel::pick(Some("no-such-level")), best);
     }
 
     #[test]

@@ -87,6 +87,9 @@ impl Q8Matrix {
             #[cfg(target_arch = "x86_64")]
             // SAFETY: the level is only ever one `CpuLevel::available()` returned (AVX2 + FMA).
             CpuLevel::Avx2 | CpuLevel::Avx512Vnni => unsafe { x86::dot_q8_avx2(q, s, &x.q) },
+            #[cfg(target_arch = "aarch64")]
+            // SAFETY: as above (aarch64 levels all have NEON).
+            CpuLevel::Neon | CpuLevel::NeonDot => unsafe { arm::dot_q8_neon(q, s, &x.q) },
             _ => dot_q8_scalar(q, s, &x.q),
         };
         sum * x.inv_scale
@@ -228,6 +231,54 @@ mod x86 {
     }
 }
 
+#[cfg(target_arch = "aarch64")]
+mod arm {
+    use super::Q8_BLOCK;
+    use std::arch::aarch64::*;
+
+    /// One full block's exact integer sum: 16 weights per step, sign-extended int8 → int16
+    /// (sxtl), multiplied by the int16 activations into i32 lanes (smlal / smlal2: |lane| ≤
+    /// 8·128·32768 < 2³¹).
+    #[inline]
+    #[target_feature(enable = "neon")]
+    fn block_dot(q: &[i8; Q8_BLOCK], x: &[i16; Q8_BLOCK]) -> i32 {
+        let mut acc = [vdupq_n_s32(0); 2];
+        for c in (0..Q8_BLOCK).step_by(16) {
+            // SAFETY: c + 16 ≤ Q8_BLOCK, the length of both arrays.
+            let (w, x0, x1) = unsafe {
+                (
+                    vld1q_s8(q.as_ptr().add(c)),
+                    vld1q_s16(x.as_ptr().add(c)),
+                    vld1q_s16(x.as_ptr().add(c + 8)),
+                )
+            };
+            let (w0, w1) = (vmovl_s8(vget_low_s8(w)), vmovl_high_s8(w));
+            acc[0] = vmlal_s16(acc[0], vget_low_s16(w0), vget_low_s16(x0));
+            acc[1] = vmlal_high_s16(acc[1], w0, x0);
+            acc[0] = vmlal_s16(acc[0], vget_low_s16(w1), vget_low_s16(x1));
+            acc[1] = vmlal_high_s16(acc[1], w1, x1);
+        }
+        vaddvq_s32(vaddq_s32(acc[0], acc[1]))
+    }
+
+    /// Each block's integer sum is reduced to one i32 (the same integer the scalar twin gets)
+    /// and scaled and added in the scalar twin's order, so the result equals
+    /// [`super::dot_q8_scalar`] exactly; the serial f32 add costs one latency per 64 columns,
+    /// which the independent block sums hide. A short last block goes through scalar code.
+    #[target_feature(enable = "neon")]
+    pub unsafe fn dot_q8_neon(q: &[i8], scales: &[f32], x: &[i16]) -> f32 {
+        let mut total = 0f32;
+        for ((qb, xb), &s) in q.chunks(Q8_BLOCK).zip(x.chunks(Q8_BLOCK)).zip(scales) {
+            let sum = match (qb.try_into(), xb.try_into()) {
+                (Ok(qb), Ok(xb)) => block_dot(qb, xb),
+                _ => qb.iter().zip(xb).map(|(&a, &b)| a as i32 * b as i32).sum(),
+            };
+            total += s * sum as f32;
+        }
+        total
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -290,6 +341,56 @@ mod tests {
                         "{} cols {cols} row {r}: got {got}, expected {want}",
                         level.name()
                     );
+                }
+            }
+        }
+    }
+
+    /// Extreme integers (weights ±127 and -128, activations ±32767 and -32768) with random
+    /// scales, odd widths included. The NEON kernel reduces each block to the scalar twin's
+    /// integer and adds in its order, so it must match exactly; the x86 kernels sum the blocks
+    /// in another order (compared within a tolerance).
+    #[test]
+    fn extreme_values_match_the_scalar_dot() {
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(8);
+        for cols in [1usize, 15, 63, 64, 65, 127, 128, 200, 2560] {
+            let blocks = cols.div_ceil(Q8_BLOCK);
+            let pick =
+                |rng: &mut rand_chacha::ChaCha8Rng, pattern: usize, lo: i32, hi: i32| match pattern
+                {
+                    0 => rng.random_range(lo..=hi),
+                    1 => lo,
+                    2 => hi,
+                    _ => [lo, hi][rng.random_range(0..2)],
+                };
+            for pattern in 0..4 {
+                let q8 = Q8Matrix {
+                    rows: 1,
+                    cols,
+                    q: (0..cols)
+                        .map(|_| pick(&mut rng, pattern, -128, 127) as i8)
+                        .collect(),
+                    scales: (0..blocks).map(|_| rng.random_range(0.0..0.01)).collect(),
+                    blocks,
+                };
+                for xp in 0..4 {
+                    let hx = HeadInput {
+                        q: (0..cols)
+                            .map(|_| pick(&mut rng, xp, -32768, 32767) as i16)
+                            .collect(),
+                        inv_scale: 1e-4,
+                    };
+                    let want = q8.dot_scalar(0, &hx);
+                    for level in CpuLevel::available() {
+                        let got = q8.dot(level, 0, &hx);
+                        let what = format!("{} cols {cols} w {pattern} x {xp}", level.name());
+                        if matches!(level, CpuLevel::Neon | CpuLevel::NeonDot) {
+                            assert_eq!(got, want, "{what}");
+                        } else {
+                            let tol = 1e-4 + 1e-4 * want.abs();
+                            assert!((got - want).abs() <= tol, "{what}: {got} vs {want}");
+                        }
+                    }
                 }
             }
         }
