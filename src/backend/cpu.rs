@@ -6,8 +6,7 @@
 use std::cell::RefCell;
 
 use super::kernels::{
-    axpy_f32, dot_bf16, dot_f32, quantize_i8, ternary_dot4, ternary_dot4_x2, ternary_dot4_x4,
-    CpuLevel,
+    axpy_f32, dot_bf16, quantize_i8, ternary_dot4, ternary_dot4_x2, ternary_dot4_x4, CpuLevel,
 };
 use super::pool::SpinPool;
 use super::q8::{HeadInput, Q8Matrix};
@@ -37,7 +36,9 @@ pub struct CpuQTensor {
 
 /// Keys and values of every layer, f32.
 pub struct CpuKvCache {
-    pub k: Vec<f32>, // [layers, ctx, kv_dim]
+    /// Keys transposed, `[layers, kv_dim, ctx]`: a query's scores over all positions are then
+    /// `head_dim` contiguous axpys (no per-position dot product and horizontal sum).
+    pub k: Vec<f32>, // [layers, kv_dim, ctx]
     pub v: Vec<f32>, // [layers, ctx, kv_dim]
     pub ctx: usize,
     pub kv_dim: usize,
@@ -418,14 +419,19 @@ impl Backend for CpuBackend {
                 ctx: cache.ctx,
             });
         }
-        let base = layer * cache.ctx * kvd;
-        let dst = base + self.start_pos * kvd..base + (self.start_pos + n) * kvd;
-        cache.k[dst.clone()].copy_from_slice(&k.data[..n * kvd]);
+        let (ctx, start) = (cache.ctx, self.start_pos);
+        let base = layer * ctx * kvd;
+        let dst = base + start * kvd..base + (start + n) * kvd;
         cache.v[dst].copy_from_slice(&v.data[..n * kvd]);
+        let kt = &mut cache.k[base..base + kvd * ctx]; // [kv_dim, ctx]
+        for (e, row) in kt.chunks_exact_mut(ctx).enumerate() {
+            for t in 0..n {
+                row[start + t] = k.data[t * kvd + e];
+            }
+        }
         let (kc, vc) = (&cache.k[base..], &cache.v[base..]);
         let group = shape.n_heads / shape.n_kv_heads;
         let scale = 1.0 / (hd as f32).sqrt();
-        let start = self.start_pos;
         let level = self.level;
         thread_local! {
             // Attention scores of one (token, head): one buffer per thread, grown as needed.
@@ -439,10 +445,12 @@ impl Backend for CpuBackend {
                     let qv = &q.data[t * qd + h * hd..t * qd + (h + 1) * hd];
                     let len = start + t + 1; // causal: positions 0..=start+t
                     scores.clear();
-                    scores.extend((0..len).map(|j| {
-                        let kr = &kc[j * kvd + kvh * hd..j * kvd + (kvh + 1) * hd];
-                        dot_f32(level, qv, kr) * scale
-                    }));
+                    scores.resize(len, 0.0); // [len]
+                    for (d, &q_d) in qv.iter().enumerate() {
+                        let e = kvh * hd + d;
+                        let keys_d = &kc[e * ctx..e * ctx + len]; // [len]: component d of every key
+                        axpy_f32(level, q_d * scale, keys_d, scores);
+                    }
                     softmax_in_place(scores);
                     o.fill(0.0);
                     for (j, &p) in scores.iter().enumerate() {
