@@ -187,22 +187,6 @@ pub fn dot_bf16(level: CpuLevel, row: &[u8], x: &[f32]) -> f32 {
     }
 }
 
-/// `Σ a·b` in f32 (attention scores).
-#[inline]
-pub fn dot_f32(level: CpuLevel, a: &[f32], b: &[f32]) -> f32 {
-    debug_assert_eq!(a.len(), b.len());
-    match level {
-        #[cfg(target_arch = "x86_64")]
-        // SAFETY: the level is only ever one `available()` returned (AVX2 implies FMA there).
-        CpuLevel::Avx2 => unsafe { x86::dot_f32_avx2(a, b) },
-        #[cfg(target_arch = "x86_64")]
-        CpuLevel::Avx512Vnni => unsafe { x86::dot_f32_avx512(a, b) },
-        #[cfg(target_arch = "aarch64")]
-        CpuLevel::Neon | CpuLevel::NeonDot => unsafe { arm::dot_f32_neon(a, b) },
-        _ => dot_f32_scalar(a, b),
-    }
-}
-
 /// `y += a·x` in f32 (attention's weighted sum of values).
 #[inline]
 pub fn axpy_f32(level: CpuLevel, a: f32, x: &[f32], y: &mut [f32]) {
@@ -239,11 +223,6 @@ pub fn axpy_f32_scalar(a: f32, x: &[f32], y: &mut [f32]) {
     for (yi, xi) in y.iter_mut().zip(x) {
         *yi += a * xi;
     }
-}
-
-/// The scalar twin of [`dot_f32`].
-pub fn dot_f32_scalar(a: &[f32], b: &[f32]) -> f32 {
-    a.iter().zip(b).map(|(x, y)| x * y).sum()
 }
 
 pub fn dot_bf16_scalar(row: &[u8], x: &[f32]) -> f32 {
@@ -547,29 +526,6 @@ pub(crate) mod x86 {
         super::axpy_f32_scalar(a, &x[n..], &mut y[n..]);
     }
 
-    /// 64 floats per step into four independent FMA chains: a 128-wide head is 2 steps, so the
-    /// chains, not the FMA latency, set the pace; one reduction at the end.
-    #[target_feature(enable = "avx512f")]
-    pub unsafe fn dot_f32_avx512(a: &[f32], b: &[f32]) -> f32 {
-        let n = a.len() / 16 * 16;
-        let mut acc = [_mm512_setzero_ps(); 4];
-        let mut c = 0;
-        while c < n {
-            // SAFETY: c + 16 ≤ n ≤ len of both slices; the chain index cycles over 4.
-            unsafe {
-                let k = (c / 16) % 4;
-                acc[k] = _mm512_fmadd_ps(
-                    _mm512_loadu_ps(a.as_ptr().add(c)),
-                    _mm512_loadu_ps(b.as_ptr().add(c)),
-                    acc[k],
-                );
-            }
-            c += 16;
-        }
-        let s = _mm512_add_ps(_mm512_add_ps(acc[0], acc[1]), _mm512_add_ps(acc[2], acc[3]));
-        _mm512_reduce_add_ps(s) + super::dot_f32_scalar(&a[n..], &b[n..])
-    }
-
     /// 8 floats per step, one FMA each; the tail in scalar.
     #[target_feature(enable = "avx2,fma")]
     pub unsafe fn axpy_f32_avx2(a: f32, x: &[f32], y: &mut [f32]) {
@@ -587,36 +543,6 @@ pub(crate) mod x86 {
             i += 8;
         }
         super::axpy_f32_scalar(a, &x[n..], &mut y[n..]);
-    }
-
-    /// 16 floats per step into two FMA accumulators (a scalar sum cannot vectorise: it fixes
-    /// the order of the additions).
-    #[target_feature(enable = "avx2,fma")]
-    pub unsafe fn dot_f32_avx2(a: &[f32], b: &[f32]) -> f32 {
-        let n = a.len() / 16 * 16;
-        let mut acc0 = _mm256_setzero_ps();
-        let mut acc1 = _mm256_setzero_ps();
-        let mut c = 0;
-        while c < n {
-            // SAFETY: c + 16 ≤ n ≤ len of both slices.
-            unsafe {
-                acc0 = _mm256_fmadd_ps(
-                    _mm256_loadu_ps(a.as_ptr().add(c)),
-                    _mm256_loadu_ps(b.as_ptr().add(c)),
-                    acc0,
-                );
-                acc1 = _mm256_fmadd_ps(
-                    _mm256_loadu_ps(a.as_ptr().add(c + 8)),
-                    _mm256_loadu_ps(b.as_ptr().add(c + 8)),
-                    acc1,
-                );
-            }
-            c += 16;
-        }
-        let mut lanes = [0f32; 8];
-        // SAFETY: lanes has 8 floats.
-        unsafe { _mm256_storeu_ps(lanes.as_mut_ptr(), _mm256_add_ps(acc0, acc1)) };
-        lanes.iter().sum::<f32>() + super::dot_f32_scalar(&a[n..], &b[n..])
     }
 
     /// bf16 → f32 is a 16-bit left shift; 8 columns per step with FMA-free mul+add so the result
@@ -802,39 +728,14 @@ mod arm {
         finish(bytes, q, q_sum, n, &acc, SHIFT_DOT)
     }
 
-    /// 16 floats per step into four FMA accumulators (aarch64 always has FMA; a scalar sum
-    /// cannot vectorise: it fixes the order of the additions).
-    #[target_feature(enable = "neon")]
-    pub unsafe fn dot_f32_neon(a: &[f32], b: &[f32]) -> f32 {
-        // bounded by both lengths (the dispatcher only debug-asserts them equal), so a length
-        // mismatch reads nothing out of bounds and sums like the scalar twin's zip
-        let n = a.len().min(b.len()) / 16 * 16;
-        let mut acc = [vdupq_n_f32(0.0); 4];
-        let mut c = 0;
-        while c < n {
-            for (k, acc) in acc.iter_mut().enumerate() {
-                // SAFETY: c + 4k + 4 ≤ c + 16 ≤ n ≤ the length of each slice.
-                let (va, vb) = unsafe {
-                    (
-                        vld1q_f32(a.as_ptr().add(c + 4 * k)),
-                        vld1q_f32(b.as_ptr().add(c + 4 * k)),
-                    )
-                };
-                *acc = vfmaq_f32(*acc, va, vb);
-            }
-            c += 16;
-        }
-        let s = vaddq_f32(vaddq_f32(acc[0], acc[1]), vaddq_f32(acc[2], acc[3]));
-        vaddvq_f32(s) + super::dot_f32_scalar(&a[n..], &b[n..])
-    }
-
     /// bf16 → f32 is a 16-bit left shift (ushll #16 widens and shifts in one instruction);
     /// 16 columns (32 bytes) per step into four FMA accumulators. The bytes are loaded as u8 and
     /// reinterpreted, which reads the little-endian u16 values on this little-endian target
     /// without assuming the row is 2-byte aligned.
     #[target_feature(enable = "neon")]
     pub unsafe fn dot_bf16_neon(row: &[u8], x: &[f32]) -> f32 {
-        // bounded by both lengths, as in dot_f32_neon
+        // bounded by both lengths (the dispatcher only debug-asserts them equal): a length
+        // mismatch reads nothing out of bounds and sums like the scalar twin's zip
         let n = x.len().min(row.len() / 2) / 16 * 16;
         let mut acc = [vdupq_n_f32(0.0); 4];
         let mut c = 0;
@@ -1006,25 +907,6 @@ mod tests {
         let best = *levels.last().unwrap();
         assert_eq!(CpuLevel::pick(None), best);
         assert_eq!(CpuLevel::pick(Some("no-such-level")), best);
-    }
-
-    #[test]
-    fn f32_dot_matches_scalar_within_tolerance() {
-        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(11);
-        for len in [0usize, 1, 15, 16, 17, 64, 128, 131] {
-            let a: Vec<f32> = (0..len).map(|_| rng.random_range(-3f32..3.0)).collect();
-            let b: Vec<f32> = (0..len).map(|_| rng.random_range(-3f32..3.0)).collect();
-            let want = dot_f32_scalar(&a, &b);
-            for level in CpuLevel::available() {
-                let got = dot_f32(level, &a, &b);
-                let tol = 1e-4 + 1e-4 * want.abs();
-                assert!(
-                    (got - want).abs() <= tol,
-                    "{} len {len}: got {got}, expected {want}",
-                    level.name()
-                );
-            }
-        }
     }
 
     #[test]
