@@ -197,6 +197,8 @@ pub fn axpy_f32(level: CpuLevel, a: f32, x: &[f32], y: &mut [f32]) {
         CpuLevel::Avx2 => unsafe { x86::axpy_f32_avx2(a, x, y) },
         #[cfg(target_arch = "x86_64")]
         CpuLevel::Avx512Vnni => unsafe { x86::axpy_f32_avx512(a, x, y) },
+        #[cfg(target_arch = "aarch64")]
+        CpuLevel::Neon | CpuLevel::NeonDot => unsafe { arm::axpy_f32_neon(a, x, y) },
         _ => axpy_f32_scalar(a, x, y),
     }
 }
@@ -213,6 +215,8 @@ pub fn quantize_i8(level: CpuLevel, x: &[f32], s: f32, q: &mut [i8]) {
         CpuLevel::Avx2 => unsafe { x86::quantize_i8_avx2(x, s, q) },
         #[cfg(target_arch = "x86_64")]
         CpuLevel::Avx512Vnni => unsafe { x86::quantize_i8_avx512(x, s, q) },
+        #[cfg(target_arch = "aarch64")]
+        CpuLevel::Neon | CpuLevel::NeonDot => unsafe { arm::quantize_i8_neon(x, s, q) },
         _ => crate::ternary::quantize_row_with_scale(x, s, q),
     }
 }
@@ -582,6 +586,51 @@ pub(crate) mod x86 {
 mod arm {
     use std::arch::aarch64::*;
     use std::arch::asm;
+
+    /// 16 floats per step (4 FMAs); the tail in scalar.
+    #[target_feature(enable = "neon")]
+    pub unsafe fn axpy_f32_neon(a: f32, x: &[f32], y: &mut [f32]) {
+        let n = x.len().min(y.len()) / 16 * 16;
+        let av = vdupq_n_f32(a);
+        let mut i = 0;
+        while i < n {
+            for k in 0..4 {
+                // SAFETY: i + 4k + 4 ≤ i + 16 ≤ n ≤ the length of both slices.
+                unsafe {
+                    let yp = y.as_mut_ptr().add(i + 4 * k);
+                    let xv = vld1q_f32(x.as_ptr().add(i + 4 * k));
+                    vst1q_f32(yp, vfmaq_f32(vld1q_f32(yp), av, xv));
+                }
+            }
+            i += 16;
+        }
+        super::axpy_f32_scalar(a, &x[n..], &mut y[n..]);
+    }
+
+    /// 16 values per step. `fcvtns` rounds half to even and, like the scalar `as` casts, turns
+    /// NaN into 0 and saturates ±inf; the two saturating narrows (`sqxtn`) are the clamp to
+    /// [−128, 127]. So this equals the scalar twin for every input.
+    #[target_feature(enable = "neon")]
+    pub unsafe fn quantize_i8_neon(x: &[f32], s: f32, q: &mut [i8]) {
+        let n = x.len().min(q.len()) / 16 * 16;
+        let sv = vdupq_n_f32(s);
+        let mut i = 0;
+        while i < n {
+            // SAFETY: i + 16 ≤ n ≤ the length of both slices.
+            let conv = |k: usize| unsafe {
+                vqmovn_s32(vcvtnq_s32_f32(vmulq_f32(
+                    vld1q_f32(x.as_ptr().add(i + 4 * k)),
+                    sv,
+                )))
+            };
+            let lo = vqmovn_s16(vcombine_s16(conv(0), conv(1)));
+            let hi = vqmovn_s16(vcombine_s16(conv(2), conv(3)));
+            // SAFETY: as above.
+            unsafe { vst1q_s8(q.as_mut_ptr().add(i), vcombine_s8(lo, hi)) };
+            i += 16;
+        }
+        crate::ternary::quantize_row_with_scale(&x[n..], s, &mut q[n..]);
+    }
 
     /// The 4 code planes (`c = w + 1` in {0, 1, 2}) of 16 packed bytes, as i8 lanes.
     #[inline]
