@@ -51,41 +51,49 @@ fn dot_kernels(c: &mut Criterion) {
     g.finish();
 }
 
+/// A packed random `[rows, cols]` ternary matrix.
+fn ternary_matrix(name: &str, rows: usize, cols: usize) -> TernaryMatrix {
+    let bytes = ByteStorage::Owned(Arc::new(packed(rows / 4 * cols)));
+    TernaryMatrix::new(name, rows, cols, bytes, 0.01).unwrap()
+}
+
+/// `w` times `n` random quantized tokens through the CPU backend on `threads` threads, labelled
+/// with the kernel level and thread count.
+fn bench_matmul(
+    g: &mut criterion::BenchmarkGroup<'_, criterion::measurement::WallTime>,
+    w: &TernaryMatrix,
+    n: usize,
+    threads: usize,
+) {
+    let mut b = CpuBackend::new(threads).unwrap();
+    let mut x = b.alloc(n, w.cols).unwrap(); // [n, cols]
+    let mut r = rng();
+    x.data
+        .iter_mut()
+        .for_each(|v| *v = r.random_range(-1f32..1.0));
+    b.begin_step(&vec![0u32; n], 0).unwrap();
+    let mut xq = b.alloc_q(n, w.cols).unwrap();
+    b.quantize(&x, &mut xq).unwrap();
+    let mut out = b.alloc(n, w.rows).unwrap(); // [n, rows]
+    let label = format!("{n} tokens, {} ({threads} threads)", b.level().name());
+    g.bench_function(label, |bch| {
+        bch.iter(|| b.ternary_matmul(w, &xq, &mut out).unwrap())
+    });
+}
+
 fn projection(c: &mut Criterion) {
     // gate_proj of 2B4T: [6912, 2560], 4.4 MB packed.
-    let (rows, cols) = (6912, 2560);
-    let w = TernaryMatrix::new(
-        "gate_proj",
-        rows,
-        cols,
-        ByteStorage::Owned(Arc::new(packed(rows / 4 * cols))),
-        0.01,
-    )
-    .unwrap();
+    let w = ternary_matrix("gate_proj", 6912, 2560);
     let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
     let mut g = c.benchmark_group("ternary_matmul [6912, 2560]");
     g.sample_size(20);
     for n in [1usize, 64] {
-        let mut b = CpuBackend::new(threads).unwrap();
-        let mut x = b.alloc(n, cols).unwrap();
-        let mut r = rng();
-        x.data
-            .iter_mut()
-            .for_each(|v| *v = r.random_range(-1f32..1.0));
-        let tokens = vec![0u32; n];
-        b.begin_step(&tokens, 0).unwrap();
-        let mut xq = b.alloc_q(n, cols).unwrap();
-        b.quantize(&x, &mut xq).unwrap();
-        let mut out = b.alloc(n, rows).unwrap();
-        if n == 1 {
-            g.throughput(Throughput::Bytes((rows / 4 * cols) as u64));
+        g.throughput(if n == 1 {
+            Throughput::Bytes((w.rows / 4 * w.cols) as u64)
         } else {
-            g.throughput(Throughput::Elements((n * rows * cols) as u64));
-        }
-        let label = format!("{n} tokens, {} ({threads} threads)", b.level().name());
-        g.bench_function(label, |bch| {
-            bch.iter(|| b.ternary_matmul(&w, &xq, &mut out).unwrap())
+            Throughput::Elements((n * w.rows * w.cols) as u64)
         });
+        bench_matmul(&mut g, &w, n, threads);
     }
     g.finish();
 }
@@ -93,35 +101,18 @@ fn projection(c: &mut Criterion) {
 /// k_proj of 2B4T, [640, 2560]: 410 KB, ~40 µs of work, so the cost of starting a parallel
 /// region shows.
 fn small_projection(c: &mut Criterion) {
-    let (rows, cols) = (640, 2560);
-    let w = TernaryMatrix::new(
-        "k_proj",
-        rows,
-        cols,
-        ByteStorage::Owned(Arc::new(packed(rows / 4 * cols))),
-        0.01,
-    )
-    .unwrap();
+    let w = ternary_matrix("k_proj", 640, 2560);
     let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
     let mut g = c.benchmark_group("ternary_matmul [640, 2560]");
-    g.throughput(Throughput::Bytes((rows / 4 * cols) as u64));
+    g.throughput(Throughput::Bytes((w.rows / 4 * w.cols) as u64));
     for t in [1, threads] {
-        let mut b = CpuBackend::new(t).unwrap();
-        let x = b.alloc(1, cols).unwrap();
-        b.begin_step(&[0], 0).unwrap();
-        let mut xq = b.alloc_q(1, cols).unwrap();
-        b.quantize(&x, &mut xq).unwrap();
-        let mut out = b.alloc(1, rows).unwrap();
-        let label = format!("1 token, {} ({t} threads)", b.level().name());
-        g.bench_function(label, |bch| {
-            bch.iter(|| b.ternary_matmul(&w, &xq, &mut out).unwrap())
-        });
+        bench_matmul(&mut g, &w, 1, t);
     }
     g.finish();
 }
 
 fn head_row(c: &mut Criterion) {
-    // 256 rows of a 2560-wide head: one rayon job's worth of the LM head.
+    // 256 rows of a 2560-wide head: one job's worth of the LM head.
     let (rows, cols) = (256, 2560);
     let mut r = rng();
     let data: Vec<u8> = (0..rows * cols)

@@ -1,14 +1,14 @@
-//! The CPU backend: plain Rust over a small spinning thread pool (`pool.rs`). Every op here is also the scalar twin
-//! that faster kernels (SIMD, WGSL) are tested against, so clarity wins over cleverness; the
-//! ternary matmul still walks the packed bytes directly (4 output rows per byte row) and never
-//! expands weights to floats.
+//! The CPU backend: plain Rust over a small spinning thread pool (`pool.rs`), with the SIMD
+//! kernels of `kernels.rs` where they pay. The ops here are also the references the WGSL kernels
+//! are tested against, so clarity wins over cleverness; the ternary matmul walks the packed
+//! bytes directly (4 output rows per byte row) and never expands weights to floats.
 
 use std::cell::RefCell;
 
 use super::kernels::{
     axpy_f32, dot_bf16, quantize_i8, ternary_dot4, ternary_dot4_x2, ternary_dot4_x4, CpuLevel,
 };
-use super::pool::SpinPool;
+use super::pool::{DisjointSlice, SpinPool};
 use super::q8::{HeadInput, Q8Matrix};
 use super::{AttentionShape, Backend, HeadFormat, LogitRows};
 use crate::error::{BitnetError, Result};
@@ -74,6 +74,8 @@ pub struct CpuBackend {
     tokens: Vec<u32>, // [n] tokens of the current step
     start_pos: usize,
     token_factor: Vec<f32>, // [n] out_scale / activation scale, for the ternary matmul
+    rope_table: Vec<(f32, f32)>, // [n, head_dim/2] (cos, sin) of the step's positions
+    rope_key: Option<(usize, usize, usize, u32)>, // (start_pos, n, head_dim, θ bits) of rope_table
     level: CpuLevel,
 }
 
@@ -94,6 +96,8 @@ impl CpuBackend {
             tokens: Vec::new(),
             start_pos: 0,
             token_factor: Vec::new(),
+            rope_table: Vec::new(),
+            rope_key: None,
             level: CpuLevel::detect(),
         })
     }
@@ -267,14 +271,8 @@ impl Backend for CpuBackend {
         if out.capacity < n {
             return Err(BitnetError::op("quantize", "output has too few rows"));
         }
-        if n == 1 {
-            let s = activation_scale(&x.data[..cols]);
-            quantize_i8(self.level, &x.data[..cols], s, &mut out.q[..cols]);
-            out.scales[0] = s;
-            out.sums[0] = out.q[..cols].iter().map(|&v| v as i32).sum();
-            return Ok(());
-        }
-        // Rows in parallel, one field per region (each borrows one output mutably).
+        // Rows in parallel, one field per region (each borrows one output mutably); a decode
+        // step's single row runs inline.
         let xs = &x.data;
         let row = |t: usize| &xs[t * cols..(t + 1) * cols]; // [cols]
         self.pool
@@ -318,13 +316,13 @@ impl Backend for CpuBackend {
         self.token_factor
             .extend(x.scales[..n].iter().map(|&s| w.out_scale / s));
         let factor = &self.token_factor; // [n]
-        let out_rows = DisjointRows::new(&mut out.data[..n * rows]); // [n, rows]
-                                                                     // A job takes a run of byte rows (byte row p serves output rows p, P+p, 2P+p, 3P+p)
-                                                                     // and walks it once per block of TOKEN_BLOCK tokens, so that the block's int8
-                                                                     // activations (≤ 32 × 6912 B for 2B4T) stay in L2 and each byte row stays in L1 across
-                                                                     // the block. The sums go straight to `out`, scaled: a job's outputs are 4 runs of
-                                                                     // BYTE_ROWS floats per token (whole cache lines for 2B4T), no other job writes them.
-                                                                     // Decode: ~8 jobs per thread (few claims of the shared counter, still balanced).
+                                         // A job takes a run of byte rows (byte row p serves output rows p, P+p, 2P+p, 3P+p)
+                                         // and walks it once per block of TOKEN_BLOCK tokens, so that the block's int8
+                                         // activations (≤ 32 × 6912 B for 2B4T) stay in L2 and each byte row stays in L1 across
+                                         // the block. The sums go straight to `out`, scaled: a job's outputs are 4 runs of
+                                         // BYTE_ROWS floats per token (whole cache lines for 2B4T), no other job writes them.
+                                         // Decode: ~8 jobs per thread (few claims of the shared counter, still balanced).
+        let out_rows = DisjointSlice::new(&mut out.data[..n * rows]); // [n, rows]
         const BYTE_ROWS: usize = 16;
         const TOKEN_BLOCK: usize = 32;
         let job_rows = if n == 1 {
@@ -382,18 +380,25 @@ impl Backend for CpuBackend {
     fn rope(&mut self, x: &mut CpuTensor, n_heads: usize, shape: &AttentionShape) -> Result<()> {
         let hd = shape.head_dim;
         self.check("rope", x, n_heads * hd)?;
-        let (start, theta) = (self.start_pos, shape.rope_theta);
-        self.pool.for_each_chunk_mut(
-            &mut x.data[..self.n() * n_heads * hd],
-            n_heads * hd,
-            |t, row| {
-                // cos/sin once per position, shared by every head of the token
-                let angles = rope_angles(start + t, hd, theta); // [hd/2] (cos, sin)
+        // cos/sin once per position of the step, shared by every head and by q and k of every
+        // layer: the table is rebuilt only when the step (or the head shape) changes
+        let n = self.n();
+        let key = (self.start_pos, n, hd, shape.rope_theta.to_bits());
+        if self.rope_key != Some(key) {
+            self.rope_table.resize(n * hd / 2, (0.0, 0.0));
+            for (t, angles) in self.rope_table.chunks_exact_mut(hd / 2).enumerate() {
+                rope_angles(self.start_pos + t, hd, shape.rope_theta, angles);
+            }
+            self.rope_key = Some(key);
+        }
+        let table = &self.rope_table; // [n, hd/2] (cos, sin)
+        self.pool
+            .for_each_chunk_mut(&mut x.data[..n * n_heads * hd], n_heads * hd, |t, row| {
+                let angles = &table[t * hd / 2..(t + 1) * hd / 2];
                 for head in row.chunks_exact_mut(hd) {
-                    rope_head_with(head, &angles);
+                    rope_head_with(head, angles);
                 }
-            },
-        );
+            });
         Ok(())
     }
 
@@ -565,43 +570,6 @@ impl Backend for CpuBackend {
 /// ternary kernels saturate, so a second thread per core adds scheduling cost and no speed.
 /// Linux reads the core topology from sysfs; elsewhere (or if sysfs is unreadable) every
 /// logical CPU counts.
-/// An output buffer that parallel jobs write through a raw pointer, each to elements no other
-/// job writes. The ternary matmul needs it: a job owns a run of byte rows, whose outputs are 4
-/// strided runs per token, which no `chunks_mut` split can express.
-struct DisjointRows<'a> {
-    ptr: *mut f32,
-    len: usize,
-    _borrow: std::marker::PhantomData<&'a mut [f32]>, // holds the buffer's borrow
-}
-
-// SAFETY: the writes go through `write`, whose contract is that no two jobs write one index,
-// and the buffer stays mutably borrowed for the struct's lifetime.
-unsafe impl Send for DisjointRows<'_> {}
-unsafe impl Sync for DisjointRows<'_> {}
-
-impl<'a> DisjointRows<'a> {
-    fn new(data: &'a mut [f32]) -> Self {
-        DisjointRows {
-            ptr: data.as_mut_ptr(),
-            len: data.len(),
-            _borrow: std::marker::PhantomData,
-        }
-    }
-
-    /// # Safety
-    /// No other thread reads or writes `index` while the jobs run.
-    #[inline]
-    unsafe fn write(&self, index: usize, v: f32) {
-        assert!(
-            index < self.len,
-            "DisjointRows: index {index} out of {}",
-            self.len
-        );
-        // SAFETY: in bounds (checked); exclusive per the caller's contract.
-        unsafe { *self.ptr.add(index) = v };
-    }
-}
-
 pub fn default_threads() -> usize {
     let logical = std::thread::available_parallelism().map_or(1, |n| n.get());
     physical_cores().map_or(logical, |p| p.clamp(1, logical))
@@ -645,20 +613,20 @@ pub fn rms_norm_row(x: &[f32], w: &[f32], eps: f32, out: &mut [f32]) {
 /// Half-split RoPE of one head vector at position `pos`:
 /// `v'[j] = v[j] cos − v[j+d/2] sin`, `v'[j+d/2] = v[j+d/2] cos + v[j] sin`, angle `pos · θ^(−2j/d)`.
 pub fn rope_head(v: &mut [f32], pos: usize, theta: f32) {
-    rope_head_with(v, &rope_angles(pos, v.len(), theta));
+    let mut angles = vec![(0.0, 0.0); v.len() / 2];
+    rope_angles(pos, v.len(), theta, &mut angles);
+    rope_head_with(v, &angles);
 }
 
-/// `(cos, sin)` of RoPE's angles at `pos` for a head of `head_dim`: `[head_dim / 2]`.
-pub fn rope_angles(pos: usize, head_dim: usize, theta: f32) -> Vec<(f32, f32)> {
-    (0..head_dim / 2)
-        .map(|j| {
-            // As transformers: inv_freq and the angle in f32, then cos/sin of that f32 angle.
-            let inv_freq = 1.0 / theta.powf((2 * j) as f32 / head_dim as f32);
-            let angle = pos as f32 * inv_freq;
-            let (s, c) = (angle as f64).sin_cos();
-            (c as f32, s as f32)
-        })
-        .collect()
+/// `(cos, sin)` of RoPE's angles at `pos` for a head of `head_dim`, into `out [head_dim / 2]`.
+pub fn rope_angles(pos: usize, head_dim: usize, theta: f32, out: &mut [(f32, f32)]) {
+    for (j, o) in out.iter_mut().enumerate().take(head_dim / 2) {
+        // As transformers: inv_freq and the angle in f32, then cos/sin of that f32 angle.
+        let inv_freq = 1.0 / theta.powf((2 * j) as f32 / head_dim as f32);
+        let angle = pos as f32 * inv_freq;
+        let (s, c) = (angle as f64).sin_cos();
+        *o = (c as f32, s as f32);
+    }
 }
 
 /// [`rope_head`] with the angles of [`rope_angles`].

@@ -102,7 +102,7 @@ pub fn ternary_dot4(level: CpuLevel, bytes: &[u8], q: &[i8], q_sum: i32) -> [i32
     match level {
         #[cfg(target_arch = "x86_64")]
         // SAFETY: the level is only ever one `available()` returned for this machine.
-        CpuLevel::Avx2 => unsafe { x86::ternary_dot4_avx2(bytes, q, q_sum) },
+        CpuLevel::Avx2 => unsafe { x86::ternary_dot4_xn_avx2::<1>(bytes, [q], [q_sum])[0] },
         #[cfg(target_arch = "x86_64")]
         CpuLevel::Avx512Vnni => unsafe {
             x86::ternary_dot4_xn_avx512vnni::<1>(bytes, [q], [q_sum])[0]
@@ -131,7 +131,7 @@ pub fn ternary_dot4_x2(
     match level {
         #[cfg(target_arch = "x86_64")]
         // SAFETY: the level is only ever one `available()` returned for this machine.
-        CpuLevel::Avx2 => unsafe { x86::ternary_dot4_x2_avx2(bytes, q, q_sum) },
+        CpuLevel::Avx2 => unsafe { x86::ternary_dot4_xn_avx2::<2>(bytes, q, q_sum) },
         #[cfg(target_arch = "x86_64")]
         CpuLevel::Avx512Vnni => unsafe { x86::ternary_dot4_xn_avx512vnni::<2>(bytes, q, q_sum) },
         #[cfg(target_arch = "aarch64")]
@@ -145,8 +145,8 @@ pub fn ternary_dot4_x2(
     }
 }
 
-/// Four tokens against one packed byte row (prefill): with 32 vector registers the planes are
-/// reused 4 times; elsewhere it is two calls of the two-token kernel.
+/// Four tokens against one packed byte row (prefill): AVX-512 and NEON (32 vector registers)
+/// reuse the planes 4 times; AVX2 (16) and scalar run it as two calls of the two-token kernel.
 #[inline]
 pub fn ternary_dot4_x4(
     level: CpuLevel,
@@ -297,82 +297,44 @@ pub(crate) mod x86 {
         ]
     }
 
-    /// 32 columns per step: 4 code planes × pmaddubsw (u8 code × i8 act, pairs → i16), summed
-    /// in i16 for [`I16_STEPS`] steps, then widened with pmaddwd.
+    /// `T` tokens (1 or 2) against one packed byte row, 32 columns per step: 4 code planes ×
+    /// pmaddubsw (u8 code × i8 act, pairs → i16), summed in i16 for [`I16_STEPS`] steps, then
+    /// widened with pmaddwd. Two tokens take 8 i16 accumulators + 4 code planes, which fit the
+    /// 16 ymm registers without spilling (four would not).
     #[target_feature(enable = "avx2")]
-    pub unsafe fn ternary_dot4_avx2(bytes: &[u8], q: &[i8], q_sum: i32) -> [i32; 4] {
-        let n = bytes.len() / 32 * 32;
-        let ones = _mm256_set1_epi16(1);
-        let mut acc32 = [_mm256_setzero_si256(); 4];
-        let mut c = 0;
-        while c < n {
-            let block_end = (c + 32 * I16_STEPS).min(n);
-            let mut acc16 = [_mm256_setzero_si256(); 4];
-            while c < block_end {
-                prefetch(bytes.as_ptr().wrapping_add(c + PREFETCH_BYTES));
-                // SAFETY: c + 32 ≤ n ≤ len of both slices.
-                let (w, x) = unsafe {
-                    (
-                        _mm256_loadu_si256(bytes.as_ptr().add(c) as *const __m256i),
-                        _mm256_loadu_si256(q.as_ptr().add(c) as *const __m256i),
-                    )
-                };
-                let p = planes(w);
-                for i in 0..4 {
-                    acc16[i] = _mm256_add_epi16(acc16[i], _mm256_maddubs_epi16(p[i], x));
-                }
-                c += 32;
-            }
-            for i in 0..4 {
-                acc32[i] = _mm256_add_epi32(acc32[i], _mm256_madd_epi16(acc16[i], ones));
-            }
-        }
-        let out = finish(&acc32);
-        let tail = crate::ternary::ternary_dot_byte_row(&bytes[n..], &q[n..], 0);
-        [0, 1, 2, 3].map(|i| out[i] + tail[i] - q_sum)
-    }
-
-    /// [`ternary_dot4_avx2`] for two tokens: 8 i16 accumulators + 4 code planes fit the 16 ymm
-    /// registers without spilling.
-    #[target_feature(enable = "avx2")]
-    pub unsafe fn ternary_dot4_x2_avx2(
+    pub unsafe fn ternary_dot4_xn_avx2<const T: usize>(
         bytes: &[u8],
-        q: [&[i8]; 2],
-        q_sum: [i32; 2],
-    ) -> [[i32; 4]; 2] {
+        q: [&[i8]; T],
+        q_sum: [i32; T],
+    ) -> [[i32; 4]; T] {
         let n = bytes.len() / 32 * 32;
         let ones = _mm256_set1_epi16(1);
-        let mut acc32 = [[_mm256_setzero_si256(); 4]; 2];
+        let mut acc32 = [[_mm256_setzero_si256(); 4]; T];
         let mut c = 0;
         while c < n {
             let block_end = (c + 32 * I16_STEPS).min(n);
-            let mut acc16 = [[_mm256_setzero_si256(); 4]; 2];
+            let mut acc16 = [[_mm256_setzero_si256(); 4]; T];
             while c < block_end {
                 prefetch(bytes.as_ptr().wrapping_add(c + PREFETCH_BYTES));
-                // SAFETY: c + 32 ≤ n ≤ len of all three slices.
-                let (w, x0, x1) = unsafe {
-                    (
-                        _mm256_loadu_si256(bytes.as_ptr().add(c) as *const __m256i),
-                        _mm256_loadu_si256(q[0].as_ptr().add(c) as *const __m256i),
-                        _mm256_loadu_si256(q[1].as_ptr().add(c) as *const __m256i),
-                    )
-                };
-                let p = planes(w);
-                for i in 0..4 {
-                    acc16[0][i] = _mm256_add_epi16(acc16[0][i], _mm256_maddubs_epi16(p[i], x0));
-                    acc16[1][i] = _mm256_add_epi16(acc16[1][i], _mm256_maddubs_epi16(p[i], x1));
+                // SAFETY: c + 32 ≤ n ≤ the length of every slice (the caller's contract).
+                let p = planes(unsafe { _mm256_loadu_si256(bytes.as_ptr().add(c) as *const _) });
+                for t in 0..T {
+                    let x = unsafe { _mm256_loadu_si256(q[t].as_ptr().add(c) as *const _) };
+                    for i in 0..4 {
+                        acc16[t][i] = _mm256_add_epi16(acc16[t][i], _mm256_maddubs_epi16(p[i], x));
+                    }
                 }
                 c += 32;
             }
-            for t in 0..2 {
+            for t in 0..T {
                 for i in 0..4 {
                     acc32[t][i] =
                         _mm256_add_epi32(acc32[t][i], _mm256_madd_epi16(acc16[t][i], ones));
                 }
             }
         }
-        let mut out = [[0i32; 4]; 2];
-        for t in 0..2 {
+        let mut out = [[0i32; 4]; T];
+        for t in 0..T {
             let sums = finish(&acc32[t]);
             let tail = crate::ternary::ternary_dot_byte_row(&bytes[n..], &q[t][n..], 0);
             for i in 0..4 {

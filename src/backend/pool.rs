@@ -139,33 +139,65 @@ impl SpinPool {
     ) {
         let chunk = chunk.max(1);
         let len = data.len();
-        let base = SendPtr(data.as_mut_ptr());
+        let shared = DisjointSlice::new(data);
         self.run(len.div_ceil(chunk), &|i| {
             let start = i * chunk;
-            let end = (start + chunk).min(len);
-            // SAFETY: chunk i covers start..end, disjoint from every other chunk and inside
-            // `data`, which is borrowed mutably for the whole call.
-            let part =
-                unsafe { std::slice::from_raw_parts_mut(base.get().add(start), end - start) };
-            f(i, part)
+            // SAFETY: chunk i is handed to this item only; chunks are disjoint.
+            f(i, unsafe {
+                shared.slice_mut(start..(start + chunk).min(len))
+            })
         });
     }
 }
 
-/// A raw pointer that may cross threads (used only for disjoint chunks, see above).
-struct SendPtr<T>(*mut T);
-impl<T> Clone for SendPtr<T> {
-    fn clone(&self) -> Self {
-        *self
-    }
+/// A `&mut [T]` that parallel jobs write through, each to elements no other job touches: the
+/// chunks of [`SpinPool::for_each_chunk_mut`], and the strided output runs of the CPU ternary
+/// matmul (a job owns a run of byte rows, whose outputs are 4 strided runs per token, which no
+/// `chunks_mut` split can express). Bounds are checked; disjointness is the caller's contract.
+pub struct DisjointSlice<'a, T> {
+    ptr: *mut T,
+    len: usize,
+    _borrow: std::marker::PhantomData<&'a mut [T]>, // holds the slice's borrow
 }
-impl<T> Copy for SendPtr<T> {}
-// SAFETY: only used to hand out disjoint sub-slices of a `&mut [T]` with `T: Send`.
-unsafe impl<T: Send> Send for SendPtr<T> {}
-unsafe impl<T: Send> Sync for SendPtr<T> {}
-impl<T> SendPtr<T> {
-    fn get(self) -> *mut T {
-        self.0
+
+// SAFETY: access goes through `slice_mut` / `write`, whose contract is that no two threads touch
+// one element, and the slice stays mutably borrowed for the struct's lifetime.
+unsafe impl<T: Send> Send for DisjointSlice<'_, T> {}
+unsafe impl<T: Send> Sync for DisjointSlice<'_, T> {}
+
+impl<'a, T> DisjointSlice<'a, T> {
+    pub fn new(data: &'a mut [T]) -> Self {
+        DisjointSlice {
+            ptr: data.as_mut_ptr(),
+            len: data.len(),
+            _borrow: std::marker::PhantomData,
+        }
+    }
+
+    /// # Safety
+    /// No other thread reads or writes any element of `range` while the returned slice lives.
+    #[allow(clippy::mut_from_ref)] // the point of the type: disjoint `&mut` from a shared handle
+    pub unsafe fn slice_mut(&self, range: std::ops::Range<usize>) -> &mut [T] {
+        assert!(
+            range.start <= range.end && range.end <= self.len,
+            "DisjointSlice: {range:?} out of {}",
+            self.len
+        );
+        // SAFETY: in bounds (checked); exclusive per the caller's contract.
+        unsafe { std::slice::from_raw_parts_mut(self.ptr.add(range.start), range.len()) }
+    }
+
+    /// # Safety
+    /// No other thread reads or writes `index` while the jobs run.
+    #[inline]
+    pub unsafe fn write(&self, index: usize, v: T) {
+        assert!(
+            index < self.len,
+            "DisjointSlice: index {index} out of {}",
+            self.len
+        );
+        // SAFETY: in bounds (checked); exclusive per the caller's contract.
+        unsafe { *self.ptr.add(index) = v };
     }
 }
 
