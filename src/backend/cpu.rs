@@ -30,6 +30,11 @@ pub struct CpuQTensor {
     pub q: Vec<i8>,       // [capacity, cols]
     pub scales: Vec<f32>, // [capacity]
     pub sums: Vec<i32>,   // [capacity]  Σ q over the row, for the Σq·code − Σq trick
+    /// With the AMX level only: the rows again as AMX B tiles (`backend::amx`),
+    /// `[capacity / 16 rounded up to even, padded_cols / 4, 16, 4]`.
+    pub tiles: Vec<i8>,
+    /// Rows of the current step that `tiles` holds (0: none; the matmul then reads `q`).
+    pub tiles_rows: usize,
     pub capacity: usize,
     pub cols: usize,
 }
@@ -140,7 +145,92 @@ impl CpuBackend {
         }
         Ok(())
     }
+
+    /// The ternary matmul on AMX tiles (`backend::amx`), for steps of many tokens. A job is one
+    /// block of 16 packed byte rows (4 planes × 16 weight rows) and one chunk of tokens: it
+    /// unpacks the block's codes into this thread's buffer (≤ 4 × 16 × 6912 B for 2B4T) and runs
+    /// tile products over the chunk's token blocks, 32 tokens and 2 planes at a time. The chunk
+    /// is sized so that its activations (`32 × padded_cols` bytes per pair of token blocks) stay
+    /// in L2 while every job of the chunk reads them; chunks come first in the job order.
+    #[cfg(all(target_arch = "x86_64", target_os = "linux"))]
+    fn ternary_matmul_amx(&mut self, w: &TernaryMatrix, x: &CpuQTensor, out: &mut CpuTensor) {
+        use super::amx::{self, padded_cols, TILE_K, TILE_ROWS, TILE_TOKENS};
+        const CHUNK_BYTES: usize = 1 << 20;
+        let n = self.n();
+        let (p4, rows, cols) = (w.rows / 4, w.rows, w.cols);
+        let kp = padded_cols(cols);
+        let factor = &self.token_factor; // [n]
+        let out_rows = DisjointSlice::new(&mut out.data[..n * rows]); // [n, rows]
+        let pair_len = 2 * TILE_TOKENS * kp; // bytes of one pair of token blocks
+        let pairs = n.div_ceil(2 * TILE_TOKENS);
+        let chunk_pairs = (CHUNK_BYTES / pair_len).clamp(1, pairs);
+        let row_blocks = p4.div_ceil(TILE_ROWS);
+        let plane_len = TILE_ROWS * kp; // one plane of the code buffer: [16, kp]
+        let packed = w.packed.as_slice(); // [p4, cols]
+        let job = |j: usize| {
+            let (chunk, block) = (j / row_blocks, j % row_blocks);
+            let (p0, p1) = (block * TILE_ROWS, (block * TILE_ROWS + TILE_ROWS).min(p4));
+            amx::with_code_buffer(4 * plane_len, |codes| {
+                // SAFETY: AVX-512 BW is part of the AMX level.
+                unsafe { amx::unpack_codes(&packed[p0 * cols..p1 * cols], cols, codes) };
+                let mut c = [0i32; 4 * 256]; // [4, 16 rows, 16 tokens]
+                for pair in chunk * chunk_pairs..((chunk + 1) * chunk_pairs).min(pairs) {
+                    let b0 = &x.tiles[pair * pair_len..(pair + 1) * pair_len]; // 2 token blocks
+                    for planes in [0, 2] {
+                        let a = [
+                            &codes[planes * plane_len..],
+                            &codes[(planes + 1) * plane_len..],
+                        ];
+                        // SAFETY: AMX is available (the level); each A run holds 16 rows of kp
+                        // bytes and each B block kp / 64 steps of 1 KiB; kp ≥ 64.
+                        unsafe {
+                            amx::tile_2x2(
+                                [a[0].as_ptr(), a[1].as_ptr()],
+                                kp,
+                                [b0.as_ptr(), b0[pair_len / 2..].as_ptr()],
+                                kp / TILE_K,
+                                &mut c,
+                            )
+                        };
+                        for (i, tile) in c.chunks_exact(256).enumerate() {
+                            let (plane, t0) = (planes + i / 2, (2 * pair + i % 2) * TILE_TOKENS);
+                            if t0 >= n {
+                                continue;
+                            }
+                            let t1 = (t0 + TILE_TOKENS).min(n);
+                            // out[t, plane·P + p] for t in t0..t1, p in p0..p1
+                            // SAFETY: this job alone owns byte rows p0..p1 for tokens t0..t1
+                            // (one chunk, one row block); runs_ptr checked the runs' bounds.
+                            unsafe {
+                                let dst = out_rows.runs_ptr(
+                                    t0 * rows + plane * p4 + p0,
+                                    rows,
+                                    t1 - t0,
+                                    p1 - p0,
+                                );
+                                amx::store_tile(
+                                    tile.try_into().expect("256-element tile"),
+                                    p1 - p0,
+                                    &x.sums[t0..t1],
+                                    &factor[t0..t1],
+                                    dst,
+                                    rows,
+                                );
+                            }
+                        }
+                    }
+                }
+            });
+        };
+        self.pool
+            .run(pairs.div_ceil(chunk_pairs) * row_blocks, &job);
+    }
 }
+
+/// Steps of at least this many tokens run their ternary matmuls on AMX tiles (fewer would leave
+/// most of each 16-token tile empty while still unpacking every weight).
+#[cfg(all(target_arch = "x86_64", target_os = "linux"))]
+const AMX_MIN_TOKENS: usize = 16;
 
 impl Backend for CpuBackend {
     type Tensor = CpuTensor;
@@ -199,10 +289,20 @@ impl Backend for CpuBackend {
     }
 
     fn alloc_q(&mut self, capacity: usize, cols: usize) -> Result<CpuQTensor> {
+        #[cfg(all(target_arch = "x86_64", target_os = "linux"))]
+        let tiles = if self.level == CpuLevel::Amx && capacity >= AMX_MIN_TOKENS {
+            vec![0; super::amx::packed_activations_len(capacity, cols)]
+        } else {
+            Vec::new()
+        };
+        #[cfg(not(all(target_arch = "x86_64", target_os = "linux")))]
+        let tiles = Vec::new();
         Ok(CpuQTensor {
             q: vec![0; capacity * cols],
             scales: vec![0.0; capacity],
             sums: vec![0; capacity],
+            tiles,
+            tiles_rows: 0,
             capacity,
             cols,
         })
@@ -289,6 +389,23 @@ impl Backend for CpuBackend {
             .for_each_chunk_mut(&mut out.sums[..n], 1, |t, sum| {
                 sum[0] = q[t * cols..(t + 1) * cols].iter().map(|&v| v as i32).sum();
             });
+        out.tiles_rows = 0;
+        #[cfg(all(target_arch = "x86_64", target_os = "linux"))]
+        if self.level == CpuLevel::Amx && n >= AMX_MIN_TOKENS {
+            use super::amx::{pack_activation_block, packed_activations_len, padded_cols};
+            let len = packed_activations_len(n, cols);
+            if out.tiles.len() >= len {
+                // blocks of 16 rows in parallel; the block that pads to an even count is zeros
+                let q = &out.q;
+                let block = 16 * padded_cols(cols);
+                self.pool
+                    .for_each_chunk_mut(&mut out.tiles[..len], block, |b, tiles| {
+                        let (t0, t1) = ((16 * b).min(n), (16 * b + 16).min(n));
+                        pack_activation_block(&q[t0 * cols..t1 * cols], cols, tiles);
+                    });
+                out.tiles_rows = n;
+            }
+        }
         Ok(())
     }
 
@@ -315,6 +432,11 @@ impl Backend for CpuBackend {
         self.token_factor.clear();
         self.token_factor
             .extend(x.scales[..n].iter().map(|&s| w.out_scale / s));
+        #[cfg(all(target_arch = "x86_64", target_os = "linux"))]
+        if self.level == CpuLevel::Amx && x.tiles_rows == n && n >= AMX_MIN_TOKENS {
+            self.ternary_matmul_amx(w, x, out);
+            return Ok(());
+        }
         let factor = &self.token_factor; // [n]
                                          // A job takes a run of byte rows (byte row p serves output rows p, P+p, 2P+p, 3P+p)
                                          // and walks it once per block of TOKEN_BLOCK tokens, so that the block's int8
@@ -755,7 +877,13 @@ mod tests {
         // rows: fewer byte rows than a job, not a multiple of the job size, many jobs;
         // cols: below and above one SIMD step; tokens: every remainder of the 4- and 2-token
         // kernels and more than one token block
-        for &(rows, cols) in &[(4usize, 1usize), (68, 33), (148, 64), (640, 130)] {
+        for &(rows, cols) in &[
+            (4usize, 1usize),
+            (68, 33),
+            (148, 64),
+            (640, 130),
+            (64, 20000),
+        ] {
             let packed: Vec<u8> = (0..rows / 4 * cols)
                 .map(|_| (0..4).fold(0u8, |b, i| b | (rng.random_range(0..3u8) << (2 * i))))
                 .collect();

@@ -16,6 +16,9 @@ pub enum CpuLevel {
     Avx2,
     /// x86-64 AVX-512 BW + VNNI (vpdpbusd on 512-bit vectors).
     Avx512Vnni,
+    /// [`CpuLevel::Avx512Vnni`] plus Intel AMX tiles for the prefill matmuls (`tdpbusd`: a
+    /// 16×16 int8 matrix product per instruction; Linux only, see `backend::amx`).
+    Amx,
     /// aarch64 NEON (smull + sadalp).
     Neon,
     /// aarch64 NEON + the dotprod extension (sdot: four int8 products summed into each i32 lane).
@@ -28,6 +31,7 @@ impl CpuLevel {
             CpuLevel::Scalar => "scalar",
             CpuLevel::Avx2 => "avx2",
             CpuLevel::Avx512Vnni => "avx512vnni",
+            CpuLevel::Amx => "amx",
             CpuLevel::Neon => "neon",
             CpuLevel::NeonDot => "neondot",
         }
@@ -46,6 +50,10 @@ impl CpuLevel {
                 && is_x86_feature_detected!("avx512vnni")
             {
                 v.push(CpuLevel::Avx512Vnni);
+                #[cfg(target_os = "linux")]
+                if super::amx::available() {
+                    v.push(CpuLevel::Amx);
+                }
             }
         }
         #[cfg(target_arch = "aarch64")]
@@ -60,7 +68,7 @@ impl CpuLevel {
         v
     }
 
-    /// The best level, or the one `BITNET_CPU_KERNEL=scalar|avx2|avx512vnni|neon|neondot` forces
+    /// The best level, or the one `BITNET_CPU_KERNEL=scalar|avx2|avx512vnni|amx|neon|neondot` forces
     /// (if this machine can run it; a level it cannot run falls back to the best one with a
     /// warning).
     pub fn detect() -> CpuLevel {
@@ -104,7 +112,7 @@ pub fn ternary_dot4(level: CpuLevel, bytes: &[u8], q: &[i8], q_sum: i32) -> [i32
         // SAFETY: the level is only ever one `available()` returned for this machine.
         CpuLevel::Avx2 => unsafe { x86::ternary_dot4_xn_avx2::<1>(bytes, [q], [q_sum])[0] },
         #[cfg(target_arch = "x86_64")]
-        CpuLevel::Avx512Vnni => unsafe {
+        CpuLevel::Avx512Vnni | CpuLevel::Amx => unsafe {
             x86::ternary_dot4_xn_avx512vnni::<1>(bytes, [q], [q_sum])[0]
         },
         #[cfg(target_arch = "aarch64")]
@@ -133,7 +141,9 @@ pub fn ternary_dot4_x2(
         // SAFETY: the level is only ever one `available()` returned for this machine.
         CpuLevel::Avx2 => unsafe { x86::ternary_dot4_xn_avx2::<2>(bytes, q, q_sum) },
         #[cfg(target_arch = "x86_64")]
-        CpuLevel::Avx512Vnni => unsafe { x86::ternary_dot4_xn_avx512vnni::<2>(bytes, q, q_sum) },
+        CpuLevel::Avx512Vnni | CpuLevel::Amx => unsafe {
+            x86::ternary_dot4_xn_avx512vnni::<2>(bytes, q, q_sum)
+        },
         #[cfg(target_arch = "aarch64")]
         CpuLevel::Neon => unsafe { arm::ternary_dot4_xn_neon::<2>(bytes, q, q_sum) },
         #[cfg(target_arch = "aarch64")]
@@ -161,7 +171,9 @@ pub fn ternary_dot4_x4(
     match level {
         #[cfg(target_arch = "x86_64")]
         // SAFETY: the level is only ever one `available()` returned for this machine.
-        CpuLevel::Avx512Vnni => unsafe { x86::ternary_dot4_xn_avx512vnni::<4>(bytes, q, q_sum) },
+        CpuLevel::Avx512Vnni | CpuLevel::Amx => unsafe {
+            x86::ternary_dot4_xn_avx512vnni::<4>(bytes, q, q_sum)
+        },
         #[cfg(target_arch = "aarch64")]
         CpuLevel::Neon => unsafe { arm::ternary_dot4_xn_neon::<4>(bytes, q, q_sum) },
         #[cfg(target_arch = "aarch64")]
@@ -180,7 +192,9 @@ pub fn dot_bf16(level: CpuLevel, row: &[u8], x: &[f32]) -> f32 {
     debug_assert_eq!(row.len(), 2 * x.len());
     match level {
         #[cfg(target_arch = "x86_64")]
-        CpuLevel::Avx2 | CpuLevel::Avx512Vnni => unsafe { x86::dot_bf16_avx2(row, x) },
+        CpuLevel::Avx2 | CpuLevel::Avx512Vnni | CpuLevel::Amx => unsafe {
+            x86::dot_bf16_avx2(row, x)
+        },
         #[cfg(target_arch = "aarch64")]
         CpuLevel::Neon | CpuLevel::NeonDot => unsafe { arm::dot_bf16_neon(row, x) },
         _ => dot_bf16_scalar(row, x),
@@ -196,7 +210,7 @@ pub fn axpy_f32(level: CpuLevel, a: f32, x: &[f32], y: &mut [f32]) {
         // SAFETY: the level is only ever one `available()` returned (AVX2 implies FMA there).
         CpuLevel::Avx2 => unsafe { x86::axpy_f32_avx2(a, x, y) },
         #[cfg(target_arch = "x86_64")]
-        CpuLevel::Avx512Vnni => unsafe { x86::axpy_f32_avx512(a, x, y) },
+        CpuLevel::Avx512Vnni | CpuLevel::Amx => unsafe { x86::axpy_f32_avx512(a, x, y) },
         #[cfg(target_arch = "aarch64")]
         CpuLevel::Neon | CpuLevel::NeonDot => unsafe { arm::axpy_f32_neon(a, x, y) },
         _ => axpy_f32_scalar(a, x, y),
@@ -214,7 +228,7 @@ pub fn quantize_i8(level: CpuLevel, x: &[f32], s: f32, q: &mut [i8]) {
         // SAFETY: the level is only ever one `available()` returned for this machine.
         CpuLevel::Avx2 => unsafe { x86::quantize_i8_avx2(x, s, q) },
         #[cfg(target_arch = "x86_64")]
-        CpuLevel::Avx512Vnni => unsafe { x86::quantize_i8_avx512(x, s, q) },
+        CpuLevel::Avx512Vnni | CpuLevel::Amx => unsafe { x86::quantize_i8_avx512(x, s, q) },
         #[cfg(target_arch = "aarch64")]
         CpuLevel::Neon | CpuLevel::NeonDot => unsafe { arm::quantize_i8_neon(x, s, q) },
         _ => crate::ternary::quantize_row_with_scale(x, s, q),

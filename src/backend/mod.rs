@@ -7,6 +7,8 @@
 //! Row counts: every activation tensor has `capacity` rows; ops act on the first `n_tokens` rows
 //! of the current step. The LM head can produce logits for all live rows or only the last one.
 
+#[cfg(all(target_arch = "x86_64", target_os = "linux"))]
+pub mod amx;
 pub mod cpu;
 pub mod kernels;
 pub mod pool;

@@ -199,6 +199,32 @@ impl<'a, T> DisjointSlice<'a, T> {
         // SAFETY: in bounds (checked); exclusive per the caller's contract.
         unsafe { *self.ptr.add(index) = v };
     }
+
+    /// A pointer to element `start` for a kernel that writes `count` runs of `width` elements,
+    /// `stride` apart, from there; checks that every run lies inside the slice.
+    ///
+    /// # Safety
+    /// No other thread reads or writes those runs while the pointer is used.
+    pub unsafe fn runs_ptr(
+        &self,
+        start: usize,
+        stride: usize,
+        count: usize,
+        width: usize,
+    ) -> *mut T {
+        let end = count
+            .checked_sub(1)
+            .and_then(|c| c.checked_mul(stride))
+            .and_then(|o| o.checked_add(start))
+            .and_then(|o| o.checked_add(width));
+        assert!(
+            count == 0 || end.is_some_and(|end| end <= self.len),
+            "DisjointSlice: {count} runs of {width} from {start} (stride {stride}) out of {}",
+            self.len
+        );
+        // SAFETY: start ≤ len (checked above when count > 0; a pointer one past the end is valid).
+        unsafe { self.ptr.add(start.min(self.len)) }
+    }
 }
 
 /// One step of a wait loop: a CPU pause for the first spins (the other side is usually a few

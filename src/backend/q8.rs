@@ -86,7 +86,9 @@ impl Q8Matrix {
         let sum = match level {
             #[cfg(target_arch = "x86_64")]
             // SAFETY: the level is only ever one `CpuLevel::available()` returned (AVX2 + FMA).
-            CpuLevel::Avx2 | CpuLevel::Avx512Vnni => unsafe { x86::dot_q8_avx2(q, s, &x.q) },
+            CpuLevel::Avx2 | CpuLevel::Avx512Vnni | CpuLevel::Amx => unsafe {
+                x86::dot_q8_avx2(q, s, &x.q)
+            },
             #[cfg(target_arch = "aarch64")]
             // SAFETY: as above (aarch64 levels all have NEON).
             CpuLevel::Neon | CpuLevel::NeonDot => unsafe { arm::dot_q8_neon(q, s, &x.q) },

@@ -1,0 +1,355 @@
+//! Intel AMX (Advanced Matrix Extensions) for the prefill ternary matmul.
+//!
+//! A prefill step multiplies the same weights by many tokens, so it is an int8 GEMM and bound by
+//! multiply-adds, not by memory. One AMX `tdpbusd` does a 16×64 by 64×16 int8 product
+//! (16 384 multiply-adds) where an AVX-512 `vpdpbusd` does 64; on a Sapphire Rapids-class core
+//! that is about 8× the multiply-adds per cycle.
+//!
+//! The weights stay packed on the device; each job unpacks 16 packed byte rows (64 weight rows,
+//! four planes of 16: see `ternary.rs`) into unsigned codes `c = w + 1` in {0, 1, 2}, one tile row
+//! per weight row (the A operand), and multiplies them by the step's activations, which
+//! [`pack_activations`] has laid out once per quantization in the "VNNI" order the B operand needs.
+//! As in the other kernels, `Σ q·w = Σ q·c − Σ q`, and the integer sums are exact: this path
+//! gives bit-identical outputs to the scalar kernel.
+//!
+//! Rust's AMX intrinsics are unstable (rust-lang/rust#126622), so the tile instructions are
+//! written in `asm!`. Each [`tile_2x2`] call configures the tiles, runs its whole k loop and
+//! releases the tiles within one `asm!` block: no tile state lives across Rust code.
+//!
+//! Linux gives a process the 8 KiB tile state only on request (`arch_prctl(ARCH_REQ_XCOMP_PERM)`,
+//! kernel 5.16+); [`available`] asks once and reports AMX only if the kernel agreed.
+
+use std::arch::asm;
+use std::arch::x86_64::*;
+use std::cell::RefCell;
+use std::sync::OnceLock;
+
+/// Bytes of k per tile row (the A operand's row, 64 int8 values).
+pub const TILE_K: usize = 64;
+/// Weight rows per A tile, which is also the packed byte rows per job (one A tile per plane).
+pub const TILE_ROWS: usize = 16;
+/// Tokens per B tile.
+pub const TILE_TOKENS: usize = 16;
+
+/// Whether this CPU has AMX-TILE and AMX-INT8 and the OS lets this process use them.
+pub fn available() -> bool {
+    static OK: OnceLock<bool> = OnceLock::new();
+    *OK.get_or_init(|| {
+        let leaf7 = __cpuid_count(7, 0);
+        let (tile, int8) = ((leaf7.edx >> 24) & 1 == 1, (leaf7.edx >> 25) & 1 == 1);
+        if !(tile && int8) {
+            return false;
+        }
+        const ARCH_REQ_XCOMP_PERM: libc::c_long = 0x1023;
+        const XFEATURE_XTILEDATA: libc::c_long = 18;
+        // SAFETY: arch_prctl with these arguments only changes which xsave features the kernel
+        // lets this process use; it touches no memory of ours.
+        unsafe {
+            libc::syscall(
+                libc::SYS_arch_prctl,
+                ARCH_REQ_XCOMP_PERM,
+                XFEATURE_XTILEDATA,
+            ) == 0
+        }
+    })
+}
+
+/// `cols` rounded up to whole tile rows (the padding is zeros on both operands).
+pub fn padded_cols(cols: usize) -> usize {
+    cols.next_multiple_of(TILE_K)
+}
+
+/// Length of the [`pack_activations`] buffer for `rows` tokens of `cols` columns: token blocks
+/// are paired (one [`tile_2x2`] takes two), so an even number of blocks.
+pub fn packed_activations_len(rows: usize, cols: usize) -> usize {
+    rows.div_ceil(2 * TILE_TOKENS) * 2 * TILE_TOKENS * padded_cols(cols)
+}
+
+/// Lays out one block of up to 16 tokens' int8 activations (`q`: `[tokens ≤ 16, cols]`) as the B
+/// operand wants it: `out[g][t][j] = q[t][4g + j]` for the `padded_cols / 4` groups `g`
+/// (`[padded_cols / 4, 16, 4]`, 1 KiB per 64 columns), zeros past the last token and column.
+pub fn pack_activation_block(q: &[i8], cols: usize, out: &mut [i8]) {
+    let kp = padded_cols(cols);
+    assert!(q.len().is_multiple_of(cols.max(1)) && q.len() / cols.max(1) <= TILE_TOKENS);
+    assert_eq!(
+        out.len(),
+        TILE_TOKENS * kp,
+        "pack_activation_block: output length"
+    );
+    let tokens = q.len() / cols.max(1);
+    out.fill(0);
+    let full = cols / 4; // groups with 4 real columns
+    for g in 0..full {
+        let line = &mut out[g * 64..(g + 1) * 64]; // [16 tokens, 4]
+        for t in 0..tokens {
+            line[4 * t..4 * t + 4].copy_from_slice(&q[t * cols + 4 * g..t * cols + 4 * g + 4]);
+        }
+    }
+    if !cols.is_multiple_of(4) {
+        let line = &mut out[full * 64..(full + 1) * 64];
+        for t in 0..tokens {
+            let tail = &q[t * cols + 4 * full..(t + 1) * cols];
+            line[4 * t..4 * t + tail.len()].copy_from_slice(tail);
+        }
+    }
+}
+
+thread_local! {
+    /// The unpacked codes of one job: `[4 planes, 16 rows, padded_cols]` u8 (grown on demand,
+    /// kept for the thread's life: ~440 KiB for 2B4T's down projection).
+    static CODES: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
+}
+
+/// Runs `f` with this thread's code buffer, at least `len` bytes long.
+pub fn with_code_buffer<R>(len: usize, f: impl FnOnce(&mut [u8]) -> R) -> R {
+    CODES.with(|c| {
+        let mut c = c.borrow_mut();
+        if c.len() < len {
+            c.resize(len, 0);
+        }
+        f(&mut c[..len])
+    })
+}
+
+/// Unpacks up to 16 packed byte rows (`bytes`: `[rows ≤ 16, cols]`) into codes,
+/// `codes[i][r][c] = (bytes[r][c] >> 2i) & 3` (`[4, 16, padded_cols]`), zeros past `cols`.
+/// Rows past the given ones are left as they were (their outputs are never written).
+///
+/// # Safety
+/// The CPU must have AVX-512 BW (every machine with AMX has it).
+#[target_feature(enable = "avx512f,avx512bw")]
+pub unsafe fn unpack_codes(bytes: &[u8], cols: usize, codes: &mut [u8]) {
+    let kp = padded_cols(cols);
+    assert!(cols > 0 && bytes.len().is_multiple_of(cols) && bytes.len() / cols <= TILE_ROWS);
+    assert_eq!(
+        codes.len(),
+        4 * TILE_ROWS * kp,
+        "unpack_codes: output length"
+    );
+    let m3 = _mm512_set1_epi8(3);
+    for (r, row) in bytes.chunks_exact(cols).enumerate() {
+        let mut c = 0;
+        while c < kp {
+            // bytes past the row's end are masked off (read as 0) so no read leaves the slice
+            let left = cols.saturating_sub(c).min(64);
+            let mask: __mmask64 = if left == 64 { !0 } else { (1u64 << left) - 1 };
+            // SAFETY: the mask limits the load to row[c..c + left] ⊂ row; each store writes 64
+            // bytes at codes[(i·16 + r)·kp + c ..], inside codes because c + 64 ≤ kp.
+            unsafe {
+                let w = _mm512_maskz_loadu_epi8(mask, row.as_ptr().add(c) as *const i8);
+                let planes = [
+                    _mm512_and_si512(w, m3),
+                    _mm512_and_si512(_mm512_srli_epi16::<2>(w), m3),
+                    _mm512_and_si512(_mm512_srli_epi16::<4>(w), m3),
+                    _mm512_and_si512(_mm512_srli_epi16::<6>(w), m3),
+                ];
+                for (i, plane) in planes.into_iter().enumerate() {
+                    let dst = codes.as_mut_ptr().add((i * TILE_ROWS + r) * kp + c);
+                    _mm512_storeu_si512(dst as *mut _, plane);
+                }
+            }
+            c += 64;
+        }
+    }
+}
+
+/// Tile configuration: palette 1, tiles 0–7 all 16 rows × 64 bytes.
+#[repr(C, align(64))]
+struct TileConfig([u8; 64]);
+
+impl TileConfig {
+    const fn all_16x64() -> Self {
+        let mut b = [0u8; 64];
+        b[0] = 1; // palette 1
+        let mut t = 0;
+        while t < 8 {
+            b[16 + 2 * t] = 64; // bytes per row (u16, little-endian)
+            b[48 + t] = 16; // rows
+            t += 1;
+        }
+        TileConfig(b)
+    }
+}
+
+static CONFIG: TileConfig = TileConfig::all_16x64();
+
+/// `c[2a + b] = A_a · B_b` over `k_steps` steps of 64 columns, for two A tiles of 16 weight rows
+/// (u8 codes, rows `a_stride` bytes apart, the next step 64 bytes on) and two B tiles of 16
+/// tokens (packed activations, 1 KiB per step). `c`: `[4, 16 rows, 16 tokens]` i32.
+///
+/// # Safety
+/// AMX must be [`available`]; `a[i]` must be readable for `15·a_stride + 64·k_steps` bytes,
+/// `b[i]` for `1024·k_steps` bytes, and `k_steps ≥ 1`.
+pub unsafe fn tile_2x2(
+    a: [*const u8; 2],
+    a_stride: usize,
+    b: [*const i8; 2],
+    k_steps: usize,
+    c: &mut [i32; 4 * 256],
+) {
+    debug_assert!(k_steps >= 1);
+    // SAFETY: the caller's contract covers every tile load; the stores write 4 × 1 KiB into c.
+    // tmm0–3 accumulate, tmm4–5 hold A, tmm6–7 hold B; the tiles are released before the end.
+    unsafe {
+        asm!(
+            "ldtilecfg [{cfg}]",
+            "tilezero tmm0",
+            "tilezero tmm1",
+            "tilezero tmm2",
+            "tilezero tmm3",
+            "2:",
+            "tileloadd tmm4, [{a0} + {as}*1]",
+            "tileloadd tmm5, [{a1} + {as}*1]",
+            "tileloadd tmm6, [{b0} + {row}*1]",
+            "tileloadd tmm7, [{b1} + {row}*1]",
+            "tdpbusd tmm0, tmm4, tmm6",
+            "tdpbusd tmm1, tmm4, tmm7",
+            "tdpbusd tmm2, tmm5, tmm6",
+            "tdpbusd tmm3, tmm5, tmm7",
+            "add {a0}, 64",
+            "add {a1}, 64",
+            "add {b0}, 1024",
+            "add {b1}, 1024",
+            "dec {n}",
+            "jnz 2b",
+            "tilestored [{c} + {row}*1], tmm0",
+            "add {c}, 1024",
+            "tilestored [{c} + {row}*1], tmm1",
+            "add {c}, 1024",
+            "tilestored [{c} + {row}*1], tmm2",
+            "add {c}, 1024",
+            "tilestored [{c} + {row}*1], tmm3",
+            "tilerelease",
+            cfg = in(reg) CONFIG.0.as_ptr(),
+            a0 = inout(reg) a[0] => _,
+            a1 = inout(reg) a[1] => _,
+            b0 = inout(reg) b[0] => _,
+            b1 = inout(reg) b[1] => _,
+            as = in(reg) a_stride,
+            row = in(reg) 64usize,
+            n = inout(reg) k_steps => _,
+            c = inout(reg) c.as_mut_ptr() => _,
+            options(nostack),
+        );
+    }
+}
+
+/// Transposes a 16×16 i32 matrix held as 16 row vectors (64 shuffles: 32-bit and 64-bit
+/// interleaves within 128-bit lanes, then a 4×4 transpose of the lanes).
+///
+/// # Safety
+/// The CPU must have AVX-512F.
+#[inline]
+#[target_feature(enable = "avx512f")]
+pub fn transpose16(r: [__m512i; 16]) -> [__m512i; 16] {
+    let mut a = [_mm512_setzero_si512(); 16];
+    for i in 0..8 {
+        a[2 * i] = _mm512_unpacklo_epi32(r[2 * i], r[2 * i + 1]);
+        a[2 * i + 1] = _mm512_unpackhi_epi32(r[2 * i], r[2 * i + 1]);
+    }
+    // b[4i + j], lane L: column 4L + j of rows 4i..4i+4
+    let mut b = [_mm512_setzero_si512(); 16];
+    for i in 0..4 {
+        b[4 * i] = _mm512_unpacklo_epi64(a[4 * i], a[4 * i + 2]);
+        b[4 * i + 1] = _mm512_unpackhi_epi64(a[4 * i], a[4 * i + 2]);
+        b[4 * i + 2] = _mm512_unpacklo_epi64(a[4 * i + 1], a[4 * i + 3]);
+        b[4 * i + 3] = _mm512_unpackhi_epi64(a[4 * i + 1], a[4 * i + 3]);
+    }
+    let mut o = [_mm512_setzero_si512(); 16];
+    for j in 0..4 {
+        let c0 = _mm512_shuffle_i32x4::<0b01_00_01_00>(b[j], b[4 + j]);
+        let c1 = _mm512_shuffle_i32x4::<0b11_10_11_10>(b[j], b[4 + j]);
+        let c2 = _mm512_shuffle_i32x4::<0b01_00_01_00>(b[8 + j], b[12 + j]);
+        let c3 = _mm512_shuffle_i32x4::<0b11_10_11_10>(b[8 + j], b[12 + j]);
+        o[j] = _mm512_shuffle_i32x4::<0b10_00_10_00>(c0, c2);
+        o[4 + j] = _mm512_shuffle_i32x4::<0b11_01_11_01>(c0, c2);
+        o[8 + j] = _mm512_shuffle_i32x4::<0b10_00_10_00>(c1, c3);
+        o[12 + j] = _mm512_shuffle_i32x4::<0b11_01_11_01>(c1, c3);
+    }
+    o
+}
+
+/// Writes one accumulator tile `c` (`[16 rows, 16 tokens]` of `Σ q·code`) as floats:
+/// `out(t, m) = (c[m][t] − q_sum[t]) · factor[t]` for the first `rows` rows and `q_sum.len()`
+/// tokens, where `out(t, m)` is `out[t·out_stride + m]`.
+///
+/// # Safety
+/// AVX-512F; `out` must be writable at `t·out_stride + m` for every written (t, m).
+#[target_feature(enable = "avx512f")]
+pub unsafe fn store_tile(
+    c: &[i32; 256],
+    rows: usize,
+    q_sum: &[i32],
+    factor: &[f32],
+    out: *mut f32,
+    out_stride: usize,
+) {
+    debug_assert!(rows <= 16 && q_sum.len() <= 16 && factor.len() == q_sum.len());
+    let mut r = [_mm512_setzero_si512(); 16];
+    for (m, v) in r.iter_mut().enumerate() {
+        // SAFETY: row m of c is 16 i32 inside the 256.
+        *v = unsafe { _mm512_loadu_si512(c.as_ptr().add(16 * m) as *const _) };
+    }
+    let by_token = transpose16(r); // [16 tokens] of [16 rows]
+    let mask: __mmask16 = if rows == 16 { !0 } else { (1 << rows) - 1 };
+    for (t, (&s, &f)) in q_sum.iter().zip(factor).enumerate() {
+        let v = _mm512_sub_epi32(by_token[t], _mm512_set1_epi32(s));
+        // the scalar path computes `(sum as f32) * factor`: the same two roundings
+        let v = _mm512_mul_ps(_mm512_cvtepi32_ps(v), _mm512_set1_ps(f));
+        // SAFETY: the caller's contract.
+        unsafe { _mm512_mask_storeu_ps(out.add(t * out_stride), mask, v) };
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn transpose16_transposes() {
+        if !is_x86_feature_detected!("avx512f") {
+            return; // nothing to compare on this machine; the AMX level is not offered either
+        }
+        let m: Vec<i32> = (0..256).map(|i| i * 7 - 300).collect();
+        let mut rows = [unsafe { _mm512_setzero_si512() }; 16];
+        for (i, r) in rows.iter_mut().enumerate() {
+            *r = unsafe { _mm512_loadu_si512(m.as_ptr().add(16 * i) as *const _) };
+        }
+        let t = unsafe { transpose16(rows) };
+        let mut got = [0i32; 256];
+        for (i, r) in t.iter().enumerate() {
+            unsafe { _mm512_storeu_si512(got.as_mut_ptr().add(16 * i) as *mut _, *r) };
+        }
+        for i in 0..16 {
+            for j in 0..16 {
+                assert_eq!(got[16 * i + j], m[16 * j + i], "transposed ({i}, {j})");
+            }
+        }
+    }
+
+    #[test]
+    fn activation_block_layout() {
+        // 3 tokens of 70 columns: groups past column 70 and tokens past 3 are zero
+        let cols = 70;
+        let q: Vec<i8> = (0..3 * cols).map(|i| (i % 251) as i8).collect();
+        let mut out = vec![1i8; TILE_TOKENS * padded_cols(cols)];
+        pack_activation_block(&q, cols, &mut out);
+        for g in 0..padded_cols(cols) / 4 {
+            for t in 0..TILE_TOKENS {
+                for j in 0..4 {
+                    let k = 4 * g + j;
+                    let want = if t < 3 && k < cols {
+                        q[t * cols + k]
+                    } else {
+                        0
+                    };
+                    assert_eq!(
+                        out[g * 64 + 4 * t + j],
+                        want,
+                        "group {g} token {t} lane {j}"
+                    );
+                }
+            }
+        }
+    }
+}
