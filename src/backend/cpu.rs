@@ -6,7 +6,8 @@
 use std::cell::RefCell;
 
 use super::kernels::{
-    axpy_f32, dot_bf16, quantize_i8, ternary_dot4, ternary_dot4_x2, ternary_dot4_x4, CpuLevel,
+    dot_bf16, quantize_i8, rows_times_runs, ternary_dot4, ternary_dot4_x2, ternary_dot4_x4,
+    CpuLevel,
 };
 use super::pool::{DisjointSlice, SpinPool};
 use super::q8::{HeadInput, Q8Matrix};
@@ -560,33 +561,44 @@ impl Backend for CpuBackend {
         let group = shape.n_heads / shape.n_kv_heads;
         let scale = 1.0 / (hd as f32).sqrt();
         let level = self.level;
+        // A work item is one token and the query heads of one kv head (they read the same keys
+        // and values, so one pass over them serves all), or a single head when that would leave
+        // too few items to keep every thread busy (a decode step has n_kv_heads groups).
+        let heads = if n * shape.n_kv_heads >= 4 * self.threads {
+            group
+        } else {
+            1
+        };
         thread_local! {
-            // Attention scores of one (token, head): one buffer per thread, grown as needed.
-            static SCORES: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+            // [heads, len] scores, then probabilities, and [heads, head_dim] scaled queries of
+            // one work item: buffers per thread, grown as needed.
+            static SCRATCH: RefCell<(Vec<f32>, Vec<f32>)> = const { RefCell::new((Vec::new(), Vec::new())) };
         }
         self.pool
-            .for_each_chunk_mut(&mut out.data[..n * qd], hd, |idx, o| {
-                SCORES.with_borrow_mut(|scores| {
-                    let (t, h) = (idx / shape.n_heads, idx % shape.n_heads);
-                    let kvh = h / group;
-                    let qv = &q.data[t * qd + h * hd..t * qd + (h + 1) * hd];
+            .for_each_chunk_mut(&mut out.data[..n * qd], heads * hd, |idx, o| {
+                SCRATCH.with_borrow_mut(|(scores, qs)| {
+                    let per_token = shape.n_heads / heads;
+                    let (t, h0) = (idx / per_token, idx % per_token * heads);
+                    let kvh = h0 / group;
                     let len = start + t + 1; // causal: positions 0..=start+t
+                    qs.clear(); // [heads, hd]
+                    qs.extend(
+                        q.data[t * qd + h0 * hd..t * qd + (h0 + heads) * hd]
+                            .iter()
+                            .map(|&v| v * scale),
+                    );
                     scores.clear();
-                    scores.resize(len, 0.0); // [len]
-                    for (d, &q_d) in qv.iter().enumerate() {
-                        let e = kvh * hd + d;
-                        let keys_d = &kc[e * ctx..e * ctx + len]; // [len]: component d of every key
-                        axpy_f32(level, q_d * scale, keys_d, scores);
+                    scores.resize(heads * len, 0.0); // [heads, len]
+                                                     // scores[h][j] = Σ_d qs[h][d] · K[j][d], with K stored as [kv_dim, ctx]
+                    let keys = &kc[kvh * hd * ctx..]; // rows d: component d of every key
+                    rows_times_runs(level, qs, heads, hd, keys, ctx, len, scores);
+                    for s in scores.chunks_exact_mut(len) {
+                        softmax_in_place(s);
                     }
-                    softmax_in_place(scores);
+                    // o[h] = Σ_j p[h][j] · V[j] (probabilities that underflowed are skipped)
                     o.fill(0.0);
-                    for (j, &p) in scores.iter().enumerate() {
-                        if p == 0.0 {
-                            continue; // underflowed (see softmax_in_place): adds nothing
-                        }
-                        let vr = &vc[j * kvd + kvh * hd..j * kvd + (kvh + 1) * hd];
-                        axpy_f32(level, p, vr, o);
-                    }
+                    let values = &vc[kvh * hd..]; // rows j: value j of this kv head
+                    rows_times_runs(level, scores, heads, len, values, kvd, hd, o);
                 })
             });
         Ok(())

@@ -217,6 +217,70 @@ pub fn axpy_f32(level: CpuLevel, a: f32, x: &[f32], y: &mut [f32]) {
     }
 }
 
+/// `out[h] += Σ_k a[h][k] · b[k]` for `heads` rows `a[h]` (`a`: `[heads, depth]`), where `b[k]` is
+/// the run `b[k·b_stride .. k·b_stride + cols]` and `out` is `[heads, cols]`. Attention's two
+/// products for the query heads that share one kv head: scores (`a` = the scaled queries,
+/// `b[k]` = component k of every key) and the weighted sum of values (`a` = the probabilities,
+/// `b[k]` = value k). Zero coefficients are skipped (underflowed probabilities add nothing).
+///
+/// Per output element the sum runs over k in order, one multiply-add each, as a sequence of
+/// [`axpy_f32`] calls would; the AVX-512 kernel keeps up to 4 heads × 64 columns in registers,
+/// so each `b` run is loaded once for all heads instead of once per head, and the outputs stay
+/// in registers across k.
+#[allow(clippy::too_many_arguments)]
+pub fn rows_times_runs(
+    level: CpuLevel,
+    a: &[f32],
+    heads: usize,
+    depth: usize,
+    b: &[f32],
+    b_stride: usize,
+    cols: usize,
+    out: &mut [f32],
+) {
+    assert!(a.len() >= heads * depth, "rows_times_runs: a is too short");
+    assert!(
+        out.len() >= heads * cols,
+        "rows_times_runs: out is too short"
+    );
+    if depth == 0 || cols == 0 || heads == 0 {
+        return;
+    }
+    assert!(
+        b.len() >= (depth - 1) * b_stride + cols,
+        "rows_times_runs: b is too short"
+    );
+    match level {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: the level is only ever one `available()` returned; the lengths were checked.
+        CpuLevel::Avx512Vnni | CpuLevel::Amx => unsafe {
+            x86::rows_times_runs_avx512(a, heads, depth, b, b_stride, cols, out)
+        },
+        _ => rows_times_runs_with(level, a, heads, depth, b, b_stride, cols, out),
+    }
+}
+
+/// [`rows_times_runs`] as one [`axpy_f32`] per (head, k); with `CpuLevel::Scalar` its scalar twin.
+#[allow(clippy::too_many_arguments)]
+pub fn rows_times_runs_with(
+    level: CpuLevel,
+    a: &[f32],
+    heads: usize,
+    depth: usize,
+    b: &[f32],
+    b_stride: usize,
+    cols: usize,
+    out: &mut [f32],
+) {
+    for (h, o) in out.chunks_exact_mut(cols).take(heads).enumerate() {
+        for (k, &ak) in a[h * depth..(h + 1) * depth].iter().enumerate() {
+            if ak != 0.0 {
+                axpy_f32(level, ak, &b[k * b_stride..k * b_stride + cols], o);
+            }
+        }
+    }
+}
+
 /// `q = clamp(round_half_even(x·s), −128, 127)`: the int8 values of per-token activation
 /// quantization, exactly [`crate::ternary::quantize_row_with_scale`] (its scalar twin), NaN → 0
 /// included.
@@ -504,6 +568,99 @@ pub(crate) mod x86 {
             i += 16;
         }
         super::axpy_f32_scalar(a, &x[n..], &mut y[n..]);
+    }
+
+    /// [`super::rows_times_runs`] for AVX-512: heads in groups of up to 4, columns in blocks of
+    /// 64 (4 zmm, the last block masked), so 16 accumulators stay in registers over all of k.
+    ///
+    /// # Safety
+    /// AVX-512F; the lengths [`super::rows_times_runs`] checks.
+    #[target_feature(enable = "avx512f")]
+    #[allow(clippy::too_many_arguments)]
+    pub unsafe fn rows_times_runs_avx512(
+        a: &[f32],
+        heads: usize,
+        depth: usize,
+        b: &[f32],
+        b_stride: usize,
+        cols: usize,
+        out: &mut [f32],
+    ) {
+        let mut h0 = 0;
+        while h0 < heads {
+            let hn = (heads - h0).min(4);
+            let (a, out) = (&a[h0 * depth..], &mut out[h0 * cols..]);
+            // SAFETY: passed on from the caller.
+            unsafe {
+                match hn {
+                    1 => heads_block::<1>(a, depth, b, b_stride, cols, out),
+                    2 => heads_block::<2>(a, depth, b, b_stride, cols, out),
+                    3 => heads_block::<3>(a, depth, b, b_stride, cols, out),
+                    _ => heads_block::<4>(a, depth, b, b_stride, cols, out),
+                }
+            }
+            h0 += hn;
+        }
+    }
+
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    unsafe fn heads_block<const H: usize>(
+        a: &[f32],
+        depth: usize,
+        b: &[f32],
+        b_stride: usize,
+        cols: usize,
+        out: &mut [f32],
+    ) {
+        let mut c0 = 0;
+        while c0 < cols {
+            let width = (cols - c0).min(64);
+            let mask = |v: usize| -> __mmask16 {
+                let lanes = width.saturating_sub(16 * v).min(16);
+                ((1u32 << lanes) - 1) as __mmask16
+            };
+            let masks = [mask(0), mask(1), mask(2), mask(3)];
+            let mut acc = [[_mm512_setzero_ps(); 4]; H];
+            for (h, acc) in acc.iter_mut().enumerate() {
+                for (v, acc) in acc.iter_mut().enumerate() {
+                    // SAFETY: the masked lanes lie in out[h·cols + c0 .. h·cols + c0 + width].
+                    *acc = unsafe {
+                        _mm512_maskz_loadu_ps(masks[v], out.as_ptr().add(h * cols + c0 + 16 * v))
+                    };
+                }
+            }
+            for k in 0..depth {
+                let coef: [f32; H] = std::array::from_fn(|h| a[h * depth + k]);
+                if coef.iter().all(|&x| x == 0.0) {
+                    continue;
+                }
+                // SAFETY: the masked lanes lie in b[k·b_stride + c0 ..][..width] ⊂ b (checked).
+                let row = unsafe { b.as_ptr().add(k * b_stride + c0) };
+                let bv: [__m512; 4] = std::array::from_fn(|v| unsafe {
+                    _mm512_maskz_loadu_ps(masks[v], row.add(16 * v))
+                });
+                for h in 0..H {
+                    let av = _mm512_set1_ps(coef[h]);
+                    for v in 0..4 {
+                        acc[h][v] = _mm512_fmadd_ps(av, bv[v], acc[h][v]);
+                    }
+                }
+            }
+            for (h, acc) in acc.iter().enumerate() {
+                for (v, &acc) in acc.iter().enumerate() {
+                    // SAFETY: as for the loads above.
+                    unsafe {
+                        _mm512_mask_storeu_ps(
+                            out.as_mut_ptr().add(h * cols + c0 + 16 * v),
+                            masks[v],
+                            acc,
+                        )
+                    };
+                }
+            }
+            c0 += 64;
+        }
     }
 
     /// 8 floats per step, one FMA each; the tail in scalar.
@@ -950,6 +1107,56 @@ mod tests {
                     assert!(
                         (g - w).abs() <= 1e-6 + 1e-6 * w.abs(),
                         "{} len {len} index {i}: got {g}, expected {w}",
+                        level.name()
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn rows_times_runs_matches_scalar_within_tolerance() {
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(17);
+        // heads: each register block size and more than one block; cols: below, at and past
+        // the 64-column block, odd; a zero coefficient column is skipped
+        for &(heads, depth, cols) in &[
+            (1usize, 1usize, 1usize),
+            (3, 7, 17),
+            (4, 128, 64),
+            (5, 33, 130),
+            (8, 3, 200),
+        ] {
+            let b_stride = cols + 5;
+            let mut a: Vec<f32> = (0..heads * depth)
+                .map(|_| rng.random_range(-1f32..1.0))
+                .collect();
+            for h in 0..heads {
+                a[h * depth] = 0.0;
+            }
+            let b: Vec<f32> = (0..(depth - 1) * b_stride + cols)
+                .map(|_| rng.random_range(-2f32..2.0))
+                .collect();
+            let out0: Vec<f32> = (0..heads * cols)
+                .map(|_| rng.random_range(-1f32..1.0))
+                .collect();
+            let mut want = out0.clone();
+            rows_times_runs_with(
+                CpuLevel::Scalar,
+                &a,
+                heads,
+                depth,
+                &b,
+                b_stride,
+                cols,
+                &mut want,
+            );
+            for level in CpuLevel::available() {
+                let mut got = out0.clone();
+                rows_times_runs(level, &a, heads, depth, &b, b_stride, cols, &mut got);
+                for (i, (&g, &w)) in got.iter().zip(&want).enumerate() {
+                    assert!(
+                        (g - w).abs() <= 1e-5 + 1e-5 * w.abs(),
+                        "{} [{heads}x{depth}]·[{depth}x{cols}] index {i}: got {g}, expected {w}",
                         level.name()
                     );
                 }
