@@ -256,6 +256,11 @@ pub fn rows_times_runs(
         CpuLevel::Avx512Vnni | CpuLevel::Amx => unsafe {
             x86::rows_times_runs_avx512(a, heads, depth, b, b_stride, cols, out)
         },
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: as above (AVX2 implies FMA there).
+        CpuLevel::Avx2 => unsafe {
+            x86::rows_times_runs_avx2(a, heads, depth, b, b_stride, cols, out)
+        },
         _ => rows_times_runs_with(level, a, heads, depth, b, b_stride, cols, out),
     }
 }
@@ -660,6 +665,100 @@ pub(crate) mod x86 {
                 }
             }
             c0 += 64;
+        }
+    }
+
+    /// [`rows_times_runs_avx512`] for AVX2: up to 4 heads × 16 columns (8 of the 16 ymm
+    /// registers accumulate), the last block through masked loads and stores.
+    ///
+    /// # Safety
+    /// AVX2 + FMA; the lengths [`super::rows_times_runs`] checks.
+    #[target_feature(enable = "avx2,fma")]
+    #[allow(clippy::too_many_arguments)]
+    pub unsafe fn rows_times_runs_avx2(
+        a: &[f32],
+        heads: usize,
+        depth: usize,
+        b: &[f32],
+        b_stride: usize,
+        cols: usize,
+        out: &mut [f32],
+    ) {
+        let mut h0 = 0;
+        while h0 < heads {
+            let hn = (heads - h0).min(4);
+            let (a, out) = (&a[h0 * depth..], &mut out[h0 * cols..]);
+            // SAFETY: passed on from the caller.
+            unsafe {
+                match hn {
+                    1 => heads_block_avx2::<1>(a, depth, b, b_stride, cols, out),
+                    2 => heads_block_avx2::<2>(a, depth, b, b_stride, cols, out),
+                    3 => heads_block_avx2::<3>(a, depth, b, b_stride, cols, out),
+                    _ => heads_block_avx2::<4>(a, depth, b, b_stride, cols, out),
+                }
+            }
+            h0 += hn;
+        }
+    }
+
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn heads_block_avx2<const H: usize>(
+        a: &[f32],
+        depth: usize,
+        b: &[f32],
+        b_stride: usize,
+        cols: usize,
+        out: &mut [f32],
+    ) {
+        let mut c0 = 0;
+        while c0 < cols {
+            let width = (cols - c0).min(16) as i32;
+            // lane i of half v is live when 8v + i < width (sign bit set)
+            let lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+            let masks = [
+                _mm256_cmpgt_epi32(_mm256_set1_epi32(width), lane),
+                _mm256_cmpgt_epi32(_mm256_set1_epi32(width - 8), lane),
+            ];
+            let mut acc = [[_mm256_setzero_ps(); 2]; H];
+            for (h, acc) in acc.iter_mut().enumerate() {
+                for (v, acc) in acc.iter_mut().enumerate() {
+                    // SAFETY: the masked lanes lie in out[h·cols + c0 ..][..width].
+                    *acc = unsafe {
+                        _mm256_maskload_ps(out.as_ptr().add(h * cols + c0 + 8 * v), masks[v])
+                    };
+                }
+            }
+            for k in 0..depth {
+                let coef: [f32; H] = std::array::from_fn(|h| a[h * depth + k]);
+                if coef.iter().all(|&x| x == 0.0) {
+                    continue;
+                }
+                // SAFETY: the masked lanes lie in b[k·b_stride + c0 ..][..width] ⊂ b (checked).
+                let row = unsafe { b.as_ptr().add(k * b_stride + c0) };
+                let bv: [__m256; 2] = std::array::from_fn(|v| unsafe {
+                    _mm256_maskload_ps(row.add(8 * v), masks[v])
+                });
+                for h in 0..H {
+                    let av = _mm256_set1_ps(coef[h]);
+                    for v in 0..2 {
+                        acc[h][v] = _mm256_fmadd_ps(av, bv[v], acc[h][v]);
+                    }
+                }
+            }
+            for (h, acc) in acc.iter().enumerate() {
+                for (v, &acc) in acc.iter().enumerate() {
+                    // SAFETY: as for the loads above.
+                    unsafe {
+                        _mm256_maskstore_ps(
+                            out.as_mut_ptr().add(h * cols + c0 + 8 * v),
+                            masks[v],
+                            acc,
+                        )
+                    };
+                }
+            }
+            c0 += 16;
         }
     }
 
