@@ -13,8 +13,12 @@
 //! gives bit-identical outputs to the scalar kernel.
 //!
 //! Rust's AMX intrinsics are unstable (rust-lang/rust#126622), so the tile instructions are
-//! written in `asm!`. Each [`tile_2x2`] call configures the tiles, runs its whole k loop and
-//! releases the tiles within one `asm!` block: no tile state lives across Rust code.
+//! written in `asm!`. Loading the tile configuration is slow (it was a quarter of the kernel's
+//! time when done per [`tile_2x2`] call), so a job configures the tiles once through a
+//! [`Tiles`] guard and every `tile_2x2` call borrows it. The configuration lives on between
+//! the `asm!` blocks because nothing else on the thread touches tile state: this crate enables
+//! no AMX target feature, so compiled Rust code never uses tiles, and the OS saves and restores
+//! them with the thread. The guard releases the tiles when dropped.
 //!
 //! Linux gives a process the 8 KiB tile state only on request (`arch_prctl(ARCH_REQ_XCOMP_PERM)`,
 //! kernel 5.16+); [`available`] asks once and reports AMX only if the kernel agreed.
@@ -173,14 +177,40 @@ impl TileConfig {
 
 static CONFIG: TileConfig = TileConfig::all_16x64();
 
+/// Proof that this thread's tiles are configured (all 8 as 16 rows × 64 bytes); releases them
+/// when dropped. Not `Send`: the configuration belongs to the thread that loaded it.
+pub struct Tiles {
+    _not_send: std::marker::PhantomData<*const ()>,
+}
+
+impl Tiles {
+    /// # Safety
+    /// AMX must be [`available`] (the process holds the tile permission).
+    pub unsafe fn configure() -> Tiles {
+        // SAFETY: the caller's contract; ldtilecfg reads the 64-byte configuration.
+        unsafe { asm!("ldtilecfg [{cfg}]", cfg = in(reg) CONFIG.0.as_ptr(), options(nostack)) };
+        Tiles {
+            _not_send: std::marker::PhantomData,
+        }
+    }
+}
+
+impl Drop for Tiles {
+    fn drop(&mut self) {
+        // SAFETY: the tiles were configured by this guard on this thread.
+        unsafe { asm!("tilerelease", options(nostack, nomem)) };
+    }
+}
+
 /// `c[2a + b] = A_a · B_b` over `k_steps` steps of 64 columns, for two A tiles of 16 weight rows
 /// (u8 codes, rows `a_stride` bytes apart, the next step 64 bytes on) and two B tiles of 16
 /// tokens (packed activations, 1 KiB per step). `c`: `[4, 16 rows, 16 tokens]` i32.
 ///
 /// # Safety
-/// AMX must be [`available`]; `a[i]` must be readable for `15·a_stride + 64·k_steps` bytes,
-/// `b[i]` for `1024·k_steps` bytes, and `k_steps ≥ 1`.
+/// `a[i]` must be readable for `15·a_stride + 64·k_steps` bytes, `b[i]` for `1024·k_steps`
+/// bytes, and `k_steps ≥ 1`.
 pub unsafe fn tile_2x2(
+    _tiles: &Tiles,
     a: [*const u8; 2],
     a_stride: usize,
     b: [*const i8; 2],
@@ -188,11 +218,10 @@ pub unsafe fn tile_2x2(
     c: &mut [i32; 4 * 256],
 ) {
     debug_assert!(k_steps >= 1);
-    // SAFETY: the caller's contract covers every tile load; the stores write 4 × 1 KiB into c.
-    // tmm0–3 accumulate, tmm4–5 hold A, tmm6–7 hold B; the tiles are released before the end.
+    // SAFETY: the tiles are configured (`_tiles`); the caller's contract covers every tile load;
+    // the stores write 4 × 1 KiB into c. tmm0–3 accumulate, tmm4–5 hold A, tmm6–7 hold B.
     unsafe {
         asm!(
-            "ldtilecfg [{cfg}]",
             "tilezero tmm0",
             "tilezero tmm1",
             "tilezero tmm2",
@@ -219,8 +248,6 @@ pub unsafe fn tile_2x2(
             "tilestored [{c} + {row}*1], tmm2",
             "add {c}, 1024",
             "tilestored [{c} + {row}*1], tmm3",
-            "tilerelease",
-            cfg = in(reg) CONFIG.0.as_ptr(),
             a0 = inout(reg) a[0] => _,
             a1 = inout(reg) a[1] => _,
             b0 = inout(reg) b[0] => _,

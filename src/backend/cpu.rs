@@ -174,6 +174,8 @@ impl CpuBackend {
             amx::with_code_buffer(4 * plane_len, |codes| {
                 // SAFETY: AVX-512 BW is part of the AMX level.
                 unsafe { amx::unpack_codes(&packed[p0 * cols..p1 * cols], cols, codes) };
+                // SAFETY: AMX is available (the level).
+                let tiles = unsafe { amx::Tiles::configure() };
                 let mut c = [0i32; 4 * 256]; // [4, 16 rows, 16 tokens]
                 for pair in chunk * chunk_pairs..((chunk + 1) * chunk_pairs).min(pairs) {
                     let b0 = &x.tiles[pair * pair_len..(pair + 1) * pair_len]; // 2 token blocks
@@ -182,10 +184,11 @@ impl CpuBackend {
                             &codes[planes * plane_len..],
                             &codes[(planes + 1) * plane_len..],
                         ];
-                        // SAFETY: AMX is available (the level); each A run holds 16 rows of kp
-                        // bytes and each B block kp / 64 steps of 1 KiB; kp ≥ 64.
+                        // SAFETY: each A run holds 16 rows of kp bytes and each B block
+                        // kp / 64 steps of 1 KiB; kp ≥ 64.
                         unsafe {
                             amx::tile_2x2(
+                                &tiles,
                                 [a[0].as_ptr(), a[1].as_ptr()],
                                 kp,
                                 [b0.as_ptr(), b0[pair_len / 2..].as_ptr()],
