@@ -166,7 +166,7 @@ impl CpuBackend {
         let pairs = n.div_ceil(2 * TILE_TOKENS);
         let chunk_pairs = (CHUNK_BYTES / pair_len).clamp(1, pairs);
         let row_blocks = p4.div_ceil(TILE_ROWS);
-        let plane_len = TILE_ROWS * kp; // one plane of the code buffer: [16, kp]
+        let plane_len = TILE_ROWS * kp; // one plane of the code buffer: [kp / 64, 16, 64]
         let packed = w.packed.as_slice(); // [p4, cols]
         let job = |j: usize| {
             let (chunk, block) = (j / row_blocks, j % row_blocks);
@@ -184,13 +184,12 @@ impl CpuBackend {
                             &codes[planes * plane_len..],
                             &codes[(planes + 1) * plane_len..],
                         ];
-                        // SAFETY: each A run holds 16 rows of kp bytes and each B block
-                        // kp / 64 steps of 1 KiB; kp ≥ 64.
+                        // SAFETY: each A plane and each B block holds kp / 64 tiles of 1 KiB;
+                        // kp ≥ 64.
                         unsafe {
                             amx::tile_2x2(
                                 &tiles,
                                 [a[0].as_ptr(), a[1].as_ptr()],
-                                kp,
                                 [b0.as_ptr(), b0[pair_len / 2..].as_ptr()],
                                 kp / TILE_K,
                                 &mut c,
