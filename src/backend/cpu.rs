@@ -6,8 +6,8 @@
 use std::cell::RefCell;
 
 use super::kernels::{
-    dot_bf16, quantize_i8, rows_times_runs, ternary_dot4, ternary_dot4_x2, ternary_dot4_x4,
-    CpuLevel,
+    dot_bf16, quantize_i8, rows_times_runs, softmax_f32, ternary_dot4, ternary_dot4_x2,
+    ternary_dot4_x4, CpuLevel,
 };
 use super::pool::{DisjointSlice, SpinPool};
 use super::q8::{HeadInput, Q8Matrix};
@@ -595,7 +595,7 @@ impl Backend for CpuBackend {
                     let keys = &kc[kvh * hd * ctx..]; // rows d: component d of every key
                     rows_times_runs(level, qs, heads, hd, keys, ctx, len, scores);
                     for s in scores.chunks_exact_mut(len) {
-                        softmax_in_place(s);
+                        softmax_f32(level, s);
                     }
                     // o[h] = Σ_j p[h][j] · V[j] (probabilities that underflowed are skipped)
                     o.fill(0.0);
@@ -611,19 +611,27 @@ impl Backend for CpuBackend {
         self.check("relu2_mul", up, cols)?;
         self.check("relu2_mul", out, cols)?;
         let len = self.n() * cols;
-        for ((o, &g), &u) in out.data[..len].iter_mut().zip(&gate.data).zip(&up.data) {
-            let r = g.max(0.0);
-            *o = r * r * u;
-        }
+        // rows in parallel (a prefill step's [n, 6912] is ~14 MB per operand)
+        self.pool
+            .for_each_chunk_mut(&mut out.data[..len], cols, |t, o| {
+                let (g, u) = (&gate.data[t * cols..], &up.data[t * cols..]);
+                for ((o, &g), &u) in o.iter_mut().zip(g).zip(u) {
+                    let r = g.max(0.0);
+                    *o = r * r * u;
+                }
+            });
         Ok(())
     }
 
     fn add_assign(&mut self, x: &mut CpuTensor, y: &CpuTensor) -> Result<()> {
         self.check("add", y, x.cols)?;
-        let len = self.n() * x.cols;
-        for (a, b) in x.data[..len].iter_mut().zip(&y.data) {
-            *a += b;
-        }
+        let (len, cols) = (self.n() * x.cols, x.cols);
+        self.pool
+            .for_each_chunk_mut(&mut x.data[..len], cols, |t, a| {
+                for (a, b) in a.iter_mut().zip(&y.data[t * cols..]) {
+                    *a += b;
+                }
+            });
         Ok(())
     }
 

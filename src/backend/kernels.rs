@@ -286,6 +286,38 @@ pub fn rows_times_runs_with(
     }
 }
 
+/// [`crate::backend::cpu::softmax_in_place`] (its scalar twin) with vectors: the same rule for
+/// terms below e^−87 (exactly 0), the exponential from a degree-6 polynomial after range
+/// reduction (within ~2 ulp of libm's `expf`), the sum accumulated per lane.
+pub fn softmax_f32(level: CpuLevel, x: &mut [f32]) {
+    match level {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: the level is only ever one `available()` returned (AVX2 implies FMA there).
+        CpuLevel::Avx512Vnni | CpuLevel::Amx => unsafe { x86::softmax_avx512(x) },
+        #[cfg(target_arch = "x86_64")]
+        CpuLevel::Avx2 => unsafe { x86::softmax_avx2(x) },
+        _ => super::cpu::softmax_in_place(x),
+    }
+}
+
+/// Constants of the vector `exp` (Cody–Waite range reduction `d = n·ln2 + r`, `|r| ≤ ln2/2`,
+/// then the Taylor polynomial of e^r to degree 6: the first omitted term is below 1.2e−7·e^r).
+#[cfg(target_arch = "x86_64")]
+mod expf {
+    pub const LOG2E: f32 = std::f32::consts::LOG2_E;
+    pub const LN2_HI: f32 = 0.693_359_4; // ln 2 to 11 bits: n·LN2_HI is exact for |n| ≤ 2^13
+    pub const LN2_LO: f32 = -2.121_944_4e-4; // ln 2 − LN2_HI
+    pub const POLY: [f32; 7] = [
+        1.0 / 720.0,
+        1.0 / 120.0,
+        1.0 / 24.0,
+        1.0 / 6.0,
+        0.5,
+        1.0,
+        1.0,
+    ];
+}
+
 /// `q = clamp(round_half_even(x·s), −128, 127)`: the int8 values of per-token activation
 /// quantization, exactly [`crate::ternary::quantize_row_with_scale`] (its scalar twin), NaN → 0
 /// included.
@@ -759,6 +791,127 @@ pub(crate) mod x86 {
                 }
             }
             c0 += 16;
+        }
+    }
+
+    /// e^d for lanes with d ≥ −87 (the caller zeroes the others): see `super::expf`.
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    fn exp_avx512(d: __m512) -> __m512 {
+        use super::expf::*;
+        let n = _mm512_roundscale_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(
+            _mm512_mul_ps(d, _mm512_set1_ps(LOG2E)),
+        );
+        let r = _mm512_fmadd_ps(n, _mm512_set1_ps(-LN2_HI), d);
+        let r = _mm512_fmadd_ps(n, _mm512_set1_ps(-LN2_LO), r);
+        let mut p = _mm512_set1_ps(POLY[0]);
+        for &c in &POLY[1..] {
+            p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(c));
+        }
+        // 2^n from the exponent bits: n ≥ −126 for d ≥ −87, so 2^n is a normal float
+        let two_n = _mm512_slli_epi32::<23>(_mm512_add_epi32(
+            _mm512_cvtps_epi32(n),
+            _mm512_set1_epi32(127),
+        ));
+        _mm512_mul_ps(p, _mm512_castsi512_ps(two_n))
+    }
+
+    /// [`super::softmax_f32`] with 16 lanes; the tail through masks.
+    ///
+    /// # Safety
+    /// AVX-512F.
+    #[target_feature(enable = "avx512f")]
+    pub unsafe fn softmax_avx512(x: &mut [f32]) {
+        let len = x.len();
+        let p = x.as_mut_ptr();
+        let mask = |i: usize| -> __mmask16 { ((1u32 << (len - i).min(16)) - 1) as __mmask16 };
+        let mut mv = _mm512_set1_ps(f32::NEG_INFINITY);
+        let mut i = 0;
+        while i < len {
+            // SAFETY: the masked lanes lie in x[i..len].
+            let v = unsafe { _mm512_maskz_loadu_ps(mask(i), p.add(i)) };
+            mv = _mm512_mask_max_ps(mv, mask(i), mv, v);
+            i += 16;
+        }
+        let m = _mm512_set1_ps(_mm512_reduce_max_ps(mv));
+        let (floor, mut sum) = (_mm512_set1_ps(-87.0), _mm512_setzero_ps());
+        i = 0;
+        while i < len {
+            // SAFETY: as above.
+            unsafe {
+                let d = _mm512_sub_ps(_mm512_maskz_loadu_ps(mask(i), p.add(i)), m);
+                // not (d < −87): NaN lanes go through (NaN, like the scalar code)
+                let keep = _mm512_cmp_ps_mask::<_CMP_NLT_UQ>(d, floor) & mask(i);
+                let e = _mm512_maskz_mov_ps(keep, exp_avx512(d));
+                sum = _mm512_add_ps(sum, e);
+                _mm512_mask_storeu_ps(p.add(i), mask(i), e);
+            }
+            i += 16;
+        }
+        let sum = _mm512_set1_ps(_mm512_reduce_add_ps(sum));
+        i = 0;
+        while i < len {
+            // SAFETY: as above.
+            unsafe {
+                let v = _mm512_div_ps(_mm512_maskz_loadu_ps(mask(i), p.add(i)), sum);
+                _mm512_mask_storeu_ps(p.add(i), mask(i), v);
+            }
+            i += 16;
+        }
+    }
+
+    /// [`exp_avx512`] with 8 lanes.
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    fn exp_avx2(d: __m256) -> __m256 {
+        use super::expf::*;
+        let n = _mm256_round_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(
+            _mm256_mul_ps(d, _mm256_set1_ps(LOG2E)),
+        );
+        let r = _mm256_fmadd_ps(n, _mm256_set1_ps(-LN2_HI), d);
+        let r = _mm256_fmadd_ps(n, _mm256_set1_ps(-LN2_LO), r);
+        let mut p = _mm256_set1_ps(POLY[0]);
+        for &c in &POLY[1..] {
+            p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(c));
+        }
+        let two_n = _mm256_slli_epi32::<23>(_mm256_add_epi32(
+            _mm256_cvtps_epi32(n),
+            _mm256_set1_epi32(127),
+        ));
+        _mm256_mul_ps(p, _mm256_castsi256_ps(two_n))
+    }
+
+    /// [`super::softmax_f32`] with 8 lanes; the tail in scalar steps of the same formulas.
+    ///
+    /// # Safety
+    /// AVX2 + FMA.
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn softmax_avx2(x: &mut [f32]) {
+        let body = x.len() / 8 * 8;
+        let m = x.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
+        let (mv, floor) = (_mm256_set1_ps(m), _mm256_set1_ps(-87.0));
+        let mut sum = _mm256_setzero_ps();
+        for c in x[..body].chunks_exact_mut(8) {
+            // SAFETY: c is 8 floats.
+            unsafe {
+                let d = _mm256_sub_ps(_mm256_loadu_ps(c.as_ptr()), mv);
+                let keep = _mm256_cmp_ps::<_CMP_NLT_UQ>(d, floor);
+                let e = _mm256_and_ps(exp_avx2(d), keep);
+                sum = _mm256_add_ps(sum, e);
+                _mm256_storeu_ps(c.as_mut_ptr(), e);
+            }
+        }
+        let mut lanes = [0f32; 8];
+        // SAFETY: lanes is 8 floats.
+        unsafe { _mm256_storeu_ps(lanes.as_mut_ptr(), sum) };
+        let mut total: f32 = lanes.iter().sum();
+        for v in &mut x[body..] {
+            let d = *v - m;
+            *v = if d < -87.0 { 0.0 } else { d.exp() };
+            total += *v;
+        }
+        for v in x.iter_mut() {
+            *v /= total;
         }
     }
 
@@ -1258,6 +1411,32 @@ mod tests {
                         "{} [{heads}x{depth}]·[{depth}x{cols}] index {i}: got {g}, expected {w}",
                         level.name()
                     );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn softmax_matches_scalar_within_tolerance() {
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(19);
+        for len in [1usize, 7, 16, 17, 100, 513] {
+            for spread in [1f32, 30.0, 200.0] {
+                // spread 200: many terms below e^-87, which must be exactly 0 at every level
+                let x: Vec<f32> = (0..len)
+                    .map(|_| rng.random_range(-spread..spread))
+                    .collect();
+                let mut want = x.clone();
+                crate::backend::cpu::softmax_in_place(&mut want);
+                for level in CpuLevel::available() {
+                    let mut got = x.clone();
+                    softmax_f32(level, &mut got);
+                    for (i, (&g, &w)) in got.iter().zip(&want).enumerate() {
+                        assert!(
+                            (g - w).abs() <= 1e-7 + 1e-5 * w.abs() && (w == 0.0) == (g == 0.0),
+                            "{} len {len} spread {spread} index {i}: got {g}, expected {w}",
+                            level.name()
+                        );
+                    }
                 }
             }
         }
