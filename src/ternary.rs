@@ -225,7 +225,17 @@ pub fn quantize_row(x: &[f32], q: &mut [i8]) -> f32 {
 
 /// The per-token scale of [`quantize_row`]: `127 / max(absmax, 1e-5)`.
 pub fn activation_scale(x: &[f32]) -> f32 {
-    127.0 / x.iter().fold(0.0f32, |m, v| m.max(v.abs())).max(1e-5)
+    scale_from_absmax(absmax(x))
+}
+
+/// `max |x|`, NaN ignored (f32::max keeps the other operand), 0 for an empty row.
+pub fn absmax(x: &[f32]) -> f32 {
+    x.iter().fold(0.0f32, |m, v| m.max(v.abs()))
+}
+
+/// [`activation_scale`] from the row's [`absmax`].
+pub fn scale_from_absmax(absmax: f32) -> f32 {
+    127.0 / absmax.max(1e-5)
 }
 
 /// The int8 values of [`quantize_row`] for a scale already known.

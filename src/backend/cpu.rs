@@ -6,7 +6,7 @@
 use std::cell::RefCell;
 
 use super::kernels::{
-    dot_bf16, quantize_i8, rows_times_runs, softmax_f32, ternary_dot4, ternary_dot4_x2,
+    absmax_f32, dot_bf16, quantize_i8, rows_times_runs, softmax_f32, ternary_dot4, ternary_dot4_x2,
     ternary_dot4_x4, CpuLevel,
 };
 use super::pool::{DisjointSlice, SpinPool};
@@ -15,7 +15,7 @@ use super::{AttentionShape, Backend, HeadFormat, LogitRows};
 use crate::error::{BitnetError, Result};
 use crate::load::FloatDtype;
 use crate::load::{decode_floats, FloatMatrix};
-use crate::ternary::{activation_scale, TernaryMatrix};
+use crate::ternary::{scale_from_absmax, TernaryMatrix};
 
 /// f32 activations `[capacity, cols]`, row-major.
 #[derive(Debug, Clone)]
@@ -376,13 +376,13 @@ impl Backend for CpuBackend {
         }
         // Rows in parallel, one field per region (each borrows one output mutably); a decode
         // step's single row runs inline.
-        let xs = &x.data;
+        let (xs, level) = (&x.data, self.level);
         let row = |t: usize| &xs[t * cols..(t + 1) * cols]; // [cols]
         self.pool
             .for_each_chunk_mut(&mut out.scales[..n], 1, |t, s| {
-                s[0] = activation_scale(row(t));
+                s[0] = scale_from_absmax(absmax_f32(level, row(t)));
             });
-        let (scales, level) = (&out.scales, self.level);
+        let scales = &out.scales;
         self.pool
             .for_each_chunk_mut(&mut out.q[..n * cols], cols, |t, q| {
                 quantize_i8(level, row(t), scales[t], q)

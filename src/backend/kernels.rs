@@ -286,6 +286,19 @@ pub fn rows_times_runs_with(
     }
 }
 
+/// `max |x|` with NaN ignored: exactly [`crate::ternary::absmax`], its scalar twin (max is exact
+/// and the vector `max` returns its second operand, the running maximum, when a lane is NaN).
+pub fn absmax_f32(level: CpuLevel, x: &[f32]) -> f32 {
+    match level {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: the level is only ever one `available()` returned.
+        CpuLevel::Avx512Vnni | CpuLevel::Amx => unsafe { x86::absmax_avx512(x) },
+        #[cfg(target_arch = "x86_64")]
+        CpuLevel::Avx2 => unsafe { x86::absmax_avx2(x) },
+        _ => crate::ternary::absmax(x),
+    }
+}
+
 /// [`crate::backend::cpu::softmax_in_place`] (its scalar twin) with vectors: the same rule for
 /// terms below e^−87 (exactly 0), the exponential from a degree-6 polynomial after range
 /// reduction (within ~2 ulp of libm's `expf`), the sum accumulated per lane.
@@ -792,6 +805,45 @@ pub(crate) mod x86 {
             }
             c0 += 16;
         }
+    }
+
+    /// [`super::absmax_f32`] with 16 lanes (the tail masked in as zeros).
+    ///
+    /// # Safety
+    /// AVX-512F.
+    #[target_feature(enable = "avx512f")]
+    pub unsafe fn absmax_avx512(x: &[f32]) -> f32 {
+        let sign = _mm512_set1_epi32(i32::MAX);
+        let mut acc = _mm512_setzero_ps();
+        for c in x.chunks(16) {
+            let m = ((1u32 << c.len()) - 1) as __mmask16;
+            // SAFETY: the masked lanes are c's.
+            let v = unsafe { _mm512_maskz_loadu_ps(m, c.as_ptr()) };
+            let a = _mm512_castsi512_ps(_mm512_and_si512(_mm512_castps_si512(v), sign));
+            acc = _mm512_max_ps(a, acc); // a NaN lane keeps acc
+        }
+        _mm512_reduce_max_ps(acc)
+    }
+
+    /// [`super::absmax_f32`] with 8 lanes; the tail in scalar.
+    ///
+    /// # Safety
+    /// AVX2.
+    #[target_feature(enable = "avx2")]
+    pub unsafe fn absmax_avx2(x: &[f32]) -> f32 {
+        let body = x.len() / 8 * 8;
+        let sign = _mm256_castsi256_ps(_mm256_set1_epi32(i32::MAX));
+        let mut acc = _mm256_setzero_ps();
+        for c in x[..body].chunks_exact(8) {
+            // SAFETY: c is 8 floats.
+            let v = _mm256_and_ps(unsafe { _mm256_loadu_ps(c.as_ptr()) }, sign);
+            acc = _mm256_max_ps(v, acc); // a NaN lane keeps acc
+        }
+        let mut lanes = [0f32; 8];
+        // SAFETY: lanes is 8 floats.
+        unsafe { _mm256_storeu_ps(lanes.as_mut_ptr(), acc) };
+        let m = lanes.iter().fold(0.0f32, |m, &v| m.max(v));
+        m.max(crate::ternary::absmax(&x[body..]))
     }
 
     /// e^d for lanes with d ≥ −87 (the caller zeroes the others): see `super::expf`.
@@ -1409,6 +1461,30 @@ mod tests {
                     assert!(
                         (g - w).abs() <= 1e-5 + 1e-5 * w.abs(),
                         "{} [{heads}x{depth}]·[{depth}x{cols}] index {i}: got {g}, expected {w}",
+                        level.name()
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn absmax_equals_scalar_exactly() {
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(23);
+        for len in [0usize, 1, 7, 8, 9, 16, 17, 100, 2560] {
+            let mut x: Vec<f32> = (0..len).map(|_| rng.random_range(-4f32..4.0)).collect();
+            for special in [None, Some(f32::NAN), Some(-f32::INFINITY), Some(-9.5)] {
+                if let (Some(v), true) = (special, len > 0) {
+                    let i = rng.random_range(0..len);
+                    x[i] = v;
+                }
+                let want = crate::ternary::absmax(&x);
+                for level in CpuLevel::available() {
+                    let got = absmax_f32(level, &x);
+                    assert_eq!(
+                        got.to_bits(),
+                        want.to_bits(),
+                        "{} len {len} {special:?}: got {got}, expected {want}",
                         level.name()
                     );
                 }
