@@ -6,8 +6,8 @@
 use std::cell::RefCell;
 
 use super::kernels::{
-    absmax_f32, dot_bf16, quantize_i8, rows_times_runs, softmax_f32, ternary_dot4, ternary_dot4_x2,
-    ternary_dot4_x4, CpuLevel,
+    absmax_f32, dot_bf16, quantize_i8, rows_times_runs, softmax_f32, ternary_dot4,
+    ternary_dot4_rows2, ternary_dot4_x2, ternary_dot4_x4, CpuLevel,
 };
 use super::pool::{DisjointSlice, SpinPool};
 use super::q8::{HeadInput, Q8Matrix};
@@ -464,6 +464,24 @@ impl Backend for CpuBackend {
                 }
             };
             let (p0, p1) = (job * job_rows, ((job + 1) * job_rows).min(p4));
+            if n == 1 {
+                // decode: the two halves of the range side by side (two memory streams)
+                let half = (p1 - p0) / 2;
+                for p in p0..p0 + half {
+                    let bytes = [w.byte_row(p), w.byte_row(p + half)];
+                    let r = ternary_dot4_rows2(level, bytes, row(0), x.sums[0]);
+                    put(0, p, r[0]);
+                    put(0, p + half, r[1]);
+                }
+                if (p1 - p0) % 2 == 1 {
+                    put(
+                        0,
+                        p1 - 1,
+                        ternary_dot4(level, w.byte_row(p1 - 1), row(0), x.sums[0]),
+                    );
+                }
+                return;
+            }
             for t0 in (0..n).step_by(TOKEN_BLOCK) {
                 let t1 = (t0 + TOKEN_BLOCK).min(n);
                 for p in p0..p1 {

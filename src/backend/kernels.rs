@@ -98,6 +98,35 @@ impl CpuLevel {
     }
 }
 
+/// [`ternary_dot4`] for two packed byte rows at once, one token: `[dot4(bytes[0]), dot4(bytes[1])]`.
+/// Decode reads each weight once, so its speed is the memory stream's; with two rows far apart
+/// (the two halves of a job's range) the core keeps two sequential streams in flight, which
+/// the prefetchers serve faster than one (measured on the AVX-512 VM: 13.7 → 15.6 GB/s on one
+/// core).
+#[inline]
+pub fn ternary_dot4_rows2(
+    level: CpuLevel,
+    bytes: [&[u8]; 2],
+    q: &[i8],
+    q_sum: i32,
+) -> [[i32; 4]; 2] {
+    assert!(
+        bytes.iter().all(|b| b.len() == q.len()),
+        "ternary_dot4_rows2: row and activation lengths differ"
+    );
+    match level {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: the level is only ever one `available()` returned for this machine.
+        CpuLevel::Avx512Vnni | CpuLevel::Amx => unsafe {
+            x86::ternary_dot4_rows2_avx512vnni(bytes, q, q_sum)
+        },
+        _ => [
+            ternary_dot4(level, bytes[0], q, q_sum),
+            ternary_dot4(level, bytes[1], q, q_sum),
+        ],
+    }
+}
+
 /// `[Σ q·W_row]` for the 4 rows of one packed byte row; `q_sum = Σ q`.
 #[inline]
 pub fn ternary_dot4(level: CpuLevel, bytes: &[u8], q: &[i8], q_sum: i32) -> [i32; 4] {
@@ -526,6 +555,59 @@ pub(crate) mod x86 {
             unsafe {
                 _mm_storeu_si128(
                     out[t].as_mut_ptr() as *mut __m128i,
+                    _mm_add_epi32(sums, fix),
+                )
+            };
+        }
+        out
+    }
+
+    /// [`super::ternary_dot4_rows2`]: the one-token step of [`ternary_dot4_xn_avx512vnni`] on
+    /// two byte rows, sharing the activation load.
+    ///
+    /// # Safety
+    /// AVX-512 BW + VNNI; both rows as long as `q`.
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
+    pub unsafe fn ternary_dot4_rows2_avx512vnni(
+        bytes: [&[u8]; 2],
+        q: &[i8],
+        q_sum: i32,
+    ) -> [[i32; 4]; 2] {
+        let n = q.len() / 64 * 64;
+        let (m3, m12) = (_mm512_set1_epi8(3), _mm512_set1_epi8(12));
+        let mut acc = [[_mm512_setzero_si512(); 4]; 2];
+        let mut c = 0;
+        while c < n {
+            // SAFETY: c + 64 ≤ n ≤ the length of every slice (the caller's contract).
+            let x = unsafe { _mm512_loadu_si512(q.as_ptr().add(c) as *const _) };
+            for (r, row) in bytes.iter().enumerate() {
+                let w = unsafe { _mm512_loadu_si512(row.as_ptr().add(c) as *const _) };
+                prefetch(row.as_ptr().wrapping_add(c + PREFETCH_BYTES));
+                let hi = _mm512_srli_epi16(w, 4);
+                acc[r][0] = _mm512_dpbusd_epi32(acc[r][0], _mm512_and_si512(w, m3), x);
+                acc[r][1] = _mm512_dpbusd_epi32(acc[r][1], _mm512_and_si512(w, m12), x);
+                acc[r][2] = _mm512_dpbusd_epi32(acc[r][2], _mm512_and_si512(hi, m3), x);
+                acc[r][3] = _mm512_dpbusd_epi32(acc[r][3], _mm512_and_si512(hi, m12), x);
+            }
+            c += 64;
+        }
+        let mut out = [[0i32; 4]; 2];
+        // planes 1 and 3 hold 4·code: every lane sum is a multiple of 4, so >> 2 is exact
+        let unscale = _mm_set_epi32(2, 0, 2, 0);
+        for r in 0..2 {
+            let tail = crate::ternary::ternary_dot_byte_row(&bytes[r][n..], &q[n..], 0);
+            let fix = _mm_set_epi32(
+                tail[3] - q_sum,
+                tail[2] - q_sum,
+                tail[1] - q_sum,
+                tail[0] - q_sum,
+            );
+            let sums = _mm_srav_epi32(hsum4_epi32(&acc[r]), unscale);
+            // SAFETY: out[r] is 4 i32 = 16 bytes.
+            unsafe {
+                _mm_storeu_si128(
+                    out[r].as_mut_ptr() as *mut __m128i,
                     _mm_add_epi32(sums, fix),
                 )
             };
@@ -1357,6 +1439,12 @@ mod tests {
                         ternary_dot4_x2(l, &bytes, [&q, &r], [q_sum, q_sum]),
                         [want, want_r],
                         "{l:?} cols {cols} pattern {pattern}, two tokens"
+                    );
+                    // two byte rows, one token: this row and the all-(-1) row
+                    assert_eq!(
+                        ternary_dot4_rows2(l, [&bytes, &zeros], &q, q_sum),
+                        [want, [-q_sum; 4]],
+                        "{l:?} cols {cols} pattern {pattern}, two rows"
                     );
                 }
             }
