@@ -690,8 +690,15 @@ impl Backend for CpuBackend {
                 CpuLmHead::Q8(q8) => {
                     let hx = HeadInput::new(xr); // [h] int16
                     self.pool.for_each_chunk_mut(lr, CHUNK, |c, out| {
-                        for (i, o) in out.iter_mut().enumerate() {
-                            *o = q8.dot(level, c * CHUNK + i, &hx);
+                        // the two halves of the chunk side by side (two memory streams)
+                        let half = out.len() / 2;
+                        let (lo, hi) = out.split_at_mut(half);
+                        for (i, (a, b)) in lo.iter_mut().zip(hi.iter_mut()).enumerate() {
+                            let v = c * CHUNK + i;
+                            [*a, *b] = q8.dot2(level, [v, v + half], &hx);
+                        }
+                        if out.len() % 2 == 1 {
+                            out[2 * half] = q8.dot(level, c * CHUNK + 2 * half, &hx);
                         }
                     })
                 }
