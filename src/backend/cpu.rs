@@ -6,7 +6,7 @@
 use std::cell::RefCell;
 
 use super::kernels::{
-    absmax_f32, dot_bf16, quantize_i8, rows_times_runs, softmax_f32, ternary_dot4,
+    absmax_f32, dot_bf16, dot_bf16_rows2, quantize_i8, rows_times_runs, softmax_f32, ternary_dot4,
     ternary_dot4_rows2, ternary_dot4_x2, ternary_dot4_x4, CpuLevel,
 };
 use super::pool::{DisjointSlice, SpinPool};
@@ -705,19 +705,29 @@ impl Backend for CpuBackend {
                 CpuLmHead::Exact(m) => {
                     let es = m.dtype.size();
                     let data = m.data.as_slice();
+                    let row = |v: usize| &data[v * h * es..(v + 1) * h * es]; // [h] file dtype
                     self.pool.for_each_chunk_mut(lr, CHUNK, |c, out| {
+                        if m.dtype == FloatDtype::Bf16 {
+                            // the two halves of the chunk side by side (two memory streams)
+                            let half = out.len() / 2;
+                            let (lo, hi) = out.split_at_mut(half);
+                            for (i, (a, b)) in lo.iter_mut().zip(hi.iter_mut()).enumerate() {
+                                let v = c * CHUNK + i;
+                                [*a, *b] = dot_bf16_rows2(level, [row(v), row(v + half)], xr);
+                            }
+                            if out.len() % 2 == 1 {
+                                out[2 * half] = dot_bf16(level, row(c * CHUNK + 2 * half), xr);
+                            }
+                            return;
+                        }
                         for (i, o) in out.iter_mut().enumerate() {
                             let v = c * CHUNK + i;
-                            let bytes = &data[v * h * es..(v + 1) * h * es];
-                            *o = if m.dtype == FloatDtype::Bf16 {
-                                dot_bf16(level, bytes, xr)
-                            } else {
-                                ROW.with_borrow_mut(|row| {
-                                    row.resize(h, 0.0);
-                                    decode_floats(m.dtype, bytes, row);
-                                    row.iter().zip(xr).map(|(a, b)| a * b).sum()
-                                })
-                            };
+                            // f16 / f32 heads: decoded row by row
+                            *o = ROW.with_borrow_mut(|decoded| {
+                                decoded.resize(h, 0.0);
+                                decode_floats(m.dtype, row(v), decoded);
+                                decoded.iter().zip(xr).map(|(a, b)| a * b).sum()
+                            });
                         }
                     })
                 }

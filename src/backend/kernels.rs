@@ -230,6 +230,24 @@ pub fn dot_bf16(level: CpuLevel, row: &[u8], x: &[f32]) -> f32 {
     }
 }
 
+/// [`dot_bf16`] of two rows read side by side (the same results): two memory streams keep more
+/// of a core's memory bandwidth busy than one.
+#[inline]
+pub fn dot_bf16_rows2(level: CpuLevel, rows: [&[u8]; 2], x: &[f32]) -> [f32; 2] {
+    assert!(
+        rows.iter().all(|r| r.len() == 2 * x.len()),
+        "dot_bf16_rows2: row and activation lengths differ"
+    );
+    match level {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: the level is only ever one `available()` returned; lengths checked above.
+        CpuLevel::Avx2 | CpuLevel::Avx512Vnni | CpuLevel::Amx => unsafe {
+            x86::dot_bf16_avx2_rows::<2>(rows, x)
+        },
+        _ => [dot_bf16(level, rows[0], x), dot_bf16(level, rows[1], x)],
+    }
+}
+
 /// `y += a·x` in f32 (attention's weighted sum of values).
 #[inline]
 pub fn axpy_f32(level: CpuLevel, a: f32, x: &[f32], y: &mut [f32]) {
@@ -1072,32 +1090,46 @@ pub(crate) mod x86 {
     /// does not depend on FMA availability (AVX2 machines without FMA exist).
     #[target_feature(enable = "avx2")]
     pub unsafe fn dot_bf16_avx2(row: &[u8], x: &[f32]) -> f32 {
+        // SAFETY: passed on.
+        unsafe { dot_bf16_avx2_rows::<1>([row], x)[0] }
+    }
+
+    /// [`dot_bf16_avx2`] for `R` rows read side by side, each row's operations in the same order
+    /// (each result equals the one-row kernel's bit for bit).
+    ///
+    /// # Safety
+    /// AVX2; every row `2 · x.len()` bytes.
+    #[target_feature(enable = "avx2")]
+    pub unsafe fn dot_bf16_avx2_rows<const R: usize>(rows: [&[u8]; R], x: &[f32]) -> [f32; R] {
         let n = x.len() / 16 * 16;
-        let mut acc0 = _mm256_setzero_ps();
-        let mut acc1 = _mm256_setzero_ps();
+        let mut acc = [[_mm256_setzero_ps(); 2]; R];
         let mut c = 0;
         while c < n {
-            prefetch(row.as_ptr().wrapping_add(2 * c + PREFETCH_BYTES));
-            // SAFETY: c + 16 ≤ n: 32 bytes of row and 16 floats of x are in bounds.
-            let (w, x0, x1) = unsafe {
+            // SAFETY: c + 16 ≤ n: 16 floats of x and 32 bytes of every row are in bounds.
+            let (x0, x1) = unsafe {
                 (
-                    _mm256_loadu_si256(row.as_ptr().add(2 * c) as *const __m256i),
                     _mm256_loadu_ps(x.as_ptr().add(c)),
                     _mm256_loadu_ps(x.as_ptr().add(c + 8)),
                 )
             };
-            let lo = _mm256_cvtepu16_epi32(_mm256_castsi256_si128(w));
-            let hi = _mm256_cvtepu16_epi32(_mm256_extracti128_si256(w, 1));
-            let w0 = _mm256_castsi256_ps(_mm256_slli_epi32(lo, 16));
-            let w1 = _mm256_castsi256_ps(_mm256_slli_epi32(hi, 16));
-            acc0 = _mm256_add_ps(acc0, _mm256_mul_ps(w0, x0));
-            acc1 = _mm256_add_ps(acc1, _mm256_mul_ps(w1, x1));
+            for (acc, row) in acc.iter_mut().zip(&rows) {
+                prefetch(row.as_ptr().wrapping_add(2 * c + PREFETCH_BYTES));
+                let w = unsafe { _mm256_loadu_si256(row.as_ptr().add(2 * c) as *const __m256i) };
+                let lo = _mm256_cvtepu16_epi32(_mm256_castsi256_si128(w));
+                let hi = _mm256_cvtepu16_epi32(_mm256_extracti128_si256(w, 1));
+                let w0 = _mm256_castsi256_ps(_mm256_slli_epi32(lo, 16));
+                let w1 = _mm256_castsi256_ps(_mm256_slli_epi32(hi, 16));
+                acc[0] = _mm256_add_ps(acc[0], _mm256_mul_ps(w0, x0));
+                acc[1] = _mm256_add_ps(acc[1], _mm256_mul_ps(w1, x1));
+            }
             c += 16;
         }
-        let mut lanes = [0f32; 8];
-        // SAFETY: lanes has 8 floats.
-        unsafe { _mm256_storeu_ps(lanes.as_mut_ptr(), _mm256_add_ps(acc0, acc1)) };
-        lanes.iter().sum::<f32>() + super::dot_bf16_scalar(&row[2 * n..], &x[n..])
+        std::array::from_fn(|r| {
+            let mut lanes = [0f32; 8];
+            // SAFETY: lanes has 8 floats.
+            unsafe { _mm256_storeu_ps(lanes.as_mut_ptr(), _mm256_add_ps(acc[r][0], acc[r][1])) };
+            lanes.iter().sum::<f32>() + super::dot_bf16_scalar(&rows[r][2 * n..], &x[n..])
+        })
     }
 }
 
@@ -1665,6 +1697,12 @@ mod tests {
                     (got - want).abs() <= 1e-6 + 1e-6 * mag,
                     "{l:?} n {n}: got {got}, expected {want}"
                 );
+                // two rows at once: the one-row results, bit for bit
+                let rev: Vec<u8> = row.chunks(2).rev().flatten().copied().collect();
+                let two = dot_bf16_rows2(l, [&row, &rev], &x);
+                assert_eq!(two[0].to_bits(), got.to_bits(), "{l:?} n {n}: rows2 first");
+                let one = dot_bf16(l, &rev, &x);
+                assert_eq!(two[1].to_bits(), one.to_bits(), "{l:?} n {n}: rows2 second");
             }
         }
     }

@@ -233,6 +233,7 @@ mod x86 {
     /// # Safety
     /// AVX2 + FMA; every row as long as `x`, every `scales` one per block of it.
     #[target_feature(enable = "avx2,fma")]
+    #[allow(clippy::needless_range_loop)] // b indexes x, every row and every row's scales
     pub unsafe fn dot_q8_avx2_rows<const R: usize>(
         q: [&[i8]; R],
         scales: [&[f32]; R],
