@@ -120,6 +120,8 @@ pub fn ternary_dot4_rows2(
         CpuLevel::Avx512Vnni | CpuLevel::Amx => unsafe {
             x86::ternary_dot4_rows2_avx512vnni(bytes, q, q_sum)
         },
+        #[cfg(target_arch = "x86_64")]
+        CpuLevel::Avx2 => unsafe { x86::ternary_dot4_rows2_avx2(bytes, q, q_sum) },
         _ => [
             ternary_dot4(level, bytes[0], q, q_sum),
             ternary_dot4(level, bytes[1], q, q_sum),
@@ -576,6 +578,54 @@ pub(crate) mod x86 {
                     _mm_add_epi32(sums, fix),
                 )
             };
+        }
+        out
+    }
+
+    /// [`super::ternary_dot4_rows2`]: the one-token step of [`ternary_dot4_xn_avx2`] on two byte
+    /// rows, sharing the activation load.
+    ///
+    /// # Safety
+    /// AVX2; both rows as long as `q`.
+    #[target_feature(enable = "avx2")]
+    pub unsafe fn ternary_dot4_rows2_avx2(
+        bytes: [&[u8]; 2],
+        q: &[i8],
+        q_sum: i32,
+    ) -> [[i32; 4]; 2] {
+        let n = q.len() / 32 * 32;
+        let ones = _mm256_set1_epi16(1);
+        let mut acc32 = [[_mm256_setzero_si256(); 4]; 2];
+        let mut c = 0;
+        while c < n {
+            let block_end = (c + 32 * I16_STEPS).min(n);
+            let mut acc16 = [[_mm256_setzero_si256(); 4]; 2];
+            while c < block_end {
+                // SAFETY: c + 32 ≤ n ≤ the length of every slice (the caller's contract).
+                let x = unsafe { _mm256_loadu_si256(q.as_ptr().add(c) as *const _) };
+                for (r, row) in bytes.iter().enumerate() {
+                    prefetch(row.as_ptr().wrapping_add(c + PREFETCH_BYTES));
+                    let p = planes(unsafe { _mm256_loadu_si256(row.as_ptr().add(c) as *const _) });
+                    for i in 0..4 {
+                        acc16[r][i] = _mm256_add_epi16(acc16[r][i], _mm256_maddubs_epi16(p[i], x));
+                    }
+                }
+                c += 32;
+            }
+            for r in 0..2 {
+                for i in 0..4 {
+                    acc32[r][i] =
+                        _mm256_add_epi32(acc32[r][i], _mm256_madd_epi16(acc16[r][i], ones));
+                }
+            }
+        }
+        let mut out = [[0i32; 4]; 2];
+        for r in 0..2 {
+            let sums = finish(&acc32[r]);
+            let tail = crate::ternary::ternary_dot_byte_row(&bytes[r][n..], &q[n..], 0);
+            for i in 0..4 {
+                out[r][i] = sums[i] + tail[i] - q_sum;
+            }
         }
         out
     }
