@@ -122,6 +122,8 @@ pub fn ternary_dot4_rows2(
         },
         #[cfg(target_arch = "x86_64")]
         CpuLevel::Avx2 => unsafe { x86::ternary_dot4_rows2_avx2(bytes, q, q_sum) },
+        #[cfg(target_arch = "aarch64")]
+        CpuLevel::NeonDot => unsafe { arm::ternary_dot4_rows2_neondot(bytes, q, q_sum) },
         _ => [
             ternary_dot4(level, bytes[0], q, q_sum),
             ternary_dot4(level, bytes[1], q, q_sum),
@@ -1348,6 +1350,35 @@ mod arm {
 
     /// Right shifts that undo [`codes_dot`]'s scaling.
     const SHIFT_DOT: [u32; 4] = [0, 2, 0, 0];
+
+    /// [`super::ternary_dot4_rows2`]: the one-token step of [`ternary_dot4_xn_neondot`] on two
+    /// byte rows, sharing the activation load.
+    ///
+    /// Both rows must be as long as `q` (the dispatcher asserts it).
+    #[inline]
+    #[target_feature(enable = "neon,dotprod")]
+    pub unsafe fn ternary_dot4_rows2_neondot(
+        bytes: [&[u8]; 2],
+        q: &[i8],
+        q_sum: i32,
+    ) -> [[i32; 4]; 2] {
+        let n = q.len() / 16 * 16;
+        let mut acc = [[vdupq_n_s32(0); 4]; 2];
+        let mut c = 0;
+        while c < n {
+            // SAFETY: c + 16 ≤ n ≤ the length of every slice (the caller's contract).
+            let x = unsafe { vld1q_s8(q.as_ptr().add(c)) };
+            for (acc, row) in acc.iter_mut().zip(&bytes) {
+                let p = codes_dot(unsafe { vld1q_u8(row.as_ptr().add(c)) });
+                for i in 0..4 {
+                    acc[i] = sdot(acc[i], p[i], x);
+                }
+            }
+            c += 16;
+        }
+        let one = |r: usize| finish(bytes[r], [q], [q_sum], n, &[acc[r]], SHIFT_DOT)[0];
+        [one(0), one(1)]
+    }
 
     /// [`ternary_dot4_xn_neon`] with one sdot per plane and token: products go straight into
     /// i32 lanes, four per lane (|lane step| ≤ 4·8·128, so i32 holds millions of columns), and
