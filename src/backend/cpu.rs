@@ -230,6 +230,14 @@ impl CpuBackend {
     }
 }
 
+#[cfg(all(target_arch = "x86_64", target_os = "linux"))]
+impl CpuBackend {
+    /// Whether a step of `rows` tokens runs its ternary matmuls on AMX tiles.
+    fn uses_amx(&self, rows: usize) -> bool {
+        self.level == CpuLevel::Amx && rows >= AMX_MIN_TOKENS
+    }
+}
+
 /// Steps of at least this many tokens run their ternary matmuls on AMX tiles (fewer would leave
 /// most of each 16-token tile empty while still unpacking every weight).
 #[cfg(all(target_arch = "x86_64", target_os = "linux"))]
@@ -293,7 +301,7 @@ impl Backend for CpuBackend {
 
     fn alloc_q(&mut self, capacity: usize, cols: usize) -> Result<CpuQTensor> {
         #[cfg(all(target_arch = "x86_64", target_os = "linux"))]
-        let tiles = if self.level == CpuLevel::Amx && capacity >= AMX_MIN_TOKENS {
+        let tiles = if self.uses_amx(capacity) {
             vec![0; super::amx::packed_activations_len(capacity, cols)]
         } else {
             Vec::new()
@@ -394,7 +402,7 @@ impl Backend for CpuBackend {
             });
         out.tiles_rows = 0;
         #[cfg(all(target_arch = "x86_64", target_os = "linux"))]
-        if self.level == CpuLevel::Amx && n >= AMX_MIN_TOKENS {
+        if self.uses_amx(n) {
             use super::amx::{pack_activation_block, packed_activations_len, padded_cols};
             let len = packed_activations_len(n, cols);
             if out.tiles.len() >= len {
@@ -436,7 +444,8 @@ impl Backend for CpuBackend {
         self.token_factor
             .extend(x.scales[..n].iter().map(|&s| w.out_scale / s));
         #[cfg(all(target_arch = "x86_64", target_os = "linux"))]
-        if self.level == CpuLevel::Amx && x.tiles_rows == n && n >= AMX_MIN_TOKENS {
+        // quantize laid out the tiles exactly when this step is for AMX
+        if x.tiles_rows == n && n > 0 {
             self.ternary_matmul_amx(w, x, out);
             return Ok(());
         }
@@ -466,20 +475,22 @@ impl Backend for CpuBackend {
             let (p0, p1) = (job * job_rows, ((job + 1) * job_rows).min(p4));
             if n == 1 {
                 // decode: the two halves of the range side by side (two memory streams)
-                let half = (p1 - p0) / 2;
-                for p in p0..p0 + half {
-                    let bytes = [w.byte_row(p), w.byte_row(p + half)];
-                    let r = ternary_dot4_rows2(level, bytes, row(0), x.sums[0]);
-                    put(0, p, r[0]);
-                    put(0, p + half, r[1]);
-                }
-                if (p1 - p0) % 2 == 1 {
-                    put(
-                        0,
-                        p1 - 1,
-                        ternary_dot4(level, w.byte_row(p1 - 1), row(0), x.sums[0]),
-                    );
-                }
+                side_by_side(
+                    p1 - p0,
+                    |i, j| {
+                        let bytes = [w.byte_row(p0 + i), w.byte_row(p0 + j)];
+                        let r = ternary_dot4_rows2(level, bytes, row(0), x.sums[0]);
+                        put(0, p0 + i, r[0]);
+                        put(0, p0 + j, r[1]);
+                    },
+                    |i| {
+                        put(
+                            0,
+                            p0 + i,
+                            ternary_dot4(level, w.byte_row(p0 + i), row(0), x.sums[0]),
+                        )
+                    },
+                );
                 return;
             }
             for t0 in (0..n).step_by(TOKEN_BLOCK) {
@@ -691,15 +702,17 @@ impl Backend for CpuBackend {
                     let hx = HeadInput::new(xr); // [h] int16
                     self.pool.for_each_chunk_mut(lr, CHUNK, |c, out| {
                         // the two halves of the chunk side by side (two memory streams)
-                        let half = out.len() / 2;
-                        let (lo, hi) = out.split_at_mut(half);
-                        for (i, (a, b)) in lo.iter_mut().zip(hi.iter_mut()).enumerate() {
-                            let v = c * CHUNK + i;
-                            [*a, *b] = q8.dot2(level, [v, v + half], &hx);
-                        }
-                        if out.len() % 2 == 1 {
-                            out[2 * half] = q8.dot(level, c * CHUNK + 2 * half, &hx);
-                        }
+                        let v = |i: usize| c * CHUNK + i;
+                        let out = std::cell::Cell::from_mut(out).as_slice_of_cells();
+                        side_by_side(
+                            out.len(),
+                            |i, j| {
+                                let [a, b] = q8.dot2(level, [v(i), v(j)], &hx);
+                                out[i].set(a);
+                                out[j].set(b);
+                            },
+                            |i| out[i].set(q8.dot(level, v(i), &hx)),
+                        );
                     })
                 }
                 CpuLmHead::Exact(m) => {
@@ -709,15 +722,17 @@ impl Backend for CpuBackend {
                     self.pool.for_each_chunk_mut(lr, CHUNK, |c, out| {
                         if m.dtype == FloatDtype::Bf16 {
                             // the two halves of the chunk side by side (two memory streams)
-                            let half = out.len() / 2;
-                            let (lo, hi) = out.split_at_mut(half);
-                            for (i, (a, b)) in lo.iter_mut().zip(hi.iter_mut()).enumerate() {
-                                let v = c * CHUNK + i;
-                                [*a, *b] = dot_bf16_rows2(level, [row(v), row(v + half)], xr);
-                            }
-                            if out.len() % 2 == 1 {
-                                out[2 * half] = dot_bf16(level, row(c * CHUNK + 2 * half), xr);
-                            }
+                            let v = |i: usize| c * CHUNK + i;
+                            let out = std::cell::Cell::from_mut(out).as_slice_of_cells();
+                            side_by_side(
+                                out.len(),
+                                |i, j| {
+                                    let [a, b] = dot_bf16_rows2(level, [row(v(i)), row(v(j))], xr);
+                                    out[i].set(a);
+                                    out[j].set(b);
+                                },
+                                |i| out[i].set(dot_bf16(level, row(v(i)), xr)),
+                            );
                             return;
                         }
                         for (i, o) in out.iter_mut().enumerate() {
@@ -832,6 +847,19 @@ pub fn softmax_in_place(x: &mut [f32]) {
     }
     for v in x.iter_mut() {
         *v /= sum;
+    }
+}
+
+/// Visits `0..len` as pairs `(i, i + len/2)` for `i < len/2`, then the odd last index alone:
+/// a decode kernel given such a pair reads two far-apart memory streams side by side, which
+/// the prefetchers serve faster than one.
+fn side_by_side(len: usize, mut pair: impl FnMut(usize, usize), mut single: impl FnMut(usize)) {
+    let half = len / 2;
+    for i in 0..half {
+        pair(i, i + half);
+    }
+    if len % 2 == 1 {
+        single(len - 1);
     }
 }
 

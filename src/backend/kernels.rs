@@ -301,18 +301,23 @@ pub fn rows_times_runs(
         b.len() >= (depth - 1) * b_stride + cols,
         "rows_times_runs: b is too short"
     );
-    match level {
-        #[cfg(target_arch = "x86_64")]
-        // SAFETY: the level is only ever one `available()` returned; the lengths were checked.
-        CpuLevel::Avx512Vnni | CpuLevel::Amx => unsafe {
-            x86::rows_times_runs_avx512(a, heads, depth, b, b_stride, cols, out)
-        },
-        #[cfg(target_arch = "x86_64")]
-        // SAFETY: as above (AVX2 implies FMA there).
-        CpuLevel::Avx2 => unsafe {
-            x86::rows_times_runs_avx2(a, heads, depth, b, b_stride, cols, out)
-        },
-        _ => rows_times_runs_with(level, a, heads, depth, b, b_stride, cols, out),
+    // the SIMD kernels keep up to 4 heads in registers: heads go to them in groups of 4
+    for h0 in (0..heads).step_by(4) {
+        let hn = (heads - h0).min(4);
+        let (a, out) = (&a[h0 * depth..], &mut out[h0 * cols..]);
+        match level {
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY: the level is only ever one `available()` returned; lengths checked above.
+            CpuLevel::Avx512Vnni | CpuLevel::Amx => unsafe {
+                x86::rows_times_runs_avx512(a, hn, depth, b, b_stride, cols, out)
+            },
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY: as above (AVX2 implies FMA there).
+            CpuLevel::Avx2 => unsafe {
+                x86::rows_times_runs_avx2(a, hn, depth, b, b_stride, cols, out)
+            },
+            _ => rows_times_runs_with(level, a, hn, depth, b, b_stride, cols, out),
+        }
     }
 }
 
@@ -559,28 +564,29 @@ pub(crate) mod x86 {
             }
             c += 64;
         }
-        let mut out = [[0i32; 4]; T];
+        std::array::from_fn(|t| finish_avx512(&acc[t], &bytes[n..], &q[t][n..], q_sum[t]))
+    }
+
+    /// The 4 row sums of one byte row from its plane accumulators, plus the scalar tail
+    /// (`bytes` and `q` past the vector part) and the `− Σq` of the code trick.
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    fn finish_avx512(acc: &[__m512i; 4], bytes: &[u8], q: &[i8], q_sum: i32) -> [i32; 4] {
         // planes 1 and 3 hold 4·code: every lane sum is a multiple of 4, so >> 2 is exact
         let unscale = _mm_set_epi32(2, 0, 2, 0);
-        for t in 0..T {
-            let tail = crate::ternary::ternary_dot_byte_row(&bytes[n..], &q[t][n..], 0);
-            let fix = _mm_set_epi32(
-                tail[3] - q_sum[t],
-                tail[2] - q_sum[t],
-                tail[1] - q_sum[t],
-                tail[0] - q_sum[t],
-            );
-            let sums = _mm_srav_epi32(hsum4_epi32(&acc[t]), unscale);
-            // one 16-byte store: the caller's 16-byte read of it is forwarded from the store
-            // buffer (four 4-byte stores read back as one vector stall ~15 cycles per call)
-            // SAFETY: out[t] is 4 i32 = 16 bytes.
-            unsafe {
-                _mm_storeu_si128(
-                    out[t].as_mut_ptr() as *mut __m128i,
-                    _mm_add_epi32(sums, fix),
-                )
-            };
-        }
+        let tail = crate::ternary::ternary_dot_byte_row(bytes, q, 0);
+        let fix = _mm_set_epi32(
+            tail[3] - q_sum,
+            tail[2] - q_sum,
+            tail[1] - q_sum,
+            tail[0] - q_sum,
+        );
+        let sums = _mm_srav_epi32(hsum4_epi32(acc), unscale);
+        let mut out = [0i32; 4];
+        // one 16-byte store: the caller's 16-byte read of it is forwarded from the store
+        // buffer (four 4-byte stores read back as one vector stall ~15 cycles per call)
+        // SAFETY: out is 4 i32 = 16 bytes.
+        unsafe { _mm_storeu_si128(out.as_mut_ptr() as *mut __m128i, _mm_add_epi32(sums, fix)) };
         out
     }
 
@@ -662,27 +668,7 @@ pub(crate) mod x86 {
             }
             c += 64;
         }
-        let mut out = [[0i32; 4]; 2];
-        // planes 1 and 3 hold 4·code: every lane sum is a multiple of 4, so >> 2 is exact
-        let unscale = _mm_set_epi32(2, 0, 2, 0);
-        for r in 0..2 {
-            let tail = crate::ternary::ternary_dot_byte_row(&bytes[r][n..], &q[n..], 0);
-            let fix = _mm_set_epi32(
-                tail[3] - q_sum,
-                tail[2] - q_sum,
-                tail[1] - q_sum,
-                tail[0] - q_sum,
-            );
-            let sums = _mm_srav_epi32(hsum4_epi32(&acc[r]), unscale);
-            // SAFETY: out[r] is 4 i32 = 16 bytes.
-            unsafe {
-                _mm_storeu_si128(
-                    out[r].as_mut_ptr() as *mut __m128i,
-                    _mm_add_epi32(sums, fix),
-                )
-            };
-        }
-        out
+        std::array::from_fn(|r| finish_avx512(&acc[r], &bytes[r][n..], &q[n..], q_sum))
     }
 
     /// `[Σ lanes of v[0], …, Σ lanes of v[3]]` as one vector.
@@ -772,11 +758,11 @@ pub(crate) mod x86 {
         super::axpy_f32_scalar(a, &x[n..], &mut y[n..]);
     }
 
-    /// [`super::rows_times_runs`] for AVX-512: heads in groups of up to 4, columns in blocks of
-    /// 64 (4 zmm, the last block masked), so 16 accumulators stay in registers over all of k.
+    /// [`super::rows_times_runs`] for AVX-512 and 1 to 4 heads: columns in blocks of 64 (4 zmm,
+    /// the last block masked), so up to 16 accumulators stay in registers over all of k.
     ///
     /// # Safety
-    /// AVX-512F; the lengths [`super::rows_times_runs`] checks.
+    /// AVX-512F; `heads ≤ 4`; the lengths [`super::rows_times_runs`] checks.
     #[target_feature(enable = "avx512f")]
     #[allow(clippy::too_many_arguments)]
     pub unsafe fn rows_times_runs_avx512(
@@ -788,20 +774,14 @@ pub(crate) mod x86 {
         cols: usize,
         out: &mut [f32],
     ) {
-        let mut h0 = 0;
-        while h0 < heads {
-            let hn = (heads - h0).min(4);
-            let (a, out) = (&a[h0 * depth..], &mut out[h0 * cols..]);
-            // SAFETY: passed on from the caller.
-            unsafe {
-                match hn {
-                    1 => heads_block::<1>(a, depth, b, b_stride, cols, out),
-                    2 => heads_block::<2>(a, depth, b, b_stride, cols, out),
-                    3 => heads_block::<3>(a, depth, b, b_stride, cols, out),
-                    _ => heads_block::<4>(a, depth, b, b_stride, cols, out),
-                }
+        // SAFETY: passed on from the caller.
+        unsafe {
+            match heads {
+                1 => heads_block::<1>(a, depth, b, b_stride, cols, out),
+                2 => heads_block::<2>(a, depth, b, b_stride, cols, out),
+                3 => heads_block::<3>(a, depth, b, b_stride, cols, out),
+                _ => heads_block::<4>(a, depth, b, b_stride, cols, out),
             }
-            h0 += hn;
         }
     }
 
@@ -869,7 +849,7 @@ pub(crate) mod x86 {
     /// registers accumulate), the last block through masked loads and stores.
     ///
     /// # Safety
-    /// AVX2 + FMA; the lengths [`super::rows_times_runs`] checks.
+    /// AVX2 + FMA; `heads ≤ 4`; the lengths [`super::rows_times_runs`] checks.
     #[target_feature(enable = "avx2,fma")]
     #[allow(clippy::too_many_arguments)]
     pub unsafe fn rows_times_runs_avx2(
@@ -881,20 +861,14 @@ pub(crate) mod x86 {
         cols: usize,
         out: &mut [f32],
     ) {
-        let mut h0 = 0;
-        while h0 < heads {
-            let hn = (heads - h0).min(4);
-            let (a, out) = (&a[h0 * depth..], &mut out[h0 * cols..]);
-            // SAFETY: passed on from the caller.
-            unsafe {
-                match hn {
-                    1 => heads_block_avx2::<1>(a, depth, b, b_stride, cols, out),
-                    2 => heads_block_avx2::<2>(a, depth, b, b_stride, cols, out),
-                    3 => heads_block_avx2::<3>(a, depth, b, b_stride, cols, out),
-                    _ => heads_block_avx2::<4>(a, depth, b, b_stride, cols, out),
-                }
+        // SAFETY: passed on from the caller.
+        unsafe {
+            match heads {
+                1 => heads_block_avx2::<1>(a, depth, b, b_stride, cols, out),
+                2 => heads_block_avx2::<2>(a, depth, b, b_stride, cols, out),
+                3 => heads_block_avx2::<3>(a, depth, b, b_stride, cols, out),
+                _ => heads_block_avx2::<4>(a, depth, b, b_stride, cols, out),
             }
-            h0 += hn;
         }
     }
 
