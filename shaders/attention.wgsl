@@ -28,17 +28,19 @@ const NEG_BIG: f32 = -3.0e38;
 
 @group(0) @binding(0) var<uniform> step: Step;
 
-// ---- kv_store: dispatch ceil(n · KVD / 256) workgroups (folded 2-D) ----
+// ---- kv_store: dispatch ceil(n · KVD / STORE_WG) workgroups (folded 2-D) ----
 @group(0) @binding(1) var<storage, read> st_k: array<f32>;          // [capacity, KVD]
 @group(0) @binding(2) var<storage, read> st_v: array<f32>;          // [capacity, KVD]
 @group(0) @binding(3) var<storage, read_write> st_kc: array<f32>;   // [ctx, KVD]
 @group(0) @binding(4) var<storage, read_write> st_vc: array<f32>;   // [ctx, KVD]
 
-@compute @workgroup_size(256)
+override STORE_WG: u32 = 256u; // kv_store threads per workgroup (host: attention.rs KV_STORE_WG)
+
+@compute @workgroup_size(STORE_WG)
 fn kv_store(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
             @builtin(local_invocation_index) lid: u32) {
     let kvd = KV_HEADS * HD;
-    let i = linear_wg(wid, nwg) * 256u + lid;
+    let i = linear_wg(wid, nwg) * STORE_WG + lid;
     if i < step.n_tokens * kvd {
         let dst = step.start_pos * kvd + i;
         st_kc[dst] = st_k[i];

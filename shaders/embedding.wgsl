@@ -43,14 +43,16 @@ fn element(r: u32, c: u32) -> f32 {
     return bitcast<f32>(select(word << 16u, word & 0xffff0000u, (c & 1u) == 1u));
 }
 
-// ---- embed: dispatch ceil(n · COLS / 256) workgroups (folded 2-D) per chunk ----
+// ---- embed: dispatch ceil(n · COLS / EMBED_WG) workgroups (folded 2-D) per chunk ----
+override EMBED_WG: u32 = 256u; // threads per embed workgroup (host: embedding.rs EMBED_WG)
+
 @group(0) @binding(3) var<storage, read> tokens: array<u32>;         // [n]
 @group(0) @binding(4) var<storage, read_write> emb_out: array<f32>;  // [capacity, COLS]
 
-@compute @workgroup_size(256)
+@compute @workgroup_size(EMBED_WG)
 fn embed(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
          @builtin(local_invocation_index) lid: u32) {
-    let i = linear_wg(wid, nwg) * 256u + lid;
+    let i = linear_wg(wid, nwg) * EMBED_WG + lid;
     if i >= step.n_tokens * COLS {
         return;
     }

@@ -8,13 +8,13 @@
 override HEADS: u32 = 1u; // heads in x
 override HD: u32 = 2u;    // head_dim
 
-const WG: u32 = 64u;
+override WG: u32 = 64u; // threads per workgroup (host: attention.rs ROPE_WG)
 
 @group(0) @binding(0) var<uniform> step: Step;
 @group(0) @binding(1) var<storage, read_write> x: array<f32>;       // [capacity, HEADS * HD]
 @group(0) @binding(2) var<storage, read> cs: array<vec2<f32>>;      // [positions, HD / 2] (cos, sin)
 
-@compute @workgroup_size(64)
+@compute @workgroup_size(WG)
 fn rope(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
         @builtin(local_invocation_index) lid: u32) {
     let half = HD / 2u;
