@@ -257,3 +257,61 @@ fn gpu_rejects_the_q8_head_by_name() {
     };
     assert!(err.contains("q8") && err.contains("CPU"), "{err}");
 }
+
+/// Pipelined greedy decoding on the GPU (`greedy_begin` / `greedy_next`): the argmax stays on
+/// the device as the next step's token and each id is read back one step late. The ids equal
+/// step-by-step `forward_argmax` decoding; a decoded token costs one submit, and every id read
+/// by `greedy_next` was read after its successor's step had been submitted. Also pins the
+/// dispatch count of a decode step (16 per layer + 5 outside today: embed, final norm, LM head,
+/// two argmax passes), so that fusion work shows up here as a changed number.
+#[test]
+fn pipelined_greedy_decode_equals_step_by_step_with_one_submit_per_token() {
+    let c = bitnet_wgpu::synthetic::preset("tiny").unwrap();
+    let w = bitnet_wgpu::synthetic::random_weights(&c, 7).unwrap();
+    let options = ModelOptions {
+        ctx: 64,
+        max_batch: 16,
+        max_logit_rows: 16,
+        lm_head: Default::default(),
+    };
+    let Some(mut g) = gpu_model("pipelined_greedy_decode", &w, options) else {
+        return;
+    };
+    let prompt: Vec<u32> = (0..5).map(|i| (i * 911 + 3) % 4096).collect();
+    let want = greedy(&mut g, &prompt, 11);
+    g.reset();
+    g.greedy_begin(&prompt).unwrap();
+    let c0 = g.backend.counters();
+    let decode = 10u64;
+    let mut got = Vec::new();
+    for _ in 0..decode {
+        got.push(g.greedy_next().unwrap());
+    }
+    let c1 = g.backend.counters();
+    got.push(g.greedy_finish().unwrap());
+    assert_eq!(got, want, "pipelined vs step-by-step greedy ids");
+    assert_eq!(g.position(), prompt.len() + decode as usize);
+    assert_eq!(c1.steps - c0.steps, decode, "steps");
+    assert_eq!(c1.submits - c0.submits, decode, "submits per decoded token");
+    assert_eq!(
+        c1.lagged_reads - c0.lagged_reads,
+        decode,
+        "token t read after token t+1's step was submitted"
+    );
+    assert!(c1.waits - c0.waits <= decode, "at most one wait per token");
+    let per_step = (c1.dispatches - c0.dispatches) / decode;
+    let layers = c.num_hidden_layers as u64;
+    eprintln!(
+        "decode step: {per_step} dispatches ({layers} layers), encode {:.0} us/token",
+        (c1.encode_ns - c0.encode_ns) as f64 / decode as f64 / 1e3
+    );
+    assert_eq!(per_step, 16 * layers + 5, "dispatches per decode step");
+    // A new decode after an unfinished one starts clean (its queued read is dropped).
+    g.reset();
+    g.greedy_begin(&prompt).unwrap();
+    g.greedy_next().unwrap();
+    g.reset();
+    g.greedy_begin(&prompt).unwrap();
+    assert_eq!(g.greedy_next().unwrap(), want[0]);
+    assert_eq!(g.greedy_finish().unwrap(), want[1]);
+}

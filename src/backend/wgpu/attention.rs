@@ -80,6 +80,7 @@ impl WgpuBackend {
         Ok(buf)
     }
 
+    #[allow(clippy::too_many_arguments)]
     pub(super) fn op_attention(
         &mut self,
         q: &GpuTensor,

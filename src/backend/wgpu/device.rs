@@ -98,9 +98,6 @@ impl WgpuBackend {
 
     /// Opens a device on `adapter` with the adapter's own limits (so large buffers and bindings
     /// are allowed up to what the hardware supports) and no optional features.
-
-    /// Opens a device on `adapter` with the adapter's own limits (so large buffers and bindings
-    /// are allowed up to what the hardware supports) and no optional features.
     pub fn from_adapter(adapter: wgpu::Adapter) -> Result<Self> {
         let info = adapter.get_info();
         let limits = adapter.limits();
