@@ -46,7 +46,7 @@ fn element(r: u32, c: u32) -> f32 {
 // ---- embed: dispatch ceil(n · COLS / EMBED_WG) workgroups (folded 2-D) per chunk ----
 override EMBED_WG: u32 = 256u; // threads per embed workgroup (host: embedding.rs EMBED_WG)
 
-@group(0) @binding(3) var<storage, read> tokens: array<u32>;         // [n]
+@group(0) @binding(3) var<storage, read> step_rows: array<vec4<u32>>; // [n] (token, pos, slot, 0)
 @group(0) @binding(4) var<storage, read_write> emb_out: array<f32>;  // [capacity, COLS]
 
 @compute @workgroup_size(EMBED_WG)
@@ -58,7 +58,7 @@ fn embed(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: ve
     }
     let t = i / COLS;
     let c = i % COLS;
-    let tok = tokens[t];
+    let tok = step_rows[t].x;
     if tok >= chunk.row0 && tok < chunk.row0 + chunk.rows {
         emb_out[i] = element(tok - chunk.row0, c);
     }

@@ -20,10 +20,14 @@ impl WgpuBackend {
     pub(super) fn op_alloc_kv_cache(
         &mut self,
         layers: usize,
+        slots: usize,
         ctx: usize,
         kv_dim: usize,
     ) -> Result<GpuKvCache> {
-        let bytes = (ctx as u64) * (kv_dim as u64) * 4;
+        let bytes = (slots.max(1) as u64)
+            .checked_mul(ctx as u64)
+            .and_then(|b| b.checked_mul(kv_dim as u64 * 4))
+            .ok_or_else(|| BitnetError::op("alloc_kv_cache", "cache size overflows"))?;
         let mut k = Vec::with_capacity(layers);
         let mut v = Vec::with_capacity(layers);
         for _ in 0..layers {
@@ -31,7 +35,13 @@ impl WgpuBackend {
             v.push(self.storage("value cache", bytes, None)?);
         }
         self.positions_hint = self.positions_hint.max(ctx);
-        Ok(GpuKvCache { k, v, ctx, kv_dim })
+        Ok(GpuKvCache {
+            k,
+            v,
+            slots: slots.max(1),
+            ctx,
+            kv_dim,
+        })
     }
 
     pub(super) fn op_rope(
@@ -45,14 +55,15 @@ impl WgpuBackend {
         if !hd.is_multiple_of(2) {
             return Err(BitnetError::op("rope", format!("head_dim {hd} is odd")));
         }
-        let table = self.rope_table(hd, shape.rope_theta, self.start_pos + self.n())?;
+        let table = self.rope_table(hd, shape.rope_theta, self.max_pos + 1)?;
         let consts = [
             ("HEADS", n_heads as f64),
             ("HD", hd as f64),
             ("WG", ROPE_WG as f64),
         ];
         let groups = self.grid((self.n() * n_heads * hd / 2).div_ceil(ROPE_WG))?;
-        self.record(&kernels::ROPE, &consts, &[&x.buf, &table], groups)
+        let rows = self.rows_buf.clone();
+        self.record(&kernels::ROPE, &consts, &[&x.buf, &table, &rows], groups)
     }
 
     /// The (cos, sin) table for `head_dim`, `theta`, covering at least `positions` positions.
@@ -97,11 +108,17 @@ impl WgpuBackend {
         self.check("attention", k, kvd)?;
         self.check("attention", v, kvd)?;
         self.check("attention", out, qd)?;
-        if cache.kv_dim != kvd || self.start_pos + n > cache.ctx {
+        if cache.kv_dim != kvd || self.max_pos >= cache.ctx {
             return Err(BitnetError::ContextOverflow {
-                needed: self.start_pos + n,
+                needed: self.max_pos + 1,
                 ctx: cache.ctx,
             });
+        }
+        if self.max_slot >= cache.slots {
+            return Err(BitnetError::op(
+                "attention",
+                format!("slot {} of a cache of {} slots", self.max_slot, cache.slots),
+            ));
         }
         if layer >= cache.k.len() {
             return Err(BitnetError::op(
@@ -127,7 +144,9 @@ impl WgpuBackend {
             ("HD", hd as f64),
             // the CPU backend's scale, rounded the same way
             ("SCALE", (1.0 / (hd as f32).sqrt()) as f64),
+            ("CTX", cache.ctx as f64),
         ];
+        let rows = self.rows_buf.clone();
         let (kc, vc) = (&cache.k[layer], &cache.v[layer]);
         let groups = self.grid((n * kvd).div_ceil(KV_STORE_WG))?;
         let mut store_consts = consts.to_vec();
@@ -135,7 +154,7 @@ impl WgpuBackend {
         self.record(
             &kernels::KV_STORE,
             &store_consts,
-            &[&k.buf, &v.buf, kc, vc],
+            &[&k.buf, &v.buf, kc, vc, &rows],
             groups,
         )?;
         let group = shape.n_heads / shape.n_kv_heads;
@@ -153,19 +172,19 @@ impl WgpuBackend {
             };
             let mut consts = consts.to_vec();
             consts.push(("NB", blocks as f64));
-            let used = (self.start_pos + n).div_ceil(ATTN_BLOCK);
+            let used = (self.max_pos + 1).div_ceil(ATTN_BLOCK);
             let groups = [used as u32, shape.n_kv_heads as u32, n as u32];
             self.record(
                 &kernels::ATTEND_SPLIT,
                 &consts,
-                &[&q.buf, kc, vc, &partials],
+                &[&q.buf, kc, vc, &partials, &rows],
                 groups,
             )?;
             let groups = self.grid(n * shape.n_heads)?;
             return self.record(
                 &kernels::ATTEND_COMBINE,
                 &consts,
-                &[&partials, &out.buf],
+                &[&partials, &out.buf, &rows],
                 groups,
             );
         }
@@ -173,7 +192,7 @@ impl WgpuBackend {
         self.record(
             &kernels::ATTEND,
             &consts,
-            &[&q.buf, kc, vc, &out.buf],
+            &[&q.buf, kc, vc, &out.buf, &rows],
             groups,
         )
     }

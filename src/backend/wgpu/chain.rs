@@ -89,9 +89,10 @@ impl WgpuBackend {
         }
         // The token id is not known on the host: 0 stands in for it (always < vocab, so the
         // host-side range check of embed passes; the device token is an argmax, < vocab too).
-        self.op_begin_step(&[0], start_pos)?;
+        self.op_begin_rows(&[[0, start_pos as u32, 0]])?;
         let enc = self.encoder.as_mut().expect("begin_step opened an encoder");
-        enc.copy_buffer_to_buffer(&self.argmax_result.buf, 0, &self.tokens_buf.buf, 0, 4);
+        // (the token of row 0 is the first word of the rows buffer)
+        enc.copy_buffer_to_buffer(&self.argmax_result.buf, 0, &self.rows_buf.buf, 0, 4);
         Ok(())
     }
 

@@ -139,10 +139,10 @@ impl WgpuBackend {
             16,
             wgpu::BufferUsages::UNIFORM | wgpu::BufferUsages::COPY_DST,
         );
-        let tokens_cap = 64;
-        let tokens_buf = mk(
-            "tokens",
-            tokens_cap as u64 * 4,
+        let rows_cap = 64;
+        let rows_buf = mk(
+            "step rows",
+            rows_cap as u64 * 16,
             wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_DST,
         );
         let storage = wgpu::BufferUsages::STORAGE;
@@ -161,10 +161,11 @@ impl WgpuBackend {
             pipelines: PipelineCache::default(),
             bind_groups: HashMap::new(),
             step_buf,
-            tokens_buf,
-            tokens_cap,
+            rows_buf,
+            rows_cap,
             tokens: Vec::new(),
-            start_pos: 0,
+            max_pos: 0,
+            max_slot: 0,
             encoder: None,
             pass: None,
             uploads: UploadPool::default(),
@@ -594,21 +595,43 @@ impl WgpuBackend {
         Ok((q, scales, sums))
     }
 
-    pub(super) fn op_begin_step(&mut self, tokens: &[u32], start_pos: usize) -> Result<()> {
+    /// Starts a step over rows of (token, position, KV-cache slot) of any sequences (tests;
+    /// the model goes through `Backend::begin_step`).
+    #[doc(hidden)]
+    pub fn begin_rows(&mut self, rows: &[[u32; 3]]) -> Result<()> {
+        self.op_begin_rows(rows)
+    }
+
+    /// A KV cache of `slots` sequences (tests; the model goes through `alloc_kv_cache`).
+    #[doc(hidden)]
+    pub fn alloc_kv_cache_slots(
+        &mut self,
+        layers: usize,
+        slots: usize,
+        ctx: usize,
+        kv_dim: usize,
+    ) -> Result<super::GpuKvCache> {
+        self.op_alloc_kv_cache(layers, slots, ctx, kv_dim)
+    }
+
+    /// Starts a step over `rows` = (token, position, KV-cache slot): the Step uniform and the
+    /// rows buffer are written once, through one reused upload buffer.
+    pub(super) fn op_begin_rows(&mut self, rows: &[[u32; 3]]) -> Result<()> {
         self.flush()?;
         self.tokens.clear();
-        self.tokens.extend_from_slice(tokens);
-        self.start_pos = start_pos;
-        if tokens.len() > self.tokens_cap {
+        self.tokens.extend(rows.iter().map(|r| r[0]));
+        self.max_pos = rows.iter().map(|r| r[1] as usize).max().unwrap_or(0);
+        self.max_slot = rows.iter().map(|r| r[2] as usize).max().unwrap_or(0);
+        if rows.len() > self.rows_cap {
             // Grows at most a few times in a model's life (the largest prefill chunk).
-            let cap = tokens.len().next_power_of_two();
-            self.tokens_buf = self.new_buffer(
-                "tokens",
-                cap as u64 * 4,
+            let cap = rows.len().next_power_of_two();
+            self.rows_buf = self.new_buffer(
+                "step rows",
+                cap as u64 * 16,
                 wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_DST,
                 None,
             )?;
-            self.tokens_cap = cap;
+            self.rows_cap = cap;
         }
         self.counters.steps += 1;
         let mut enc = self.new_encoder("bitnet step");
@@ -616,16 +639,19 @@ impl WgpuBackend {
         let _ = self.device.poll(wgpu::PollType::Poll);
         let mut data = std::mem::take(&mut self.upload_scratch);
         data.clear();
-        data.extend_from_slice(&[tokens.len() as u32, start_pos as u32, 0, 0]);
-        data.extend_from_slice(tokens);
+        let start_pos = rows.first().map_or(0, |r| r[1]);
+        data.extend_from_slice(&[rows.len() as u32, start_pos, 0, 0]);
+        for r in rows {
+            data.extend_from_slice(&[r[0], r[1], r[2], 0]);
+        }
         let staged = self
             .uploads
             .stage(&self.device, bytemuck::cast_slice(&data));
         self.upload_scratch = data;
         let src = staged.map_err(|e| self.sync_error("upload", e))?;
         enc.copy_buffer_to_buffer(&src, 0, &self.step_buf.buf, 0, 16);
-        if !tokens.is_empty() {
-            enc.copy_buffer_to_buffer(&src, 16, &self.tokens_buf.buf, 0, tokens.len() as u64 * 4);
+        if !rows.is_empty() {
+            enc.copy_buffer_to_buffer(&src, 16, &self.rows_buf.buf, 0, rows.len() as u64 * 16);
         }
         self.encoder = Some(enc);
         Ok(())

@@ -87,7 +87,7 @@ impl WgpuBackend {
             ("EMBED_WG", EMBED_WG as f64),
         ];
         let groups = self.grid((self.n() * emb.cols).div_ceil(EMBED_WG))?;
-        let tokens = self.tokens_buf.clone();
+        let tokens = self.rows_buf.clone();
         for c in &emb.chunks {
             self.record(
                 &kernels::EMBED,

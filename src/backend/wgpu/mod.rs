@@ -133,11 +133,12 @@ pub struct GpuEmbedding {
     row_words: usize,
 }
 
-/// Keys and values of every layer: f32 `[ctx, kv_dim]` per layer.
+/// Keys and values of every layer: f32 `[slots, ctx, kv_dim]` per layer (a slot per sequence).
 #[derive(Debug)]
 pub struct GpuKvCache {
-    k: Vec<GpuBuf>, // layers × [ctx, kv_dim]
-    v: Vec<GpuBuf>, // layers × [ctx, kv_dim]
+    k: Vec<GpuBuf>, // layers × [slots, ctx, kv_dim]
+    v: Vec<GpuBuf>, // layers × [slots, ctx, kv_dim]
+    pub slots: usize,
     pub ctx: usize,
     pub kv_dim: usize,
 }
@@ -151,11 +152,12 @@ pub struct WgpuBackend {
     limits: wgpu::Limits,
     pipelines: PipelineCache,
     bind_groups: HashMap<BindKey, wgpu::BindGroup>,
-    step_buf: GpuBuf,   // uniform Step { n_tokens, start_pos, _, _ }
-    tokens_buf: GpuBuf, // [tokens_cap] u32
-    tokens_cap: usize,
+    step_buf: GpuBuf, // uniform Step { n_tokens, start_pos, _, _ }
+    rows_buf: GpuBuf, // [rows_cap] vec4<u32> (token, pos, slot, 0): the step's rows
+    rows_cap: usize,
     tokens: Vec<u32>, // [n] the step's tokens, host copy
-    start_pos: usize,
+    max_pos: usize,   // the largest position of the step's rows
+    max_slot: usize,  // the largest slot of the step's rows
     encoder: Option<wgpu::CommandEncoder>,
     pass: Option<wgpu::ComputePass<'static>>,
     uploads: UploadPool,
@@ -225,11 +227,14 @@ impl Backend for WgpuBackend {
     }
 
     fn alloc_kv_cache(&mut self, layers: usize, ctx: usize, kv_dim: usize) -> Result<GpuKvCache> {
-        self.op_alloc_kv_cache(layers, ctx, kv_dim)
+        self.op_alloc_kv_cache(layers, 1, ctx, kv_dim)
     }
 
     fn begin_step(&mut self, tokens: &[u32], start_pos: usize) -> Result<()> {
-        self.op_begin_step(tokens, start_pos)
+        let rows: Vec<[u32; 3]> = (0..tokens.len())
+            .map(|i| [tokens[i], (start_pos + i) as u32, 0])
+            .collect();
+        self.op_begin_rows(&rows)
     }
 
     fn end_step(&mut self) -> Result<()> {
