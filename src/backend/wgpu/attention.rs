@@ -103,17 +103,14 @@ impl WgpuBackend {
         out: &mut GpuTensor,
     ) -> Result<()> {
         let (n, hd) = (self.n(), shape.head_dim);
-        let (qd, kvd) = (shape.n_heads * hd, shape.n_kv_heads * hd);
-        self.check("attention", q, qd)?;
-        self.check("attention", k, kvd)?;
-        self.check("attention", v, kvd)?;
-        self.check("attention", out, qd)?;
-        if cache.kv_dim != kvd || self.max_pos >= cache.ctx {
-            return Err(BitnetError::ContextOverflow {
-                needed: self.max_pos + 1,
-                ctx: cache.ctx,
-            });
-        }
+        let kvd = shape.n_kv_heads * hd;
+        crate::backend::check_attention(
+            shape,
+            n,
+            [q, k, v, out].map(|t| (t.capacity, t.cols)),
+            (cache.kv_dim, cache.ctx),
+            self.max_pos + 1,
+        )?;
         if self.max_slot >= cache.slots {
             return Err(BitnetError::op(
                 "attention",

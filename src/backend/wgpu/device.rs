@@ -464,18 +464,7 @@ impl WgpuBackend {
     }
 
     pub(super) fn check(&self, op: &'static str, t: &GpuTensor, cols: usize) -> Result<()> {
-        if t.cols != cols || t.capacity < self.n() {
-            return Err(BitnetError::op(
-                op,
-                format!(
-                    "tensor [{}, {}] cannot hold {} rows of {cols} columns",
-                    t.capacity,
-                    t.cols,
-                    self.n()
-                ),
-            ));
-        }
-        Ok(())
+        crate::backend::check_tensor(op, t.capacity, t.cols, self.n(), cols)
     }
 
     /// Copies `bytes` bytes of `src` to the host (submits what is recorded, then waits).

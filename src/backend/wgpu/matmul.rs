@@ -3,7 +3,7 @@
 
 use super::kernels;
 use super::{layout, GpuLinear, GpuQTensor, GpuTensor, WgpuBackend};
-use crate::error::{BitnetError, Result};
+use crate::error::Result;
 use crate::ternary::TernaryMatrix;
 
 /// Token counts up to this use the mat-vec kernel (decode); larger steps the tiled matmul.
@@ -53,15 +53,7 @@ impl WgpuBackend {
         raw: bool,
     ) -> Result<()> {
         let n = self.n();
-        if x.cols != w.cols || x.capacity < n {
-            return Err(BitnetError::op(
-                "ternary_matmul",
-                format!(
-                    "{}: weight [{}, {}] vs activations [{n}, {}]",
-                    w.name, w.rows, w.cols, x.cols
-                ),
-            ));
-        }
+        crate::backend::check_matmul(&w.name, (w.rows, w.cols), (x.capacity, x.cols), n)?;
         self.check("ternary_matmul", out, w.rows)?;
         let consts = [("RAW_ACC", if raw { 1.0 } else { 0.0 })];
         let bufs = [&w.params, &w.w, &x.q, &x.meta, &out.buf];
