@@ -23,7 +23,6 @@ override COLS: u32 = 1u;      // hidden size
 override ROW_WORDS: u32 = 1u; // u32 words per stored row
 override DTYPE: u32 = 0u;     // 0 bf16, 1 f16, 2 f32
 override VOCAB: u32 = 1u;     // logits row length (all chunks)
-override LAST_ONLY: bool = false; // lm_head: only the last live row (logits row 0)
 
 @group(0) @binding(0) var<uniform> step: Step;
 @group(0) @binding(1) var<uniform> chunk: Chunk;
@@ -64,9 +63,11 @@ fn embed(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: ve
     }
 }
 
-// ---- lm_head: dispatch (ceil(chunk.rows / 8), logit rows) per chunk ----
+// ---- lm_head: dispatch (ceil(chunk.rows / 8), logits rows) per chunk; logits row o is the
+// product of the step's row logit_rows[o] (any subset of the rows, in any order) ----
 @group(0) @binding(3) var<storage, read> head_x: array<f32>;          // [capacity, COLS]
 @group(0) @binding(4) var<storage, read_write> logits: array<f32>;    // [max rows, VOCAB]
+@group(0) @binding(5) var<storage, read> logit_rows: array<u32>;      // [logits rows] row of head_x
 
 const LANES: u32 = 32u;
 const ROWS_PER_WG: u32 = 8u;
@@ -75,11 +76,8 @@ var<workgroup> part: array<f32, 256>;
 
 @compute @workgroup_size(256)
 fn lm_head(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
-    let o = wid.y; // logits row
-    var t = o;     // activation row
-    if LAST_ONLY {
-        t = step.n_tokens - 1u;
-    }
+    let o = wid.y;            // logits row
+    let t = logit_rows[o];    // activation row (a row of the step, checked by the host)
     let lane = lid % LANES;
     let v = wid.x * ROWS_PER_WG + lid / LANES;
     var acc = 0.0;

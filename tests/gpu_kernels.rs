@@ -558,6 +558,32 @@ fn embedding_and_lm_head_match_cpu_for_every_dtype_and_chunking() {
                         1e-5,
                     );
                 }
+                // any subset of the rows in any order (the per-row steps' LM head)
+                if n == 5 {
+                    let (mut cl, _) = both(&mut g, &[], n, vocab);
+                    let ch = bitnet_wgpu::backend::cpu::CpuLmHead::Exact(m.clone());
+                    c.lm_head(&ch, &cx, LogitRows::All, &mut cl).unwrap();
+                    let (_, mut gl) = both(&mut g, &[], n, vocab);
+                    let pick = [3u32, 0, 3, 4];
+                    g.begin_step(&tokens, 0).unwrap();
+                    g.lm_head_rows(&ge, &gx, &pick, &mut gl).unwrap();
+                    g.end_step().unwrap();
+                    let got = g.read(&gl, pick.len()).unwrap();
+                    for (o, &t) in pick.iter().enumerate() {
+                        let t = t as usize;
+                        assert_close(
+                            &format!("lm_head rows {pick:?}: logits row {o} (step row {t}) {what}"),
+                            &got[o * vocab..(o + 1) * vocab],
+                            &cl.data[t * vocab..(t + 1) * vocab],
+                            1e-5,
+                            1e-5,
+                        );
+                    }
+                    g.begin_step(&tokens, 0).unwrap();
+                    let err = g.lm_head_rows(&ge, &gx, &[5], &mut gl).unwrap_err();
+                    assert!(err.to_string().contains("row 5"), "{err}");
+                    g.end_step().unwrap();
+                }
             }
         }
     }

@@ -145,6 +145,12 @@ impl WgpuBackend {
             rows_cap as u64 * 16,
             wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_DST,
         );
+        let logit_rows_cap = 64;
+        let logit_rows_buf = mk(
+            "logit rows",
+            logit_rows_cap as u64 * 4,
+            wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_DST,
+        );
         let storage = wgpu::BufferUsages::STORAGE;
         let dummy_r = mk("unused (read)", 16, storage);
         let dummy_rw = mk("unused (read-write)", 16, storage);
@@ -166,6 +172,9 @@ impl WgpuBackend {
             tokens: Vec::new(),
             max_pos: 0,
             max_slot: 0,
+            logit_rows_buf,
+            logit_rows_cap,
+            logit_rows_host: Vec::new(),
             encoder: None,
             pass: None,
             uploads: UploadPool::default(),
@@ -589,6 +598,18 @@ impl WgpuBackend {
     #[doc(hidden)]
     pub fn begin_rows(&mut self, rows: &[[u32; 3]]) -> Result<()> {
         self.op_begin_rows(rows)
+    }
+
+    /// Logits of the step's rows `rows` (tests; the model goes through `Backend::lm_head`).
+    #[doc(hidden)]
+    pub fn lm_head_rows(
+        &mut self,
+        head: &std::sync::Arc<super::GpuEmbedding>,
+        x: &GpuTensor,
+        rows: &[u32],
+        logits: &mut GpuTensor,
+    ) -> Result<()> {
+        self.op_lm_head_rows(head, x, rows, logits)
     }
 
     /// A KV cache of `slots` sequences (tests; the model goes through `alloc_kv_cache`).

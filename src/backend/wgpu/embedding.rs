@@ -106,34 +106,71 @@ impl WgpuBackend {
         rows: LogitRows,
         logits: &mut GpuTensor,
     ) -> Result<()> {
+        let n = self.n() as u32;
+        let list: Vec<u32> = match rows {
+            LogitRows::Last => n.checked_sub(1).into_iter().collect(),
+            LogitRows::All => (0..n).collect(),
+        };
+        self.op_lm_head_rows(head, x, &list, logits)
+    }
+
+    /// Logits of the step's rows `rows` (indices into the step, any subset in any order):
+    /// `logits [rows.len(), vocab]`.
+    pub(super) fn op_lm_head_rows(
+        &mut self,
+        head: &Arc<GpuEmbedding>,
+        x: &GpuTensor,
+        rows: &[u32],
+        logits: &mut GpuTensor,
+    ) -> Result<()> {
         let n = self.n();
         self.check("lm_head", x, head.cols)?;
-        if n == 0 {
+        if rows.is_empty() {
             return Ok(());
         }
-        let out_rows = match rows {
-            LogitRows::Last => 1,
-            LogitRows::All => n,
-        };
+        let out_rows = rows.len();
         if logits.cols != head.rows || logits.capacity < out_rows {
             return Err(BitnetError::op(
                 "lm_head",
                 "logits tensor has the wrong shape",
             ));
         }
+        if let Some(&r) = rows.iter().find(|&&r| r as usize >= n) {
+            return Err(BitnetError::op(
+                "lm_head",
+                format!("logit row {r} of a step of {n} rows"),
+            ));
+        }
+        if self.logit_rows_host != rows {
+            if rows.len() > self.logit_rows_cap {
+                let cap = rows.len().next_power_of_two();
+                self.logit_rows_buf = self.new_buffer(
+                    "logit rows",
+                    cap as u64 * 4,
+                    wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_DST,
+                    None,
+                )?;
+                self.logit_rows_cap = cap;
+            }
+            // Queue-ordered: lands before this step's commands, after every earlier step's.
+            self.queue
+                .write_buffer(&self.logit_rows_buf.buf, 0, bytemuck::cast_slice(rows));
+            self.logit_rows_host.clear();
+            self.logit_rows_host.extend_from_slice(rows);
+        }
         let consts = [
             ("COLS", head.cols as f64),
             ("ROW_WORDS", head.row_words as f64),
             ("DTYPE", layout::dtype_code(head.dtype) as f64),
             ("VOCAB", head.rows as f64),
-            ("LAST_ONLY", if rows == LogitRows::Last { 1.0 } else { 0.0 }),
         ];
+        let list = self.logit_rows_buf.clone();
         for c in &head.chunks {
             let groups = [c.rows.div_ceil(LM_ROWS_PER_WG) as u32, out_rows as u32, 1];
             self.record(
                 &kernels::LM_HEAD,
                 &consts,
-                &[&c.params, &c.data, &x.buf, &logits.buf],
+                &[&c.params, &c.data, &x.buf, &logits.buf, &list],
                 groups,
             )?;
         }

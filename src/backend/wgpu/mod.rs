@@ -155,9 +155,12 @@ pub struct WgpuBackend {
     step_buf: GpuBuf, // uniform Step { n_tokens, start_pos, _, _ }
     rows_buf: GpuBuf, // [rows_cap] vec4<u32> (token, pos, slot, 0): the step's rows
     rows_cap: usize,
-    tokens: Vec<u32>, // [n] the step's tokens, host copy
-    max_pos: usize,   // the largest position of the step's rows
-    max_slot: usize,  // the largest slot of the step's rows
+    tokens: Vec<u32>,       // [n] the step's tokens, host copy
+    max_pos: usize,         // the largest position of the step's rows
+    max_slot: usize,        // the largest slot of the step's rows
+    logit_rows_buf: GpuBuf, // [logit_rows_cap] u32: the step rows the LM head computes
+    logit_rows_cap: usize,
+    logit_rows_host: Vec<u32>, // what logit_rows_buf holds
     encoder: Option<wgpu::CommandEncoder>,
     pass: Option<wgpu::ComputePass<'static>>,
     uploads: UploadPool,
