@@ -9,8 +9,8 @@ pub mod stats;
 pub use plot::{plot_series, PlotError, Series};
 pub use report::{
     csv_field, format_params, format_sig3, format_size, render, render_csv, render_json,
-    render_markdown, BenchResult, EnergyResult, OutputFormat, ParseOutputFormatError, ReportError,
-    CSV_HEADER,
+    render_markdown, BenchResult, EnergyResult, GpuWork, OutputFormat, ParseOutputFormatError,
+    ReportError, CSV_HEADER,
 };
 pub use stats::Summary;
 

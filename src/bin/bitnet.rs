@@ -738,6 +738,7 @@ fn bench(a: BenchArgs) -> Result<()> {
                 energy_na_reason: None,
                 peak_rss_bytes: peak_rss_bytes(),
                 gpu_mem_bytes: None,
+                gpu_work: times.gpu_work,
             };
             let energy = match (meter.is_some(), energy_err, readings.split_first()) {
                 (false, _, _) => Err(na_reason.clone()),
