@@ -278,6 +278,25 @@ fn pipelined_greedy_decode_equals_step_by_step_with_one_submit_per_token() {
         return;
     };
     let prompt: Vec<u32> = (0..5).map(|i| (i * 911 + 3) % 4096).collect();
+    // The unpipelined protocol for comparison: each token submitted, then read back (waited).
+    g.reset();
+    g.forward_argmax(&prompt).unwrap();
+    let b0 = g.backend.counters();
+    let mut last = 0;
+    for _ in 0..4 {
+        last = g.forward_argmax(&[last]).unwrap();
+    }
+    let b1 = g.backend.counters();
+    assert_eq!(
+        b1.submits - b0.submits,
+        8,
+        "step-by-step: 2 submits per token"
+    );
+    assert_eq!(
+        b1.waits - b0.waits,
+        4,
+        "step-by-step: 1 blocking wait per token"
+    );
     let want = greedy(&mut g, &prompt, 11);
     g.reset();
     g.greedy_begin(&prompt).unwrap();
