@@ -343,7 +343,8 @@ fn read_text(path: &Path) -> Result<String> {
 }
 
 fn main() -> ExitCode {
-    // First, while the process has one thread: both change process-wide state.
+    // First, while the process has one thread: both change process-wide state. (A long-running
+    // server subcommand should skip restore_sigpipe: a peer closing its socket must not kill it.)
     restore_sigpipe();
     ensure_runtime_dir();
     let cli = Cli::parse();
