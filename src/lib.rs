@@ -12,6 +12,7 @@ pub mod config;
 pub mod energy;
 pub mod engine;
 pub mod error;
+pub mod fuzz_targets;
 pub mod load;
 pub mod model;
 pub mod npy;

@@ -31,10 +31,14 @@ pub struct ModelOptions {
     pub slots: usize,
 }
 
+/// The context used when none is asked for: enough for chat and benchmarks, while the KV cache
+/// of a config's full max_position_embeddings (often 128k+) would take tens of GB.
+pub const DEFAULT_CTX: usize = 4096;
+
 impl ModelOptions {
     pub fn for_config(config: &ModelConfig) -> Self {
         ModelOptions {
-            ctx: config.max_position_embeddings,
+            ctx: config.max_position_embeddings.min(DEFAULT_CTX),
             max_batch: 512,
             max_logit_rows: 64,
             lm_head: HeadFormat::Exact,
