@@ -60,6 +60,12 @@ pub enum BitnetError {
     Gpu(String),
     #[error("invalid argument: {0}")]
     InvalidArgument(String),
+    #[error("GGUF file {path}: {source}")]
+    Gguf {
+        path: PathBuf,
+        #[source]
+        source: crate::gguf::GgufError,
+    },
 }
 
 pub type Result<T, E = BitnetError> = std::result::Result<T, E>;

@@ -12,6 +12,7 @@ pub mod config;
 pub mod energy;
 pub mod engine;
 pub mod error;
+pub mod gguf;
 pub mod load;
 pub mod model;
 pub mod npy;
