@@ -799,6 +799,21 @@ impl File<'_> {
             |id: Option<u32>| id.and_then(|i| strs.get(i as usize)).map(|s| s.to_string());
         let bos = tok_str(config.bos_token_id);
         let eos = tok_str(config.eos_token_ids.first().copied());
+        // As LLaMA-3's tokenizer.json: the bos comes from a template post-processor, so
+        // `encode(text, true)` behaves as transformers' does (a bos is added even before a
+        // text that starts with one).
+        let byte_level = json!({"type": "ByteLevel", "add_prefix_space": true, "trim_offsets": false, "use_regex": true});
+        let post_processor = match (&bos, config.bos_token_id) {
+            (Some(b), Some(id)) if add_bos => json!({"type": "Sequence", "processors": [
+                byte_level,
+                {"type": "TemplateProcessing",
+                 "single": [{"SpecialToken": {"id": b, "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}}],
+                 "pair": [{"SpecialToken": {"id": b, "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}},
+                          {"SpecialToken": {"id": b, "type_id": 1}}, {"Sequence": {"id": "B", "type_id": 1}}],
+                 "special_tokens": {b.as_str(): {"id": b, "ids": [id], "tokens": [b]}}}
+            ]}),
+            _ => byte_level,
+        };
         let spec = json!({
             "version": "1.0",
             "truncation": null,
@@ -809,7 +824,7 @@ impl File<'_> {
                 {"type": "Split", "pattern": {"Regex": regex}, "behavior": "Isolated", "invert": false},
                 {"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": false}
             ]},
-            "post_processor": {"type": "ByteLevel", "add_prefix_space": true, "trim_offsets": false, "use_regex": true},
+            "post_processor": post_processor,
             "decoder": {"type": "ByteLevel", "add_prefix_space": true, "trim_offsets": true, "use_regex": true},
             "model": {"type": "BPE", "dropout": null, "unk_token": null, "continuing_subword_prefix": null,
                 "end_of_word_suffix": null, "fuse_unk": false, "byte_fallback": false,
@@ -824,8 +839,7 @@ impl File<'_> {
             .get_str("tokenizer.chat_template")
             .map_err(e)?
             .map(str::to_string);
-        // The bos is added by `Tokenizer::encode` (add_bos_token), as for LLaMA folders.
-        Ok(Tokenizer::from_parts(inner, template, bos, eos, add_bos))
+        Ok(Tokenizer::from_parts(inner, template, bos, eos, false))
     }
 }
 
