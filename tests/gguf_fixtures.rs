@@ -187,3 +187,64 @@ fn tokenizer_and_chat_template_from_gguf_metadata_equal_the_folder() {
     assert_eq!(gguf.stop_ids(), folder.stop_ids());
     assert_eq!(gguf.config.bos_token_id, folder.config.bos_token_id);
 }
+
+#[test]
+fn q6_k_decoder_equals_the_gguf_package() {
+    let raw = std::fs::read(path("q6_k-blocks.bin")).unwrap();
+    let (_, want) = bitnet_wgpu::npy::read_f32(&path("q6_k-values.npy")).unwrap();
+    let mut got = vec![f32::NAN; want.len()];
+    bitnet_wgpu::gguf::types::dequant_q6_k(&raw, &mut got);
+    assert_close("Q6_K", &got, &want, 0.0, 0.0);
+}
+
+/// A copy of `file` in a temp dir with `patch` applied to the data of tensor `name`.
+fn patched(file: &str, name: &str, patch: impl Fn(&mut [u8])) -> (tempfile::TempDir, PathBuf) {
+    let mut bytes = std::fs::read(path(file)).unwrap();
+    let h = bitnet_wgpu::gguf::GgufHeader::parse(&bytes).unwrap();
+    let t = h.tensor(name).unwrap().clone();
+    patch(&mut bytes[t.start..t.start + t.len]);
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join(file);
+    std::fs::write(&p, bytes).unwrap();
+    (dir, p)
+}
+
+#[test]
+fn differing_tq_block_scales_are_refused_not_averaged() {
+    // Block 1 of attn_q gets scale 2.0 (f16 0x4000), the others keep theirs.
+    let (_d, p) = patched("model-tq2_0.gguf", "blk.0.attn_q.weight", |b| {
+        b[66 + 64..66 + 66].copy_from_slice(&0x4000u16.to_le_bytes())
+    });
+    let err = engine(&p, relu2())
+        .err()
+        .expect("must be refused")
+        .to_string();
+    assert!(
+        err.contains("blk.0.attn_q.weight") && err.contains("different scales"),
+        "{err}"
+    );
+    // A zero block scale means a block of zeros: accepted.
+    let (_d, p) = patched("model-tq1_0.gguf", "blk.0.ffn_up.weight", |b| {
+        b[52..54].copy_from_slice(&[0, 0])
+    });
+    engine(&p, GgufOptions::default()).unwrap();
+}
+
+#[test]
+fn invalid_ternary_codes_are_refused() {
+    // TQ2_0 byte 5 of block 0 = 0xFF: code 3 for four weights.
+    let (_d, p) = patched("model-tq2_0.gguf", "blk.0.ffn_down.weight", |b| b[5] = 0xFF);
+    let err = engine(&p, relu2()).err().unwrap();
+    assert!(
+        matches!(&err, BitnetError::InvalidTernaryCode { name, offset: 5 } if name == "blk.0.ffn_down.weight"),
+        "{err}"
+    );
+    // I2_S: byte 40 (block 1, byte 8) = 0xC0: element 128 + 8 has code 3.
+    let (_d, p) = patched("model-i2_s.gguf", "blk.0.attn_k.weight", |b| b[40] = 0xC0);
+    let err = engine(&p, GgufOptions::default()).err().unwrap();
+    assert!(
+        matches!(&err, BitnetError::InvalidTernaryCode { offset: 40, .. }),
+        "{err}"
+    );
+    // (TQ1_0 cannot hold an invalid code: ((b·3^n mod 256)·3) >> 8 is at most 2 for any byte.)
+}

@@ -9,7 +9,8 @@ architecture: ReLU^2 FFN, attention and FFN sub-norms, GQA, tied embedding) writ
                                     bitnet.cpp's converter writes)
   model-i2_s.gguf                   I2_S (x86 layout), F16 embedding, architecture "bitnet-b1.58"
 
-and the reference logits of the float64 numpy forward of tools/fixtures/numpy_forward.py (the
+plus q6_k-blocks.bin / q6_k-values.npy (random Q6_K blocks and the gguf package's
+dequantization of them, for the Q6_K decoder), and the reference logits of the float64 numpy forward of tools/fixtures/numpy_forward.py (the
 independent implementation of the spec that gen_fixtures.py checks against transformers;
 transformers and torch cannot be installed here, so they are not run for this fixture).
 
@@ -326,7 +327,23 @@ def choose_prompt(npm):
     return best
 
 
+def write_q6_k_vectors(folder: Path):
+    """Random Q6_K blocks and the gguf package's dequantization of them: the Q6_K decoder is
+    checked against a third-party implementation (the model files use no Q6_K)."""
+    rng = np.random.default_rng(SEED + 1)
+    n_blocks = 4
+    raw = rng.integers(0, 256, size=(n_blocks, 210), dtype=np.uint8)
+    for b in range(n_blocks):  # a finite f16 d per block
+        raw[b, 208:210] = np.frombuffer(np.float16(rng.uniform(-0.02, 0.02)).tobytes(), dtype=np.uint8)
+    want = quants.dequantize(raw.reshape(-1), QT.Q6_K).astype(np.float32)
+    (folder / "q6_k-blocks.bin").write_bytes(raw.tobytes())
+    np.save(folder / "q6_k-values.npy", want.reshape(1, -1))
+
+
 def main():
+    if "--q6k-only" in sys.argv:
+        write_q6_k_vectors(OUT)
+        return
     if OUT.exists():
         shutil.rmtree(OUT)
     OUT.mkdir(parents=True)
@@ -336,6 +353,7 @@ def main():
     write_gguf_pkg(w, OUT / "model-tq1_0.gguf", "bitnet-25", QT.TQ1_0, "q8_0")
     write_gguf_i2s(w, OUT / "model-i2_s.gguf", "bitnet-b1.58")
 
+    write_q6_k_vectors(OUT)
     npm = numpy_forward.Model(OUT)
     prompt, greedy, gap, ulps, pseed = choose_prompt(npm)
     logits = npm.forward(prompt)
