@@ -99,6 +99,13 @@ pub struct Model<B: Backend> {
 impl<B: Backend> Model<B> {
     pub fn new(mut backend: B, w: &ModelWeights, mut options: ModelOptions) -> Result<Self> {
         let c = w.config.clone();
+        if c.activation != crate::config::FfnActivation::Relu2 {
+            return Err(BitnetError::Unsupported {
+                what: "FFN activation",
+                value: c.activation.name().into(),
+                hint: "the model graph computes relu(gate)^2 * up only; SiLU-gated FFNs (llama.cpp's `bitnet` architecture, Falcon3-1.58bit) are not implemented yet",
+            });
+        }
         if options.ctx == 0 || options.ctx > c.max_position_embeddings {
             return Err(BitnetError::InvalidArgument(format!(
                 "context {} must be in 1..={} (max_position_embeddings)",
