@@ -12,6 +12,8 @@ pub mod config;
 pub mod energy;
 pub mod engine;
 pub mod error;
+pub mod fuzz_targets;
+pub mod gguf;
 pub mod load;
 pub mod model;
 pub mod npy;

@@ -40,8 +40,30 @@ const FALLBACK_TEMPLATE: &str = "{% for message in messages %}{% set content = m
 
 impl Tokenizer {
     pub fn from_files(tokenizer_json: &Path, tokenizer_config: Option<&Path>) -> Result<Self> {
-        let inner = tokenizers::Tokenizer::from_file(tokenizer_json).map_err(|e| {
-            BitnetError::Tokenizer(format!("cannot load {}: {e}", tokenizer_json.display()))
+        let json = std::fs::read(tokenizer_json).map_err(|e| BitnetError::io(tokenizer_json, e))?;
+        let config = match tokenizer_config {
+            Some(path) => Some((
+                path,
+                std::fs::read(path).map_err(|e| BitnetError::io(path, e))?,
+            )),
+            None => None,
+        };
+        Self::from_bytes(
+            tokenizer_json,
+            &json,
+            config.as_ref().map(|(p, b)| (*p, &b[..])),
+        )
+    }
+
+    /// The tokenizer from the bytes of `tokenizer.json` and, optionally, `tokenizer_config.json`
+    /// (the paths only label errors).
+    pub fn from_bytes(
+        json_path: &Path,
+        json: &[u8],
+        config: Option<(&Path, &[u8])>,
+    ) -> Result<Self> {
+        let inner = tokenizers::Tokenizer::from_bytes(json).map_err(|e| {
+            BitnetError::Tokenizer(format!("cannot load {}: {e}", json_path.display()))
         })?;
         let mut tok = Tokenizer {
             inner,
@@ -50,9 +72,8 @@ impl Tokenizer {
             eos_token: None,
             add_bos_token: false,
         };
-        if let Some(path) = tokenizer_config {
-            let text = std::fs::read_to_string(path).map_err(|e| BitnetError::io(path, e))?;
-            let v: Value = serde_json::from_str(&text).map_err(|e| BitnetError::Config {
+        if let Some((path, bytes)) = config {
+            let v: Value = serde_json::from_slice(bytes).map_err(|e| BitnetError::Config {
                 path: path.to_path_buf(),
                 msg: format!("not valid JSON: {e}"),
             })?;
@@ -81,6 +102,24 @@ impl Tokenizer {
             };
         }
         Ok(tok)
+    }
+
+    /// A tokenizer built elsewhere (a GGUF file's `tokenizer.ggml.*` metadata) plus the chat
+    /// template and special tokens that a folder keeps in tokenizer_config.json.
+    pub fn from_parts(
+        inner: tokenizers::Tokenizer,
+        chat_template: Option<String>,
+        bos_token: Option<String>,
+        eos_token: Option<String>,
+        add_bos_token: bool,
+    ) -> Self {
+        Tokenizer {
+            inner,
+            chat_template,
+            bos_token,
+            eos_token,
+            add_bos_token,
+        }
     }
 
     pub fn vocab_size(&self) -> usize {
@@ -124,33 +163,9 @@ impl Tokenizer {
         add_generation_prompt: bool,
     ) -> Result<String> {
         let template = self.chat_template.as_deref().unwrap_or(FALLBACK_TEMPLATE);
-        let mut env = minijinja::Environment::new();
-        env.add_function(
-            "raise_exception",
-            |msg: String| -> std::result::Result<String, minijinja::Error> {
-                Err(minijinja::Error::new(
-                    minijinja::ErrorKind::InvalidOperation,
-                    msg,
-                ))
-            },
-        );
-        env.add_template("chat", template)
-            .map_err(|e| BitnetError::ChatTemplate(e.to_string()))?;
-        let bos = self
-            .bos_token
-            .clone()
-            .unwrap_or_else(|| "<|begin_of_text|>".into());
-        let eos = self.eos_token.clone().unwrap_or_default();
-        env.get_template("chat")
-            .and_then(|t| {
-                t.render(minijinja::context! {
-                    messages => messages,
-                    bos_token => bos,
-                    eos_token => eos,
-                    add_generation_prompt => add_generation_prompt,
-                })
-            })
-            .map_err(|e| BitnetError::ChatTemplate(e.to_string()))
+        let bos = self.bos_token.as_deref().unwrap_or("<|begin_of_text|>");
+        let eos = self.eos_token.as_deref().unwrap_or_default();
+        render_chat_template(template, bos, eos, messages, add_generation_prompt)
     }
 
     /// Chat prompt ids. The template writes the bos itself, so the text is encoded without the
@@ -164,6 +179,45 @@ impl Tokenizer {
         self.encode(&text, false)
     }
 }
+
+/// Renders a Jinja chat template (transformers' `apply_chat_template` variables). The template
+/// comes from an untrusted `tokenizer_config.json`: minijinja's fuel bounds its work, so a
+/// template with nested loops fails with an error instead of running for hours.
+pub fn render_chat_template(
+    template: &str,
+    bos_token: &str,
+    eos_token: &str,
+    messages: &[ChatMessage],
+    add_generation_prompt: bool,
+) -> Result<String> {
+    let mut env = minijinja::Environment::new();
+    env.set_fuel(Some(TEMPLATE_FUEL));
+    env.add_function(
+        "raise_exception",
+        |msg: String| -> std::result::Result<String, minijinja::Error> {
+            Err(minijinja::Error::new(
+                minijinja::ErrorKind::InvalidOperation,
+                msg,
+            ))
+        },
+    );
+    env.add_template("chat", template)
+        .map_err(|e| BitnetError::ChatTemplate(e.to_string()))?;
+    env.get_template("chat")
+        .and_then(|t| {
+            t.render(minijinja::context! {
+                messages => messages,
+                bos_token => bos_token,
+                eos_token => eos_token,
+                add_generation_prompt => add_generation_prompt,
+            })
+        })
+        .map_err(|e| BitnetError::ChatTemplate(e.to_string()))
+}
+
+/// Template instructions allowed per rendering: real chat templates use a few thousand for a
+/// long conversation (a loop over messages with a few conditions each).
+const TEMPLATE_FUEL: u64 = 5_000_000;
 
 /// Turns a growing list of generated ids into text pieces for streaming, holding back bytes of
 /// a character that is not complete yet (byte-level BPE splits multi-byte UTF-8 across tokens).

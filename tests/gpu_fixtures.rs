@@ -142,6 +142,7 @@ fn gpu_and_cpu_agree_on_a_random_tiny_preset_model() {
         max_batch: 16,
         max_logit_rows: 16,
         lm_head: Default::default(),
+        slots: 1,
     };
     let Some(mut g) = gpu_model("gpu_and_cpu_agree_tiny", &w, options) else {
         return;
@@ -183,6 +184,7 @@ fn gpu_runs_the_2b4t_shapes() {
         max_batch: 8,
         max_logit_rows: 1,
         lm_head: Default::default(),
+        slots: 1,
     };
     let t0 = Instant::now();
     let Some(mut g) = gpu_model("gpu_runs_the_2b4t_shapes", &w, options) else {
@@ -273,6 +275,7 @@ fn pipelined_greedy_decode_equals_step_by_step_with_one_submit_per_token() {
         max_batch: 16,
         max_logit_rows: 16,
         lm_head: Default::default(),
+        slots: 1,
     };
     let Some(mut g) = gpu_model("pipelined_greedy_decode", &w, options) else {
         return;
@@ -333,4 +336,58 @@ fn pipelined_greedy_decode_equals_step_by_step_with_one_submit_per_token() {
     g.greedy_begin(&prompt).unwrap();
     assert_eq!(g.greedy_next().unwrap(), want[0]);
     assert_eq!(g.greedy_finish().unwrap(), want[1]);
+}
+
+/// Continuous batching on the GPU: steps mixing rows of two sequences (KV-cache slots) at
+/// unrelated positions give every row the logits its sequence gets when run alone.
+#[test]
+fn gpu_steps_mixing_two_sequences_equal_each_sequence_alone() {
+    use bitnet_wgpu::backend::StepRow;
+    let c = bitnet_wgpu::synthetic::preset("tiny").unwrap();
+    let w = bitnet_wgpu::synthetic::random_weights(&c, 9).unwrap();
+    let options = ModelOptions {
+        ctx: 32,
+        max_batch: 8,
+        max_logit_rows: 8,
+        lm_head: Default::default(),
+        slots: 2,
+    };
+    let Some(mut g) = gpu_model("gpu_steps_mixing_two_sequences", &w, options) else {
+        return;
+    };
+    let v = c.vocab_size;
+    let a: Vec<u32> = (0..6).map(|i| (i * 577 + 11) % 4096).collect();
+    let b: Vec<u32> = (0..4).map(|i| (i * 1931 + 7) % 4096).collect();
+    let alone_a = g.forward_all(&a).unwrap(); // slot 0
+    g.reset();
+    let alone_b = g.forward_all(&b).unwrap();
+    g.reset();
+    let row = |seq: usize, p: usize| StepRow {
+        token: if seq == 0 { a[p] } else { b[p] },
+        pos: p as u32,
+        slot: seq as u32,
+    };
+    // a prefill-sized step (tiled kernels), then decode-sized ones (mat-vec, split attention)
+    let steps: [&[(usize, usize)]; 3] = [
+        &[(0, 0), (1, 0), (0, 1), (0, 2), (1, 1)],
+        &[(1, 2), (0, 3), (0, 4)],
+        &[(0, 5), (1, 3)],
+    ];
+    for (si, step) in steps.iter().enumerate() {
+        let rows: Vec<StepRow> = step.iter().map(|&(s, p)| row(s, p)).collect();
+        let logit_rows: Vec<u32> = (0..rows.len() as u32).rev().collect();
+        g.step_rows(&rows, &logit_rows).unwrap();
+        let got = g.read_logits(logit_rows.len()).unwrap();
+        for (o, &i) in logit_rows.iter().enumerate() {
+            let (s, p) = step[i as usize];
+            let want = if s == 0 { &alone_a } else { &alone_b };
+            assert_close(
+                &format!("step {si} row {i} (sequence {s}, position {p})"),
+                &got[o * v..(o + 1) * v],
+                &want[p * v..(p + 1) * v],
+                1e-4,
+                1e-4,
+            );
+        }
+    }
 }

@@ -32,6 +32,9 @@ pub enum CpuLevel {
     NeonDot,
 }
 
+/// Every `BITNET_CPU_KERNEL` value, on any architecture.
+const ALL_LEVEL_NAMES: [&str; 6] = ["scalar", "avx2", "avx512vnni", "amx", "neon", "neondot"];
+
 impl CpuLevel {
     pub fn name(self) -> &'static str {
         match self {
@@ -91,6 +94,14 @@ impl CpuLevel {
         match want {
             Some(want) => match avail.iter().find(|l| l.name() == want) {
                 Some(&l) => l,
+                None if !ALL_LEVEL_NAMES.contains(&want) => {
+                    eprintln!(
+                        "warning: BITNET_CPU_KERNEL={want:?} is not a kernel level (one of {}); using {}",
+                        ALL_LEVEL_NAMES.join(", "),
+                        best.name()
+                    );
+                    best
+                }
                 None => {
                     eprintln!(
                         "warning: BITNET_CPU_KERNEL={want} is not available here (available: {}); using {}",

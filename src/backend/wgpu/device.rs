@@ -593,37 +593,6 @@ impl WgpuBackend {
         Ok((q, scales, sums))
     }
 
-    /// Starts a step over rows of (token, position, KV-cache slot) of any sequences (tests;
-    /// the model goes through `Backend::begin_step`).
-    #[doc(hidden)]
-    pub fn begin_rows(&mut self, rows: &[[u32; 3]]) -> Result<()> {
-        self.op_begin_rows(rows)
-    }
-
-    /// Logits of the step's rows `rows` (tests; the model goes through `Backend::lm_head`).
-    #[doc(hidden)]
-    pub fn lm_head_rows(
-        &mut self,
-        head: &std::sync::Arc<super::GpuEmbedding>,
-        x: &GpuTensor,
-        rows: &[u32],
-        logits: &mut GpuTensor,
-    ) -> Result<()> {
-        self.op_lm_head_rows(head, x, rows, logits)
-    }
-
-    /// A KV cache of `slots` sequences (tests; the model goes through `alloc_kv_cache`).
-    #[doc(hidden)]
-    pub fn alloc_kv_cache_slots(
-        &mut self,
-        layers: usize,
-        slots: usize,
-        ctx: usize,
-        kv_dim: usize,
-    ) -> Result<super::GpuKvCache> {
-        self.op_alloc_kv_cache(layers, slots, ctx, kv_dim)
-    }
-
     /// Starts a step over `rows` = (token, position, KV-cache slot): the Step uniform and the
     /// rows buffer are written once, through one reused upload buffer.
     pub(super) fn op_begin_rows(&mut self, rows: &[[u32; 3]]) -> Result<()> {

@@ -4,7 +4,7 @@ use std::sync::Arc;
 
 use super::kernels;
 use super::{gpu_err, layout, EmbChunk, GpuEmbedding, GpuTensor, WgpuBackend};
-use crate::backend::{HeadFormat, LogitRows};
+use crate::backend::HeadFormat;
 use crate::error::{BitnetError, Result};
 use crate::load::FloatMatrix;
 
@@ -97,21 +97,6 @@ impl WgpuBackend {
             )?;
         }
         Ok(())
-    }
-
-    pub(super) fn op_lm_head(
-        &mut self,
-        head: &Arc<GpuEmbedding>,
-        x: &GpuTensor,
-        rows: LogitRows,
-        logits: &mut GpuTensor,
-    ) -> Result<()> {
-        let n = self.n() as u32;
-        let list: Vec<u32> = match rows {
-            LogitRows::Last => n.checked_sub(1).into_iter().collect(),
-            LogitRows::All => (0..n).collect(),
-        };
-        self.op_lm_head_rows(head, x, &list, logits)
     }
 
     /// Logits of the step's rows `rows` (indices into the step, any subset in any order):

@@ -44,7 +44,7 @@ pub use adapter::{
 pub use attention::{ATTN_SPLIT_MAX_TOKENS, MAX_HEAD_DIM};
 pub use matmul::MATVEC_MAX_TOKENS;
 
-use super::{AttentionShape, Backend, HeadFormat, LogitRows};
+use super::{AttentionShape, Backend, HeadFormat, StepRow};
 use crate::error::{BitnetError, Result};
 use crate::load::{FloatDtype, FloatMatrix};
 use crate::ternary::TernaryMatrix;
@@ -229,14 +229,18 @@ impl Backend for WgpuBackend {
         self.op_alloc_q(capacity, cols)
     }
 
-    fn alloc_kv_cache(&mut self, layers: usize, ctx: usize, kv_dim: usize) -> Result<GpuKvCache> {
-        self.op_alloc_kv_cache(layers, 1, ctx, kv_dim)
+    fn alloc_kv_cache(
+        &mut self,
+        layers: usize,
+        slots: usize,
+        ctx: usize,
+        kv_dim: usize,
+    ) -> Result<GpuKvCache> {
+        self.op_alloc_kv_cache(layers, slots, ctx, kv_dim)
     }
 
-    fn begin_step(&mut self, tokens: &[u32], start_pos: usize) -> Result<()> {
-        let rows: Vec<[u32; 3]> = (0..tokens.len())
-            .map(|i| [tokens[i], (start_pos + i) as u32, 0])
-            .collect();
+    fn begin_step(&mut self, rows: &[StepRow]) -> Result<()> {
+        let rows: Vec<[u32; 3]> = rows.iter().map(|r| [r.token, r.pos, r.slot]).collect();
         self.op_begin_rows(&rows)
     }
 
@@ -295,10 +299,10 @@ impl Backend for WgpuBackend {
         &mut self,
         head: &Arc<GpuEmbedding>,
         x: &GpuTensor,
-        rows: LogitRows,
+        rows: &[u32],
         logits: &mut GpuTensor,
     ) -> Result<()> {
-        self.op_lm_head(head, x, rows, logits)
+        self.op_lm_head_rows(head, x, rows, logits)
     }
 
     fn read(&mut self, t: &GpuTensor, rows: usize) -> Result<Vec<f32>> {
