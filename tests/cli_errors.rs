@@ -492,3 +492,24 @@ fn ctrl_c_ends_the_answer_not_the_chat() {
     );
     assert!(text.len() > 20, "the second message was answered");
 }
+
+/// Sizes at config.json's per-key limit (2^31) overflowed the u64 parameter and KV-byte counts
+/// derived from them (a panic with overflow checks, a wrapped number without).
+#[test]
+fn configs_beyond_any_real_model_are_refused() {
+    let d = copy_fixture(BASE);
+    edit_config(d.path(), |v| {
+        v["num_hidden_layers"] = (1u64 << 31).into();
+        v["num_key_value_heads"] = (1u64 << 31).into();
+        v["num_attention_heads"] = (1u64 << 31).into();
+        v["head_dim"] = (1u64 << 30).into();
+    });
+    let o = bitnet(&[
+        "info",
+        "--model",
+        d.path().to_str().unwrap(),
+        "--device",
+        "cpu",
+    ]);
+    assert_fails_with(&o, &["model size", "far beyond any real one"]);
+}
