@@ -34,6 +34,39 @@ impl WeightVariant {
     }
 }
 
+/// The FFN's gating activation: `act(gate(y)) · up(y)`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum FfnActivation {
+    /// `relu(x)²`: BitNet b1.58 2B4T (`hidden_act: relu2`).
+    #[default]
+    Relu2,
+    /// `x · sigmoid(x)`: the LLaMA-style BitNets (1bitLLM, Falcon3-1.58bit) and what llama.cpp
+    /// computes for its `bitnet` architecture. Not implemented by the model graph yet.
+    Silu,
+}
+
+impl FfnActivation {
+    pub fn name(self) -> &'static str {
+        match self {
+            FfnActivation::Relu2 => "relu2",
+            FfnActivation::Silu => "silu",
+        }
+    }
+}
+
+impl std::str::FromStr for FfnActivation {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s {
+            "relu2" => Ok(FfnActivation::Relu2),
+            "silu" => Ok(FfnActivation::Silu),
+            _ => Err(format!(
+                "unknown FFN activation {s:?} (expected relu2 or silu)"
+            )),
+        }
+    }
+}
+
 /// The architecture of a BitNet b1.58 model, read from config.json and checked for consistency.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ModelConfig {
@@ -51,6 +84,8 @@ pub struct ModelConfig {
     pub bos_token_id: Option<u32>,
     pub eos_token_ids: Vec<u32>,
     pub variant: WeightVariant,
+    /// FFN activation (config.json's `hidden_act`; GGUF: from the architecture name).
+    pub activation: FfnActivation,
 }
 
 impl ModelConfig {
@@ -71,6 +106,7 @@ impl ModelConfig {
             bos_token_id: Some(128000),
             eos_token_ids: vec![128001, 128009],
             variant: WeightVariant::PackedAutoBitLinear,
+            activation: FfnActivation::Relu2,
         }
     }
 
@@ -287,6 +323,7 @@ impl ModelConfig {
             bos_token_id,
             eos_token_ids,
             variant,
+            activation: FfnActivation::Relu2,
         })
     }
 

@@ -12,7 +12,7 @@ use crate::backend::wgpu::{self as gpu, AdapterChoice, WgpuBackend};
 pub use crate::backend::HeadFormat;
 use crate::config::ModelConfig;
 use crate::error::{BitnetError, Result};
-use crate::load::{load_weights, ModelFiles, ModelWeights};
+use crate::load::{load_model, ModelFiles, ModelWeights};
 use crate::model::{Model, ModelOptions};
 use crate::sampler::Sampler;
 use crate::tokenizer::{StreamDecoder, Tokenizer};
@@ -55,6 +55,8 @@ pub struct EngineOptions {
     pub progress: bool,
     /// Storage of the LM head (`q8`: smaller and faster on the CPU, slightly approximate).
     pub lm_head: HeadFormat,
+    /// Choices for GGUF files (I2_S layout, FFN activation override).
+    pub gguf: crate::gguf::GgufOptions,
 }
 
 /// The model on one of the backends, chosen at run time.
@@ -273,21 +275,8 @@ fn gpu_model(
 impl Engine {
     pub fn load(dir: &Path, opts: &EngineOptions) -> Result<Self> {
         let t0 = Instant::now();
-        let files = ModelFiles::locate(dir)?;
-        let config = ModelConfig::from_file(&files.config)?;
-        let tokenizer = Tokenizer::from_files(&files.tokenizer, files.tokenizer_config.as_deref())?;
-        if tokenizer.vocab_size() > config.vocab_size {
-            return Err(BitnetError::Config {
-                path: files.config.clone(),
-                msg: format!(
-                    "tokenizer.json has {} tokens but vocab_size is {}",
-                    tokenizer.vocab_size(),
-                    config.vocab_size
-                ),
-            });
-        }
         let bar = opts.progress.then(|| {
-            let bar = indicatif::ProgressBar::new(config.num_hidden_layers as u64);
+            let bar = indicatif::ProgressBar::new(0);
             bar.set_style(
                 indicatif::ProgressStyle::with_template(
                     "loading {msg} [{bar:30}] {pos}/{len} layers",
@@ -298,8 +287,9 @@ impl Engine {
             bar.set_message(dir.display().to_string());
             bar
         });
-        let weights = load_weights(&files.weights, &config, |i, _| {
+        let (files, config, tokenizer, weights) = load_model(dir, &opts.gguf, |i, n| {
             if let Some(b) = &bar {
+                b.set_length(n as u64);
                 b.set_position(i as u64)
             }
         })?;

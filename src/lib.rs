@@ -13,6 +13,7 @@ pub mod energy;
 pub mod engine;
 pub mod error;
 pub mod fuzz_targets;
+pub mod gguf;
 pub mod load;
 pub mod model;
 pub mod npy;

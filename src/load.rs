@@ -136,6 +136,9 @@ pub struct ModelFiles {
     pub weights: PathBuf,
     pub tokenizer: PathBuf,
     pub tokenizer_config: Option<PathBuf>,
+    /// Set when the model is one GGUF file (then `dir`, `config`, `weights` and `tokenizer` all
+    /// name that file): what was read and converted.
+    pub gguf: Option<crate::gguf::GgufSummary>,
 }
 
 impl ModelFiles {
@@ -164,8 +167,54 @@ impl ModelFiles {
             weights: need("model.safetensors")?,
             tokenizer: need("tokenizer.json")?,
             tokenizer_config: tc.is_file().then_some(tc),
+            gguf: None,
         })
     }
+}
+
+/// A whole model from `path`: a Hugging Face folder, or a `.gguf` file (the format is told by
+/// the file's magic). `on_layer(i, n)` reports progress.
+pub fn load_model(
+    path: &Path,
+    gguf: &crate::gguf::GgufOptions,
+    on_layer: impl FnMut(usize, usize),
+) -> Result<(
+    ModelFiles,
+    ModelConfig,
+    crate::tokenizer::Tokenizer,
+    ModelWeights,
+)> {
+    if crate::gguf::is_gguf_path(path) {
+        let m = crate::gguf::load_gguf(path, gguf, on_layer)?;
+        let p = path.to_path_buf();
+        let files = ModelFiles {
+            dir: p.clone(),
+            config: p.clone(),
+            weights: p.clone(),
+            tokenizer: p,
+            tokenizer_config: None,
+            gguf: Some(m.summary),
+        };
+        return Ok((files, m.config, m.tokenizer, m.weights));
+    }
+    let files = ModelFiles::locate(path)?;
+    let config = ModelConfig::from_file(&files.config)?;
+    let tokenizer = crate::tokenizer::Tokenizer::from_files(
+        &files.tokenizer,
+        files.tokenizer_config.as_deref(),
+    )?;
+    if tokenizer.vocab_size() > config.vocab_size {
+        return Err(BitnetError::Config {
+            path: files.config.clone(),
+            msg: format!(
+                "tokenizer.json has {} tokens but vocab_size is {}",
+                tokenizer.vocab_size(),
+                config.vocab_size
+            ),
+        });
+    }
+    let weights = load_weights(&files.weights, &config, on_layer)?;
+    Ok((files, config, tokenizer, weights))
 }
 
 /// Memory-maps and checks `model.safetensors` against `config`. `on_layer(i, n)` reports progress.

@@ -104,6 +104,24 @@ impl Tokenizer {
         Ok(tok)
     }
 
+    /// A tokenizer built elsewhere (a GGUF file's `tokenizer.ggml.*` metadata) plus the chat
+    /// template and special tokens that a folder keeps in tokenizer_config.json.
+    pub fn from_parts(
+        inner: tokenizers::Tokenizer,
+        chat_template: Option<String>,
+        bos_token: Option<String>,
+        eos_token: Option<String>,
+        add_bos_token: bool,
+    ) -> Self {
+        Tokenizer {
+            inner,
+            chat_template,
+            bos_token,
+            eos_token,
+            add_bos_token,
+        }
+    }
+
     pub fn vocab_size(&self) -> usize {
         self.inner.get_vocab_size(true)
     }

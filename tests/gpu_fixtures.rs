@@ -142,6 +142,7 @@ fn gpu_and_cpu_agree_on_a_random_tiny_preset_model() {
         max_batch: 16,
         max_logit_rows: 16,
         lm_head: Default::default(),
+        slots: 1,
     };
     let Some(mut g) = gpu_model("gpu_and_cpu_agree_tiny", &w, options) else {
         return;
@@ -183,6 +184,7 @@ fn gpu_runs_the_2b4t_shapes() {
         max_batch: 8,
         max_logit_rows: 1,
         lm_head: Default::default(),
+        slots: 1,
     };
     let t0 = Instant::now();
     let Some(mut g) = gpu_model("gpu_runs_the_2b4t_shapes", &w, options) else {

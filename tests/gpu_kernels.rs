@@ -13,7 +13,7 @@ use std::sync::Arc;
 use bitnet_wgpu::backend::cpu::reference::ternary_dot_rows_scalar;
 use bitnet_wgpu::backend::cpu::{CpuBackend, CpuQTensor, CpuTensor};
 use bitnet_wgpu::backend::wgpu::{gpu_backend_for_test, WgpuBackend};
-use bitnet_wgpu::backend::{AttentionShape, Backend, LogitRows};
+use bitnet_wgpu::backend::{AttentionShape, Backend, StepRow};
 use bitnet_wgpu::load::{FloatDtype, FloatMatrix};
 use bitnet_wgpu::ternary::{pack_ternary, ByteStorage, TernaryMatrix};
 use common::assert_close;
@@ -96,9 +96,9 @@ fn rms_norm_matches_cpu() {
         let (mut co, mut go) = both(&mut g, &[], n + 2, cols);
         let gw = g.upload_vector(&w).unwrap();
         let tokens = vec![0u32; n];
-        c.begin_step(&tokens, 0).unwrap();
+        c.begin_step(&StepRow::sequence(&tokens, 0)).unwrap();
         c.rms_norm(&cx, &w, 1e-5, &mut co).unwrap();
-        g.begin_step(&tokens, 0).unwrap();
+        g.begin_step(&StepRow::sequence(&tokens, 0)).unwrap();
         g.rms_norm(&gx, &gw, 1e-5, &mut go).unwrap();
         g.end_step().unwrap();
         let got = g.read(&go, n).unwrap();
@@ -132,9 +132,9 @@ fn quantize_matches_cpu_exactly() {
         let mut cq = c.alloc_q(n, cols).unwrap();
         let mut gq = g.alloc_q(n, cols).unwrap();
         let tokens = vec![0u32; n];
-        c.begin_step(&tokens, 0).unwrap();
+        c.begin_step(&StepRow::sequence(&tokens, 0)).unwrap();
         c.quantize(&cx, &mut cq).unwrap();
-        g.begin_step(&tokens, 0).unwrap();
+        g.begin_step(&StepRow::sequence(&tokens, 0)).unwrap();
         g.quantize(&gx, &mut gq).unwrap();
         g.end_step().unwrap();
         let (q, scales, sums) = g.read_q(&gq, n).unwrap();
@@ -211,11 +211,11 @@ fn ternary_matmul_accumulators_are_exact_and_outputs_match_cpu() {
             let mut gout = g.alloc(n, rows).unwrap();
             let mut cout = c.alloc(n, rows).unwrap();
             let tokens = vec![0u32; n];
-            g.begin_step(&tokens, 0).unwrap();
+            g.begin_step(&StepRow::sequence(&tokens, 0)).unwrap();
             g.ternary_matmul_acc(&gw, &gq, &mut gacc).unwrap();
             g.ternary_matmul(&gw, &gq, &mut gout).unwrap();
             g.end_step().unwrap();
-            c.begin_step(&tokens, 0).unwrap();
+            c.begin_step(&StepRow::sequence(&tokens, 0)).unwrap();
             c.ternary_matmul(&w, &cq, &mut cout).unwrap();
             let acc = g.read(&gacc, n).unwrap();
             let mut want = vec![0i32; rows];
@@ -257,10 +257,10 @@ fn ternary_matmul_after_gpu_quantize_equals_cpu_pipeline() {
     let (mut cq, mut gq) = (c.alloc_q(n, cols).unwrap(), g.alloc_q(n, cols).unwrap());
     let (mut co, mut go) = (c.alloc(n, rows).unwrap(), g.alloc(n, rows).unwrap());
     let tokens = vec![0u32; n];
-    c.begin_step(&tokens, 0).unwrap();
+    c.begin_step(&StepRow::sequence(&tokens, 0)).unwrap();
     c.quantize(&cx, &mut cq).unwrap();
     c.ternary_matmul(&w, &cq, &mut co).unwrap();
-    g.begin_step(&tokens, 0).unwrap();
+    g.begin_step(&StepRow::sequence(&tokens, 0)).unwrap();
     g.quantize(&gx, &mut gq).unwrap();
     g.ternary_matmul(&gw, &gq, &mut go).unwrap();
     g.end_step().unwrap();
@@ -295,9 +295,9 @@ fn rope_matches_cpu() {
         let x = randn(&mut r, n * heads * hd, 2.0);
         let (mut cx, mut gx) = both(&mut g, &x, n, heads * hd);
         let tokens = vec![0u32; n];
-        c.begin_step(&tokens, start).unwrap();
+        c.begin_step(&StepRow::sequence(&tokens, start)).unwrap();
         c.rope(&mut cx, heads, &shape).unwrap();
-        g.begin_step(&tokens, start).unwrap();
+        g.begin_step(&StepRow::sequence(&tokens, start)).unwrap();
         g.rope(&mut gx, heads, &shape).unwrap();
         g.end_step().unwrap();
         assert_close(
@@ -332,8 +332,8 @@ fn attention_case(
     let ctx: usize = steps.iter().sum::<usize>() + 3;
     let cap = *steps.iter().max().unwrap();
     let layers = 2;
-    let mut ccache = c.alloc_kv_cache(layers, ctx, kvd).unwrap();
-    let mut gcache = g.alloc_kv_cache(layers, ctx, kvd).unwrap();
+    let mut ccache = c.alloc_kv_cache(layers, 1, ctx, kvd).unwrap();
+    let mut gcache = g.alloc_kv_cache(layers, 1, ctx, kvd).unwrap();
     let mut pos = 0;
     for (si, &n) in steps.iter().enumerate() {
         let layer = si % layers;
@@ -345,10 +345,10 @@ fn attention_case(
         let (cv, gv) = both(g, &v, cap, kvd);
         let (mut co, mut go) = both(g, &[], cap, qd);
         let tokens = vec![0u32; n];
-        c.begin_step(&tokens, pos).unwrap();
+        c.begin_step(&StepRow::sequence(&tokens, pos)).unwrap();
         c.attention(&cq, &ck, &cv, &mut ccache, layer, &shape, &mut co)
             .unwrap();
-        g.begin_step(&tokens, pos).unwrap();
+        g.begin_step(&StepRow::sequence(&tokens, pos)).unwrap();
         g.attention(&gq, &gk, &gv, &mut gcache, layer, &shape, &mut go)
             .unwrap();
         g.end_step().unwrap();
@@ -396,15 +396,15 @@ fn relu2_mul_and_add_match_cpu() {
         let (cb, gb) = both(&mut g, &b, n, cols);
         let (mut co, mut go) = both(&mut g, &[], n, cols);
         let tokens = vec![0u32; n];
-        c.begin_step(&tokens, 0).unwrap();
+        c.begin_step(&StepRow::sequence(&tokens, 0)).unwrap();
         c.relu2_mul(&ca, &cb, &mut co).unwrap();
-        g.begin_step(&tokens, 0).unwrap();
+        g.begin_step(&StepRow::sequence(&tokens, 0)).unwrap();
         g.relu2_mul(&ga, &gb, &mut go).unwrap();
         g.end_step().unwrap();
         assert_close("relu2_mul", &g.read(&go, n).unwrap(), &co.data, 0.0, 1e-6);
         let (mut cx, mut gx) = both(&mut g, &a, n, cols);
         c.add_assign(&mut cx, &cb).unwrap();
-        g.begin_step(&tokens, 0).unwrap();
+        g.begin_step(&StepRow::sequence(&tokens, 0)).unwrap();
         g.add_assign(&mut gx, &gb).unwrap();
         g.end_step().unwrap();
         let got = g.read(&gx, n).unwrap();
@@ -440,7 +440,7 @@ fn fused_row_op_chains_equal_separate_ops() {
                 let mut gn = g.alloc(n, cols).unwrap();
                 let mut gq = g.alloc_q(n, cols).unwrap();
                 let before = g.dispatch_count();
-                g.begin_step(&tokens, 0).unwrap();
+                g.begin_step(&StepRow::sequence(&tokens, 0)).unwrap();
                 if relu {
                     g.relu2_mul(&gy, &gu, &mut gx).unwrap();
                 } else {
@@ -448,12 +448,12 @@ fn fused_row_op_chains_equal_separate_ops() {
                 }
                 if !fused {
                     g.end_step().unwrap();
-                    g.begin_step(&tokens, 0).unwrap();
+                    g.begin_step(&StepRow::sequence(&tokens, 0)).unwrap();
                 }
                 g.rms_norm(&gx, &gw, 1e-5, &mut gn).unwrap();
                 if !fused {
                     g.end_step().unwrap();
-                    g.begin_step(&tokens, 0).unwrap();
+                    g.begin_step(&StepRow::sequence(&tokens, 0)).unwrap();
                 }
                 g.quantize(&gn, &mut gq).unwrap();
                 g.end_step().unwrap();
@@ -477,7 +477,7 @@ fn fused_row_op_chains_equal_separate_ops() {
             let (mut cx, cy) = (cpu_tensor(&a, n, cols), cpu_tensor(&b, n, cols));
             let cu = cpu_tensor(&u, n, cols);
             let mut cn = c.alloc(n, cols).unwrap();
-            c.begin_step(&tokens, 0).unwrap();
+            c.begin_step(&StepRow::sequence(&tokens, 0)).unwrap();
             if relu {
                 c.relu2_mul(&cy, &cu, &mut cx).unwrap();
             } else {
@@ -533,21 +533,22 @@ fn embedding_and_lm_head_match_cpu_for_every_dtype_and_chunking() {
                 let what = format!("{dtype:?} vocab={vocab} cols={cols} chunk={chunk:?} n={n}");
                 // embed
                 let (mut ce, mut gemb) = both(&mut g, &[], n, cols);
-                c.begin_step(&tokens, 0).unwrap();
+                c.begin_step(&StepRow::sequence(&tokens, 0)).unwrap();
                 c.embed(&m, &mut ce).unwrap();
-                g.begin_step(&tokens, 0).unwrap();
+                g.begin_step(&StepRow::sequence(&tokens, 0)).unwrap();
                 g.embed(&ge, &mut gemb).unwrap();
                 g.end_step().unwrap();
                 assert_eq!(g.read(&gemb, n).unwrap(), ce.data, "embed {what}");
                 // lm_head, both row selections
                 let x = randn(&mut r, n * cols, 1.0);
                 let (cx, gx) = both(&mut g, &x, n, cols);
-                for rows in [LogitRows::Last, LogitRows::All] {
-                    let out_rows = if rows == LogitRows::Last { 1 } else { n };
+                let (last, all) = (vec![n as u32 - 1], (0..n as u32).collect::<Vec<_>>());
+                for rows in [&last[..], &all[..]] {
+                    let out_rows = rows.len();
                     let (mut cl, mut gl) = both(&mut g, &[], n, vocab);
                     let ch = bitnet_wgpu::backend::cpu::CpuLmHead::Exact(m.clone());
                     c.lm_head(&ch, &cx, rows, &mut cl).unwrap();
-                    g.begin_step(&tokens, 0).unwrap();
+                    g.begin_step(&StepRow::sequence(&tokens, 0)).unwrap();
                     g.lm_head(&ge, &gx, rows, &mut gl).unwrap();
                     g.end_step().unwrap();
                     assert_close(
@@ -566,7 +567,7 @@ fn embedding_and_lm_head_match_cpu_for_every_dtype_and_chunking() {
     let m = float_matrix(&mut r, 10, 4, FloatDtype::Bf16);
     let ge = g.upload_embedding(&m).unwrap();
     let mut out = g.alloc(1, 4).unwrap();
-    g.begin_step(&[10], 0).unwrap();
+    g.begin_step(&StepRow::sequence(&[10], 0)).unwrap();
     let err = g.embed(&ge, &mut out).unwrap_err();
     assert!(err.to_string().contains("10"), "{err}");
 }
@@ -614,7 +615,8 @@ fn decode_steps_reuse_pipelines_and_bind_groups() {
     let mut q = g.alloc_q(8, cols).unwrap();
     let mut y = g.alloc(8, rows).unwrap();
     let mut run = |g: &mut WgpuBackend, pos: usize| {
-        g.begin_step(&[pos as u32], pos).unwrap();
+        g.begin_step(&StepRow::sequence(&[pos as u32], pos))
+            .unwrap();
         g.quantize(&x, &mut q).unwrap();
         g.ternary_matmul(&gw, &q, &mut y).unwrap();
         g.end_step().unwrap();
@@ -646,7 +648,7 @@ fn device_loss_is_a_gpu_error_not_a_panic() {
     let t = g.alloc(1, 16).unwrap();
     g.simulate_device_loss();
     let err = g
-        .begin_step(&[0], 0)
+        .begin_step(&StepRow::sequence(&[0], 0))
         .and_then(|_| g.end_step())
         .and_then(|_| g.read(&t, 1).map(|_| ()))
         .unwrap_err();

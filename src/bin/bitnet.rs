@@ -25,7 +25,8 @@ const BUNDLED_MODEL: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/assets/tiny-bi
     version,
     about = "Run BitNet b1.58 ternary language models on any GPU (wgpu) or the CPU, and measure them",
     long_about = "Run BitNet b1.58 ternary language models (e.g. microsoft/bitnet-b1.58-2B-4T) from a \
-Hugging Face model folder (config.json, model.safetensors, tokenizer.json, tokenizer_config.json).\n\n\
+Hugging Face model folder (config.json, model.safetensors, tokenizer.json, tokenizer_config.json) \
+or a GGUF file (I2_S from bitnet.cpp, TQ1_0/TQ2_0 from llama.cpp).\n\n\
 Without --model, the small model bundled in assets/tiny-bitnet is used (or $BITNET_MODEL)."
 )]
 struct Cli {
@@ -52,8 +53,9 @@ enum Command {
 
 #[derive(Args, Clone)]
 struct ModelArgs {
-    /// Model folder (Hugging Face layout). Default: $BITNET_MODEL, else the bundled tiny model.
-    #[arg(short, long, value_name = "DIR")]
+    /// Model folder (Hugging Face layout) or .gguf file. Default: $BITNET_MODEL, else the
+    /// bundled tiny model.
+    #[arg(short, long, value_name = "DIR|FILE.gguf")]
     model: Option<PathBuf>,
     #[command(flatten)]
     device: DeviceArgs,
@@ -78,9 +80,24 @@ struct DeviceArgs {
     /// 64 columns, ~1.9x less memory traffic per token, logits within ~1e-3 relative).
     #[arg(long, default_value = "exact", value_name = "exact|q8")]
     lm_head: HeadFormat,
+    /// GGUF I2_S block layout: x86 (Microsoft's published files) or arm (written by bitnet.cpp
+    /// built for ARM; the file does not record it).
+    #[arg(long, default_value = "x86", value_name = "x86|arm")]
+    i2s_layout: bitnet_wgpu::gguf::I2sLayout,
+    /// GGUF: override the FFN activation implied by the architecture name (llama.cpp's `bitnet`
+    /// means silu; relu2 for a file known to be converted from 2B4T).
+    #[arg(long, value_name = "relu2|silu")]
+    ffn_activation: Option<bitnet_wgpu::config::FfnActivation>,
 }
 
 impl DeviceArgs {
+    fn gguf_options(&self) -> bitnet_wgpu::gguf::GgufOptions {
+        bitnet_wgpu::gguf::GgufOptions {
+            i2s_layout: self.i2s_layout,
+            activation: self.ffn_activation,
+        }
+    }
+
     fn engine_options(&self, threads: usize, ctx: Option<usize>, progress: bool) -> EngineOptions {
         EngineOptions {
             device: self.device,
@@ -89,6 +106,7 @@ impl DeviceArgs {
             ctx,
             progress,
             lm_head: self.lm_head,
+            gguf: self.gguf_options(),
         }
     }
 }
@@ -233,8 +251,13 @@ struct PerplexityArgs {
 
 #[derive(Args)]
 struct BenchArgs {
-    /// Model folder to measure (or use --synthetic).
-    #[arg(short, long, value_name = "DIR", conflicts_with = "synthetic")]
+    /// Model folder or .gguf file to measure (or use --synthetic).
+    #[arg(
+        short,
+        long,
+        value_name = "DIR|FILE.gguf",
+        conflicts_with = "synthetic"
+    )]
     model: Option<PathBuf>,
     /// Random weights of a real shape built in memory: 2b4t, large (0.7B) or tiny.
     #[arg(long, value_name = "PRESET")]
@@ -660,8 +683,13 @@ fn logits(a: LogitsArgs) -> Result<()> {
 fn perplexity(a: PerplexityArgs) -> Result<()> {
     let text = read_text(&a.file)?;
     let mut margs = a.model.clone();
-    let config_path = margs.dir().join("config.json");
-    let max_pos = bitnet_wgpu::config::ModelConfig::from_file(&config_path)
+    let model_path = margs.dir();
+    let config = if bitnet_wgpu::gguf::is_gguf_path(&model_path) {
+        bitnet_wgpu::gguf::read_config(&model_path)
+    } else {
+        bitnet_wgpu::config::ModelConfig::from_file(&model_path.join("config.json"))
+    };
+    let max_pos = config
         .with_context(|| format!("cannot load the model in {}", margs.dir().display()))?
         .max_position_embeddings;
     let window = margs.ctx.unwrap_or(512.min(max_pos));
@@ -725,8 +753,41 @@ fn info(a: InfoArgs) -> Result<()> {
     let engine = a.model.load()?;
     let c = &engine.config;
     let w = &engine.weights;
-    outln!("model folder     {}", engine.files.dir.display());
-    outln!("architecture     BitNetForCausalLM (BitNet b1.58)");
+    match &engine.files.gguf {
+        None => {
+            outln!("model folder     {}", engine.files.dir.display());
+            outln!("format           Hugging Face folder (safetensors)");
+            outln!("architecture     BitNetForCausalLM (BitNet b1.58)");
+        }
+        Some(g) => {
+            outln!("model file       {}", engine.files.dir.display());
+            outln!("format           GGUF v{}", g.version);
+            outln!("architecture     {}", g.architecture);
+            let types: Vec<String> = g
+                .tensor_types
+                .iter()
+                .map(|(t, n)| format!("{n} {t}"))
+                .collect();
+            outln!("tensor types     {}", types.join(", "));
+            for (k, line) in g.conversions.iter().enumerate() {
+                let label = if k == 0 { "converted" } else { "" };
+                outln!("{label:<17}{line}");
+            }
+            if let Some(l) = g.i2s_layout {
+                outln!("i2_s layout      {l:?} (--i2s-layout)");
+            }
+        }
+    }
+    outln!(
+        "ffn activation   {}{}",
+        c.activation.name(),
+        engine
+            .files
+            .gguf
+            .as_ref()
+            .map(|g| format!(" ({})", g.activation_source))
+            .unwrap_or_default()
+    );
     outln!(
         "shape            hidden {}, intermediate {}, layers {}, heads {} (kv {}), head_dim {}",
         c.hidden_size,
@@ -870,9 +931,8 @@ fn bench(a: BenchArgs) -> Result<()> {
             (w, format!("synthetic {p}"), size)
         }
         (Some(dir), None) => {
-            let files = bitnet_wgpu::load::ModelFiles::locate(dir)?;
-            let config = bitnet_wgpu::config::ModelConfig::from_file(&files.config)?;
-            let w = bitnet_wgpu::load::load_weights(&files.weights, &config, |_, _| {})?;
+            let (_, _, _, w) =
+                bitnet_wgpu::load::load_model(dir, &a.device.gguf_options(), |_, _| {})?;
             let size = w.ternary_bytes()
                 + w.embed_tokens.bytes()
                 + w.lm_head.as_ref().map_or(0, |m| m.bytes());

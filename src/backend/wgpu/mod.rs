@@ -35,7 +35,7 @@ pub use adapter::{
     MemoryEstimate,
 };
 
-use super::{AttentionShape, Backend, HeadFormat, LogitRows};
+use super::{AttentionShape, Backend, HeadFormat, StepRow};
 use crate::error::{BitnetError, Result};
 use crate::load::{FloatDtype, FloatMatrix};
 use crate::ternary::TernaryMatrix;
@@ -982,7 +982,21 @@ impl Backend for WgpuBackend {
         })
     }
 
-    fn alloc_kv_cache(&mut self, layers: usize, ctx: usize, kv_dim: usize) -> Result<GpuKvCache> {
+    fn alloc_kv_cache(
+        &mut self,
+        layers: usize,
+        slots: usize,
+        ctx: usize,
+        kv_dim: usize,
+    ) -> Result<GpuKvCache> {
+        if slots != 1 {
+            return Err(BitnetError::Unsupported {
+                what: "KV-cache slots on the wgpu backend",
+                value: slots.to_string(),
+                hint: "per-row positions and slots are not implemented on the GPU yet: use one \
+                       slot (--parallel 1) or --device cpu",
+            });
+        }
         let bytes = (ctx as u64) * (kv_dim as u64) * 4;
         let mut k = Vec::with_capacity(layers);
         let mut v = Vec::with_capacity(layers);
@@ -994,7 +1008,24 @@ impl Backend for WgpuBackend {
         Ok(GpuKvCache { k, v, ctx, kv_dim })
     }
 
-    fn begin_step(&mut self, tokens: &[u32], start_pos: usize) -> Result<()> {
+    fn begin_step(&mut self, rows: &[StepRow]) -> Result<()> {
+        // Until the shaders take a position and slot per row: one sequence in slot 0 at
+        // consecutive positions, mapped onto the start-position logic.
+        let start_pos = rows.first().map_or(0, |r| r.pos as usize);
+        let one_run = rows
+            .iter()
+            .enumerate()
+            .all(|(i, r)| r.slot == 0 && r.pos as usize == start_pos + i);
+        if !one_run {
+            return Err(BitnetError::Unsupported {
+                what: "step rows on the wgpu backend",
+                value: format!("{} rows over several slots or positions", rows.len()),
+                hint: "the GPU runs one sequence (slot 0, consecutive positions) per step so \
+                       far: use --device cpu for batches of sequences",
+            });
+        }
+        let tokens: Vec<u32> = rows.iter().map(|r| r.token).collect();
+        let tokens = &tokens[..];
         self.flush()?;
         self.tokens.clear();
         self.tokens.extend_from_slice(tokens);
@@ -1242,7 +1273,7 @@ impl Backend for WgpuBackend {
         &mut self,
         head: &Arc<GpuEmbedding>,
         x: &GpuTensor,
-        rows: LogitRows,
+        rows: &[u32],
         logits: &mut GpuTensor,
     ) -> Result<()> {
         let n = self.n();
@@ -1250,10 +1281,18 @@ impl Backend for WgpuBackend {
         if n == 0 {
             return Ok(());
         }
-        let out_rows = match rows {
-            LogitRows::Last => 1,
-            LogitRows::All => n,
-        };
+        // The shader computes the last row or all rows: other selections wait for the GPU side
+        // of per-row steps.
+        let last_only = rows == [n as u32 - 1];
+        let all = rows.len() == n && rows.iter().enumerate().all(|(i, &r)| r as usize == i);
+        if !last_only && !all {
+            return Err(BitnetError::Unsupported {
+                what: "logit rows on the wgpu backend",
+                value: format!("{rows:?} of {n}"),
+                hint: "the GPU LM head computes the last row or all rows so far",
+            });
+        }
+        let out_rows = if last_only { 1 } else { n };
         if logits.cols != head.rows || logits.capacity < out_rows {
             return Err(BitnetError::op(
                 "lm_head",
@@ -1265,7 +1304,7 @@ impl Backend for WgpuBackend {
             ("ROW_WORDS", head.row_words as f64),
             ("DTYPE", layout::dtype_code(head.dtype) as f64),
             ("VOCAB", head.rows as f64),
-            ("LAST_ONLY", if rows == LogitRows::Last { 1.0 } else { 0.0 }),
+            ("LAST_ONLY", if last_only { 1.0 } else { 0.0 }),
         ];
         for c in &head.chunks {
             let groups = [c.rows.div_ceil(LM_ROWS_PER_WG) as u32, out_rows as u32, 1];
