@@ -44,7 +44,10 @@ pub fn config_json(data: &[u8]) {
     let Ok(text) = std::str::from_utf8(data) else {
         return;
     };
-    if let Ok(c) = ModelConfig::from_json_str(text) {
+    // What the loaders accept (load_weights checks the sizes first) must not overflow anything
+    // derived from it.
+    let config = ModelConfig::from_json_str(text).ok();
+    if let Some(c) = config.filter(|c| crate::load::check_config_sizes(c).is_ok()) {
         let o = ModelOptions::for_config(&c);
         let _ = (c.q_dim(), c.kv_dim(), c.ternary_params(), c.float_params());
         let _ = c.kv_bytes_per_position();

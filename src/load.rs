@@ -247,6 +247,47 @@ pub fn load_weights_from_bytes(
     load_weights_from_map(Arc::new(map), bytes.len(), name, config, |_, _| {})
 }
 
+/// Largest model size the derived arithmetic is checked for: 2^50 parameters or bytes (a
+/// thousand times any model that exists; far from overflowing u64 in the sums built on it).
+const MAX_MODEL_UNITS: u128 = 1 << 50;
+
+/// Rejects a config whose sizes are beyond any real model, so that everything computed from
+/// them (parameter counts, KV bytes per position, buffer and memory estimates, all in u64 or
+/// usize) cannot overflow. config.json is untrusted: each size may be up to 2^31 on its own.
+pub fn check_config_sizes(c: &ModelConfig) -> Result<()> {
+    let n = |x: usize| x as u128;
+    let (h, i, l, v) = (
+        n(c.hidden_size),
+        n(c.intermediate_size),
+        n(c.num_hidden_layers),
+        n(c.vocab_size),
+    );
+    let q = n(c.num_attention_heads) * n(c.head_dim);
+    let kv = n(c.num_key_value_heads) * n(c.head_dim);
+    let per_layer = 2 * h * q + 2 * h * kv + 3 * h * i + 3 * h + i;
+    let params = per_layer * l + 2 * v * h + h;
+    let kv_bytes_per_pos = l * 2 * kv * 4;
+    let biggest = [
+        params,
+        kv_bytes_per_pos,
+        kv_bytes_per_pos * n(c.max_position_embeddings),
+    ]
+    .into_iter()
+    .max()
+    .unwrap_or(0);
+    if biggest > MAX_MODEL_UNITS {
+        return Err(BitnetError::Unsupported {
+            what: "model size",
+            value: format!(
+                "{params} parameters, {kv_bytes_per_pos} KV-cache bytes per position, {} positions",
+                c.max_position_embeddings
+            ),
+            hint: "config.json describes a model far beyond any real one (over 2^50 parameters or KV bytes); the file is corrupt",
+        });
+    }
+    Ok(())
+}
+
 /// Checks the first `len` bytes of `map` (a whole safetensors file) against `config`.
 fn load_weights_from_map(
     map: Arc<memmap2::Mmap>,
@@ -255,6 +296,7 @@ fn load_weights_from_map(
     config: &ModelConfig,
     mut on_layer: impl FnMut(usize, usize),
 ) -> Result<ModelWeights> {
+    check_config_sizes(config)?;
     let map = &map;
     let st = SafeTensors::deserialize(&map[..len]).map_err(|e| BitnetError::Safetensors {
         path: path.to_path_buf(),

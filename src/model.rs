@@ -317,7 +317,8 @@ impl<B: Backend> Model<B> {
             b.quantize(&s.att_n, &mut s.att_q)?;
             b.ternary_matmul(&l.o_proj, &s.att_q, &mut s.proj)?; // proj [n, h]
             b.add_assign(&mut s.x, &s.proj)?; // x = h [n, h]
-                                              // --- feed-forward block ---
+
+            // --- feed-forward block ---
             b.rms_norm(&s.x, &l.post_attn_norm, eps, &mut s.xn)?; // y [n, h]
             b.quantize(&s.xn, &mut s.xq)?; // shared by gate/up
             b.ternary_matmul(&l.gate_proj, &s.xq, &mut s.gate)?; // gate [n, i]

@@ -203,16 +203,53 @@ pub fn render_chat_template(
     );
     env.add_template("chat", template)
         .map_err(|e| BitnetError::ChatTemplate(e.to_string()))?;
+    let mut out = LimitedWriter(Vec::new());
     env.get_template("chat")
         .and_then(|t| {
-            t.render(minijinja::context! {
-                messages => messages,
-                bos_token => bos_token,
-                eos_token => eos_token,
-                add_generation_prompt => add_generation_prompt,
-            })
+            t.render_captured_to(
+                minijinja::context! {
+                    messages => messages,
+                    bos_token => bos_token,
+                    eos_token => eos_token,
+                    add_generation_prompt => add_generation_prompt,
+                },
+                &mut out,
+            )
+            .map(|_| ())
         })
-        .map_err(|e| BitnetError::ChatTemplate(e.to_string()))
+        .map_err(|e| {
+            if out.0.len() >= MAX_RENDERED_BYTES {
+                BitnetError::ChatTemplate(format!(
+                    "the rendered prompt is longer than {} MiB: the template loops without end?",
+                    MAX_RENDERED_BYTES >> 20
+                ))
+            } else {
+                BitnetError::ChatTemplate(e.to_string())
+            }
+        })?;
+    String::from_utf8(out.0).map_err(|e| BitnetError::ChatTemplate(e.to_string()))
+}
+
+/// Longest rendered chat prompt: far beyond any context (~4 bytes per token), small enough that
+/// a template printing in a loop fails in milliseconds instead of filling the memory (fuel
+/// bounds instructions, not output: one instruction can print 100 MB).
+const MAX_RENDERED_BYTES: usize = 16 << 20;
+
+/// A `Vec<u8>` writer that refuses to grow beyond [`MAX_RENDERED_BYTES`].
+struct LimitedWriter(Vec<u8>);
+
+impl std::io::Write for LimitedWriter {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        if self.0.len() + buf.len() > MAX_RENDERED_BYTES {
+            self.0.resize(MAX_RENDERED_BYTES, 0); // marks the overflow for the error message
+            return Err(std::io::Error::other("rendered prompt too long"));
+        }
+        self.0.extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
 }
 
 /// Template instructions allowed per rendering: real chat templates use a few thousand for a
@@ -252,5 +289,47 @@ impl StreamDecoder {
         };
         self.printed = text.len();
         Ok(piece)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn render(template: &str) -> Result<String> {
+        render_chat_template(
+            template,
+            "<s>",
+            "</s>",
+            &[ChatMessage::new("user", "hi")],
+            true,
+        )
+    }
+
+    #[test]
+    fn a_normal_template_renders() {
+        assert_eq!(
+            render(FALLBACK_TEMPLATE).unwrap(),
+            "<s>User: hi<|eot_id|>Assistant: "
+        );
+    }
+
+    /// A hostile tokenizer_config.json: 10^10 loop iterations stop on fuel in well under a second.
+    #[test]
+    fn endless_loops_run_out_of_fuel() {
+        let t0 = std::time::Instant::now();
+        let e = render(
+            "{% for i in range(100000) %}{% for j in range(100000) %}{{ i }}{% endfor %}{% endfor %}",
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("fuel"), "{e}");
+        assert!(t0.elapsed().as_secs() < 10);
+    }
+
+    /// 100 000 × 1 MB of output in few instructions: stopped at 16 MiB, not at the memory's end.
+    #[test]
+    fn output_floods_are_cut_at_16_mib() {
+        let e = render("{% for i in range(100000) %}{{ 'x' * 1000000 }}{% endfor %}").unwrap_err();
+        assert!(e.to_string().contains("longer than 16 MiB"), "{e}");
     }
 }

@@ -436,3 +436,80 @@ fn no_runtime_dir_complaint_without_xdg_runtime_dir() {
     assert!(o.status.success(), "{}", stderr(&o));
     assert!(!stderr(&o).contains("XDG_RUNTIME_DIR"), "{}", stderr(&o));
 }
+
+/// Issue 18.7: Ctrl-C during a chat answer ended the session; now it ends the answer, and the
+/// next message is answered. (Linux: the handler is installed with libc.)
+#[cfg(target_os = "linux")]
+#[test]
+fn ctrl_c_ends_the_answer_not_the_chat() {
+    use std::io::{BufRead, BufReader, Read, Write};
+    // The bundled model: 200 tokens take seconds, so the signal lands mid-answer.
+    let mut child = Command::new(env!("CARGO_BIN_EXE_bitnet"))
+        .args([
+            "chat",
+            "--device",
+            "cpu",
+            "-n",
+            "200",
+            "--ignore-eos",
+            "--ctx",
+            "1024",
+        ])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    let mut out = child.stdout.take().unwrap();
+    let mut err = BufReader::new(child.stderr.take().unwrap());
+    stdin.write_all(b"Tell me a story.\n").unwrap();
+    let mut first = [0u8; 1];
+    out.read_exact(&mut first).unwrap(); // the answer is streaming
+                                         // SAFETY: plain kill(2) on our own child.
+    unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
+    let mut seen = String::new();
+    for line in (&mut err).lines() {
+        let line = line.unwrap();
+        seen.push_str(&line);
+        seen.push('\n');
+        if line.contains("(answer interrupted)") {
+            break;
+        }
+    }
+    assert!(seen.contains("(answer interrupted)"), "{seen}");
+    stdin.write_all(b"And then?\n/exit\n").unwrap();
+    drop(stdin);
+    let status = child.wait().unwrap();
+    let mut rest = String::new();
+    err.read_to_string(&mut rest).unwrap();
+    let mut text = Vec::new();
+    out.read_to_end(&mut text).unwrap();
+    assert!(status.success(), "{status:?}: {seen}{rest}");
+    assert!(
+        !rest.contains("interrupted"),
+        "the second answer ran to its end: {rest}"
+    );
+    assert!(text.len() > 20, "the second message was answered");
+}
+
+/// Sizes at config.json's per-key limit (2^31) overflowed the u64 parameter and KV-byte counts
+/// derived from them (a panic with overflow checks, a wrapped number without).
+#[test]
+fn configs_beyond_any_real_model_are_refused() {
+    let d = copy_fixture(BASE);
+    edit_config(d.path(), |v| {
+        v["num_hidden_layers"] = (1u64 << 31).into();
+        v["num_key_value_heads"] = (1u64 << 31).into();
+        v["num_attention_heads"] = (1u64 << 31).into();
+        v["head_dim"] = (1u64 << 30).into();
+    });
+    let o = bitnet(&[
+        "info",
+        "--model",
+        d.path().to_str().unwrap(),
+        "--device",
+        "cpu",
+    ]);
+    assert_fails_with(&o, &["model size", "far beyond any real one"]);
+}

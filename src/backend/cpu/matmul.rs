@@ -406,10 +406,19 @@ mod tests {
                         b.ternary_matmul(&w, &q, &mut out).unwrap();
                         let p4 = rows / 4;
                         for t in 0..n {
-                            let qt = &q.q[t * cols..(t + 1) * cols];
-                            let f = w.out_scale / q.scales[t];
+                            // The expected value from the scalar quantizer, not from the
+                            // backend's own quantize output (which is checked against it here).
+                            let mut qt = vec![0i8; cols];
+                            let scale = crate::backend::cpu::reference::quantize_row(
+                                &x_data[t * cols..(t + 1) * cols],
+                                &mut qt,
+                            );
+                            let sum: i32 = qt.iter().map(|&v| v as i32).sum();
+                            assert_eq!(&q.q[t * cols..(t + 1) * cols], &qt[..], "quantize");
+                            assert_eq!((q.scales[t], q.sums[t]), (scale, sum), "quantize");
+                            let f = w.out_scale / scale;
                             for p in 0..p4 {
-                                let r = ternary_dot_byte_row(w.byte_row(p), qt, q.sums[t]);
+                                let r = ternary_dot_byte_row(w.byte_row(p), &qt, sum);
                                 for (i, &v) in r.iter().enumerate() {
                                     let (got, want) =
                                         (out.data[t * rows + i * p4 + p], v as f32 * f);

@@ -198,14 +198,6 @@ impl WgpuBackend {
         })
     }
 
-    pub fn adapter_info(&self) -> &wgpu::AdapterInfo {
-        &self.info
-    }
-
-    pub fn limits(&self) -> &wgpu::Limits {
-        &self.limits
-    }
-
     /// Pipelines compiled so far (a model compiles all of its pipelines in its first steps).
     pub fn pipeline_count(&self) -> usize {
         self.pipelines.pipeline_count()
