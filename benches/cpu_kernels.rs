@@ -10,9 +10,9 @@ use std::sync::Arc;
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use rand::{Rng, SeedableRng};
 
+use bitnet_wgpu::backend::cpu::dispatch::{dot_bf16, ternary_dot4, ternary_dot4_x2, CpuLevel};
+use bitnet_wgpu::backend::cpu::q8::{HeadInput, Q8Matrix};
 use bitnet_wgpu::backend::cpu::CpuBackend;
-use bitnet_wgpu::backend::kernels::{dot_bf16, ternary_dot4, ternary_dot4_x2, CpuLevel};
-use bitnet_wgpu::backend::q8::{HeadInput, Q8Matrix};
 use bitnet_wgpu::backend::{Backend, StepRow};
 use bitnet_wgpu::load::{FloatDtype, FloatMatrix};
 use bitnet_wgpu::ternary::{ByteStorage, TernaryMatrix};

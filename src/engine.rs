@@ -1,6 +1,7 @@
 //! A loaded model ready to use: files, config, tokenizer and the model on the chosen backend,
 //! plus generation (prefill, decode loop, stop tokens, streaming) on top of it.
 
+use std::ops::ControlFlow;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
@@ -11,7 +12,7 @@ use crate::backend::wgpu::{self as gpu, AdapterChoice, WgpuBackend};
 pub use crate::backend::HeadFormat;
 use crate::config::ModelConfig;
 use crate::error::{BitnetError, Result};
-use crate::load::{load_weights, ModelFiles, ModelWeights};
+use crate::load::{load_model, ModelFiles, ModelWeights};
 use crate::model::{Model, ModelOptions};
 use crate::sampler::Sampler;
 use crate::tokenizer::{StreamDecoder, Tokenizer};
@@ -54,6 +55,8 @@ pub struct EngineOptions {
     pub progress: bool,
     /// Storage of the LM head (`q8`: smaller and faster on the CPU, slightly approximate).
     pub lm_head: HeadFormat,
+    /// Choices for GGUF files (I2_S layout, FFN activation override).
+    pub gguf: crate::gguf::GgufOptions,
 }
 
 /// The model on one of the backends, chosen at run time.
@@ -114,6 +117,8 @@ pub enum FinishReason {
     Length,
     /// The context (KV cache) is full.
     Context,
+    /// The caller stopped it (`on_text` returned `ControlFlow::Break`: Ctrl-C, a closed pipe).
+    Cancelled,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -187,13 +192,67 @@ pub fn build_model_explained(
     }
 }
 
-/// The model on the CPU backend.
+/// The model on the CPU backend, once the memory it allocates is known to be there.
 fn cpu_model(weights: &ModelWeights, threads: usize, options: ModelOptions) -> Result<AnyModel> {
+    check_host_memory(&weights.config, &options, available_memory())?;
+    let threads = cap_threads(threads);
     Ok(AnyModel::Cpu(Model::new(
         CpuBackend::new(threads)?,
         weights,
         options,
     )?))
+}
+
+/// Thread counts above this many per core only add scheduling and memory (10 000 threads make a
+/// 2-core machine unusable); a larger request is capped with a warning.
+pub const MAX_THREADS_PER_CORE: usize = 4;
+
+/// `threads` (0 = the default) capped at [`MAX_THREADS_PER_CORE`] × the cores we may use.
+pub fn cap_threads(threads: usize) -> usize {
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let max = cores * MAX_THREADS_PER_CORE;
+    if threads > max {
+        eprintln!(
+            "warning: --threads {threads} is more than {MAX_THREADS_PER_CORE} per core ({cores} cores here); using {max}"
+        );
+        return max;
+    }
+    threads
+}
+
+/// Memory the OS can still give us (`MemAvailable` of `/proc/meminfo`, Linux); None elsewhere.
+pub fn available_memory() -> Option<u64> {
+    let text = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = text.lines().find(|l| l.starts_with("MemAvailable:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    kib.checked_mul(1024)
+}
+
+/// Fails, naming `--ctx`, when the KV cache and activations the model allocates up front (the
+/// weights stay memory-mapped) exceed `available` bytes, instead of letting the allocation abort
+/// the process. Unknown available memory (`None`) skips the check.
+pub fn check_host_memory(
+    config: &ModelConfig,
+    options: &ModelOptions,
+    available: Option<u64>,
+) -> Result<()> {
+    let Some(available) = available else {
+        return Ok(());
+    };
+    // The CPU backend's buffers have the GPU's layout and sizes (f32 cache and activations).
+    let need = gpu::estimate_memory(config, options, 4);
+    let bytes = need.kv_cache.saturating_add(need.activations);
+    if bytes > available {
+        let per_pos = config.kv_bytes_per_position().max(1);
+        let fits = available.saturating_sub(need.activations) / per_pos;
+        return Err(BitnetError::InvalidArgument(format!(
+            "a context of {} positions needs {:.1} GiB for the KV cache and activations but only {:.1} GiB of memory is available: use a smaller --ctx (at most about {fits})",
+            options.ctx,
+            bytes as f64 / (1u64 << 30) as f64,
+            available as f64 / (1u64 << 30) as f64,
+        )));
+    }
+    Ok(())
 }
 
 /// The model on the adapter chosen by `choice` and `opts.adapter`, when it is likely to fit
@@ -216,21 +275,8 @@ fn gpu_model(
 impl Engine {
     pub fn load(dir: &Path, opts: &EngineOptions) -> Result<Self> {
         let t0 = Instant::now();
-        let files = ModelFiles::locate(dir)?;
-        let config = ModelConfig::from_file(&files.config)?;
-        let tokenizer = Tokenizer::from_files(&files.tokenizer, files.tokenizer_config.as_deref())?;
-        if tokenizer.vocab_size() > config.vocab_size {
-            return Err(BitnetError::Config {
-                path: files.config.clone(),
-                msg: format!(
-                    "tokenizer.json has {} tokens but vocab_size is {}",
-                    tokenizer.vocab_size(),
-                    config.vocab_size
-                ),
-            });
-        }
         let bar = opts.progress.then(|| {
-            let bar = indicatif::ProgressBar::new(config.num_hidden_layers as u64);
+            let bar = indicatif::ProgressBar::new(0);
             bar.set_style(
                 indicatif::ProgressStyle::with_template(
                     "loading {msg} [{bar:30}] {pos}/{len} layers",
@@ -241,8 +287,9 @@ impl Engine {
             bar.set_message(dir.display().to_string());
             bar
         });
-        let weights = load_weights(&files.weights, &config, |i, _| {
+        let (files, config, tokenizer, weights) = load_model(dir, &opts.gguf, |i, n| {
             if let Some(b) = &bar {
+                b.set_length(n as u64);
                 b.set_position(i as u64)
             }
         })?;
@@ -360,6 +407,23 @@ impl Engine {
         ignore_eos: bool,
         mut on_text: impl FnMut(&str),
     ) -> Result<Generation> {
+        self.generate_until(prompt, max_tokens, sampler, ignore_eos, |t| {
+            on_text(t);
+            ControlFlow::Continue(())
+        })
+    }
+
+    /// [`Engine::generate`] that the caller can stop: when `on_text` returns
+    /// `ControlFlow::Break`, no further token is computed and the generation so far is returned
+    /// with [`FinishReason::Cancelled`].
+    pub fn generate_until(
+        &mut self,
+        prompt: &[u32],
+        max_tokens: usize,
+        sampler: &mut Sampler,
+        ignore_eos: bool,
+        mut on_text: impl FnMut(&str) -> ControlFlow<()>,
+    ) -> Result<Generation> {
         let stop = if ignore_eos {
             Vec::new()
         } else {
@@ -378,7 +442,7 @@ impl Engine {
         while out.len() < max_tokens {
             let id = match next {
                 Fed::Argmax(id) => id,
-                Fed::Logits(ref l) => sampler.sample(l, &history),
+                Fed::Logits(ref l) => sampler.try_sample(l, &history)?,
             };
             out.push(id);
             history.push(id);
@@ -387,8 +451,11 @@ impl Engine {
                 break;
             }
             let piece = stream.push(&self.tokenizer, id)?;
-            on_text(&piece);
             text.push_str(&piece);
+            if on_text(&piece).is_break() {
+                finish = FinishReason::Cancelled;
+                break;
+            }
             if out.len() == max_tokens {
                 break;
             }
@@ -400,7 +467,9 @@ impl Engine {
             self.fed.push(id);
         }
         let rest = stream.finish(&self.tokenizer)?;
-        on_text(&rest);
+        if finish != FinishReason::Cancelled {
+            let _ = on_text(&rest);
+        }
         text.push_str(&rest);
         Ok(Generation {
             token_ids: out,

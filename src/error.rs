@@ -64,6 +64,12 @@ pub enum BitnetError {
     InvalidArgument(String),
     #[error("server: {0}")]
     Serve(String),
+    #[error("GGUF file {path}: {source}")]
+    Gguf {
+        path: PathBuf,
+        #[source]
+        source: crate::gguf::GgufError,
+    },
 }
 
 pub type Result<T, E = BitnetError> = std::result::Result<T, E>;

@@ -31,10 +31,14 @@ pub struct ModelOptions {
     pub slots: usize,
 }
 
+/// The context used when none is asked for: enough for chat and benchmarks, while the KV cache
+/// of a config's full max_position_embeddings (often 128k+) would take tens of GB.
+pub const DEFAULT_CTX: usize = 4096;
+
 impl ModelOptions {
     pub fn for_config(config: &ModelConfig) -> Self {
         ModelOptions {
-            ctx: config.max_position_embeddings,
+            ctx: config.max_position_embeddings.min(DEFAULT_CTX),
             max_batch: 512,
             max_logit_rows: 64,
             lm_head: HeadFormat::Exact,
@@ -95,6 +99,13 @@ pub struct Model<B: Backend> {
 impl<B: Backend> Model<B> {
     pub fn new(mut backend: B, w: &ModelWeights, mut options: ModelOptions) -> Result<Self> {
         let c = w.config.clone();
+        if c.activation != crate::config::FfnActivation::Relu2 {
+            return Err(BitnetError::Unsupported {
+                what: "FFN activation",
+                value: c.activation.name().into(),
+                hint: "the model graph computes relu(gate)^2 * up only; SiLU-gated FFNs (llama.cpp's `bitnet` architecture, Falcon3-1.58bit) are not implemented yet",
+            });
+        }
         if options.ctx == 0 || options.ctx > c.max_position_embeddings {
             return Err(BitnetError::InvalidArgument(format!(
                 "context {} must be in 1..={} (max_position_embeddings)",
@@ -286,7 +297,8 @@ impl<B: Backend> Model<B> {
             b.quantize(&s.att_n, &mut s.att_q)?;
             b.ternary_matmul(&l.o_proj, &s.att_q, &mut s.proj)?; // proj [n, h]
             b.add_assign(&mut s.x, &s.proj)?; // x = h [n, h]
-                                              // --- feed-forward block ---
+
+            // --- feed-forward block ---
             b.rms_norm(&s.x, &l.post_attn_norm, eps, &mut s.xn)?; // y [n, h]
             b.quantize(&s.xn, &mut s.xq)?; // shared by gate/up
             b.ternary_matmul(&l.gate_proj, &s.xq, &mut s.gate)?; // gate [n, i]

@@ -1,5 +1,6 @@
-//! Ternary weights packed 2 bits per weight, int8 activations, and the plain scalar kernels that
-//! every optimised kernel (SIMD, WGSL) is tested against.
+//! Ternary weights packed 2 bits per weight: the storage, the packed format and its checks. The
+//! int8 activation quantization and the scalar kernels over this format are the references of
+//! `backend::cpu::reference`.
 //!
 //! Packed layout (transformers' `pack_weights`, kept as-is so that a checkpoint is used straight
 //! from the memory map): bytes `B [out/4, in]`, and with `P = out/4`
@@ -215,64 +216,9 @@ pub fn ternarize_absmean(w: &[f32]) -> (Vec<i8>, f32) {
     (q, s)
 }
 
-/// Per-token absmax quantization of one activation row: `s = 127 / max(absmax, 1e-5)`,
-/// `q = clamp(round_half_even(x * s), -128, 127)`. Writes `q [len]` and returns `s`.
-pub fn quantize_row(x: &[f32], q: &mut [i8]) -> f32 {
-    let s = activation_scale(x);
-    quantize_row_with_scale(x, s, q);
-    s
-}
-
-/// The per-token scale of [`quantize_row`]: `127 / max(absmax, 1e-5)`.
-pub fn activation_scale(x: &[f32]) -> f32 {
-    scale_from_absmax(absmax(x))
-}
-
-/// `max |x|`, NaN ignored (f32::max keeps the other operand), 0 for an empty row.
-pub fn absmax(x: &[f32]) -> f32 {
-    x.iter().fold(0.0f32, |m, v| m.max(v.abs()))
-}
-
-/// [`activation_scale`] from the row's [`absmax`].
-pub fn scale_from_absmax(absmax: f32) -> f32 {
-    127.0 / absmax.max(1e-5)
-}
-
-/// The int8 values of [`quantize_row`] for a scale already known.
-pub fn quantize_row_with_scale(x: &[f32], s: f32, q: &mut [i8]) {
-    for (qi, &xi) in q.iter_mut().zip(x) {
-        *qi = (xi * s).round_ties_even().clamp(-128.0, 127.0) as i8;
-    }
-}
-
-/// Scalar reference: `acc[r] = Σ_c q[c] * W[r, c]` for all rows, exact in i32.
-pub fn ternary_dot_rows_scalar(w: &TernaryMatrix, q: &[i8], acc: &mut [i32]) {
-    debug_assert_eq!(q.len(), w.cols);
-    debug_assert_eq!(acc.len(), w.rows);
-    for (r, a) in acc.iter_mut().enumerate() {
-        *a = (0..w.cols).map(|c| q[c] as i32 * w.get(r, c) as i32).sum();
-    }
-}
-
-/// The four accumulators of byte row `p` (rows `p, P+p, 2P+p, 3P+p`):
-/// `Σ q·W = Σ q·code − Σ q`, so only unsigned codes need multiplying.
-#[inline]
-pub fn ternary_dot_byte_row(bytes: &[u8], q: &[i8], q_sum: i32) -> [i32; 4] {
-    let mut a = [0i32; 4];
-    for (&b, &x) in bytes.iter().zip(q) {
-        let x = x as i32;
-        a[0] += x * (b & 3) as i32;
-        a[1] += x * ((b >> 2) & 3) as i32;
-        a[2] += x * ((b >> 4) & 3) as i32;
-        a[3] += x * (b >> 6) as i32;
-    }
-    a.map(|v| v - q_sum)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use rand::{Rng, SeedableRng};
 
     #[test]
     fn pack_unpack_bit_order_matches_transformers() {
@@ -308,57 +254,6 @@ mod tests {
         let err =
             TernaryMatrix::new("w", 16, 4, ByteStorage::Owned(Arc::new(bad)), 1.0).unwrap_err();
         assert!(err.to_string().contains("byte 5"), "{err}");
-    }
-
-    #[test]
-    fn quantize_rounds_half_to_even_clamps_and_floors() {
-        // absmax 127 → s = 1: values land exactly on .5 and round to even.
-        let x = [0.5f32, 1.5, 2.5, -0.5, -1.5, 127.0, -3.5];
-        let mut q = [0i8; 7];
-        let s = quantize_row(&x, &mut q);
-        assert_eq!(s, 1.0);
-        assert_eq!(q, [0, 2, 2, 0, -2, 127, -4]);
-        // all zeros: absmax floored at 1e-5, no division by zero, all q = 0.
-        let mut q0 = [1i8; 3];
-        let s0 = quantize_row(&[0.0; 3], &mut q0);
-        assert_eq!(s0, 127.0 / 1e-5);
-        assert_eq!(q0, [0; 3]);
-        // the clamp at -128 never triggers for in-range absmax, but -absmax maps to -127.
-        let mut q1 = [0i8; 2];
-        quantize_row(&[-2.0, 1.0], &mut q1);
-        assert_eq!(q1, [-127, 64]);
-    }
-
-    #[test]
-    fn byte_row_kernel_equals_scalar_reference() {
-        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(7);
-        for &(rows, cols) in &[(4, 1), (8, 17), (12, 33), (172, 64)] {
-            let w: Vec<i8> = (0..rows * cols).map(|_| rng.random_range(-1..=1)).collect();
-            let m = TernaryMatrix::new(
-                "t",
-                rows,
-                cols,
-                ByteStorage::Owned(Arc::new(pack_ternary(&w, rows, cols).unwrap())),
-                1.0,
-            )
-            .unwrap();
-            let q: Vec<i8> = (0..cols).map(|_| rng.random_range(-128..=127)).collect();
-            let mut want = vec![0; rows];
-            ternary_dot_rows_scalar(&m, &q, &mut want);
-            let q_sum: i32 = q.iter().map(|&v| v as i32).sum();
-            let p4 = rows / 4;
-            for p in 0..p4 {
-                let got = ternary_dot_byte_row(m.byte_row(p), &q, q_sum);
-                for i in 0..4 {
-                    assert_eq!(
-                        got[i],
-                        want[i * p4 + p],
-                        "rows {rows} cols {cols} row {}",
-                        i * p4 + p
-                    );
-                }
-            }
-        }
     }
 
     #[test]

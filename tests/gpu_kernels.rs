@@ -10,11 +10,12 @@ mod common;
 
 use std::sync::Arc;
 
+use bitnet_wgpu::backend::cpu::reference::ternary_dot_rows_scalar;
 use bitnet_wgpu::backend::cpu::{CpuBackend, CpuQTensor, CpuTensor};
 use bitnet_wgpu::backend::wgpu::{gpu_backend_for_test, WgpuBackend};
 use bitnet_wgpu::backend::{AttentionShape, Backend, StepRow};
 use bitnet_wgpu::load::{FloatDtype, FloatMatrix};
-use bitnet_wgpu::ternary::{pack_ternary, ternary_dot_rows_scalar, ByteStorage, TernaryMatrix};
+use bitnet_wgpu::ternary::{pack_ternary, ByteStorage, TernaryMatrix};
 use common::assert_close;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;

@@ -12,15 +12,10 @@
 //! on the other rows of the step (int8 quantization is per row, integer accumulation is exact,
 //! float ops are per row), so a sequence decodes the same alone or inside a full batch.
 
-#[cfg(all(target_arch = "x86_64", target_os = "linux"))]
-pub mod amx;
 pub mod cpu;
-pub mod kernels;
-pub mod pool;
-pub mod q8;
 pub mod wgpu;
 
-use crate::error::Result;
+use crate::error::{BitnetError, Result};
 use crate::load::FloatMatrix;
 use crate::ternary::TernaryMatrix;
 
@@ -237,4 +232,66 @@ pub trait Backend {
     fn read(&mut self, t: &Self::Tensor, rows: usize) -> Result<Vec<f32>>;
     /// Greedy pick of row 0 of `logits` without reading the whole vector back.
     fn argmax_row0(&mut self, logits: &Self::Tensor) -> Result<u32>;
+}
+
+/// The shape check before every op, in one wording for all backends: a tensor
+/// `[capacity, cols]` must hold `rows` rows of `want` columns.
+pub(crate) fn check_tensor(
+    op: &'static str,
+    capacity: usize,
+    cols: usize,
+    rows: usize,
+    want: usize,
+) -> Result<()> {
+    if cols != want || capacity < rows {
+        return Err(BitnetError::op(
+            op,
+            format!("tensor [{capacity}, {cols}] cannot hold {rows} rows of {want} columns"),
+        ));
+    }
+    Ok(())
+}
+
+/// The ternary matmul's operands: the weight `name` `[w_rows, w_cols]` against activations
+/// `[x_capacity, x_cols]` for the step's `n` rows.
+pub(crate) fn check_matmul(
+    name: &str,
+    (w_rows, w_cols): (usize, usize),
+    (x_capacity, x_cols): (usize, usize),
+    n: usize,
+) -> Result<()> {
+    if x_cols != w_cols || x_capacity < n {
+        return Err(BitnetError::op(
+            "ternary_matmul",
+            format!("{name}: weight [{w_rows}, {w_cols}] vs activations [{n}, {x_cols}]"),
+        ));
+    }
+    Ok(())
+}
+
+/// Attention's preconditions for a step of `n` rows: `q` and `out` hold `[n, heads·head_dim]`,
+/// `k` and `v` `[n, kv_heads·head_dim]` (each given as its `[capacity, cols]`), and the cache's
+/// rows (`[cache_kv_dim]` each, `cache_ctx` positions) are `kv_heads·head_dim` wide with room
+/// for positions up to `end` (exclusive).
+pub(crate) fn check_attention(
+    shape: &AttentionShape,
+    n: usize,
+    [q, k, v, out]: [(usize, usize); 4],
+    (cache_kv_dim, cache_ctx): (usize, usize),
+    end: usize,
+) -> Result<()> {
+    let (qd, kvd) = (
+        shape.n_heads * shape.head_dim,
+        shape.n_kv_heads * shape.head_dim,
+    );
+    for ((capacity, cols), want) in [(q, qd), (k, kvd), (v, kvd), (out, qd)] {
+        check_tensor("attention", capacity, cols, n, want)?;
+    }
+    if cache_kv_dim != kvd || end > cache_ctx {
+        return Err(BitnetError::ContextOverflow {
+            needed: end,
+            ctx: cache_ctx,
+        });
+    }
+    Ok(())
 }

@@ -391,14 +391,6 @@ impl WgpuBackend {
         })
     }
 
-    pub fn adapter_info(&self) -> &wgpu::AdapterInfo {
-        &self.info
-    }
-
-    pub fn limits(&self) -> &wgpu::Limits {
-        &self.limits
-    }
-
     /// Pipelines compiled so far (a model compiles all of its pipelines in its first steps).
     pub fn pipeline_count(&self) -> usize {
         self.pipelines.pipeline_count()
@@ -682,18 +674,7 @@ impl WgpuBackend {
     }
 
     fn check(&self, op: &'static str, t: &GpuTensor, cols: usize) -> Result<()> {
-        if t.cols != cols || t.capacity < self.n() {
-            return Err(BitnetError::op(
-                op,
-                format!(
-                    "tensor [{}, {}] cannot hold {} rows of {cols} columns",
-                    t.capacity,
-                    t.cols,
-                    self.n()
-                ),
-            ));
-        }
-        Ok(())
+        super::check_tensor(op, t.capacity, t.cols, self.n(), cols)
     }
 
     /// Copies `bytes` bytes of `src` to the host (submits what is recorded, then waits).
@@ -834,15 +815,7 @@ impl WgpuBackend {
         raw: bool,
     ) -> Result<()> {
         let n = self.n();
-        if x.cols != w.cols || x.capacity < n {
-            return Err(BitnetError::op(
-                "ternary_matmul",
-                format!(
-                    "{}: weight [{}, {}] vs activations [{n}, {}]",
-                    w.name, w.rows, w.cols, x.cols
-                ),
-            ));
-        }
+        super::check_matmul(&w.name, (w.rows, w.cols), (x.capacity, x.cols), n)?;
         self.check("ternary_matmul", out, w.rows)?;
         let consts = [("RAW_ACC", if raw { 1.0 } else { 0.0 })];
         let bufs = [&w.params, &w.w, &x.q, &x.meta, &out.buf];
@@ -1184,17 +1157,14 @@ impl Backend for WgpuBackend {
         out: &mut GpuTensor,
     ) -> Result<()> {
         let (n, hd) = (self.n(), shape.head_dim);
-        let (qd, kvd) = (shape.n_heads * hd, shape.n_kv_heads * hd);
-        self.check("attention", q, qd)?;
-        self.check("attention", k, kvd)?;
-        self.check("attention", v, kvd)?;
-        self.check("attention", out, qd)?;
-        if cache.kv_dim != kvd || self.start_pos + n > cache.ctx {
-            return Err(BitnetError::ContextOverflow {
-                needed: self.start_pos + n,
-                ctx: cache.ctx,
-            });
-        }
+        let kvd = shape.n_kv_heads * hd;
+        super::check_attention(
+            shape,
+            n,
+            [q, k, v, out].map(|t| (t.capacity, t.cols)),
+            (cache.kv_dim, cache.ctx),
+            self.start_pos + n,
+        )?;
         if layer >= cache.k.len() {
             return Err(BitnetError::op(
                 "attention",

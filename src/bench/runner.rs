@@ -8,6 +8,7 @@ use std::time::Instant;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
+use crate::energy::{EnergyMeter, EnergyReading};
 use crate::engine::{build_model, AnyModel, EngineOptions};
 use crate::error::{BitnetError, Result};
 use crate::load::ModelWeights;
@@ -56,6 +57,24 @@ impl TestTimes {
             .map(|s| self.spec.n_tokens as f64 / s)
             .collect()
     }
+}
+
+/// The tests of one `bitnet bench` command line: at each context depth, prefill of each prompt
+/// length, then decode of each generation length (a length of 0 is no test).
+pub fn test_matrix(depths: &[usize], n_prompt: &[usize], n_gen: &[usize]) -> Vec<TestSpec> {
+    let mut tests = Vec::new();
+    for &depth in depths {
+        for (kind, lengths) in [(TestKind::Prefill, n_prompt), (TestKind::Decode, n_gen)] {
+            for &n_tokens in lengths.iter().filter(|&&n| n > 0) {
+                tests.push(TestSpec {
+                    kind,
+                    n_tokens,
+                    depth,
+                });
+            }
+        }
+    }
+    tests
 }
 
 /// Builds the model once for the largest context the tests need.
@@ -134,4 +153,89 @@ pub fn run_test(
         }
     }
     Ok(TestTimes { spec, seconds })
+}
+
+/// [`run_test`] with `meter` bracketing each timed repetition. The energy is that of the timed
+/// repetitions summed (the untimed context pre-fill excluded): `None` without a meter, an error
+/// message when a reading failed or none was taken.
+pub fn run_metered(
+    model: &mut AnyModel,
+    spec: TestSpec,
+    reps: usize,
+    seed: u64,
+    mut meter: Option<&mut EnergyMeter>,
+) -> Result<(
+    TestTimes,
+    Option<std::result::Result<EnergyReading, String>>,
+)> {
+    let metered = meter.is_some();
+    let mut readings: Vec<EnergyReading> = Vec::new();
+    let mut energy_err: Option<String> = None;
+    let mut snap = None;
+    let times = run_test(model, spec, reps, seed, |start| {
+        let Some(m) = meter.as_deref_mut() else {
+            return;
+        };
+        if start {
+            snap = m.start().map_err(|e| energy_err = Some(e.to_string())).ok();
+        } else if let Some(s) = snap.take() {
+            match m.stop(&s) {
+                Ok(r) => readings.push(r),
+                Err(e) => energy_err = Some(e.to_string()),
+            }
+        }
+    })?;
+    let energy = match (energy_err, sum_readings(&readings)) {
+        _ if !metered => None,
+        (Some(e), _) => Some(Err(format!("energy reading failed: {e}"))),
+        (None, Some(total)) => Some(Ok(total)),
+        (None, None) => Some(Err("no reading".to_string())),
+    };
+    Ok((times, energy))
+}
+
+/// The readings of several spans as one: joules (in total and per sensor) and seconds added;
+/// `None` for no readings.
+fn sum_readings(readings: &[EnergyReading]) -> Option<EnergyReading> {
+    let (first, rest) = readings.split_first()?;
+    let mut total = first.clone();
+    for x in rest {
+        total.total_j += x.total_j;
+        total.seconds += x.seconds;
+        for (acc, y) in total.joules_by_sensor.iter_mut().zip(&x.joules_by_sensor) {
+            acc.2 += y.2;
+        }
+    }
+    Some(total)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::energy::EnergyDomain;
+
+    #[test]
+    fn the_test_matrix_is_prefill_then_decode_at_each_depth() {
+        let names: Vec<String> = test_matrix(&[0, 64], &[512, 0], &[0, 16])
+            .iter()
+            .map(TestSpec::name)
+            .collect();
+        assert_eq!(names, ["pp512", "tg16", "pp512 @ d64", "tg16 @ d64"]);
+        assert!(test_matrix(&[0], &[0], &[0]).is_empty());
+    }
+
+    #[test]
+    fn readings_add_in_total_and_per_sensor() {
+        let reading = |j: f64, s: f64| EnergyReading {
+            joules_by_sensor: vec![("rapl".into(), EnergyDomain::CpuPackage, j)],
+            total_j: j,
+            seconds: s,
+            is_estimate: false,
+            source: "rapl".into(),
+        };
+        assert_eq!(sum_readings(&[]), None);
+        let total = sum_readings(&[reading(2.0, 1.0), reading(3.0, 0.5)]).unwrap();
+        assert_eq!((total.total_j, total.seconds), (5.0, 1.5));
+        assert_eq!(total.joules_by_sensor[0].2, 5.0);
+    }
 }

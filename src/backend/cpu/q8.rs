@@ -7,14 +7,20 @@
 //! (`pmaddwd` on x86: 16 products per instruction, 2.5× fewer instructions than converting the
 //! weights to f32), turned into f32 once per block.
 //!
-//! Made from the exact float matrix at load; the file stays the reference. [`dot_q8_scalar`] is
-//! the plain twin of the SIMD kernels: the block sums are the same integers, only the f32 sum over
-//! blocks runs in another order, so they are compared within a tolerance.
+//! Made from the exact float matrix at load; the file stays the reference. [`dot_q8_scalar`]
+//! (in `reference.rs`) is the plain twin of the SIMD kernels: the block sums are the same
+//! integers, only the f32 sum over blocks runs in another order, so they are compared within a
+//! tolerance.
 
 use rayon::prelude::*;
 
-use super::kernels::CpuLevel;
-use crate::load::{decode_floats, FloatMatrix};
+#[cfg(target_arch = "aarch64")]
+use super::arm::neon;
+use super::dispatch::CpuLevel;
+use super::reference::dot_q8_scalar;
+#[cfg(target_arch = "x86_64")]
+use super::x86::avx2;
+use crate::load::FloatMatrix;
 
 /// Columns per scale block.
 pub const Q8_BLOCK: usize = 64;
@@ -87,11 +93,11 @@ impl Q8Matrix {
             #[cfg(target_arch = "x86_64")]
             // SAFETY: the level is only ever one `CpuLevel::available()` returned (AVX2 + FMA).
             CpuLevel::Avx2 | CpuLevel::Avx512Vnni | CpuLevel::Amx => unsafe {
-                x86::dot_q8_avx2(q, s, &x.q)
+                avx2::dot_q8_avx2(q, s, &x.q)
             },
             #[cfg(target_arch = "aarch64")]
             // SAFETY: as above (aarch64 levels all have NEON).
-            CpuLevel::Neon | CpuLevel::NeonDot => unsafe { arm::dot_q8_neon(q, s, &x.q) },
+            CpuLevel::Neon | CpuLevel::NeonDot => unsafe { neon::dot_q8_neon(q, s, &x.q) },
             _ => dot_q8_scalar(q, s, &x.q),
         };
         sum * x.inv_scale
@@ -108,7 +114,7 @@ impl Q8Matrix {
                 let ((q0, s0), (q1, s1)) = (self.row(r[0]), self.row(r[1]));
                 // SAFETY: the level is only ever one `available()` returned (AVX2 + FMA); rows
                 // and scales come from `row`, sized for `cols` = x's length.
-                let sums = unsafe { x86::dot_q8_avx2_rows::<2>([q0, q1], [s0, s1], &x.q) };
+                let sums = unsafe { avx2::dot_q8_avx2_rows::<2>([q0, q1], [s0, s1], &x.q) };
                 sums.map(|s| s * x.inv_scale)
             }
             _ => [self.dot(level, r[0], x), self.dot(level, r[1], x)],
@@ -116,13 +122,15 @@ impl Q8Matrix {
     }
 
     /// The scalar twin of [`Q8Matrix::dot`].
-    pub fn dot_scalar(&self, r: usize, x: &HeadInput) -> f32 {
+    #[cfg(test)]
+    fn dot_scalar(&self, r: usize, x: &HeadInput) -> f32 {
         let (q, s) = self.row(r);
         dot_q8_scalar(q, s, &x.q) * x.inv_scale
     }
 
-    /// Row `r` dequantized: `out [cols]` (tests and error measurements).
-    pub fn row_f32(&self, r: usize, out: &mut [f32]) {
+    /// Row `r` dequantized: `out [cols]`.
+    #[cfg(test)]
+    fn row_f32(&self, r: usize, out: &mut [f32]) {
         let (q, s) = self.row(r);
         for (c, o) in out.iter_mut().enumerate() {
             *o = q[c] as f32 * s[c / Q8_BLOCK];
@@ -166,171 +174,42 @@ pub fn quantize_row_q8(row: &[f32], q: &mut [i8], scales: &mut [f32]) {
     }
 }
 
-/// `Σ_b scale_b · Σ_{c∈b} q_c x_c`: exact i32 block sums (|sum| ≤ 64·127·32767 < 2³¹), then
-/// f32 over the blocks.
-pub fn dot_q8_scalar(q: &[i8], scales: &[f32], x: &[i16]) -> f32 {
-    q.chunks(Q8_BLOCK)
-        .zip(x.chunks(Q8_BLOCK))
-        .zip(scales)
-        .map(|((qb, xb), &s)| {
-            s * qb
-                .iter()
-                .zip(xb)
-                .map(|(&a, &b)| a as i32 * b as i32)
-                .sum::<i32>() as f32
-        })
-        .sum()
-}
-
-/// Decodes `m`'s row `r` exactly (for the error statistics of [`q8_head_error`]).
-fn exact_row(m: &FloatMatrix, r: usize, out: &mut [f32]) {
-    let es = m.dtype.size();
-    decode_floats(
-        m.dtype,
-        &m.data.as_slice()[r * m.cols * es..(r + 1) * m.cols * es],
-        out,
-    );
-}
-
-/// The largest relative weight error `|w − ŵ| / absmax_row` over the first `rows` rows: a quick
-/// statement of what the 8-bit head costs (≤ 1/254 by construction).
-pub fn q8_head_error(m: &FloatMatrix, q8: &Q8Matrix, rows: usize) -> f32 {
-    let mut exact = vec![0f32; m.cols];
-    let mut approx = vec![0f32; m.cols];
-    let mut worst = 0f32;
-    for r in 0..rows.min(m.rows) {
-        exact_row(m, r, &mut exact);
-        q8.row_f32(r, &mut approx);
-        let absmax = exact.iter().fold(0f32, |a, v| a.max(v.abs()));
-        if absmax > 0.0 {
-            for (e, a) in exact.iter().zip(&approx) {
-                worst = worst.max((e - a).abs() / absmax);
-            }
-        }
-    }
-    worst
-}
-
-#[cfg(target_arch = "x86_64")]
-mod x86 {
-    use super::Q8_BLOCK;
-    use crate::backend::kernels::x86::{prefetch, PREFETCH_BYTES};
-    use std::arch::x86_64::*;
-
-    /// 16 weights per step: sign-extend int8 → int16, `pmaddwd` with the int16 activations
-    /// (pairs → i32, exact), 4 steps per block; the block's 8 lanes go to f32 once and are scaled
-    /// by one FMA. The row's tail (a block shorter than `Q8_BLOCK`) goes through scalar code.
-    #[target_feature(enable = "avx2,fma")]
-    pub unsafe fn dot_q8_avx2(q: &[i8], scales: &[f32], x: &[i16]) -> f32 {
-        // SAFETY: passed on.
-        unsafe { dot_q8_avx2_rows::<1>([q], [scales], x)[0] }
-    }
-
-    /// [`dot_q8_avx2`] for `R` rows at once, each row's operations in the same order (so each
-    /// result equals the one-row kernel's bit for bit); the rows' weight streams are read side
-    /// by side.
-    ///
-    /// # Safety
-    /// AVX2 + FMA; every row as long as `x`, every `scales` one per block of it.
-    #[target_feature(enable = "avx2,fma")]
-    #[allow(clippy::needless_range_loop)] // b indexes x, every row and every row's scales
-    pub unsafe fn dot_q8_avx2_rows<const R: usize>(
-        q: [&[i8]; R],
-        scales: [&[f32]; R],
-        x: &[i16],
-    ) -> [f32; R] {
-        let full = x.len() / Q8_BLOCK;
-        let mut total = [_mm256_setzero_ps(); R];
-        for b in 0..full {
-            let base = b * Q8_BLOCK;
-            let mut acc = [_mm256_setzero_si256(); R];
-            for r in 0..R {
-                // one 64-byte block is one cache line of q: ask for the one PREFETCH_BYTES ahead
-                prefetch(q[r].as_ptr().wrapping_add(base + PREFETCH_BYTES) as *const u8);
-            }
-            let mut c = 0;
-            while c < Q8_BLOCK {
-                // SAFETY: base + c + 16 ≤ full * Q8_BLOCK ≤ len of x and of every row.
-                let xv = unsafe { _mm256_loadu_si256(x.as_ptr().add(base + c) as *const __m256i) };
-                for r in 0..R {
-                    let w =
-                        unsafe { _mm_loadu_si128(q[r].as_ptr().add(base + c) as *const __m128i) };
-                    acc[r] =
-                        _mm256_add_epi32(acc[r], _mm256_madd_epi16(_mm256_cvtepi8_epi16(w), xv));
-                }
-                c += 16;
-            }
-            for r in 0..R {
-                let s = _mm256_set1_ps(scales[r][b]);
-                total[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(acc[r]), s, total[r]);
-            }
-        }
-        let tail = full * Q8_BLOCK;
-        std::array::from_fn(|r| {
-            let mut lanes = [0f32; 8];
-            // SAFETY: lanes has 8 floats.
-            unsafe { _mm256_storeu_ps(lanes.as_mut_ptr(), total[r]) };
-            lanes.iter().sum::<f32>()
-                + super::dot_q8_scalar(&q[r][tail..], &scales[r][full..], &x[tail..])
-        })
-    }
-}
-
-#[cfg(target_arch = "aarch64")]
-mod arm {
-    use super::Q8_BLOCK;
-    use std::arch::aarch64::*;
-
-    /// One full block's exact integer sum: 16 weights per step, sign-extended int8 → int16
-    /// (sxtl), multiplied by the int16 activations into i32 lanes (smlal / smlal2: |lane| ≤
-    /// 8·128·32768 < 2³¹).
-    #[inline]
-    #[target_feature(enable = "neon")]
-    fn block_dot(q: &[i8; Q8_BLOCK], x: &[i16; Q8_BLOCK]) -> i32 {
-        let mut acc = [vdupq_n_s32(0); 2];
-        for c in (0..Q8_BLOCK).step_by(16) {
-            // SAFETY: c + 16 ≤ Q8_BLOCK, the length of both arrays.
-            let (w, x0, x1) = unsafe {
-                (
-                    vld1q_s8(q.as_ptr().add(c)),
-                    vld1q_s16(x.as_ptr().add(c)),
-                    vld1q_s16(x.as_ptr().add(c + 8)),
-                )
-            };
-            let (w0, w1) = (vmovl_s8(vget_low_s8(w)), vmovl_high_s8(w));
-            acc[0] = vmlal_s16(acc[0], vget_low_s16(w0), vget_low_s16(x0));
-            acc[1] = vmlal_high_s16(acc[1], w0, x0);
-            acc[0] = vmlal_s16(acc[0], vget_low_s16(w1), vget_low_s16(x1));
-            acc[1] = vmlal_high_s16(acc[1], w1, x1);
-        }
-        vaddvq_s32(vaddq_s32(acc[0], acc[1]))
-    }
-
-    /// Each block's integer sum is reduced to one i32 (the same integer the scalar twin gets)
-    /// and scaled and added in the scalar twin's order, so the result equals
-    /// [`super::dot_q8_scalar`] exactly; the serial f32 add costs one latency per 64 columns,
-    /// which the independent block sums hide. A short last block goes through scalar code.
-    #[target_feature(enable = "neon")]
-    pub unsafe fn dot_q8_neon(q: &[i8], scales: &[f32], x: &[i16]) -> f32 {
-        let mut total = 0f32;
-        for ((qb, xb), &s) in q.chunks(Q8_BLOCK).zip(x.chunks(Q8_BLOCK)).zip(scales) {
-            let sum = match (qb.try_into(), xb.try_into()) {
-                (Ok(qb), Ok(xb)) => block_dot(qb, xb),
-                _ => qb.iter().zip(xb).map(|(&a, &b)| a as i32 * b as i32).sum(),
-            };
-            total += s * sum as f32;
-        }
-        total
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::load::FloatDtype;
+    use crate::load::{decode_floats, FloatDtype};
     use crate::ternary::ByteStorage;
     use rand::{Rng, SeedableRng};
     use std::sync::Arc;
+
+    /// Decodes `m`'s row `r` exactly (for the error statistics of [`q8_head_error`]).
+    fn exact_row(m: &FloatMatrix, r: usize, out: &mut [f32]) {
+        let es = m.dtype.size();
+        decode_floats(
+            m.dtype,
+            &m.data.as_slice()[r * m.cols * es..(r + 1) * m.cols * es],
+            out,
+        );
+    }
+
+    /// The largest relative weight error `|w − ŵ| / absmax_row` over the first `rows` rows: a quick
+    /// statement of what the 8-bit head costs (≤ 1/254 by construction).
+    fn q8_head_error(m: &FloatMatrix, q8: &Q8Matrix, rows: usize) -> f32 {
+        let mut exact = vec![0f32; m.cols];
+        let mut approx = vec![0f32; m.cols];
+        let mut worst = 0f32;
+        for r in 0..rows.min(m.rows) {
+            exact_row(m, r, &mut exact);
+            q8.row_f32(r, &mut approx);
+            let absmax = exact.iter().fold(0f32, |a, v| a.max(v.abs()));
+            if absmax > 0.0 {
+                for (e, a) in exact.iter().zip(&approx) {
+                    worst = worst.max((e - a).abs() / absmax);
+                }
+            }
+        }
+        worst
+    }
 
     fn bf16_matrix(rows: usize, cols: usize, seed: u64) -> FloatMatrix {
         let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);

@@ -1,0 +1,349 @@
+//! Every kernel level against the scalar twins of `reference.rs` (exact on the integer paths,
+//! within one tolerance on the float ones).
+
+use super::*;
+use rand::{Rng, SeedableRng};
+
+/// The levels tested here, checked against `BITNET_REQUIRE_CPU_LEVELS` (comma-separated
+/// names): CI sets it so that a detection bug cannot silently skip a kernel family (the
+/// qemu run requires `neon,neondot`).
+fn tested_levels() -> Vec<CpuLevel> {
+    let levels = CpuLevel::available();
+    // Straight to the process's stderr, not eprintln!: the harness hides captured output of
+    // passing tests, and which levels were (not) tested is the point of this line.
+    use std::io::Write;
+    let _ = writeln!(
+        std::io::stderr(),
+        "CPU kernel levels tested here: {} (the others skipped: not on this CPU)",
+        levels
+            .iter()
+            .map(|l| l.name())
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    #[cfg(target_arch = "aarch64")]
+    assert!(levels.contains(&CpuLevel::Neon), "NEON is part of aarch64");
+    if let Ok(required) = std::env::var("BITNET_REQUIRE_CPU_LEVELS") {
+        for name in required.split(',').filter(|n| !n.is_empty()) {
+            assert!(
+                levels.iter().any(|l| l.name() == name),
+                "BITNET_REQUIRE_CPU_LEVELS: {name} is not available here ({levels:?})"
+            );
+        }
+    }
+    levels
+}
+
+#[test]
+fn every_available_level_equals_scalar_exactly() {
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(11);
+    let levels = tested_levels();
+    for &cols in &[1usize, 15, 31, 32, 33, 64, 100, 1000, 1025, 2560, 6912] {
+        let bytes: Vec<u8> = (0..cols)
+            .map(|_| (0..4).fold(0u8, |b, i| b | (rng.random_range(0..3u8) << (2 * i))))
+            .collect();
+        // all weights -1 (codes 0) against extreme activations: the other sign's bound
+        let zeros = vec![0u8; cols];
+        for q in [vec![-128i8; cols], vec![127i8; cols]] {
+            let q_sum: i32 = q.iter().map(|&v| v as i32).sum();
+            let want = reference::ternary_dot_byte_row(&zeros, &q, q_sum);
+            assert_eq!(want, [-q_sum; 4]);
+            for &l in &levels {
+                assert_eq!(
+                    ternary_dot4(l, &zeros, &q, q_sum),
+                    want,
+                    "{l:?} cols {cols} all -1"
+                );
+                assert_eq!(
+                    ternary_dot4_x2(l, &zeros, [&q, &q], [q_sum; 2]),
+                    [want, want],
+                    "{l:?} cols {cols} all -1, two tokens"
+                );
+                assert_eq!(
+                    ternary_dot4_x4(l, &zeros, [&q; 4], [q_sum; 4]),
+                    [want; 4],
+                    "{l:?} cols {cols} all -1, four tokens"
+                );
+            }
+        }
+        // extremes included: all -128 / 127 stress the i16 partial sums
+        for pattern in 0..3 {
+            let q: Vec<i8> = (0..cols)
+                .map(|_| match pattern {
+                    0 => rng.random(),
+                    1 => -128,
+                    _ => 127,
+                })
+                .collect();
+            let q_sum: i32 = q.iter().map(|&v| v as i32).sum();
+            let want = reference::ternary_dot_byte_row(&bytes, &q, q_sum);
+            // the two-token kernel, paired with the activations reversed
+            let r: Vec<i8> = q.iter().rev().copied().collect();
+            let want_r = reference::ternary_dot_byte_row(&bytes, &r, q_sum);
+            // the four-token kernel: tokens q, r, q negated (−128 → 127 saturates: its own
+            // sum), and r rotated by one column
+            let neg: Vec<i8> = q.iter().map(|&v| v.saturating_neg()).collect();
+            let rot: Vec<i8> = r.iter().cycle().skip(1).take(cols).copied().collect();
+            let sum = |v: &[i8]| v.iter().map(|&e| e as i32).sum::<i32>();
+            let (neg_sum, rot_sum) = (sum(&neg), sum(&rot));
+            let want4 = [
+                want,
+                want_r,
+                reference::ternary_dot_byte_row(&bytes, &neg, neg_sum),
+                reference::ternary_dot_byte_row(&bytes, &rot, rot_sum),
+            ];
+            for &l in &levels {
+                assert_eq!(
+                    ternary_dot4_x4(
+                        l,
+                        &bytes,
+                        [&q, &r, &neg, &rot],
+                        [q_sum, q_sum, neg_sum, rot_sum]
+                    ),
+                    want4,
+                    "{l:?} cols {cols} pattern {pattern}, four tokens"
+                );
+                assert_eq!(
+                    ternary_dot4(l, &bytes, &q, q_sum),
+                    want,
+                    "{l:?} cols {cols} pattern {pattern}"
+                );
+                assert_eq!(
+                    ternary_dot4_x2(l, &bytes, [&q, &r], [q_sum, q_sum]),
+                    [want, want_r],
+                    "{l:?} cols {cols} pattern {pattern}, two tokens"
+                );
+                // two byte rows, one token: this row and the all-(-1) row
+                assert_eq!(
+                    ternary_dot4_rows2(l, [&bytes, &zeros], &q, q_sum),
+                    [want, [-q_sum; 4]],
+                    "{l:?} cols {cols} pattern {pattern}, two rows"
+                );
+            }
+        }
+        // all codes 2 (+1) with q = -128 is the largest i16 partial sum: 2·2·128 per pair
+        let twos = vec![0xAAu8; cols];
+        let q = vec![-128i8; cols];
+        let want = reference::ternary_dot_byte_row(&twos, &q, -128 * cols as i32);
+        for &l in &levels {
+            assert_eq!(
+                ternary_dot4(l, &twos, &q, -128 * cols as i32),
+                want,
+                "{l:?} cols {cols} all +1"
+            );
+            assert_eq!(
+                ternary_dot4_x2(l, &twos, [&q, &q], [-128 * cols as i32; 2]),
+                [want, want],
+                "{l:?} cols {cols} all +1, two tokens"
+            );
+            assert_eq!(
+                ternary_dot4_x4(l, &twos, [&q; 4], [-128 * cols as i32; 4]),
+                [want; 4],
+                "{l:?} cols {cols} all +1, four tokens"
+            );
+        }
+    }
+}
+
+#[test]
+fn forced_level_is_used_and_unknown_falls_back_to_best() {
+    let levels = tested_levels();
+    for &l in &levels {
+        assert_eq!(CpuLevel::pick(Some(l.name())), l);
+    }
+    let best = *levels.last().unwrap();
+    assert_eq!(CpuLevel::pick(None), best);
+    assert_eq!(CpuLevel::pick(Some("no-such-level")), best);
+}
+
+#[test]
+fn f32_axpy_matches_scalar_within_tolerance() {
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(12);
+    for len in [0usize, 1, 7, 8, 9, 128, 131] {
+        let x: Vec<f32> = (0..len).map(|_| rng.random_range(-3f32..3.0)).collect();
+        let y0: Vec<f32> = (0..len).map(|_| rng.random_range(-3f32..3.0)).collect();
+        let a = rng.random_range(-2f32..2.0);
+        let mut want = y0.clone();
+        reference::axpy_f32_scalar(a, &x, &mut want);
+        for level in CpuLevel::available() {
+            let mut got = y0.clone();
+            axpy_f32(level, a, &x, &mut got);
+            for (i, (&g, &w)) in got.iter().zip(&want).enumerate() {
+                assert!(
+                    (g - w).abs() <= 1e-6 + 1e-6 * w.abs(),
+                    "{} len {len} index {i}: got {g}, expected {w}",
+                    level.name()
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn rows_times_runs_matches_scalar_within_tolerance() {
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(17);
+    // heads: each register block size and more than one block; cols: below, at and past
+    // the 64-column block, odd; a zero coefficient column is skipped
+    for &(heads, depth, cols) in &[
+        (1usize, 1usize, 1usize),
+        (3, 7, 17),
+        (4, 128, 64),
+        (5, 33, 130),
+        (8, 3, 200),
+    ] {
+        let b_stride = cols + 5;
+        let mut a: Vec<f32> = (0..heads * depth)
+            .map(|_| rng.random_range(-1f32..1.0))
+            .collect();
+        for h in 0..heads {
+            a[h * depth] = 0.0;
+        }
+        let b: Vec<f32> = (0..(depth - 1) * b_stride + cols)
+            .map(|_| rng.random_range(-2f32..2.0))
+            .collect();
+        let out0: Vec<f32> = (0..heads * cols)
+            .map(|_| rng.random_range(-1f32..1.0))
+            .collect();
+        let mut want = out0.clone();
+        rows_times_runs_with(
+            CpuLevel::Scalar,
+            &a,
+            heads,
+            depth,
+            &b,
+            b_stride,
+            cols,
+            &mut want,
+        );
+        for level in CpuLevel::available() {
+            let mut got = out0.clone();
+            rows_times_runs(level, &a, heads, depth, &b, b_stride, cols, &mut got);
+            for (i, (&g, &w)) in got.iter().zip(&want).enumerate() {
+                assert!(
+                    (g - w).abs() <= 1e-5 + 1e-5 * w.abs(),
+                    "{} [{heads}x{depth}]·[{depth}x{cols}] index {i}: got {g}, expected {w}",
+                    level.name()
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn absmax_equals_scalar_exactly() {
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(23);
+    for len in [0usize, 1, 7, 8, 9, 16, 17, 100, 2560] {
+        let mut x: Vec<f32> = (0..len).map(|_| rng.random_range(-4f32..4.0)).collect();
+        for special in [None, Some(f32::NAN), Some(-f32::INFINITY), Some(-9.5)] {
+            if let (Some(v), true) = (special, len > 0) {
+                let i = rng.random_range(0..len);
+                x[i] = v;
+            }
+            let want = reference::absmax(&x);
+            for level in CpuLevel::available() {
+                let got = absmax_f32(level, &x);
+                assert_eq!(
+                    got.to_bits(),
+                    want.to_bits(),
+                    "{} len {len} {special:?}: got {got}, expected {want}",
+                    level.name()
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn softmax_matches_scalar_within_tolerance() {
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(19);
+    for len in [1usize, 7, 16, 17, 100, 513] {
+        for spread in [1f32, 30.0, 200.0] {
+            // spread 200: many terms below e^-87, which must be exactly 0 at every level
+            let x: Vec<f32> = (0..len)
+                .map(|_| rng.random_range(-spread..spread))
+                .collect();
+            let mut want = x.clone();
+            reference::softmax_in_place(&mut want);
+            for level in CpuLevel::available() {
+                let mut got = x.clone();
+                softmax_f32(level, &mut got);
+                for (i, (&g, &w)) in got.iter().zip(&want).enumerate() {
+                    assert!(
+                        (g - w).abs() <= 1e-7 + 1e-5 * w.abs() && (w == 0.0) == (g == 0.0),
+                        "{} len {len} spread {spread} index {i}: got {g}, expected {w}",
+                        level.name()
+                    );
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn quantize_equals_scalar_exactly() {
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(13);
+    for len in [0usize, 1, 15, 16, 17, 31, 32, 33, 100, 2560] {
+        let mut x: Vec<f32> = (0..len).map(|_| rng.random_range(-4f32..4.0)).collect();
+        // ties (k + 0.5 after scaling by 1), saturation, NaN, infinities, signed zero
+        for (i, v) in [
+            2.5f32,
+            -3.5,
+            0.5,
+            200.0,
+            -300.0,
+            f32::NAN,
+            f32::INFINITY,
+            -0.0,
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            if i * 3 < len {
+                x[i * 3] = v;
+            }
+        }
+        for s in [1.0f32, 127.0 / 4.0, 0.0] {
+            let mut want = vec![0i8; len];
+            reference::quantize_row_with_scale(&x, s, &mut want);
+            for level in CpuLevel::available() {
+                let mut got = vec![0i8; len];
+                quantize_i8(level, &x, s, &mut got);
+                for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+                    assert_eq!(
+                        g,
+                        w,
+                        "{} len {len} s {s} index {i}: x {}",
+                        level.name(),
+                        x[i]
+                    );
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn bf16_dot_matches_scalar_within_tolerance() {
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(5);
+    for &n in &[1usize, 7, 16, 17, 255, 2560] {
+        let row: Vec<u8> = (0..n)
+            .flat_map(|_| half::bf16::from_f32(rng.random_range(-1.0..1.0)).to_le_bytes())
+            .collect();
+        let x: Vec<f32> = (0..n).map(|_| rng.random_range(-1.0..1.0)).collect();
+        let want = reference::dot_bf16_scalar(&row, &x);
+        let mag: f32 = x.iter().map(|v| v.abs()).sum();
+        for &l in &CpuLevel::available() {
+            let got = dot_bf16(l, &row, &x);
+            assert!(
+                (got - want).abs() <= 1e-6 + 1e-6 * mag,
+                "{l:?} n {n}: got {got}, expected {want}"
+            );
+            // two rows at once: the one-row results, bit for bit
+            let rev: Vec<u8> = row.chunks(2).rev().flatten().copied().collect();
+            let two = dot_bf16_rows2(l, [&row, &rev], &x);
+            assert_eq!(two[0].to_bits(), got.to_bits(), "{l:?} n {n}: rows2 first");
+            let one = dot_bf16(l, &rev, &x);
+            assert_eq!(two[1].to_bits(), one.to_bits(), "{l:?} n {n}: rows2 second");
+        }
+    }
+}

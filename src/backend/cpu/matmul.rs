@@ -1,0 +1,439 @@
+//! The CPU backend's matrix products: the ternary matmul in its three strategies (two-stream
+//! decode for one token, 4/2/1-token blocks for prefill, AMX tiles for long prefill steps) and
+//! the LM head (two-stream decode over the vocabulary rows).
+
+use std::cell::{Cell, RefCell};
+
+#[cfg(all(target_arch = "x86_64", target_os = "linux"))]
+use super::dispatch::CpuLevel;
+use super::dispatch::{
+    dot_bf16, dot_bf16_rows2, ternary_dot4, ternary_dot4_rows2, ternary_dot4_x2, ternary_dot4_x4,
+};
+use super::pool::DisjointSlice;
+use super::q8::HeadInput;
+use super::{CpuBackend, CpuLmHead, CpuQTensor, CpuTensor};
+use crate::backend::check_matmul;
+use crate::error::{BitnetError, Result};
+use crate::load::{decode_floats, FloatDtype};
+use crate::ternary::TernaryMatrix;
+
+/// Steps of at least this many tokens run their ternary matmuls on AMX tiles (fewer would leave
+/// most of each 16-token tile empty while still unpacking every weight).
+#[cfg(all(target_arch = "x86_64", target_os = "linux"))]
+const AMX_MIN_TOKENS: usize = 16;
+
+/// Byte rows per prefill job: 4 runs of 16 outputs per token (whole cache lines for 2B4T).
+const BYTE_ROWS: usize = 16;
+/// Tokens per prefill block: their int8 activations (≤ 32 × 6912 B for 2B4T) stay in L2.
+const TOKEN_BLOCK: usize = 32;
+
+/// Where a ternary matmul's sums go: `out [n, rows]`, output row `i·P + p` of byte row `p`
+/// scaled by the token's factor (`out_scale / act_scale[t]`).
+struct Outputs<'a> {
+    out: DisjointSlice<'a, f32>, // [n, rows]
+    factor: &'a [f32],           // [n]
+    rows: usize,
+    p4: usize,
+}
+
+impl Outputs<'_> {
+    /// `out[t, i·P + p] = r[i] · factor[t]` for the 4 rows of byte row `p`.
+    ///
+    /// # Safety
+    /// No other job writes byte row `p` of token `t` (jobs own disjoint byte rows).
+    #[inline(always)]
+    unsafe fn put(&self, t: usize, p: usize, r: [i32; 4]) {
+        for (i, &v) in r.iter().enumerate() {
+            // SAFETY: passed on from the caller.
+            unsafe {
+                self.out
+                    .write(t * self.rows + i * self.p4 + p, v as f32 * self.factor[t])
+            };
+        }
+    }
+}
+
+impl CpuBackend {
+    #[cfg(all(target_arch = "x86_64", target_os = "linux"))]
+    /// Whether a step of `rows` tokens runs its ternary matmuls on AMX tiles.
+    pub(super) fn uses_amx(&self, rows: usize) -> bool {
+        self.level == CpuLevel::Amx && rows >= AMX_MIN_TOKENS
+    }
+
+    /// `out[t, i·P + p] = (Σ W[i·P + p]·q[t]) · out_scale / act_scale[t]`: the shape checks,
+    /// one factor per token, then the strategy for this step.
+    pub(super) fn matmul(
+        &mut self,
+        w: &TernaryMatrix,
+        x: &CpuQTensor,
+        out: &mut CpuTensor,
+    ) -> Result<()> {
+        let n = self.n();
+        check_matmul(&w.name, (w.rows, w.cols), (x.capacity, x.cols), n)?;
+        self.check("ternary_matmul", out, w.rows)?;
+        self.token_factor.clear();
+        self.token_factor
+            .extend(x.scales[..n].iter().map(|&s| w.out_scale / s));
+        #[cfg(all(target_arch = "x86_64", target_os = "linux"))]
+        // quantize laid out the tiles exactly when this step is for AMX
+        if x.tiles_rows == n && n > 0 {
+            self.matmul_amx(w, x, out);
+            return Ok(());
+        }
+        let outputs = Outputs {
+            out: DisjointSlice::new(&mut out.data[..n * w.rows]),
+            factor: &self.token_factor,
+            rows: w.rows,
+            p4: w.rows / 4,
+        };
+        if n == 1 {
+            self.matmul_decode(w, x, &outputs);
+        } else {
+            self.matmul_prefill(w, x, &outputs);
+        }
+        Ok(())
+    }
+
+    /// One token: a job takes a run of byte rows (byte row p serves output rows p, P+p, 2P+p,
+    /// 3P+p) and reads the two halves of its run side by side (two memory streams); ~8 jobs
+    /// per thread (few claims of the shared counter, still balanced).
+    fn matmul_decode(&self, w: &TernaryMatrix, x: &CpuQTensor, outputs: &Outputs) {
+        let (p4, level) = (w.rows / 4, self.level);
+        let q = &x.q[..w.cols]; // [cols]
+        let job_rows = p4.div_ceil(8 * self.threads).max(1);
+        let job = |job: usize| {
+            let (p0, p1) = (job * job_rows, ((job + 1) * job_rows).min(p4));
+            // SAFETY (every put): p lies in this job's byte rows, which no other job writes.
+            side_by_side(
+                p1 - p0,
+                |i, j| {
+                    let bytes = [w.byte_row(p0 + i), w.byte_row(p0 + j)];
+                    let r = ternary_dot4_rows2(level, bytes, q, x.sums[0]);
+                    unsafe {
+                        outputs.put(0, p0 + i, r[0]);
+                        outputs.put(0, p0 + j, r[1]);
+                    }
+                },
+                |i| {
+                    let r = ternary_dot4(level, w.byte_row(p0 + i), q, x.sums[0]);
+                    unsafe { outputs.put(0, p0 + i, r) }
+                },
+            );
+        };
+        self.pool.run(p4.div_ceil(job_rows), &job);
+    }
+
+    /// Several tokens: a job takes [`BYTE_ROWS`] byte rows and walks them once per block of
+    /// [`TOKEN_BLOCK`] tokens, so that the block's activations stay in L2 and each byte row in
+    /// L1 across the block; the tokens go 4, then 2, then 1 at a time through the kernels that
+    /// extract the code planes once for all of them. A job's outputs are 4 runs of
+    /// `BYTE_ROWS` floats per token that no other job writes.
+    fn matmul_prefill(&self, w: &TernaryMatrix, x: &CpuQTensor, outputs: &Outputs) {
+        let (n, p4, cols, level) = (self.n(), w.rows / 4, w.cols, self.level);
+        let row = |t: usize| &x.q[t * cols..(t + 1) * cols]; // [cols]
+        let job = |job: usize| {
+            let (p0, p1) = (job * BYTE_ROWS, ((job + 1) * BYTE_ROWS).min(p4));
+            // SAFETY (every put): p lies in this job's byte rows, which no other job writes.
+            for t0 in (0..n).step_by(TOKEN_BLOCK) {
+                let t1 = (t0 + TOKEN_BLOCK).min(n);
+                for p in p0..p1 {
+                    let bytes = w.byte_row(p); // [cols]
+                    let mut t = t0;
+                    while t + 4 <= t1 {
+                        let r = ternary_dot4_x4(
+                            level,
+                            bytes,
+                            [row(t), row(t + 1), row(t + 2), row(t + 3)],
+                            [x.sums[t], x.sums[t + 1], x.sums[t + 2], x.sums[t + 3]],
+                        );
+                        for (k, r) in r.into_iter().enumerate() {
+                            unsafe { outputs.put(t + k, p, r) };
+                        }
+                        t += 4;
+                    }
+                    if t + 2 <= t1 {
+                        let r = ternary_dot4_x2(
+                            level,
+                            bytes,
+                            [row(t), row(t + 1)],
+                            [x.sums[t], x.sums[t + 1]],
+                        );
+                        unsafe {
+                            outputs.put(t, p, r[0]);
+                            outputs.put(t + 1, p, r[1]);
+                        }
+                        t += 2;
+                    }
+                    if t < t1 {
+                        let r = ternary_dot4(level, bytes, row(t), x.sums[t]);
+                        unsafe { outputs.put(t, p, r) };
+                    }
+                }
+            }
+        };
+        self.pool.run(p4.div_ceil(BYTE_ROWS), &job);
+    }
+
+    /// The ternary matmul on AMX tiles (`x86/amx.rs`), for steps of many tokens. A job is one
+    /// block of 16 packed byte rows (4 planes × 16 weight rows) and one chunk of tokens: it
+    /// unpacks the block's codes into this thread's buffer (≤ 4 × 16 × 6912 B for 2B4T) and runs
+    /// tile products over the chunk's token blocks, 32 tokens and 2 planes at a time. The chunk
+    /// is sized so that its activations (`32 × padded_cols` bytes per pair of token blocks) stay
+    /// in L2 while every job of the chunk reads them; chunks come first in the job order.
+    #[cfg(all(target_arch = "x86_64", target_os = "linux"))]
+    fn matmul_amx(&self, w: &TernaryMatrix, x: &CpuQTensor, out: &mut CpuTensor) {
+        use super::x86::amx::{self, padded_cols, TILE_K, TILE_ROWS, TILE_TOKENS};
+        const CHUNK_BYTES: usize = 1 << 20;
+        let n = self.n();
+        let (p4, rows, cols) = (w.rows / 4, w.rows, w.cols);
+        let kp = padded_cols(cols);
+        let factor = &self.token_factor; // [n]
+        let out_rows = DisjointSlice::new(&mut out.data[..n * rows]); // [n, rows]
+        let pair_len = 2 * TILE_TOKENS * kp; // bytes of one pair of token blocks
+        let pairs = n.div_ceil(2 * TILE_TOKENS);
+        let chunk_pairs = (CHUNK_BYTES / pair_len).clamp(1, pairs);
+        let row_blocks = p4.div_ceil(TILE_ROWS);
+        let plane_len = TILE_ROWS * kp; // one plane of the code buffer: [kp / 64, 16, 64]
+        let packed = w.packed.as_slice(); // [p4, cols]
+        let job = |j: usize| {
+            let (chunk, block) = (j / row_blocks, j % row_blocks);
+            let (p0, p1) = (block * TILE_ROWS, (block * TILE_ROWS + TILE_ROWS).min(p4));
+            amx::with_code_buffer(4 * plane_len, |codes| {
+                // SAFETY: AVX-512 BW is part of the AMX level.
+                unsafe { amx::unpack_codes(&packed[p0 * cols..p1 * cols], cols, codes) };
+                // SAFETY: AMX is available (the level).
+                let tiles = unsafe { amx::Tiles::configure() };
+                let mut c = [0i32; 4 * 256]; // [4, 16 rows, 16 tokens]
+                for pair in chunk * chunk_pairs..((chunk + 1) * chunk_pairs).min(pairs) {
+                    let b0 = &x.tiles[pair * pair_len..(pair + 1) * pair_len]; // 2 token blocks
+                    for planes in [0, 2] {
+                        let a = [
+                            &codes[planes * plane_len..],
+                            &codes[(planes + 1) * plane_len..],
+                        ];
+                        // SAFETY: each A plane and each B block holds kp / 64 tiles of 1 KiB;
+                        // kp ≥ 64.
+                        unsafe {
+                            amx::tile_2x2(
+                                &tiles,
+                                [a[0].as_ptr(), a[1].as_ptr()],
+                                [b0.as_ptr(), b0[pair_len / 2..].as_ptr()],
+                                kp / TILE_K,
+                                &mut c,
+                            )
+                        };
+                        for (i, tile) in c.chunks_exact(256).enumerate() {
+                            let (plane, t0) = (planes + i / 2, (2 * pair + i % 2) * TILE_TOKENS);
+                            if t0 >= n {
+                                continue;
+                            }
+                            let t1 = (t0 + TILE_TOKENS).min(n);
+                            // out[t, plane·P + p] for t in t0..t1, p in p0..p1
+                            // SAFETY: this job alone owns byte rows p0..p1 for tokens t0..t1
+                            // (one chunk, one row block); runs_ptr checked the runs' bounds.
+                            unsafe {
+                                let dst = out_rows.runs_ptr(
+                                    t0 * rows + plane * p4 + p0,
+                                    rows,
+                                    t1 - t0,
+                                    p1 - p0,
+                                );
+                                amx::store_tile(
+                                    tile.try_into().expect("256-element tile"),
+                                    p1 - p0,
+                                    &x.sums[t0..t1],
+                                    &factor[t0..t1],
+                                    dst,
+                                    rows,
+                                );
+                            }
+                        }
+                    }
+                }
+            });
+        };
+        self.pool
+            .run(pairs.div_ceil(chunk_pairs) * row_blocks, &job);
+    }
+
+    /// `logits = x · headᵀ` for the rows selected; the vocabulary rows in chunks across the
+    /// threads, the two halves of each chunk side by side (two memory streams).
+    pub(super) fn head_logits(
+        &mut self,
+        head: &CpuLmHead,
+        x: &CpuTensor,
+        rows: &[u32],
+        logits: &mut CpuTensor,
+    ) -> Result<()> {
+        let (n, h, vocab) = (self.n(), head.cols(), head.rows());
+        self.check("lm_head", x, h)?;
+        if let Some(&bad) = rows.iter().find(|&&r| r as usize >= n) {
+            return Err(BitnetError::op(
+                "lm_head",
+                format!("logit row {bad} is not a row of this {n}-row step"),
+            ));
+        }
+        let out_rows = rows.len();
+        if logits.cols != vocab || logits.capacity < out_rows {
+            return Err(BitnetError::op(
+                "lm_head",
+                format!(
+                    "logits tensor [{}, {}] cannot hold [{out_rows}, {vocab}]",
+                    logits.capacity, logits.cols
+                ),
+            ));
+        }
+        // 256 vocabulary rows per job: ~1.3 MB of bf16 head, enough to hide the cost of a claim.
+        const CHUNK: usize = 256;
+        let level = self.level;
+        thread_local! {
+            // One decoded head row, for heads that are not bf16 (f16, f32).
+            static ROW: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+        }
+        for (r, &src) in rows.iter().enumerate() {
+            let src = src as usize;
+            let xr = &x.data[src * h..(src + 1) * h]; // [h]
+            let lr = &mut logits.data[r * vocab..(r + 1) * vocab]; // [vocab]
+            match head {
+                CpuLmHead::Q8(q8) => {
+                    let hx = HeadInput::new(xr); // [h] int16
+                    self.pool.for_each_chunk_mut(lr, CHUNK, |c, out| {
+                        // the two halves of the chunk side by side (two memory streams)
+                        let v = |i: usize| c * CHUNK + i;
+                        let out = Cell::from_mut(out).as_slice_of_cells();
+                        side_by_side(
+                            out.len(),
+                            |i, j| {
+                                let [a, b] = q8.dot2(level, [v(i), v(j)], &hx);
+                                out[i].set(a);
+                                out[j].set(b);
+                            },
+                            |i| out[i].set(q8.dot(level, v(i), &hx)),
+                        );
+                    })
+                }
+                CpuLmHead::Exact(m) => {
+                    let es = m.dtype.size();
+                    let data = m.data.as_slice();
+                    let row = |v: usize| &data[v * h * es..(v + 1) * h * es]; // [h] file dtype
+                    self.pool.for_each_chunk_mut(lr, CHUNK, |c, out| {
+                        if m.dtype == FloatDtype::Bf16 {
+                            // the two halves of the chunk side by side (two memory streams)
+                            let v = |i: usize| c * CHUNK + i;
+                            let out = Cell::from_mut(out).as_slice_of_cells();
+                            side_by_side(
+                                out.len(),
+                                |i, j| {
+                                    let [a, b] = dot_bf16_rows2(level, [row(v(i)), row(v(j))], xr);
+                                    out[i].set(a);
+                                    out[j].set(b);
+                                },
+                                |i| out[i].set(dot_bf16(level, row(v(i)), xr)),
+                            );
+                            return;
+                        }
+                        for (i, o) in out.iter_mut().enumerate() {
+                            let v = c * CHUNK + i;
+                            // f16 / f32 heads: decoded row by row
+                            *o = ROW.with_borrow_mut(|decoded| {
+                                decoded.resize(h, 0.0);
+                                decode_floats(m.dtype, row(v), decoded);
+                                decoded.iter().zip(xr).map(|(a, b)| a * b).sum()
+                            });
+                        }
+                    })
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Visits `0..len` as pairs `(i, i + len/2)` for `i < len/2`, then the odd last index alone:
+/// a decode kernel given such a pair reads two far-apart memory streams side by side, which
+/// the prefetchers serve faster than one.
+fn side_by_side(len: usize, mut pair: impl FnMut(usize, usize), mut single: impl FnMut(usize)) {
+    let half = len / 2;
+    for i in 0..half {
+        pair(i, i + half);
+    }
+    if len % 2 == 1 {
+        single(len - 1);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::dispatch::CpuLevel;
+    use super::*;
+    use crate::backend::{Backend, StepRow};
+
+    #[test]
+    fn ternary_matmul_equals_the_scalar_dot_at_every_level_and_thread_count() {
+        use crate::backend::cpu::reference::ternary_dot_byte_row;
+        use crate::ternary::ByteStorage;
+        use rand::{Rng, SeedableRng};
+        use std::sync::Arc;
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(21);
+        // rows: fewer byte rows than a job, not a multiple of the job size, many jobs;
+        // cols: below and above one SIMD step; tokens: every remainder of the 4- and 2-token
+        // kernels and more than one token block
+        for &(rows, cols) in &[
+            (4usize, 1usize),
+            (68, 33),
+            (148, 64),
+            (640, 130),
+            (64, 20000),
+        ] {
+            let packed: Vec<u8> = (0..rows / 4 * cols)
+                .map(|_| (0..4).fold(0u8, |b, i| b | (rng.random_range(0..3u8) << (2 * i))))
+                .collect();
+            let w = TernaryMatrix::new("w", rows, cols, ByteStorage::Owned(Arc::new(packed)), 0.37)
+                .unwrap();
+            for n in [1usize, 2, 3, 5, 7, 37] {
+                let x_data: Vec<f32> = (0..n * cols)
+                    .map(|_| rng.random_range(-2f32..2.0))
+                    .collect();
+                for level in CpuLevel::available() {
+                    for threads in [1, 3] {
+                        let mut b = CpuBackend::new(threads).unwrap().with_level(level).unwrap();
+                        b.begin_step(&StepRow::sequence(&vec![0; n], 0)).unwrap();
+                        let mut x = b.alloc(n, cols).unwrap();
+                        x.data[..n * cols].copy_from_slice(&x_data);
+                        let mut q = b.alloc_q(n, cols).unwrap();
+                        b.quantize(&x, &mut q).unwrap();
+                        let mut out = b.alloc(n, rows).unwrap();
+                        b.ternary_matmul(&w, &q, &mut out).unwrap();
+                        let p4 = rows / 4;
+                        for t in 0..n {
+                            // The expected value from the scalar quantizer, not from the
+                            // backend's own quantize output (which is checked against it here).
+                            let mut qt = vec![0i8; cols];
+                            let scale = crate::backend::cpu::reference::quantize_row(
+                                &x_data[t * cols..(t + 1) * cols],
+                                &mut qt,
+                            );
+                            let sum: i32 = qt.iter().map(|&v| v as i32).sum();
+                            assert_eq!(&q.q[t * cols..(t + 1) * cols], &qt[..], "quantize");
+                            assert_eq!((q.scales[t], q.sums[t]), (scale, sum), "quantize");
+                            let f = w.out_scale / scale;
+                            for p in 0..p4 {
+                                let r = ternary_dot_byte_row(w.byte_row(p), &qt, sum);
+                                for (i, &v) in r.iter().enumerate() {
+                                    let (got, want) =
+                                        (out.data[t * rows + i * p4 + p], v as f32 * f);
+                                    assert_eq!(
+                                        got, want,
+                                        "{} {threads} threads [{rows}x{cols}] n={n}: token {t} row {}: got {got}, expected {want}",
+                                        level.name(),
+                                        i * p4 + p
+                                    );
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,454 @@
+//! The AVX2 (+ FMA) kernels, 256-bit vectors; their AVX-512 twins are in `avx512.rs`, in the same
+//! order. Each is `unsafe` for its target features only: the safe wrappers of `dispatch.rs` call
+//! it for a level `CpuLevel::available()` returned, after checking the slice lengths.
+
+use std::arch::x86_64::*;
+
+use super::{prefetch, PREFETCH_BYTES};
+use crate::backend::cpu::q8::Q8_BLOCK;
+use crate::backend::cpu::reference;
+
+/// Sum of the 8 i32 lanes.
+#[inline]
+#[target_feature(enable = "avx2")]
+fn hsum_epi32(v: __m256i) -> i32 {
+    let s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+    let s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0b01_00_11_10));
+    let s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0b10_11_00_01));
+    _mm_cvtsi128_si32(s)
+}
+
+/// The 4 code planes of 32 packed bytes with one shift: `w & 3`, `w & 12` (= 4·code),
+/// `(w >> 4) & 3`, `(w >> 4) & 12` (= 4·code). The two scaled planes save two shifts, which
+/// on x86 cores with one vector-shift port is what the loop waits for; their sums are
+/// divided by 4 at the end (exact: every term is a multiple of 4).
+#[inline]
+#[target_feature(enable = "avx2")]
+fn planes(w: __m256i) -> [__m256i; 4] {
+    let (m3, m12) = (_mm256_set1_epi8(3), _mm256_set1_epi8(12));
+    let hi = _mm256_srli_epi16(w, 4);
+    [
+        _mm256_and_si256(w, m3),
+        _mm256_and_si256(w, m12),
+        _mm256_and_si256(hi, m3),
+        _mm256_and_si256(hi, m12),
+    ]
+}
+
+/// i16 steps before widening: a pmaddubsw pair is at most 2·8·128 = 2048 in magnitude (4·code
+/// ≤ 8, |x| ≤ 128) and at most 2·8·127 = 2032 positive, so 16 steps stay in
+/// [−32768, 32512] ⊂ i16.
+const I16_STEPS: usize = 16;
+
+/// The plane sums as the 4 row accumulators (planes 1 and 3 carry the factor 4).
+#[inline]
+#[target_feature(enable = "avx2")]
+fn finish(acc32: &[__m256i; 4]) -> [i32; 4] {
+    [
+        hsum_epi32(acc32[0]),
+        hsum_epi32(acc32[1]) >> 2,
+        hsum_epi32(acc32[2]),
+        hsum_epi32(acc32[3]) >> 2,
+    ]
+}
+
+/// `T` tokens (1 or 2) against one packed byte row, 32 columns per step: 4 code planes ×
+/// pmaddubsw (u8 code × i8 act, pairs → i16), summed in i16 for [`I16_STEPS`] steps, then
+/// widened with pmaddwd. Two tokens take 8 i16 accumulators + 4 code planes, which fit the
+/// 16 ymm registers without spilling (four would not).
+#[target_feature(enable = "avx2")]
+pub unsafe fn ternary_dot4_xn_avx2<const T: usize>(
+    bytes: &[u8],
+    q: [&[i8]; T],
+    q_sum: [i32; T],
+) -> [[i32; 4]; T] {
+    let n = bytes.len() / 32 * 32;
+    let ones = _mm256_set1_epi16(1);
+    let mut acc32 = [[_mm256_setzero_si256(); 4]; T];
+    let mut c = 0;
+    while c < n {
+        let block_end = (c + 32 * I16_STEPS).min(n);
+        let mut acc16 = [[_mm256_setzero_si256(); 4]; T];
+        while c < block_end {
+            prefetch(bytes.as_ptr().wrapping_add(c + PREFETCH_BYTES));
+            // SAFETY: c + 32 ≤ n ≤ the length of every slice (the caller's contract).
+            let p = planes(unsafe { _mm256_loadu_si256(bytes.as_ptr().add(c) as *const _) });
+            for t in 0..T {
+                let x = unsafe { _mm256_loadu_si256(q[t].as_ptr().add(c) as *const _) };
+                for i in 0..4 {
+                    acc16[t][i] = _mm256_add_epi16(acc16[t][i], _mm256_maddubs_epi16(p[i], x));
+                }
+            }
+            c += 32;
+        }
+        for t in 0..T {
+            for i in 0..4 {
+                acc32[t][i] = _mm256_add_epi32(acc32[t][i], _mm256_madd_epi16(acc16[t][i], ones));
+            }
+        }
+    }
+    let mut out = [[0i32; 4]; T];
+    for t in 0..T {
+        let sums = finish(&acc32[t]);
+        let tail = reference::ternary_dot_byte_row(&bytes[n..], &q[t][n..], 0);
+        for i in 0..4 {
+            out[t][i] = sums[i] + tail[i] - q_sum[t];
+        }
+    }
+    out
+}
+
+/// `dispatch::ternary_dot4_rows2`: the one-token step of [`ternary_dot4_xn_avx2`] on two byte
+/// rows, sharing the activation load.
+///
+/// # Safety
+/// AVX2; both rows as long as `q`.
+#[target_feature(enable = "avx2")]
+pub unsafe fn ternary_dot4_rows2_avx2(bytes: [&[u8]; 2], q: &[i8], q_sum: i32) -> [[i32; 4]; 2] {
+    let n = q.len() / 32 * 32;
+    let ones = _mm256_set1_epi16(1);
+    let mut acc32 = [[_mm256_setzero_si256(); 4]; 2];
+    let mut c = 0;
+    while c < n {
+        let block_end = (c + 32 * I16_STEPS).min(n);
+        let mut acc16 = [[_mm256_setzero_si256(); 4]; 2];
+        while c < block_end {
+            // SAFETY: c + 32 ≤ n ≤ the length of every slice (the caller's contract).
+            let x = unsafe { _mm256_loadu_si256(q.as_ptr().add(c) as *const _) };
+            for (r, row) in bytes.iter().enumerate() {
+                prefetch(row.as_ptr().wrapping_add(c + PREFETCH_BYTES));
+                let p = planes(unsafe { _mm256_loadu_si256(row.as_ptr().add(c) as *const _) });
+                for i in 0..4 {
+                    acc16[r][i] = _mm256_add_epi16(acc16[r][i], _mm256_maddubs_epi16(p[i], x));
+                }
+            }
+            c += 32;
+        }
+        for r in 0..2 {
+            for i in 0..4 {
+                acc32[r][i] = _mm256_add_epi32(acc32[r][i], _mm256_madd_epi16(acc16[r][i], ones));
+            }
+        }
+    }
+    let mut out = [[0i32; 4]; 2];
+    for r in 0..2 {
+        let sums = finish(&acc32[r]);
+        let tail = reference::ternary_dot_byte_row(&bytes[r][n..], &q[n..], 0);
+        for i in 0..4 {
+            out[r][i] = sums[i] + tail[i] - q_sum;
+        }
+    }
+    out
+}
+
+/// 32 values per step. `cvtps_epi32` rounds half to even (the default MXCSR mode, which
+/// Rust never changes); the clamp is done in float (so ±inf saturate like the scalar code)
+/// and NaN lanes are zeroed (the scalar `NaN as i8` is 0; the conversion would give −128).
+#[target_feature(enable = "avx2")]
+pub unsafe fn quantize_i8_avx2(x: &[f32], s: f32, q: &mut [i8]) {
+    let n = x.len() / 32 * 32;
+    let sv = _mm256_set1_ps(s);
+    let (lo, hi) = (_mm256_set1_ps(-128.0), _mm256_set1_ps(127.0));
+    // packs interleave 128-bit lanes: this puts the 8 groups of 4 back in order
+    let order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+    let conv = |p: *const f32| {
+        // SAFETY: the caller keeps p + 8 within x.
+        let v = _mm256_mul_ps(unsafe { _mm256_loadu_ps(p) }, sv);
+        let ordered = _mm256_cmp_ps::<_CMP_ORD_Q>(v, v);
+        // clamp in float first: ±inf would convert to i32::MIN
+        let v = _mm256_min_ps(_mm256_max_ps(v, lo), hi);
+        _mm256_and_si256(_mm256_cvtps_epi32(v), _mm256_castps_si256(ordered))
+    };
+    let mut i = 0;
+    while i < n {
+        let p = x.as_ptr().wrapping_add(i);
+        let (a, b) = (conv(p), conv(p.wrapping_add(8)));
+        let (c, d) = (conv(p.wrapping_add(16)), conv(p.wrapping_add(24)));
+        let packed = _mm256_packs_epi16(_mm256_packs_epi32(a, b), _mm256_packs_epi32(c, d));
+        let v = _mm256_permutevar8x32_epi32(packed, order);
+        // SAFETY: i + 32 ≤ n ≤ q.len().
+        unsafe { _mm256_storeu_si256(q.as_mut_ptr().add(i) as *mut __m256i, v) };
+        i += 32;
+    }
+    reference::quantize_row_with_scale(&x[n..], s, &mut q[n..]);
+}
+
+/// 8 floats per step, one FMA each; the tail in scalar.
+#[target_feature(enable = "avx2,fma")]
+pub unsafe fn axpy_f32_avx2(a: f32, x: &[f32], y: &mut [f32]) {
+    let n = x.len() / 8 * 8;
+    let av = _mm256_set1_ps(a);
+    let mut i = 0;
+    while i < n {
+        // SAFETY: i + 8 ≤ n ≤ the length of both slices (checked by the caller).
+        unsafe {
+            let yp = y.as_mut_ptr().add(i);
+            let r = _mm256_fmadd_ps(av, _mm256_loadu_ps(x.as_ptr().add(i)), _mm256_loadu_ps(yp));
+            _mm256_storeu_ps(yp, r);
+        }
+        i += 8;
+    }
+    reference::axpy_f32_scalar(a, &x[n..], &mut y[n..]);
+}
+
+/// [`super::avx512::rows_times_runs_avx512`] for AVX2: up to 4 heads × 16 columns (8 of the 16
+/// ymm registers accumulate), the last block through masked loads and stores.
+///
+/// # Safety
+/// AVX2 + FMA; `heads ≤ 4`; the lengths `dispatch::rows_times_runs` checks.
+#[target_feature(enable = "avx2,fma")]
+#[allow(clippy::too_many_arguments)]
+pub unsafe fn rows_times_runs_avx2(
+    a: &[f32],
+    heads: usize,
+    depth: usize,
+    b: &[f32],
+    b_stride: usize,
+    cols: usize,
+    out: &mut [f32],
+) {
+    // SAFETY: passed on from the caller.
+    unsafe {
+        match heads {
+            1 => heads_block_avx2::<1>(a, depth, b, b_stride, cols, out),
+            2 => heads_block_avx2::<2>(a, depth, b, b_stride, cols, out),
+            3 => heads_block_avx2::<3>(a, depth, b, b_stride, cols, out),
+            _ => heads_block_avx2::<4>(a, depth, b, b_stride, cols, out),
+        }
+    }
+}
+
+#[inline]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn heads_block_avx2<const H: usize>(
+    a: &[f32],
+    depth: usize,
+    b: &[f32],
+    b_stride: usize,
+    cols: usize,
+    out: &mut [f32],
+) {
+    let mut c0 = 0;
+    while c0 < cols {
+        let width = (cols - c0).min(16) as i32;
+        // lane i of half v is live when 8v + i < width (sign bit set)
+        let lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+        let masks = [
+            _mm256_cmpgt_epi32(_mm256_set1_epi32(width), lane),
+            _mm256_cmpgt_epi32(_mm256_set1_epi32(width - 8), lane),
+        ];
+        let mut acc = [[_mm256_setzero_ps(); 2]; H];
+        for (h, acc) in acc.iter_mut().enumerate() {
+            for (v, acc) in acc.iter_mut().enumerate() {
+                // SAFETY: the masked lanes lie in out[h·cols + c0 ..][..width].
+                *acc = unsafe {
+                    _mm256_maskload_ps(out.as_ptr().add(h * cols + c0 + 8 * v), masks[v])
+                };
+            }
+        }
+        for k in 0..depth {
+            let coef: [f32; H] = std::array::from_fn(|h| a[h * depth + k]);
+            if coef.iter().all(|&x| x == 0.0) {
+                continue;
+            }
+            // SAFETY: the masked lanes lie in b[k·b_stride + c0 ..][..width] ⊂ b (checked).
+            let row = unsafe { b.as_ptr().add(k * b_stride + c0) };
+            let bv: [__m256; 2] =
+                std::array::from_fn(|v| unsafe { _mm256_maskload_ps(row.add(8 * v), masks[v]) });
+            for h in 0..H {
+                let av = _mm256_set1_ps(coef[h]);
+                for v in 0..2 {
+                    acc[h][v] = _mm256_fmadd_ps(av, bv[v], acc[h][v]);
+                }
+            }
+        }
+        for (h, acc) in acc.iter().enumerate() {
+            for (v, &acc) in acc.iter().enumerate() {
+                // SAFETY: as for the loads above.
+                unsafe {
+                    _mm256_maskstore_ps(out.as_mut_ptr().add(h * cols + c0 + 8 * v), masks[v], acc)
+                };
+            }
+        }
+        c0 += 16;
+    }
+}
+
+/// `dispatch::absmax_f32` with 8 lanes; the tail in scalar.
+///
+/// # Safety
+/// AVX2.
+#[target_feature(enable = "avx2")]
+pub unsafe fn absmax_avx2(x: &[f32]) -> f32 {
+    let body = x.len() / 8 * 8;
+    let sign = _mm256_castsi256_ps(_mm256_set1_epi32(i32::MAX));
+    let mut acc = _mm256_setzero_ps();
+    for c in x[..body].chunks_exact(8) {
+        // SAFETY: c is 8 floats.
+        let v = _mm256_and_ps(unsafe { _mm256_loadu_ps(c.as_ptr()) }, sign);
+        acc = _mm256_max_ps(v, acc); // a NaN lane keeps acc
+    }
+    let mut lanes = [0f32; 8];
+    // SAFETY: lanes is 8 floats.
+    unsafe { _mm256_storeu_ps(lanes.as_mut_ptr(), acc) };
+    let m = lanes.iter().fold(0.0f32, |m, &v| m.max(v));
+    m.max(reference::absmax(&x[body..]))
+}
+
+/// The AVX-512 `exp` (`avx512.rs`) with 8 lanes.
+#[inline]
+#[target_feature(enable = "avx2,fma")]
+fn exp_avx2(d: __m256) -> __m256 {
+    use super::expf::*;
+    let n = _mm256_round_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(_mm256_mul_ps(
+        d,
+        _mm256_set1_ps(LOG2E),
+    ));
+    let r = _mm256_fmadd_ps(n, _mm256_set1_ps(-LN2_HI), d);
+    let r = _mm256_fmadd_ps(n, _mm256_set1_ps(-LN2_LO), r);
+    let mut p = _mm256_set1_ps(POLY[0]);
+    for &c in &POLY[1..] {
+        p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(c));
+    }
+    let two_n = _mm256_slli_epi32::<23>(_mm256_add_epi32(
+        _mm256_cvtps_epi32(n),
+        _mm256_set1_epi32(127),
+    ));
+    _mm256_mul_ps(p, _mm256_castsi256_ps(two_n))
+}
+
+/// `dispatch::softmax_f32` with 8 lanes; the tail in scalar steps of the same formulas.
+///
+/// # Safety
+/// AVX2 + FMA.
+#[target_feature(enable = "avx2,fma")]
+pub unsafe fn softmax_avx2(x: &mut [f32]) {
+    let body = x.len() / 8 * 8;
+    let m = x.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
+    let (mv, floor) = (_mm256_set1_ps(m), _mm256_set1_ps(-87.0));
+    let mut sum = _mm256_setzero_ps();
+    for c in x[..body].chunks_exact_mut(8) {
+        // SAFETY: c is 8 floats.
+        unsafe {
+            let d = _mm256_sub_ps(_mm256_loadu_ps(c.as_ptr()), mv);
+            let keep = _mm256_cmp_ps::<_CMP_NLT_UQ>(d, floor);
+            let e = _mm256_and_ps(exp_avx2(d), keep);
+            sum = _mm256_add_ps(sum, e);
+            _mm256_storeu_ps(c.as_mut_ptr(), e);
+        }
+    }
+    let mut lanes = [0f32; 8];
+    // SAFETY: lanes is 8 floats.
+    unsafe { _mm256_storeu_ps(lanes.as_mut_ptr(), sum) };
+    let mut total: f32 = lanes.iter().sum();
+    for v in &mut x[body..] {
+        let d = *v - m;
+        *v = if d < -87.0 { 0.0 } else { d.exp() };
+        total += *v;
+    }
+    for v in x.iter_mut() {
+        *v /= total;
+    }
+}
+
+/// bf16 → f32 is a 16-bit left shift; 8 columns per step with FMA-free mul+add so the result
+/// does not depend on FMA availability (AVX2 machines without FMA exist).
+#[target_feature(enable = "avx2")]
+pub unsafe fn dot_bf16_avx2(row: &[u8], x: &[f32]) -> f32 {
+    // SAFETY: passed on.
+    unsafe { dot_bf16_avx2_rows::<1>([row], x)[0] }
+}
+
+/// [`dot_bf16_avx2`] for `R` rows read side by side, each row's operations in the same order
+/// (each result equals the one-row kernel's bit for bit).
+///
+/// # Safety
+/// AVX2; every row `2 · x.len()` bytes.
+#[target_feature(enable = "avx2")]
+pub unsafe fn dot_bf16_avx2_rows<const R: usize>(rows: [&[u8]; R], x: &[f32]) -> [f32; R] {
+    let n = x.len() / 16 * 16;
+    let mut acc = [[_mm256_setzero_ps(); 2]; R];
+    let mut c = 0;
+    while c < n {
+        // SAFETY: c + 16 ≤ n: 16 floats of x and 32 bytes of every row are in bounds.
+        let (x0, x1) = unsafe {
+            (
+                _mm256_loadu_ps(x.as_ptr().add(c)),
+                _mm256_loadu_ps(x.as_ptr().add(c + 8)),
+            )
+        };
+        for (acc, row) in acc.iter_mut().zip(&rows) {
+            prefetch(row.as_ptr().wrapping_add(2 * c + PREFETCH_BYTES));
+            let w = unsafe { _mm256_loadu_si256(row.as_ptr().add(2 * c) as *const __m256i) };
+            let lo = _mm256_cvtepu16_epi32(_mm256_castsi256_si128(w));
+            let hi = _mm256_cvtepu16_epi32(_mm256_extracti128_si256(w, 1));
+            let w0 = _mm256_castsi256_ps(_mm256_slli_epi32(lo, 16));
+            let w1 = _mm256_castsi256_ps(_mm256_slli_epi32(hi, 16));
+            acc[0] = _mm256_add_ps(acc[0], _mm256_mul_ps(w0, x0));
+            acc[1] = _mm256_add_ps(acc[1], _mm256_mul_ps(w1, x1));
+        }
+        c += 16;
+    }
+    std::array::from_fn(|r| {
+        let mut lanes = [0f32; 8];
+        // SAFETY: lanes has 8 floats.
+        unsafe { _mm256_storeu_ps(lanes.as_mut_ptr(), _mm256_add_ps(acc[r][0], acc[r][1])) };
+        lanes.iter().sum::<f32>() + reference::dot_bf16_scalar(&rows[r][2 * n..], &x[n..])
+    })
+}
+
+/// 16 weights per step: sign-extend int8 → int16, `pmaddwd` with the int16 activations
+/// (pairs → i32, exact), 4 steps per block; the block's 8 lanes go to f32 once and are scaled
+/// by one FMA. The row's tail (a block shorter than `Q8_BLOCK`) goes through scalar code.
+#[target_feature(enable = "avx2,fma")]
+pub unsafe fn dot_q8_avx2(q: &[i8], scales: &[f32], x: &[i16]) -> f32 {
+    // SAFETY: passed on.
+    unsafe { dot_q8_avx2_rows::<1>([q], [scales], x)[0] }
+}
+
+/// [`dot_q8_avx2`] for `R` rows at once, each row's operations in the same order (so each
+/// result equals the one-row kernel's bit for bit); the rows' weight streams are read side
+/// by side.
+///
+/// # Safety
+/// AVX2 + FMA; every row as long as `x`, every `scales` one per block of it.
+#[target_feature(enable = "avx2,fma")]
+#[allow(clippy::needless_range_loop)] // b indexes x, every row and every row's scales
+pub unsafe fn dot_q8_avx2_rows<const R: usize>(
+    q: [&[i8]; R],
+    scales: [&[f32]; R],
+    x: &[i16],
+) -> [f32; R] {
+    let full = x.len() / Q8_BLOCK;
+    let mut total = [_mm256_setzero_ps(); R];
+    for b in 0..full {
+        let base = b * Q8_BLOCK;
+        let mut acc = [_mm256_setzero_si256(); R];
+        for r in 0..R {
+            // one 64-byte block is one cache line of q: ask for the one PREFETCH_BYTES ahead
+            prefetch(q[r].as_ptr().wrapping_add(base + PREFETCH_BYTES) as *const u8);
+        }
+        let mut c = 0;
+        while c < Q8_BLOCK {
+            // SAFETY: base + c + 16 ≤ full * Q8_BLOCK ≤ len of x and of every row.
+            let xv = unsafe { _mm256_loadu_si256(x.as_ptr().add(base + c) as *const __m256i) };
+            for r in 0..R {
+                let w = unsafe { _mm_loadu_si128(q[r].as_ptr().add(base + c) as *const __m128i) };
+                acc[r] = _mm256_add_epi32(acc[r], _mm256_madd_epi16(_mm256_cvtepi8_epi16(w), xv));
+            }
+            c += 16;
+        }
+        for r in 0..R {
+            let s = _mm256_set1_ps(scales[r][b]);
+            total[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(acc[r]), s, total[r]);
+        }
+    }
+    let tail = full * Q8_BLOCK;
+    std::array::from_fn(|r| {
+        let mut lanes = [0f32; 8];
+        // SAFETY: lanes has 8 floats.
+        unsafe { _mm256_storeu_ps(lanes.as_mut_ptr(), total[r]) };
+        lanes.iter().sum::<f32>()
+            + reference::dot_q8_scalar(&q[r][tail..], &scales[r][full..], &x[tail..])
+    })
+}

@@ -1,0 +1,250 @@
+//! GGUF models against the same model as a safetensors folder and against the float64 reference
+//! (tests/fixtures/gguf-tiny, made by tools/gguf/make_fixtures.py): TQ2_0 written by the `gguf`
+//! package (llama.cpp architecture name `bitnet`), TQ1_0 (bitnet.cpp's `bitnet-25`), I2_S in
+//! bitnet.cpp's x86 layout (`bitnet-b1.58`). All three hold exactly the codes, scales, norms and
+//! embedding values of the safetensors folder.
+
+mod common;
+
+use std::path::PathBuf;
+
+use bitnet_wgpu::config::FfnActivation;
+use bitnet_wgpu::engine::{DeviceChoice, Engine, EngineOptions};
+use bitnet_wgpu::error::BitnetError;
+use bitnet_wgpu::gguf::{GgufOptions, I2sLayout};
+use bitnet_wgpu::sampler::{Sampler, SamplerConfig};
+use bitnet_wgpu::tokenizer::ChatMessage;
+use common::*;
+
+const DIR: &str = "gguf-tiny";
+
+fn path(file: &str) -> PathBuf {
+    fixture(DIR).join(file)
+}
+
+fn engine(p: &std::path::Path, gguf: GgufOptions) -> Result<Engine, BitnetError> {
+    let opts = EngineOptions {
+        device: DeviceChoice::Cpu,
+        threads: 2,
+        gguf,
+        ..Default::default()
+    };
+    Engine::load(p, &opts)
+}
+
+fn relu2() -> GgufOptions {
+    GgufOptions {
+        activation: Some(FfnActivation::Relu2),
+        ..Default::default()
+    }
+}
+
+fn prompt() -> Vec<u32> {
+    ids(&reference(DIR)["prompt_ids"])
+}
+
+#[test]
+fn safetensors_folder_matches_the_float64_reference() {
+    // The folder side of the comparison: same tolerance as tests/fixtures_cpu.rs.
+    let (shape, want) = bitnet_wgpu::npy::read_f32(&path("logits.npy")).unwrap();
+    let mut e = engine(&fixture(DIR), GgufOptions::default()).unwrap();
+    assert_eq!(shape, vec![prompt().len(), e.config.vocab_size]);
+    let got = e.logits(&prompt()).unwrap();
+    assert_close("safetensors vs reference", &got, &want, 1e-4, 1e-4);
+}
+
+#[test]
+fn every_gguf_gives_the_logits_of_the_safetensors_folder() {
+    let want = engine(&fixture(DIR), GgufOptions::default())
+        .unwrap()
+        .logits(&prompt())
+        .unwrap();
+    let (_, reference) = bitnet_wgpu::npy::read_f32(&path("logits.npy")).unwrap();
+    for file in ["model-tq2_0.gguf", "model-tq1_0.gguf", "model-i2_s.gguf"] {
+        let mut e = engine(&path(file), relu2()).unwrap_or_else(|e| panic!("{file}: {e}"));
+        let got = e.logits(&prompt()).unwrap();
+        // Same codes, scales and embedding values, so every integer path is identical. The
+        // TQ2_0 file keeps the embedding in bf16 like the folder: bit-identical logits. The
+        // others hold it as Q8_0 (-> f32) and f16, which the tied head reads with other
+        // kernels (another f32 summation order): ~1e-6 apart.
+        let tol = if file == "model-tq2_0.gguf" {
+            0.0
+        } else {
+            1e-5
+        };
+        assert_close(&format!("{file} vs safetensors"), &got, &want, tol, tol);
+        assert_close(
+            &format!("{file} vs reference"),
+            &got,
+            &reference,
+            1e-4,
+            1e-4,
+        );
+    }
+}
+
+#[test]
+fn greedy_continuation_of_a_gguf_matches_the_reference() {
+    let want = ids(&reference(DIR)["greedy_ids"]);
+    let mut e = engine(&path("model-i2_s.gguf"), GgufOptions::default()).unwrap();
+    let mut s = Sampler::new(SamplerConfig::greedy()).unwrap();
+    let g = e
+        .generate(&prompt(), want.len(), &mut s, true, |_| {})
+        .unwrap();
+    assert_eq!(g.token_ids, want);
+}
+
+#[test]
+fn llama_cpp_bitnet_architecture_is_refused_as_silu_unless_overridden() {
+    let err = engine(&path("model-tq2_0.gguf"), GgufOptions::default())
+        .err()
+        .expect("a `bitnet` file must not load as relu2 silently");
+    let msg = err.to_string();
+    assert!(msg.contains("silu") && msg.contains("bitnet"), "{msg}");
+    let e = engine(&path("model-tq2_0.gguf"), relu2()).unwrap();
+    let g = e.files.gguf.as_ref().unwrap();
+    assert_eq!(g.architecture, "bitnet");
+    assert!(
+        g.activation_source.contains("override"),
+        "{}",
+        g.activation_source
+    );
+}
+
+#[test]
+fn summary_names_types_and_conversions() {
+    let e = engine(&path("model-tq1_0.gguf"), GgufOptions::default()).unwrap();
+    let g = e.files.gguf.as_ref().unwrap();
+    assert_eq!(g.version, 3);
+    assert_eq!(g.architecture, "bitnet-25");
+    assert_eq!(g.tensor_types.get("TQ1_0"), Some(&7));
+    assert_eq!(g.tensor_types.get("Q8_0"), Some(&1));
+    assert_eq!(
+        g.conversions,
+        vec![
+            "1 x Q8_0 -> F32 (dequantized)".to_string(),
+            "7 x TQ1_0 -> packed 2-bit".to_string()
+        ]
+    );
+    assert_eq!(g.i2s_layout, None);
+    let e = engine(&path("model-i2_s.gguf"), GgufOptions::default()).unwrap();
+    assert_eq!(
+        e.files.gguf.as_ref().unwrap().i2s_layout,
+        Some(I2sLayout::X86)
+    );
+    assert_eq!(e.config.activation, FfnActivation::Relu2);
+}
+
+#[test]
+fn arm_i2s_layout_reads_other_codes() {
+    // The file is x86: read as ARM the codes land elsewhere, so logits must differ (the option
+    // is wired through), not error.
+    let want = engine(&fixture(DIR), GgufOptions::default())
+        .unwrap()
+        .logits(&prompt())
+        .unwrap();
+    let arm = GgufOptions {
+        i2s_layout: I2sLayout::Arm,
+        ..Default::default()
+    };
+    let got = engine(&path("model-i2_s.gguf"), arm)
+        .unwrap()
+        .logits(&prompt())
+        .unwrap();
+    assert!(got.iter().zip(&want).any(|(a, b)| (a - b).abs() > 1e-3));
+}
+
+#[test]
+fn tokenizer_and_chat_template_from_gguf_metadata_equal_the_folder() {
+    let folder = engine(&fixture(DIR), GgufOptions::default()).unwrap();
+    let gguf = engine(&path("model-i2_s.gguf"), GgufOptions::default()).unwrap();
+    for text in [
+        "Hello world! It's 2025, and the quick brown fox jumps.",
+        "  spaces\n\nand newlines\t, numbers 12345 and émojis 🦙",
+        "<|begin_of_text|>System: hi<|eot_id|>",
+    ] {
+        for specials in [true, false] {
+            assert_eq!(
+                gguf.tokenizer.encode(text, specials).unwrap(),
+                folder.tokenizer.encode(text, specials).unwrap(),
+                "{text:?} specials {specials}"
+            );
+        }
+        let ids = folder.tokenizer.encode(text, false).unwrap();
+        assert_eq!(
+            gguf.tokenizer.decode(&ids).unwrap(),
+            folder.tokenizer.decode(&ids).unwrap()
+        );
+    }
+    let chat = [
+        ChatMessage::new("system", "Be brief."),
+        ChatMessage::new("user", "Hello!"),
+    ];
+    assert_eq!(
+        gguf.tokenizer.encode_chat(&chat, true).unwrap(),
+        folder.tokenizer.encode_chat(&chat, true).unwrap()
+    );
+    assert_eq!(gguf.stop_ids(), folder.stop_ids());
+    assert_eq!(gguf.config.bos_token_id, folder.config.bos_token_id);
+}
+
+#[test]
+fn q6_k_decoder_equals_the_gguf_package() {
+    let raw = std::fs::read(path("q6_k-blocks.bin")).unwrap();
+    let (_, want) = bitnet_wgpu::npy::read_f32(&path("q6_k-values.npy")).unwrap();
+    let mut got = vec![f32::NAN; want.len()];
+    bitnet_wgpu::gguf::types::dequant_q6_k(&raw, &mut got);
+    assert_close("Q6_K", &got, &want, 0.0, 0.0);
+}
+
+/// A copy of `file` in a temp dir with `patch` applied to the data of tensor `name`.
+fn patched(file: &str, name: &str, patch: impl Fn(&mut [u8])) -> (tempfile::TempDir, PathBuf) {
+    let mut bytes = std::fs::read(path(file)).unwrap();
+    let h = bitnet_wgpu::gguf::GgufHeader::parse(&bytes).unwrap();
+    let t = h.tensor(name).unwrap().clone();
+    patch(&mut bytes[t.start..t.start + t.len]);
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join(file);
+    std::fs::write(&p, bytes).unwrap();
+    (dir, p)
+}
+
+#[test]
+fn differing_tq_block_scales_are_refused_not_averaged() {
+    // Block 1 of attn_q gets scale 2.0 (f16 0x4000), the others keep theirs.
+    let (_d, p) = patched("model-tq2_0.gguf", "blk.0.attn_q.weight", |b| {
+        b[66 + 64..66 + 66].copy_from_slice(&0x4000u16.to_le_bytes())
+    });
+    let err = engine(&p, relu2())
+        .err()
+        .expect("must be refused")
+        .to_string();
+    assert!(
+        err.contains("blk.0.attn_q.weight") && err.contains("different scales"),
+        "{err}"
+    );
+    // A zero block scale means a block of zeros: accepted.
+    let (_d, p) = patched("model-tq1_0.gguf", "blk.0.ffn_up.weight", |b| {
+        b[52..54].copy_from_slice(&[0, 0])
+    });
+    engine(&p, GgufOptions::default()).unwrap();
+}
+
+#[test]
+fn invalid_ternary_codes_are_refused() {
+    // TQ2_0 byte 5 of block 0 = 0xFF: code 3 for four weights.
+    let (_d, p) = patched("model-tq2_0.gguf", "blk.0.ffn_down.weight", |b| b[5] = 0xFF);
+    let err = engine(&p, relu2()).err().unwrap();
+    assert!(
+        matches!(&err, BitnetError::InvalidTernaryCode { name, offset: 5 } if name == "blk.0.ffn_down.weight"),
+        "{err}"
+    );
+    // I2_S: byte 40 (block 1, byte 8) = 0xC0: element 128 + 8 has code 3.
+    let (_d, p) = patched("model-i2_s.gguf", "blk.0.attn_k.weight", |b| b[40] = 0xC0);
+    let err = engine(&p, GgufOptions::default()).err().unwrap();
+    assert!(
+        matches!(&err, BitnetError::InvalidTernaryCode { offset: 40, .. }),
+        "{err}"
+    );
+    // (TQ1_0 cannot hold an invalid code: ((b·3^n mod 256)·3) >> 8 is at most 2 for any byte.)
+}
