@@ -62,9 +62,18 @@ impl Tokenizer {
         json: &[u8],
         config: Option<(&Path, &[u8])>,
     ) -> Result<Self> {
-        let inner = tokenizers::Tokenizer::from_bytes(json).map_err(|e| {
-            BitnetError::Tokenizer(format!("cannot load {}: {e}", json_path.display()))
-        })?;
+        let bad = |msg: String| {
+            BitnetError::Tokenizer(format!("cannot load {}: {msg}", json_path.display()))
+        };
+        // tokenizers 0.22 panics (`expect("Helper")` in its decoder deserializer) on a JSON syntax
+        // error inside "decoder" (found by the tokenizer fuzz target): reject invalid JSON first.
+        serde_json::from_slice::<serde::de::IgnoredAny>(json)
+            .map_err(|e| bad(format!("not valid JSON: {e}")))?;
+        // Any other panic of the crate on a hostile file becomes an error too (the default hook
+        // still prints it: it is a bug, of tokenizers, worth reporting).
+        let inner = std::panic::catch_unwind(|| tokenizers::Tokenizer::from_bytes(json))
+            .map_err(|_| bad("the tokenizers crate panicked on this file".into()))?
+            .map_err(|e| bad(e.to_string()))?;
         let mut tok = Tokenizer {
             inner,
             chat_template: None,
