@@ -7,7 +7,6 @@
 
 pub mod backend;
 pub mod bench;
-pub mod benchmark;
 pub mod config;
 pub mod energy;
 pub mod engine;

@@ -862,12 +862,12 @@ fn info(a: InfoArgs) -> Result<()> {
 
 fn bench(a: BenchArgs) -> Result<()> {
     use bitnet_wgpu::bench::{
-        plot_series, render, BenchResult, EnergyResult, OutputFormat, Summary,
+        bench_series, build_for_tests, plot_series, render, run_metered, test_matrix, BenchResult,
+        EnergyResult, OutputFormat, Summary,
     };
-    use bitnet_wgpu::benchmark::{build_for_tests, run_test, TestKind, TestSpec};
     use bitnet_wgpu::energy::{
         discover_sensors, peak_rss_bytes, reset_peak_rss, DiscoverOptions, EnergyMeter,
-        EnergyReading, WallMeterEstimate,
+        WallMeterEstimate,
     };
 
     let format: OutputFormat = a
@@ -944,23 +944,7 @@ fn bench(a: BenchArgs) -> Result<()> {
         }
         (None, None) => bail!("give --model DIR or --synthetic 2b4t"),
     };
-    let mut tests = Vec::new();
-    for &d in &a.depth {
-        for &p in a.n_prompt.iter().filter(|&&p| p > 0) {
-            tests.push(TestSpec {
-                kind: TestKind::Prefill,
-                n_tokens: p,
-                depth: d,
-            });
-        }
-        for &n in a.n_gen.iter().filter(|&&n| n > 0) {
-            tests.push(TestSpec {
-                kind: TestKind::Decode,
-                n_tokens: n,
-                depth: d,
-            });
-        }
-    }
+    let tests = test_matrix(&a.depth, &a.n_prompt, &a.n_gen);
     if tests.is_empty() {
         bail!("nothing to run: -p and -n are both 0");
     }
@@ -983,20 +967,7 @@ fn bench(a: BenchArgs) -> Result<()> {
                 reps
             );
             reset_peak_rss();
-            let mut readings: Vec<EnergyReading> = Vec::new();
-            let mut energy_err: Option<String> = None;
-            let mut snap = None;
-            let times = run_test(&mut model, spec, reps, 7, |start| {
-                let Some(m) = meter.as_mut() else { return };
-                if start {
-                    snap = m.start().map_err(|e| energy_err = Some(e.to_string())).ok();
-                } else if let Some(s) = snap.take() {
-                    match m.stop(&s) {
-                        Ok(r) => readings.push(r),
-                        Err(e) => energy_err = Some(e.to_string()),
-                    }
-                }
-            })?;
+            let (times, energy) = run_metered(&mut model, spec, reps, 7, meter.as_mut())?;
             let tps = Summary::from_slice(&times.tokens_per_s()).context("no repetitions ran")?;
             let mut r = BenchResult {
                 model: model_name.clone(),
@@ -1012,79 +983,29 @@ fn bench(a: BenchArgs) -> Result<()> {
                 energy_na_reason: None,
                 peak_rss_bytes: peak_rss_bytes(),
                 gpu_mem_bytes: None,
+                gpu_work: times.gpu_work,
             };
-            let energy = match (meter.is_some(), energy_err, readings.split_first()) {
-                (false, _, _) => Err(na_reason.clone()),
-                (_, Some(e), _) => Err(format!("energy reading failed: {e}")),
-                (_, None, Some((first, rest))) => {
-                    // Sum the timed repetitions only (the untimed context pre-fill is excluded).
-                    let mut total = first.clone();
-                    for x in rest {
-                        total.total_j += x.total_j;
-                        total.seconds += x.seconds;
-                        for (acc, y) in total.joules_by_sensor.iter_mut().zip(&x.joules_by_sensor) {
-                            acc.2 += y.2;
-                        }
-                    }
+            r.set_energy(match energy {
+                None => Err(na_reason.clone()),
+                Some(reading) => reading.and_then(|total| {
                     EnergyResult::from_reading(&total, (spec.n_tokens * reps) as u64, idle.as_ref())
                         .ok_or_else(|| "no time measured".to_string())
-                }
-                (_, None, None) => Err("no reading".to_string()),
-            };
-            r.set_energy(energy);
+                }),
+            });
             results.push(r);
         }
     }
     println!("{}", render(format, &results)?);
 
     if let Some(path) = &a.plot {
-        // x axis: context depth when several depths were run, else the thread count.
-        let by_depth = a.depth.len() > 1 || threads.len() == 1;
-        let mut speed: Vec<(String, Vec<(f64, f64)>)> = Vec::new();
-        let mut joules: Vec<(String, Vec<(f64, f64)>)> = Vec::new();
-        for r in &results {
-            let label = if by_depth {
-                format!(
-                    "{} {}t",
-                    if r.test.starts_with("pp") {
-                        format!("pp{}", r.n_tokens)
-                    } else {
-                        format!("tg{}", r.n_tokens)
-                    },
-                    r.threads
-                )
-            } else {
-                r.test.clone()
-            };
-            let x = if by_depth {
-                r.depth as f64
-            } else {
-                r.threads as f64
-            };
-            let push = |v: &mut Vec<(String, Vec<(f64, f64)>)>, y: f64| match v
-                .iter_mut()
-                .find(|s| s.0 == label)
-            {
-                Some(s) => s.1.push((x, y)),
-                None => v.push((label.clone(), vec![(x, y)])),
-            };
-            push(&mut speed, r.tokens_per_s.mean);
-            if let Some(e) = &r.energy {
-                push(&mut joules, e.joules_per_token);
-            }
-        }
-        let x_label = if by_depth {
-            "context depth (tokens)"
-        } else {
-            "threads"
-        };
+        let series = bench_series(&results, a.depth.len() > 1 || threads.len() == 1);
         let title = format!("{model_name}: tokens/s");
         plot_series(
             path,
             &title,
-            x_label,
-            &speed,
-            (!joules.is_empty()).then_some(&joules[..]),
+            series.x_label,
+            &series.speed,
+            (!series.joules.is_empty()).then_some(&series.joules[..]),
         )?;
         eprintln!("wrote {}", path.display());
     }

@@ -119,8 +119,7 @@ impl CpuLevel {
 /// [`ternary_dot4`] for two packed byte rows at once, one token: `[dot4(bytes[0]), dot4(bytes[1])]`.
 /// Decode reads each weight once, so its speed is the memory stream's; with two rows far apart
 /// (the two halves of a job's range) the core keeps two sequential streams in flight, which
-/// the prefetchers serve faster than one (measured on the AVX-512 VM: 13.7 → 15.6 GB/s on one
-/// core).
+/// the prefetchers serve faster than one (BENCHMARKS.md, issue 6).
 #[inline]
 pub fn ternary_dot4_rows2(
     level: CpuLevel,
@@ -341,7 +340,7 @@ pub fn rows_times_runs(
 
 /// [`rows_times_runs`] as one [`axpy_f32`] per (head, k); with `CpuLevel::Scalar` its scalar twin.
 #[allow(clippy::too_many_arguments)]
-pub fn rows_times_runs_with(
+fn rows_times_runs_with(
     level: CpuLevel,
     a: &[f32],
     heads: usize,

@@ -130,7 +130,8 @@ impl CpuBackend {
     }
 
     /// Forces a kernel level (tests compare levels; the level must be one `available()` lists).
-    pub fn with_level(mut self, level: CpuLevel) -> Result<Self> {
+    #[cfg(test)]
+    pub(crate) fn with_level(mut self, level: CpuLevel) -> Result<Self> {
         if !CpuLevel::available().contains(&level) {
             return Err(BitnetError::InvalidArgument(format!(
                 "CPU kernel level {} is not available on this machine",
@@ -461,7 +462,8 @@ impl Backend for CpuBackend {
                     );
                     scores.clear();
                     scores.resize(heads * len, 0.0); // [heads, len]
-                                                     // scores[h][j] = Σ_d qs[h][d] · K[j][d], with K stored as [kv_dim, ctx]
+
+                    // scores[h][j] = Σ_d qs[h][d] · K[j][d], with K stored as [kv_dim, ctx]
                     let keys = &kc[kvh * hd * ctx..]; // rows d: component d of every key
                     rows_times_runs(level, qs, heads, hd, keys, ctx, len, scores);
                     for s in scores.chunks_exact_mut(len) {
