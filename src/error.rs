@@ -60,6 +60,8 @@ pub enum BitnetError {
     Gpu(String),
     #[error("invalid argument: {0}")]
     InvalidArgument(String),
+    #[error("hub: {0}")]
+    Hub(String),
     #[error("GGUF file {path}: {source}")]
     Gguf {
         path: PathBuf,

@@ -43,11 +43,48 @@ enum Command {
     Bench(BenchArgs),
     /// Show a model's architecture, parameter counts, weight variant and memory needs.
     Info(InfoArgs),
+    /// Download a Hugging Face repo into the standard HF cache ($HF_HUB_CACHE, $HF_HOME/hub or
+    /// ~/.cache/huggingface/hub; $HF_ENDPOINT picks the hub), resuming and checksumming.
+    Pull(PullArgs),
+}
+
+#[derive(Args)]
+struct PullArgs {
+    /// Repo id, e.g. microsoft/bitnet-b1.58-2B-4T-gguf.
+    repo: String,
+    /// Branch, tag or commit.
+    #[arg(long, default_value = "main")]
+    revision: String,
+    /// Only files matching this glob (repeatable), e.g. --include '*.gguf'.
+    #[arg(long, value_name = "PATTERN")]
+    include: Vec<String>,
+}
+
+fn pull(a: PullArgs) -> Result<()> {
+    let cache = bitnet_wgpu::pull::cache_dir();
+    let p = bitnet_wgpu::pull::pull(None, &cache, &a.repo, &a.revision, &a.include, true)
+        .with_context(|| format!("cannot pull {}", a.repo))?;
+    for (f, fresh) in &p.files {
+        println!("{} {f}", if *fresh { "downloaded" } else { "cached    " });
+    }
+    println!("snapshot {} (commit {})", p.snapshot.display(), p.commit);
+    println!("use it with: --model {}", a.repo);
+    Ok(())
+}
+
+/// `--model` values that are not a path but a repo id in the HF cache resolve to its snapshot.
+fn resolve_model(p: PathBuf) -> PathBuf {
+    if p.exists() {
+        return p;
+    }
+    let id = p.to_string_lossy();
+    bitnet_wgpu::pull::resolve_cached(&bitnet_wgpu::pull::cache_dir(), &id).unwrap_or(p)
 }
 
 #[derive(Args, Clone)]
 struct ModelArgs {
-    /// Model folder (Hugging Face layout) or .gguf file. Default: $BITNET_MODEL, else the
+    /// Model folder (Hugging Face layout), .gguf file, or a repo id in the HF cache
+    /// (ORG/NAME or ORG/NAME:FILE, see `bitnet pull`). Default: $BITNET_MODEL, else the
     /// bundled tiny model.
     #[arg(short, long, value_name = "DIR|FILE.gguf")]
     model: Option<PathBuf>,
@@ -107,10 +144,12 @@ impl DeviceArgs {
 
 impl ModelArgs {
     fn dir(&self) -> PathBuf {
-        self.model
-            .clone()
-            .or_else(|| std::env::var_os("BITNET_MODEL").map(PathBuf::from))
-            .unwrap_or_else(|| PathBuf::from(BUNDLED_MODEL))
+        resolve_model(
+            self.model
+                .clone()
+                .or_else(|| std::env::var_os("BITNET_MODEL").map(PathBuf::from))
+                .unwrap_or_else(|| PathBuf::from(BUNDLED_MODEL)),
+        )
     }
 
     fn load(&self) -> Result<Engine> {
@@ -336,6 +375,7 @@ fn main() -> Result<()> {
         Command::Perplexity(a) => perplexity(a),
         Command::Info(a) => info(a),
         Command::Bench(a) => bench(a),
+        Command::Pull(a) => pull(a),
     }
 }
 
@@ -717,6 +757,7 @@ fn bench(a: BenchArgs) -> Result<()> {
             (w, format!("synthetic {p}"), size)
         }
         (Some(dir), None) => {
+            let dir = &resolve_model(dir.clone());
             let (_, _, _, w) =
                 bitnet_wgpu::load::load_model(dir, &a.device.gguf_options(), |_, _| {})?;
             let size = w.ternary_bytes()
