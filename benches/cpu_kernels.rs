@@ -13,7 +13,7 @@ use rand::{Rng, SeedableRng};
 use bitnet_wgpu::backend::cpu::dispatch::{dot_bf16, ternary_dot4, ternary_dot4_x2, CpuLevel};
 use bitnet_wgpu::backend::cpu::q8::{HeadInput, Q8Matrix};
 use bitnet_wgpu::backend::cpu::CpuBackend;
-use bitnet_wgpu::backend::Backend;
+use bitnet_wgpu::backend::{Backend, StepRow};
 use bitnet_wgpu::load::{FloatDtype, FloatMatrix};
 use bitnet_wgpu::ternary::{ByteStorage, TernaryMatrix};
 
@@ -71,7 +71,7 @@ fn bench_matmul(
     x.data
         .iter_mut()
         .for_each(|v| *v = r.random_range(-1f32..1.0));
-    b.begin_step(&vec![0u32; n], 0).unwrap();
+    b.begin_step(&StepRow::sequence(&vec![0u32; n], 0)).unwrap();
     let mut xq = b.alloc_q(n, w.cols).unwrap();
     b.quantize(&x, &mut xq).unwrap();
     let mut out = b.alloc(n, w.rows).unwrap(); // [n, rows]

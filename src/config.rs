@@ -3,6 +3,8 @@
 
 use std::path::Path;
 
+use serde::de::{DeserializeOwned, Error as _};
+use serde::{Deserialize, Deserializer};
 use serde_json::Value;
 
 use crate::error::{BitnetError, Result};
@@ -121,46 +123,193 @@ impl ModelConfig {
     /// Parses and validates; the error string names the key at fault.
     pub fn from_json_str(text: &str) -> std::result::Result<Self, String> {
         let v: Value = serde_json::from_str(text).map_err(|e| format!("not valid JSON: {e}"))?;
-        let obj = v.as_object().ok_or("the top level is not a JSON object")?;
+        if !v.is_object() {
+            return Err("the top level is not a JSON object".into());
+        }
+        // every field is lenient (see RawConfig), so an object always reads
+        let raw: RawConfig = serde_json::from_value(v).map_err(|e| e.to_string())?;
+        raw.validate()
+    }
 
-        let model_type = obj
-            .get("model_type")
-            .and_then(Value::as_str)
-            .unwrap_or("bitnet");
+    /// Width of the concatenated query heads: `[n_heads * head_dim]`.
+    pub fn q_dim(&self) -> usize {
+        self.num_attention_heads * self.head_dim
+    }
+
+    /// Width of the concatenated key (or value) heads: `[n_kv_heads * head_dim]`.
+    pub fn kv_dim(&self) -> usize {
+        self.num_key_value_heads * self.head_dim
+    }
+
+    /// Ternary weights in the 7 projections of all layers.
+    pub fn ternary_params(&self) -> u64 {
+        let (h, i) = (self.hidden_size as u64, self.intermediate_size as u64);
+        let (q, kv) = (self.q_dim() as u64, self.kv_dim() as u64);
+        let per_layer = h * q + 2 * h * kv + q * h + 3 * h * i;
+        per_layer * self.num_hidden_layers as u64
+    }
+
+    /// Float parameters: embedding, untied head, norms.
+    pub fn float_params(&self) -> u64 {
+        let (h, i) = (self.hidden_size as u64, self.intermediate_size as u64);
+        let emb = self.vocab_size as u64 * h;
+        let head = if self.tie_word_embeddings { 0 } else { emb };
+        let norms = self.num_hidden_layers as u64 * (3 * h + i) + h;
+        emb + head + norms
+    }
+
+    /// Bytes of KV cache per position of context (f32 keys and values, all layers).
+    pub fn kv_bytes_per_position(&self) -> u64 {
+        (self.num_hidden_layers * 2 * self.kv_dim() * std::mem::size_of::<f32>()) as u64
+    }
+}
+
+/// config.json as written: the keys this runtime reads, before any check. Numbers, ids and
+/// flags stay JSON values so that [`RawConfig::validate`] names the key at fault in its own
+/// words; a string of another type reads as absent (its default), and so does a key of a nested
+/// object that is not one.
+#[derive(Deserialize, Default)]
+#[serde(default)]
+struct RawConfig {
+    #[serde(deserialize_with = "lenient_str")]
+    model_type: Option<String>,
+    #[serde(deserialize_with = "present")]
+    hidden_size: Option<Value>,
+    #[serde(deserialize_with = "present")]
+    intermediate_size: Option<Value>,
+    #[serde(deserialize_with = "present")]
+    num_hidden_layers: Option<Value>,
+    #[serde(deserialize_with = "present")]
+    num_attention_heads: Option<Value>,
+    #[serde(deserialize_with = "present")]
+    num_key_value_heads: Option<Value>,
+    #[serde(deserialize_with = "present")]
+    head_dim: Option<Value>,
+    #[serde(deserialize_with = "present")]
+    vocab_size: Option<Value>,
+    #[serde(deserialize_with = "present")]
+    max_position_embeddings: Option<Value>,
+    #[serde(deserialize_with = "lenient_str")]
+    hidden_act: Option<String>,
+    #[serde(deserialize_with = "present")]
+    rope_theta: Option<Value>,
+    /// transformers 5.x: `{rope_type, rope_theta}`; `None` when absent, `Some(None)` when null.
+    #[serde(deserialize_with = "nullable_object")]
+    rope_parameters: Option<Option<RawRope>>,
+    /// transformers 4.x's name for the same, read when `rope_parameters` is absent.
+    #[serde(deserialize_with = "nullable_object")]
+    rope_scaling: Option<Option<RawRope>>,
+    #[serde(deserialize_with = "present")]
+    rms_norm_eps: Option<Value>,
+    #[serde(deserialize_with = "present")]
+    tie_word_embeddings: Option<Value>,
+    #[serde(deserialize_with = "present")]
+    bos_token_id: Option<Value>,
+    /// One id or a list of them.
+    #[serde(deserialize_with = "present")]
+    eos_token_id: Option<Value>,
+    #[serde(deserialize_with = "nullable_object")]
+    quantization_config: Option<Option<RawQuantization>>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(default)]
+struct RawRope {
+    #[serde(deserialize_with = "lenient_str")]
+    rope_type: Option<String>,
+    /// The older name of `rope_type`.
+    #[serde(rename = "type", deserialize_with = "lenient_str")]
+    kind: Option<String>,
+    #[serde(deserialize_with = "present")]
+    rope_theta: Option<Value>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(default)]
+struct RawQuantization {
+    #[serde(deserialize_with = "lenient_str")]
+    quant_method: Option<String>,
+    #[serde(deserialize_with = "lenient_str")]
+    linear_class: Option<String>,
+    #[serde(deserialize_with = "lenient_str")]
+    quantization_mode: Option<String>,
+}
+
+/// A key that is there, null included (`Some(Value::Null)`); an absent key is the default `None`.
+fn present<'de, D: Deserializer<'de>>(d: D) -> std::result::Result<Option<Value>, D::Error> {
+    Value::deserialize(d).map(Some)
+}
+
+/// A string, or `None` for any other type.
+fn lenient_str<'de, D: Deserializer<'de>>(d: D) -> std::result::Result<Option<String>, D::Error> {
+    Ok(Value::deserialize(d)?.as_str().map(str::to_owned))
+}
+
+/// A nested object that is there: `Some(None)` when null, every key absent when not an object.
+fn nullable_object<'de, D, T>(d: D) -> std::result::Result<Option<Option<T>>, D::Error>
+where
+    D: Deserializer<'de>,
+    T: DeserializeOwned + Default,
+{
+    Ok(Some(match Value::deserialize(d)? {
+        Value::Null => None,
+        v @ Value::Object(_) => Some(serde_json::from_value(v).map_err(D::Error::custom)?),
+        _ => Some(T::default()),
+    }))
+}
+
+/// A required size: a positive integer up to 2³¹.
+fn usize_key(key: &str, val: Option<&Value>) -> std::result::Result<usize, String> {
+    let val = val.ok_or_else(|| format!("missing key {key:?}"))?;
+    let n = val
+        .as_u64()
+        .ok_or_else(|| format!("{key:?} must be a non-negative integer, found {val}"))?;
+    if n == 0 || n > (1 << 31) {
+        return Err(format!("{key:?} = {n} is out of range"));
+    }
+    Ok(n as usize)
+}
+
+/// A positive finite number.
+fn f32_key(val: &Value, key: &str) -> std::result::Result<f32, String> {
+    let x = val
+        .as_f64()
+        .ok_or_else(|| format!("{key:?} must be a number, found {val}"))?;
+    if !x.is_finite() || x <= 0.0 {
+        return Err(format!("{key:?} = {x} must be a positive finite number"));
+    }
+    Ok(x as f32)
+}
+
+/// An optional size: absent and null mean the default.
+fn usize_or(key: &str, val: Option<&Value>, default: usize) -> std::result::Result<usize, String> {
+    match val {
+        Some(Value::Null) | None => Ok(default),
+        Some(_) => usize_key(key, val),
+    }
+}
+
+impl RawConfig {
+    /// The checks and defaults of [`ModelConfig::from_json_str`]: each error names the key at
+    /// fault.
+    fn validate(self) -> std::result::Result<ModelConfig, String> {
+        let model_type = self.model_type.as_deref().unwrap_or("bitnet");
         if model_type != "bitnet" {
             return Err(format!(
                 "model_type is {model_type:?}; this runtime reads BitNet b1.58 models (model_type \"bitnet\")"
             ));
         }
-        let usize_key = |key: &str| -> std::result::Result<usize, String> {
-            let val = obj.get(key).ok_or_else(|| format!("missing key {key:?}"))?;
-            let n = val
-                .as_u64()
-                .ok_or_else(|| format!("{key:?} must be a non-negative integer, found {val}"))?;
-            if n == 0 || n > (1 << 31) {
-                return Err(format!("{key:?} = {n} is out of range"));
-            }
-            Ok(n as usize)
-        };
-        let f32_key = |val: &Value, key: &str| -> std::result::Result<f32, String> {
-            let x = val
-                .as_f64()
-                .ok_or_else(|| format!("{key:?} must be a number, found {val}"))?;
-            if !x.is_finite() || x <= 0.0 {
-                return Err(format!("{key:?} = {x} must be a positive finite number"));
-            }
-            Ok(x as f32)
-        };
-
-        let hidden_size = usize_key("hidden_size")?;
-        let intermediate_size = usize_key("intermediate_size")?;
-        let num_hidden_layers = usize_key("num_hidden_layers")?;
-        let num_attention_heads = usize_key("num_attention_heads")?;
-        let num_key_value_heads = match obj.get("num_key_value_heads") {
-            Some(Value::Null) | None => num_attention_heads,
-            Some(_) => usize_key("num_key_value_heads")?,
-        };
-        let head_dim = match obj.get("head_dim") {
+        let hidden_size = usize_key("hidden_size", self.hidden_size.as_ref())?;
+        let intermediate_size = usize_key("intermediate_size", self.intermediate_size.as_ref())?;
+        let num_hidden_layers = usize_key("num_hidden_layers", self.num_hidden_layers.as_ref())?;
+        let num_attention_heads =
+            usize_key("num_attention_heads", self.num_attention_heads.as_ref())?;
+        let num_key_value_heads = usize_or(
+            "num_key_value_heads",
+            self.num_key_value_heads.as_ref(),
+            num_attention_heads,
+        )?;
+        let head_dim = match self.head_dim {
             Some(Value::Null) | None => {
                 if !hidden_size.is_multiple_of(num_attention_heads) {
                     return Err(format!(
@@ -169,7 +318,7 @@ impl ModelConfig {
                 }
                 hidden_size / num_attention_heads
             }
-            Some(_) => usize_key("head_dim")?,
+            Some(ref v) => usize_key("head_dim", Some(v))?,
         };
         if !head_dim.is_multiple_of(2) {
             return Err(format!("head_dim {head_dim} must be even for RoPE"));
@@ -179,13 +328,13 @@ impl ModelConfig {
                 "num_attention_heads {num_attention_heads} is not a multiple of num_key_value_heads {num_key_value_heads}"
             ));
         }
-        let vocab_size = usize_key("vocab_size")?;
-        let max_position_embeddings = usize_key("max_position_embeddings")?;
+        let vocab_size = usize_key("vocab_size", self.vocab_size.as_ref())?;
+        let max_position_embeddings = usize_key(
+            "max_position_embeddings",
+            self.max_position_embeddings.as_ref(),
+        )?;
 
-        let hidden_act = obj
-            .get("hidden_act")
-            .and_then(Value::as_str)
-            .unwrap_or("relu2");
+        let hidden_act = self.hidden_act.as_deref().unwrap_or("relu2");
         if hidden_act != "relu2" {
             return Err(format!(
                 "unsupported hidden_act {hidden_act:?}: BitNet b1.58 uses \"relu2\" (relu(x)^2)"
@@ -194,15 +343,12 @@ impl ModelConfig {
 
         // rope_theta sits at the top level in transformers 4.x configs and under rope_parameters
         // (with rope_type) in 5.x. Only the default (unscaled) RoPE is what BitNet uses.
-        let rope_params = obj
-            .get("rope_parameters")
-            .or_else(|| obj.get("rope_scaling"))
-            .filter(|v| !v.is_null());
-        if let Some(rp) = rope_params {
+        let rope_params = self.rope_parameters.or(self.rope_scaling).flatten();
+        if let Some(rp) = &rope_params {
             let rope_type = rp
-                .get("rope_type")
-                .or_else(|| rp.get("type"))
-                .and_then(Value::as_str)
+                .rope_type
+                .as_deref()
+                .or(rp.kind.as_deref())
                 .unwrap_or("default");
             if rope_type != "default" {
                 return Err(format!(
@@ -210,22 +356,20 @@ impl ModelConfig {
                 ));
             }
         }
-        let rope_theta = match (
-            obj.get("rope_theta"),
-            rope_params.and_then(|rp| rp.get("rope_theta")),
-        ) {
+        let nested_theta = rope_params.and_then(|rp| rp.rope_theta);
+        let rope_theta = match (&self.rope_theta, &nested_theta) {
             (Some(v), _) if !v.is_null() => f32_key(v, "rope_theta")?,
             (_, Some(v)) => f32_key(v, "rope_parameters.rope_theta")?,
             _ => 10000.0,
         };
-        let rms_norm_eps = match obj.get("rms_norm_eps") {
+        let rms_norm_eps = match &self.rms_norm_eps {
             Some(v) => f32_key(v, "rms_norm_eps")?,
             None => 1e-6,
         };
         // transformers' BitNetConfig defaults to untied: without the key, lm_head.weight must exist.
-        let tie_word_embeddings = match obj.get("tie_word_embeddings") {
+        let tie_word_embeddings = match self.tie_word_embeddings {
             None | Some(Value::Null) => false,
-            Some(Value::Bool(b)) => *b,
+            Some(Value::Bool(b)) => b,
             Some(v) => return Err(format!("tie_word_embeddings must be a bool, found {v}")),
         };
 
@@ -237,11 +381,11 @@ impl ModelConfig {
                     format!("{key:?} = {v} is not a token id below vocab_size {vocab_size}")
                 })
         };
-        let bos_token_id = match obj.get("bos_token_id") {
+        let bos_token_id = match &self.bos_token_id {
             None | Some(Value::Null) => None,
             Some(v) => Some(token_id(v, "bos_token_id")?),
         };
-        let eos_token_ids = match obj.get("eos_token_id") {
+        let eos_token_ids = match &self.eos_token_id {
             None | Some(Value::Null) => Vec::new(),
             Some(Value::Array(ids)) => ids
                 .iter()
@@ -250,7 +394,7 @@ impl ModelConfig {
             Some(v) => vec![token_id(v, "eos_token_id")?],
         };
 
-        let variant = match obj.get("quantization_config").filter(|v| !v.is_null()) {
+        let variant = match self.quantization_config.flatten() {
             // No quantization_config: transformers would build plain nn.Linear layers, which is
             // not a BitNet b1.58 checkpoint this runtime understands.
             None => {
@@ -260,20 +404,14 @@ impl ModelConfig {
                 )
             }
             Some(qc) => {
-                let method = qc.get("quant_method").and_then(Value::as_str).unwrap_or("");
+                let method = qc.quant_method.as_deref().unwrap_or("");
                 if method != "bitnet" {
                     return Err(format!(
                         "quantization_config.quant_method is {method:?}, expected \"bitnet\""
                     ));
                 }
-                let class = qc
-                    .get("linear_class")
-                    .and_then(Value::as_str)
-                    .unwrap_or("bitlinear");
-                let mode = qc
-                    .get("quantization_mode")
-                    .and_then(Value::as_str)
-                    .unwrap_or("offline");
+                let class = qc.linear_class.as_deref().unwrap_or("bitlinear");
+                let mode = qc.quantization_mode.as_deref().unwrap_or("offline");
                 match (class, mode) {
                     (_, "online") => WeightVariant::OnlineMaster,
                     ("autobitlinear", "offline") => WeightVariant::PackedAutoBitLinear,
@@ -325,38 +463,6 @@ impl ModelConfig {
             variant,
             activation: FfnActivation::Relu2,
         })
-    }
-
-    /// Width of the concatenated query heads: `[n_heads * head_dim]`.
-    pub fn q_dim(&self) -> usize {
-        self.num_attention_heads * self.head_dim
-    }
-
-    /// Width of the concatenated key (or value) heads: `[n_kv_heads * head_dim]`.
-    pub fn kv_dim(&self) -> usize {
-        self.num_key_value_heads * self.head_dim
-    }
-
-    /// Ternary weights in the 7 projections of all layers.
-    pub fn ternary_params(&self) -> u64 {
-        let (h, i) = (self.hidden_size as u64, self.intermediate_size as u64);
-        let (q, kv) = (self.q_dim() as u64, self.kv_dim() as u64);
-        let per_layer = h * q + 2 * h * kv + q * h + 3 * h * i;
-        per_layer * self.num_hidden_layers as u64
-    }
-
-    /// Float parameters: embedding, untied head, norms.
-    pub fn float_params(&self) -> u64 {
-        let (h, i) = (self.hidden_size as u64, self.intermediate_size as u64);
-        let emb = self.vocab_size as u64 * h;
-        let head = if self.tie_word_embeddings { 0 } else { emb };
-        let norms = self.num_hidden_layers as u64 * (3 * h + i) + h;
-        emb + head + norms
-    }
-
-    /// Bytes of KV cache per position of context (f32 keys and values, all layers).
-    pub fn kv_bytes_per_position(&self) -> u64 {
-        (self.num_hidden_layers * 2 * self.kv_dim() * std::mem::size_of::<f32>()) as u64
     }
 }
 
@@ -425,6 +531,42 @@ mod tests {
         let mut m = base();
         m["eos_token_id"] = 999.into();
         assert!(parse(&m).unwrap_err().contains("eos_token_id"));
+    }
+
+    #[test]
+    fn null_and_mistyped_keys_read_as_before_the_raw_struct() {
+        // a null required size is named with its value, not reported missing
+        let mut m = base();
+        m["hidden_size"] = Value::Null;
+        let err = parse(&m).unwrap_err();
+        assert!(
+            err.contains("\"hidden_size\" must be a non-negative integer, found null"),
+            "{err}"
+        );
+        // a string key of another type reads as its default
+        let mut m = base();
+        m["hidden_act"] = 5.into();
+        assert!(parse(&m).is_ok());
+        // a null num_key_value_heads means "as many as the query heads"
+        let mut m = base();
+        m["num_key_value_heads"] = Value::Null;
+        assert_eq!(parse(&m).unwrap().num_key_value_heads, 4);
+        // a quantization_config that is not an object has no quant_method
+        let mut m = base();
+        m["quantization_config"] = "bitnet".into();
+        assert!(parse(&m).unwrap_err().contains("quant_method is \"\""));
+        // rope_parameters null: rope_scaling is not read in its place
+        let mut m = base();
+        m.insert("rope_parameters".into(), Value::Null);
+        m.insert("rope_scaling".into(), serde_json::json!({"type": "yarn"}));
+        assert!(parse(&m).is_ok());
+        assert_eq!(
+            ModelConfig::from_json_str("[1, 2]").unwrap_err(),
+            "the top level is not a JSON object"
+        );
+        assert!(ModelConfig::from_json_str("{")
+            .unwrap_err()
+            .starts_with("not valid JSON"));
     }
 
     #[test]

@@ -1,6 +1,7 @@
 //! A loaded model ready to use: files, config, tokenizer and the model on the chosen backend,
 //! plus generation (prefill, decode loop, stop tokens, streaming) on top of it.
 
+use std::ops::ControlFlow;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
@@ -95,6 +96,15 @@ impl AnyModel {
     pub fn forward_argmax(&mut self, tokens: &[u32]) -> Result<u32> {
         with_model!(self, m => m.forward_argmax(tokens))
     }
+    pub fn greedy_begin(&mut self, tokens: &[u32]) -> Result<()> {
+        with_model!(self, m => m.greedy_begin(tokens))
+    }
+    pub fn greedy_next(&mut self) -> Result<u32> {
+        with_model!(self, m => m.greedy_next())
+    }
+    pub fn greedy_finish(&mut self) -> Result<u32> {
+        with_model!(self, m => m.greedy_finish())
+    }
     pub fn forward_all(&mut self, tokens: &[u32]) -> Result<Vec<f32>> {
         with_model!(self, m => m.forward_all(tokens))
     }
@@ -116,6 +126,8 @@ pub enum FinishReason {
     Length,
     /// The context (KV cache) is full.
     Context,
+    /// The caller stopped it (`on_text` returned `ControlFlow::Break`: Ctrl-C, a closed pipe).
+    Cancelled,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -189,13 +201,67 @@ pub fn build_model_explained(
     }
 }
 
-/// The model on the CPU backend.
+/// The model on the CPU backend, once the memory it allocates is known to be there.
 fn cpu_model(weights: &ModelWeights, threads: usize, options: ModelOptions) -> Result<AnyModel> {
+    check_host_memory(&weights.config, &options, available_memory())?;
+    let threads = cap_threads(threads);
     Ok(AnyModel::Cpu(Model::new(
         CpuBackend::new(threads)?,
         weights,
         options,
     )?))
+}
+
+/// Thread counts above this many per core only add scheduling and memory (10 000 threads make a
+/// 2-core machine unusable); a larger request is capped with a warning.
+pub const MAX_THREADS_PER_CORE: usize = 4;
+
+/// `threads` (0 = the default) capped at [`MAX_THREADS_PER_CORE`] × the cores we may use.
+pub fn cap_threads(threads: usize) -> usize {
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let max = cores * MAX_THREADS_PER_CORE;
+    if threads > max {
+        eprintln!(
+            "warning: --threads {threads} is more than {MAX_THREADS_PER_CORE} per core ({cores} cores here); using {max}"
+        );
+        return max;
+    }
+    threads
+}
+
+/// Memory the OS can still give us (`MemAvailable` of `/proc/meminfo`, Linux); None elsewhere.
+pub fn available_memory() -> Option<u64> {
+    let text = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = text.lines().find(|l| l.starts_with("MemAvailable:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    kib.checked_mul(1024)
+}
+
+/// Fails, naming `--ctx`, when the KV cache and activations the model allocates up front (the
+/// weights stay memory-mapped) exceed `available` bytes, instead of letting the allocation abort
+/// the process. Unknown available memory (`None`) skips the check.
+pub fn check_host_memory(
+    config: &ModelConfig,
+    options: &ModelOptions,
+    available: Option<u64>,
+) -> Result<()> {
+    let Some(available) = available else {
+        return Ok(());
+    };
+    // The CPU backend's buffers have the GPU's layout and sizes (f32 cache and activations).
+    let need = gpu::estimate_memory(config, options, 4);
+    let bytes = need.kv_cache.saturating_add(need.activations);
+    if bytes > available {
+        let per_pos = config.kv_bytes_per_position().max(1);
+        let fits = available.saturating_sub(need.activations) / per_pos;
+        return Err(BitnetError::InvalidArgument(format!(
+            "a context of {} positions needs {:.1} GiB for the KV cache and activations but only {:.1} GiB of memory is available: use a smaller --ctx (at most about {fits})",
+            options.ctx,
+            bytes as f64 / (1u64 << 30) as f64,
+            available as f64 / (1u64 << 30) as f64,
+        )));
+    }
+    Ok(())
 }
 
 /// The model on the adapter chosen by `choice` and `opts.adapter`, when it is likely to fit
@@ -316,25 +382,54 @@ impl Engine {
     fn step(&mut self, tokens: &[u32], greedy: bool) -> Result<Fed> {
         let run = |m: &mut AnyModel| -> Result<Fed> {
             Ok(if greedy {
-                Fed::Argmax(m.forward_argmax(tokens)?)
+                m.greedy_begin(tokens)?; // pipelined: the token is read by greedy_next/finish
+                Fed::Greedy
             } else {
                 Fed::Logits(m.forward_last(tokens)?)
             })
         };
         match run(&mut self.model) {
             Err(BitnetError::Gpu(msg)) if matches!(self.model, AnyModel::Gpu(_)) => {
-                eprintln!(
-                    "warning: GPU failed ({msg}); continuing on the CPU from position {}",
-                    self.fed.len()
-                );
-                let options = self.model_options();
-                self.model = cpu_model(&self.weights, self.options.threads, options)?;
-                self.device_note = Some(format!("fell back to the CPU after a GPU failure: {msg}"));
-                if !self.fed.is_empty() {
-                    let fed = self.fed.clone();
-                    self.model.forward_argmax(&fed)?;
-                }
+                self.fall_back_to_cpu(&msg)?;
                 run(&mut self.model)
+            }
+            other => other,
+        }
+    }
+
+    /// Replaces the GPU model by a CPU one holding the same context (and the same pending
+    /// greedy token, recomputed).
+    fn fall_back_to_cpu(&mut self, msg: &str) -> Result<()> {
+        eprintln!(
+            "warning: GPU failed ({msg}); continuing on the CPU from position {}",
+            self.fed.len()
+        );
+        let options = self.model_options();
+        self.model = cpu_model(&self.weights, self.options.threads, options)?;
+        self.device_note = Some(format!("fell back to the CPU after a GPU failure: {msg}"));
+        if !self.fed.is_empty() {
+            let fed = self.fed.clone();
+            self.model.greedy_begin(&fed)?; // also recomputes a lost pending greedy token
+        }
+        Ok(())
+    }
+
+    /// The pending greedy token, run through the model first when `run` (its successor is then
+    /// under way before it is read); on a GPU failure, the CPU takes over as in `step`.
+    fn greedy_token(&mut self, run: bool) -> Result<u32> {
+        let r = if run {
+            self.model.greedy_next()
+        } else {
+            self.model.greedy_finish()
+        };
+        match r {
+            Err(BitnetError::Gpu(msg)) if matches!(self.model, AnyModel::Gpu(_)) => {
+                self.fall_back_to_cpu(&msg)?;
+                if run {
+                    self.model.greedy_next()
+                } else {
+                    self.model.greedy_finish()
+                }
             }
             other => other,
         }
@@ -349,6 +444,23 @@ impl Engine {
         sampler: &mut Sampler,
         ignore_eos: bool,
         mut on_text: impl FnMut(&str),
+    ) -> Result<Generation> {
+        self.generate_until(prompt, max_tokens, sampler, ignore_eos, |t| {
+            on_text(t);
+            ControlFlow::Continue(())
+        })
+    }
+
+    /// [`Engine::generate`] that the caller can stop: when `on_text` returns
+    /// `ControlFlow::Break`, no further token is computed and the generation so far is returned
+    /// with [`FinishReason::Cancelled`].
+    pub fn generate_until(
+        &mut self,
+        prompt: &[u32],
+        max_tokens: usize,
+        sampler: &mut Sampler,
+        ignore_eos: bool,
+        mut on_text: impl FnMut(&str) -> ControlFlow<()>,
     ) -> Result<Generation> {
         let stop = if ignore_eos {
             Vec::new()
@@ -366,21 +478,40 @@ impl Engine {
         let prefill_s = t0.elapsed().as_secs_f64();
         let t1 = Instant::now();
         while out.len() < max_tokens {
+            // Greedy: the token's own step is submitted before it is read (when it will be
+            // needed: not the last token, room in the context); a stop token's step is the one
+            // step of work thrown away.
+            let ran = matches!(next, Fed::Greedy)
+                && out.len() + 1 < max_tokens
+                && self.model.position() < self.model.ctx();
             let id = match next {
-                Fed::Argmax(id) => id,
-                Fed::Logits(ref l) => sampler.sample(l, &history),
+                Fed::Greedy => self.greedy_token(ran)?,
+                Fed::Logits(ref l) => sampler.try_sample(l, &history)?,
             };
+            if ran {
+                self.fed.push(id); // its step has run: the cache holds it
+            }
             out.push(id);
             history.push(id);
             if stop.contains(&id) {
+                if ran {
+                    self.fed.pop();
+                    self.model.truncate(self.fed.len());
+                }
                 finish = FinishReason::Stop;
                 break;
             }
             let piece = stream.push(&self.tokenizer, id)?;
-            on_text(&piece);
             text.push_str(&piece);
+            if on_text(&piece).is_break() {
+                finish = FinishReason::Cancelled;
+                break;
+            }
             if out.len() == max_tokens {
                 break;
+            }
+            if ran {
+                continue;
             }
             if self.model.position() >= self.model.ctx() {
                 finish = FinishReason::Context;
@@ -390,7 +521,9 @@ impl Engine {
             self.fed.push(id);
         }
         let rest = stream.finish(&self.tokenizer)?;
-        on_text(&rest);
+        if finish != FinishReason::Cancelled {
+            let _ = on_text(&rest);
+        }
         text.push_str(&rest);
         Ok(Generation {
             token_ids: out,
@@ -418,6 +551,7 @@ impl Engine {
 }
 
 enum Fed {
-    Argmax(u32),
+    /// A greedy decode is pending in the model (`greedy_begin`).
+    Greedy,
     Logits(Vec<f32>),
 }

@@ -48,6 +48,8 @@ pub enum BitnetError {
     TokenOutOfRange { id: u32, vocab_size: usize },
     #[error("context overflow: {needed} positions are needed but the context holds {ctx} (max_position_embeddings or --ctx)")]
     ContextOverflow { needed: usize, ctx: usize },
+    #[error("KV-cache slot {slot} is out of range: the cache has {slots} slots")]
+    SlotOutOfRange { slot: u32, slots: usize },
     #[error("empty input: {0}")]
     EmptyInput(&'static str),
     #[error("tokenizer: {0}")]
@@ -62,6 +64,8 @@ pub enum BitnetError {
     InvalidArgument(String),
     #[error("hub: {0}")]
     Hub(String),
+    #[error("server: {0}")]
+    Serve(String),
     #[error("GGUF file {path}: {source}")]
     Gguf {
         path: PathBuf,

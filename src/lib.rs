@@ -7,11 +7,11 @@
 
 pub mod backend;
 pub mod bench;
-pub mod benchmark;
 pub mod config;
 pub mod energy;
 pub mod engine;
 pub mod error;
+pub mod fuzz_targets;
 pub mod gguf;
 pub mod load;
 pub mod model;

@@ -221,18 +221,92 @@ pub fn load_model(
 pub fn load_weights(
     path: &Path,
     config: &ModelConfig,
-    mut on_layer: impl FnMut(usize, usize),
+    on_layer: impl FnMut(usize, usize),
 ) -> Result<ModelWeights> {
     let file = std::fs::File::open(path).map_err(|e| BitnetError::io(path, e))?;
     // SAFETY: the map is read-only; a checkpoint modified while we run is the user's problem, as
     // with every mmap-based loader (candle, llama.cpp).
     let map = unsafe { memmap2::Mmap::map(&file) }.map_err(|e| BitnetError::io(path, e))?;
-    let map = Arc::new(map);
-    let st = SafeTensors::deserialize(&map[..]).map_err(|e| BitnetError::Safetensors {
+    let len = map.len();
+    load_weights_from_map(Arc::new(map), len, path, config, on_layer)
+}
+
+/// [`load_weights`] on a safetensors file held in memory (`name` only labels errors): the bytes
+/// are copied into an anonymous mapping, so nothing else changes. For the fuzz targets, the
+/// property tests and callers that already hold the file.
+pub fn load_weights_from_bytes(
+    bytes: &[u8],
+    name: &Path,
+    config: &ModelConfig,
+) -> Result<ModelWeights> {
+    // A zero-length mapping is an error on Linux: map one byte and read none of it.
+    let mut map =
+        memmap2::MmapMut::map_anon(bytes.len().max(1)).map_err(|e| BitnetError::io(name, e))?;
+    map[..bytes.len()].copy_from_slice(bytes);
+    let map = map.make_read_only().map_err(|e| BitnetError::io(name, e))?;
+    load_weights_from_map(Arc::new(map), bytes.len(), name, config, |_, _| {})
+}
+
+/// Largest model size the derived arithmetic is checked for: 2^50 parameters or bytes (a
+/// thousand times any model that exists; far from overflowing u64 in the sums built on it).
+const MAX_MODEL_UNITS: u128 = 1 << 50;
+
+/// Rejects a config whose sizes are beyond any real model, so that everything computed from
+/// them (parameter counts, KV bytes per position, buffer and memory estimates, all in u64 or
+/// usize) cannot overflow. config.json is untrusted: each size may be up to 2^31 on its own.
+pub fn check_config_sizes(c: &ModelConfig) -> Result<()> {
+    let n = |x: usize| x as u128;
+    let (h, i, l, v) = (
+        n(c.hidden_size),
+        n(c.intermediate_size),
+        n(c.num_hidden_layers),
+        n(c.vocab_size),
+    );
+    let q = n(c.num_attention_heads) * n(c.head_dim);
+    let kv = n(c.num_key_value_heads) * n(c.head_dim);
+    let per_layer = 2 * h * q + 2 * h * kv + 3 * h * i + 3 * h + i;
+    let params = per_layer * l + 2 * v * h + h;
+    let kv_bytes_per_pos = l * 2 * kv * 4;
+    let biggest = [
+        params,
+        kv_bytes_per_pos,
+        kv_bytes_per_pos * n(c.max_position_embeddings),
+    ]
+    .into_iter()
+    .max()
+    .unwrap_or(0);
+    if biggest > MAX_MODEL_UNITS {
+        return Err(BitnetError::Unsupported {
+            what: "model size",
+            value: format!(
+                "{params} parameters, {kv_bytes_per_pos} KV-cache bytes per position, {} positions",
+                c.max_position_embeddings
+            ),
+            hint: "config.json describes a model far beyond any real one (over 2^50 parameters or KV bytes); the file is corrupt",
+        });
+    }
+    Ok(())
+}
+
+/// Checks the first `len` bytes of `map` (a whole safetensors file) against `config`.
+fn load_weights_from_map(
+    map: Arc<memmap2::Mmap>,
+    len: usize,
+    path: &Path,
+    config: &ModelConfig,
+    mut on_layer: impl FnMut(usize, usize),
+) -> Result<ModelWeights> {
+    check_config_sizes(config)?;
+    let map = &map;
+    let st = SafeTensors::deserialize(&map[..len]).map_err(|e| BitnetError::Safetensors {
         path: path.to_path_buf(),
-        msg: e.to_string(),
+        // The crate's size errors do not say which tensor: find it.
+        msg: match bad_tensor_entry(&map[..len]) {
+            Some(which) => format!("{e}: {which}"),
+            None => e.to_string(),
+        },
     })?;
-    let t = Tensors { st: &st, map: &map };
+    let t = Tensors { st: &st, map };
 
     let c = config;
     let (h, i) = (c.hidden_size, c.intermediate_size);
@@ -250,7 +324,9 @@ pub fn load_weights(
         }
     };
     let final_norm = t.vector("model.norm.weight", h)?;
-    let mut layers = Vec::with_capacity(c.num_hidden_layers);
+    // Not with_capacity(num_hidden_layers): that count comes from an untrusted config.json, and
+    // a file with fewer tensors fails below anyway.
+    let mut layers = Vec::new();
     for l in 0..c.num_hidden_layers {
         on_layer(l, c.num_hidden_layers);
         let p = format!("model.layers.{l}.");
@@ -279,6 +355,68 @@ pub fn load_weights(
         final_norm,
         layers,
     })
+}
+
+/// The first tensor of a safetensors header whose shape × dtype disagrees with its data_offsets,
+/// described; None when the header cannot be read or every entry is consistent.
+fn bad_tensor_entry(file: &[u8]) -> Option<String> {
+    let n = usize::try_from(u64::from_le_bytes(file.get(..8)?.try_into().ok()?)).ok()?;
+    let header = file.get(8..8usize.checked_add(n)?)?;
+    let entries: serde_json::Map<String, serde_json::Value> =
+        serde_json::from_slice(header).ok()?;
+    for (name, t) in entries.iter().filter(|(k, _)| *k != "__metadata__") {
+        let Ok(dtype) = serde_json::from_value::<Dtype>(t.get("dtype")?.clone()) else {
+            return Some(format!("tensor {name} has an unknown dtype {}", t["dtype"]));
+        };
+        let shape: Vec<u64> = t
+            .get("shape")?
+            .as_array()?
+            .iter()
+            .map(serde_json::Value::as_u64)
+            .collect::<Option<_>>()?;
+        let offsets = t.get("data_offsets")?.as_array()?;
+        let (start, end) = (offsets.first()?.as_u64()?, offsets.get(1)?.as_u64()?);
+        let bits = shape
+            .iter()
+            .try_fold(dtype.bitsize() as u64, |acc, &d| acc.checked_mul(d));
+        let held = end.checked_sub(start);
+        match bits {
+            None => return Some(format!("tensor {name}: shape {shape:?} overflows")),
+            Some(b) if b % 8 != 0 || held != Some(b / 8) => {
+                return Some(format!(
+                    "tensor {name}: shape {shape:?} of {dtype:?} needs {} bits but data_offsets [{start}, {end}] hold {} bytes",
+                    b,
+                    end as i128 - start as i128
+                ))
+            }
+            _ => {}
+        }
+    }
+    None
+}
+
+/// Index of the first inf or NaN (all exponent bits set) among little-endian floats of `dtype`.
+/// Scanned in parallel: the embedding of a 2B model is ~650 MB.
+fn first_non_finite(dtype: FloatDtype, bytes: &[u8]) -> Option<usize> {
+    use rayon::prelude::*;
+    const CHUNK: usize = 1 << 20; // a multiple of every element size
+    let es = dtype.size();
+    let bad = |b: &[u8]| match dtype {
+        FloatDtype::Bf16 => u16::from_le_bytes([b[0], b[1]]) & 0x7f80 == 0x7f80,
+        FloatDtype::F16 => u16::from_le_bytes([b[0], b[1]]) & 0x7c00 == 0x7c00,
+        FloatDtype::F32 => {
+            u32::from_le_bytes([b[0], b[1], b[2], b[3]]) & 0x7f80_0000 == 0x7f80_0000
+        }
+    };
+    bytes
+        .par_chunks(CHUNK)
+        .enumerate()
+        .find_map_first(|(c, chunk)| {
+            chunk
+                .chunks_exact(es)
+                .position(bad)
+                .map(|i| c * (CHUNK / es) + i)
+        })
 }
 
 struct Tensors<'a> {
@@ -333,6 +471,16 @@ impl Tensors<'_> {
         let v = self.get(name)?;
         Self::check_shape(name, v.shape(), &[rows, cols])?;
         let dtype = float_dtype(name, v.dtype())?;
+        if let Some(k) = first_non_finite(dtype, v.data()) {
+            return Err(BitnetError::BadValue {
+                name: name.to_string(),
+                msg: format!(
+                    "element {k} (row {}, column {}) is not finite (inf or NaN): the checkpoint is corrupt",
+                    k / cols.max(1),
+                    k % cols.max(1)
+                ),
+            });
+        }
         Ok(FloatMatrix {
             name: name.to_string(),
             rows,

@@ -10,7 +10,7 @@
 //! Every projection quantizes its input to int8 per token; q/k/v share one quantized input and so
 //! do gate/up, exactly as in transformers (each BitLinear quantizes the same tensor identically).
 
-use crate::backend::{AttentionShape, Backend, HeadFormat, LogitRows};
+use crate::backend::{check_step_rows, AttentionShape, Backend, HeadFormat, StepRow};
 use crate::config::ModelConfig;
 use crate::error::{BitnetError, Result};
 use crate::load::ModelWeights;
@@ -26,15 +26,23 @@ pub struct ModelOptions {
     pub max_logit_rows: usize,
     /// Storage of the LM head.
     pub lm_head: HeadFormat,
+    /// Independent sequences the KV cache holds (`ctx` positions each); the single-sequence API
+    /// (`forward_*`) uses slot 0, [`Model::step_rows`] any.
+    pub slots: usize,
 }
+
+/// The context used when none is asked for: enough for chat and benchmarks, while the KV cache
+/// of a config's full max_position_embeddings (often 128k+) would take tens of GB.
+pub const DEFAULT_CTX: usize = 4096;
 
 impl ModelOptions {
     pub fn for_config(config: &ModelConfig) -> Self {
         ModelOptions {
-            ctx: config.max_position_embeddings,
+            ctx: config.max_position_embeddings.min(DEFAULT_CTX),
             max_batch: 512,
             max_logit_rows: 64,
             lm_head: HeadFormat::Exact,
+            slots: 1,
         }
     }
 }
@@ -73,7 +81,17 @@ struct Scratch<B: Backend> {
     logits: B::Tensor, // [max_logit_rows, vocab]
 }
 
-/// A model on a backend, with its KV cache and the number of positions it holds.
+/// The next token of a pipelined greedy decode (`Model::greedy_begin`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Greedy {
+    None,
+    /// Known on the host (a backend that does not chain tokens).
+    Host(u32),
+    /// Still on the device, its read-back queued.
+    Device,
+}
+
+/// A model on a backend, with its KV cache and the number of positions slot 0 holds.
 pub struct Model<B: Backend> {
     pub config: ModelConfig,
     pub options: ModelOptions,
@@ -86,6 +104,9 @@ pub struct Model<B: Backend> {
     cache: B::KvCache,
     shape: AttentionShape,
     pos: usize,
+    greedy: Greedy,
+    chain_in: bool, // step(): the token comes from the device (the last chained argmax)
+    chain_out: bool, // step(): chain the argmax of its logits row
 }
 
 impl<B: Backend> Model<B> {
@@ -104,7 +125,15 @@ impl<B: Backend> Model<B> {
                 options.ctx, c.max_position_embeddings
             )));
         }
-        options.max_batch = options.max_batch.clamp(1, options.ctx);
+        if options.slots == 0 || options.slots > u32::MAX as usize {
+            return Err(BitnetError::InvalidArgument(format!(
+                "KV-cache slots {} must be at least 1",
+                options.slots
+            )));
+        }
+        // a step holds at most every position of every slot
+        let positions = options.ctx.saturating_mul(options.slots);
+        options.max_batch = options.max_batch.clamp(1, positions);
         options.max_logit_rows = options.max_logit_rows.clamp(1, options.max_batch);
         let b = &mut backend;
         let mut layers = Vec::with_capacity(w.layers.len());
@@ -147,7 +176,7 @@ impl<B: Backend> Model<B> {
             ffn_q: b.alloc_q(n, i)?,
             logits: b.alloc(options.max_logit_rows, c.vocab_size)?,
         };
-        let cache = b.alloc_kv_cache(c.num_hidden_layers, options.ctx, kvd)?;
+        let cache = b.alloc_kv_cache(c.num_hidden_layers, options.slots, options.ctx, kvd)?;
         let shape = AttentionShape {
             n_heads: c.num_attention_heads,
             n_kv_heads: c.num_key_value_heads,
@@ -166,10 +195,13 @@ impl<B: Backend> Model<B> {
             cache,
             shape,
             pos: 0,
+            greedy: Greedy::None,
+            chain_in: false,
+            chain_out: false,
         })
     }
 
-    /// Positions held in the KV cache.
+    /// Positions held in slot 0 of the KV cache (the single-sequence API).
     pub fn position(&self) -> usize {
         self.pos
     }
@@ -207,13 +239,69 @@ impl<B: Backend> Model<B> {
         Ok(())
     }
 
-    /// One step over at most `max_batch` tokens at the current position; leaves the selected
-    /// logits rows in the scratch logits buffer (or computes no logits when `rows` is None).
-    fn step(&mut self, tokens: &[u32], rows: Option<LogitRows>) -> Result<()> {
+    /// One step over rows of any sequences (continuous batching). The logits of `logit_rows`
+    /// (indices into `rows`, at most `max_logit_rows`; none: no LM head) are left ready; read
+    /// them with [`Model::read_logits`]`(logit_rows.len())`. Rows of one slot must have
+    /// consecutive increasing positions in order; the caller owns which positions a slot holds.
+    pub fn step_rows(&mut self, rows: &[StepRow], logit_rows: &[u32]) -> Result<()> {
+        if rows.is_empty() {
+            return Err(BitnetError::EmptyInput("no rows to run"));
+        }
+        if rows.len() > self.options.max_batch {
+            return Err(BitnetError::InvalidArgument(format!(
+                "{} rows in one step; the model was loaded for at most {} (max_batch)",
+                rows.len(),
+                self.options.max_batch
+            )));
+        }
+        if let Some(r) = rows
+            .iter()
+            .find(|r| r.token as usize >= self.config.vocab_size)
+        {
+            return Err(BitnetError::TokenOutOfRange {
+                id: r.token,
+                vocab_size: self.config.vocab_size,
+            });
+        }
+        check_step_rows(rows, self.options.slots, self.options.ctx)?;
+        if logit_rows.len() > self.options.max_logit_rows {
+            return Err(BitnetError::InvalidArgument(format!(
+                "{} logit rows in one step; the model was loaded for at most {} (max_logit_rows)",
+                logit_rows.len(),
+                self.options.max_logit_rows
+            )));
+        }
+        if let Some(&i) = logit_rows.iter().find(|&&i| i as usize >= rows.len()) {
+            return Err(BitnetError::InvalidArgument(format!(
+                "logit row {i} is not one of the step's {} rows",
+                rows.len()
+            )));
+        }
+        self.step(rows, logit_rows)
+    }
+
+    /// The logits of the last step's first `n` logit rows: `[n, vocab]` flattened.
+    pub fn read_logits(&mut self, n: usize) -> Result<Vec<f32>> {
+        if n > self.options.max_logit_rows {
+            return Err(BitnetError::InvalidArgument(format!(
+                "{n} logit rows requested; the buffer holds {}",
+                self.options.max_logit_rows
+            )));
+        }
+        self.backend.read(&self.s.logits, n)
+    }
+
+    /// One step over checked rows; leaves the logits of `logit_rows` in the scratch logits
+    /// buffer (none: no LM head).
+    fn step(&mut self, rows: &[StepRow], logit_rows: &[u32]) -> Result<()> {
         let c = &self.config;
         let (b, s, sh) = (&mut self.backend, &mut self.s, &self.shape);
         let eps = c.rms_norm_eps;
-        b.begin_step(tokens, self.pos)?;
+        if self.chain_in {
+            b.begin_step_chained(rows[0].pos as usize)?;
+        } else {
+            b.begin_step(rows)?;
+        }
         b.embed(&self.embed, &mut s.x)?; // x [n, h]
         for (li, l) in self.layers.iter().enumerate() {
             // --- attention block ---
@@ -229,7 +317,8 @@ impl<B: Backend> Model<B> {
             b.quantize(&s.att_n, &mut s.att_q)?;
             b.ternary_matmul(&l.o_proj, &s.att_q, &mut s.proj)?; // proj [n, h]
             b.add_assign(&mut s.x, &s.proj)?; // x = h [n, h]
-                                              // --- feed-forward block ---
+
+            // --- feed-forward block ---
             b.rms_norm(&s.x, &l.post_attn_norm, eps, &mut s.xn)?; // y [n, h]
             b.quantize(&s.xn, &mut s.xq)?; // shared by gate/up
             b.ternary_matmul(&l.gate_proj, &s.xq, &mut s.gate)?; // gate [n, i]
@@ -240,11 +329,26 @@ impl<B: Backend> Model<B> {
             b.ternary_matmul(&l.down_proj, &s.ffn_q, &mut s.proj)?; // proj [n, h]
             b.add_assign(&mut s.x, &s.proj)?; // x = out [n, h]
         }
-        if let Some(rows) = rows {
+        if !logit_rows.is_empty() {
             b.rms_norm(&s.x, &self.final_norm, eps, &mut s.xn)?; // xn [n, h]
-            b.lm_head(&self.head, &s.xn, rows, &mut s.logits)?; // logits [1 or n, vocab]
+            b.lm_head(&self.head, &s.xn, logit_rows, &mut s.logits)?; // logits [rows, vocab]
+            if self.chain_out {
+                b.argmax_chain(&s.logits)?; // the next token, left on the device
+            }
         }
-        b.end_step()?;
+        b.end_step()
+    }
+
+    /// Appends `tokens` to slot 0 in one step; logits of the last row or of all rows.
+    fn step_seq(&mut self, tokens: &[u32], all_logits: bool) -> Result<()> {
+        let rows = StepRow::sequence(tokens, self.pos);
+        let n = tokens.len() as u32;
+        let logit_rows: Vec<u32> = if all_logits {
+            (0..n).collect()
+        } else {
+            vec![n - 1]
+        };
+        self.step(&rows, &logit_rows)?;
         self.pos += tokens.len();
         Ok(())
     }
@@ -254,8 +358,13 @@ impl<B: Backend> Model<B> {
         self.check_tokens(tokens)?;
         let chunks: Vec<&[u32]> = tokens.chunks(self.options.max_batch).collect();
         for (i, chunk) in chunks.iter().enumerate() {
-            let rows = (i + 1 == chunks.len()).then_some(LogitRows::Last);
-            self.step(chunk, rows)?;
+            if i + 1 == chunks.len() {
+                self.step_seq(chunk, false)?;
+            } else {
+                let rows = StepRow::sequence(chunk, self.pos);
+                self.step(&rows, &[])?;
+                self.pos += chunk.len();
+            }
         }
         Ok(())
     }
@@ -272,12 +381,82 @@ impl<B: Backend> Model<B> {
         self.backend.argmax_row0(&self.s.logits)
     }
 
+    /// Starts a pipelined greedy decode after `tokens` (appended to the context as by
+    /// `forward_argmax`): the first generated token is computed but not read yet. Then each
+    /// `greedy_next` runs the pending token through the model and returns it; on a backend that
+    /// chains tokens (the GPU) that step is submitted before the token is read back, so the
+    /// device never waits for the host. `greedy_finish` returns the pending token without
+    /// running it. Identical ids to `forward_argmax` one token at a time.
+    pub fn greedy_begin(&mut self, tokens: &[u32]) -> Result<()> {
+        if self.greedy == Greedy::Device {
+            // A decode left unfinished (an error upstream): drop its queued read.
+            self.greedy = Greedy::None;
+            self.backend.read_chained()?;
+        }
+        self.greedy = Greedy::None;
+        if self.backend.chains_tokens() {
+            self.chain_out = true;
+            let r = self.prefill(tokens);
+            self.chain_out = false;
+            r?;
+            self.greedy = Greedy::Device;
+        } else {
+            self.greedy = Greedy::Host(self.forward_argmax(tokens)?);
+        }
+        Ok(())
+    }
+
+    /// Runs the pending greedy token (appending it to the context), queues its successor and
+    /// returns it. See `greedy_begin`.
+    pub fn greedy_next(&mut self) -> Result<u32> {
+        match std::mem::replace(&mut self.greedy, Greedy::None) {
+            Greedy::None => Err(BitnetError::EmptyInput("no greedy decode started")),
+            Greedy::Host(id) => {
+                self.greedy = Greedy::Host(self.forward_argmax(&[id])?);
+                Ok(id)
+            }
+            Greedy::Device => {
+                if self.pos + 1 > self.options.ctx {
+                    // Nothing submitted: the pending token can still be read.
+                    self.greedy = Greedy::Device;
+                    return Err(BitnetError::ContextOverflow {
+                        needed: self.pos + 1,
+                        ctx: self.options.ctx,
+                    });
+                }
+                (self.chain_in, self.chain_out) = (true, true);
+                // (token 0 stands in for the id the device holds)
+                let row = StepRow {
+                    token: 0,
+                    pos: self.pos as u32,
+                    slot: 0,
+                };
+                let r = self.step(&[row], &[0]);
+                (self.chain_in, self.chain_out) = (false, false);
+                r?;
+                self.pos += 1;
+                self.greedy = Greedy::Device;
+                // The token of the step before, read while this one runs.
+                self.backend.read_chained()
+            }
+        }
+    }
+
+    /// The pending greedy token, without running it: the end of a greedy decode.
+    pub fn greedy_finish(&mut self) -> Result<u32> {
+        match std::mem::replace(&mut self.greedy, Greedy::None) {
+            Greedy::None => Err(BitnetError::EmptyInput("no greedy decode started")),
+            Greedy::Host(id) => Ok(id),
+            Greedy::Device => self.backend.read_chained(),
+        }
+    }
+
     /// Appends `tokens` and returns the logits of every one of them: `[n, vocab]` flattened.
     pub fn forward_all(&mut self, tokens: &[u32]) -> Result<Vec<f32>> {
         self.check_tokens(tokens)?;
         let mut out = Vec::with_capacity(tokens.len() * self.config.vocab_size);
         for chunk in tokens.chunks(self.options.max_logit_rows) {
-            self.step(chunk, Some(LogitRows::All))?;
+            self.step_seq(chunk, true)?;
             out.extend(self.backend.read(&self.s.logits, chunk.len())?);
         }
         Ok(out)
@@ -299,6 +478,7 @@ mod tests {
             max_batch: 16,
             max_logit_rows: 16,
             lm_head: HeadFormat::Exact,
+            slots: 1,
         };
         let mut m = Model::new(CpuBackend::new(2).unwrap(), &w, opts).unwrap();
         let tokens: Vec<u32> = (0..12).map(|i| (i * 337 + 5) % 4096).collect();
@@ -325,5 +505,151 @@ mod tests {
         assert_eq!(m.position(), 12);
         let err = m.forward_last(&[4096]).unwrap_err();
         assert!(err.to_string().contains("4096"), "{err}");
+    }
+
+    fn tiny_model(slots: usize) -> (Model<CpuBackend>, usize) {
+        let c = preset("tiny").unwrap();
+        let w = random_weights(&c, 7).unwrap();
+        let opts = ModelOptions {
+            ctx: 32,
+            max_batch: 32,
+            max_logit_rows: 32,
+            lm_head: HeadFormat::Exact,
+            slots,
+        };
+        (
+            Model::new(CpuBackend::new(2).unwrap(), &w, opts).unwrap(),
+            c.vocab_size,
+        )
+    }
+
+    #[test]
+    fn a_batch_of_rows_from_several_slots_equals_each_sequence_alone_bit_for_bit() {
+        let seqs: Vec<Vec<u32>> = [(11usize, 5u32), (9, 1001), (14, 2903)]
+            .iter()
+            .map(|&(n, k)| (0..n as u32).map(|i| (i * 337 + k) % 4096).collect())
+            .collect();
+        // alone: each sequence in a single-slot model, every position's logits in one step
+        let (mut alone_model, v) = tiny_model(1);
+        let alone: Vec<Vec<f32>> = seqs
+            .iter()
+            .map(|s| {
+                alone_model.reset();
+                alone_model.forward_all(s).unwrap()
+            })
+            .collect();
+        // batched: sequence i joins at step start[i] with a prefill chunk of prefill[i] tokens,
+        // then decodes one token per step; slots in a scrambled order within each step
+        let (start, prefill, order) = ([0usize, 1, 2], [5usize, 3, 7], [2usize, 0, 1]);
+        let (mut m, _) = tiny_model(3);
+        let mut fed = [0usize; 3];
+        let mut checked = 0;
+        for step in 0.. {
+            let (mut rows, mut owners) = (Vec::new(), Vec::new());
+            for &i in &order {
+                if step < start[i] || fed[i] == seqs[i].len() {
+                    continue;
+                }
+                let k = if fed[i] == 0 { prefill[i] } else { 1 };
+                rows.extend(StepRow::sequence_in(
+                    i as u32,
+                    &seqs[i][fed[i]..fed[i] + k],
+                    fed[i],
+                ));
+                owners.extend((fed[i]..fed[i] + k).map(|p| (i, p)));
+                fed[i] += k;
+            }
+            if rows.is_empty() {
+                break;
+            }
+            // every row's logits, in reverse order: the selection order is the output order
+            let logit_rows: Vec<u32> = (0..rows.len() as u32).rev().collect();
+            m.step_rows(&rows, &logit_rows).unwrap();
+            let got = m.read_logits(logit_rows.len()).unwrap();
+            for (o, &r) in logit_rows.iter().enumerate() {
+                let (i, p) = owners[r as usize];
+                let (g, e) = (&got[o * v..(o + 1) * v], &alone[i][p * v..(p + 1) * v]);
+                for (j, (a, b)) in g.iter().zip(e).enumerate() {
+                    assert!(
+                        a.to_bits() == b.to_bits(),
+                        "step {step} sequence {i} position {p} index {j}: got {a}, expected {b}"
+                    );
+                }
+                checked += 1;
+            }
+        }
+        assert_eq!(checked, 11 + 9 + 14);
+    }
+
+    #[test]
+    fn step_rows_rejects_bad_rows_with_typed_errors() {
+        let (mut m, _) = tiny_model(2);
+        let row = |token, pos, slot| StepRow { token, pos, slot };
+        let err = |m: &mut Model<CpuBackend>, rows: &[StepRow], logits: &[u32]| {
+            m.step_rows(rows, logits).unwrap_err()
+        };
+        assert!(matches!(
+            err(&mut m, &[row(1, 0, 2)], &[0]),
+            BitnetError::SlotOutOfRange { slot: 2, slots: 2 }
+        ));
+        assert!(matches!(
+            err(&mut m, &[row(1, 32, 0)], &[0]),
+            BitnetError::ContextOverflow {
+                needed: 33,
+                ctx: 32
+            }
+        ));
+        assert!(matches!(
+            err(&mut m, &[row(4096, 0, 0)], &[0]),
+            BitnetError::TokenOutOfRange { id: 4096, .. }
+        ));
+        assert!(matches!(err(&mut m, &[], &[]), BitnetError::EmptyInput(_)));
+        // rows of one slot must be consecutive and increasing; other slots may interleave
+        let e = err(&mut m, &[row(1, 3, 0), row(1, 0, 1), row(1, 5, 0)], &[0]);
+        assert!(
+            e.to_string().contains("position 5 follows position 3"),
+            "{e}"
+        );
+        let e = err(&mut m, &[row(1, 3, 0), row(1, 3, 0)], &[0]);
+        assert!(
+            e.to_string().contains("position 3 follows position 3"),
+            "{e}"
+        );
+        let e = err(&mut m, &[row(1, 0, 0)], &[1]);
+        assert!(e.to_string().contains("logit row 1"), "{e}");
+        let many: Vec<StepRow> = (0..33).map(|p| row(1, p % 32, p / 32)).collect();
+        let e = err(&mut m, &many, &[0]);
+        assert!(e.to_string().contains("max_batch"), "{e}");
+        // the valid interleaving runs
+        m.step_rows(&[row(1, 0, 1), row(1, 0, 0), row(2, 1, 1)], &[2, 0])
+            .unwrap();
+        assert_eq!(m.read_logits(2).unwrap().len(), 2 * 4096);
+    }
+
+    #[test]
+    fn greedy_pipeline_on_the_cpu_equals_forward_argmax() {
+        let c = preset("tiny").unwrap();
+        let w = random_weights(&c, 4).unwrap();
+        let opts = ModelOptions {
+            ctx: 32,
+            max_batch: 8,
+            max_logit_rows: 8,
+            lm_head: HeadFormat::Exact,
+            slots: 1,
+        };
+        let mut m = Model::new(CpuBackend::new(2).unwrap(), &w, opts).unwrap();
+        let prompt = [7u32, 300, 41];
+        let mut want = vec![m.forward_argmax(&prompt).unwrap()];
+        for _ in 0..4 {
+            let last = *want.last().unwrap();
+            want.push(m.forward_argmax(&[last]).unwrap());
+        }
+        m.reset();
+        assert!(m.greedy_next().is_err(), "no decode started");
+        m.greedy_begin(&prompt).unwrap();
+        let mut got: Vec<u32> = (0..4).map(|_| m.greedy_next().unwrap()).collect();
+        got.push(m.greedy_finish().unwrap());
+        assert_eq!(got, want);
+        assert_eq!(m.position(), prompt.len() + 4);
     }
 }

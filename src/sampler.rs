@@ -83,19 +83,36 @@ impl Sampler {
         Ok(Sampler { config, rng })
     }
 
-    /// Picks a token from `logits [vocab]` given the ids so far (`history`).
+    /// Picks a token from `logits [vocab]` given the ids so far (`history`). A NaN logit is
+    /// never picked; logits with no number at all (all NaN: a broken model) give token 0 here and
+    /// an error from [`Sampler::try_sample`].
     pub fn sample(&mut self, logits: &[f32], history: &[u32]) -> u32 {
+        self.try_sample(logits, history).unwrap_or(0)
+    }
+
+    /// [`Sampler::sample`], with an error when no logit is a number.
+    pub fn try_sample(&mut self, logits: &[f32], history: &[u32]) -> Result<u32> {
         let c = &self.config;
         let mut logits = logits.to_vec();
         if c.repeat_penalty != 1.0 {
             apply_repeat_penalty(&mut logits, history, c.repeat_last_n, c.repeat_penalty);
         }
+        // NaN is never the most likely token: -inf keeps it out of the argmax and the softmax.
+        for l in logits.iter_mut().filter(|l| l.is_nan()) {
+            *l = f32::NEG_INFINITY;
+        }
+        if !logits.iter().any(|&l| l > f32::NEG_INFINITY) {
+            return Err(BitnetError::op(
+                "sample",
+                "every logit is NaN or -inf: the model output is broken",
+            ));
+        }
         if c.temperature == 0.0 {
-            return crate::backend::cpu::argmax(&logits) as u32;
+            return Ok(crate::backend::cpu::argmax(&logits) as u32);
         }
         let probs = filtered_probs(&logits, c);
         let r: f32 = self.rng.random();
-        draw(&probs, r)
+        Ok(draw(&probs, r))
     }
 }
 
@@ -114,12 +131,15 @@ pub fn apply_repeat_penalty(logits: &mut [f32], history: &[u32], last_n: usize, 
 }
 
 /// Softmax of logits / temperature restricted by top-k, top-p and min-p: `(id, prob)` pairs,
-/// sorted most likely first, probabilities renormalised to sum to 1.
+/// sorted most likely first, probabilities renormalised to sum to 1. Every probability is
+/// finite for any temperature > 0: the largest logit is subtracted before dividing by the
+/// temperature, so a tiny temperature gives (logit − max) / T = 0 or −inf, i.e. greedy, instead
+/// of inf / inf = NaN. Logits of +inf share the probability; NaN logits get none.
 pub fn filtered_probs(logits: &[f32], c: &SamplerConfig) -> Vec<(u32, f32)> {
     let mut idx: Vec<(u32, f32)> = logits
         .iter()
         .enumerate()
-        .map(|(i, &l)| (i as u32, l / c.temperature))
+        .map(|(i, &l)| (i as u32, if l.is_nan() { f32::NEG_INFINITY } else { l }))
         .collect();
     idx.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
     if c.top_k > 0 {
@@ -128,7 +148,9 @@ pub fn filtered_probs(logits: &[f32], c: &SamplerConfig) -> Vec<(u32, f32)> {
     let max = idx[0].1;
     let mut sum = 0.0f64;
     for e in idx.iter_mut() {
-        e.1 = (e.1 - max).exp();
+        // x − max ≤ 0 (both inf: the same logit, probability weight 1; all -inf: uniform).
+        let d = if e.1 == max { 0.0 } else { e.1 - max };
+        e.1 = (d / c.temperature).exp();
         sum += e.1 as f64;
     }
     for e in idx.iter_mut() {

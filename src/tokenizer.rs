@@ -40,8 +40,30 @@ const FALLBACK_TEMPLATE: &str = "{% for message in messages %}{% set content = m
 
 impl Tokenizer {
     pub fn from_files(tokenizer_json: &Path, tokenizer_config: Option<&Path>) -> Result<Self> {
-        let inner = tokenizers::Tokenizer::from_file(tokenizer_json).map_err(|e| {
-            BitnetError::Tokenizer(format!("cannot load {}: {e}", tokenizer_json.display()))
+        let json = std::fs::read(tokenizer_json).map_err(|e| BitnetError::io(tokenizer_json, e))?;
+        let config = match tokenizer_config {
+            Some(path) => Some((
+                path,
+                std::fs::read(path).map_err(|e| BitnetError::io(path, e))?,
+            )),
+            None => None,
+        };
+        Self::from_bytes(
+            tokenizer_json,
+            &json,
+            config.as_ref().map(|(p, b)| (*p, &b[..])),
+        )
+    }
+
+    /// The tokenizer from the bytes of `tokenizer.json` and, optionally, `tokenizer_config.json`
+    /// (the paths only label errors).
+    pub fn from_bytes(
+        json_path: &Path,
+        json: &[u8],
+        config: Option<(&Path, &[u8])>,
+    ) -> Result<Self> {
+        let inner = tokenizers::Tokenizer::from_bytes(json).map_err(|e| {
+            BitnetError::Tokenizer(format!("cannot load {}: {e}", json_path.display()))
         })?;
         let mut tok = Tokenizer {
             inner,
@@ -50,9 +72,8 @@ impl Tokenizer {
             eos_token: None,
             add_bos_token: false,
         };
-        if let Some(path) = tokenizer_config {
-            let text = std::fs::read_to_string(path).map_err(|e| BitnetError::io(path, e))?;
-            let v: Value = serde_json::from_str(&text).map_err(|e| BitnetError::Config {
+        if let Some((path, bytes)) = config {
+            let v: Value = serde_json::from_slice(bytes).map_err(|e| BitnetError::Config {
                 path: path.to_path_buf(),
                 msg: format!("not valid JSON: {e}"),
             })?;
@@ -142,33 +163,9 @@ impl Tokenizer {
         add_generation_prompt: bool,
     ) -> Result<String> {
         let template = self.chat_template.as_deref().unwrap_or(FALLBACK_TEMPLATE);
-        let mut env = minijinja::Environment::new();
-        env.add_function(
-            "raise_exception",
-            |msg: String| -> std::result::Result<String, minijinja::Error> {
-                Err(minijinja::Error::new(
-                    minijinja::ErrorKind::InvalidOperation,
-                    msg,
-                ))
-            },
-        );
-        env.add_template("chat", template)
-            .map_err(|e| BitnetError::ChatTemplate(e.to_string()))?;
-        let bos = self
-            .bos_token
-            .clone()
-            .unwrap_or_else(|| "<|begin_of_text|>".into());
-        let eos = self.eos_token.clone().unwrap_or_default();
-        env.get_template("chat")
-            .and_then(|t| {
-                t.render(minijinja::context! {
-                    messages => messages,
-                    bos_token => bos,
-                    eos_token => eos,
-                    add_generation_prompt => add_generation_prompt,
-                })
-            })
-            .map_err(|e| BitnetError::ChatTemplate(e.to_string()))
+        let bos = self.bos_token.as_deref().unwrap_or("<|begin_of_text|>");
+        let eos = self.eos_token.as_deref().unwrap_or_default();
+        render_chat_template(template, bos, eos, messages, add_generation_prompt)
     }
 
     /// Chat prompt ids. The template writes the bos itself, so the text is encoded without the
@@ -182,6 +179,82 @@ impl Tokenizer {
         self.encode(&text, false)
     }
 }
+
+/// Renders a Jinja chat template (transformers' `apply_chat_template` variables). The template
+/// comes from an untrusted `tokenizer_config.json`: minijinja's fuel bounds its work, so a
+/// template with nested loops fails with an error instead of running for hours.
+pub fn render_chat_template(
+    template: &str,
+    bos_token: &str,
+    eos_token: &str,
+    messages: &[ChatMessage],
+    add_generation_prompt: bool,
+) -> Result<String> {
+    let mut env = minijinja::Environment::new();
+    env.set_fuel(Some(TEMPLATE_FUEL));
+    env.add_function(
+        "raise_exception",
+        |msg: String| -> std::result::Result<String, minijinja::Error> {
+            Err(minijinja::Error::new(
+                minijinja::ErrorKind::InvalidOperation,
+                msg,
+            ))
+        },
+    );
+    env.add_template("chat", template)
+        .map_err(|e| BitnetError::ChatTemplate(e.to_string()))?;
+    let mut out = LimitedWriter(Vec::new());
+    env.get_template("chat")
+        .and_then(|t| {
+            t.render_captured_to(
+                minijinja::context! {
+                    messages => messages,
+                    bos_token => bos_token,
+                    eos_token => eos_token,
+                    add_generation_prompt => add_generation_prompt,
+                },
+                &mut out,
+            )
+            .map(|_| ())
+        })
+        .map_err(|e| {
+            if out.0.len() >= MAX_RENDERED_BYTES {
+                BitnetError::ChatTemplate(format!(
+                    "the rendered prompt is longer than {} MiB: the template loops without end?",
+                    MAX_RENDERED_BYTES >> 20
+                ))
+            } else {
+                BitnetError::ChatTemplate(e.to_string())
+            }
+        })?;
+    String::from_utf8(out.0).map_err(|e| BitnetError::ChatTemplate(e.to_string()))
+}
+
+/// Longest rendered chat prompt: far beyond any context (~4 bytes per token), small enough that
+/// a template printing in a loop fails in milliseconds instead of filling the memory (fuel
+/// bounds instructions, not output: one instruction can print 100 MB).
+const MAX_RENDERED_BYTES: usize = 16 << 20;
+
+/// A `Vec<u8>` writer that refuses to grow beyond [`MAX_RENDERED_BYTES`].
+struct LimitedWriter(Vec<u8>);
+
+impl std::io::Write for LimitedWriter {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        if self.0.len() + buf.len() > MAX_RENDERED_BYTES {
+            self.0.resize(MAX_RENDERED_BYTES, 0); // marks the overflow for the error message
+            return Err(std::io::Error::other("rendered prompt too long"));
+        }
+        self.0.extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// Template instructions allowed per rendering: real chat templates use a few thousand for a
+/// long conversation (a loop over messages with a few conditions each).
+const TEMPLATE_FUEL: u64 = 5_000_000;
 
 /// Turns a growing list of generated ids into text pieces for streaming, holding back bytes of
 /// a character that is not complete yet (byte-level BPE splits multi-byte UTF-8 across tokens).
@@ -216,5 +289,47 @@ impl StreamDecoder {
         };
         self.printed = text.len();
         Ok(piece)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn render(template: &str) -> Result<String> {
+        render_chat_template(
+            template,
+            "<s>",
+            "</s>",
+            &[ChatMessage::new("user", "hi")],
+            true,
+        )
+    }
+
+    #[test]
+    fn a_normal_template_renders() {
+        assert_eq!(
+            render(FALLBACK_TEMPLATE).unwrap(),
+            "<s>User: hi<|eot_id|>Assistant: "
+        );
+    }
+
+    /// A hostile tokenizer_config.json: 10^10 loop iterations stop on fuel in well under a second.
+    #[test]
+    fn endless_loops_run_out_of_fuel() {
+        let t0 = std::time::Instant::now();
+        let e = render(
+            "{% for i in range(100000) %}{% for j in range(100000) %}{{ i }}{% endfor %}{% endfor %}",
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("fuel"), "{e}");
+        assert!(t0.elapsed().as_secs() < 10);
+    }
+
+    /// 100 000 × 1 MB of output in few instructions: stopped at 16 MiB, not at the memory's end.
+    #[test]
+    fn output_floods_are_cut_at_16_mib() {
+        let e = render("{% for i in range(100000) %}{{ 'x' * 1000000 }}{% endfor %}").unwrap_err();
+        assert!(e.to_string().contains("longer than 16 MiB"), "{e}");
     }
 }

@@ -50,6 +50,19 @@ fn fake_rapl_tree_is_used_and_named() {
     assert!(out.lines().next().unwrap().contains("joules_per_token"));
     // the counter does not move in a fake tree: 0 J measured, and said so, not n/a
     assert!(out.contains("package-0"), "{out}");
+    let mut lines = out.lines();
+    let head: Vec<&str> = lines.next().unwrap().split(',').collect();
+    let col = head.iter().position(|&h| h == "joules_per_token").unwrap();
+    let rows: Vec<&str> = lines.filter(|l| !l.is_empty()).collect();
+    assert_eq!(rows.len(), 2, "{out}");
+    for row in rows {
+        let j = row.split(',').nth(col).unwrap();
+        assert_eq!(
+            j.parse::<f64>().ok(),
+            Some(0.0),
+            "joules_per_token {j:?}: {out}"
+        );
+    }
 }
 
 #[test]

@@ -239,7 +239,12 @@ fn permission_denied_is_explained() {
     let f = root.join("sys/class/powercap/intel-rapl:0/energy_uj");
     std::fs::set_permissions(&f, std::fs::Permissions::from_mode(0o000)).unwrap();
     if std::fs::read(&f).is_ok() {
-        eprintln!("running as root: cannot test permission denied");
+        // Loud (past the harness's capture): CI runs as root, so this is skipped there.
+        use std::io::Write;
+        let _ = writeln!(
+            std::io::stderr(),
+            "SKIPPED permission_denied_is_explained: running as root, mode 000 does not deny reads"
+        );
         return;
     }
     let d = discover_sensors(&rapl_only(root));

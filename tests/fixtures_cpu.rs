@@ -186,7 +186,14 @@ fn cli_logits_and_generate_json() {
     assert!(o.status.success(), "{}", stderr(&o));
     let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
     assert_eq!(ids(&v["token_ids"]), greedy);
-    assert!(v["text"].is_string());
+    let tok = bitnet_wgpu::tokenizer::Tokenizer::from_files(
+        &model.join("tokenizer.json"),
+        Some(&model.join("tokenizer_config.json")),
+    )
+    .unwrap();
+    assert_eq!(v["text"], tok.decode(&greedy).unwrap().as_str());
+    assert_eq!(v["finish_reason"], "length");
+    assert_eq!(ids(&v["prompt_ids"]), prompt);
 }
 
 #[test]

@@ -13,7 +13,7 @@ use std::sync::Arc;
 use bitnet_wgpu::backend::cpu::reference::ternary_dot_rows_scalar;
 use bitnet_wgpu::backend::cpu::{CpuBackend, CpuQTensor, CpuTensor};
 use bitnet_wgpu::backend::wgpu::{gpu_backend_for_test, WgpuBackend};
-use bitnet_wgpu::backend::{AttentionShape, Backend, LogitRows};
+use bitnet_wgpu::backend::{AttentionShape, Backend, StepRow};
 use bitnet_wgpu::load::{FloatDtype, FloatMatrix};
 use bitnet_wgpu::ternary::{pack_ternary, ByteStorage, TernaryMatrix};
 use common::assert_close;
@@ -96,9 +96,9 @@ fn rms_norm_matches_cpu() {
         let (mut co, mut go) = both(&mut g, &[], n + 2, cols);
         let gw = g.upload_vector(&w).unwrap();
         let tokens = vec![0u32; n];
-        c.begin_step(&tokens, 0).unwrap();
+        c.begin_step(&StepRow::sequence(&tokens, 0)).unwrap();
         c.rms_norm(&cx, &w, 1e-5, &mut co).unwrap();
-        g.begin_step(&tokens, 0).unwrap();
+        g.begin_step(&StepRow::sequence(&tokens, 0)).unwrap();
         g.rms_norm(&gx, &gw, 1e-5, &mut go).unwrap();
         g.end_step().unwrap();
         let got = g.read(&go, n).unwrap();
@@ -132,9 +132,9 @@ fn quantize_matches_cpu_exactly() {
         let mut cq = c.alloc_q(n, cols).unwrap();
         let mut gq = g.alloc_q(n, cols).unwrap();
         let tokens = vec![0u32; n];
-        c.begin_step(&tokens, 0).unwrap();
+        c.begin_step(&StepRow::sequence(&tokens, 0)).unwrap();
         c.quantize(&cx, &mut cq).unwrap();
-        g.begin_step(&tokens, 0).unwrap();
+        g.begin_step(&StepRow::sequence(&tokens, 0)).unwrap();
         g.quantize(&gx, &mut gq).unwrap();
         g.end_step().unwrap();
         let (q, scales, sums) = g.read_q(&gq, n).unwrap();
@@ -211,11 +211,11 @@ fn ternary_matmul_accumulators_are_exact_and_outputs_match_cpu() {
             let mut gout = g.alloc(n, rows).unwrap();
             let mut cout = c.alloc(n, rows).unwrap();
             let tokens = vec![0u32; n];
-            g.begin_step(&tokens, 0).unwrap();
+            g.begin_step(&StepRow::sequence(&tokens, 0)).unwrap();
             g.ternary_matmul_acc(&gw, &gq, &mut gacc).unwrap();
             g.ternary_matmul(&gw, &gq, &mut gout).unwrap();
             g.end_step().unwrap();
-            c.begin_step(&tokens, 0).unwrap();
+            c.begin_step(&StepRow::sequence(&tokens, 0)).unwrap();
             c.ternary_matmul(&w, &cq, &mut cout).unwrap();
             let acc = g.read(&gacc, n).unwrap();
             let mut want = vec![0i32; rows];
@@ -257,10 +257,10 @@ fn ternary_matmul_after_gpu_quantize_equals_cpu_pipeline() {
     let (mut cq, mut gq) = (c.alloc_q(n, cols).unwrap(), g.alloc_q(n, cols).unwrap());
     let (mut co, mut go) = (c.alloc(n, rows).unwrap(), g.alloc(n, rows).unwrap());
     let tokens = vec![0u32; n];
-    c.begin_step(&tokens, 0).unwrap();
+    c.begin_step(&StepRow::sequence(&tokens, 0)).unwrap();
     c.quantize(&cx, &mut cq).unwrap();
     c.ternary_matmul(&w, &cq, &mut co).unwrap();
-    g.begin_step(&tokens, 0).unwrap();
+    g.begin_step(&StepRow::sequence(&tokens, 0)).unwrap();
     g.quantize(&gx, &mut gq).unwrap();
     g.ternary_matmul(&gw, &gq, &mut go).unwrap();
     g.end_step().unwrap();
@@ -295,9 +295,9 @@ fn rope_matches_cpu() {
         let x = randn(&mut r, n * heads * hd, 2.0);
         let (mut cx, mut gx) = both(&mut g, &x, n, heads * hd);
         let tokens = vec![0u32; n];
-        c.begin_step(&tokens, start).unwrap();
+        c.begin_step(&StepRow::sequence(&tokens, start)).unwrap();
         c.rope(&mut cx, heads, &shape).unwrap();
-        g.begin_step(&tokens, start).unwrap();
+        g.begin_step(&StepRow::sequence(&tokens, start)).unwrap();
         g.rope(&mut gx, heads, &shape).unwrap();
         g.end_step().unwrap();
         assert_close(
@@ -332,8 +332,8 @@ fn attention_case(
     let ctx: usize = steps.iter().sum::<usize>() + 3;
     let cap = *steps.iter().max().unwrap();
     let layers = 2;
-    let mut ccache = c.alloc_kv_cache(layers, ctx, kvd).unwrap();
-    let mut gcache = g.alloc_kv_cache(layers, ctx, kvd).unwrap();
+    let mut ccache = c.alloc_kv_cache(layers, 1, ctx, kvd).unwrap();
+    let mut gcache = g.alloc_kv_cache(layers, 1, ctx, kvd).unwrap();
     let mut pos = 0;
     for (si, &n) in steps.iter().enumerate() {
         let layer = si % layers;
@@ -345,10 +345,10 @@ fn attention_case(
         let (cv, gv) = both(g, &v, cap, kvd);
         let (mut co, mut go) = both(g, &[], cap, qd);
         let tokens = vec![0u32; n];
-        c.begin_step(&tokens, pos).unwrap();
+        c.begin_step(&StepRow::sequence(&tokens, pos)).unwrap();
         c.attention(&cq, &ck, &cv, &mut ccache, layer, &shape, &mut co)
             .unwrap();
-        g.begin_step(&tokens, pos).unwrap();
+        g.begin_step(&StepRow::sequence(&tokens, pos)).unwrap();
         g.attention(&gq, &gk, &gv, &mut gcache, layer, &shape, &mut go)
             .unwrap();
         g.end_step().unwrap();
@@ -396,15 +396,15 @@ fn relu2_mul_and_add_match_cpu() {
         let (cb, gb) = both(&mut g, &b, n, cols);
         let (mut co, mut go) = both(&mut g, &[], n, cols);
         let tokens = vec![0u32; n];
-        c.begin_step(&tokens, 0).unwrap();
+        c.begin_step(&StepRow::sequence(&tokens, 0)).unwrap();
         c.relu2_mul(&ca, &cb, &mut co).unwrap();
-        g.begin_step(&tokens, 0).unwrap();
+        g.begin_step(&StepRow::sequence(&tokens, 0)).unwrap();
         g.relu2_mul(&ga, &gb, &mut go).unwrap();
         g.end_step().unwrap();
         assert_close("relu2_mul", &g.read(&go, n).unwrap(), &co.data, 0.0, 1e-6);
         let (mut cx, mut gx) = both(&mut g, &a, n, cols);
         c.add_assign(&mut cx, &cb).unwrap();
-        g.begin_step(&tokens, 0).unwrap();
+        g.begin_step(&StepRow::sequence(&tokens, 0)).unwrap();
         g.add_assign(&mut gx, &gb).unwrap();
         g.end_step().unwrap();
         let got = g.read(&gx, n).unwrap();
@@ -440,7 +440,7 @@ fn fused_row_op_chains_equal_separate_ops() {
                 let mut gn = g.alloc(n, cols).unwrap();
                 let mut gq = g.alloc_q(n, cols).unwrap();
                 let before = g.dispatch_count();
-                g.begin_step(&tokens, 0).unwrap();
+                g.begin_step(&StepRow::sequence(&tokens, 0)).unwrap();
                 if relu {
                     g.relu2_mul(&gy, &gu, &mut gx).unwrap();
                 } else {
@@ -448,12 +448,12 @@ fn fused_row_op_chains_equal_separate_ops() {
                 }
                 if !fused {
                     g.end_step().unwrap();
-                    g.begin_step(&tokens, 0).unwrap();
+                    g.begin_step(&StepRow::sequence(&tokens, 0)).unwrap();
                 }
                 g.rms_norm(&gx, &gw, 1e-5, &mut gn).unwrap();
                 if !fused {
                     g.end_step().unwrap();
-                    g.begin_step(&tokens, 0).unwrap();
+                    g.begin_step(&StepRow::sequence(&tokens, 0)).unwrap();
                 }
                 g.quantize(&gn, &mut gq).unwrap();
                 g.end_step().unwrap();
@@ -477,7 +477,7 @@ fn fused_row_op_chains_equal_separate_ops() {
             let (mut cx, cy) = (cpu_tensor(&a, n, cols), cpu_tensor(&b, n, cols));
             let cu = cpu_tensor(&u, n, cols);
             let mut cn = c.alloc(n, cols).unwrap();
-            c.begin_step(&tokens, 0).unwrap();
+            c.begin_step(&StepRow::sequence(&tokens, 0)).unwrap();
             if relu {
                 c.relu2_mul(&cy, &cu, &mut cx).unwrap();
             } else {
@@ -533,21 +533,22 @@ fn embedding_and_lm_head_match_cpu_for_every_dtype_and_chunking() {
                 let what = format!("{dtype:?} vocab={vocab} cols={cols} chunk={chunk:?} n={n}");
                 // embed
                 let (mut ce, mut gemb) = both(&mut g, &[], n, cols);
-                c.begin_step(&tokens, 0).unwrap();
+                c.begin_step(&StepRow::sequence(&tokens, 0)).unwrap();
                 c.embed(&m, &mut ce).unwrap();
-                g.begin_step(&tokens, 0).unwrap();
+                g.begin_step(&StepRow::sequence(&tokens, 0)).unwrap();
                 g.embed(&ge, &mut gemb).unwrap();
                 g.end_step().unwrap();
                 assert_eq!(g.read(&gemb, n).unwrap(), ce.data, "embed {what}");
                 // lm_head, both row selections
                 let x = randn(&mut r, n * cols, 1.0);
                 let (cx, gx) = both(&mut g, &x, n, cols);
-                for rows in [LogitRows::Last, LogitRows::All] {
-                    let out_rows = if rows == LogitRows::Last { 1 } else { n };
+                let (last, all) = (vec![n as u32 - 1], (0..n as u32).collect::<Vec<_>>());
+                for rows in [&last[..], &all[..]] {
+                    let out_rows = rows.len();
                     let (mut cl, mut gl) = both(&mut g, &[], n, vocab);
                     let ch = bitnet_wgpu::backend::cpu::CpuLmHead::Exact(m.clone());
                     c.lm_head(&ch, &cx, rows, &mut cl).unwrap();
-                    g.begin_step(&tokens, 0).unwrap();
+                    g.begin_step(&StepRow::sequence(&tokens, 0)).unwrap();
                     g.lm_head(&ge, &gx, rows, &mut gl).unwrap();
                     g.end_step().unwrap();
                     assert_close(
@@ -558,6 +559,32 @@ fn embedding_and_lm_head_match_cpu_for_every_dtype_and_chunking() {
                         1e-5,
                     );
                 }
+                // any subset of the rows in any order (the per-row steps' LM head)
+                if n == 5 {
+                    let (mut cl, _) = both(&mut g, &[], n, vocab);
+                    let ch = bitnet_wgpu::backend::cpu::CpuLmHead::Exact(m.clone());
+                    c.lm_head(&ch, &cx, &all, &mut cl).unwrap();
+                    let (_, mut gl) = both(&mut g, &[], n, vocab);
+                    let pick = [3u32, 0, 3, 4];
+                    g.begin_step(&StepRow::sequence(&tokens, 0)).unwrap();
+                    g.lm_head(&ge, &gx, &pick, &mut gl).unwrap();
+                    g.end_step().unwrap();
+                    let got = g.read(&gl, pick.len()).unwrap();
+                    for (o, &t) in pick.iter().enumerate() {
+                        let t = t as usize;
+                        assert_close(
+                            &format!("lm_head rows {pick:?}: logits row {o} (step row {t}) {what}"),
+                            &got[o * vocab..(o + 1) * vocab],
+                            &cl.data[t * vocab..(t + 1) * vocab],
+                            1e-5,
+                            1e-5,
+                        );
+                    }
+                    g.begin_step(&StepRow::sequence(&tokens, 0)).unwrap();
+                    let err = g.lm_head(&ge, &gx, &[5], &mut gl).unwrap_err();
+                    assert!(err.to_string().contains("row 5"), "{err}");
+                    g.end_step().unwrap();
+                }
             }
         }
     }
@@ -566,7 +593,7 @@ fn embedding_and_lm_head_match_cpu_for_every_dtype_and_chunking() {
     let m = float_matrix(&mut r, 10, 4, FloatDtype::Bf16);
     let ge = g.upload_embedding(&m).unwrap();
     let mut out = g.alloc(1, 4).unwrap();
-    g.begin_step(&[10], 0).unwrap();
+    g.begin_step(&StepRow::sequence(&[10], 0)).unwrap();
     let err = g.embed(&ge, &mut out).unwrap_err();
     assert!(err.to_string().contains("10"), "{err}");
 }
@@ -614,7 +641,8 @@ fn decode_steps_reuse_pipelines_and_bind_groups() {
     let mut q = g.alloc_q(8, cols).unwrap();
     let mut y = g.alloc(8, rows).unwrap();
     let mut run = |g: &mut WgpuBackend, pos: usize| {
-        g.begin_step(&[pos as u32], pos).unwrap();
+        g.begin_step(&StepRow::sequence(&[pos as u32], pos))
+            .unwrap();
         g.quantize(&x, &mut q).unwrap();
         g.ternary_matmul(&gw, &q, &mut y).unwrap();
         g.end_step().unwrap();
@@ -646,11 +674,150 @@ fn device_loss_is_a_gpu_error_not_a_panic() {
     let t = g.alloc(1, 16).unwrap();
     g.simulate_device_loss();
     let err = g
-        .begin_step(&[0], 0)
+        .begin_step(&StepRow::sequence(&[0], 0))
         .and_then(|_| g.end_step())
         .and_then(|_| g.read(&t, 1).map(|_| ()))
         .unwrap_err();
     let msg = err.to_string();
     assert!(msg.contains("device lost"), "{msg}");
     assert!(matches!(err, bitnet_wgpu::BitnetError::Gpu(_)), "{err:?}");
+}
+
+/// Per-row positions and KV-cache slots: one step over rows of several sequences (slots) at
+/// unrelated positions gives each row what it gets when its sequence runs alone in a one-slot
+/// cache (RoPE at the row's own position, K/V stored at its (slot, pos), attention over its
+/// own slot only). Covers the prefill kernel (8 mixed rows) and the split decode kernels (4).
+#[test]
+fn rows_of_several_slots_at_different_positions_equal_each_sequence_alone() {
+    let Some(mut g) = gpu("rows_of_several_slots") else {
+        return;
+    };
+    let (heads, kv_heads, hd, ctx) = (4usize, 2usize, 8usize, 16usize);
+    let shape = AttentionShape {
+        n_heads: heads,
+        n_kv_heads: kv_heads,
+        head_dim: hd,
+        rope_theta: 10000.0,
+    };
+    let (qd, kvd) = (heads * hd, kv_heads * hd);
+    // (slot, history rows, new rows): C starts from position 0 in the mixed step.
+    let seqs = [(0u32, 5usize, 1usize), (2, 3, 2), (1, 0, 1)];
+    let mut r = rng(21);
+    // q, k, v per sequence for all of its positions
+    let data: Vec<[Vec<f32>; 3]> = seqs
+        .iter()
+        .map(|&(_, h, n)| {
+            [
+                randn(&mut r, (h + n) * qd, 1.5),
+                randn(&mut r, (h + n) * kvd, 1.5),
+                randn(&mut r, (h + n) * kvd, 1.0),
+            ]
+        })
+        .collect();
+    let cap = 8;
+    // One step over `rows` (sequence index, position) with a cache; returns out [rows, qd].
+    let run = |g: &mut WgpuBackend,
+               cache: &mut bitnet_wgpu::backend::wgpu::GpuKvCache,
+               rows: &[(usize, usize)],
+               slot_of: &dyn Fn(usize) -> u32|
+     -> Vec<f32> {
+        let mut q = Vec::new();
+        let mut k = Vec::new();
+        let mut v = Vec::new();
+        for &(s, p) in rows {
+            q.extend_from_slice(&data[s][0][p * qd..(p + 1) * qd]);
+            k.extend_from_slice(&data[s][1][p * kvd..(p + 1) * kvd]);
+            v.extend_from_slice(&data[s][2][p * kvd..(p + 1) * kvd]);
+        }
+        let mut gq = g.alloc(cap, qd).unwrap();
+        let mut gk = g.alloc(cap, kvd).unwrap();
+        let mut gv = g.alloc(cap, kvd).unwrap();
+        let mut go = g.alloc(cap, qd).unwrap();
+        g.write(&mut gq, &q).unwrap();
+        g.write(&mut gk, &k).unwrap();
+        g.write(&mut gv, &v).unwrap();
+        let spec: Vec<StepRow> = rows
+            .iter()
+            .map(|&(s, p)| StepRow {
+                token: 0,
+                pos: p as u32,
+                slot: slot_of(s),
+            })
+            .collect();
+        g.begin_step(&spec).unwrap();
+        g.rope(&mut gq, heads, &shape).unwrap();
+        g.rope(&mut gk, kv_heads, &shape).unwrap();
+        g.attention(&gq, &gk, &gv, cache, 0, &shape, &mut go)
+            .unwrap();
+        g.end_step().unwrap();
+        g.read(&go, rows.len()).unwrap()
+    };
+    // Each sequence alone, slot 0 of its own cache: history step, then the new rows.
+    let mut alone = Vec::new(); // per sequence: (history out, new out)
+    for (s, &(_, h, n)) in seqs.iter().enumerate() {
+        let mut cache = g.alloc_kv_cache(1, 1, ctx, kvd).unwrap();
+        let hist: Vec<(usize, usize)> = (0..h).map(|p| (s, p)).collect();
+        let ho = if h > 0 {
+            run(&mut g, &mut cache, &hist, &|_| 0)
+        } else {
+            Vec::new()
+        };
+        let new: Vec<(usize, usize)> = (h..h + n).map(|p| (s, p)).collect();
+        alone.push((ho, run(&mut g, &mut cache, &new, &|_| 0)));
+    }
+    // Mixed: one prefill step over every history row, then one step over every new row, with
+    // the rows of different slots interleaved.
+    let mut cache = g.alloc_kv_cache(1, 3, ctx, kvd).unwrap();
+    let slot = |s: usize| seqs[s].0;
+    let hist = [
+        (0, 0),
+        (1, 0),
+        (0, 1),
+        (0, 2),
+        (1, 1),
+        (0, 3),
+        (1, 2),
+        (0, 4),
+    ];
+    let ho = run(&mut g, &mut cache, &hist, &slot);
+    let new = [(0, 5), (1, 3), (2, 0), (1, 4)];
+    let no = run(&mut g, &mut cache, &new, &slot);
+    let mut seen = [0usize; 3];
+    for (i, &(s, p)) in hist.iter().enumerate() {
+        assert_eq!(p, seen[s]);
+        seen[s] += 1;
+        assert_close(
+            &format!("prefill row {i}: sequence {s} position {p}"),
+            &ho[i * qd..(i + 1) * qd],
+            &alone[s].0[p * qd..(p + 1) * qd],
+            1e-6,
+            1e-6,
+        );
+    }
+    for (i, &(s, p)) in new.iter().enumerate() {
+        let j = p - seqs[s].1;
+        assert_close(
+            &format!("decode row {i}: sequence {s} position {p}"),
+            &no[i * qd..(i + 1) * qd],
+            &alone[s].1[j * qd..(j + 1) * qd],
+            1e-6,
+            1e-6,
+        );
+    }
+    // a slot past the cache is an error, not a wrong answer
+    let mut small = g.alloc_kv_cache(1, 2, ctx, kvd).unwrap();
+    let q = g.alloc(cap, qd).unwrap();
+    let k = g.alloc(cap, kvd).unwrap();
+    let mut o = g.alloc(cap, qd).unwrap();
+    g.begin_step(&[StepRow {
+        token: 0,
+        pos: 0,
+        slot: 2,
+    }])
+    .unwrap();
+    let err = g
+        .attention(&q, &k, &k, &mut small, 0, &shape, &mut o)
+        .unwrap_err();
+    assert!(err.to_string().contains("slot 2"), "{err}");
+    g.end_step().unwrap();
 }

@@ -1,11 +1,16 @@
 //! The narrow interface between the model graph (`model.rs`, written once) and the devices that
 //! run it. A backend owns its tensors; the model allocates every activation buffer once at load
-//! (sized for the largest batch) and each step only says how many rows are live and at which
-//! position they start (`begin_step`), so a GPU backend can record one command buffer per step
-//! and never allocate per token.
+//! (sized for the largest batch) and each step only lists its rows (`begin_step`): a token, its
+//! position and its KV-cache slot each, so one step can mix the prefill chunk of one sequence
+//! with the decode rows of many others (continuous batching). A GPU backend can record one
+//! command buffer per step and never allocate per token.
 //!
-//! Row counts: every activation tensor has `capacity` rows; ops act on the first `n_tokens` rows
-//! of the current step. The LM head can produce logits for all live rows or only the last one.
+//! Row counts: every activation tensor has `capacity` rows; ops act on the first `n` rows of the
+//! current step. The LM head produces logits for the rows it is given, in that order.
+//!
+//! Batch invariance: a row's results depend only on its token, position and slot contents, never
+//! on the other rows of the step (int8 quantization is per row, integer accumulation is exact,
+//! float ops are per row), so a sequence decodes the same alone or inside a full batch.
 
 pub mod cpu;
 pub mod wgpu;
@@ -23,13 +28,67 @@ pub struct AttentionShape {
     pub rope_theta: f32,
 }
 
-/// Which rows the LM head computes.
+/// One row of a step: a token of some sequence, at position `pos` of KV-cache slot `slot`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum LogitRows {
-    /// Only the last live row (generation): `[1, vocab]`.
-    Last,
-    /// Every live row (scoring, `bitnet logits`): `[n_tokens, vocab]`.
-    All,
+pub struct StepRow {
+    pub token: u32,
+    pub pos: u32,
+    pub slot: u32,
+}
+
+impl StepRow {
+    /// The rows of one sequence in slot 0: `tokens` at positions `start_pos..`.
+    pub fn sequence(tokens: &[u32], start_pos: usize) -> Vec<StepRow> {
+        Self::sequence_in(0, tokens, start_pos)
+    }
+
+    /// The rows of one sequence in `slot`: `tokens` at positions `start_pos..`.
+    pub fn sequence_in(slot: u32, tokens: &[u32], start_pos: usize) -> Vec<StepRow> {
+        tokens
+            .iter()
+            .enumerate()
+            .map(|(i, &token)| StepRow {
+                token,
+                pos: (start_pos + i) as u32,
+                slot,
+            })
+            .collect()
+    }
+}
+
+/// Checks the rule every backend relies on: rows of one slot have consecutive increasing
+/// positions and appear in that order (the first row of a slot may start anywhere), every slot
+/// is below `slots` and every position below `ctx`.
+pub fn check_step_rows(rows: &[StepRow], slots: usize, ctx: usize) -> Result<()> {
+    use crate::error::BitnetError;
+    // last position seen per slot (slots are few: a linear scan beats a map)
+    let mut last: Vec<(u32, u32)> = Vec::new();
+    for (i, r) in rows.iter().enumerate() {
+        if r.slot as usize >= slots {
+            return Err(BitnetError::SlotOutOfRange {
+                slot: r.slot,
+                slots,
+            });
+        }
+        if r.pos as usize >= ctx {
+            return Err(BitnetError::ContextOverflow {
+                needed: r.pos as usize + 1,
+                ctx,
+            });
+        }
+        match last.iter_mut().find(|(s, _)| *s == r.slot) {
+            Some((_, p)) if r.pos != *p + 1 => {
+                return Err(BitnetError::InvalidArgument(format!(
+                    "step row {i}: slot {} position {} follows position {} (rows of one slot \
+                     must have consecutive increasing positions)",
+                    r.slot, r.pos, p
+                )))
+            }
+            Some((_, p)) => *p = r.pos,
+            None => last.push((r.slot, r.pos)),
+        }
+    }
+    Ok(())
 }
 
 /// How the LM head is stored on the device.
@@ -65,6 +124,14 @@ impl HeadFormat {
     }
 }
 
+fn no_chaining() -> crate::error::BitnetError {
+    crate::error::BitnetError::Unsupported {
+        what: "backend feature",
+        value: "chained greedy tokens".into(),
+        hint: "only the wgpu backend keeps tokens on the device",
+    }
+}
+
 /// The ops of a BitNet b1.58 forward pass. Shapes in the comments: `n` = live rows of the step.
 pub trait Backend {
     /// f32 activations `[capacity, cols]`.
@@ -79,7 +146,7 @@ pub trait Backend {
     type Embedding;
     /// The LM head `[vocab, hidden]` in the backend's format for it.
     type Head;
-    /// Keys and values of all layers, `[layers, ctx, kv_dim]` each.
+    /// Keys and values of all layers and slots, `[layers, slots, ctx, kv_dim]` each.
     type KvCache;
 
     /// A human-readable name: "cpu (2 threads)", "wgpu Vulkan NVIDIA H100", ...
@@ -98,11 +165,18 @@ pub trait Backend {
     ) -> Result<Self::Head>;
     fn alloc(&mut self, capacity: usize, cols: usize) -> Result<Self::Tensor>;
     fn alloc_q(&mut self, capacity: usize, cols: usize) -> Result<Self::QTensor>;
-    fn alloc_kv_cache(&mut self, layers: usize, ctx: usize, kv_dim: usize)
-        -> Result<Self::KvCache>;
+    /// KV cache of `slots` independent sequences of `ctx` positions each.
+    fn alloc_kv_cache(
+        &mut self,
+        layers: usize,
+        slots: usize,
+        ctx: usize,
+        kv_dim: usize,
+    ) -> Result<Self::KvCache>;
 
-    /// Starts a step over `tokens` at positions `start_pos..start_pos + tokens.len()`.
-    fn begin_step(&mut self, tokens: &[u32], start_pos: usize) -> Result<()>;
+    /// Starts a step over `rows` (any mix of slots; rows of one slot have consecutive increasing
+    /// positions and appear in that order, see [`check_step_rows`]).
+    fn begin_step(&mut self, rows: &[StepRow]) -> Result<()>;
     /// Ends the step: a GPU backend submits its command buffer here.
     fn end_step(&mut self) -> Result<()>;
 
@@ -125,10 +199,13 @@ pub trait Backend {
         x: &Self::QTensor,
         out: &mut Self::Tensor,
     ) -> Result<()>;
-    /// Half-split rotary embedding in place on `[n, heads * head_dim]`, positions from the step.
+    /// Half-split rotary embedding in place on `[n, heads * head_dim]`, each row rotated at its
+    /// own position.
     fn rope(&mut self, x: &mut Self::Tensor, n_heads: usize, shape: &AttentionShape) -> Result<()>;
-    /// Stores `k, v [n, kv_dim]` into the cache of `layer` at the step's positions, then causal
-    /// GQA attention of `q [n, heads*head_dim]` over positions `0..=pos`: `out [n, heads*head_dim]`.
+    /// Stores each row's `k, v [n, kv_dim]` into the cache of `layer` at its (slot, pos), then
+    /// causal GQA attention of each row of `q [n, heads*head_dim]` over positions `0..=pos` of
+    /// its own slot (rows of one slot in the step see each other causally):
+    /// `out [n, heads*head_dim]`.
     #[allow(clippy::too_many_arguments)]
     fn attention(
         &mut self,
@@ -149,12 +226,13 @@ pub trait Backend {
     ) -> Result<()>;
     /// `x += y`: `[n, cols]`.
     fn add_assign(&mut self, x: &mut Self::Tensor, y: &Self::Tensor) -> Result<()>;
-    /// `logits = x · headᵀ` for the rows selected: `[1 or n, vocab]`.
+    /// `logits[i] = x[rows[i]] · headᵀ`: `rows` are indices into the step's rows, logits out is
+    /// `[rows.len(), vocab]`.
     fn lm_head(
         &mut self,
         head: &Self::Head,
         x: &Self::Tensor,
-        rows: LogitRows,
+        rows: &[u32],
         logits: &mut Self::Tensor,
     ) -> Result<()>;
 
@@ -162,6 +240,27 @@ pub trait Backend {
     fn read(&mut self, t: &Self::Tensor, rows: usize) -> Result<Vec<f32>>;
     /// Greedy pick of row 0 of `logits` without reading the whole vector back.
     fn argmax_row0(&mut self, logits: &Self::Tensor) -> Result<u32>;
+
+    // Pipelined greedy decoding (a GPU keeps the token on the device; see model.rs
+    // `greedy_begin`). A backend without it keeps the defaults and the model reads each token.
+
+    /// Whether the three methods below are implemented.
+    fn chains_tokens(&self) -> bool {
+        false
+    }
+    /// Greedy pick of row 0 of `logits`, kept on the device as the token of the next
+    /// `begin_step_chained` step, with an asynchronous read of it queued for `read_chained`.
+    fn argmax_chain(&mut self, _logits: &Self::Tensor) -> Result<()> {
+        Err(no_chaining())
+    }
+    /// Starts a one-token step at `start_pos` whose token is the last `argmax_chain` result.
+    fn begin_step_chained(&mut self, _start_pos: usize) -> Result<()> {
+        Err(no_chaining())
+    }
+    /// The oldest queued `argmax_chain` result (waits for the step that produced it only).
+    fn read_chained(&mut self) -> Result<u32> {
+        Err(no_chaining())
+    }
 }
 
 /// The shape check before every op, in one wording for all backends: a tensor

@@ -1,16 +1,20 @@
-//! Benchmark statistics, reports and plots for `bitnet bench`. The runner that times the model
-//! lives in [`crate::benchmark`]; this module only turns its numbers into summaries, tables and
-//! charts, so it can be tested without a model.
+//! `bitnet bench`: the runner that times the model (`runner.rs`), and the statistics, reports
+//! and plots that turn its numbers into summaries, tables and charts (`stats.rs`, `report.rs`,
+//! `plot.rs`: tested without a model). The CLI only parses its flags and calls these.
 
 pub mod plot;
 pub mod report;
+pub mod runner;
 pub mod stats;
 
-pub use plot::{plot_series, PlotError, Series};
+pub use plot::{bench_series, plot_series, BenchSeries, PlotError, Series};
 pub use report::{
     csv_field, format_params, format_sig3, format_size, render, render_csv, render_json,
-    render_markdown, BenchResult, EnergyResult, OutputFormat, ParseOutputFormatError, ReportError,
-    CSV_HEADER,
+    render_markdown, BenchResult, EnergyResult, GpuWork, OutputFormat, ParseOutputFormatError,
+    ReportError, CSV_HEADER,
+};
+pub use runner::{
+    build_for_tests, run_metered, run_test, test_matrix, TestKind, TestSpec, TestTimes,
 };
 pub use stats::Summary;
 

@@ -12,6 +12,8 @@ use std::path::{Path, PathBuf};
 use plotters::coord::Shift;
 use plotters::prelude::*;
 
+use super::report::BenchResult;
+
 /// A labelled line: `(label, [(x, y)])`.
 pub type Series = (String, Vec<(f64, f64)>);
 
@@ -23,6 +25,52 @@ pub enum PlotError {
     NoData,
     #[error("drawing {path}: {message}")]
     Draw { path: PathBuf, message: String },
+}
+
+/// What `bitnet bench --plot` draws from its results: tokens/s and, where measured, J/token,
+/// one line per test (per test and thread count when x is the depth).
+#[derive(Debug, Clone, PartialEq)]
+pub struct BenchSeries {
+    pub x_label: &'static str,
+    pub speed: Vec<Series>,
+    pub joules: Vec<Series>,
+}
+
+/// Groups `results` into lines: against the context depth when several depths ran or a single
+/// thread count did (`by_depth`), else against the thread count.
+pub fn bench_series(results: &[BenchResult], by_depth: bool) -> BenchSeries {
+    let mut speed: Vec<Series> = Vec::new();
+    let mut joules: Vec<Series> = Vec::new();
+    for r in results {
+        let label = if by_depth {
+            let kind = if r.test.starts_with("pp") { "pp" } else { "tg" };
+            format!("{kind}{} {}t", r.n_tokens, r.threads)
+        } else {
+            r.test.clone()
+        };
+        let x = if by_depth {
+            r.depth as f64
+        } else {
+            r.threads as f64
+        };
+        let push = |v: &mut Vec<Series>, y: f64| match v.iter_mut().find(|s| s.0 == label) {
+            Some(s) => s.1.push((x, y)),
+            None => v.push((label.clone(), vec![(x, y)])),
+        };
+        push(&mut speed, r.tokens_per_s.mean);
+        if let Some(e) = &r.energy {
+            push(&mut joules, e.joules_per_token);
+        }
+    }
+    BenchSeries {
+        x_label: if by_depth {
+            "context depth (tokens)"
+        } else {
+            "threads"
+        },
+        speed,
+        joules,
+    }
 }
 
 const WIDTH: u32 = 1024;
@@ -233,4 +281,55 @@ fn panel<DB: DrawingBackend>(
             .draw()?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::bench::Summary;
+
+    fn result(test: &str, n_tokens: usize, depth: usize, threads: usize, tps: f64) -> BenchResult {
+        BenchResult {
+            model: "m".into(),
+            gpu_work: None,
+            model_size_bytes: 0,
+            params: 0,
+            backend: "cpu".into(),
+            threads,
+            test: test.into(),
+            n_tokens,
+            depth,
+            tokens_per_s: Summary::from_slice(&[tps]).unwrap(),
+            energy: None,
+            energy_na_reason: Some("none".into()),
+            peak_rss_bytes: None,
+            gpu_mem_bytes: None,
+        }
+    }
+
+    #[test]
+    fn bench_series_groups_by_depth_or_by_threads() {
+        let results = [
+            result("pp64", 64, 0, 1, 10.0),
+            result("pp64 @ d128", 64, 128, 1, 8.0),
+            result("tg16", 16, 0, 1, 2.0),
+        ];
+        let by_depth = bench_series(&results, true);
+        assert_eq!(by_depth.x_label, "context depth (tokens)");
+        assert_eq!(
+            by_depth.speed,
+            vec![
+                ("pp64 1t".to_string(), vec![(0.0, 10.0), (128.0, 8.0)]),
+                ("tg16 1t".to_string(), vec![(0.0, 2.0)]),
+            ]
+        );
+        assert!(by_depth.joules.is_empty());
+        let results = [result("tg16", 16, 0, 1, 2.0), result("tg16", 16, 0, 2, 3.5)];
+        let by_threads = bench_series(&results, false);
+        assert_eq!(by_threads.x_label, "threads");
+        assert_eq!(
+            by_threads.speed,
+            vec![("tg16".to_string(), vec![(1.0, 2.0), (2.0, 3.5)])]
+        );
+    }
 }

@@ -1,13 +1,18 @@
 //! `bitnet`: the command-line face of the library. A thin layer: parse arguments, load, call the
-//! library, print. Errors are reported with context through anyhow and a non-zero exit status.
+//! library, print. Errors are printed as one line (`error: ...`, the causes joined, never a
+//! backtrace: those are for panics, i.e. bugs) with a non-zero exit status.
 
 use std::io::{BufRead, Write};
 use std::path::{Path, PathBuf};
+use std::process::ExitCode;
 
 use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
 
-use bitnet_wgpu::engine::{DeviceChoice, Engine, EngineOptions, HeadFormat};
+use std::ops::ControlFlow;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use bitnet_wgpu::engine::{DeviceChoice, Engine, EngineOptions, FinishReason, HeadFormat};
 use bitnet_wgpu::sampler::{Sampler, SamplerConfig};
 use bitnet_wgpu::tokenizer::ChatMessage;
 
@@ -38,6 +43,7 @@ enum Command {
     /// Write the logits of every position of a token sequence to a float32 .npy [n_tokens, vocab].
     Logits(LogitsArgs),
     /// Perplexity of a text file (sliding windows, like llama-perplexity / the HF guide).
+    #[command(mut_arg("ctx", |a| a.help("Window length in tokens (default: 512, at most max_position_embeddings)")))]
     Perplexity(PerplexityArgs),
     /// Measure prefill (ppN) and decode (tgN) speed like llama-bench, with energy where sensors exist.
     Bench(BenchArgs),
@@ -90,10 +96,10 @@ struct ModelArgs {
     model: Option<PathBuf>,
     #[command(flatten)]
     device: DeviceArgs,
-    /// CPU threads (default: one per physical core).
-    #[arg(short, long, default_value_t = 0)]
+    /// CPU threads (default: one per physical core; at most 4 per core).
+    #[arg(short, long, default_value_t = 0, hide_default_value = true)]
     threads: usize,
-    /// Context length in tokens (default: the model's max_position_embeddings).
+    /// Context length in tokens (default: the model's max_position_embeddings, at most 4096).
     #[arg(long)]
     ctx: Option<usize>,
 }
@@ -144,19 +150,26 @@ impl DeviceArgs {
 
 impl ModelArgs {
     fn dir(&self) -> PathBuf {
-        resolve_model(
-            self.model
-                .clone()
-                .or_else(|| std::env::var_os("BITNET_MODEL").map(PathBuf::from))
-                .unwrap_or_else(|| PathBuf::from(BUNDLED_MODEL)),
-        )
+        self.dir_and_source().0
+    }
+
+    /// The model folder, and where it came from when that was not --model (for error messages).
+    fn dir_and_source(&self) -> (PathBuf, &'static str) {
+        match (&self.model, std::env::var_os("BITNET_MODEL")) {
+            (Some(m), _) => (resolve_model(m.clone()), ""),
+            // An empty BITNET_MODEL= (a common way to "unset" it) means unset, not the cwd.
+            (None, Some(env)) if !env.is_empty() => {
+                (resolve_model(PathBuf::from(env)), " (from $BITNET_MODEL)")
+            }
+            _ => (PathBuf::from(BUNDLED_MODEL), ""),
+        }
     }
 
     fn load(&self) -> Result<Engine> {
-        let dir = self.dir();
+        let (dir, source) = self.dir_and_source();
         let opts = self.device.engine_options(self.threads, self.ctx, true);
         let engine = Engine::load(&dir, &opts)
-            .with_context(|| format!("cannot load the model in {}", dir.display()))?;
+            .with_context(|| format!("cannot load the model in {}{source}", dir.display()))?;
         if let Some(note) = &engine.device_note {
             eprintln!("note: {note}");
         }
@@ -167,19 +180,19 @@ impl ModelArgs {
 #[derive(Args, Clone)]
 struct SamplingArgs {
     /// Sampling temperature; 0 = greedy (always the most likely token).
-    #[arg(long, default_value_t = 0.8)]
+    #[arg(long, default_value_t = 0.8, allow_negative_numbers = true)]
     temperature: f32,
     /// Sample from the k most likely tokens only (0 = off).
     #[arg(long, default_value_t = 40)]
     top_k: usize,
     /// Nucleus sampling: the smallest set of tokens whose probability reaches p (1 = off).
-    #[arg(long, default_value_t = 0.95)]
+    #[arg(long, default_value_t = 0.95, allow_negative_numbers = true)]
     top_p: f32,
     /// Drop tokens less likely than min_p × the most likely one (0 = off).
-    #[arg(long, default_value_t = 0.05)]
+    #[arg(long, default_value_t = 0.05, allow_negative_numbers = true)]
     min_p: f32,
     /// Penalise tokens seen in the last 64 (1 = off).
-    #[arg(long, default_value_t = 1.1)]
+    #[arg(long, default_value_t = 1.1, allow_negative_numbers = true)]
     repeat_penalty: f32,
     /// Random seed (same seed, same text).
     #[arg(long, default_value_t = 42)]
@@ -224,10 +237,10 @@ struct GenerateArgs {
     #[arg(long, value_name = "ID,ID,...")]
     tokens: Option<String>,
     /// Wrap the prompt in the model's chat format (a user turn, then the assistant's cue).
-    #[arg(long)]
+    #[arg(long, conflicts_with = "tokens")]
     chat: bool,
     /// System message for --chat.
-    #[arg(long)]
+    #[arg(long, requires = "chat")]
     system: Option<String>,
     /// Print one JSON object (token_ids, text, finish_reason, timings) instead of streaming text.
     #[arg(long)]
@@ -262,15 +275,14 @@ struct LogitsArgs {
 
 #[derive(Args)]
 struct PerplexityArgs {
-    /// Here --ctx is the window length (default 512, capped by max_position_embeddings).
     #[command(flatten)]
     model: ModelArgs,
     /// UTF-8 text file to score.
     #[arg(short, long, value_name = "TEXT")]
     file: PathBuf,
     /// Start a new window every N tokens (default: half the window).
-    #[arg(long)]
-    stride: Option<usize>,
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
+    stride: Option<u64>,
     /// Print the result as JSON.
     #[arg(long)]
     json: bool,
@@ -323,13 +335,13 @@ struct BenchArgs {
     #[arg(long, value_name = "FILE")]
     plot: Option<PathBuf>,
     /// No sensor? Declare the wall power (W) you read on a meter; results are labelled estimates.
-    #[arg(long, value_name = "W")]
+    #[arg(long, value_name = "W", allow_negative_numbers = true, value_parser = positive_f64)]
     power_watts: Option<f64>,
     /// With --power-watts: the idle wall power (W) you read before the run.
-    #[arg(long, value_name = "W", requires = "power_watts")]
+    #[arg(long, value_name = "W", requires = "power_watts", allow_negative_numbers = true, value_parser = non_negative_f64)]
     idle_watts: Option<f64>,
     /// Seconds of idle power measurement before the run (0 = skip).
-    #[arg(long, default_value_t = 3.0)]
+    #[arg(long, default_value_t = 3.0, allow_negative_numbers = true, value_parser = non_negative_f64)]
     idle_seconds: f64,
 }
 
@@ -337,6 +349,32 @@ struct BenchArgs {
 struct InfoArgs {
     #[command(flatten)]
     model: ModelArgs,
+}
+
+/// A finite number ≥ 0 (a NaN, inf or negative count of seconds or watts is a typo, and
+/// `Duration::from_secs_f64` panics on them).
+fn non_negative_f64(s: &str) -> std::result::Result<f64, String> {
+    let x: f64 = s.parse().map_err(|_| format!("{s:?} is not a number"))?;
+    if !(x.is_finite() && x >= 0.0) {
+        return Err(format!("{s} must be a finite number ≥ 0"));
+    }
+    Ok(x)
+}
+
+/// A finite number > 0.
+fn positive_f64(s: &str) -> std::result::Result<f64, String> {
+    let x = non_negative_f64(s)?;
+    if x == 0.0 {
+        return Err(format!("{s} must be > 0"));
+    }
+    Ok(x)
+}
+
+/// `println!` that returns the write error (a closed pipe) instead of panicking.
+macro_rules! outln {
+    ($($arg:tt)*) => {
+        writeln!(std::io::stdout(), $($arg)*)?
+    };
 }
 
 fn parse_tokens(s: &str) -> Result<Vec<u32>> {
@@ -366,9 +404,13 @@ fn read_text(path: &Path) -> Result<String> {
     })
 }
 
-fn main() -> Result<()> {
+fn main() -> ExitCode {
+    // First, while the process has one thread: both change process-wide state. (A long-running
+    // server subcommand should skip restore_sigpipe: a peer closing its socket must not kill it.)
+    restore_sigpipe();
+    ensure_runtime_dir();
     let cli = Cli::parse();
-    match cli.command {
+    let result = match cli.command {
         Command::Generate(a) => generate(a),
         Command::Chat(a) => chat(a),
         Command::Logits(a) => logits(a),
@@ -376,6 +418,74 @@ fn main() -> Result<()> {
         Command::Info(a) => info(a),
         Command::Bench(a) => bench(a),
         Command::Pull(a) => pull(a),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        // The reader went away (`bitnet info | head -1`): nothing left to say to anyone.
+        Err(e) if is_broken_pipe(&e) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {}", one_line(&e));
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// The error and its causes on one line. A cause whose text its wrapper already printed (the
+/// library's messages embed their io::Error source) is not repeated.
+fn one_line(e: &anyhow::Error) -> String {
+    let mut out = String::new();
+    for cause in e.chain() {
+        let msg = cause.to_string();
+        if msg.is_empty() || out.contains(&msg) {
+            continue;
+        }
+        if !out.is_empty() {
+            out.push_str(": ");
+        }
+        out.push_str(&msg);
+    }
+    out
+}
+
+fn is_broken_pipe(e: &anyhow::Error) -> bool {
+    e.chain().any(|c| {
+        c.downcast_ref::<std::io::Error>()
+            .is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe)
+    })
+}
+
+/// Rust ignores SIGPIPE, so a write to a closed pipe (`bitnet info | head -1`) is an error that
+/// `println!` turns into a panic. Restore the default: the process ends quietly at once, as
+/// every Unix filter does.
+fn restore_sigpipe() {
+    #[cfg(target_os = "linux")]
+    // SAFETY: called first in main, before any thread exists; SIG_DFL is a valid disposition.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
+}
+
+/// Mesa's Vulkan drivers print "error: XDG_RUNTIME_DIR is invalid or not set" when it is unset
+/// (containers, cron, ssh without a session). Give the process a private one: a 0700 folder of
+/// this user under the temp dir, reused between runs. Left alone if it cannot be made private.
+fn ensure_runtime_dir() {
+    #[cfg(target_os = "linux")]
+    {
+        use std::os::unix::fs::{DirBuilderExt, MetadataExt};
+        if std::env::var_os("XDG_RUNTIME_DIR").is_some_and(|v| !v.is_empty()) {
+            return;
+        }
+        // SAFETY: getuid cannot fail and touches no memory.
+        let uid = unsafe { libc::getuid() };
+        let dir = std::env::temp_dir().join(format!("bitnet-runtime-{uid}"));
+        let _ = std::fs::DirBuilder::new().mode(0o700).create(&dir);
+        // Only a folder that is ours and closed to others (someone may have made it first).
+        let private = std::fs::symlink_metadata(&dir)
+            .is_ok_and(|m| m.is_dir() && m.uid() == uid && m.mode() & 0o077 == 0);
+        if private {
+            // No other thread exists yet (see main), so nothing reads the environment meanwhile.
+            std::env::set_var("XDG_RUNTIME_DIR", &dir);
+        }
     }
 }
 
@@ -405,18 +515,32 @@ fn generate(a: GenerateArgs) -> Result<()> {
     };
     let mut stdout = std::io::stdout().lock();
     let json = a.json;
-    let g = engine.generate(
+    // A failed write (the reader closed the pipe) stops generation at once.
+    let mut write_error = None;
+    let g = engine.generate_until(
         &prompt_ids,
         a.sampling.max_tokens,
         &mut sampler,
         a.sampling.ignore_eos,
         |piece| {
-            if !json {
-                let _ = stdout.write_all(piece.as_bytes());
-                let _ = stdout.flush();
+            if json {
+                return ControlFlow::Continue(());
+            }
+            match stdout
+                .write_all(piece.as_bytes())
+                .and_then(|()| stdout.flush())
+            {
+                Ok(()) => ControlFlow::Continue(()),
+                Err(e) => {
+                    write_error = Some(e);
+                    ControlFlow::Break(())
+                }
             }
         },
     )?;
+    if let Some(e) = write_error {
+        return Err(anyhow::Error::new(e).context("writing the generated text to stdout"));
+    }
     if json {
         let v = serde_json::json!({
             "token_ids": g.token_ids,
@@ -455,17 +579,26 @@ fn chat(a: ChatArgs) -> Result<()> {
         .map(|s| ChatMessage::new("system", s))
         .collect();
     eprintln!(
-        "bitnet chat: {} on {}. Type a message; /reset clears the conversation, /exit or Ctrl-D quits.",
+        "bitnet chat: {} on {}. Type a message; /reset clears the conversation, /exit or Ctrl-D quits; Ctrl-C ends an answer.",
         engine.files.dir.display(),
         engine.model.backend_name()
     );
+    catch_ctrl_c();
     let stdin = std::io::stdin();
-    let mut lines = stdin.lock().lines();
+    let mut input = stdin.lock();
+    let mut raw = Vec::new();
     loop {
         eprint!("> ");
         std::io::stderr().flush()?;
-        let Some(line) = lines.next() else { break };
-        let line = line.context("reading the next message from stdin (is it valid UTF-8?)")?;
+        raw.clear();
+        if input.read_until(b'\n', &mut raw)? == 0 {
+            break;
+        }
+        // One bad message ends that message, not the conversation.
+        let Ok(line) = std::str::from_utf8(&raw) else {
+            eprintln!("error: that message is not valid UTF-8; type it again");
+            continue;
+        };
         let line = line.trim();
         match line {
             "" => continue,
@@ -479,25 +612,86 @@ fn chat(a: ChatArgs) -> Result<()> {
             _ => {}
         }
         messages.push(ChatMessage::new("user", line));
-        let mut ids = engine.tokenizer.encode_chat(&messages, true)?;
-        // Drop the oldest turns (never the system message) until the prompt leaves room to answer.
-        let room = a.sampling.max_tokens.min(engine.model.ctx() / 2);
-        while ids.len() + room > engine.model.ctx()
-            && messages.iter().filter(|m| m.role != "system").count() > 1
-        {
-            let first = messages.iter().position(|m| m.role != "system").unwrap();
-            messages.remove(first);
-            ids = engine.tokenizer.encode_chat(&messages, true)?;
+        match chat_turn(&a, &mut engine, &mut sampler, &mut messages) {
+            Ok(answer) => messages.push(ChatMessage::new("assistant", answer.trim())),
+            Err(e) => {
+                messages.pop();
+                eprintln!("error: {}", one_line(&e));
+            }
         }
-        let mut stdout = std::io::stdout().lock();
-        let g = engine.generate(&ids, a.sampling.max_tokens, &mut sampler, false, |piece| {
-            let _ = stdout.write_all(piece.as_bytes());
-            let _ = stdout.flush();
-        })?;
-        writeln!(stdout)?;
-        messages.push(ChatMessage::new("assistant", g.text.trim()));
     }
     Ok(())
+}
+
+/// Set by the SIGINT handler while an answer is being generated.
+static INTERRUPTED: AtomicBool = AtomicBool::new(false);
+/// Whether an answer is being generated (Ctrl-C then ends the answer, else the program).
+static ANSWERING: AtomicBool = AtomicBool::new(false);
+
+/// Ctrl-C during an answer ends the answer and returns to the prompt; at the prompt it quits.
+fn catch_ctrl_c() {
+    #[cfg(target_os = "linux")]
+    {
+        extern "C" fn on_sigint(_: libc::c_int) {
+            if ANSWERING.load(Ordering::SeqCst) {
+                INTERRUPTED.store(true, Ordering::SeqCst);
+            } else {
+                // SAFETY: _exit is async-signal-safe. 130 = killed by SIGINT, as shells report.
+                unsafe { libc::_exit(130) };
+            }
+        }
+        // SAFETY: the handler only touches atomics and calls _exit, both async-signal-safe.
+        unsafe {
+            libc::signal(
+                libc::SIGINT,
+                on_sigint as extern "C" fn(libc::c_int) as libc::sighandler_t,
+            );
+        }
+    }
+}
+
+/// One answer of `chat`: the prompt for `messages` (oldest turns dropped to leave room), streamed.
+fn chat_turn(
+    a: &ChatArgs,
+    engine: &mut Engine,
+    sampler: &mut Sampler,
+    messages: &mut Vec<ChatMessage>,
+) -> Result<String> {
+    let mut ids = engine.tokenizer.encode_chat(messages, true)?;
+    // Drop the oldest turns (never the system message) until the prompt leaves room to answer.
+    let room = a.sampling.max_tokens.min(engine.model.ctx() / 2);
+    while ids.len() + room > engine.model.ctx()
+        && messages.iter().filter(|m| m.role != "system").count() > 1
+    {
+        let first = messages.iter().position(|m| m.role != "system").unwrap();
+        messages.remove(first);
+        ids = engine.tokenizer.encode_chat(messages, true)?;
+    }
+    let mut stdout = std::io::stdout().lock();
+    INTERRUPTED.store(false, Ordering::SeqCst);
+    ANSWERING.store(true, Ordering::SeqCst);
+    let g = engine.generate_until(
+        &ids,
+        a.sampling.max_tokens,
+        sampler,
+        a.sampling.ignore_eos,
+        |piece| {
+            let _ = stdout.write_all(piece.as_bytes());
+            let _ = stdout.flush();
+            if INTERRUPTED.load(Ordering::SeqCst) {
+                ControlFlow::Break(())
+            } else {
+                ControlFlow::Continue(())
+            }
+        },
+    );
+    ANSWERING.store(false, Ordering::SeqCst);
+    let g = g?;
+    writeln!(stdout)?;
+    if g.finish_reason == FinishReason::Cancelled {
+        eprintln!("(answer interrupted)");
+    }
+    Ok(g.text)
 }
 
 fn logits(a: LogitsArgs) -> Result<()> {
@@ -509,8 +703,13 @@ fn logits(a: LogitsArgs) -> Result<()> {
     };
     let logits = engine.logits(&ids)?;
     let vocab = engine.config.vocab_size;
-    bitnet_wgpu::npy::write_f32(&a.out, &[ids.len(), vocab], &logits)
-        .with_context(|| format!("writing {}", a.out.display()))?;
+    bitnet_wgpu::npy::write_f32(&a.out, &[ids.len(), vocab], &logits).map_err(|e| match e {
+        // The library's io error says "cannot read": here it was a write.
+        bitnet_wgpu::BitnetError::Io { source, .. } => {
+            anyhow::anyhow!("cannot write {}: {source}", a.out.display())
+        }
+        e => anyhow::Error::new(e).context(format!("cannot write {}", a.out.display())),
+    })?;
     eprintln!(
         "wrote {} [{}, {}] float32 ({})",
         a.out.display(),
@@ -533,10 +732,16 @@ fn perplexity(a: PerplexityArgs) -> Result<()> {
     let max_pos = config
         .with_context(|| format!("cannot load the model in {}", margs.dir().display()))?
         .max_position_embeddings;
-    let window = margs.ctx.unwrap_or(512).min(max_pos);
+    let window = margs.ctx.unwrap_or(512.min(max_pos));
+    if window > max_pos {
+        bail!("--ctx {window} is longer than the model's max_position_embeddings {max_pos}");
+    }
     margs.ctx = Some(window);
     let mut engine = margs.load()?;
-    let stride = a.stride.unwrap_or(window / 2).max(1);
+    let stride = match a.stride {
+        Some(s) => usize::try_from(s).context("--stride is too large")?,
+        None => (window / 2).max(1),
+    };
     let ids = engine.tokenizer.encode(&text, false)?;
     let bar = indicatif::ProgressBar::new(0);
     let t0 = std::time::Instant::now();
@@ -547,9 +752,9 @@ fn perplexity(a: PerplexityArgs) -> Result<()> {
         })?;
     bar.finish_and_clear();
     if a.json {
-        println!("{}", serde_json::to_string(&r)?);
+        outln!("{}", serde_json::to_string(&r)?);
     } else {
-        println!(
+        outln!(
             "perplexity {:.4} over {} scored tokens ({} tokens, {} windows of {} with stride {}) in {:.1} s on {}",
             r.ppl,
             r.n_scored,
@@ -590,30 +795,30 @@ fn info(a: InfoArgs) -> Result<()> {
     let w = &engine.weights;
     match &engine.files.gguf {
         None => {
-            println!("model folder     {}", engine.files.dir.display());
-            println!("format           Hugging Face folder (safetensors)");
-            println!("architecture     BitNetForCausalLM (BitNet b1.58)");
+            outln!("model folder     {}", engine.files.dir.display());
+            outln!("format           Hugging Face folder (safetensors)");
+            outln!("architecture     BitNetForCausalLM (BitNet b1.58)");
         }
         Some(g) => {
-            println!("model file       {}", engine.files.dir.display());
-            println!("format           GGUF v{}", g.version);
-            println!("architecture     {}", g.architecture);
+            outln!("model file       {}", engine.files.dir.display());
+            outln!("format           GGUF v{}", g.version);
+            outln!("architecture     {}", g.architecture);
             let types: Vec<String> = g
                 .tensor_types
                 .iter()
                 .map(|(t, n)| format!("{n} {t}"))
                 .collect();
-            println!("tensor types     {}", types.join(", "));
+            outln!("tensor types     {}", types.join(", "));
             for (k, line) in g.conversions.iter().enumerate() {
                 let label = if k == 0 { "converted" } else { "" };
-                println!("{label:<17}{line}");
+                outln!("{label:<17}{line}");
             }
             if let Some(l) = g.i2s_layout {
-                println!("i2_s layout      {l:?} (--i2s-layout)");
+                outln!("i2_s layout      {l:?} (--i2s-layout)");
             }
         }
     }
-    println!(
+    outln!(
         "ffn activation   {}{}",
         c.activation.name(),
         engine
@@ -623,7 +828,7 @@ fn info(a: InfoArgs) -> Result<()> {
             .map(|g| format!(" ({})", g.activation_source))
             .unwrap_or_default()
     );
-    println!(
+    outln!(
         "shape            hidden {}, intermediate {}, layers {}, heads {} (kv {}), head_dim {}",
         c.hidden_size,
         c.intermediate_size,
@@ -632,13 +837,14 @@ fn info(a: InfoArgs) -> Result<()> {
         c.num_key_value_heads,
         c.head_dim
     );
-    println!("vocab            {}", c.vocab_size);
-    println!(
-        "context          {} positions (rope_theta {})",
+    outln!("vocab            {}", c.vocab_size);
+    let ctx = engine.model.ctx();
+    outln!(
+        "context          {ctx} positions in use (--ctx; max_position_embeddings {}, rope_theta {})",
         c.max_position_embeddings, c.rope_theta
     );
-    println!("weights          {}", c.variant.describe());
-    println!(
+    outln!("weights          {}", c.variant.describe());
+    outln!(
         "lm head          {}",
         if c.tie_word_embeddings {
             "tied to the embedding"
@@ -646,7 +852,7 @@ fn info(a: InfoArgs) -> Result<()> {
             "separate lm_head.weight"
         }
     );
-    println!(
+    outln!(
         "parameters       {} ternary + {} float = {}",
         count(c.ternary_params()),
         count(c.float_params()),
@@ -654,55 +860,54 @@ fn info(a: InfoArgs) -> Result<()> {
     );
     let ternary = w.ternary_bytes() as u64;
     let emb = w.embed_tokens.bytes() as u64 + w.lm_head.as_ref().map_or(0, |m| m.bytes() as u64);
-    println!(
+    outln!(
         "memory           {} packed ternary weights + {} embedding/head",
         gib(ternary),
         gib(emb)
     );
-    println!(
-        "kv cache         {} per token (f32), {} at the full context of {}",
+    outln!(
+        "kv cache         {} per token (f32), {} at the context of {ctx}",
         gib(c.kv_bytes_per_position()),
-        gib(c.kv_bytes_per_position() * c.max_position_embeddings as u64),
-        c.max_position_embeddings
+        gib(c.kv_bytes_per_position().saturating_mul(ctx as u64)),
     );
-    println!(
-        "tokens           bos {:?}, stop {:?}",
-        c.bos_token_id,
+    outln!(
+        "tokens           bos {}, stop {:?}",
+        c.bos_token_id.map_or("none".to_string(), |b| b.to_string()),
         engine.stop_ids()
     );
-    println!("backend          {}", engine.model.backend_name());
-    println!("load time        {:.2} s", engine.load_time.as_secs_f64());
+    outln!("backend          {}", engine.model.backend_name());
+    outln!("load time        {:.2} s", engine.load_time.as_secs_f64());
     let adapters = bitnet_wgpu::backend::wgpu::list_adapters();
     if adapters.is_empty() {
-        println!("gpu adapters     none found");
+        outln!("gpu adapters     none found");
     }
     for (i, a) in adapters.iter().enumerate() {
         let label = if i == 0 { "gpu adapters" } else { "" };
-        println!("{label:<17}{a}");
+        outln!("{label:<17}{a}");
     }
     let need = bitnet_wgpu::backend::wgpu::estimate_memory(
         c,
         &engine.model_options(),
         w.embed_tokens.dtype.size() as u64,
     );
-    println!(
+    outln!(
         "gpu memory       {} needed on a GPU (weights, f32 KV cache, activations)",
         gib(need.total())
     );
     if let Some(note) = &engine.device_note {
-        println!("auto device      {note}");
+        outln!("auto device      {note}");
     }
     Ok(())
 }
 
 fn bench(a: BenchArgs) -> Result<()> {
     use bitnet_wgpu::bench::{
-        plot_series, render, BenchResult, EnergyResult, OutputFormat, Summary,
+        bench_series, build_for_tests, plot_series, render, run_metered, test_matrix, BenchResult,
+        EnergyResult, OutputFormat, Summary,
     };
-    use bitnet_wgpu::benchmark::{build_for_tests, run_test, TestKind, TestSpec};
     use bitnet_wgpu::energy::{
         discover_sensors, peak_rss_bytes, reset_peak_rss, DiscoverOptions, EnergyMeter,
-        EnergyReading, WallMeterEstimate,
+        WallMeterEstimate,
     };
 
     let format: OutputFormat = a
@@ -713,6 +918,15 @@ fn bench(a: BenchArgs) -> Result<()> {
         let ext = p.extension().and_then(|e| e.to_str()).unwrap_or("");
         if ext != "svg" && ext != "png" {
             bail!("--plot {}: use a .svg or .png file name", p.display());
+        }
+        // Before the run, not after minutes of it.
+        let parent = p.parent().filter(|d| !d.as_os_str().is_empty());
+        if let Some(d) = parent.filter(|d| !d.is_dir()) {
+            bail!(
+                "--plot {}: folder {} does not exist",
+                p.display(),
+                d.display()
+            );
         }
     }
 
@@ -771,23 +985,7 @@ fn bench(a: BenchArgs) -> Result<()> {
         }
         (None, None) => bail!("give --model DIR or --synthetic 2b4t"),
     };
-    let mut tests = Vec::new();
-    for &d in &a.depth {
-        for &p in a.n_prompt.iter().filter(|&&p| p > 0) {
-            tests.push(TestSpec {
-                kind: TestKind::Prefill,
-                n_tokens: p,
-                depth: d,
-            });
-        }
-        for &n in a.n_gen.iter().filter(|&&n| n > 0) {
-            tests.push(TestSpec {
-                kind: TestKind::Decode,
-                n_tokens: n,
-                depth: d,
-            });
-        }
-    }
+    let tests = test_matrix(&a.depth, &a.n_prompt, &a.n_gen);
     if tests.is_empty() {
         bail!("nothing to run: -p and -n are both 0");
     }
@@ -810,20 +1008,7 @@ fn bench(a: BenchArgs) -> Result<()> {
                 reps
             );
             reset_peak_rss();
-            let mut readings: Vec<EnergyReading> = Vec::new();
-            let mut energy_err: Option<String> = None;
-            let mut snap = None;
-            let times = run_test(&mut model, spec, reps, 7, |start| {
-                let Some(m) = meter.as_mut() else { return };
-                if start {
-                    snap = m.start().map_err(|e| energy_err = Some(e.to_string())).ok();
-                } else if let Some(s) = snap.take() {
-                    match m.stop(&s) {
-                        Ok(r) => readings.push(r),
-                        Err(e) => energy_err = Some(e.to_string()),
-                    }
-                }
-            })?;
+            let (times, energy) = run_metered(&mut model, spec, reps, 7, meter.as_mut())?;
             let tps = Summary::from_slice(&times.tokens_per_s()).context("no repetitions ran")?;
             let mut r = BenchResult {
                 model: model_name.clone(),
@@ -839,79 +1024,29 @@ fn bench(a: BenchArgs) -> Result<()> {
                 energy_na_reason: None,
                 peak_rss_bytes: peak_rss_bytes(),
                 gpu_mem_bytes: None,
+                gpu_work: times.gpu_work,
             };
-            let energy = match (meter.is_some(), energy_err, readings.split_first()) {
-                (false, _, _) => Err(na_reason.clone()),
-                (_, Some(e), _) => Err(format!("energy reading failed: {e}")),
-                (_, None, Some((first, rest))) => {
-                    // Sum the timed repetitions only (the untimed context pre-fill is excluded).
-                    let mut total = first.clone();
-                    for x in rest {
-                        total.total_j += x.total_j;
-                        total.seconds += x.seconds;
-                        for (acc, y) in total.joules_by_sensor.iter_mut().zip(&x.joules_by_sensor) {
-                            acc.2 += y.2;
-                        }
-                    }
+            r.set_energy(match energy {
+                None => Err(na_reason.clone()),
+                Some(reading) => reading.and_then(|total| {
                     EnergyResult::from_reading(&total, (spec.n_tokens * reps) as u64, idle.as_ref())
                         .ok_or_else(|| "no time measured".to_string())
-                }
-                (_, None, None) => Err("no reading".to_string()),
-            };
-            r.set_energy(energy);
+                }),
+            });
             results.push(r);
         }
     }
     println!("{}", render(format, &results)?);
 
     if let Some(path) = &a.plot {
-        // x axis: context depth when several depths were run, else the thread count.
-        let by_depth = a.depth.len() > 1 || threads.len() == 1;
-        let mut speed: Vec<(String, Vec<(f64, f64)>)> = Vec::new();
-        let mut joules: Vec<(String, Vec<(f64, f64)>)> = Vec::new();
-        for r in &results {
-            let label = if by_depth {
-                format!(
-                    "{} {}t",
-                    if r.test.starts_with("pp") {
-                        format!("pp{}", r.n_tokens)
-                    } else {
-                        format!("tg{}", r.n_tokens)
-                    },
-                    r.threads
-                )
-            } else {
-                r.test.clone()
-            };
-            let x = if by_depth {
-                r.depth as f64
-            } else {
-                r.threads as f64
-            };
-            let push = |v: &mut Vec<(String, Vec<(f64, f64)>)>, y: f64| match v
-                .iter_mut()
-                .find(|s| s.0 == label)
-            {
-                Some(s) => s.1.push((x, y)),
-                None => v.push((label.clone(), vec![(x, y)])),
-            };
-            push(&mut speed, r.tokens_per_s.mean);
-            if let Some(e) = &r.energy {
-                push(&mut joules, e.joules_per_token);
-            }
-        }
-        let x_label = if by_depth {
-            "context depth (tokens)"
-        } else {
-            "threads"
-        };
+        let series = bench_series(&results, a.depth.len() > 1 || threads.len() == 1);
         let title = format!("{model_name}: tokens/s");
         plot_series(
             path,
             &title,
-            x_label,
-            &speed,
-            (!joules.is_empty()).then_some(&joules[..]),
+            series.x_label,
+            &series.speed,
+            (!series.joules.is_empty()).then_some(&series.joules[..]),
         )?;
         eprintln!("wrote {}", path.display());
     }

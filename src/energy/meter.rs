@@ -35,12 +35,6 @@ pub struct EnergySnapshot {
     joules: Vec<f64>,
 }
 
-impl EnergySnapshot {
-    pub fn instant(&self) -> Instant {
-        self.at
-    }
-}
-
 /// Energy over one span.
 #[derive(Debug, Clone, PartialEq, serde::Serialize)]
 pub struct EnergyReading {

@@ -32,6 +32,9 @@ pub enum CpuLevel {
     NeonDot,
 }
 
+/// Every `BITNET_CPU_KERNEL` value, on any architecture.
+const ALL_LEVEL_NAMES: [&str; 6] = ["scalar", "avx2", "avx512vnni", "amx", "neon", "neondot"];
+
 impl CpuLevel {
     pub fn name(self) -> &'static str {
         match self {
@@ -91,6 +94,14 @@ impl CpuLevel {
         match want {
             Some(want) => match avail.iter().find(|l| l.name() == want) {
                 Some(&l) => l,
+                None if !ALL_LEVEL_NAMES.contains(&want) => {
+                    eprintln!(
+                        "warning: BITNET_CPU_KERNEL={want:?} is not a kernel level (one of {}); using {}",
+                        ALL_LEVEL_NAMES.join(", "),
+                        best.name()
+                    );
+                    best
+                }
                 None => {
                     eprintln!(
                         "warning: BITNET_CPU_KERNEL={want} is not available here (available: {}); using {}",
@@ -108,8 +119,7 @@ impl CpuLevel {
 /// [`ternary_dot4`] for two packed byte rows at once, one token: `[dot4(bytes[0]), dot4(bytes[1])]`.
 /// Decode reads each weight once, so its speed is the memory stream's; with two rows far apart
 /// (the two halves of a job's range) the core keeps two sequential streams in flight, which
-/// the prefetchers serve faster than one (measured on the AVX-512 VM: 13.7 → 15.6 GB/s on one
-/// core).
+/// the prefetchers serve faster than one (BENCHMARKS.md, issue 6).
 #[inline]
 pub fn ternary_dot4_rows2(
     level: CpuLevel,
@@ -330,7 +340,7 @@ pub fn rows_times_runs(
 
 /// [`rows_times_runs`] as one [`axpy_f32`] per (head, k); with `CpuLevel::Scalar` its scalar twin.
 #[allow(clippy::too_many_arguments)]
-pub fn rows_times_runs_with(
+fn rows_times_runs_with(
     level: CpuLevel,
     a: &[f32],
     heads: usize,

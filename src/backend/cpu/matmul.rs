@@ -12,7 +12,7 @@ use super::dispatch::{
 use super::pool::DisjointSlice;
 use super::q8::HeadInput;
 use super::{CpuBackend, CpuLmHead, CpuQTensor, CpuTensor};
-use crate::backend::{check_matmul, LogitRows};
+use crate::backend::check_matmul;
 use crate::error::{BitnetError, Result};
 use crate::load::{decode_floats, FloatDtype};
 use crate::ternary::TernaryMatrix;
@@ -262,16 +262,18 @@ impl CpuBackend {
         &mut self,
         head: &CpuLmHead,
         x: &CpuTensor,
-        rows: LogitRows,
+        rows: &[u32],
         logits: &mut CpuTensor,
     ) -> Result<()> {
         let (n, h, vocab) = (self.n(), head.cols(), head.rows());
         self.check("lm_head", x, h)?;
-        let first = match rows {
-            LogitRows::Last => n - 1,
-            LogitRows::All => 0,
-        };
-        let out_rows = n - first;
+        if let Some(&bad) = rows.iter().find(|&&r| r as usize >= n) {
+            return Err(BitnetError::op(
+                "lm_head",
+                format!("logit row {bad} is not a row of this {n}-row step"),
+            ));
+        }
+        let out_rows = rows.len();
         if logits.cols != vocab || logits.capacity < out_rows {
             return Err(BitnetError::op(
                 "lm_head",
@@ -288,8 +290,9 @@ impl CpuBackend {
             // One decoded head row, for heads that are not bf16 (f16, f32).
             static ROW: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
         }
-        for r in 0..out_rows {
-            let xr = &x.data[(first + r) * h..(first + r + 1) * h]; // [h]
+        for (r, &src) in rows.iter().enumerate() {
+            let src = src as usize;
+            let xr = &x.data[src * h..(src + 1) * h]; // [h]
             let lr = &mut logits.data[r * vocab..(r + 1) * vocab]; // [vocab]
             match head {
                 CpuLmHead::Q8(q8) => {
@@ -363,7 +366,7 @@ fn side_by_side(len: usize, mut pair: impl FnMut(usize, usize), mut single: impl
 mod tests {
     use super::super::dispatch::CpuLevel;
     use super::*;
-    use crate::backend::Backend;
+    use crate::backend::{Backend, StepRow};
 
     #[test]
     fn ternary_matmul_equals_the_scalar_dot_at_every_level_and_thread_count() {
@@ -394,7 +397,7 @@ mod tests {
                 for level in CpuLevel::available() {
                     for threads in [1, 3] {
                         let mut b = CpuBackend::new(threads).unwrap().with_level(level).unwrap();
-                        b.begin_step(&vec![0; n], 0).unwrap();
+                        b.begin_step(&StepRow::sequence(&vec![0; n], 0)).unwrap();
                         let mut x = b.alloc(n, cols).unwrap();
                         x.data[..n * cols].copy_from_slice(&x_data);
                         let mut q = b.alloc_q(n, cols).unwrap();
@@ -403,10 +406,19 @@ mod tests {
                         b.ternary_matmul(&w, &q, &mut out).unwrap();
                         let p4 = rows / 4;
                         for t in 0..n {
-                            let qt = &q.q[t * cols..(t + 1) * cols];
-                            let f = w.out_scale / q.scales[t];
+                            // The expected value from the scalar quantizer, not from the
+                            // backend's own quantize output (which is checked against it here).
+                            let mut qt = vec![0i8; cols];
+                            let scale = crate::backend::cpu::reference::quantize_row(
+                                &x_data[t * cols..(t + 1) * cols],
+                                &mut qt,
+                            );
+                            let sum: i32 = qt.iter().map(|&v| v as i32).sum();
+                            assert_eq!(&q.q[t * cols..(t + 1) * cols], &qt[..], "quantize");
+                            assert_eq!((q.scales[t], q.sums[t]), (scale, sum), "quantize");
+                            let f = w.out_scale / scale;
                             for p in 0..p4 {
-                                let r = ternary_dot_byte_row(w.byte_row(p), qt, q.sums[t]);
+                                let r = ternary_dot_byte_row(w.byte_row(p), &qt, sum);
                                 for (i, &v) in r.iter().enumerate() {
                                     let (got, want) =
                                         (out.data[t * rows + i * p4 + p], v as f32 * f);

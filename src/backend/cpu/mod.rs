@@ -24,7 +24,9 @@ pub(crate) mod x86;
 
 use std::cell::RefCell;
 
-use super::{check_attention, check_tensor, AttentionShape, Backend, HeadFormat, LogitRows};
+use super::{
+    check_attention, check_step_rows, check_tensor, AttentionShape, Backend, HeadFormat, StepRow,
+};
 use crate::error::{BitnetError, Result};
 use crate::load::FloatMatrix;
 use crate::ternary::TernaryMatrix;
@@ -58,12 +60,13 @@ pub struct CpuQTensor {
     pub cols: usize,
 }
 
-/// Keys and values of every layer, f32.
+/// Keys and values of every layer and slot, f32.
 pub struct CpuKvCache {
-    /// Keys transposed, `[layers, kv_dim, ctx]`: a query's scores over all positions are then
-    /// `head_dim` contiguous axpys (no per-position dot product and horizontal sum).
-    pub k: Vec<f32>, // [layers, kv_dim, ctx]
-    pub v: Vec<f32>, // [layers, ctx, kv_dim]
+    /// Keys transposed, `[layers, slots, kv_dim, ctx]`: a query's scores over all positions are
+    /// then `head_dim` contiguous axpys (no per-position dot product and horizontal sum).
+    pub k: Vec<f32>, // [layers, slots, kv_dim, ctx]
+    pub v: Vec<f32>, // [layers, slots, ctx, kv_dim]
+    pub slots: usize,
     pub ctx: usize,
     pub kv_dim: usize,
 }
@@ -95,11 +98,11 @@ impl CpuLmHead {
 pub struct CpuBackend {
     pool: SpinPool,
     threads: usize,
-    tokens: Vec<u32>, // [n] tokens of the current step
-    start_pos: usize,
+    rows: Vec<StepRow>,     // [n] the current step's rows (token, position, slot)
     token_factor: Vec<f32>, // [n] out_scale / activation scale, for the ternary matmul
     rope_table: Vec<(f32, f32)>, // [n, head_dim/2] (cos, sin) of the step's positions
-    rope_key: Option<(usize, usize, usize, u32)>, // (start_pos, n, head_dim, θ bits) of rope_table
+    rope_pos: Vec<u32>,     // [n] positions rope_table was built for
+    rope_key: Option<(usize, u32)>, // (head_dim, θ bits) of rope_table
     level: CpuLevel,
 }
 
@@ -117,17 +120,18 @@ impl CpuBackend {
         Ok(CpuBackend {
             pool,
             threads,
-            tokens: Vec::new(),
-            start_pos: 0,
+            rows: Vec::new(),
             token_factor: Vec::new(),
             rope_table: Vec::new(),
+            rope_pos: Vec::new(),
             rope_key: None,
             level: CpuLevel::detect(),
         })
     }
 
     /// Forces a kernel level (tests compare levels; the level must be one `available()` lists).
-    pub fn with_level(mut self, level: CpuLevel) -> Result<Self> {
+    #[cfg(test)]
+    pub(crate) fn with_level(mut self, level: CpuLevel) -> Result<Self> {
         if !CpuLevel::available().contains(&level) {
             return Err(BitnetError::InvalidArgument(format!(
                 "CPU kernel level {} is not available on this machine",
@@ -147,7 +151,7 @@ impl CpuBackend {
     }
 
     fn n(&self) -> usize {
-        self.tokens.len()
+        self.rows.len()
     }
 
     fn check(&self, op: &'static str, t: &CpuTensor, cols: usize) -> Result<()> {
@@ -231,23 +235,32 @@ impl Backend for CpuBackend {
         })
     }
 
-    fn alloc_kv_cache(&mut self, layers: usize, ctx: usize, kv_dim: usize) -> Result<CpuKvCache> {
+    fn alloc_kv_cache(
+        &mut self,
+        layers: usize,
+        slots: usize,
+        ctx: usize,
+        kv_dim: usize,
+    ) -> Result<CpuKvCache> {
         let len = layers
-            .checked_mul(ctx)
+            .checked_mul(slots)
+            .and_then(|x| x.checked_mul(ctx))
             .and_then(|x| x.checked_mul(kv_dim))
             .ok_or_else(|| BitnetError::op("alloc_kv_cache", "size overflows"))?;
         Ok(CpuKvCache {
             k: vec![0.0; len],
             v: vec![0.0; len],
+            slots,
             ctx,
             kv_dim,
         })
     }
 
-    fn begin_step(&mut self, tokens: &[u32], start_pos: usize) -> Result<()> {
-        self.tokens.clear();
-        self.tokens.extend_from_slice(tokens);
-        self.start_pos = start_pos;
+    fn begin_step(&mut self, rows: &[StepRow]) -> Result<()> {
+        // slots and ctx are the cache's: `attention` checks them against it
+        check_step_rows(rows, usize::MAX, usize::MAX)?;
+        self.rows.clear();
+        self.rows.extend_from_slice(rows);
         Ok(())
     }
 
@@ -257,7 +270,7 @@ impl Backend for CpuBackend {
 
     fn embed(&mut self, emb: &FloatMatrix, out: &mut CpuTensor) -> Result<()> {
         self.check("embed", out, emb.cols)?;
-        for (t, &id) in self.tokens.iter().enumerate() {
+        for (t, &StepRow { token: id, .. }) in self.rows.iter().enumerate() {
             if id as usize >= emb.rows {
                 return Err(BitnetError::TokenOutOfRange {
                     id,
@@ -344,14 +357,26 @@ impl Backend for CpuBackend {
     fn rope(&mut self, x: &mut CpuTensor, n_heads: usize, shape: &AttentionShape) -> Result<()> {
         let hd = shape.head_dim;
         self.check("rope", x, n_heads * hd)?;
-        // cos/sin once per position of the step, shared by every head and by q and k of every
-        // layer: the table is rebuilt only when the step (or the head shape) changes
+        // cos/sin once per row of the step, shared by every head and by q and k of every
+        // layer: the table is rebuilt only when the step's positions (or the head shape) change
         let n = self.n();
-        let key = (self.start_pos, n, hd, shape.rope_theta.to_bits());
-        if self.rope_key != Some(key) {
+        let key = (hd, shape.rope_theta.to_bits());
+        let same_pos = self.rope_pos.len() == n
+            && self
+                .rope_pos
+                .iter()
+                .zip(&self.rows)
+                .all(|(&p, r)| p == r.pos);
+        if self.rope_key != Some(key) || !same_pos {
             self.rope_table.resize(n * hd / 2, (0.0, 0.0));
-            for (t, angles) in self.rope_table.chunks_exact_mut(hd / 2).enumerate() {
-                rope_angles(self.start_pos + t, hd, shape.rope_theta, angles);
+            self.rope_pos.clear();
+            for (r, angles) in self
+                .rows
+                .iter()
+                .zip(self.rope_table.chunks_exact_mut(hd / 2))
+            {
+                rope_angles(r.pos as usize, hd, shape.rope_theta, angles);
+                self.rope_pos.push(r.pos);
             }
             self.rope_key = Some(key);
         }
@@ -383,19 +408,27 @@ impl Backend for CpuBackend {
             n,
             [q, k, v, out].map(|t| (t.capacity, t.cols)),
             (cache.kv_dim, cache.ctx),
-            self.start_pos + n,
+            self.rows
+                .iter()
+                .map(|r| r.pos as usize + 1)
+                .max()
+                .unwrap_or(0),
         )?;
-        let (ctx, start) = (cache.ctx, self.start_pos);
-        let base = layer * ctx * kvd;
-        let dst = base + start * kvd..base + (start + n) * kvd;
-        cache.v[dst].copy_from_slice(&v.data[..n * kvd]);
-        let kt = &mut cache.k[base..base + kvd * ctx]; // [kv_dim, ctx]
-        for (e, row) in kt.chunks_exact_mut(ctx).enumerate() {
-            for t in 0..n {
-                row[start + t] = k.data[t * kvd + e];
+        check_step_rows(&self.rows, cache.slots, cache.ctx)?;
+        let (ctx, slots) = (cache.ctx, cache.slots);
+        // [slots, ctx, kv_dim] and [slots, kv_dim, ctx] of this layer, slot s at s * ctx * kvd
+        let slot_base = move |slot: u32| (layer * slots + slot as usize) * ctx * kvd;
+        for (t, r) in self.rows.iter().enumerate() {
+            let (base, p) = (slot_base(r.slot), r.pos as usize);
+            cache.v[base + p * kvd..base + (p + 1) * kvd]
+                .copy_from_slice(&v.data[t * kvd..(t + 1) * kvd]);
+            let kt = &mut cache.k[base..base + kvd * ctx]; // [kv_dim, ctx]
+            for (e, row) in kt.chunks_exact_mut(ctx).enumerate() {
+                row[p] = k.data[t * kvd + e];
             }
         }
-        let (kc, vc) = (&cache.k[base..], &cache.v[base..]);
+        let (kc, vc) = (&cache.k, &cache.v);
+        let rows = &self.rows;
         let group = shape.n_heads / shape.n_kv_heads;
         let scale = 1.0 / (hd as f32).sqrt();
         let level = self.level;
@@ -418,7 +451,9 @@ impl Backend for CpuBackend {
                     let per_token = shape.n_heads / heads;
                     let (t, h0) = (idx / per_token, idx % per_token * heads);
                     let kvh = h0 / group;
-                    let len = start + t + 1; // causal: positions 0..=start+t
+                    let r = rows[t];
+                    let len = r.pos as usize + 1; // causal: positions 0..=pos of its slot
+                    let (kc, vc) = (&kc[slot_base(r.slot)..], &vc[slot_base(r.slot)..]);
                     qs.clear(); // [heads, hd]
                     qs.extend(
                         q.data[t * qd + h0 * hd..t * qd + (h0 + heads) * hd]
@@ -427,7 +462,8 @@ impl Backend for CpuBackend {
                     );
                     scores.clear();
                     scores.resize(heads * len, 0.0); // [heads, len]
-                                                     // scores[h][j] = Σ_d qs[h][d] · K[j][d], with K stored as [kv_dim, ctx]
+
+                    // scores[h][j] = Σ_d qs[h][d] · K[j][d], with K stored as [kv_dim, ctx]
                     let keys = &kc[kvh * hd * ctx..]; // rows d: component d of every key
                     rows_times_runs(level, qs, heads, hd, keys, ctx, len, scores);
                     for s in scores.chunks_exact_mut(len) {
@@ -475,7 +511,7 @@ impl Backend for CpuBackend {
         &mut self,
         head: &CpuLmHead,
         x: &CpuTensor,
-        rows: LogitRows,
+        rows: &[u32],
         logits: &mut CpuTensor,
     ) -> Result<()> {
         self.head_logits(head, x, rows, logits)
@@ -505,7 +541,7 @@ mod tests {
             head_dim: 2,
             rope_theta: 1e4,
         };
-        b.begin_step(&[0], 0).unwrap();
+        b.begin_step(&StepRow::sequence(&[0], 0)).unwrap();
         let q = CpuTensor {
             data: vec![1.0; 8],
             capacity: 1,
@@ -521,7 +557,7 @@ mod tests {
             capacity: 1,
             cols: 4,
         };
-        let mut cache = b.alloc_kv_cache(1, 4, 4).unwrap();
+        let mut cache = b.alloc_kv_cache(1, 1, 4, 4).unwrap();
         let mut out = b.alloc(1, 8).unwrap();
         b.attention(&q, &k, &v, &mut cache, 0, &shape, &mut out)
             .unwrap();
@@ -530,7 +566,7 @@ mod tests {
             vec![10.0, 11.0, 10.0, 11.0, 20.0, 21.0, 20.0, 21.0]
         );
         // second token: kv head 1 gets a key aligned with q heads 2,3 → they weight it more.
-        b.begin_step(&[0], 1).unwrap();
+        b.begin_step(&StepRow::sequence(&[0], 1)).unwrap();
         let k2 = CpuTensor {
             data: vec![0.0, 0.0, 5.0, 5.0],
             capacity: 1,

@@ -1,13 +1,12 @@
-//! A small spinning thread pool for the CPU backend's parallel loops. Hand-written instead of
-//! rayon because of the cost of *starting* a parallel region: a decoded 2B4T token runs ~250 of
-//! them (7 projections and an attention per layer, the LM head), each only 30–400 µs long, and
-//! rayon wakes its sleeping workers for each one (measured on the development VM: a region of
-//! k_proj's size, 410 KB of weights, took as long on 2 threads as on 1; ~30 µs of overhead per
-//! region). Here the workers spin on an epoch counter for a while after each region (so the next
-//! region of the same token starts in well under a microsecond), the calling thread takes part in
-//! the work, waiting threads yield their core after a few hundred spins (so an oversubscribed
-//! machine degrades instead of stalling), and workers fall asleep on a condition variable after
-//! ~1 ms without work so that an idle model does not burn CPU.
+//! A small spinning thread pool for the CPU backend's parallel loops. Hand-written instead of rayon
+//! because of the cost of *starting* a parallel region: a decoded 2B4T token runs ~250 of them (7
+//! projections and an attention per layer, the LM head), each short, and rayon wakes its sleeping
+//! workers for each one (BENCHMARKS.md has what that cost). Here the workers spin on an epoch
+//! counter for a while after each region (so the next region of the same token starts in well under
+//! a microsecond), the calling thread takes part in the work, waiting threads yield their core
+//! after a few hundred spins (so an oversubscribed machine degrades instead of stalling), and
+//! workers fall asleep on a condition variable after ~1 ms without work so that an idle model does
+//! not burn CPU.
 //!
 //! One region runs at a time: [`SpinPool::run`] takes `&self` but serialises callers.
 

@@ -20,7 +20,7 @@ use super::dispatch::CpuLevel;
 use super::reference::dot_q8_scalar;
 #[cfg(target_arch = "x86_64")]
 use super::x86::avx2;
-use crate::load::{decode_floats, FloatMatrix};
+use crate::load::FloatMatrix;
 
 /// Columns per scale block.
 pub const Q8_BLOCK: usize = 64;
@@ -122,13 +122,15 @@ impl Q8Matrix {
     }
 
     /// The scalar twin of [`Q8Matrix::dot`].
-    pub fn dot_scalar(&self, r: usize, x: &HeadInput) -> f32 {
+    #[cfg(test)]
+    fn dot_scalar(&self, r: usize, x: &HeadInput) -> f32 {
         let (q, s) = self.row(r);
         dot_q8_scalar(q, s, &x.q) * x.inv_scale
     }
 
-    /// Row `r` dequantized: `out [cols]` (tests and error measurements).
-    pub fn row_f32(&self, r: usize, out: &mut [f32]) {
+    /// Row `r` dequantized: `out [cols]`.
+    #[cfg(test)]
+    fn row_f32(&self, r: usize, out: &mut [f32]) {
         let (q, s) = self.row(r);
         for (c, o) in out.iter_mut().enumerate() {
             *o = q[c] as f32 * s[c / Q8_BLOCK];
@@ -172,42 +174,42 @@ pub fn quantize_row_q8(row: &[f32], q: &mut [i8], scales: &mut [f32]) {
     }
 }
 
-/// Decodes `m`'s row `r` exactly (for the error statistics of [`q8_head_error`]).
-fn exact_row(m: &FloatMatrix, r: usize, out: &mut [f32]) {
-    let es = m.dtype.size();
-    decode_floats(
-        m.dtype,
-        &m.data.as_slice()[r * m.cols * es..(r + 1) * m.cols * es],
-        out,
-    );
-}
-
-/// The largest relative weight error `|w − ŵ| / absmax_row` over the first `rows` rows: a quick
-/// statement of what the 8-bit head costs (≤ 1/254 by construction).
-pub fn q8_head_error(m: &FloatMatrix, q8: &Q8Matrix, rows: usize) -> f32 {
-    let mut exact = vec![0f32; m.cols];
-    let mut approx = vec![0f32; m.cols];
-    let mut worst = 0f32;
-    for r in 0..rows.min(m.rows) {
-        exact_row(m, r, &mut exact);
-        q8.row_f32(r, &mut approx);
-        let absmax = exact.iter().fold(0f32, |a, v| a.max(v.abs()));
-        if absmax > 0.0 {
-            for (e, a) in exact.iter().zip(&approx) {
-                worst = worst.max((e - a).abs() / absmax);
-            }
-        }
-    }
-    worst
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::load::FloatDtype;
+    use crate::load::{decode_floats, FloatDtype};
     use crate::ternary::ByteStorage;
     use rand::{Rng, SeedableRng};
     use std::sync::Arc;
+
+    /// Decodes `m`'s row `r` exactly (for the error statistics of [`q8_head_error`]).
+    fn exact_row(m: &FloatMatrix, r: usize, out: &mut [f32]) {
+        let es = m.dtype.size();
+        decode_floats(
+            m.dtype,
+            &m.data.as_slice()[r * m.cols * es..(r + 1) * m.cols * es],
+            out,
+        );
+    }
+
+    /// The largest relative weight error `|w − ŵ| / absmax_row` over the first `rows` rows: a quick
+    /// statement of what the 8-bit head costs (≤ 1/254 by construction).
+    fn q8_head_error(m: &FloatMatrix, q8: &Q8Matrix, rows: usize) -> f32 {
+        let mut exact = vec![0f32; m.cols];
+        let mut approx = vec![0f32; m.cols];
+        let mut worst = 0f32;
+        for r in 0..rows.min(m.rows) {
+            exact_row(m, r, &mut exact);
+            q8.row_f32(r, &mut approx);
+            let absmax = exact.iter().fold(0f32, |a, v| a.max(v.abs()));
+            if absmax > 0.0 {
+                for (e, a) in exact.iter().zip(&approx) {
+                    worst = worst.max((e - a).abs() / absmax);
+                }
+            }
+        }
+        worst
+    }
 
     fn bf16_matrix(rows: usize, cols: usize, seed: u64) -> FloatMatrix {
         let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);

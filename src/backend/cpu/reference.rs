@@ -137,7 +137,7 @@ pub fn rope_head_with(v: &mut [f32], angles: &[(f32, f32)]) {
 /// Numerically stable softmax in f32. Terms below e^−87 (f32's smallest normal, 1.2e−38, times
 /// the largest term, which is 1) are set to 0 instead of becoming subnormal: they cannot change
 /// the sum or any output in f32, and subnormal multiplies in the attention's weighted sum cost
-/// ~100 cycles each on x86 (that was 10 % of a prefill on a 2B4T-shaped model).
+/// ~100 cycles each on x86 (what that cost a prefill is in BENCHMARKS.md).
 pub fn softmax_in_place(x: &mut [f32]) {
     let m = x.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
     let mut sum = 0.0;

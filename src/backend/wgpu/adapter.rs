@@ -194,7 +194,7 @@ pub fn estimate_memory(c: &ModelConfig, o: &ModelOptions, elem_bytes: u64) -> Me
     let heads = if c.tie_word_embeddings { 1 } else { 2 };
     let emb_row = (h * elem_bytes).div_ceil(4) * 4;
     let embedding = heads * v * emb_row;
-    let kv_cache = 2 * l * o.ctx as u64 * kvd * 4;
+    let kv_cache = 2 * l * o.slots as u64 * o.ctx as u64 * kvd * 4;
     let b = o.max_batch as u64;
     let f32s = b * (4 * h + 2 * qd + 2 * kvd + 4 * i) + o.max_logit_rows as u64 * v;
     let q8 = b * (g(h) + g(qd) + g(i)) + 3 * b * 8;
