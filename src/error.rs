@@ -62,6 +62,8 @@ pub enum BitnetError {
     Gpu(String),
     #[error("invalid argument: {0}")]
     InvalidArgument(String),
+    #[error("hub: {0}")]
+    Hub(String),
     #[error("server: {0}")]
     Serve(String),
     #[error("GGUF file {path}: {source}")]

@@ -104,6 +104,21 @@ pub fn chat_template(data: &[u8]) {
     let _ = render_chat_template(template, "<s>", "</s>", &messages, true);
 }
 
+/// GGUF bytes: the container parser (`gguf::GgufHeader::parse`), then every metadata accessor
+/// and every tensor's byte range, as the GGUF loader uses them.
+pub fn gguf(data: &[u8]) {
+    if let Ok(h) = crate::gguf::GgufHeader::parse(data) {
+        for (k, _) in &h.metadata {
+            let _ = (h.get_str(k), h.get_u64(k), h.get_f64(k), h.get_array(k));
+        }
+        for t in &h.tensors {
+            // The parser promised these bounds: slicing must not panic.
+            let bytes = &data[t.start..t.start + t.len];
+            std::hint::black_box((bytes.first(), t.n_elements()));
+        }
+    }
+}
+
 /// A valid `model.safetensors` for [`PACKED_CONFIG`] (`online: false`) or [`ONLINE_CONFIG`]:
 /// the fuzz corpus seeds, and the base the property tests mutate into valid-looking headers.
 pub fn seed_checkpoint(online: bool) -> Vec<u8> {

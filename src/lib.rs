@@ -17,6 +17,7 @@ pub mod load;
 pub mod model;
 pub mod npy;
 pub mod perplexity;
+pub mod pull;
 pub mod sampler;
 pub mod serve;
 pub mod synthetic;

@@ -43,6 +43,11 @@ fn tokenizer_corpus() {
 }
 
 #[test]
+fn gguf_corpus() {
+    replay("gguf", fuzz_targets::gguf);
+}
+
+#[test]
 fn chat_template_corpus() {
     replay("chat_template", fuzz_targets::chat_template);
 }

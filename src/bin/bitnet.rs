@@ -55,6 +55,9 @@ enum Command {
     /// Load generator for an OpenAI-compatible server: C clients x M tokens, aggregate tokens/s,
     /// time to first token and inter-token latency.
     BenchServe(BenchServeArgs),
+    /// Download a Hugging Face repo into the standard HF cache ($HF_HUB_CACHE, $HF_HOME/hub or
+    /// ~/.cache/huggingface/hub; $HF_ENDPOINT picks the hub), resuming and checksumming.
+    Pull(PullArgs),
 }
 
 #[derive(Args)]
@@ -122,9 +125,43 @@ struct BenchServeArgs {
     json: bool,
 }
 
+#[derive(Args)]
+struct PullArgs {
+    /// Repo id, e.g. microsoft/bitnet-b1.58-2B-4T-gguf.
+    repo: String,
+    /// Branch, tag or commit.
+    #[arg(long, default_value = "main")]
+    revision: String,
+    /// Only files matching this glob (repeatable), e.g. --include '*.gguf'.
+    #[arg(long, value_name = "PATTERN")]
+    include: Vec<String>,
+}
+
+fn pull(a: PullArgs) -> Result<()> {
+    let cache = bitnet_wgpu::pull::cache_dir();
+    let p = bitnet_wgpu::pull::pull(None, &cache, &a.repo, &a.revision, &a.include, true)
+        .with_context(|| format!("cannot pull {}", a.repo))?;
+    for (f, fresh) in &p.files {
+        println!("{} {f}", if *fresh { "downloaded" } else { "cached    " });
+    }
+    println!("snapshot {} (commit {})", p.snapshot.display(), p.commit);
+    println!("use it with: --model {}", a.repo);
+    Ok(())
+}
+
+/// `--model` values that are not a path but a repo id in the HF cache resolve to its snapshot.
+fn resolve_model(p: PathBuf) -> PathBuf {
+    if p.exists() {
+        return p;
+    }
+    let id = p.to_string_lossy();
+    bitnet_wgpu::pull::resolve_cached(&bitnet_wgpu::pull::cache_dir(), &id).unwrap_or(p)
+}
+
 #[derive(Args, Clone)]
 struct ModelArgs {
-    /// Model folder (Hugging Face layout) or .gguf file. Default: $BITNET_MODEL, else the
+    /// Model folder (Hugging Face layout), .gguf file, or a repo id in the HF cache
+    /// (ORG/NAME or ORG/NAME:FILE, see `bitnet pull`). Default: $BITNET_MODEL, else the
     /// bundled tiny model.
     #[arg(short, long, value_name = "DIR|FILE.gguf")]
     model: Option<PathBuf>,
@@ -190,9 +227,11 @@ impl ModelArgs {
     /// The model folder, and where it came from when that was not --model (for error messages).
     fn dir_and_source(&self) -> (PathBuf, &'static str) {
         match (&self.model, std::env::var_os("BITNET_MODEL")) {
-            (Some(m), _) => (m.clone(), ""),
+            (Some(m), _) => (resolve_model(m.clone()), ""),
             // An empty BITNET_MODEL= (a common way to "unset" it) means unset, not the cwd.
-            (None, Some(env)) if !env.is_empty() => (PathBuf::from(env), " (from $BITNET_MODEL)"),
+            (None, Some(env)) if !env.is_empty() => {
+                (resolve_model(PathBuf::from(env)), " (from $BITNET_MODEL)")
+            }
             _ => (PathBuf::from(BUNDLED_MODEL), ""),
         }
     }
@@ -453,6 +492,7 @@ fn main() -> ExitCode {
         Command::Bench(a) => bench(a),
         Command::Serve(a) => serve(a),
         Command::BenchServe(a) => bench_serve(a),
+        Command::Pull(a) => pull(a),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -1078,6 +1118,7 @@ fn bench(a: BenchArgs) -> Result<()> {
             (w, format!("synthetic {p}"), size)
         }
         (Some(dir), None) => {
+            let dir = &resolve_model(dir.clone());
             let (_, _, _, w) =
                 bitnet_wgpu::load::load_model(dir, &a.device.gguf_options(), |_, _| {})?;
             let size = w.ternary_bytes()
