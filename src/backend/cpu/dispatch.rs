@@ -13,7 +13,7 @@ use std::sync::OnceLock;
 use super::arm::neon;
 use super::reference;
 #[cfg(target_arch = "x86_64")]
-use super::x86::{avx2, avx512};
+use super::x86::{avx2, avx512, avxvnni};
 
 /// Which kernel family runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
@@ -21,6 +21,9 @@ pub enum CpuLevel {
     Scalar,
     /// x86-64 AVX2 + FMA (pmaddubsw + pmaddwd; FMA for the float kernels).
     Avx2,
+    /// x86-64 AVX2 + FMA + AVX-VNNI (vpdpbusd on 256-bit vectors, for the ternary dots; the
+    /// other ops run the AVX2 kernels). Intel client cores from Alder Lake, AMD Zen 4+.
+    AvxVnni,
     /// x86-64 AVX-512 BW + VNNI (vpdpbusd on 512-bit vectors).
     Avx512Vnni,
     /// [`CpuLevel::Avx512Vnni`] plus Intel AMX tiles for the prefill matmuls (`tdpbusd`: a
@@ -33,13 +36,22 @@ pub enum CpuLevel {
 }
 
 /// Every `BITNET_CPU_KERNEL` value, on any architecture.
-const ALL_LEVEL_NAMES: [&str; 6] = ["scalar", "avx2", "avx512vnni", "amx", "neon", "neondot"];
+const ALL_LEVEL_NAMES: [&str; 7] = [
+    "scalar",
+    "avx2",
+    "avxvnni",
+    "avx512vnni",
+    "amx",
+    "neon",
+    "neondot",
+];
 
 impl CpuLevel {
     pub fn name(self) -> &'static str {
         match self {
             CpuLevel::Scalar => "scalar",
             CpuLevel::Avx2 => "avx2",
+            CpuLevel::AvxVnni => "avxvnni",
             CpuLevel::Avx512Vnni => "avx512vnni",
             CpuLevel::Amx => "amx",
             CpuLevel::Neon => "neon",
@@ -54,6 +66,9 @@ impl CpuLevel {
         {
             if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
                 v.push(CpuLevel::Avx2);
+                if is_x86_feature_detected!("avxvnni") {
+                    v.push(CpuLevel::AvxVnni);
+                }
             }
             if is_x86_feature_detected!("avx512bw")
                 && is_x86_feature_detected!("avx512f")
@@ -78,7 +93,7 @@ impl CpuLevel {
         v
     }
 
-    /// The best level, or the one `BITNET_CPU_KERNEL=scalar|avx2|avx512vnni|amx|neon|neondot` forces
+    /// The best level, or the one `BITNET_CPU_KERNEL=scalar|avx2|avxvnni|avx512vnni|amx|neon|neondot` forces
     /// (if this machine can run it; a level it cannot run falls back to the best one with a
     /// warning).
     pub fn detect() -> CpuLevel {
@@ -139,6 +154,8 @@ pub fn ternary_dot4_rows2(
         },
         #[cfg(target_arch = "x86_64")]
         CpuLevel::Avx2 => unsafe { avx2::ternary_dot4_rows2_avx2(bytes, q, q_sum) },
+        #[cfg(target_arch = "x86_64")]
+        CpuLevel::AvxVnni => unsafe { avxvnni::ternary_dot4_rows2_avxvnni(bytes, q, q_sum) },
         #[cfg(target_arch = "aarch64")]
         CpuLevel::NeonDot => unsafe { neon::ternary_dot4_rows2_neondot(bytes, q, q_sum) },
         _ => [
@@ -161,6 +178,10 @@ pub fn ternary_dot4(level: CpuLevel, bytes: &[u8], q: &[i8], q_sum: i32) -> [i32
         #[cfg(target_arch = "x86_64")]
         // SAFETY: the level is only ever one `available()` returned for this machine.
         CpuLevel::Avx2 => unsafe { avx2::ternary_dot4_xn_avx2::<1>(bytes, [q], [q_sum])[0] },
+        #[cfg(target_arch = "x86_64")]
+        CpuLevel::AvxVnni => unsafe {
+            avxvnni::ternary_dot4_xn_avxvnni::<1>(bytes, [q], [q_sum])[0]
+        },
         #[cfg(target_arch = "x86_64")]
         CpuLevel::Avx512Vnni | CpuLevel::Amx => unsafe {
             avx512::ternary_dot4_xn_avx512vnni::<1>(bytes, [q], [q_sum])[0]
@@ -191,6 +212,8 @@ pub fn ternary_dot4_x2(
         // SAFETY: the level is only ever one `available()` returned for this machine.
         CpuLevel::Avx2 => unsafe { avx2::ternary_dot4_xn_avx2::<2>(bytes, q, q_sum) },
         #[cfg(target_arch = "x86_64")]
+        CpuLevel::AvxVnni => unsafe { avxvnni::ternary_dot4_xn_avxvnni::<2>(bytes, q, q_sum) },
+        #[cfg(target_arch = "x86_64")]
         CpuLevel::Avx512Vnni | CpuLevel::Amx => unsafe {
             avx512::ternary_dot4_xn_avx512vnni::<2>(bytes, q, q_sum)
         },
@@ -206,7 +229,8 @@ pub fn ternary_dot4_x2(
 }
 
 /// Four tokens against one packed byte row (prefill): AVX-512 and NEON (32 vector registers)
-/// reuse the planes 4 times; AVX2 (16) and scalar run it as two calls of the two-token kernel.
+/// reuse the planes 4 times; AVX2 and AVX-VNNI (16) and scalar run it as two calls of the
+/// two-token kernel.
 #[inline]
 pub fn ternary_dot4_x4(
     level: CpuLevel,
@@ -242,7 +266,7 @@ pub fn dot_bf16(level: CpuLevel, row: &[u8], x: &[f32]) -> f32 {
     debug_assert_eq!(row.len(), 2 * x.len());
     match level {
         #[cfg(target_arch = "x86_64")]
-        CpuLevel::Avx2 | CpuLevel::Avx512Vnni | CpuLevel::Amx => unsafe {
+        CpuLevel::Avx2 | CpuLevel::AvxVnni | CpuLevel::Avx512Vnni | CpuLevel::Amx => unsafe {
             avx2::dot_bf16_avx2(row, x)
         },
         #[cfg(target_arch = "aarch64")]
@@ -262,7 +286,7 @@ pub fn dot_bf16_rows2(level: CpuLevel, rows: [&[u8]; 2], x: &[f32]) -> [f32; 2] 
     match level {
         #[cfg(target_arch = "x86_64")]
         // SAFETY: the level is only ever one `available()` returned; lengths checked above.
-        CpuLevel::Avx2 | CpuLevel::Avx512Vnni | CpuLevel::Amx => unsafe {
+        CpuLevel::Avx2 | CpuLevel::AvxVnni | CpuLevel::Avx512Vnni | CpuLevel::Amx => unsafe {
             avx2::dot_bf16_avx2_rows::<2>(rows, x)
         },
         _ => [dot_bf16(level, rows[0], x), dot_bf16(level, rows[1], x)],
@@ -276,7 +300,7 @@ pub fn axpy_f32(level: CpuLevel, a: f32, x: &[f32], y: &mut [f32]) {
     match level {
         #[cfg(target_arch = "x86_64")]
         // SAFETY: the level is only ever one `available()` returned (AVX2 implies FMA there).
-        CpuLevel::Avx2 => unsafe { avx2::axpy_f32_avx2(a, x, y) },
+        CpuLevel::Avx2 | CpuLevel::AvxVnni => unsafe { avx2::axpy_f32_avx2(a, x, y) },
         #[cfg(target_arch = "x86_64")]
         CpuLevel::Avx512Vnni | CpuLevel::Amx => unsafe { avx512::axpy_f32_avx512(a, x, y) },
         #[cfg(target_arch = "aarch64")]
@@ -330,7 +354,7 @@ pub fn rows_times_runs(
             },
             #[cfg(target_arch = "x86_64")]
             // SAFETY: as above (AVX2 implies FMA there).
-            CpuLevel::Avx2 => unsafe {
+            CpuLevel::Avx2 | CpuLevel::AvxVnni => unsafe {
                 avx2::rows_times_runs_avx2(a, hn, depth, b, b_stride, cols, out)
             },
             _ => rows_times_runs_with(level, a, hn, depth, b, b_stride, cols, out),
@@ -367,7 +391,7 @@ pub fn absmax_f32(level: CpuLevel, x: &[f32]) -> f32 {
         // SAFETY: the level is only ever one `available()` returned.
         CpuLevel::Avx512Vnni | CpuLevel::Amx => unsafe { avx512::absmax_avx512(x) },
         #[cfg(target_arch = "x86_64")]
-        CpuLevel::Avx2 => unsafe { avx2::absmax_avx2(x) },
+        CpuLevel::Avx2 | CpuLevel::AvxVnni => unsafe { avx2::absmax_avx2(x) },
         _ => reference::absmax(x),
     }
 }
@@ -381,7 +405,7 @@ pub fn softmax_f32(level: CpuLevel, x: &mut [f32]) {
         // SAFETY: the level is only ever one `available()` returned (AVX2 implies FMA there).
         CpuLevel::Avx512Vnni | CpuLevel::Amx => unsafe { avx512::softmax_avx512(x) },
         #[cfg(target_arch = "x86_64")]
-        CpuLevel::Avx2 => unsafe { avx2::softmax_avx2(x) },
+        CpuLevel::Avx2 | CpuLevel::AvxVnni => unsafe { avx2::softmax_avx2(x) },
         _ => reference::softmax_in_place(x),
     }
 }
@@ -395,7 +419,7 @@ pub fn quantize_i8(level: CpuLevel, x: &[f32], s: f32, q: &mut [i8]) {
     match level {
         #[cfg(target_arch = "x86_64")]
         // SAFETY: the level is only ever one `available()` returned for this machine.
-        CpuLevel::Avx2 => unsafe { avx2::quantize_i8_avx2(x, s, q) },
+        CpuLevel::Avx2 | CpuLevel::AvxVnni => unsafe { avx2::quantize_i8_avx2(x, s, q) },
         #[cfg(target_arch = "x86_64")]
         CpuLevel::Avx512Vnni | CpuLevel::Amx => unsafe { avx512::quantize_i8_avx512(x, s, q) },
         #[cfg(target_arch = "aarch64")]

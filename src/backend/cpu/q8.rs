@@ -92,7 +92,7 @@ impl Q8Matrix {
         let sum = match level {
             #[cfg(target_arch = "x86_64")]
             // SAFETY: the level is only ever one `CpuLevel::available()` returned (AVX2 + FMA).
-            CpuLevel::Avx2 | CpuLevel::Avx512Vnni | CpuLevel::Amx => unsafe {
+            CpuLevel::Avx2 | CpuLevel::AvxVnni | CpuLevel::Avx512Vnni | CpuLevel::Amx => unsafe {
                 avx2::dot_q8_avx2(q, s, &x.q)
             },
             #[cfg(target_arch = "aarch64")]
@@ -109,7 +109,7 @@ impl Q8Matrix {
     pub fn dot2(&self, level: CpuLevel, r: [usize; 2], x: &HeadInput) -> [f32; 2] {
         match level {
             #[cfg(target_arch = "x86_64")]
-            CpuLevel::Avx2 | CpuLevel::Avx512Vnni | CpuLevel::Amx => {
+            CpuLevel::Avx2 | CpuLevel::AvxVnni | CpuLevel::Avx512Vnni | CpuLevel::Amx => {
                 debug_assert_eq!(x.q.len(), self.cols);
                 let ((q0, s0), (q1, s1)) = (self.row(r[0]), self.row(r[1]));
                 // SAFETY: the level is only ever one `available()` returned (AVX2 + FMA); rows
