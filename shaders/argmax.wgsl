@@ -7,7 +7,7 @@ override LEN: u32 = 1u;   // values in the row
 override NPART: u32 = 1u; // partials = ceil(LEN / PER_WG)
 
 const WG: u32 = 256u;
-const PER_WG: u32 = 4096u;
+override PER_WG: u32 = 4096u; // values per argmax_partial workgroup (host: argmax.rs ARGMAX_PER_WG)
 const EMPTY: u32 = 0xffffffffu; // index of "no value yet"
 
 @group(0) @binding(0) var<uniform> step: Step;

@@ -4,10 +4,14 @@
 // and every dispatch of the step reads them, so decoding a token re-uses the recorded bind groups.
 struct Step {
     n_tokens: u32,  // live rows of this step
-    start_pos: u32, // position of row 0 in the KV cache
+    start_pos: u32, // position of row 0 (informative: kernels use each row's own position)
     _pad0: u32,
     _pad1: u32,
 }
+
+// The kernels that need a row's token, position or KV-cache slot bind the step's rows buffer
+// `array<vec4<u32>>` [n_tokens] = (token, pos, slot, 0), written once per step with the
+// uniform: rows of several sequences at unrelated positions can share one step.
 
 // Workgroup index of a dispatch that the host may have folded onto a 2-D grid, because one
 // dimension is limited to max_compute_workgroups_per_dimension (65535 on most devices).

@@ -23,7 +23,6 @@ override COLS: u32 = 1u;      // hidden size
 override ROW_WORDS: u32 = 1u; // u32 words per stored row
 override DTYPE: u32 = 0u;     // 0 bf16, 1 f16, 2 f32
 override VOCAB: u32 = 1u;     // logits row length (all chunks)
-override LAST_ONLY: bool = false; // lm_head: only the last live row (logits row 0)
 
 @group(0) @binding(0) var<uniform> step: Step;
 @group(0) @binding(1) var<uniform> chunk: Chunk;
@@ -43,28 +42,32 @@ fn element(r: u32, c: u32) -> f32 {
     return bitcast<f32>(select(word << 16u, word & 0xffff0000u, (c & 1u) == 1u));
 }
 
-// ---- embed: dispatch ceil(n · COLS / 256) workgroups (folded 2-D) per chunk ----
-@group(0) @binding(3) var<storage, read> tokens: array<u32>;         // [n]
+// ---- embed: dispatch ceil(n · COLS / EMBED_WG) workgroups (folded 2-D) per chunk ----
+override EMBED_WG: u32 = 256u; // threads per embed workgroup (host: embedding.rs EMBED_WG)
+
+@group(0) @binding(3) var<storage, read> step_rows: array<vec4<u32>>; // [n] (token, pos, slot, 0)
 @group(0) @binding(4) var<storage, read_write> emb_out: array<f32>;  // [capacity, COLS]
 
-@compute @workgroup_size(256)
+@compute @workgroup_size(EMBED_WG)
 fn embed(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
          @builtin(local_invocation_index) lid: u32) {
-    let i = linear_wg(wid, nwg) * 256u + lid;
+    let i = linear_wg(wid, nwg) * EMBED_WG + lid;
     if i >= step.n_tokens * COLS {
         return;
     }
     let t = i / COLS;
     let c = i % COLS;
-    let tok = tokens[t];
+    let tok = step_rows[t].x;
     if tok >= chunk.row0 && tok < chunk.row0 + chunk.rows {
         emb_out[i] = element(tok - chunk.row0, c);
     }
 }
 
-// ---- lm_head: dispatch (ceil(chunk.rows / 8), logit rows) per chunk ----
+// ---- lm_head: dispatch (ceil(chunk.rows / 8), logits rows) per chunk; logits row o is the
+// product of the step's row logit_rows[o] (any subset of the rows, in any order) ----
 @group(0) @binding(3) var<storage, read> head_x: array<f32>;          // [capacity, COLS]
 @group(0) @binding(4) var<storage, read_write> logits: array<f32>;    // [max rows, VOCAB]
+@group(0) @binding(5) var<storage, read> logit_rows: array<u32>;      // [logits rows] row of head_x
 
 const LANES: u32 = 32u;
 const ROWS_PER_WG: u32 = 8u;
@@ -73,11 +76,8 @@ var<workgroup> part: array<f32, 256>;
 
 @compute @workgroup_size(256)
 fn lm_head(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
-    let o = wid.y; // logits row
-    var t = o;     // activation row
-    if LAST_ONLY {
-        t = step.n_tokens - 1u;
-    }
+    let o = wid.y;            // logits row
+    let t = logit_rows[o];    // activation row (a row of the step, checked by the host)
     let lane = lid % LANES;
     let v = wid.x * ROWS_PER_WG + lid / LANES;
     var acc = 0.0;

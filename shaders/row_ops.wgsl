@@ -30,7 +30,7 @@ override PRE: u32 = 0u;
 override NORM: bool = false;
 override QUANT: bool = false;
 
-const WG: u32 = 256u;
+override WG: u32 = 256u; // threads per row (host: row_ops.rs ROW_OPS_WG; a power of two)
 
 @group(0) @binding(0) var<uniform> step: Step;
 @group(0) @binding(1) var<storage, read_write> a: array<f32>;     // [capacity, COLS] input / pre-op output
@@ -72,7 +72,7 @@ fn reduce_max_f(lid: u32, v: f32) -> f32 {
     return r;
 }
 
-@compute @workgroup_size(256)
+@compute @workgroup_size(WG)
 fn row_ops(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
            @builtin(local_invocation_index) lid: u32) {
     let row = linear_wg(wid, nwg);

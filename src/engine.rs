@@ -96,6 +96,15 @@ impl AnyModel {
     pub fn forward_argmax(&mut self, tokens: &[u32]) -> Result<u32> {
         with_model!(self, m => m.forward_argmax(tokens))
     }
+    pub fn greedy_begin(&mut self, tokens: &[u32]) -> Result<()> {
+        with_model!(self, m => m.greedy_begin(tokens))
+    }
+    pub fn greedy_next(&mut self) -> Result<u32> {
+        with_model!(self, m => m.greedy_next())
+    }
+    pub fn greedy_finish(&mut self) -> Result<u32> {
+        with_model!(self, m => m.greedy_finish())
+    }
     pub fn forward_all(&mut self, tokens: &[u32]) -> Result<Vec<f32>> {
         with_model!(self, m => m.forward_all(tokens))
     }
@@ -373,25 +382,54 @@ impl Engine {
     fn step(&mut self, tokens: &[u32], greedy: bool) -> Result<Fed> {
         let run = |m: &mut AnyModel| -> Result<Fed> {
             Ok(if greedy {
-                Fed::Argmax(m.forward_argmax(tokens)?)
+                m.greedy_begin(tokens)?; // pipelined: the token is read by greedy_next/finish
+                Fed::Greedy
             } else {
                 Fed::Logits(m.forward_last(tokens)?)
             })
         };
         match run(&mut self.model) {
             Err(BitnetError::Gpu(msg)) if matches!(self.model, AnyModel::Gpu(_)) => {
-                eprintln!(
-                    "warning: GPU failed ({msg}); continuing on the CPU from position {}",
-                    self.fed.len()
-                );
-                let options = self.model_options();
-                self.model = cpu_model(&self.weights, self.options.threads, options)?;
-                self.device_note = Some(format!("fell back to the CPU after a GPU failure: {msg}"));
-                if !self.fed.is_empty() {
-                    let fed = self.fed.clone();
-                    self.model.forward_argmax(&fed)?;
-                }
+                self.fall_back_to_cpu(&msg)?;
                 run(&mut self.model)
+            }
+            other => other,
+        }
+    }
+
+    /// Replaces the GPU model by a CPU one holding the same context (and the same pending
+    /// greedy token, recomputed).
+    fn fall_back_to_cpu(&mut self, msg: &str) -> Result<()> {
+        eprintln!(
+            "warning: GPU failed ({msg}); continuing on the CPU from position {}",
+            self.fed.len()
+        );
+        let options = self.model_options();
+        self.model = cpu_model(&self.weights, self.options.threads, options)?;
+        self.device_note = Some(format!("fell back to the CPU after a GPU failure: {msg}"));
+        if !self.fed.is_empty() {
+            let fed = self.fed.clone();
+            self.model.greedy_begin(&fed)?; // also recomputes a lost pending greedy token
+        }
+        Ok(())
+    }
+
+    /// The pending greedy token, run through the model first when `run` (its successor is then
+    /// under way before it is read); on a GPU failure, the CPU takes over as in `step`.
+    fn greedy_token(&mut self, run: bool) -> Result<u32> {
+        let r = if run {
+            self.model.greedy_next()
+        } else {
+            self.model.greedy_finish()
+        };
+        match r {
+            Err(BitnetError::Gpu(msg)) if matches!(self.model, AnyModel::Gpu(_)) => {
+                self.fall_back_to_cpu(&msg)?;
+                if run {
+                    self.model.greedy_next()
+                } else {
+                    self.model.greedy_finish()
+                }
             }
             other => other,
         }
@@ -440,13 +478,26 @@ impl Engine {
         let prefill_s = t0.elapsed().as_secs_f64();
         let t1 = Instant::now();
         while out.len() < max_tokens {
+            // Greedy: the token's own step is submitted before it is read (when it will be
+            // needed: not the last token, room in the context); a stop token's step is the one
+            // step of work thrown away.
+            let ran = matches!(next, Fed::Greedy)
+                && out.len() + 1 < max_tokens
+                && self.model.position() < self.model.ctx();
             let id = match next {
-                Fed::Argmax(id) => id,
+                Fed::Greedy => self.greedy_token(ran)?,
                 Fed::Logits(ref l) => sampler.try_sample(l, &history)?,
             };
+            if ran {
+                self.fed.push(id); // its step has run: the cache holds it
+            }
             out.push(id);
             history.push(id);
             if stop.contains(&id) {
+                if ran {
+                    self.fed.pop();
+                    self.model.truncate(self.fed.len());
+                }
                 finish = FinishReason::Stop;
                 break;
             }
@@ -458,6 +509,9 @@ impl Engine {
             }
             if out.len() == max_tokens {
                 break;
+            }
+            if ran {
+                continue;
             }
             if self.model.position() >= self.model.ctx() {
                 finish = FinishReason::Context;
@@ -497,6 +551,7 @@ impl Engine {
 }
 
 enum Fed {
-    Argmax(u32),
+    /// A greedy decode is pending in the model (`greedy_begin`).
+    Greedy,
     Logits(Vec<f32>),
 }

@@ -81,6 +81,16 @@ struct Scratch<B: Backend> {
     logits: B::Tensor, // [max_logit_rows, vocab]
 }
 
+/// The next token of a pipelined greedy decode (`Model::greedy_begin`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Greedy {
+    None,
+    /// Known on the host (a backend that does not chain tokens).
+    Host(u32),
+    /// Still on the device, its read-back queued.
+    Device,
+}
+
 /// A model on a backend, with its KV cache and the number of positions slot 0 holds.
 pub struct Model<B: Backend> {
     pub config: ModelConfig,
@@ -94,6 +104,9 @@ pub struct Model<B: Backend> {
     cache: B::KvCache,
     shape: AttentionShape,
     pos: usize,
+    greedy: Greedy,
+    chain_in: bool, // step(): the token comes from the device (the last chained argmax)
+    chain_out: bool, // step(): chain the argmax of its logits row
 }
 
 impl<B: Backend> Model<B> {
@@ -182,6 +195,9 @@ impl<B: Backend> Model<B> {
             cache,
             shape,
             pos: 0,
+            greedy: Greedy::None,
+            chain_in: false,
+            chain_out: false,
         })
     }
 
@@ -281,7 +297,11 @@ impl<B: Backend> Model<B> {
         let c = &self.config;
         let (b, s, sh) = (&mut self.backend, &mut self.s, &self.shape);
         let eps = c.rms_norm_eps;
-        b.begin_step(rows)?;
+        if self.chain_in {
+            b.begin_step_chained(rows[0].pos as usize)?;
+        } else {
+            b.begin_step(rows)?;
+        }
         b.embed(&self.embed, &mut s.x)?; // x [n, h]
         for (li, l) in self.layers.iter().enumerate() {
             // --- attention block ---
@@ -312,6 +332,9 @@ impl<B: Backend> Model<B> {
         if !logit_rows.is_empty() {
             b.rms_norm(&s.x, &self.final_norm, eps, &mut s.xn)?; // xn [n, h]
             b.lm_head(&self.head, &s.xn, logit_rows, &mut s.logits)?; // logits [rows, vocab]
+            if self.chain_out {
+                b.argmax_chain(&s.logits)?; // the next token, left on the device
+            }
         }
         b.end_step()
     }
@@ -356,6 +379,76 @@ impl<B: Backend> Model<B> {
     pub fn forward_argmax(&mut self, tokens: &[u32]) -> Result<u32> {
         self.prefill(tokens)?;
         self.backend.argmax_row0(&self.s.logits)
+    }
+
+    /// Starts a pipelined greedy decode after `tokens` (appended to the context as by
+    /// `forward_argmax`): the first generated token is computed but not read yet. Then each
+    /// `greedy_next` runs the pending token through the model and returns it; on a backend that
+    /// chains tokens (the GPU) that step is submitted before the token is read back, so the
+    /// device never waits for the host. `greedy_finish` returns the pending token without
+    /// running it. Identical ids to `forward_argmax` one token at a time.
+    pub fn greedy_begin(&mut self, tokens: &[u32]) -> Result<()> {
+        if self.greedy == Greedy::Device {
+            // A decode left unfinished (an error upstream): drop its queued read.
+            self.greedy = Greedy::None;
+            self.backend.read_chained()?;
+        }
+        self.greedy = Greedy::None;
+        if self.backend.chains_tokens() {
+            self.chain_out = true;
+            let r = self.prefill(tokens);
+            self.chain_out = false;
+            r?;
+            self.greedy = Greedy::Device;
+        } else {
+            self.greedy = Greedy::Host(self.forward_argmax(tokens)?);
+        }
+        Ok(())
+    }
+
+    /// Runs the pending greedy token (appending it to the context), queues its successor and
+    /// returns it. See `greedy_begin`.
+    pub fn greedy_next(&mut self) -> Result<u32> {
+        match std::mem::replace(&mut self.greedy, Greedy::None) {
+            Greedy::None => Err(BitnetError::EmptyInput("no greedy decode started")),
+            Greedy::Host(id) => {
+                self.greedy = Greedy::Host(self.forward_argmax(&[id])?);
+                Ok(id)
+            }
+            Greedy::Device => {
+                if self.pos + 1 > self.options.ctx {
+                    // Nothing submitted: the pending token can still be read.
+                    self.greedy = Greedy::Device;
+                    return Err(BitnetError::ContextOverflow {
+                        needed: self.pos + 1,
+                        ctx: self.options.ctx,
+                    });
+                }
+                (self.chain_in, self.chain_out) = (true, true);
+                // (token 0 stands in for the id the device holds)
+                let row = StepRow {
+                    token: 0,
+                    pos: self.pos as u32,
+                    slot: 0,
+                };
+                let r = self.step(&[row], &[0]);
+                (self.chain_in, self.chain_out) = (false, false);
+                r?;
+                self.pos += 1;
+                self.greedy = Greedy::Device;
+                // The token of the step before, read while this one runs.
+                self.backend.read_chained()
+            }
+        }
+    }
+
+    /// The pending greedy token, without running it: the end of a greedy decode.
+    pub fn greedy_finish(&mut self) -> Result<u32> {
+        match std::mem::replace(&mut self.greedy, Greedy::None) {
+            Greedy::None => Err(BitnetError::EmptyInput("no greedy decode started")),
+            Greedy::Host(id) => Ok(id),
+            Greedy::Device => self.backend.read_chained(),
+        }
     }
 
     /// Appends `tokens` and returns the logits of every one of them: `[n, vocab]` flattened.
@@ -531,5 +624,32 @@ mod tests {
         m.step_rows(&[row(1, 0, 1), row(1, 0, 0), row(2, 1, 1)], &[2, 0])
             .unwrap();
         assert_eq!(m.read_logits(2).unwrap().len(), 2 * 4096);
+    }
+
+    #[test]
+    fn greedy_pipeline_on_the_cpu_equals_forward_argmax() {
+        let c = preset("tiny").unwrap();
+        let w = random_weights(&c, 4).unwrap();
+        let opts = ModelOptions {
+            ctx: 32,
+            max_batch: 8,
+            max_logit_rows: 8,
+            lm_head: HeadFormat::Exact,
+            slots: 1,
+        };
+        let mut m = Model::new(CpuBackend::new(2).unwrap(), &w, opts).unwrap();
+        let prompt = [7u32, 300, 41];
+        let mut want = vec![m.forward_argmax(&prompt).unwrap()];
+        for _ in 0..4 {
+            let last = *want.last().unwrap();
+            want.push(m.forward_argmax(&[last]).unwrap());
+        }
+        m.reset();
+        assert!(m.greedy_next().is_err(), "no decode started");
+        m.greedy_begin(&prompt).unwrap();
+        let mut got: Vec<u32> = (0..4).map(|_| m.greedy_next().unwrap()).collect();
+        got.push(m.greedy_finish().unwrap());
+        assert_eq!(got, want);
+        assert_eq!(m.position(), prompt.len() + 4);
     }
 }

@@ -23,6 +23,7 @@ fn base(model: &str, test: &str) -> BenchResult {
         energy_na_reason: None,
         peak_rss_bytes: Some(1_610_612_736), // 1.50 GiB
         gpu_mem_bytes: None,
+        gpu_work: None,
     }
 }
 
@@ -397,4 +398,31 @@ fn plot_png_and_bad_inputs() {
     // A directory that does not exist is an error, not a panic.
     let missing = tmp.path().join("no/such/dir/p.svg");
     assert!(plot_series(&missing, "t", "x", &series(), None).is_err());
+}
+
+/// GPU host work per token (counted by the wgpu backend) gets its own table under the main one
+/// and fields in JSON; CPU results leave both out (`null` in JSON).
+#[test]
+fn gpu_host_work_is_reported_in_markdown_and_json() {
+    let cpu = base("m", "tg128");
+    let mut gpu = base("m", "tg128");
+    gpu.backend = "wgpu Vulkan llvmpipe".into();
+    gpu.gpu_work = Some(bitnet_wgpu::bench::GpuWork {
+        dispatches_per_token: 493.0,
+        submits_per_token: 1.0,
+        waits_per_token: 0.5,
+        encode_us_per_token: 612.34,
+    });
+    let md = render_markdown(std::slice::from_ref(&cpu));
+    assert!(!md.contains("dispatches/tok"), "{md}");
+    let md = render_markdown(&[cpu.clone(), gpu.clone()]);
+    assert!(
+        md.contains("| wgpu Vulkan llvmpipe | tg128 | 493.0 | 1.00 | 0.50 | 612.3 |"),
+        "{md}"
+    );
+    let json: serde_json::Value = serde_json::from_str(&render_json(&[cpu, gpu]).unwrap()).unwrap();
+    assert!(json[0]["gpu_work"].is_null());
+    assert_eq!(json[1]["gpu_work"]["dispatches_per_token"], 493.0);
+    assert_eq!(json[1]["gpu_work"]["submits_per_token"], 1.0);
+    assert_eq!(json[1]["gpu_work"]["encode_us_per_token"], 612.34);
 }

@@ -259,3 +259,135 @@ fn gpu_rejects_the_q8_head_by_name() {
     };
     assert!(err.contains("q8") && err.contains("CPU"), "{err}");
 }
+
+/// Pipelined greedy decoding on the GPU (`greedy_begin` / `greedy_next`): the argmax stays on
+/// the device as the next step's token and each id is read back one step late. The ids equal
+/// step-by-step `forward_argmax` decoding; a decoded token costs one submit, and every id read
+/// by `greedy_next` was read after its successor's step had been submitted. Also pins the
+/// dispatch count of a decode step (14 per layer + 5 outside today: embed, final norm, LM head,
+/// two argmax passes), so that fusion work shows up here as a changed number.
+#[test]
+fn pipelined_greedy_decode_equals_step_by_step_with_one_submit_per_token() {
+    let c = bitnet_wgpu::synthetic::preset("tiny").unwrap();
+    let w = bitnet_wgpu::synthetic::random_weights(&c, 7).unwrap();
+    let options = ModelOptions {
+        ctx: 64,
+        max_batch: 16,
+        max_logit_rows: 16,
+        lm_head: Default::default(),
+        slots: 1,
+    };
+    let Some(mut g) = gpu_model("pipelined_greedy_decode", &w, options) else {
+        return;
+    };
+    let prompt: Vec<u32> = (0..5).map(|i| (i * 911 + 3) % 4096).collect();
+    // The unpipelined protocol for comparison: each token submitted, then read back (waited).
+    g.reset();
+    g.forward_argmax(&prompt).unwrap();
+    let b0 = g.backend.counters();
+    let mut last = 0;
+    for _ in 0..4 {
+        last = g.forward_argmax(&[last]).unwrap();
+    }
+    let b1 = g.backend.counters();
+    assert_eq!(
+        b1.submits - b0.submits,
+        8,
+        "step-by-step: 2 submits per token"
+    );
+    assert_eq!(
+        b1.waits - b0.waits,
+        4,
+        "step-by-step: 1 blocking wait per token"
+    );
+    let want = greedy(&mut g, &prompt, 11);
+    g.reset();
+    g.greedy_begin(&prompt).unwrap();
+    let c0 = g.backend.counters();
+    let decode = 10u64;
+    let mut got = Vec::new();
+    for _ in 0..decode {
+        got.push(g.greedy_next().unwrap());
+    }
+    let c1 = g.backend.counters();
+    got.push(g.greedy_finish().unwrap());
+    assert_eq!(got, want, "pipelined vs step-by-step greedy ids");
+    assert_eq!(g.position(), prompt.len() + decode as usize);
+    assert_eq!(c1.steps - c0.steps, decode, "steps");
+    assert_eq!(c1.submits - c0.submits, decode, "submits per decoded token");
+    assert_eq!(
+        c1.lagged_reads - c0.lagged_reads,
+        decode,
+        "token t read after token t+1's step was submitted"
+    );
+    assert!(c1.waits - c0.waits <= decode, "at most one wait per token");
+    let per_step = (c1.dispatches - c0.dispatches) / decode;
+    let layers = c.num_hidden_layers as u64;
+    eprintln!(
+        "decode step: {per_step} dispatches ({layers} layers), encode {:.0} us/token",
+        (c1.encode_ns - c0.encode_ns) as f64 / decode as f64 / 1e3
+    );
+    assert_eq!(per_step, 14 * layers + 5, "dispatches per decode step");
+    // A new decode after an unfinished one starts clean (its queued read is dropped).
+    g.reset();
+    g.greedy_begin(&prompt).unwrap();
+    g.greedy_next().unwrap();
+    g.reset();
+    g.greedy_begin(&prompt).unwrap();
+    assert_eq!(g.greedy_next().unwrap(), want[0]);
+    assert_eq!(g.greedy_finish().unwrap(), want[1]);
+}
+
+/// Continuous batching on the GPU: steps mixing rows of two sequences (KV-cache slots) at
+/// unrelated positions give every row the logits its sequence gets when run alone.
+#[test]
+fn gpu_steps_mixing_two_sequences_equal_each_sequence_alone() {
+    use bitnet_wgpu::backend::StepRow;
+    let c = bitnet_wgpu::synthetic::preset("tiny").unwrap();
+    let w = bitnet_wgpu::synthetic::random_weights(&c, 9).unwrap();
+    let options = ModelOptions {
+        ctx: 32,
+        max_batch: 8,
+        max_logit_rows: 8,
+        lm_head: Default::default(),
+        slots: 2,
+    };
+    let Some(mut g) = gpu_model("gpu_steps_mixing_two_sequences", &w, options) else {
+        return;
+    };
+    let v = c.vocab_size;
+    let a: Vec<u32> = (0..6).map(|i| (i * 577 + 11) % 4096).collect();
+    let b: Vec<u32> = (0..4).map(|i| (i * 1931 + 7) % 4096).collect();
+    let alone_a = g.forward_all(&a).unwrap(); // slot 0
+    g.reset();
+    let alone_b = g.forward_all(&b).unwrap();
+    g.reset();
+    let row = |seq: usize, p: usize| StepRow {
+        token: if seq == 0 { a[p] } else { b[p] },
+        pos: p as u32,
+        slot: seq as u32,
+    };
+    // a prefill-sized step (tiled kernels), then decode-sized ones (mat-vec, split attention)
+    let steps: [&[(usize, usize)]; 3] = [
+        &[(0, 0), (1, 0), (0, 1), (0, 2), (1, 1)],
+        &[(1, 2), (0, 3), (0, 4)],
+        &[(0, 5), (1, 3)],
+    ];
+    for (si, step) in steps.iter().enumerate() {
+        let rows: Vec<StepRow> = step.iter().map(|&(s, p)| row(s, p)).collect();
+        let logit_rows: Vec<u32> = (0..rows.len() as u32).rev().collect();
+        g.step_rows(&rows, &logit_rows).unwrap();
+        let got = g.read_logits(logit_rows.len()).unwrap();
+        for (o, &i) in logit_rows.iter().enumerate() {
+            let (s, p) = step[i as usize];
+            let want = if s == 0 { &alone_a } else { &alone_b };
+            assert_close(
+                &format!("step {si} row {i} (sequence {s}, position {p})"),
+                &got[o * v..(o + 1) * v],
+                &want[p * v..(p + 1) * v],
+                1e-4,
+                1e-4,
+            );
+        }
+    }
+}

@@ -559,6 +559,32 @@ fn embedding_and_lm_head_match_cpu_for_every_dtype_and_chunking() {
                         1e-5,
                     );
                 }
+                // any subset of the rows in any order (the per-row steps' LM head)
+                if n == 5 {
+                    let (mut cl, _) = both(&mut g, &[], n, vocab);
+                    let ch = bitnet_wgpu::backend::cpu::CpuLmHead::Exact(m.clone());
+                    c.lm_head(&ch, &cx, &all, &mut cl).unwrap();
+                    let (_, mut gl) = both(&mut g, &[], n, vocab);
+                    let pick = [3u32, 0, 3, 4];
+                    g.begin_step(&StepRow::sequence(&tokens, 0)).unwrap();
+                    g.lm_head(&ge, &gx, &pick, &mut gl).unwrap();
+                    g.end_step().unwrap();
+                    let got = g.read(&gl, pick.len()).unwrap();
+                    for (o, &t) in pick.iter().enumerate() {
+                        let t = t as usize;
+                        assert_close(
+                            &format!("lm_head rows {pick:?}: logits row {o} (step row {t}) {what}"),
+                            &got[o * vocab..(o + 1) * vocab],
+                            &cl.data[t * vocab..(t + 1) * vocab],
+                            1e-5,
+                            1e-5,
+                        );
+                    }
+                    g.begin_step(&StepRow::sequence(&tokens, 0)).unwrap();
+                    let err = g.lm_head(&ge, &gx, &[5], &mut gl).unwrap_err();
+                    assert!(err.to_string().contains("row 5"), "{err}");
+                    g.end_step().unwrap();
+                }
             }
         }
     }
@@ -655,4 +681,216 @@ fn device_loss_is_a_gpu_error_not_a_panic() {
     let msg = err.to_string();
     assert!(msg.contains("device lost"), "{msg}");
     assert!(matches!(err, bitnet_wgpu::BitnetError::Gpu(_)), "{err:?}");
+}
+
+/// Per-row positions and KV-cache slots: one step over rows of several sequences (slots) at
+/// unrelated positions gives each row what it gets when its sequence runs alone in a one-slot
+/// cache (RoPE at the row's own position, K/V stored at its (slot, pos), attention over its
+/// own slot only). Covers the prefill kernel (8 mixed rows) and the split decode kernels (4).
+#[test]
+fn rows_of_several_slots_at_different_positions_equal_each_sequence_alone() {
+    let Some(mut g) = gpu("rows_of_several_slots") else {
+        return;
+    };
+    let (heads, kv_heads, hd, ctx) = (4usize, 2usize, 8usize, 16usize);
+    let shape = AttentionShape {
+        n_heads: heads,
+        n_kv_heads: kv_heads,
+        head_dim: hd,
+        rope_theta: 10000.0,
+    };
+    let (qd, kvd) = (heads * hd, kv_heads * hd);
+    // (slot, history rows, new rows): C starts from position 0 in the mixed step.
+    let seqs = [(0u32, 5usize, 1usize), (2, 3, 2), (1, 0, 1)];
+    let mut r = rng(21);
+    // q, k, v per sequence for all of its positions
+    let data: Vec<[Vec<f32>; 3]> = seqs
+        .iter()
+        .map(|&(_, h, n)| {
+            [
+                randn(&mut r, (h + n) * qd, 1.5),
+                randn(&mut r, (h + n) * kvd, 1.5),
+                randn(&mut r, (h + n) * kvd, 1.0),
+            ]
+        })
+        .collect();
+    let cap = 8;
+    // One step over `rows` (sequence index, position) with a cache; returns out [rows, qd].
+    let run = |g: &mut WgpuBackend,
+               cache: &mut bitnet_wgpu::backend::wgpu::GpuKvCache,
+               rows: &[(usize, usize)],
+               slot_of: &dyn Fn(usize) -> u32|
+     -> Vec<f32> {
+        let mut q = Vec::new();
+        let mut k = Vec::new();
+        let mut v = Vec::new();
+        for &(s, p) in rows {
+            q.extend_from_slice(&data[s][0][p * qd..(p + 1) * qd]);
+            k.extend_from_slice(&data[s][1][p * kvd..(p + 1) * kvd]);
+            v.extend_from_slice(&data[s][2][p * kvd..(p + 1) * kvd]);
+        }
+        let mut gq = g.alloc(cap, qd).unwrap();
+        let mut gk = g.alloc(cap, kvd).unwrap();
+        let mut gv = g.alloc(cap, kvd).unwrap();
+        let mut go = g.alloc(cap, qd).unwrap();
+        g.write(&mut gq, &q).unwrap();
+        g.write(&mut gk, &k).unwrap();
+        g.write(&mut gv, &v).unwrap();
+        let spec: Vec<StepRow> = rows
+            .iter()
+            .map(|&(s, p)| StepRow {
+                token: 0,
+                pos: p as u32,
+                slot: slot_of(s),
+            })
+            .collect();
+        g.begin_step(&spec).unwrap();
+        g.rope(&mut gq, heads, &shape).unwrap();
+        g.rope(&mut gk, kv_heads, &shape).unwrap();
+        g.attention(&gq, &gk, &gv, cache, 0, &shape, &mut go)
+            .unwrap();
+        g.end_step().unwrap();
+        g.read(&go, rows.len()).unwrap()
+    };
+    // Each sequence alone, slot 0 of its own cache: history step, then the new rows.
+    let mut alone = Vec::new(); // per sequence: (history out, new out)
+    for (s, &(_, h, n)) in seqs.iter().enumerate() {
+        let mut cache = g.alloc_kv_cache(1, 1, ctx, kvd).unwrap();
+        let hist: Vec<(usize, usize)> = (0..h).map(|p| (s, p)).collect();
+        let ho = if h > 0 {
+            run(&mut g, &mut cache, &hist, &|_| 0)
+        } else {
+            Vec::new()
+        };
+        let new: Vec<(usize, usize)> = (h..h + n).map(|p| (s, p)).collect();
+        alone.push((ho, run(&mut g, &mut cache, &new, &|_| 0)));
+    }
+    // Mixed: one prefill step over every history row, then one step over every new row, with
+    // the rows of different slots interleaved.
+    let mut cache = g.alloc_kv_cache(1, 3, ctx, kvd).unwrap();
+    let slot = |s: usize| seqs[s].0;
+    let hist = [
+        (0, 0),
+        (1, 0),
+        (0, 1),
+        (0, 2),
+        (1, 1),
+        (0, 3),
+        (1, 2),
+        (0, 4),
+    ];
+    let ho = run(&mut g, &mut cache, &hist, &slot);
+    let new = [(0, 5), (1, 3), (2, 0), (1, 4)];
+    let no = run(&mut g, &mut cache, &new, &slot);
+    let mut seen = [0usize; 3];
+    for (i, &(s, p)) in hist.iter().enumerate() {
+        assert_eq!(p, seen[s]);
+        seen[s] += 1;
+        assert_close(
+            &format!("prefill row {i}: sequence {s} position {p}"),
+            &ho[i * qd..(i + 1) * qd],
+            &alone[s].0[p * qd..(p + 1) * qd],
+            1e-6,
+            1e-6,
+        );
+    }
+    for (i, &(s, p)) in new.iter().enumerate() {
+        let j = p - seqs[s].1;
+        assert_close(
+            &format!("decode row {i}: sequence {s} position {p}"),
+            &no[i * qd..(i + 1) * qd],
+            &alone[s].1[j * qd..(j + 1) * qd],
+            1e-6,
+            1e-6,
+        );
+    }
+    // a slot past the cache is an error, not a wrong answer
+    let mut small = g.alloc_kv_cache(1, 2, ctx, kvd).unwrap();
+    let q = g.alloc(cap, qd).unwrap();
+    let k = g.alloc(cap, kvd).unwrap();
+    let mut o = g.alloc(cap, qd).unwrap();
+    g.begin_step(&[StepRow {
+        token: 0,
+        pos: 0,
+        slot: 2,
+    }])
+    .unwrap();
+    let err = g
+        .attention(&q, &k, &k, &mut small, 0, &shape, &mut o)
+        .unwrap_err();
+    assert!(err.to_string().contains("slot 2"), "{err}");
+    g.end_step().unwrap();
+}
+
+/// RoPE of q and k followed by the attention that consumes them runs as one `rope_kv_store`
+/// dispatch plus the attention kernels: equal to the CPU's rope, rope, attention (q and k rotated
+/// in place too), for a prefill-sized and a decode-sized step, GQA 6/2 with head_dim 10.
+#[test]
+fn rope_fused_into_the_kv_store_matches_cpu() {
+    let Some(mut g) = gpu("rope_fused_into_the_kv_store") else {
+        return;
+    };
+    let mut c = cpu();
+    let mut r = rng(31);
+    let (heads, kv_heads, hd, ctx) = (6usize, 2usize, 10usize, 24usize);
+    let shape = AttentionShape {
+        n_heads: heads,
+        n_kv_heads: kv_heads,
+        head_dim: hd,
+        rope_theta: 10000.0,
+    };
+    let (qd, kvd) = (heads * hd, kv_heads * hd);
+    let mut ccache = c.alloc_kv_cache(1, 1, ctx, kvd).unwrap();
+    let mut gcache = g.alloc_kv_cache(1, 1, ctx, kvd).unwrap();
+    let mut pos = 0;
+    for n in [7usize, 1, 3] {
+        let q = randn(&mut r, n * qd, 1.5);
+        let k = randn(&mut r, n * kvd, 1.5);
+        let v = randn(&mut r, n * kvd, 1.0);
+        let (mut cq, mut gq) = both(&mut g, &q, 8, qd);
+        let (mut ck, mut gk) = both(&mut g, &k, 8, kvd);
+        let (cv, gv) = both(&mut g, &v, 8, kvd);
+        let (mut co, mut go) = both(&mut g, &[], 8, qd);
+        let tokens = vec![0u32; n];
+        let rows = StepRow::sequence(&tokens, pos);
+        c.begin_step(&rows).unwrap();
+        c.rope(&mut cq, heads, &shape).unwrap();
+        c.rope(&mut ck, kv_heads, &shape).unwrap();
+        c.attention(&cq, &ck, &cv, &mut ccache, 0, &shape, &mut co)
+            .unwrap();
+        g.begin_step(&rows).unwrap();
+        let before = g.dispatch_count();
+        g.rope(&mut gq, heads, &shape).unwrap();
+        g.rope(&mut gk, kv_heads, &shape).unwrap();
+        g.attention(&gq, &gk, &gv, &mut gcache, 0, &shape, &mut go)
+            .unwrap();
+        let dispatches = g.dispatch_count() - before;
+        g.end_step().unwrap();
+        // fused store + (split + combine) for decode, + attend for prefill
+        let attend = if n <= 4 { 2 } else { 1 };
+        assert_eq!(dispatches, 1 + attend, "n={n}: dispatches");
+        let what = format!("n={n} pos={pos}");
+        assert_close(
+            &format!("attention {what}"),
+            &g.read(&go, n).unwrap(),
+            &co.data[..n * qd],
+            1e-5,
+            1e-4,
+        );
+        assert_close(
+            &format!("rotated q {what}"),
+            &g.read(&gq, n).unwrap(),
+            &cq.data[..n * qd],
+            1e-6,
+            1e-6,
+        );
+        assert_close(
+            &format!("rotated k {what}"),
+            &g.read(&gk, n).unwrap(),
+            &ck.data[..n * kvd],
+            1e-6,
+            1e-6,
+        );
+        pos += n;
+    }
 }

@@ -124,6 +124,14 @@ impl HeadFormat {
     }
 }
 
+fn no_chaining() -> crate::error::BitnetError {
+    crate::error::BitnetError::Unsupported {
+        what: "backend feature",
+        value: "chained greedy tokens".into(),
+        hint: "only the wgpu backend keeps tokens on the device",
+    }
+}
+
 /// The ops of a BitNet b1.58 forward pass. Shapes in the comments: `n` = live rows of the step.
 pub trait Backend {
     /// f32 activations `[capacity, cols]`.
@@ -232,6 +240,27 @@ pub trait Backend {
     fn read(&mut self, t: &Self::Tensor, rows: usize) -> Result<Vec<f32>>;
     /// Greedy pick of row 0 of `logits` without reading the whole vector back.
     fn argmax_row0(&mut self, logits: &Self::Tensor) -> Result<u32>;
+
+    // Pipelined greedy decoding (a GPU keeps the token on the device; see model.rs
+    // `greedy_begin`). A backend without it keeps the defaults and the model reads each token.
+
+    /// Whether the three methods below are implemented.
+    fn chains_tokens(&self) -> bool {
+        false
+    }
+    /// Greedy pick of row 0 of `logits`, kept on the device as the token of the next
+    /// `begin_step_chained` step, with an asynchronous read of it queued for `read_chained`.
+    fn argmax_chain(&mut self, _logits: &Self::Tensor) -> Result<()> {
+        Err(no_chaining())
+    }
+    /// Starts a one-token step at `start_pos` whose token is the last `argmax_chain` result.
+    fn begin_step_chained(&mut self, _start_pos: usize) -> Result<()> {
+        Err(no_chaining())
+    }
+    /// The oldest queued `argmax_chain` result (waits for the step that produced it only).
+    fn read_chained(&mut self) -> Result<u32> {
+        Err(no_chaining())
+    }
 }
 
 /// The shape check before every op, in one wording for all backends: a tensor

@@ -10,8 +10,8 @@ pub mod stats;
 pub use plot::{bench_series, plot_series, BenchSeries, PlotError, Series};
 pub use report::{
     csv_field, format_params, format_sig3, format_size, render, render_csv, render_json,
-    render_markdown, BenchResult, EnergyResult, OutputFormat, ParseOutputFormatError, ReportError,
-    CSV_HEADER,
+    render_markdown, BenchResult, EnergyResult, GpuWork, OutputFormat, ParseOutputFormatError,
+    ReportError, CSV_HEADER,
 };
 pub use runner::{
     build_for_tests, run_metered, run_test, test_matrix, TestKind, TestSpec, TestTimes,

@@ -291,6 +291,7 @@ mod tests {
     fn result(test: &str, n_tokens: usize, depth: usize, threads: usize, tps: f64) -> BenchResult {
         BenchResult {
             model: "m".into(),
+            gpu_work: None,
             model_size_bytes: 0,
             params: 0,
             backend: "cpu".into(),

@@ -78,6 +78,20 @@ pub struct BenchResult {
     pub energy_na_reason: Option<String>,
     pub peak_rss_bytes: Option<u64>,
     pub gpu_mem_bytes: Option<u64>,
+    /// Host-side work per token on the GPU backend (`None` on the CPU).
+    pub gpu_work: Option<GpuWork>,
+}
+
+/// What the host did per token of a GPU test, averaged over the timed repetitions: counted
+/// by the wgpu backend (`GpuCounters`), not estimated.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+pub struct GpuWork {
+    pub dispatches_per_token: f64,
+    pub submits_per_token: f64,
+    /// Blocking waits of the host on the device (read-backs).
+    pub waits_per_token: f64,
+    /// Host time recording and submitting command buffers.
+    pub encode_us_per_token: f64,
 }
 
 impl BenchResult {
@@ -325,6 +339,31 @@ pub fn render_markdown(results: &[BenchResult]) -> String {
         out.push('\n');
         for n in notes {
             let _ = writeln!(out, "{}", md_escape(&n));
+        }
+    }
+    let gpu: Vec<_> = results
+        .iter()
+        .filter_map(|r| r.gpu_work.map(|g| (r, g)))
+        .collect();
+    if !gpu.is_empty() {
+        out.push_str("\nGPU host work per token:\n\n");
+        out.push_str(
+            "| backend | test | dispatches/tok | submits/tok | waits/tok | encode µs/tok |\n",
+        );
+        out.push_str(
+            "| ------- | ---- | -------------: | ----------: | --------: | ------------: |\n",
+        );
+        for (r, g) in gpu {
+            let _ = writeln!(
+                out,
+                "| {} | {} | {:.1} | {:.2} | {:.2} | {:.1} |",
+                md_escape(&r.backend),
+                md_escape(&r.test),
+                g.dispatches_per_token,
+                g.submits_per_token,
+                g.waits_per_token,
+                g.encode_us_per_token
+            );
         }
     }
     out

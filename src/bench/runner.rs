@@ -48,6 +48,8 @@ impl TestSpec {
 pub struct TestTimes {
     pub spec: TestSpec,
     pub seconds: Vec<f64>,
+    /// Per-token host work of the timed repetitions on the GPU backend.
+    pub gpu_work: Option<crate::bench::GpuWork>,
 }
 
 impl TestTimes {
@@ -124,6 +126,12 @@ pub fn run_test(
     let mut random_tokens =
         |n: usize| -> Vec<u32> { (0..n).map(|_| rng.random_range(0..vocab as u32)).collect() };
     let mut seconds = Vec::with_capacity(reps);
+    let counters = |m: &AnyModel| match m {
+        AnyModel::Gpu(m) => Some(m.backend.counters()),
+        AnyModel::Cpu(_) => None,
+    };
+    // (dispatches, submits, waits, encode ns) summed over the timed repetitions
+    let mut work: Option<[u64; 4]> = None;
     for rep in 0..=reps {
         model.reset();
         if spec.depth > 0 {
@@ -134,15 +142,23 @@ pub fn run_test(
         if !warmup {
             on_region(true);
         }
+        let before = counters(model);
         let t0 = Instant::now();
         match spec.kind {
             TestKind::Prefill => {
                 model.forward_argmax(&tokens)?;
             }
             TestKind::Decode => {
-                // Feed a fixed stream: what the tokens are does not change the work per token.
-                for &t in &tokens {
-                    model.forward_argmax(&[t])?;
+                // Greedy decoding as `generate` runs it (on the GPU each token's step is
+                // submitted before the previous token is read back): the first token is from
+                // the fixed stream, the others the model's picks; what the tokens are does not
+                // change the work per token.
+                if let Some(first) = tokens.first() {
+                    model.greedy_begin(&[*first])?;
+                    for _ in 1..tokens.len() {
+                        model.greedy_next()?;
+                    }
+                    model.greedy_finish()?;
                 }
             }
         }
@@ -150,9 +166,27 @@ pub fn run_test(
         if !warmup {
             on_region(false);
             seconds.push(dt);
+            if let (Some(b), Some(a)) = (before, counters(model)) {
+                let w = work.get_or_insert([0; 4]);
+                w[0] += a.dispatches - b.dispatches;
+                w[1] += a.submits - b.submits;
+                w[2] += a.waits - b.waits;
+                w[3] += a.encode_ns - b.encode_ns;
+            }
         }
     }
-    Ok(TestTimes { spec, seconds })
+    let tokens = (spec.n_tokens * reps).max(1) as f64;
+    let gpu_work = work.map(|[d, s, w, ns]| crate::bench::GpuWork {
+        dispatches_per_token: d as f64 / tokens,
+        submits_per_token: s as f64 / tokens,
+        waits_per_token: w as f64 / tokens,
+        encode_us_per_token: ns as f64 / 1e3 / tokens,
+    });
+    Ok(TestTimes {
+        spec,
+        seconds,
+        gpu_work,
+    })
 }
 
 /// [`run_test`] with `meter` bracketing each timed repetition. The energy is that of the timed

@@ -1131,6 +1131,7 @@ fn bench(a: BenchArgs) -> Result<()> {
                 energy_na_reason: None,
                 peak_rss_bytes: peak_rss_bytes(),
                 gpu_mem_bytes: None,
+                gpu_work: times.gpu_work,
             };
             r.set_energy(match energy {
                 None => Err(na_reason.clone()),

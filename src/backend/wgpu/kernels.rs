@@ -59,23 +59,29 @@ kernel!(
     "matmul_tiled",
     [U, U, R, R, R, RW]
 );
-kernel!(ROPE, "rope.wgsl", "rope", [U, RW, R]);
-kernel!(KV_STORE, "attention.wgsl", "kv_store", [U, R, R, RW, RW]);
-kernel!(ATTEND, "attention.wgsl", "attend", [U, R, R, R, RW]);
+kernel!(ROPE, "rope.wgsl", "rope", [U, RW, R, R]);
+kernel!(KV_STORE, "attention.wgsl", "kv_store", [U, R, R, RW, RW, R]);
+kernel!(ATTEND, "attention.wgsl", "attend", [U, R, R, R, RW, R]);
+kernel!(
+    ROPE_KV_STORE,
+    "attention.wgsl",
+    "rope_kv_store",
+    [U, RW, RW, R, RW, RW, R, R]
+);
 kernel!(
     ATTEND_SPLIT,
     "attention.wgsl",
     "attend_split",
-    [U, R, R, R, RW]
+    [U, R, R, R, RW, R]
 );
 kernel!(
     ATTEND_COMBINE,
     "attention.wgsl",
     "attend_combine",
-    [U, R, RW]
+    [U, R, RW, R]
 );
 kernel!(EMBED, "embedding.wgsl", "embed", [U, U, R, R, RW]);
-kernel!(LM_HEAD, "embedding.wgsl", "lm_head", [U, U, R, R, RW]);
+kernel!(LM_HEAD, "embedding.wgsl", "lm_head", [U, U, R, R, RW, R]);
 kernel!(
     ARGMAX_PARTIAL,
     "argmax.wgsl",
@@ -85,7 +91,8 @@ kernel!(
 kernel!(ARGMAX_FINAL, "argmax.wgsl", "argmax_final", [U, R, RW, RW]);
 
 /// Every kernel, for tests that compile them all.
-pub static ALL: [&Kernel; 12] = [
+pub static ALL: [&Kernel; 13] = [
+    &ROPE_KV_STORE,
     &ROW_OPS,
     &MATVEC,
     &MATMUL_TILED,

@@ -1,0 +1,164 @@
+//! The float matrix kernels (shaders/embedding.wgsl): the embedding lookup and the LM head.
+
+use std::sync::Arc;
+
+use super::kernels;
+use super::{gpu_err, layout, EmbChunk, GpuEmbedding, GpuTensor, WgpuBackend};
+use crate::backend::HeadFormat;
+use crate::error::{BitnetError, Result};
+use crate::load::FloatMatrix;
+
+/// Vocabulary rows per LM-head workgroup (shaders/embedding.wgsl ROWS_PER_WG).
+pub(super) const LM_ROWS_PER_WG: usize = 8;
+/// Threads per embed workgroup, one per copied value: shaders/embedding.wgsl `EMBED_WG`.
+const EMBED_WG: usize = 256;
+
+impl WgpuBackend {
+    pub(super) fn op_upload_embedding(&mut self, m: &FloatMatrix) -> Result<Arc<GpuEmbedding>> {
+        let row_words = layout::row_words(m.dtype, m.cols);
+        let row_bytes = row_words * 4;
+        let max = self
+            .limits
+            .max_storage_buffer_binding_size
+            .min(self.limits.max_buffer_size);
+        // Also keep the LM-head dispatch of a chunk within the per-dimension workgroup limit.
+        let max_rows =
+            self.limits.max_compute_workgroups_per_dimension as u64 * LM_ROWS_PER_WG as u64;
+        let mut max = max.min(max_rows * row_bytes as u64);
+        if let Some(cap) = self.max_chunk_bytes {
+            max = max.min(cap);
+        }
+        let plan = layout::chunk_rows(m.rows, row_bytes, max).ok_or_else(|| {
+            gpu_err(format!(
+                "{}: one row of {row_bytes} bytes exceeds the binding limit",
+                m.name
+            ))
+        })?;
+        let mut chunks = Vec::with_capacity(plan.len());
+        for (row0, rows) in plan {
+            let bytes = layout::float_rows_bytes(m, row0, rows);
+            let data = self.storage(&m.name, bytes.len() as u64, Some(&bytes))?;
+            let params = self.uniform(
+                "chunk params",
+                bytemuck::cast_slice(&[row0 as u32, rows as u32, 0, 0]),
+            )?;
+            chunks.push(EmbChunk { data, params, rows });
+        }
+        Ok(Arc::new(GpuEmbedding {
+            chunks,
+            rows: m.rows,
+            cols: m.cols,
+            dtype: m.dtype,
+            row_words,
+        }))
+    }
+
+    pub(super) fn op_upload_lm_head(
+        &mut self,
+        m: &FloatMatrix,
+        tied: Option<&Arc<GpuEmbedding>>,
+        format: HeadFormat,
+    ) -> Result<Arc<GpuEmbedding>> {
+        if format != HeadFormat::Exact {
+            return Err(BitnetError::Unsupported {
+                what: "LM head format on the GPU",
+                value: format.name().into(),
+                hint: "the wgpu backend keeps the head in f16; --lm-head q8 is a CPU option",
+            });
+        }
+        match tied {
+            Some(e) => Ok(Arc::clone(e)),
+            None => self.op_upload_embedding(m),
+        }
+    }
+
+    pub(super) fn op_embed(&mut self, emb: &Arc<GpuEmbedding>, out: &mut GpuTensor) -> Result<()> {
+        self.check("embed", out, emb.cols)?;
+        if let Some(&id) = self.tokens.iter().find(|&&t| t as usize >= emb.rows) {
+            return Err(BitnetError::TokenOutOfRange {
+                id,
+                vocab_size: emb.rows,
+            });
+        }
+        let consts = [
+            ("COLS", emb.cols as f64),
+            ("ROW_WORDS", emb.row_words as f64),
+            ("DTYPE", layout::dtype_code(emb.dtype) as f64),
+            ("EMBED_WG", EMBED_WG as f64),
+        ];
+        let groups = self.grid((self.n() * emb.cols).div_ceil(EMBED_WG))?;
+        let tokens = self.rows_buf.clone();
+        for c in &emb.chunks {
+            self.record(
+                &kernels::EMBED,
+                &consts,
+                &[&c.params, &c.data, &tokens, &out.buf],
+                groups,
+            )?;
+        }
+        Ok(())
+    }
+
+    /// Logits of the step's rows `rows` (indices into the step, any subset in any order):
+    /// `logits [rows.len(), vocab]`.
+    pub(super) fn op_lm_head_rows(
+        &mut self,
+        head: &Arc<GpuEmbedding>,
+        x: &GpuTensor,
+        rows: &[u32],
+        logits: &mut GpuTensor,
+    ) -> Result<()> {
+        let n = self.n();
+        self.check("lm_head", x, head.cols)?;
+        if rows.is_empty() {
+            return Ok(());
+        }
+        let out_rows = rows.len();
+        if logits.cols != head.rows || logits.capacity < out_rows {
+            return Err(BitnetError::op(
+                "lm_head",
+                "logits tensor has the wrong shape",
+            ));
+        }
+        if let Some(&r) = rows.iter().find(|&&r| r as usize >= n) {
+            return Err(BitnetError::op(
+                "lm_head",
+                format!("logit row {r} of a step of {n} rows"),
+            ));
+        }
+        if self.logit_rows_host != rows {
+            if rows.len() > self.logit_rows_cap {
+                let cap = rows.len().next_power_of_two();
+                self.logit_rows_buf = self.new_buffer(
+                    "logit rows",
+                    cap as u64 * 4,
+                    wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_DST,
+                    None,
+                )?;
+                self.logit_rows_cap = cap;
+            }
+            // Queue-ordered: lands before this step's commands, after every earlier step's.
+            self.queue
+                .write_buffer(&self.logit_rows_buf.buf, 0, bytemuck::cast_slice(rows));
+            self.logit_rows_host.clear();
+            self.logit_rows_host.extend_from_slice(rows);
+        }
+        let consts = [
+            ("COLS", head.cols as f64),
+            ("ROW_WORDS", head.row_words as f64),
+            ("DTYPE", layout::dtype_code(head.dtype) as f64),
+            ("VOCAB", head.rows as f64),
+        ];
+        let list = self.logit_rows_buf.clone();
+        for c in &head.chunks {
+            let groups = [c.rows.div_ceil(LM_ROWS_PER_WG) as u32, out_rows as u32, 1];
+            self.record(
+                &kernels::LM_HEAD,
+                &consts,
+                &[&c.params, &c.data, &x.buf, &logits.buf, &list],
+                groups,
+            )?;
+        }
+        Ok(())
+    }
+}
