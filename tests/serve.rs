@@ -454,7 +454,7 @@ async fn a_full_queue_is_429_and_a_disconnect_frees_the_slot() {
 }
 
 #[test]
-#[cfg(unix)]
+#[cfg(target_os = "linux")] // libc is a dependency on Linux only
 fn sigterm_ends_open_streams_with_a_final_chunk_and_exits_0() {
     use std::io::{BufRead, BufReader};
     use std::process::{Command, Stdio};

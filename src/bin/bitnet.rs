@@ -566,9 +566,10 @@ fn ensure_runtime_dir() {
 
 fn serve(a: ServeArgs) -> Result<()> {
     use bitnet_wgpu::serve::{ModelSource, ServeOptions};
-    // tower-http's request traces: RUST_LOG=tower_http=debug (default: warnings only)
+    // tower-http's request traces: RUST_LOG=tower_http=debug (default: off; 503s while loading
+    // are answers, not failures)
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn,tower_http=off"));
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
