@@ -18,6 +18,7 @@ pub mod model;
 pub mod npy;
 pub mod perplexity;
 pub mod sampler;
+pub mod serve;
 pub mod synthetic;
 pub mod ternary;
 pub mod tokenizer;
