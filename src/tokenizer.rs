@@ -70,6 +70,7 @@ impl Tokenizer {
         // fuzz target): reject invalid JSON first.
         serde_json::from_slice::<JsonCheck>(json)
             .map_err(|e| bad(format!("not valid JSON: {e}")))?;
+        check_post_processor(json).map_err(bad)?;
         // Any other panic of the crate on a hostile file becomes an error too (the default hook
         // still prints it: it is a bug, of tokenizers, worth reporting).
         let inner = std::panic::catch_unwind(|| tokenizers::Tokenizer::from_bytes(json))
@@ -188,6 +189,53 @@ impl Tokenizer {
         let text = self.render_chat(messages, add_generation_prompt)?;
         self.encode(&text, false)
     }
+}
+
+/// tokenizers 0.22 panics in `encode` ("no entry found for key", processors/template.rs) when a
+/// TemplateProcessing post-processor names a special token missing from its `special_tokens`:
+/// its deserializer does not check (found by the tokenizer fuzz target). Checked here, also
+/// inside `Sequence` post-processors.
+fn check_post_processor(json: &[u8]) -> std::result::Result<(), String> {
+    #[derive(serde::Deserialize)]
+    struct Only {
+        post_processor: Option<Value>,
+    }
+    let Ok(Only {
+        post_processor: Some(pp),
+    }) = serde_json::from_slice::<Only>(json)
+    else {
+        return Ok(()); // no post-processor, or an error tokenizers reports itself
+    };
+    fn check(pp: &Value) -> std::result::Result<(), String> {
+        match pp.get("type").and_then(Value::as_str) {
+            Some("Sequence") => pp
+                .get("processors")
+                .and_then(Value::as_array)
+                .map_or(Ok(()), |list| list.iter().try_for_each(check)),
+            Some("TemplateProcessing") => {
+                let known = pp.get("special_tokens").and_then(Value::as_object);
+                for key in ["single", "pair"] {
+                    for piece in pp.get(key).and_then(Value::as_array).into_iter().flatten() {
+                        let Some(id) = piece
+                            .get("SpecialToken")
+                            .and_then(|t| t.get("id"))
+                            .and_then(Value::as_str)
+                        else {
+                            continue;
+                        };
+                        if !known.is_some_and(|k| k.contains_key(id)) {
+                            return Err(format!(
+                                "the post_processor's {key} template uses the special token {id:?}, which its special_tokens do not define"
+                            ));
+                        }
+                    }
+                }
+                Ok(())
+            }
+            _ => Ok(()),
+        }
+    }
+    check(&pp)
 }
 
 /// Parses a JSON document completely, strings and their escapes included (serde's IgnoredAny

@@ -534,3 +534,34 @@ fn a_syntax_error_in_the_tokenizer_decoder_is_an_error_not_a_panic() {
     ]);
     assert_fails_with(&o, &["tokenizer.json", "not valid JSON"]);
 }
+
+/// Found by the tokenizer fuzz target: a post-processor template naming a special token its
+/// special_tokens lack made tokenizers panic in encode ("no entry found for key").
+#[test]
+fn a_post_processor_with_an_undefined_special_token_is_an_error() {
+    let d = copy_fixture(BASE);
+    let p = d.path().join("tokenizer.json");
+    let mut v: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&p).unwrap()).unwrap();
+    // The fixture: Sequence [ByteLevel, TemplateProcessing]; rename the single template's first
+    // special token (<|begin_of_text|>) in the template only.
+    let procs = v["post_processor"]["processors"].as_array_mut().unwrap();
+    let template = procs
+        .iter_mut()
+        .find(|p| p["type"] == "TemplateProcessing")
+        .unwrap();
+    template["single"][0]["SpecialToken"]["id"] = "<|nowhere|>".into();
+    std::fs::write(&p, v.to_string()).unwrap();
+    let o = bitnet(&[
+        "generate",
+        "--model",
+        d.path().to_str().unwrap(),
+        "--device",
+        "cpu",
+        "--prompt",
+        "hi",
+        "-n",
+        "1",
+    ]);
+    assert_fails_with(&o, &["tokenizer.json", "<|nowhere|>", "special_tokens"]);
+}
