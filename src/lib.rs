@@ -19,6 +19,7 @@ pub mod npy;
 pub mod perplexity;
 pub mod pull;
 pub mod sampler;
+pub mod serve;
 pub mod synthetic;
 pub mod ternary;
 pub mod tokenizer;

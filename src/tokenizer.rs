@@ -62,9 +62,19 @@ impl Tokenizer {
         json: &[u8],
         config: Option<(&Path, &[u8])>,
     ) -> Result<Self> {
-        let inner = tokenizers::Tokenizer::from_bytes(json).map_err(|e| {
-            BitnetError::Tokenizer(format!("cannot load {}: {e}", json_path.display()))
-        })?;
+        let bad = |msg: String| {
+            BitnetError::Tokenizer(format!("cannot load {}: {msg}", json_path.display()))
+        };
+        // tokenizers 0.22 panics (`expect("Helper")` in its decoder deserializer) on any JSON error
+        // inside "decoder", a syntax error or an invalid \u escape (both found by the tokenizer
+        // fuzz target): reject invalid JSON first.
+        serde_json::from_slice::<JsonCheck>(json)
+            .map_err(|e| bad(format!("not valid JSON: {e}")))?;
+        // Any other panic of the crate on a hostile file becomes an error too (the default hook
+        // still prints it: it is a bug, of tokenizers, worth reporting).
+        let inner = std::panic::catch_unwind(|| tokenizers::Tokenizer::from_bytes(json))
+            .map_err(|_| bad("the tokenizers crate panicked on this file".into()))?
+            .map_err(|e| bad(e.to_string()))?;
         let mut tok = Tokenizer {
             inner,
             chat_template: None,
@@ -177,6 +187,58 @@ impl Tokenizer {
     ) -> Result<Vec<u32>> {
         let text = self.render_chat(messages, add_generation_prompt)?;
         self.encode(&text, false)
+    }
+}
+
+/// Parses a JSON document completely, strings and their escapes included (serde's IgnoredAny
+/// skips string contents unchecked), without building it: a validity check that allocates
+/// nothing per value.
+struct JsonCheck;
+
+impl<'de> serde::Deserialize<'de> for JsonCheck {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        d.deserialize_any(JsonCheckVisitor)
+    }
+}
+
+struct JsonCheckVisitor;
+
+impl<'de> serde::de::Visitor<'de> for JsonCheckVisitor {
+    type Value = JsonCheck;
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("any JSON value")
+    }
+    fn visit_bool<E>(self, _: bool) -> std::result::Result<JsonCheck, E> {
+        Ok(JsonCheck)
+    }
+    fn visit_i64<E>(self, _: i64) -> std::result::Result<JsonCheck, E> {
+        Ok(JsonCheck)
+    }
+    fn visit_u64<E>(self, _: u64) -> std::result::Result<JsonCheck, E> {
+        Ok(JsonCheck)
+    }
+    fn visit_f64<E>(self, _: f64) -> std::result::Result<JsonCheck, E> {
+        Ok(JsonCheck)
+    }
+    fn visit_str<E>(self, _: &str) -> std::result::Result<JsonCheck, E> {
+        Ok(JsonCheck)
+    }
+    fn visit_unit<E>(self) -> std::result::Result<JsonCheck, E> {
+        Ok(JsonCheck)
+    }
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(
+        self,
+        mut a: A,
+    ) -> std::result::Result<JsonCheck, A::Error> {
+        while a.next_element::<JsonCheck>()?.is_some() {}
+        Ok(JsonCheck)
+    }
+    fn visit_map<A: serde::de::MapAccess<'de>>(
+        self,
+        mut a: A,
+    ) -> std::result::Result<JsonCheck, A::Error> {
+        while a.next_entry::<JsonCheck, JsonCheck>()?.is_some() {}
+        Ok(JsonCheck)
     }
 }
 

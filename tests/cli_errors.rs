@@ -513,3 +513,24 @@ fn configs_beyond_any_real_model_are_refused() {
     ]);
     assert_fails_with(&o, &["model size", "far beyond any real one"]);
 }
+
+/// Found by the tokenizer fuzz target: a JSON syntax error inside tokenizer.json's "decoder"
+/// made the tokenizers crate panic (`expect("Helper")`).
+#[test]
+fn a_syntax_error_in_the_tokenizer_decoder_is_an_error_not_a_panic() {
+    let d = copy_fixture(BASE);
+    let p = d.path().join("tokenizer.json");
+    let text = std::fs::read_to_string(&p).unwrap();
+    let at = text.find("\"decoder\"").expect("the fixture has a decoder");
+    let brace = at + text[at..].find('{').unwrap();
+    let broken = format!("{}{{\"type\" 1}}", &text[..brace]);
+    std::fs::write(&p, broken).unwrap();
+    let o = bitnet(&[
+        "info",
+        "--model",
+        d.path().to_str().unwrap(),
+        "--device",
+        "cpu",
+    ]);
+    assert_fails_with(&o, &["tokenizer.json", "not valid JSON"]);
+}

@@ -821,3 +821,76 @@ fn rows_of_several_slots_at_different_positions_equal_each_sequence_alone() {
     assert!(err.to_string().contains("slot 2"), "{err}");
     g.end_step().unwrap();
 }
+
+/// RoPE of q and k followed by the attention that consumes them runs as one `rope_kv_store`
+/// dispatch plus the attention kernels: equal to the CPU's rope, rope, attention (q and k rotated
+/// in place too), for a prefill-sized and a decode-sized step, GQA 6/2 with head_dim 10.
+#[test]
+fn rope_fused_into_the_kv_store_matches_cpu() {
+    let Some(mut g) = gpu("rope_fused_into_the_kv_store") else {
+        return;
+    };
+    let mut c = cpu();
+    let mut r = rng(31);
+    let (heads, kv_heads, hd, ctx) = (6usize, 2usize, 10usize, 24usize);
+    let shape = AttentionShape {
+        n_heads: heads,
+        n_kv_heads: kv_heads,
+        head_dim: hd,
+        rope_theta: 10000.0,
+    };
+    let (qd, kvd) = (heads * hd, kv_heads * hd);
+    let mut ccache = c.alloc_kv_cache(1, 1, ctx, kvd).unwrap();
+    let mut gcache = g.alloc_kv_cache(1, 1, ctx, kvd).unwrap();
+    let mut pos = 0;
+    for n in [7usize, 1, 3] {
+        let q = randn(&mut r, n * qd, 1.5);
+        let k = randn(&mut r, n * kvd, 1.5);
+        let v = randn(&mut r, n * kvd, 1.0);
+        let (mut cq, mut gq) = both(&mut g, &q, 8, qd);
+        let (mut ck, mut gk) = both(&mut g, &k, 8, kvd);
+        let (cv, gv) = both(&mut g, &v, 8, kvd);
+        let (mut co, mut go) = both(&mut g, &[], 8, qd);
+        let tokens = vec![0u32; n];
+        let rows = StepRow::sequence(&tokens, pos);
+        c.begin_step(&rows).unwrap();
+        c.rope(&mut cq, heads, &shape).unwrap();
+        c.rope(&mut ck, kv_heads, &shape).unwrap();
+        c.attention(&cq, &ck, &cv, &mut ccache, 0, &shape, &mut co)
+            .unwrap();
+        g.begin_step(&rows).unwrap();
+        let before = g.dispatch_count();
+        g.rope(&mut gq, heads, &shape).unwrap();
+        g.rope(&mut gk, kv_heads, &shape).unwrap();
+        g.attention(&gq, &gk, &gv, &mut gcache, 0, &shape, &mut go)
+            .unwrap();
+        let dispatches = g.dispatch_count() - before;
+        g.end_step().unwrap();
+        // fused store + (split + combine) for decode, + attend for prefill
+        let attend = if n <= 4 { 2 } else { 1 };
+        assert_eq!(dispatches, 1 + attend, "n={n}: dispatches");
+        let what = format!("n={n} pos={pos}");
+        assert_close(
+            &format!("attention {what}"),
+            &g.read(&go, n).unwrap(),
+            &co.data[..n * qd],
+            1e-5,
+            1e-4,
+        );
+        assert_close(
+            &format!("rotated q {what}"),
+            &g.read(&gq, n).unwrap(),
+            &cq.data[..n * qd],
+            1e-6,
+            1e-6,
+        );
+        assert_close(
+            &format!("rotated k {what}"),
+            &g.read(&gk, n).unwrap(),
+            &ck.data[..n * kvd],
+            1e-6,
+            1e-6,
+        );
+        pos += n;
+    }
+}

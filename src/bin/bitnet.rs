@@ -52,6 +52,77 @@ enum Command {
     /// Download a Hugging Face repo into the standard HF cache ($HF_HUB_CACHE, $HF_HOME/hub or
     /// ~/.cache/huggingface/hub; $HF_ENDPOINT picks the hub), resuming and checksumming.
     Pull(PullArgs),
+    /// OpenAI-compatible HTTP server (chat/completions, completions, models, health, metrics)
+    /// with continuous batching of up to --parallel sequences.
+    Serve(ServeArgs),
+    /// Load generator for an OpenAI-compatible server: C clients x M tokens, aggregate tokens/s,
+    /// time to first token and inter-token latency.
+    BenchServe(BenchServeArgs),
+}
+
+#[derive(Args)]
+struct ServeArgs {
+    /// Model folder (Hugging Face layout). Default: $BITNET_MODEL, else the bundled tiny model.
+    #[arg(short, long, value_name = "DIR", conflicts_with = "synthetic")]
+    model: Option<PathBuf>,
+    /// Random weights of a real shape (2b4t, large, tiny) for load tests; text goes through the
+    /// bundled model's tokenizer and requests run to max_tokens (there is no end token).
+    #[arg(long, value_name = "PRESET")]
+    synthetic: Option<String>,
+    #[command(flatten)]
+    device: DeviceArgs,
+    /// CPU threads (default: one per physical core).
+    #[arg(short, long, default_value_t = 0)]
+    threads: usize,
+    /// Positions per sequence slot (default: the model's max_position_embeddings, at most 2048).
+    #[arg(long)]
+    ctx: Option<usize>,
+    #[arg(long, default_value = "127.0.0.1")]
+    host: String,
+    /// TCP port (0: any free port; the address is printed).
+    #[arg(long, default_value_t = 8080)]
+    port: u16,
+    /// Sequences decoded together (KV-cache slots); more requests wait in the queue.
+    #[arg(long, default_value_t = 4)]
+    parallel: usize,
+    /// Rows per model step at most: one decode row per running sequence plus a prompt chunk.
+    #[arg(long, default_value_t = 256)]
+    step_tokens: usize,
+    /// Require `Authorization: Bearer KEY` on /v1/* (health and metrics stay open).
+    #[arg(long, value_name = "KEY")]
+    api_key: Option<String>,
+    /// Requests waiting for a slot at most; more are answered 429 with Retry-After.
+    #[arg(long, default_value_t = 64)]
+    queue: usize,
+    /// Request body limit in bytes.
+    #[arg(long, default_value_t = 1 << 20)]
+    max_body: usize,
+    /// Time limit of a non-streaming request, in seconds.
+    #[arg(long, default_value_t = 600)]
+    timeout: u64,
+}
+
+#[derive(Args)]
+struct BenchServeArgs {
+    /// The server's base URL.
+    #[arg(long, default_value = "http://127.0.0.1:8080")]
+    url: String,
+    /// Concurrent clients per level (comma-separated levels, run in order).
+    #[arg(short = 'c', long, default_value = "1,4,8,16", value_delimiter = ',')]
+    clients: Vec<usize>,
+    /// Requests each client sends per level, back to back.
+    #[arg(short = 'r', long, default_value_t = 2)]
+    requests: usize,
+    /// Tokens per request (generated with ignore_eos, greedy).
+    #[arg(short = 'n', long, default_value_t = 64)]
+    max_tokens: usize,
+    #[arg(short, long, default_value = "Once upon a time")]
+    prompt: String,
+    #[arg(long, value_name = "KEY")]
+    api_key: Option<String>,
+    /// Print JSON instead of a Markdown table.
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(Args)]
@@ -405,11 +476,13 @@ fn read_text(path: &Path) -> Result<String> {
 }
 
 fn main() -> ExitCode {
-    // First, while the process has one thread: both change process-wide state. (A long-running
-    // server subcommand should skip restore_sigpipe: a peer closing its socket must not kill it.)
-    restore_sigpipe();
+    // First, while the process has one thread: both change process-wide state. The server and
+    // its load generator keep SIGPIPE ignored: a peer closing its socket must not kill them.
     ensure_runtime_dir();
     let cli = Cli::parse();
+    if !matches!(cli.command, Command::Serve(_) | Command::BenchServe(_)) {
+        restore_sigpipe();
+    }
     let result = match cli.command {
         Command::Generate(a) => generate(a),
         Command::Chat(a) => chat(a),
@@ -418,6 +491,8 @@ fn main() -> ExitCode {
         Command::Info(a) => info(a),
         Command::Bench(a) => bench(a),
         Command::Pull(a) => pull(a),
+        Command::Serve(a) => serve(a),
+        Command::BenchServe(a) => bench_serve(a),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -487,6 +562,78 @@ fn ensure_runtime_dir() {
             std::env::set_var("XDG_RUNTIME_DIR", &dir);
         }
     }
+}
+
+fn serve(a: ServeArgs) -> Result<()> {
+    use bitnet_wgpu::serve::{ModelSource, ServeOptions};
+    // tower-http's request traces: RUST_LOG=tower_http=debug (default: warnings only)
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .try_init();
+    let model = match a.synthetic {
+        Some(preset) => ModelSource::Synthetic {
+            preset,
+            tokenizer_dir: PathBuf::from(BUNDLED_MODEL),
+        },
+        None => ModelSource::Dir(
+            a.model
+                .or_else(|| std::env::var_os("BITNET_MODEL").map(PathBuf::from))
+                .unwrap_or_else(|| PathBuf::from(BUNDLED_MODEL)),
+        ),
+    };
+    let mut o = ServeOptions::new(model);
+    o.engine = a.device.engine_options(a.threads, None, false);
+    o.host = a.host;
+    o.port = a.port;
+    o.parallel = a.parallel;
+    o.ctx = a.ctx;
+    o.step_tokens = a.step_tokens;
+    o.api_key = a.api_key;
+    o.queue = a.queue;
+    o.body_limit = a.max_body;
+    o.request_timeout = std::time::Duration::from_secs(a.timeout);
+    o.handle_signals = true;
+    let server = bitnet_wgpu::serve::start(o)?;
+    // stdout, one line: scripts and tests read the address from it (--port 0)
+    println!("listening on http://{}", server.addr());
+    std::io::stdout().flush()?;
+    if let Err(e) = server.wait_ready(std::time::Duration::from_secs(3600)) {
+        server.shutdown()?;
+        return Err(e.into());
+    }
+    server.join()?;
+    eprintln!("bitnet serve: stopped");
+    Ok(())
+}
+
+fn bench_serve(a: BenchServeArgs) -> Result<()> {
+    use bitnet_wgpu::serve::bench;
+    if a.clients.is_empty() || a.clients.contains(&0) || a.requests == 0 || a.max_tokens == 0 {
+        bail!("--clients, --requests and --max-tokens must be at least 1");
+    }
+    let o = bench::BenchOptions {
+        url: a.url,
+        clients: a.clients,
+        requests: a.requests,
+        max_tokens: a.max_tokens,
+        prompt: a.prompt,
+        api_key: a.api_key,
+        timeout: std::time::Duration::from_secs(3600),
+    };
+    let results = bench::run(&o)?;
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&results)?);
+    } else {
+        print!("{}", bench::markdown(&results));
+    }
+    let dropped: usize = results.iter().map(|r| r.dropped).sum();
+    if dropped > 0 {
+        bail!("{dropped} requests did not complete with all their tokens");
+    }
+    Ok(())
 }
 
 fn generate(a: GenerateArgs) -> Result<()> {

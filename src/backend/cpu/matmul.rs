@@ -290,36 +290,46 @@ impl CpuBackend {
             // One decoded head row, for heads that are not bf16 (f16, f32).
             static ROW: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
         }
-        for (r, &src) in rows.iter().enumerate() {
-            let src = src as usize;
-            let xr = &x.data[src * h..(src + 1) * h]; // [h]
-            let lr = &mut logits.data[r * vocab..(r + 1) * vocab]; // [vocab]
-            match head {
-                CpuLmHead::Q8(q8) => {
-                    let hx = HeadInput::new(xr); // [h] int16
-                    self.pool.for_each_chunk_mut(lr, CHUNK, |c, out| {
+        // One job per vocabulary chunk, every selected row inside it: the chunk is read from
+        // memory once per step and from cache for the other rows (a batch of decode rows then
+        // costs about one head read, not one per row). Each logit is the same dot product of the
+        // same kernel whatever the rows, so a row's logits do not depend on the batch.
+        let xs: Vec<&[f32]> = rows
+            .iter()
+            .map(|&src| &x.data[src as usize * h..(src as usize + 1) * h]) // [h] each
+            .collect();
+        let hxs: Vec<HeadInput> = match head {
+            CpuLmHead::Q8(_) => xs.iter().map(|xr| HeadInput::new(xr)).collect(), // [h] int16
+            CpuLmHead::Exact(_) => Vec::new(),
+        };
+        let all = DisjointSlice::new(&mut logits.data[..out_rows * vocab]); // [rows, vocab]
+        let job = |c: usize| {
+            let (v0, v1) = (c * CHUNK, ((c + 1) * CHUNK).min(vocab));
+            let v = |i: usize| v0 + i;
+            for (r, &xr) in xs.iter().enumerate() {
+                // SAFETY: job c alone writes columns v0..v1 of every row.
+                let out = unsafe { all.slice_mut(r * vocab + v0..r * vocab + v1) };
+                match head {
+                    CpuLmHead::Q8(q8) => {
+                        let hx = &hxs[r];
                         // the two halves of the chunk side by side (two memory streams)
-                        let v = |i: usize| c * CHUNK + i;
                         let out = Cell::from_mut(out).as_slice_of_cells();
                         side_by_side(
                             out.len(),
                             |i, j| {
-                                let [a, b] = q8.dot2(level, [v(i), v(j)], &hx);
+                                let [a, b] = q8.dot2(level, [v(i), v(j)], hx);
                                 out[i].set(a);
                                 out[j].set(b);
                             },
-                            |i| out[i].set(q8.dot(level, v(i), &hx)),
+                            |i| out[i].set(q8.dot(level, v(i), hx)),
                         );
-                    })
-                }
-                CpuLmHead::Exact(m) => {
-                    let es = m.dtype.size();
-                    let data = m.data.as_slice();
-                    let row = |v: usize| &data[v * h * es..(v + 1) * h * es]; // [h] file dtype
-                    self.pool.for_each_chunk_mut(lr, CHUNK, |c, out| {
+                    }
+                    CpuLmHead::Exact(m) => {
+                        let es = m.dtype.size();
+                        let data = m.data.as_slice();
+                        let row = |v: usize| &data[v * h * es..(v + 1) * h * es]; // [h] file dtype
                         if m.dtype == FloatDtype::Bf16 {
                             // the two halves of the chunk side by side (two memory streams)
-                            let v = |i: usize| c * CHUNK + i;
                             let out = Cell::from_mut(out).as_slice_of_cells();
                             side_by_side(
                                 out.len(),
@@ -330,21 +340,21 @@ impl CpuBackend {
                                 },
                                 |i| out[i].set(dot_bf16(level, row(v(i)), xr)),
                             );
-                            return;
+                            continue;
                         }
                         for (i, o) in out.iter_mut().enumerate() {
-                            let v = c * CHUNK + i;
                             // f16 / f32 heads: decoded row by row
                             *o = ROW.with_borrow_mut(|decoded| {
                                 decoded.resize(h, 0.0);
-                                decode_floats(m.dtype, row(v), decoded);
+                                decode_floats(m.dtype, row(v(i)), decoded);
                                 decoded.iter().zip(xr).map(|(a, b)| a * b).sum()
                             });
                         }
-                    })
+                    }
                 }
             }
-        }
+        };
+        self.pool.run(vocab.div_ceil(CHUNK), &job);
         Ok(())
     }
 }

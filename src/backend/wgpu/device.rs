@@ -185,6 +185,7 @@ impl WgpuBackend {
             positions_hint: 0,
             max_chunk_bytes: None,
             pending: None,
+            pending_ropes: Vec::new(),
             upload_scratch: Vec::new(),
             attn_partials: HashMap::new(),
             counters: GpuCounters::default(),

@@ -63,6 +63,12 @@ kernel!(ROPE, "rope.wgsl", "rope", [U, RW, R, R]);
 kernel!(KV_STORE, "attention.wgsl", "kv_store", [U, R, R, RW, RW, R]);
 kernel!(ATTEND, "attention.wgsl", "attend", [U, R, R, R, RW, R]);
 kernel!(
+    ROPE_KV_STORE,
+    "attention.wgsl",
+    "rope_kv_store",
+    [U, RW, RW, R, RW, RW, R, R]
+);
+kernel!(
     ATTEND_SPLIT,
     "attention.wgsl",
     "attend_split",
@@ -85,7 +91,8 @@ kernel!(
 kernel!(ARGMAX_FINAL, "argmax.wgsl", "argmax_final", [U, R, RW, RW]);
 
 /// Every kernel, for tests that compile them all.
-pub static ALL: [&Kernel; 12] = [
+pub static ALL: [&Kernel; 13] = [
+    &ROPE_KV_STORE,
     &ROW_OPS,
     &MATVEC,
     &MATMUL_TILED,

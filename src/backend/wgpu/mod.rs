@@ -171,7 +171,8 @@ pub struct WgpuBackend {
     positions_hint: usize,                 // the KV cache length: the size of the RoPE tables
     max_chunk_bytes: Option<u64>,
     pending: Option<RowOp>,
-    upload_scratch: Vec<u32>, // [4 + n] the Step uniform and the tokens, reused
+    pending_ropes: Vec<attention::PendingRope>, // RoPEs awaiting the attention they feed
+    upload_scratch: Vec<u32>,                   // [4 + n] the Step uniform and the tokens, reused
     attn_partials: HashMap<(usize, usize, usize), GpuBuf>, // (heads, blocks, hd) → [4, heads, blocks, hd + 2]
     counters: GpuCounters,
     chain: chain::Chain, // chained greedy tokens being read back

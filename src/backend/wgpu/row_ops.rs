@@ -68,7 +68,13 @@ impl RowOp {
 
 impl WgpuBackend {
     /// Emits the pending row-op chain as one dispatch of shaders/row_ops.wgsl.
+    /// Emits everything recorded lazily, in order: the pending RoPEs, then the row-op chain.
     pub(super) fn flush_pending(&mut self) -> Result<()> {
+        self.flush_ropes()?;
+        self.flush_row_op()
+    }
+
+    fn flush_row_op(&mut self) -> Result<()> {
         let Some(op) = self.pending.take() else {
             return Ok(());
         };
