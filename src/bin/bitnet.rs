@@ -49,15 +49,15 @@ enum Command {
     Bench(BenchArgs),
     /// Show a model's architecture, parameter counts, weight variant and memory needs.
     Info(InfoArgs),
+    /// Download a Hugging Face repo into the standard HF cache ($HF_HUB_CACHE, $HF_HOME/hub or
+    /// ~/.cache/huggingface/hub; $HF_ENDPOINT picks the hub), resuming and checksumming.
+    Pull(PullArgs),
     /// OpenAI-compatible HTTP server (chat/completions, completions, models, health, metrics)
     /// with continuous batching of up to --parallel sequences.
     Serve(ServeArgs),
     /// Load generator for an OpenAI-compatible server: C clients x M tokens, aggregate tokens/s,
     /// time to first token and inter-token latency.
     BenchServe(BenchServeArgs),
-    /// Download a Hugging Face repo into the standard HF cache ($HF_HUB_CACHE, $HF_HOME/hub or
-    /// ~/.cache/huggingface/hub; $HF_ENDPOINT picks the hub), resuming and checksumming.
-    Pull(PullArgs),
 }
 
 #[derive(Args)]
@@ -490,9 +490,9 @@ fn main() -> ExitCode {
         Command::Perplexity(a) => perplexity(a),
         Command::Info(a) => info(a),
         Command::Bench(a) => bench(a),
+        Command::Pull(a) => pull(a),
         Command::Serve(a) => serve(a),
         Command::BenchServe(a) => bench_serve(a),
-        Command::Pull(a) => pull(a),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
