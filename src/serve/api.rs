@@ -90,7 +90,6 @@ pub enum MessageContent {
 pub struct ContentPart {
     #[serde(rename = "type")]
     pub kind: String,
-    #[serde(default)]
     pub text: Option<String>,
 }
 
@@ -103,29 +102,18 @@ pub struct StreamOptions {
 /// The fields both endpoints share.
 #[derive(Debug, Clone, Default, Deserialize)]
 pub struct Common {
-    #[serde(default)]
     pub model: Option<String>,
-    #[serde(default)]
     pub stream: Option<bool>,
-    #[serde(default)]
     pub stream_options: Option<StreamOptions>,
-    #[serde(default)]
     pub max_tokens: Option<u64>,
-    #[serde(default)]
     pub max_completion_tokens: Option<u64>,
-    #[serde(default)]
     pub temperature: Option<f32>,
-    #[serde(default)]
     pub top_p: Option<f32>,
-    #[serde(default)]
     pub seed: Option<u64>,
-    #[serde(default)]
     pub stop: Option<StopField>,
-    #[serde(default)]
     pub n: Option<u64>,
     /// Not OpenAI's (llama.cpp's server has it): keep generating past end-of-sequence tokens,
     /// so a load generator gets exactly `max_tokens` per request.
-    #[serde(default)]
     pub ignore_eos: Option<bool>,
 }
 
