@@ -212,3 +212,39 @@ pub fn seed_checkpoint(online: bool) -> Vec<u8> {
         .collect();
     safetensors::serialize(views, None).expect("serializable")
 }
+
+/// A `bitnet serve` request body: the first byte picks the endpoint (even: chat completions, odd:
+/// completions), the rest is the body, put through everything the server does before queueing
+/// (`serve::api::prepare`: parse, field checks, chat rendering, tokenizing, the context check)
+/// with the tiny fixture's tokenizer and a 64-token context; every error must serialize.
+pub fn serve_request(data: &[u8]) {
+    use crate::serve::api::{prepare, Endpoint};
+    use std::sync::OnceLock;
+    static TOKENIZER: OnceLock<Tokenizer> = OnceLock::new();
+    let tok = TOKENIZER.get_or_init(|| {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tiny-autobitlinear");
+        Tokenizer::from_files(
+            &dir.join("tokenizer.json"),
+            Some(&dir.join("tokenizer_config.json")),
+        )
+        .expect("the fixture tokenizer loads")
+    });
+    let Some((&first, body)) = data.split_first() else {
+        return;
+    };
+    let endpoint = if first % 2 == 0 {
+        Endpoint::Chat
+    } else {
+        Endpoint::Completion
+    };
+    match prepare(endpoint, body, tok, 64) {
+        Ok((params, prompt)) => {
+            assert!(!prompt.is_empty() && prompt.len() <= 64);
+            assert!(params.stop.len() <= 4);
+        }
+        Err(e) => {
+            assert!((400..500).contains(&e.status), "{e:?}");
+            let _ = serde_json::to_vec(&e.body()).expect("an error body serializes");
+        }
+    }
+}

@@ -48,6 +48,11 @@ fn gguf_corpus() {
 }
 
 #[test]
+fn serve_request_corpus() {
+    replay("serve_request", fuzz_targets::serve_request);
+}
+
+#[test]
 fn chat_template_corpus() {
     replay("chat_template", fuzz_targets::chat_template);
 }

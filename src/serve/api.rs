@@ -164,6 +164,55 @@ fn parse_json(bytes: &[u8]) -> Result<Value, ApiError> {
         .map_err(|e| ApiError::invalid(format!("the request body is not valid JSON: {e}"), None))
 }
 
+/// Everything the server does with a request body before queueing it: parse, check the shared
+/// fields, render (chat) or take (completion) the prompt, tokenize it and check it against the
+/// context. Untrusted bytes in, a 4xx `ApiError` or a ready request out (the `serve_request` fuzz
+/// target calls exactly this).
+pub fn prepare(
+    endpoint: Endpoint,
+    body: &[u8],
+    tok: &crate::tokenizer::Tokenizer,
+    ctx: usize,
+) -> Result<(GenParams, Vec<u32>), ApiError> {
+    let (params, prompt) = match endpoint {
+        Endpoint::Chat => {
+            let (r, common) = parse_body::<ChatRequest>(body)?;
+            let params = common.params()?;
+            let msgs = r.chat_messages()?;
+            let ids = tok
+                .encode_chat(&msgs, true)
+                .map_err(|e| ApiError::invalid(e.to_string(), Some("messages")))?;
+            (params, ids)
+        }
+        Endpoint::Completion => {
+            let (r, common) = parse_body::<CompletionRequest>(body)?;
+            let params = common.params()?;
+            let ids = tok
+                .encode(r.prompt_text()?, true)
+                .map_err(|e| ApiError::invalid(e.to_string(), Some("prompt")))?;
+            (params, ids)
+        }
+    };
+    let field = match endpoint {
+        Endpoint::Chat => "messages",
+        Endpoint::Completion => "prompt",
+    };
+    if prompt.is_empty() {
+        return Err(ApiError::invalid("the prompt has no tokens", Some(field)));
+    }
+    if prompt.len() > ctx {
+        return Err(ApiError::invalid(
+            format!(
+                "the prompt has {} tokens but the context holds {ctx} (--ctx)",
+                prompt.len(),
+            ),
+            Some(field),
+        )
+        .code("context_length_exceeded"));
+    }
+    Ok((params, prompt))
+}
+
 /// What the scheduler needs of a request, checked.
 #[derive(Debug, Clone)]
 pub struct GenParams {

@@ -21,7 +21,7 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver};
 
-use super::api::{parse_body, ApiError, ChatRequest, CompletionRequest, Endpoint, ResponseMeta};
+use super::api::{prepare, ApiError, Endpoint, ResponseMeta};
 use super::metrics::Shared;
 use super::scheduler::{Control, Event, Request as GenRequest};
 
@@ -258,46 +258,7 @@ async fn generate(
     let body = body.map_err(|e| {
         ApiError::with_status(e.status().as_u16(), "invalid_request_error", e.body_text())
     })?;
-    let tok = &loaded.tokenizer;
-    let (params, prompt) = match endpoint {
-        Endpoint::Chat => {
-            let (r, common) = parse_body::<ChatRequest>(&body)?;
-            let params = common.params()?;
-            let msgs = r.chat_messages()?;
-            let ids = tok
-                .encode_chat(&msgs, true)
-                .map_err(|e| ApiError::invalid(e.to_string(), Some("messages")))?;
-            (params, ids)
-        }
-        Endpoint::Completion => {
-            let (r, common) = parse_body::<CompletionRequest>(&body)?;
-            let params = common.params()?;
-            let ids = tok
-                .encode(r.prompt_text()?, true)
-                .map_err(|e| ApiError::invalid(e.to_string(), Some("prompt")))?;
-            (params, ids)
-        }
-    };
-    if prompt.is_empty() {
-        return Err(ApiError::invalid(
-            "the prompt has no tokens",
-            Some("prompt"),
-        ));
-    }
-    if prompt.len() > loaded.ctx {
-        return Err(ApiError::invalid(
-            format!(
-                "the prompt has {} tokens but the context holds {} (--ctx)",
-                prompt.len(),
-                loaded.ctx
-            ),
-            Some(match endpoint {
-                Endpoint::Chat => "messages",
-                Endpoint::Completion => "prompt",
-            }),
-        )
-        .code("context_length_exceeded"));
-    }
+    let (params, prompt) = prepare(endpoint, &body, &loaded.tokenizer, loaded.ctx)?;
     let queued = shared
         .queued
         .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |q| {
