@@ -96,6 +96,22 @@ pub fn dot_q8_scalar(q: &[i8], scales: &[f32], x: &[i16]) -> f32 {
         .sum()
 }
 
+/// `silu(g) = g / (1 + exp(-g))` in f32, the form torch's float32 SiLU computes (for g below
+/// about -88, exp overflows to inf and the result is -0, as in torch).
+#[inline]
+pub fn silu(g: f32) -> f32 {
+    g / (1.0 + (-g).exp())
+}
+
+/// The LLaMA-style gated FFN product of one row: `out = silu(gate) · up` (`[cols]` each). The
+/// CPU backend runs it as it is (it is a small share of a step next to the matmuls); the WGSL
+/// twin is shaders/row_ops.wgsl `PRE == 3`.
+pub fn silu_mul_row(gate: &[f32], up: &[f32], out: &mut [f32]) {
+    for ((o, &g), &u) in out.iter_mut().zip(gate).zip(up) {
+        *o = silu(g) * u;
+    }
+}
+
 /// `out = x * rsqrt(mean(x²) + eps) * w` for one row, in f32 like transformers.
 pub fn rms_norm_row(x: &[f32], w: &[f32], eps: f32, out: &mut [f32]) {
     let ms = x.iter().map(|v| v * v).sum::<f32>() / x.len() as f32;
@@ -256,5 +272,33 @@ mod tests {
         assert_eq!(s[1], 0.0);
         assert!(s[2] > 0.0 && s[2].is_normal(), "{s:?}");
         assert_eq!(argmax(&[1.0, 3.0, 3.0, 2.0]), 1);
+    }
+
+    #[test]
+    fn silu_mul_row_is_silu_of_gate_times_up() {
+        // against the formula in f64, over the range a projection produces and the extremes
+        let gate: Vec<f32> = (-400..=400)
+            .map(|k| k as f32 * 0.05)
+            .chain([-200.0, -89.0, 0.0, 89.0, 1e4])
+            .collect();
+        let up: Vec<f32> = gate
+            .iter()
+            .enumerate()
+            .map(|(k, _)| 1.5 - (k % 7) as f32 * 0.5)
+            .collect();
+        let mut out = vec![f32::NAN; gate.len()];
+        silu_mul_row(&gate, &up, &mut out);
+        for (k, ((&g, &u), &got)) in gate.iter().zip(&up).zip(&out).enumerate() {
+            let (g, u) = (g as f64, u as f64);
+            let want = g / (1.0 + (-g).exp()) * u;
+            assert!(
+                (got as f64 - want).abs() <= 1e-30 + 1e-6 * want.abs(),
+                "index {k}: got {got}, expected {want}"
+            );
+        }
+        // silu(0) = 0, silu(-inf side) = -0, silu(large) = the input
+        assert_eq!(silu(0.0), 0.0);
+        assert_eq!(silu(-200.0), 0.0);
+        assert_eq!(silu(1e4), 1e4);
     }
 }
