@@ -660,6 +660,28 @@ mod tests {
     }
 
     #[test]
+    fn sub_norm_weights_must_agree_with_the_config() {
+        let c = preset("tiny").unwrap();
+        let mut w = random_weights(&c, 5).unwrap();
+        w.layers[1].ffn_sub_norm = None;
+        let opts = ModelOptions::for_config(&c);
+        let err = Model::new(CpuBackend::new(1).unwrap(), &w, opts)
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(err.contains("layer 1") && err.contains("missing"), "{err}");
+        // a config without sub-norms runs without them (the LLaMA family), with SiLU
+        let mut c = c;
+        c.sub_norms = false;
+        c.activation = crate::config::FfnActivation::Silu;
+        let w = random_weights(&c, 5).unwrap();
+        assert!(w.layers.iter().all(|l| l.attn_sub_norm.is_none()));
+        let mut m = Model::new(CpuBackend::new(1).unwrap(), &w, opts).unwrap();
+        let logits = m.forward_last(&[1, 2, 3]).unwrap();
+        assert!(logits.iter().all(|v| v.is_finite()));
+    }
+
+    #[test]
     fn greedy_pipeline_on_the_cpu_equals_forward_argmax() {
         let c = preset("tiny").unwrap();
         let w = random_weights(&c, 4).unwrap();

@@ -968,3 +968,41 @@ fn fill_packed(
             }
         });
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn row_map_inverts_llama_cpp_permute() {
+        // llama.cpp's permute on one head of d = 8: reshape(2, 4).swapaxes → file row 2j + half
+        // holds HF row half·4 + j, i.e. the file holds HF rows [0, 4, 1, 5, 2, 6, 3, 7].
+        let file_holds = [0usize, 4, 1, 5, 2, 6, 3, 7];
+        let m = RowMap {
+            head_dim: 8,
+            heads: 2,
+        };
+        for head in 0..2 {
+            for (file_row, &hf_row) in file_holds.iter().enumerate() {
+                assert_eq!(m.src(head * 8 + hf_row), head * 8 + file_row);
+            }
+        }
+    }
+
+    #[test]
+    fn architecture_names_set_activation_sub_norms_and_family() {
+        let a = Arch::of("llama").unwrap();
+        assert_eq!(
+            (a.activation, a.sub_norms, a.family, a.permuted_qk),
+            (FfnActivation::Silu, false, ModelFamily::Llama, true)
+        );
+        let b = Arch::of("bitnet").unwrap();
+        assert_eq!(
+            (b.activation, b.sub_norms, b.permuted_qk),
+            (FfnActivation::Silu, true, false)
+        );
+        let c = Arch::of("bitnet-25").unwrap();
+        assert_eq!((c.activation, c.sub_norms), (FfnActivation::Relu2, true));
+        assert!(Arch::of("gemma").is_err());
+    }
+}
