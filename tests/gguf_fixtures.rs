@@ -158,6 +158,13 @@ fn llama_ggufs_give_the_logits_of_the_safetensors_folder_and_of_transformers() {
         assert_eq!((c.head_dim, c.q_dim(), c.rope_theta), (128, 512, 1000042.0));
         let g = e.files.gguf.as_ref().unwrap();
         assert_eq!(g.architecture, "llama");
+        // q and k of both layers were put back in transformers' row order
+        assert!(
+            g.conversions
+                .contains(&"4 x q/k rows (llama.cpp permute) -> un-permuted".to_string()),
+            "{:?}",
+            g.conversions
+        );
         let got = e.logits(&prompt).unwrap();
         // The same codes (the q/k rows un-permuted), scales, norms and embedding/head values:
         // every integer is identical. The TQ2_0 file keeps embedding and head in bf16 like the

@@ -139,6 +139,9 @@ pub fn load_gguf(
                 head_dim: c.head_dim,
                 heads,
             });
+            if unpermute.is_some() {
+                conv.note("q/k rows (llama.cpp permute)", "un-permuted");
+            }
             g.ternary(&format!("{p}{name}"), rows, cols, unpermute, &mut conv)
         };
         let sub_norm = |name: &str, len: usize| {
@@ -282,6 +285,13 @@ impl Conversions {
         *self
             .0
             .entry((from.name().to_string(), to.to_string()))
+            .or_insert(0) += 1;
+    }
+    /// A conversion that is no type change (e.g. reordered rows).
+    fn note(&mut self, from: &str, to: &str) {
+        *self
+            .0
+            .entry((from.to_string(), to.to_string()))
             .or_insert(0) += 1;
     }
     fn lines(&self) -> Vec<String> {
