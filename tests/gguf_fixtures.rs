@@ -135,6 +135,26 @@ fn llama_cpp_bitnet_architecture_runs_silu_with_sub_norms_unless_overridden() {
     );
 }
 
+#[test]
+fn llama_cpp_bitnet_architecture_matches_transformers_computing_silu_with_sub_norms() {
+    // tests/fixtures/gguf-tiny-bitnet-silu: transformers' BitNetForCausalLM with hidden_act silu
+    // on the gguf-tiny weights (sub-norms + SiLU-gated FFN, the graph llama.cpp runs for
+    // `bitnet`), the reference for model-tq2_0.gguf loaded without an override.
+    let name = "gguf-tiny-bitnet-silu";
+    let r = reference(name);
+    let prompt = ids(&r["prompt_ids"]);
+    let (_, want) = bitnet_wgpu::npy::read_f32(&fixture(name).join("logits.npy")).unwrap();
+    let mut e = engine(&path("model-tq2_0.gguf"), GgufOptions::default()).unwrap();
+    let got = e.logits(&prompt).unwrap();
+    assert_close("bitnet (silu) vs transformers", &got, &want, 1e-4, 1e-4);
+    let want_ids = ids(&r["greedy_ids"]);
+    let mut s = Sampler::new(SamplerConfig::greedy()).unwrap();
+    let g = e
+        .generate(&prompt, want_ids.len(), &mut s, true, |_| {})
+        .unwrap();
+    assert_eq!(g.token_ids, want_ids);
+}
+
 // ---- the LLaMA-style family (tests/fixtures/tiny-llama-bitnet, tools/fixtures/gen_llama_fixture.py)
 
 const LLAMA: &str = "tiny-llama-bitnet";
