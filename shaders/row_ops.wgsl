@@ -4,11 +4,12 @@
 //   PRE   0: v = a                   (a is the input row)
 //         1: v = a + b, a ← v        (residual add: x += y)
 //         2: v = relu(b)² · c, a ← v (relu2_mul: out = relu(gate)² · up)
+//         3: v = silu(b) · c, a ← v  (silu_mul: out = silu(gate) · up, silu(g) = g / (1 + e^-g))
 //   NORM    xn = w · (v · 1 / sqrt(mean(v²) + EPS))      (RMSNorm, the CPU backend's formula)
 //   QUANT   q = clamp(round_half_even(u · s), -128, 127), s = 127 / max(absmax(u), 1e-5),
 //           u = xn when NORM else v; meta = (s, Σq)       (BitLinear's activation quantizer)
 //
-// The model calls add / relu2_mul, rms_norm and quantize one after the other on the same rows;
+// The model calls add / relu2_mul / silu_mul, rms_norm and quantize one after the other on the same rows;
 // the host records them lazily and emits one dispatch for the whole chain. Unfused calls run the
 // same code with the other flags off, so fused and unfused results are bit-identical.
 //
@@ -35,7 +36,7 @@ override WG: u32 = 256u; // threads per row (host: row_ops.rs ROW_OPS_WG; a powe
 @group(0) @binding(0) var<uniform> step: Step;
 @group(0) @binding(1) var<storage, read_write> a: array<f32>;     // [capacity, COLS] input / pre-op output
 @group(0) @binding(2) var<storage, read> b: array<f32>;           // [capacity, COLS] y (add) or gate
-@group(0) @binding(3) var<storage, read> c: array<f32>;           // [capacity, COLS] up (relu2_mul)
+@group(0) @binding(3) var<storage, read> c: array<f32>;           // [capacity, COLS] up (PRE 2, 3)
 @group(0) @binding(4) var<storage, read> w: array<f32>;           // [COLS] norm weight
 @group(0) @binding(5) var<storage, read_write> xn: array<f32>;    // [capacity, COLS] normed
 @group(0) @binding(6) var<storage, read_write> q: array<u32>;     // [capacity, QW] int8 × 4
@@ -96,6 +97,11 @@ fn row_ops(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: 
                 } else if PRE == 2u {
                     let r = max(b[i], 0.0);
                     v = r * r * c[i]; // (r·r)·u, as the CPU backend
+                    a[i] = v;
+                } else if PRE == 3u {
+                    // the CPU's formula; exp(-g) overflows to inf below g ≈ -88, giving -0
+                    let g = b[i];
+                    v = g / (1.0 + exp(-g)) * c[i];
                     a[i] = v;
                 } else {
                     v = a[i];

@@ -43,7 +43,7 @@ pub enum FfnActivation {
     #[default]
     Relu2,
     /// `x · sigmoid(x)`: the LLaMA-style BitNets (1bitLLM, Falcon3-1.58bit) and what llama.cpp
-    /// computes for its `bitnet` architecture. Not implemented by the model graph yet.
+    /// computes for its `bitnet` architecture.
     Silu,
 }
 
@@ -69,6 +69,29 @@ impl std::str::FromStr for FfnActivation {
     }
 }
 
+/// Which model family a checkpoint belongs to. The forward pass is the same function for all;
+/// what differs is config ([`ModelConfig::activation`], [`ModelConfig::sub_norms`],
+/// `tie_word_embeddings`). Shown by `bitnet info`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum ModelFamily {
+    /// `BitNetForCausalLM` (model_type `bitnet`): BitNet b1.58 2B4T, ReLU² FFN, attention and
+    /// FFN sub-norms before o_proj / down_proj.
+    #[default]
+    BitNet,
+    /// `LlamaForCausalLM` with `quantization_config.quant_method: bitnet` (Falcon3-1.58bit,
+    /// Falcon-E, Llama3-8B-1.58): SiLU-gated FFN, no sub-norms, an unquantized `lm_head`.
+    Llama,
+}
+
+impl ModelFamily {
+    pub fn describe(self) -> &'static str {
+        match self {
+            ModelFamily::BitNet => "BitNetForCausalLM (BitNet b1.58)",
+            ModelFamily::Llama => "LlamaForCausalLM + bitnet quantization (Falcon3-1.58bit style)",
+        }
+    }
+}
+
 /// The architecture of a BitNet b1.58 model, read from config.json and checked for consistency.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ModelConfig {
@@ -88,6 +111,11 @@ pub struct ModelConfig {
     pub variant: WeightVariant,
     /// FFN activation (config.json's `hidden_act`; GGUF: from the architecture name).
     pub activation: FfnActivation,
+    /// Whether each layer RMS-normalizes the attention output before o_proj and the gated FFN
+    /// product before down_proj (`attn_sub_norm`, `ffn_sub_norm`): BitNet 2B4T and llama.cpp's
+    /// `bitnet` architecture do, the LLaMA-style family does not.
+    pub sub_norms: bool,
+    pub family: ModelFamily,
 }
 
 impl ModelConfig {
@@ -109,6 +137,8 @@ impl ModelConfig {
             eos_token_ids: vec![128001, 128009],
             variant: WeightVariant::PackedAutoBitLinear,
             activation: FfnActivation::Relu2,
+            sub_norms: true,
+            family: ModelFamily::BitNet,
         }
     }
 
@@ -154,7 +184,8 @@ impl ModelConfig {
         let (h, i) = (self.hidden_size as u64, self.intermediate_size as u64);
         let emb = self.vocab_size as u64 * h;
         let head = if self.tie_word_embeddings { 0 } else { emb };
-        let norms = self.num_hidden_layers as u64 * (3 * h + i) + h;
+        let per_layer = if self.sub_norms { 3 * h + i } else { 2 * h };
+        let norms = self.num_hidden_layers as u64 * per_layer + h;
         emb + head + norms
     }
 
@@ -210,6 +241,11 @@ struct RawConfig {
     eos_token_id: Option<Value>,
     #[serde(deserialize_with = "nullable_object")]
     quantization_config: Option<Option<RawQuantization>>,
+    /// LlamaConfig: biases on q/k/v/o and on the MLP projections (none in the BitNet LLaMAs).
+    #[serde(deserialize_with = "present")]
+    attention_bias: Option<Value>,
+    #[serde(deserialize_with = "present")]
+    mlp_bias: Option<Value>,
 }
 
 #[derive(Deserialize, Default)]
@@ -233,6 +269,12 @@ struct RawQuantization {
     linear_class: Option<String>,
     #[serde(deserialize_with = "lenient_str")]
     quantization_mode: Option<String>,
+    /// transformers' BitLinear option: an RMSNorm inside every projection (not implemented).
+    #[serde(deserialize_with = "present")]
+    use_rms_norm: Option<Value>,
+    /// Linear layers left unquantized; only the LM head may be (it always is here).
+    #[serde(deserialize_with = "present")]
+    modules_to_not_convert: Option<Value>,
 }
 
 /// A key that is there, null included (`Some(Value::Null)`); an absent key is the default `None`.
@@ -293,11 +335,30 @@ impl RawConfig {
     /// The checks and defaults of [`ModelConfig::from_json_str`]: each error names the key at
     /// fault.
     fn validate(self) -> std::result::Result<ModelConfig, String> {
-        let model_type = self.model_type.as_deref().unwrap_or("bitnet");
-        if model_type != "bitnet" {
-            return Err(format!(
-                "model_type is {model_type:?}; this runtime reads BitNet b1.58 models (model_type \"bitnet\")"
-            ));
+        let family = match self.model_type.as_deref().unwrap_or("bitnet") {
+            "bitnet" => ModelFamily::BitNet,
+            "llama" => ModelFamily::Llama,
+            other => {
+                return Err(format!(
+                    "model_type is {other:?}; this runtime reads BitNet b1.58 models (model_type \"bitnet\", or \"llama\" with a bitnet quantization_config)"
+                ))
+            }
+        };
+        if family == ModelFamily::Llama {
+            // LlamaConfig defaults both to false; a bias would be added after every projection.
+            for (key, val) in [
+                ("attention_bias", &self.attention_bias),
+                ("mlp_bias", &self.mlp_bias),
+            ] {
+                match val {
+                    None | Some(Value::Null) | Some(Value::Bool(false)) => {}
+                    Some(v) => {
+                        return Err(format!(
+                            "unsupported {key} = {v}: the ternary projections have no bias"
+                        ))
+                    }
+                }
+            }
         }
         let hidden_size = usize_key("hidden_size", self.hidden_size.as_ref())?;
         let intermediate_size = usize_key("intermediate_size", self.intermediate_size.as_ref())?;
@@ -334,12 +395,20 @@ impl RawConfig {
             self.max_position_embeddings.as_ref(),
         )?;
 
-        let hidden_act = self.hidden_act.as_deref().unwrap_or("relu2");
-        if hidden_act != "relu2" {
-            return Err(format!(
-                "unsupported hidden_act {hidden_act:?}: BitNet b1.58 uses \"relu2\" (relu(x)^2)"
-            ));
-        }
+        // transformers computes ACT2FN[hidden_act] in both MLPs; the defaults are each class's.
+        let default_act = match family {
+            ModelFamily::BitNet => "relu2",
+            ModelFamily::Llama => "silu",
+        };
+        let activation = match self.hidden_act.as_deref().unwrap_or(default_act) {
+            "relu2" => FfnActivation::Relu2,
+            "silu" => FfnActivation::Silu,
+            other => {
+                return Err(format!(
+                    "unsupported hidden_act {other:?}: the FFN computes \"relu2\" (relu(x)^2, BitNet b1.58) or \"silu\" (LLaMA-style)"
+                ))
+            }
+        };
 
         // rope_theta sits at the top level in transformers 4.x configs and under rope_parameters
         // (with rope_type) in 5.x. Only the default (unscaled) RoPE is what BitNet uses.
@@ -396,7 +465,8 @@ impl RawConfig {
 
         let variant = match self.quantization_config.flatten() {
             // No quantization_config: transformers would build plain nn.Linear layers, which is
-            // not a BitNet b1.58 checkpoint this runtime understands.
+            // not a BitNet b1.58 checkpoint this runtime understands (for model_type llama: a
+            // plain float LLaMA).
             None => {
                 return Err(
                     "no quantization_config: expected {\"quant_method\": \"bitnet\", ...} as in the BitNet b1.58 repos"
@@ -409,6 +479,36 @@ impl RawConfig {
                     return Err(format!(
                         "quantization_config.quant_method is {method:?}, expected \"bitnet\""
                     ));
+                }
+                match &qc.use_rms_norm {
+                    None | Some(Value::Null) | Some(Value::Bool(false)) => {}
+                    Some(v) => {
+                        return Err(format!(
+                            "unsupported quantization_config.use_rms_norm = {v}: an RMSNorm inside every BitLinear is not implemented"
+                        ))
+                    }
+                }
+                // transformers always leaves the output embedding (lm_head) unquantized; any
+                // other module listed here would be a float projection, which is not supported.
+                match &qc.modules_to_not_convert {
+                    None | Some(Value::Null) => {}
+                    Some(Value::Array(mods)) => {
+                        // (the embedding is no Linear, so naming it changes nothing either)
+                        let harmless = ["lm_head", "model.embed_tokens", "embed_tokens"];
+                        if let Some(m) = mods
+                            .iter()
+                            .find(|m| !m.as_str().is_some_and(|m| harmless.contains(&m)))
+                        {
+                            return Err(format!(
+                                "unsupported quantization_config.modules_to_not_convert entry {m}: only lm_head may stay unquantized"
+                            ));
+                        }
+                    }
+                    Some(v) => {
+                        return Err(format!(
+                            "quantization_config.modules_to_not_convert must be a list, found {v}"
+                        ))
+                    }
                 }
                 let class = qc.linear_class.as_deref().unwrap_or("bitlinear");
                 let mode = qc.quantization_mode.as_deref().unwrap_or("offline");
@@ -461,7 +561,9 @@ impl RawConfig {
             bos_token_id,
             eos_token_ids,
             variant,
-            activation: FfnActivation::Relu2,
+            activation,
+            sub_norms: family == ModelFamily::BitNet,
+            family,
         })
     }
 }
@@ -567,6 +669,87 @@ mod tests {
         assert!(ModelConfig::from_json_str("{")
             .unwrap_err()
             .starts_with("not valid JSON"));
+    }
+
+    /// Falcon3-1.58bit's config.json form (trimmed to a tiny shape).
+    fn falcon3() -> serde_json::Map<String, Value> {
+        serde_json::from_str(
+            r#"{"architectures":["LlamaForCausalLM"],"model_type":"llama","hidden_size":256,
+            "intermediate_size":512,"num_hidden_layers":2,"num_attention_heads":4,"num_key_value_heads":2,
+            "head_dim":128,"vocab_size":380,"max_position_embeddings":128,"rope_theta":1000042.0,
+            "rms_norm_eps":1e-6,"hidden_act":"silu","attention_bias":false,"mlp_bias":false,
+            "pretraining_tp":1,"rope_scaling":null,"tie_word_embeddings":false,"bos_token_id":377,
+            "eos_token_id":378,"quantization_config":{"modules_to_not_convert":null,"quant_method":"bitnet"}}"#,
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn llama_with_bitnet_quantization_is_the_silu_family_without_sub_norms() {
+        let c = parse(&falcon3()).unwrap();
+        assert_eq!(c.family, ModelFamily::Llama);
+        assert_eq!(c.activation, FfnActivation::Silu);
+        assert!(!c.sub_norms);
+        assert!(!c.tie_word_embeddings);
+        // linear_class defaults to bitlinear: the stored weight_scale divides
+        assert_eq!(c.variant, WeightVariant::PackedBitLinear);
+        // head_dim as given, not hidden / heads
+        assert_eq!((c.head_dim, c.q_dim(), c.kv_dim()), (128, 512, 256));
+        assert_eq!(c.rope_theta, 1000042.0);
+        let mut m = falcon3();
+        m["quantization_config"] = serde_json::json!({"quant_method": "bitnet", "linear_class": "autobitlinear", "modules_to_not_convert": ["lm_head"]});
+        assert_eq!(
+            parse(&m).unwrap().variant,
+            WeightVariant::PackedAutoBitLinear
+        );
+        // hidden_act defaults to silu for llama, relu2 for bitnet
+        m.remove("hidden_act");
+        assert_eq!(parse(&m).unwrap().activation, FfnActivation::Silu);
+        let b = parse(&base()).unwrap();
+        assert_eq!(
+            (b.family, b.activation, b.sub_norms),
+            (ModelFamily::BitNet, FfnActivation::Relu2, true)
+        );
+        // the float params count no sub-norms: 2 norms per layer + final norm + embedding + head
+        assert_eq!(c.float_params(), 2 * (2 * 256) + 256 + 2 * 380 * 256);
+    }
+
+    #[test]
+    fn llama_refusals_name_the_field() {
+        let cases: [(&str, Value, &str); 7] = [
+            ("quantization_config", Value::Null, "no quantization_config"),
+            (
+                "quantization_config",
+                serde_json::json!({"quant_method": "gptq"}),
+                "quantization_config.quant_method",
+            ),
+            (
+                "quantization_config",
+                serde_json::json!({"quant_method": "bitnet", "use_rms_norm": true}),
+                "quantization_config.use_rms_norm",
+            ),
+            (
+                "quantization_config",
+                serde_json::json!({"quant_method": "bitnet", "modules_to_not_convert": ["lm_head", "model.layers.0.mlp.down_proj"]}),
+                "quantization_config.modules_to_not_convert",
+            ),
+            ("attention_bias", Value::Bool(true), "attention_bias"),
+            ("mlp_bias", Value::Bool(true), "mlp_bias"),
+            ("hidden_act", "gelu".into(), "hidden_act"),
+        ];
+        for (key, val, want) in cases {
+            let mut m = falcon3();
+            m.insert(key.into(), val);
+            let err = parse(&m).unwrap_err();
+            assert!(err.contains(want), "{key}: {err}");
+            assert!(!err.contains('\n'), "one line: {err}");
+        }
+        let mut m = falcon3();
+        m.remove("quantization_config");
+        assert!(parse(&m).unwrap_err().contains("quantization_config"));
+        let mut m = falcon3();
+        m["model_type"] = "mistral".into();
+        assert!(parse(&m).unwrap_err().contains("model_type"));
     }
 
     #[test]

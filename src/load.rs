@@ -80,8 +80,10 @@ pub fn decode_floats(dtype: FloatDtype, bytes: &[u8], out: &mut [f32]) {
 pub struct LayerWeights {
     pub input_norm: Vec<f32>,     // [h]
     pub post_attn_norm: Vec<f32>, // [h]
-    pub attn_sub_norm: Vec<f32>,  // [h]
-    pub ffn_sub_norm: Vec<f32>,   // [i]
+    /// `[q]`, present when the config has sub-norms (BitNet 2B4T, GGUF `bitnet`).
+    pub attn_sub_norm: Option<Vec<f32>>,
+    /// `[i]`, present when the config has sub-norms.
+    pub ffn_sub_norm: Option<Vec<f32>>,
     pub q_proj: TernaryMatrix,    // [q, h]
     pub k_proj: TernaryMatrix,    // [kv, h]
     pub v_proj: TernaryMatrix,    // [kv, h]
@@ -336,8 +338,15 @@ fn load_weights_from_map(
         layers.push(LayerWeights {
             input_norm: t.vector(&format!("{p}input_layernorm.weight"), h)?,
             post_attn_norm: t.vector(&format!("{p}post_attention_layernorm.weight"), h)?,
-            attn_sub_norm: t.vector(&format!("{p}self_attn.attn_sub_norm.weight"), h)?,
-            ffn_sub_norm: t.vector(&format!("{p}mlp.ffn_sub_norm.weight"), i)?,
+            // The LLaMA family has none (transformers would ignore such tensors as well).
+            attn_sub_norm: c
+                .sub_norms
+                .then(|| t.vector(&format!("{p}self_attn.attn_sub_norm.weight"), h))
+                .transpose()?,
+            ffn_sub_norm: c
+                .sub_norms
+                .then(|| t.vector(&format!("{p}mlp.ffn_sub_norm.weight"), i))
+                .transpose()?,
             q_proj: lin("self_attn.q_proj", c.q_dim(), h)?,
             k_proj: lin("self_attn.k_proj", c.kv_dim(), h)?,
             v_proj: lin("self_attn.v_proj", c.kv_dim(), h)?,

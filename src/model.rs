@@ -3,15 +3,21 @@
 //!
 //! ```text
 //! h   = x + o_proj( attn_sub_norm( attention( rope(q, k), v ) ) ),   q,k,v = proj( input_norm(x) )
-//! out = h + down_proj( ffn_sub_norm( relu(gate(y))² · up(y) ) ),     y = post_attn_norm(h)
-//! logits = norm(x_L) · embedᵀ
+//! out = h + down_proj( ffn_sub_norm( act(gate(y)) · up(y) ) ),       y = post_attn_norm(h)
+//! logits = norm(x_L) · headᵀ
 //! ```
+//!
+//! The families differ only by config: `act` is relu(x)² (BitNet 2B4T) or silu(x) (the
+//! LLaMA-style BitNets: Falcon3-1.58bit, Falcon-E, llama.cpp's `bitnet`), the two sub-norms are
+//! there or not (`config.sub_norms`; without them the projection quantizes the raw attention
+//! output / gated product, as transformers' LlamaMLP feeds `act(gate)·up` straight into
+//! down_proj's BitLinear), and the head is the embedding or a separate matrix.
 //!
 //! Every projection quantizes its input to int8 per token; q/k/v share one quantized input and so
 //! do gate/up, exactly as in transformers (each BitLinear quantizes the same tensor identically).
 
 use crate::backend::{check_step_rows, AttentionShape, Backend, HeadFormat, StepRow};
-use crate::config::ModelConfig;
+use crate::config::{FfnActivation, ModelConfig};
 use crate::error::{BitnetError, Result};
 use crate::load::ModelWeights;
 
@@ -48,37 +54,37 @@ impl ModelOptions {
 }
 
 struct Layer<B: Backend> {
-    input_norm: B::Vector,     // [h]
-    post_attn_norm: B::Vector, // [h]
-    attn_sub_norm: B::Vector,  // [h]
-    ffn_sub_norm: B::Vector,   // [i]
-    q_proj: B::Linear,         // [q, h]
-    k_proj: B::Linear,         // [kv, h]
-    v_proj: B::Linear,         // [kv, h]
-    o_proj: B::Linear,         // [h, q]
-    gate_proj: B::Linear,      // [i, h]
-    up_proj: B::Linear,        // [i, h]
-    down_proj: B::Linear,      // [h, i]
+    input_norm: B::Vector,            // [h]
+    post_attn_norm: B::Vector,        // [h]
+    attn_sub_norm: Option<B::Vector>, // [q] (config.sub_norms)
+    ffn_sub_norm: Option<B::Vector>,  // [i] (config.sub_norms)
+    q_proj: B::Linear,                // [q, h]
+    k_proj: B::Linear,                // [kv, h]
+    v_proj: B::Linear,                // [kv, h]
+    o_proj: B::Linear,                // [h, q]
+    gate_proj: B::Linear,             // [i, h]
+    up_proj: B::Linear,               // [i, h]
+    down_proj: B::Linear,             // [h, i]
 }
 
 /// Activation buffers, allocated once for `max_batch` rows (B below).
 struct Scratch<B: Backend> {
-    x: B::Tensor,      // [B, h]  residual stream
-    xn: B::Tensor,     // [B, h]  normed
-    xq: B::QTensor,    // [B, h]  int8
-    q: B::Tensor,      // [B, q]
-    k: B::Tensor,      // [B, kv]
-    v: B::Tensor,      // [B, kv]
-    att: B::Tensor,    // [B, q]
-    att_n: B::Tensor,  // [B, q]
-    att_q: B::QTensor, // [B, q]
-    proj: B::Tensor,   // [B, h]  o_proj / down_proj output
-    gate: B::Tensor,   // [B, i]
-    up: B::Tensor,     // [B, i]
-    ffn: B::Tensor,    // [B, i]
-    ffn_n: B::Tensor,  // [B, i]
-    ffn_q: B::QTensor, // [B, i]
-    logits: B::Tensor, // [max_logit_rows, vocab]
+    x: B::Tensor,             // [B, h]  residual stream
+    xn: B::Tensor,            // [B, h]  normed
+    xq: B::QTensor,           // [B, h]  int8
+    q: B::Tensor,             // [B, q]
+    k: B::Tensor,             // [B, kv]
+    v: B::Tensor,             // [B, kv]
+    att: B::Tensor,           // [B, q]
+    att_n: Option<B::Tensor>, // [B, q]  (config.sub_norms)
+    att_q: B::QTensor,        // [B, q]
+    proj: B::Tensor,          // [B, h]  o_proj / down_proj output
+    gate: B::Tensor,          // [B, i]
+    up: B::Tensor,            // [B, i]
+    ffn: B::Tensor,           // [B, i]
+    ffn_n: Option<B::Tensor>, // [B, i]  (config.sub_norms)
+    ffn_q: B::QTensor,        // [B, i]
+    logits: B::Tensor,        // [max_logit_rows, vocab]
 }
 
 /// The next token of a pipelined greedy decode (`Model::greedy_begin`).
@@ -112,12 +118,14 @@ pub struct Model<B: Backend> {
 impl<B: Backend> Model<B> {
     pub fn new(mut backend: B, w: &ModelWeights, mut options: ModelOptions) -> Result<Self> {
         let c = w.config.clone();
-        if c.activation != crate::config::FfnActivation::Relu2 {
-            return Err(BitnetError::Unsupported {
-                what: "FFN activation",
-                value: c.activation.name().into(),
-                hint: "the model graph computes relu(gate)^2 * up only; SiLU-gated FFNs (llama.cpp's `bitnet` architecture, Falcon3-1.58bit) are not implemented yet",
-            });
+        if let Some((l, _)) = w.layers.iter().enumerate().find(|(_, l)| {
+            l.attn_sub_norm.is_some() != c.sub_norms || l.ffn_sub_norm.is_some() != c.sub_norms
+        }) {
+            return Err(BitnetError::InvalidArgument(format!(
+                "layer {l}: sub-norm weights {} but the config says sub_norms = {}",
+                if c.sub_norms { "missing" } else { "present" },
+                c.sub_norms
+            )));
         }
         if options.ctx == 0 || options.ctx > c.max_position_embeddings {
             return Err(BitnetError::InvalidArgument(format!(
@@ -141,8 +149,16 @@ impl<B: Backend> Model<B> {
             layers.push(Layer {
                 input_norm: b.upload_vector(&l.input_norm)?,
                 post_attn_norm: b.upload_vector(&l.post_attn_norm)?,
-                attn_sub_norm: b.upload_vector(&l.attn_sub_norm)?,
-                ffn_sub_norm: b.upload_vector(&l.ffn_sub_norm)?,
+                attn_sub_norm: l
+                    .attn_sub_norm
+                    .as_ref()
+                    .map(|v| b.upload_vector(v))
+                    .transpose()?,
+                ffn_sub_norm: l
+                    .ffn_sub_norm
+                    .as_ref()
+                    .map(|v| b.upload_vector(v))
+                    .transpose()?,
                 q_proj: b.upload_linear(&l.q_proj)?,
                 k_proj: b.upload_linear(&l.k_proj)?,
                 v_proj: b.upload_linear(&l.v_proj)?,
@@ -166,13 +182,13 @@ impl<B: Backend> Model<B> {
             k: b.alloc(n, kvd)?,
             v: b.alloc(n, kvd)?,
             att: b.alloc(n, qd)?,
-            att_n: b.alloc(n, qd)?,
+            att_n: c.sub_norms.then(|| b.alloc(n, qd)).transpose()?,
             att_q: b.alloc_q(n, qd)?,
             proj: b.alloc(n, h)?,
             gate: b.alloc(n, i)?,
             up: b.alloc(n, i)?,
             ffn: b.alloc(n, i)?,
-            ffn_n: b.alloc(n, i)?,
+            ffn_n: c.sub_norms.then(|| b.alloc(n, i)).transpose()?,
             ffn_q: b.alloc_q(n, i)?,
             logits: b.alloc(options.max_logit_rows, c.vocab_size)?,
         };
@@ -296,7 +312,7 @@ impl<B: Backend> Model<B> {
     fn step(&mut self, rows: &[StepRow], logit_rows: &[u32]) -> Result<()> {
         let c = &self.config;
         let (b, s, sh) = (&mut self.backend, &mut self.s, &self.shape);
-        let eps = c.rms_norm_eps;
+        let (eps, act) = (c.rms_norm_eps, c.activation);
         if self.chain_in {
             b.begin_step_chained(rows[0].pos as usize)?;
         } else {
@@ -313,8 +329,15 @@ impl<B: Backend> Model<B> {
             b.rope(&mut s.q, sh.n_heads, sh)?;
             b.rope(&mut s.k, sh.n_kv_heads, sh)?;
             b.attention(&s.q, &s.k, &s.v, &mut self.cache, li, sh, &mut s.att)?; // att [n, heads*hd]
-            b.rms_norm(&s.att, &l.attn_sub_norm, eps, &mut s.att_n)?; // att_n [n, heads*hd]
-            b.quantize(&s.att_n, &mut s.att_q)?;
+                                                                                 // o_proj's input: the sub-normed attention output, or the output itself
+            let att_in = match (&l.attn_sub_norm, &mut s.att_n) {
+                (Some(w), Some(att_n)) => {
+                    b.rms_norm(&s.att, w, eps, att_n)?; // att_n [n, heads*hd]
+                    &*att_n
+                }
+                _ => &s.att,
+            };
+            b.quantize(att_in, &mut s.att_q)?; // att_q [n, heads*hd] int8
             b.ternary_matmul(&l.o_proj, &s.att_q, &mut s.proj)?; // proj [n, h]
             b.add_assign(&mut s.x, &s.proj)?; // x = h [n, h]
 
@@ -323,9 +346,19 @@ impl<B: Backend> Model<B> {
             b.quantize(&s.xn, &mut s.xq)?; // shared by gate/up
             b.ternary_matmul(&l.gate_proj, &s.xq, &mut s.gate)?; // gate [n, i]
             b.ternary_matmul(&l.up_proj, &s.xq, &mut s.up)?; // up [n, i]
-            b.relu2_mul(&s.gate, &s.up, &mut s.ffn)?; // ffn [n, i]
-            b.rms_norm(&s.ffn, &l.ffn_sub_norm, eps, &mut s.ffn_n)?; // ffn_n [n, i]
-            b.quantize(&s.ffn_n, &mut s.ffn_q)?;
+            match act {
+                FfnActivation::Relu2 => b.relu2_mul(&s.gate, &s.up, &mut s.ffn)?, // ffn [n, i]
+                FfnActivation::Silu => b.silu_mul(&s.gate, &s.up, &mut s.ffn)?,   // ffn [n, i]
+            }
+            // down_proj's input: the sub-normed product, or the product itself
+            let ffn_in = match (&l.ffn_sub_norm, &mut s.ffn_n) {
+                (Some(w), Some(ffn_n)) => {
+                    b.rms_norm(&s.ffn, w, eps, ffn_n)?; // ffn_n [n, i]
+                    &*ffn_n
+                }
+                _ => &s.ffn,
+            };
+            b.quantize(ffn_in, &mut s.ffn_q)?; // ffn_q [n, i] int8
             b.ternary_matmul(&l.down_proj, &s.ffn_q, &mut s.proj)?; // proj [n, h]
             b.add_assign(&mut s.x, &s.proj)?; // x = out [n, h]
         }
@@ -624,6 +657,28 @@ mod tests {
         m.step_rows(&[row(1, 0, 1), row(1, 0, 0), row(2, 1, 1)], &[2, 0])
             .unwrap();
         assert_eq!(m.read_logits(2).unwrap().len(), 2 * 4096);
+    }
+
+    #[test]
+    fn sub_norm_weights_must_agree_with_the_config() {
+        let c = preset("tiny").unwrap();
+        let mut w = random_weights(&c, 5).unwrap();
+        w.layers[1].ffn_sub_norm = None;
+        let opts = ModelOptions::for_config(&c);
+        let err = Model::new(CpuBackend::new(1).unwrap(), &w, opts)
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(err.contains("layer 1") && err.contains("missing"), "{err}");
+        // a config without sub-norms runs without them (the LLaMA family), with SiLU
+        let mut c = c;
+        c.sub_norms = false;
+        c.activation = crate::config::FfnActivation::Silu;
+        let w = random_weights(&c, 5).unwrap();
+        assert!(w.layers.iter().all(|l| l.attn_sub_norm.is_none()));
+        let mut m = Model::new(CpuBackend::new(1).unwrap(), &w, opts).unwrap();
+        let logits = m.forward_last(&[1, 2, 3]).unwrap();
+        assert!(logits.iter().all(|v| v.is_finite()));
     }
 
     #[test]

@@ -98,8 +98,8 @@ pub fn random_weights(config: &ModelConfig, seed: u64) -> Result<ModelWeights> {
         layers.push(LayerWeights {
             input_norm: ones(h),
             post_attn_norm: ones(h),
-            attn_sub_norm: ones(h),
-            ffn_sub_norm: ones(i),
+            attn_sub_norm: c.sub_norms.then(|| ones(h)),
+            ffn_sub_norm: c.sub_norms.then(|| ones(i)),
             q_proj: lin(format!("{p}self_attn.q_proj.weight"), c.q_dim(), h)?,
             k_proj: lin(format!("{p}self_attn.k_proj.weight"), c.kv_dim(), h)?,
             v_proj: lin(format!("{p}self_attn.v_proj.weight"), c.kv_dim(), h)?,

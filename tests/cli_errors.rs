@@ -565,3 +565,38 @@ fn a_post_processor_with_an_undefined_special_token_is_an_error() {
     ]);
     assert_fails_with(&o, &["tokenizer.json", "<|nowhere|>", "special_tokens"]);
 }
+
+/// Issue 16: a LlamaForCausalLM folder is read only with a bitnet quantization_config and the
+/// fields this runtime implements; anything else is one line naming the field.
+#[test]
+fn llama_configs_without_bitnet_quantization_or_with_unsupported_fields_are_refused() {
+    type Edit = fn(&mut serde_json::Value);
+    let cases: [(Edit, &str); 4] = [
+        (
+            |v| {
+                v.as_object_mut().unwrap().remove("quantization_config");
+            },
+            "no quantization_config",
+        ),
+        (
+            |v| v["quantization_config"]["use_rms_norm"] = true.into(),
+            "quantization_config.use_rms_norm",
+        ),
+        (|v| v["attention_bias"] = true.into(), "attention_bias"),
+        (|v| v["hidden_act"] = "gelu".into(), "hidden_act"),
+    ];
+    for (edit, field) in cases {
+        let d = copy_fixture("tiny-llama-bitnet");
+        edit_config(d.path(), edit);
+        let o = bitnet(&[
+            "info",
+            "--model",
+            d.path().to_str().unwrap(),
+            "--device",
+            "cpu",
+        ]);
+        assert_fails_with(&o, &[field]);
+        let err = stderr(&o);
+        assert_eq!(err.trim_end().lines().count(), 1, "one line: {err}");
+    }
+}

@@ -283,3 +283,60 @@ fn q8_lm_head_stays_close_to_transformers() {
         assert_eq!(g.token_ids, want_ids, "{name}: greedy ids with the q8 head");
     }
 }
+
+// ---- the LLaMA-style family: tests/fixtures/tiny-llama-bitnet (tools/fixtures/gen_llama_fixture.py)
+// LlamaForCausalLM + bitnet quantization as Falcon3-1.58bit: SiLU-gated FFN, no sub-norms,
+// untied bf16 lm_head, head_dim 128 given in config.json (q_dim 512 ≠ hidden 256).
+
+const LLAMA: &str = "tiny-llama-bitnet";
+
+#[test]
+fn llama_family_logits_and_greedy_match_transformers() {
+    let r = reference(LLAMA);
+    let prompt = ids(&r["prompt_ids"]);
+    let (shape, want) = bitnet_wgpu::npy::read_f32(&fixture(LLAMA).join("logits.npy")).unwrap();
+    let mut e = cpu_engine(LLAMA);
+    let c = &e.config;
+    assert_eq!(c.family, bitnet_wgpu::config::ModelFamily::Llama);
+    assert_eq!(c.activation, bitnet_wgpu::config::FfnActivation::Silu);
+    assert!(!c.sub_norms && !c.tie_word_embeddings);
+    assert_eq!(shape, vec![prompt.len(), c.vocab_size]);
+    let got = e.logits(&prompt).unwrap();
+    assert_close("tiny-llama-bitnet logits", &got, &want, ABS_TOL, REL_TOL);
+    // greedy through the KV cache (prefill, then one token a step)
+    let want_ids = ids(&r["greedy_ids"]);
+    let mut s = Sampler::new(SamplerConfig::greedy()).unwrap();
+    let g = e
+        .generate(&prompt, want_ids.len(), &mut s, true, |_| {})
+        .unwrap();
+    assert_eq!(g.token_ids, want_ids, "tiny-llama-bitnet greedy ids");
+}
+
+#[test]
+fn cli_info_shows_the_llama_family_activation_sub_norms_and_head() {
+    let m = fixture(LLAMA);
+    let o = bitnet(&["info", "--model", m.to_str().unwrap(), "--device", "cpu"]);
+    let out = String::from_utf8_lossy(&o.stdout).into_owned();
+    assert!(o.status.success(), "{}", stderr(&o));
+    for needle in [
+        "LlamaForCausalLM",
+        "ffn activation   silu",
+        "sub-norms        none",
+        "separate lm_head.weight Bf16",
+        "head_dim 128",
+    ] {
+        assert!(out.contains(needle), "info lacks {needle:?}:\n{out}");
+    }
+    let g = m.join("model-i2_s.gguf");
+    let o = bitnet(&["info", "--model", g.to_str().unwrap(), "--device", "cpu"]);
+    let out = String::from_utf8_lossy(&o.stdout).into_owned();
+    assert!(o.status.success(), "{}", stderr(&o));
+    for needle in [
+        "architecture     llama (LlamaForCausalLM",
+        "ffn activation   silu (architecture \"llama\"",
+        "sub-norms        none",
+        "separate output.weight F16",
+    ] {
+        assert!(out.contains(needle), "gguf info lacks {needle:?}:\n{out}");
+    }
+}

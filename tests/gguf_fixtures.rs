@@ -8,7 +8,7 @@ mod common;
 
 use std::path::PathBuf;
 
-use bitnet_wgpu::config::FfnActivation;
+use bitnet_wgpu::config::{FfnActivation, ModelFamily};
 use bitnet_wgpu::engine::{DeviceChoice, Engine, EngineOptions};
 use bitnet_wgpu::error::BitnetError;
 use bitnet_wgpu::gguf::{GgufOptions, I2sLayout};
@@ -95,19 +95,191 @@ fn greedy_continuation_of_a_gguf_matches_the_reference() {
 }
 
 #[test]
-fn llama_cpp_bitnet_architecture_is_refused_as_silu_unless_overridden() {
-    let err = engine(&path("model-tq2_0.gguf"), GgufOptions::default())
-        .err()
-        .expect("a `bitnet` file must not load as relu2 silently");
-    let msg = err.to_string();
-    assert!(msg.contains("silu") && msg.contains("bitnet"), "{msg}");
-    let e = engine(&path("model-tq2_0.gguf"), relu2()).unwrap();
+fn llama_cpp_bitnet_architecture_runs_silu_with_sub_norms_unless_overridden() {
+    // llama.cpp's `bitnet` graph: sub-norms and a SiLU-gated FFN, whatever model the file came
+    // from. This file holds a relu2 (2B4T-style) model, so its SiLU logits must differ from the
+    // reference, and the override must give them back exactly.
+    let mut e = engine(&path("model-tq2_0.gguf"), GgufOptions::default()).unwrap();
+    assert_eq!(e.config.activation, FfnActivation::Silu);
+    assert!(e.config.sub_norms);
     let g = e.files.gguf.as_ref().unwrap();
     assert_eq!(g.architecture, "bitnet");
+    assert!(
+        g.activation_source.contains("SiLU"),
+        "{}",
+        g.activation_source
+    );
+    let silu = e.logits(&prompt()).unwrap();
+    let want = engine(&fixture(DIR), GgufOptions::default())
+        .unwrap()
+        .logits(&prompt())
+        .unwrap();
+    assert!(silu.iter().all(|v| v.is_finite()));
+    assert!(
+        silu.iter().zip(&want).any(|(a, b)| (a - b).abs() > 1e-2),
+        "SiLU and ReLU² logits must differ"
+    );
+    let mut e = engine(&path("model-tq2_0.gguf"), relu2()).unwrap();
+    let g = e.files.gguf.as_ref().unwrap();
     assert!(
         g.activation_source.contains("override"),
         "{}",
         g.activation_source
+    );
+    assert_close(
+        "relu2 override",
+        &e.logits(&prompt()).unwrap(),
+        &want,
+        0.0,
+        0.0,
+    );
+}
+
+#[test]
+fn llama_cpp_bitnet_architecture_matches_transformers_computing_silu_with_sub_norms() {
+    // tests/fixtures/gguf-tiny-bitnet-silu: transformers' BitNetForCausalLM with hidden_act silu
+    // on the gguf-tiny weights (sub-norms + SiLU-gated FFN, the graph llama.cpp runs for
+    // `bitnet`), the reference for model-tq2_0.gguf loaded without an override.
+    let name = "gguf-tiny-bitnet-silu";
+    let r = reference(name);
+    let prompt = ids(&r["prompt_ids"]);
+    let (_, want) = bitnet_wgpu::npy::read_f32(&fixture(name).join("logits.npy")).unwrap();
+    let mut e = engine(&path("model-tq2_0.gguf"), GgufOptions::default()).unwrap();
+    let got = e.logits(&prompt).unwrap();
+    assert_close("bitnet (silu) vs transformers", &got, &want, 1e-4, 1e-4);
+    let want_ids = ids(&r["greedy_ids"]);
+    let mut s = Sampler::new(SamplerConfig::greedy()).unwrap();
+    let g = e
+        .generate(&prompt, want_ids.len(), &mut s, true, |_| {})
+        .unwrap();
+    assert_eq!(g.token_ids, want_ids);
+}
+
+// ---- the LLaMA-style family (tests/fixtures/tiny-llama-bitnet, tools/fixtures/gen_llama_fixture.py)
+
+const LLAMA: &str = "tiny-llama-bitnet";
+
+#[test]
+fn llama_ggufs_give_the_logits_of_the_safetensors_folder_and_of_transformers() {
+    let r = reference(LLAMA);
+    let prompt = ids(&r["prompt_ids"]);
+    let (_, transformers) = bitnet_wgpu::npy::read_f32(&fixture(LLAMA).join("logits.npy")).unwrap();
+    let folder = engine(&fixture(LLAMA), GgufOptions::default())
+        .unwrap()
+        .logits(&prompt)
+        .unwrap();
+    for file in ["model-tq2_0.gguf", "model-i2_s.gguf"] {
+        let mut e = engine(&fixture(LLAMA).join(file), GgufOptions::default())
+            .unwrap_or_else(|e| panic!("{file}: {e}"));
+        let c = &e.config;
+        assert_eq!(c.family, ModelFamily::Llama, "{file}");
+        assert_eq!(c.activation, FfnActivation::Silu, "{file}");
+        assert!(!c.sub_norms && !c.tie_word_embeddings, "{file}");
+        assert_eq!((c.head_dim, c.q_dim(), c.rope_theta), (128, 512, 1000042.0));
+        let g = e.files.gguf.as_ref().unwrap();
+        assert_eq!(g.architecture, "llama");
+        // q and k of both layers were put back in transformers' row order
+        assert!(
+            g.conversions
+                .contains(&"4 x q/k rows (llama.cpp permute) -> un-permuted".to_string()),
+            "{:?}",
+            g.conversions
+        );
+        let got = e.logits(&prompt).unwrap();
+        // The same codes (the q/k rows un-permuted), scales, norms and embedding/head values:
+        // every integer is identical. The TQ2_0 file keeps embedding and head in bf16 like the
+        // folder, so its logits are bit-identical; the I2_S file holds them as f16, which the
+        // head reads with another kernel (another f32 summation order).
+        let tol = if file == "model-tq2_0.gguf" {
+            0.0
+        } else {
+            1e-5
+        };
+        assert_close(&format!("{file} vs safetensors"), &got, &folder, tol, tol);
+        assert_close(
+            &format!("{file} vs transformers"),
+            &got,
+            &transformers,
+            1e-4,
+            1e-4,
+        );
+    }
+    // greedy through the KV cache on the I2_S file
+    let want = ids(&r["greedy_ids"]);
+    let mut e = engine(
+        &fixture(LLAMA).join("model-i2_s.gguf"),
+        GgufOptions::default(),
+    )
+    .unwrap();
+    let mut s = Sampler::new(SamplerConfig::greedy()).unwrap();
+    let g = e
+        .generate(&prompt, want.len(), &mut s, true, |_| {})
+        .unwrap();
+    assert_eq!(g.token_ids, want);
+}
+
+#[test]
+fn llama_gguf_q_k_rows_are_unpermuted() {
+    // Swap the file's rows 0 and 1 of attn_q (I2_S x86: row r is bytes [r·64, r·64 + 64) of the
+    // 128-element blocks, 256 columns = 2 blocks = 64 bytes a row). They are rows 0 and 64 (d/2)
+    // of head 0 in transformers' order: the logits must move, so the loader really maps them.
+    let file = "model-i2_s.gguf";
+    let mut bytes = std::fs::read(fixture(LLAMA).join(file)).unwrap();
+    let h = bitnet_wgpu::gguf::GgufHeader::parse(&bytes).unwrap();
+    let t = h.tensor("blk.0.attn_q.weight").unwrap().clone();
+    let data = &mut bytes[t.start..t.start + t.len];
+    let (a, b) = data.split_at_mut(64);
+    a.swap_with_slice(&mut b[..64]);
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join(file);
+    std::fs::write(&p, bytes).unwrap();
+    let prompt = ids(&reference(LLAMA)["prompt_ids"]);
+    let want = engine(&fixture(LLAMA).join(file), GgufOptions::default())
+        .unwrap()
+        .logits(&prompt)
+        .unwrap();
+    let got = engine(&p, GgufOptions::default())
+        .unwrap()
+        .logits(&prompt)
+        .unwrap();
+    assert!(got.iter().zip(&want).any(|(a, b)| (a - b).abs() > 1e-4));
+}
+
+#[test]
+fn a_plain_llama_gguf_is_refused_naming_its_weight_type() {
+    // general.architecture = llama and one Q4_0 [32] blk.0.attn_q.weight: a k-quant LLaMA,
+    // not a BitNet. Refused up front, in one line naming the type and the tensor.
+    let s = |x: &str| {
+        [
+            (x.len() as u64).to_le_bytes().to_vec(),
+            x.as_bytes().to_vec(),
+        ]
+        .concat()
+    };
+    let mut b = b"GGUF".to_vec();
+    b.extend(3u32.to_le_bytes());
+    b.extend(1u64.to_le_bytes()); // tensors
+    b.extend(1u64.to_le_bytes()); // key/values
+    b.extend(s("general.architecture"));
+    b.extend(8u32.to_le_bytes());
+    b.extend(s("llama"));
+    b.extend(s("blk.0.attn_q.weight"));
+    b.extend(1u32.to_le_bytes());
+    b.extend(32u64.to_le_bytes());
+    b.extend(2u32.to_le_bytes()); // Q4_0
+    b.extend(0u64.to_le_bytes());
+    b.resize(b.len().next_multiple_of(32), 0);
+    b.extend([0u8; 18]);
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("plain-llama.gguf");
+    std::fs::write(&p, b).unwrap();
+    let msg = engine(&p, GgufOptions::default())
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(
+        msg.contains("Q4_0") && msg.contains("blk.0.attn_q.weight") && !msg.contains('\n'),
+        "{msg}"
     );
 }
 

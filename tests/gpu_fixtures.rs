@@ -391,3 +391,35 @@ fn gpu_steps_mixing_two_sequences_equal_each_sequence_alone() {
         }
     }
 }
+
+/// The LLaMA-style family (tests/fixtures/tiny-llama-bitnet: SiLU-gated FFN through the fused
+/// silu_mul → quantize row op, no sub-norms, untied head, q_dim 512 ≠ hidden 256): logits as
+/// transformers' and the CPU's, greedy ids as transformers'.
+#[test]
+fn gpu_llama_family_matches_transformers_and_cpu() {
+    let name = "tiny-llama-bitnet";
+    let w = weights(name);
+    let r = reference(name);
+    let prompt = ids(&r["prompt_ids"]);
+    let (_, want) = bitnet_wgpu::npy::read_f32(&fixture(name).join("logits.npy")).unwrap();
+    let options = ModelOptions::for_config(&w.config);
+    let Some(mut g) = gpu_model("gpu_llama_family", &w, options) else {
+        return;
+    };
+    let got = g.forward_all(&prompt).unwrap();
+    assert_close(
+        "llama GPU logits vs transformers",
+        &got,
+        &want,
+        ABS_TOL,
+        REL_TOL,
+    );
+    let cpu = cpu_model(&w, options).forward_all(&prompt).unwrap();
+    assert_close("llama GPU vs CPU logits", &got, &cpu, 1e-4, 1e-4);
+    let want_ids = ids(&r["greedy_ids"]);
+    assert_eq!(
+        greedy(&mut g, &prompt, want_ids.len()),
+        want_ids,
+        "llama GPU greedy ids"
+    );
+}

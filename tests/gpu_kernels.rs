@@ -10,7 +10,7 @@ mod common;
 
 use std::sync::Arc;
 
-use bitnet_wgpu::backend::cpu::reference::ternary_dot_rows_scalar;
+use bitnet_wgpu::backend::cpu::reference::{silu_mul_row, ternary_dot_rows_scalar};
 use bitnet_wgpu::backend::cpu::{CpuBackend, CpuQTensor, CpuTensor};
 use bitnet_wgpu::backend::wgpu::{gpu_backend_for_test, WgpuBackend};
 use bitnet_wgpu::backend::{AttentionShape, Backend, StepRow};
@@ -412,9 +412,41 @@ fn relu2_mul_and_add_match_cpu() {
     }
 }
 
-/// The model's chains `add → rms_norm → quantize` and `relu2_mul → rms_norm → quantize` are
-/// fused into one dispatch; the result must be bit-identical to running the ops one by one
-/// (same kernel code, other flags off) and match the CPU.
+#[test]
+fn silu_mul_matches_the_scalar_twin() {
+    let Some(mut g) = gpu("silu_mul") else {
+        return;
+    };
+    let mut c = cpu();
+    let mut r = rng(11);
+    for &(n, cols) in &[(1, 3), (5, 257), (37, 1000)] {
+        // gates over the range projections produce, plus the extremes where exp(-g) overflows
+        let mut a = randn(&mut r, n * cols, 12.0);
+        a[0] = -200.0;
+        a[n * cols - 1] = 95.0;
+        let b = randn(&mut r, n * cols, 3.0);
+        let (ca, ga) = both(&mut g, &a, n, cols);
+        let (cb, gb) = both(&mut g, &b, n, cols);
+        let (mut co, mut go) = both(&mut g, &[], n, cols);
+        let tokens = vec![0u32; n];
+        let mut twin = vec![0.0; n * cols];
+        silu_mul_row(&a, &b, &mut twin);
+        c.begin_step(&StepRow::sequence(&tokens, 0)).unwrap();
+        c.silu_mul(&ca, &cb, &mut co).unwrap();
+        g.begin_step(&StepRow::sequence(&tokens, 0)).unwrap();
+        g.silu_mul(&ga, &gb, &mut go).unwrap();
+        g.end_step().unwrap();
+        // the CPU backend runs the twin; the GPU's exp() is not correctly rounded
+        assert_close("silu_mul cpu", &co.data[..n * cols], &twin, 0.0, 0.0);
+        let got = g.read(&go, n).unwrap();
+        assert_close("silu_mul gpu", &got, &twin, 1e-6, 1e-5);
+    }
+}
+
+/// The model's chains `add → rms_norm → quantize`, `relu2_mul → rms_norm → quantize` and (the
+/// LLaMA-style FFN without sub-norm) `silu_mul → quantize` are fused into one dispatch; the
+/// result must be bit-identical to running the ops one by one (same kernel code, other flags
+/// off) and match the CPU.
 #[test]
 fn fused_row_op_chains_equal_separate_ops() {
     let Some(mut g) = gpu("fused_row_ops") else {
@@ -429,8 +461,9 @@ fn fused_row_op_chains_equal_separate_ops() {
         let a = randn(&mut r, n * cols, 2.0);
         let b = randn(&mut r, n * cols, 2.0);
         let u = randn(&mut r, n * cols, 2.0);
-        for relu in [false, true] {
-            let what = format!("n={n} cols={cols} relu2={relu}");
+        for pre in ["add", "relu2", "silu", "silu-no-norm"] {
+            let norm = pre != "silu-no-norm";
+            let what = format!("n={n} cols={cols} pre={pre}");
             // fused, in one step
             let mut out = Vec::new();
             for fused in [true, false] {
@@ -441,26 +474,31 @@ fn fused_row_op_chains_equal_separate_ops() {
                 let mut gq = g.alloc_q(n, cols).unwrap();
                 let before = g.dispatch_count();
                 g.begin_step(&StepRow::sequence(&tokens, 0)).unwrap();
-                if relu {
-                    g.relu2_mul(&gy, &gu, &mut gx).unwrap();
+                match pre {
+                    "add" => g.add_assign(&mut gx, &gy).unwrap(),
+                    "relu2" => g.relu2_mul(&gy, &gu, &mut gx).unwrap(),
+                    _ => g.silu_mul(&gy, &gu, &mut gx).unwrap(),
+                }
+                if !fused {
+                    g.end_step().unwrap();
+                    g.begin_step(&StepRow::sequence(&tokens, 0)).unwrap();
+                }
+                if norm {
+                    g.rms_norm(&gx, &gw, 1e-5, &mut gn).unwrap();
+                    if !fused {
+                        g.end_step().unwrap();
+                        g.begin_step(&StepRow::sequence(&tokens, 0)).unwrap();
+                    }
+                    g.quantize(&gn, &mut gq).unwrap();
                 } else {
-                    g.add_assign(&mut gx, &gy).unwrap();
+                    g.quantize(&gx, &mut gq).unwrap();
                 }
-                if !fused {
-                    g.end_step().unwrap();
-                    g.begin_step(&StepRow::sequence(&tokens, 0)).unwrap();
-                }
-                g.rms_norm(&gx, &gw, 1e-5, &mut gn).unwrap();
-                if !fused {
-                    g.end_step().unwrap();
-                    g.begin_step(&StepRow::sequence(&tokens, 0)).unwrap();
-                }
-                g.quantize(&gn, &mut gq).unwrap();
                 g.end_step().unwrap();
                 let dispatches = g.dispatch_count() - before;
+                let separate = if norm { 3 } else { 2 };
                 assert_eq!(
                     dispatches,
-                    if fused { 1 } else { 3 },
+                    if fused { 1 } else { separate },
                     "{what} fused={fused}"
                 );
                 out.push((
@@ -478,14 +516,22 @@ fn fused_row_op_chains_equal_separate_ops() {
             let cu = cpu_tensor(&u, n, cols);
             let mut cn = c.alloc(n, cols).unwrap();
             c.begin_step(&StepRow::sequence(&tokens, 0)).unwrap();
-            if relu {
-                c.relu2_mul(&cy, &cu, &mut cx).unwrap();
-            } else {
-                c.add_assign(&mut cx, &cy).unwrap();
+            match pre {
+                "add" => c.add_assign(&mut cx, &cy).unwrap(),
+                "relu2" => c.relu2_mul(&cy, &cu, &mut cx).unwrap(),
+                _ => c.silu_mul(&cy, &cu, &mut cx).unwrap(),
             }
-            c.rms_norm(&cx, &wv, 1e-5, &mut cn).unwrap();
-            assert_close(&format!("{what} pre-op"), &out[0].0, &cx.data, 0.0, 1e-6);
-            assert_close(&format!("{what} norm"), &out[0].1, &cn.data, 1e-6, 1e-5);
+            // silu goes through exp(), which the GPU does not round correctly
+            let (abs, rel) = if pre.starts_with("silu") {
+                (1e-6, 1e-5)
+            } else {
+                (0.0, 1e-6)
+            };
+            assert_close(&format!("{what} pre-op"), &out[0].0, &cx.data, abs, rel);
+            if norm {
+                c.rms_norm(&cx, &wv, 1e-5, &mut cn).unwrap();
+                assert_close(&format!("{what} norm"), &out[0].1, &cn.data, 1e-6, 1e-5);
+            }
         }
     }
 }

@@ -224,6 +224,14 @@ pub trait Backend {
         up: &Self::Tensor,
         out: &mut Self::Tensor,
     ) -> Result<()>;
+    /// `out = silu(gate) * up` with `silu(g) = g / (1 + exp(-g))`: `[n, intermediate]` (the
+    /// LLaMA-style FFN).
+    fn silu_mul(
+        &mut self,
+        gate: &Self::Tensor,
+        up: &Self::Tensor,
+        out: &mut Self::Tensor,
+    ) -> Result<()>;
     /// `x += y`: `[n, cols]`.
     fn add_assign(&mut self, x: &mut Self::Tensor, y: &Self::Tensor) -> Result<()>;
     /// `logits[i] = x[rows[i]] · headᵀ`: `rows` are indices into the step's rows, logits out is

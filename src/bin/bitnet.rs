@@ -193,7 +193,7 @@ struct DeviceArgs {
     #[arg(long, default_value = "x86", value_name = "x86|arm")]
     i2s_layout: bitnet_wgpu::gguf::I2sLayout,
     /// GGUF: override the FFN activation implied by the architecture name (llama.cpp's `bitnet`
-    /// means silu; relu2 for a file known to be converted from 2B4T).
+    /// and `llama` mean silu; relu2 for a file known to be converted from 2B4T).
     #[arg(long, value_name = "relu2|silu")]
     ffn_activation: Option<bitnet_wgpu::config::FfnActivation>,
 }
@@ -945,12 +945,16 @@ fn info(a: InfoArgs) -> Result<()> {
         None => {
             outln!("model folder     {}", engine.files.dir.display());
             outln!("format           Hugging Face folder (safetensors)");
-            outln!("architecture     BitNetForCausalLM (BitNet b1.58)");
+            outln!("architecture     {}", c.family.describe());
         }
         Some(g) => {
             outln!("model file       {}", engine.files.dir.display());
             outln!("format           GGUF v{}", g.version);
-            outln!("architecture     {}", g.architecture);
+            outln!(
+                "architecture     {} ({})",
+                g.architecture,
+                c.family.describe()
+            );
             let types: Vec<String> = g
                 .tensor_types
                 .iter()
@@ -977,6 +981,14 @@ fn info(a: InfoArgs) -> Result<()> {
             .unwrap_or_default()
     );
     outln!(
+        "sub-norms        {}",
+        if c.sub_norms {
+            "attn_sub_norm before o_proj, ffn_sub_norm before down_proj"
+        } else {
+            "none (o_proj and down_proj quantize their inputs as they are)"
+        }
+    );
+    outln!(
         "shape            hidden {}, intermediate {}, layers {}, heads {} (kv {}), head_dim {}",
         c.hidden_size,
         c.intermediate_size,
@@ -994,10 +1006,9 @@ fn info(a: InfoArgs) -> Result<()> {
     outln!("weights          {}", c.variant.describe());
     outln!(
         "lm head          {}",
-        if c.tie_word_embeddings {
-            "tied to the embedding"
-        } else {
-            "separate lm_head.weight"
+        match &w.lm_head {
+            None => "tied to the embedding (unquantized)".to_string(),
+            Some(m) => format!("separate {} {:?}, unquantized", m.name, m.dtype),
         }
     );
     outln!(

@@ -6,13 +6,21 @@
 //! - `bitnet-b1.58`, `bitnet-25`: bitnet.cpp's names for BitNet b1.58 2B4T (its converter
 //!   writes `bitnet-25`; its fork also knows `bitnet-b1.58`): ReLU² FFN, attention and FFN
 //!   sub-norms. The same graph as the Hugging Face folder.
-//! - `bitnet`: llama.cpp's BitNet (1bitLLM lineage). llama.cpp computes it with a SiLU-gated
-//!   FFN, even for a file converted from 2B4T, so that is what the file means; the model graph
-//!   has no SiLU yet, so such a file is refused unless the user overrides the activation.
+//! - `bitnet`: llama.cpp's BitNet (1bitLLM lineage). llama.cpp computes it with sub-norms and a
+//!   SiLU-gated FFN, even for a file converted from 2B4T, so that is what the file means
+//!   (`--ffn-activation relu2` overrides it for a file known to come from 2B4T).
+//! - `llama` with ternary linear weights (I2_S, TQ2_0, TQ1_0, or floats holding 0 and ±s): the
+//!   LLaMA-style BitNets (TII's Falcon3-1.58bit / Falcon-E GGUFs, Llama3-8B-1.58): SiLU-gated FFN,
+//!   no sub-norms, usually an untied `output.weight`. A `llama` file with other weight types is a
+//!   plain float LLaMA and is refused.
 //!
 //! Tensor names are llama.cpp's (`token_embd`, `blk.N.attn_q`, `blk.N.attn_sub_norm`, ...).
-//! Neither bitnet.cpp's nor llama.cpp's converter permutes q/k rows for these architectures
-//! (both use NeoX-style RoPE, as transformers' rotate_half), so rows are taken as they are.
+//! Neither bitnet.cpp's nor llama.cpp's converter permutes q/k rows for the bitnet architectures
+//! (both use NeoX-style RoPE, as transformers' rotate_half), so rows are taken as they are. For
+//! `llama` both converters permute the q and k rows of every head (`LlamaModel.permute`: row
+//! `h·d/2 + j` of a head of size d is written at `2j + h`) because llama.cpp rotates adjacent
+//! pairs for that architecture; the loader puts the rows back, so the half-split RoPE of the
+//! model graph applies.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -23,7 +31,7 @@ use serde_json::json;
 
 use super::reader::{GgufError, GgufHeader, TensorInfo, Value};
 use super::types::{self, GgmlType, I2sLayout};
-use crate::config::{FfnActivation, ModelConfig, WeightVariant};
+use crate::config::{FfnActivation, ModelConfig, ModelFamily, WeightVariant};
 use crate::error::{BitnetError, Result};
 use crate::load::{decode_floats, FloatDtype, FloatMatrix, LayerWeights, ModelWeights};
 use crate::ternary::ByteStorage;
@@ -91,17 +99,8 @@ pub fn load_gguf(
         .map_err(|e| gerr(path, e))?
         .ok_or_else(|| gerr(path, GgufError::MissingKey("general.architecture".into())))?
         .to_string();
-    let (arch_act, why) = match arch.as_str() {
-        "bitnet-b1.58" | "bitnet-25" => (FfnActivation::Relu2, "bitnet.cpp's BitNet b1.58 (2B4T) graph"),
-        "bitnet" => (FfnActivation::Silu, "llama.cpp computes its `bitnet` architecture with a SiLU-gated FFN"),
-        other => {
-            return Err(BitnetError::Unsupported {
-                what: "GGUF architecture",
-                value: other.to_string(),
-                hint: "BitNet b1.58 files are read: bitnet-b1.58 / bitnet-25 (bitnet.cpp) and bitnet (llama.cpp)",
-            })
-        }
-    };
+    let arch_g = Arch::of(&arch)?;
+    let (arch_act, why) = (arch_g.activation, arch_g.why);
     let (activation, activation_source) = match opts.activation {
         Some(a) => (
             a,
@@ -112,12 +111,8 @@ pub fn load_gguf(
         ),
         None => (arch_act, format!("architecture {arch:?}: {why}")),
     };
-    if activation == FfnActivation::Silu {
-        return Err(BitnetError::Unsupported {
-            what: "FFN activation",
-            value: format!("silu ({activation_source})"),
-            hint: "the model graph computes relu(gate)^2 * up only, so this file would give wrong results; --ffn-activation relu2 overrides it for a file known to come from 2B4T",
-        });
+    if arch_g.family == ModelFamily::Llama {
+        g.check_ternary_llama()?;
     }
 
     let mut config = g.config(&arch)?;
@@ -138,21 +133,34 @@ pub fn load_gguf(
     for l in 0..c.num_hidden_layers {
         on_layer(l, c.num_hidden_layers);
         let p = format!("blk.{l}.");
-        let mut lin = |name: &str, rows: usize, cols: usize| {
-            g.ternary(&format!("{p}{name}"), rows, cols, &mut conv)
+        let mut lin = |name: &str, rows: usize, cols: usize, heads: Option<usize>| {
+            // `llama` files hold q/k rows permuted per head (see the module doc)
+            let unpermute = heads.filter(|_| arch_g.permuted_qk).map(|heads| RowMap {
+                head_dim: c.head_dim,
+                heads,
+            });
+            if unpermute.is_some() {
+                conv.note("q/k rows (llama.cpp permute)", "un-permuted");
+            }
+            g.ternary(&format!("{p}{name}"), rows, cols, unpermute, &mut conv)
+        };
+        let sub_norm = |name: &str, len: usize| {
+            c.sub_norms
+                .then(|| g.vector(&format!("{p}{name}.weight"), len))
+                .transpose()
         };
         layers.push(LayerWeights {
-            q_proj: lin("attn_q", c.q_dim(), hd)?,
-            k_proj: lin("attn_k", c.kv_dim(), hd)?,
-            v_proj: lin("attn_v", c.kv_dim(), hd)?,
-            o_proj: lin("attn_output", hd, c.q_dim())?,
-            gate_proj: lin("ffn_gate", i, hd)?,
-            up_proj: lin("ffn_up", i, hd)?,
-            down_proj: lin("ffn_down", hd, i)?,
+            q_proj: lin("attn_q", c.q_dim(), hd, Some(c.num_attention_heads))?,
+            k_proj: lin("attn_k", c.kv_dim(), hd, Some(c.num_key_value_heads))?,
+            v_proj: lin("attn_v", c.kv_dim(), hd, None)?,
+            o_proj: lin("attn_output", hd, c.q_dim(), None)?,
+            gate_proj: lin("ffn_gate", i, hd, None)?,
+            up_proj: lin("ffn_up", i, hd, None)?,
+            down_proj: lin("ffn_down", hd, i, None)?,
             input_norm: g.vector(&format!("{p}attn_norm.weight"), hd)?,
             post_attn_norm: g.vector(&format!("{p}ffn_norm.weight"), hd)?,
-            attn_sub_norm: g.vector(&format!("{p}attn_sub_norm.weight"), hd)?,
-            ffn_sub_norm: g.vector(&format!("{p}ffn_sub_norm.weight"), i)?,
+            attn_sub_norm: sub_norm("attn_sub_norm", hd)?,
+            ffn_sub_norm: sub_norm("ffn_sub_norm", i)?,
         });
     }
     on_layer(c.num_hidden_layers, c.num_hidden_layers);
@@ -205,6 +213,69 @@ pub fn read_config(path: &Path) -> Result<ModelConfig> {
     g.config(arch)
 }
 
+/// What a GGUF architecture name means for the model graph.
+struct Arch {
+    activation: FfnActivation,
+    /// Why that activation (shown by `bitnet info`).
+    why: &'static str,
+    sub_norms: bool,
+    family: ModelFamily,
+    /// q/k rows permuted per head for interleaved RoPE (llama.cpp's LLaMA converter).
+    permuted_qk: bool,
+}
+
+impl Arch {
+    fn of(arch: &str) -> Result<Arch> {
+        let bitnet = |activation, why| Arch {
+            activation,
+            why,
+            sub_norms: true,
+            family: ModelFamily::BitNet,
+            permuted_qk: false,
+        };
+        Ok(match arch {
+            "bitnet-b1.58" | "bitnet-25" => bitnet(
+                FfnActivation::Relu2,
+                "bitnet.cpp's BitNet b1.58 (2B4T) graph",
+            ),
+            "bitnet" => bitnet(
+                FfnActivation::Silu,
+                "llama.cpp computes its `bitnet` architecture with a SiLU-gated FFN",
+            ),
+            "llama" => Arch {
+                activation: FfnActivation::Silu,
+                why: "a LLaMA-style BitNet (Falcon3-1.58bit): SiLU-gated FFN, no sub-norms",
+                sub_norms: false,
+                family: ModelFamily::Llama,
+                permuted_qk: true,
+            },
+            other => {
+                return Err(BitnetError::Unsupported {
+                    what: "GGUF architecture",
+                    value: other.to_string(),
+                    hint: "BitNet b1.58 files are read: bitnet-b1.58 / bitnet-25 (bitnet.cpp), bitnet (llama.cpp) and llama with ternary weights (Falcon3-1.58bit)",
+                })
+            }
+        })
+    }
+}
+
+/// The file row of destination row `r` of a q/k projection whose rows a LLaMA converter
+/// permuted: within each head of `head_dim` rows, HF row `half·d/2 + j` sits at `2j + half`.
+#[derive(Debug, Clone, Copy)]
+struct RowMap {
+    head_dim: usize,
+    heads: usize,
+}
+
+impl RowMap {
+    fn src(self, r: usize) -> usize {
+        let (d, half) = (self.head_dim, self.head_dim / 2);
+        let (h, k) = (r / d, r % d);
+        h * d + 2 * (k % half) + k / half
+    }
+}
+
 /// Counts conversions by (from, to) for the summary.
 #[derive(Default)]
 struct Conversions(BTreeMap<(String, String), usize>);
@@ -214,6 +285,13 @@ impl Conversions {
         *self
             .0
             .entry((from.name().to_string(), to.to_string()))
+            .or_insert(0) += 1;
+    }
+    /// A conversion that is no type change (e.g. reordered rows).
+    fn note(&mut self, from: &str, to: &str) {
+        *self
+            .0
+            .entry((from.to_string(), to.to_string()))
             .or_insert(0) += 1;
     }
     fn lines(&self) -> Vec<String> {
@@ -284,7 +362,24 @@ impl File<'_> {
             .ok_or_else(|| self.err(GgufError::MissingKey(key.to_string())))
     }
 
+    /// A `llama` file is a BitNet only when its linear weights are ternary: refuses a float or
+    /// k-quant LLaMA up front with one line (its first q projection tells).
+    fn check_ternary_llama(&self) -> Result<()> {
+        let t = self.tensor("blk.0.attn_q.weight")?;
+        match t.ty {
+            GgmlType::I2S | GgmlType::Tq2_0 | GgmlType::Tq1_0 => Ok(()),
+            // floats are accepted only when they hold 0 and ±s (checked while repacking)
+            GgmlType::F32 | GgmlType::F16 | GgmlType::Bf16 => Ok(()),
+            other => Err(BitnetError::Unsupported {
+                what: "GGUF llama linear weights",
+                value: format!("{} ({})", other.name(), t.name),
+                hint: "a `llama` GGUF loads when its projections are ternary (I2_S, TQ2_0, TQ1_0), as in the Falcon3-1.58bit files; this is a plain LLaMA",
+            }),
+        }
+    }
+
     fn config(&self, arch: &str) -> Result<ModelConfig> {
+        let arch_g = Arch::of(arch)?;
         let k = |s: &str| format!("{arch}.{s}");
         let hidden_size = self.need_usize(&k("embedding_length"))?;
         let intermediate_size = self.need_usize(&k("feed_forward_length"))?;
@@ -399,7 +494,9 @@ impl File<'_> {
             eos_token_ids,
             // Every ternary tensor's scale is folded into out_scale as a multiplier.
             variant: WeightVariant::PackedAutoBitLinear,
-            activation: FfnActivation::Relu2,
+            activation: arch_g.activation,
+            sub_norms: arch_g.sub_norms,
+            family: arch_g.family,
         })
     }
 
@@ -519,8 +616,23 @@ impl File<'_> {
         base: &str,
         rows: usize,
         cols: usize,
+        unpermute: Option<RowMap>,
         conv: &mut Conversions,
     ) -> Result<TernaryMatrix> {
+        if let Some(m) = unpermute {
+            if m.head_dim % 2 != 0 || m.heads.checked_mul(m.head_dim) != Some(rows) {
+                return Err(BitnetError::Shape {
+                    name: format!(
+                        "{base}.weight (q/k rows of {} heads of {})",
+                        m.heads, m.head_dim
+                    ),
+                    expected: vec![m.heads.saturating_mul(m.head_dim), cols],
+                    found: vec![rows, cols],
+                });
+            }
+        }
+        // destination row -> row in the file
+        let src = |r: usize| unpermute.map_or(r, |m| m.src(r));
         let name = format!("{base}.weight");
         let t = self.tensor(&name)?;
         self.check_dims(t, &[rows, cols])?;
@@ -547,7 +659,7 @@ impl File<'_> {
                         let mut seen: Vec<u32> = Vec::new();
                         let mut codes = [0u8; 256];
                         for i in 0..4 {
-                            let r = i * p4 + p;
+                            let r = src(i * p4 + p);
                             for b in 0..blocks_per_row {
                                 let off = (r * blocks_per_row + b) * bb;
                                 let blk = &bytes[off..off + bb];
@@ -630,7 +742,7 @@ impl File<'_> {
                 if s == 0.0 {
                     codes.fill(1);
                 }
-                fill_packed(&mut packed, &codes, rows, cols);
+                fill_packed(&mut packed, &codes, rows, cols, src);
                 if s == 0.0 {
                     1.0
                 } else {
@@ -660,7 +772,7 @@ impl File<'_> {
                         });
                     };
                 }
-                fill_packed(&mut packed, &codes, rows, cols);
+                fill_packed(&mut packed, &codes, rows, cols, src);
                 if s == 0.0 {
                     1.0
                 } else {
@@ -843,18 +955,64 @@ impl File<'_> {
     }
 }
 
-/// ORs codes `[rows, cols]` (row-major) into the packed layout `[rows/4, cols]`.
-fn fill_packed(packed: &mut [u8], codes: &[u8], rows: usize, cols: usize) {
+/// ORs codes `[rows, cols]` (row-major, file order) into the packed layout `[rows/4, cols]`;
+/// destination row r comes from file row `src(r)`.
+fn fill_packed(
+    packed: &mut [u8],
+    codes: &[u8],
+    rows: usize,
+    cols: usize,
+    src: impl Fn(usize) -> usize + Sync,
+) {
     let p4 = rows / 4;
     packed
         .par_chunks_mut(cols)
         .enumerate()
         .for_each(|(p, out)| {
             for i in 0..4 {
-                let row = &codes[(i * p4 + p) * cols..(i * p4 + p + 1) * cols];
+                let r = src(i * p4 + p);
+                let row = &codes[r * cols..(r + 1) * cols];
                 for (o, &c) in out.iter_mut().zip(row) {
                     *o |= c << (2 * i);
                 }
             }
         });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn row_map_inverts_llama_cpp_permute() {
+        // llama.cpp's permute on one head of d = 8: reshape(2, 4).swapaxes → file row 2j + half
+        // holds HF row half·4 + j, i.e. the file holds HF rows [0, 4, 1, 5, 2, 6, 3, 7].
+        let file_holds = [0usize, 4, 1, 5, 2, 6, 3, 7];
+        let m = RowMap {
+            head_dim: 8,
+            heads: 2,
+        };
+        for head in 0..2 {
+            for (file_row, &hf_row) in file_holds.iter().enumerate() {
+                assert_eq!(m.src(head * 8 + hf_row), head * 8 + file_row);
+            }
+        }
+    }
+
+    #[test]
+    fn architecture_names_set_activation_sub_norms_and_family() {
+        let a = Arch::of("llama").unwrap();
+        assert_eq!(
+            (a.activation, a.sub_norms, a.family, a.permuted_qk),
+            (FfnActivation::Silu, false, ModelFamily::Llama, true)
+        );
+        let b = Arch::of("bitnet").unwrap();
+        assert_eq!(
+            (b.activation, b.sub_norms, b.permuted_qk),
+            (FfnActivation::Silu, true, false)
+        );
+        let c = Arch::of("bitnet-25").unwrap();
+        assert_eq!((c.activation, c.sub_norms), (FfnActivation::Relu2, true));
+        assert!(Arch::of("gemma").is_err());
+    }
 }

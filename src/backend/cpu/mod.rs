@@ -495,6 +495,20 @@ impl Backend for CpuBackend {
         Ok(())
     }
 
+    fn silu_mul(&mut self, gate: &CpuTensor, up: &CpuTensor, out: &mut CpuTensor) -> Result<()> {
+        let cols = gate.cols;
+        self.check("silu_mul", up, cols)?;
+        self.check("silu_mul", out, cols)?;
+        let len = self.n() * cols;
+        // rows in parallel, as relu2_mul
+        self.pool
+            .for_each_chunk_mut(&mut out.data[..len], cols, |t, o| {
+                let (g, u) = (&gate.data[t * cols..], &up.data[t * cols..]);
+                reference::silu_mul_row(g, u, o);
+            });
+        Ok(())
+    }
+
     fn add_assign(&mut self, x: &mut CpuTensor, y: &CpuTensor) -> Result<()> {
         self.check("add", y, x.cols)?;
         let (len, cols) = (self.n() * x.cols, x.cols);
@@ -529,6 +543,42 @@ impl Backend for CpuBackend {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn silu_mul_equals_the_scalar_twin_on_every_row() {
+        // rows split over threads: each row is the twin's, bit for bit
+        for threads in [1, 3] {
+            let mut b = CpuBackend::new(threads).unwrap();
+            let (n, cols) = (7, 37);
+            let vals = |k: usize, m: f32| ((k * 7919 % 1013) as f32 / 1013.0 - 0.5) * m;
+            let gate = CpuTensor {
+                data: (0..8 * cols).map(|k| vals(k, 24.0)).collect(),
+                capacity: 8,
+                cols,
+            };
+            let up = CpuTensor {
+                data: (0..8 * cols).map(|k| vals(k + 5, 6.0)).collect(),
+                capacity: 8,
+                cols,
+            };
+            let mut out = b.alloc(8, cols).unwrap();
+            b.begin_step(&StepRow::sequence(&[0; 7], 0)).unwrap();
+            b.silu_mul(&gate, &up, &mut out).unwrap();
+            let mut want = vec![0.0; n * cols];
+            for t in 0..n {
+                let r = t * cols..(t + 1) * cols;
+                reference::silu_mul_row(&gate.data[r.clone()], &up.data[r.clone()], &mut want[r]);
+            }
+            for (k, (g, e)) in out.data[..n * cols].iter().zip(&want).enumerate() {
+                assert!(
+                    g.to_bits() == e.to_bits(),
+                    "threads {threads} index {k}: got {g}, expected {e}"
+                );
+            }
+            // rows past the step's n are not written
+            assert!(out.data[n * cols..].iter().all(|&v| v == 0.0));
+        }
+    }
 
     #[test]
     fn attention_gqa_maps_query_heads_to_kv_heads() {

@@ -292,6 +292,10 @@ impl Backend for WgpuBackend {
         self.op_relu2_mul(gate, up, out)
     }
 
+    fn silu_mul(&mut self, gate: &GpuTensor, up: &GpuTensor, out: &mut GpuTensor) -> Result<()> {
+        self.op_silu_mul(gate, up, out)
+    }
+
     fn add_assign(&mut self, x: &mut GpuTensor, y: &GpuTensor) -> Result<()> {
         self.op_add_assign(x, y)
     }

@@ -1,4 +1,4 @@
-//! The row-wise ops of the residual stream (add, relu²·up, RMSNorm, int8 quantize), recorded
+//! The row-wise ops of the residual stream (add, relu²·up, silu·up, RMSNorm, int8 quantize), recorded
 //! lazily and emitted as one dispatch of shaders/row_ops.wgsl per chain.
 
 use super::kernels;
@@ -21,10 +21,15 @@ pub(super) enum Pre {
         gate: GpuBuf,
         up: GpuBuf,
     },
+    /// `a = silu(gate) · up`
+    Silu {
+        gate: GpuBuf,
+        up: GpuBuf,
+    },
 }
 
 /// A chain of row-wise ops on the same rows that is recorded lazily and emitted as one dispatch
-/// of shaders/row_ops.wgsl: the model's `add_assign` / `relu2_mul`, `rms_norm`, `quantize`
+/// of shaders/row_ops.wgsl: the model's `add_assign` / `relu2_mul` / `silu_mul`, `rms_norm`, `quantize`
 /// sequences. Any other op, `end_step`, `read` and `write` emit it first.
 #[derive(Debug)]
 pub(super) struct RowOp {
@@ -52,7 +57,7 @@ impl RowOp {
         let pre = match &self.pre {
             Pre::None => false,
             Pre::Add { y } => y.id == b.id,
-            Pre::Relu2 { gate, up } => gate.id == b.id || up.id == b.id,
+            Pre::Relu2 { gate, up } | Pre::Silu { gate, up } => gate.id == b.id || up.id == b.id,
         };
         let norm = self
             .norm
@@ -82,6 +87,7 @@ impl WgpuBackend {
             Pre::None => (0, self.dummy_r.clone(), self.dummy_r.clone()),
             Pre::Add { y } => (1, y.clone(), self.dummy_r.clone()),
             Pre::Relu2 { gate, up } => (2, gate.clone(), up.clone()),
+            Pre::Silu { gate, up } => (3, gate.clone(), up.clone()),
         };
         let (w, eps, xn) = match &op.norm {
             Some((w, eps, out)) => (w.clone(), *eps, out.clone()),
@@ -120,7 +126,7 @@ impl WgpuBackend {
         self.check("rms_norm", x, cols)?;
         self.check("rms_norm", out, cols)?;
         let norm = Some((w.buf.clone(), eps, out.buf.clone()));
-        // Fuse into the pending add / relu2_mul that produced x.
+        // Fuse into the pending add / relu2_mul / silu_mul that produced x.
         if let Some(p) = &mut self.pending {
             if p.a.id == x.buf.id && p.norm.is_none() && p.quant.is_none() && !p.uses(&out.buf) {
                 p.norm = norm;
@@ -158,15 +164,37 @@ impl WgpuBackend {
         up: &GpuTensor,
         out: &mut GpuTensor,
     ) -> Result<()> {
+        self.op_gated("relu2_mul", gate, up, out, |gate, up| Pre::Relu2 {
+            gate,
+            up,
+        })
+    }
+
+    pub(super) fn op_silu_mul(
+        &mut self,
+        gate: &GpuTensor,
+        up: &GpuTensor,
+        out: &mut GpuTensor,
+    ) -> Result<()> {
+        self.op_gated("silu_mul", gate, up, out, |gate, up| Pre::Silu { gate, up })
+    }
+
+    /// `out = act(gate) · up`: starts a row-op chain whose pre-op (`pre(gate, up)`) is the
+    /// gated product, so the norm / quantize after it fuse into the same dispatch.
+    fn op_gated(
+        &mut self,
+        op: &'static str,
+        gate: &GpuTensor,
+        up: &GpuTensor,
+        out: &mut GpuTensor,
+        pre: fn(GpuBuf, GpuBuf) -> Pre,
+    ) -> Result<()> {
         let cols = gate.cols;
-        self.check("relu2_mul", gate, cols)?;
-        self.check("relu2_mul", up, cols)?;
-        self.check("relu2_mul", out, cols)?;
+        self.check(op, gate, cols)?;
+        self.check(op, up, cols)?;
+        self.check(op, out, cols)?;
         self.flush_pending()?;
-        let pre = Pre::Relu2 {
-            gate: gate.buf.clone(),
-            up: up.buf.clone(),
-        };
+        let pre = pre(gate.buf.clone(), up.buf.clone());
         self.pending = Some(RowOp::new(&out.buf, cols, pre, None));
         Ok(())
     }
