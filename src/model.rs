@@ -329,7 +329,8 @@ impl<B: Backend> Model<B> {
             b.rope(&mut s.q, sh.n_heads, sh)?;
             b.rope(&mut s.k, sh.n_kv_heads, sh)?;
             b.attention(&s.q, &s.k, &s.v, &mut self.cache, li, sh, &mut s.att)?; // att [n, heads*hd]
-                                                                                 // o_proj's input: the sub-normed attention output, or the output itself
+
+            // o_proj's input: the sub-normed attention output, or the output itself
             let att_in = match (&l.attn_sub_norm, &mut s.att_n) {
                 (Some(w), Some(att_n)) => {
                     b.rms_norm(&s.att, w, eps, att_n)?; // att_n [n, heads*hd]
