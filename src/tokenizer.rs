@@ -300,6 +300,7 @@ pub fn render_chat_template(
     messages: &[ChatMessage],
     add_generation_prompt: bool,
 ) -> Result<String> {
+    check_template_multiplications(template)?;
     let mut env = minijinja::Environment::new();
     env.set_fuel(Some(TEMPLATE_FUEL));
     env.add_function(
@@ -338,6 +339,54 @@ pub fn render_chat_template(
             }
         })?;
     String::from_utf8(out.0).map_err(|e| BitnetError::ChatTemplate(e.to_string()))
+}
+
+/// Refuses a `*` in a chat template unless it multiplies two number literals or repeats a string
+/// literal a literal number of times (`'  ' * 4`; minijinja caps a repeated string at 100 MB).
+/// minijinja repeats a *sequence* by any count as
+/// one instruction, lazily, and the next instruction that reads it whole (`~`, `join`, `list`)
+/// then builds it in one step: `{{ messages * 87000000 ~ '' }}` (found by the `chat_template`
+/// fuzz target) takes seconds per 10^7 copies and gigabytes, and fuel, which counts instructions,
+/// never sees it. Chat templates do not multiply variables; refusing them is the simple bound.
+fn check_template_multiplications(template: &str) -> Result<()> {
+    use minijinja::machinery::{tokenize, Token, WhitespaceConfig};
+    let tokens: Vec<(Token, minijinja::machinery::Span)> = match tokenize(
+        template,
+        false,
+        Default::default(),
+        WhitespaceConfig::default(),
+    )
+    .collect::<std::result::Result<_, _>>()
+    {
+        Ok(t) => t,
+        // A syntax error: add_template reports it with its own message.
+        Err(_) => return Ok(()),
+    };
+    let number = |t: &Token| matches!(t, Token::Int(_) | Token::Int128(_) | Token::Float(_));
+    let string = |t: &Token| matches!(t, Token::Str(_) | Token::String(_));
+    let int = |t: &Token| matches!(t, Token::Int(_));
+    for (i, (t, span)) in tokens.iter().enumerate() {
+        if !matches!(t, Token::Mul) {
+            continue;
+        }
+        let before = i.checked_sub(1).map(|j| &tokens[j].0);
+        let after = tokens.get(i + 1).map(|(t, _)| t);
+        let ok = match (before, after) {
+            (Some(a), Some(b)) => {
+                (number(a) && number(b)) || (string(a) && int(b)) || (int(a) && string(b))
+            }
+            _ => false,
+        };
+        if !ok {
+            return Err(BitnetError::ChatTemplate(format!(
+                "line {}: `*` multiplies a value that is not a literal; chat templates may only \
+                 multiply number literals or repeat a string literal (a repeated sequence can take \
+                 all memory in one step)",
+                span.start_line
+            )));
+        }
+    }
+    Ok(())
 }
 
 /// Longest rendered chat prompt: far beyond any context (~4 bytes per token), small enough that
@@ -434,6 +483,31 @@ mod tests {
         .unwrap_err();
         assert!(e.to_string().contains("fuel"), "{e}");
         assert!(t0.elapsed().as_secs() < 10);
+    }
+
+    /// Found by the chat_template fuzzer: a sequence repeated 87 million times, then joined into
+    /// one string by `~` (one instruction: fuel never sees it), took gigabytes and minutes.
+    #[test]
+    fn repeated_sequences_are_refused_before_rendering() {
+        let t0 = std::time::Instant::now();
+        for t in [
+            "{{messages*870e5~w+4}} m",
+            "{{ (messages * 10) | join }}",
+            "{% set n = 870000 %}{{ [1, 2] * n ~ '' }}",
+            "{{ 3 * messages }}",
+        ] {
+            let e = render(t).unwrap_err().to_string();
+            assert!(
+                e.contains("`*` multiplies a value that is not a literal"),
+                "{t}: {e}"
+            );
+        }
+        assert!(t0.elapsed().as_secs() < 2);
+        // what real templates write still renders
+        assert_eq!(
+            render("{{ '-' * 3 }}{{ 2 * 3 }}{{ 1.5 * 2 }}").unwrap(),
+            "---63.0"
+        );
     }
 
     /// 100 000 × 1 MB of output in few instructions: stopped at 16 MiB, not at the memory's end.

@@ -600,3 +600,36 @@ fn llama_configs_without_bitnet_quantization_or_with_unsupported_fields_are_refu
         assert_eq!(err.trim_end().lines().count(), 1, "one line: {err}");
     }
 }
+
+/// Fuzzer finding (chat_template): a tokenizer_config.json whose template repeats the message
+/// list 87 million times ran for minutes and took gigabytes; now a one-line error at once.
+#[test]
+fn a_chat_template_repeating_a_sequence_is_refused() {
+    let dir = copy_fixture("tiny-autobitlinear");
+    let p = dir.path().join("tokenizer_config.json");
+    let mut v: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&p).unwrap()).unwrap();
+    v["chat_template"] = "{{ messages * 87000000 ~ '' }}".into();
+    std::fs::write(&p, v.to_string()).unwrap();
+    let t0 = std::time::Instant::now();
+    let o = bitnet(&[
+        "generate",
+        "-m",
+        dir.path().to_str().unwrap(),
+        "--device",
+        "cpu",
+        "--chat",
+        "-p",
+        "hi",
+        "-n",
+        "2",
+    ]);
+    assert_fails_with(
+        &o,
+        &[
+            "chat template",
+            "`*` multiplies a value that is not a literal",
+        ],
+    );
+    assert!(t0.elapsed().as_secs() < 20, "took {:?}", t0.elapsed());
+}
