@@ -1,7 +1,7 @@
 //! Kernel-level CPU benchmarks (`cargo bench --bench cpu_kernels`): the ternary dot of one packed
 //! byte row (4 output rows) for each kernel level this machine runs, a whole 2B4T-shaped
 //! projection (decode: 1 token; prefill: 64 tokens) through the CPU backend, and one LM-head row
-//! in bf16 and q8. Throughput is in packed weight bytes (decode) or multiply-adds (prefill), so
+//! in bf16 and q8, and the two gated FFN activations. Throughput is in packed weight bytes (decode) or multiply-adds (prefill), so
 //! the figures compare with the machine's memory bandwidth and SIMD peak. Whole-model speed is
 //! `bitnet bench`'s job.
 
@@ -146,5 +146,37 @@ fn head_row(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, dot_kernels, projection, small_projection, head_row);
+/// The gated FFN activation of a 64-token prefill step, [64, 6912] (2B4T's intermediate size):
+/// relu(gate)²·up (BitNet) and silu(gate)·up (the LLaMA-style family), one thread, so the cost
+/// of the exp in SiLU shows beside relu². Throughput in elements.
+fn ffn_activation(c: &mut Criterion) {
+    let (n, cols) = (64usize, 6912usize);
+    let mut b = CpuBackend::new(1).unwrap();
+    let mut r = rng();
+    let mut gate = b.alloc(n, cols).unwrap(); // [n, i]
+    let mut up = b.alloc(n, cols).unwrap(); // [n, i]
+    for v in gate.data.iter_mut().chain(up.data.iter_mut()) {
+        *v = r.random_range(-4f32..4.0);
+    }
+    let mut out = b.alloc(n, cols).unwrap(); // [n, i]
+    b.begin_step(&StepRow::sequence(&vec![0u32; n], 0)).unwrap();
+    let mut g = c.benchmark_group("ffn activation [64, 6912] (1 thread)");
+    g.throughput(Throughput::Elements((n * cols) as u64));
+    g.bench_function("relu2_mul", |bch| {
+        bch.iter(|| b.relu2_mul(&gate, &up, &mut out).unwrap())
+    });
+    g.bench_function("silu_mul", |bch| {
+        bch.iter(|| b.silu_mul(&gate, &up, &mut out).unwrap())
+    });
+    g.finish();
+}
+
+criterion_group!(
+    benches,
+    dot_kernels,
+    projection,
+    small_projection,
+    head_row,
+    ffn_activation
+);
 criterion_main!(benches);
