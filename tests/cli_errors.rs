@@ -10,12 +10,17 @@ use common::*;
 
 const BASE: &str = "tiny-autobitlinear";
 
-fn edit_config(dir: &Path, edit: impl Fn(&mut serde_json::Value)) {
-    let p = dir.join("config.json");
+/// Rewrites the JSON file `name` of a model folder through `edit`.
+fn edit_json(dir: &Path, name: &str, edit: impl FnOnce(&mut serde_json::Value)) {
+    let p = dir.join(name);
     let mut v: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(&p).unwrap()).unwrap();
     edit(&mut v);
     std::fs::write(&p, v.to_string()).unwrap();
+}
+
+fn edit_config(dir: &Path, edit: impl FnOnce(&mut serde_json::Value)) {
+    edit_json(dir, "config.json", edit)
 }
 
 fn stdout(o: &std::process::Output) -> String {
@@ -540,18 +545,16 @@ fn a_syntax_error_in_the_tokenizer_decoder_is_an_error_not_a_panic() {
 #[test]
 fn a_post_processor_with_an_undefined_special_token_is_an_error() {
     let d = copy_fixture(BASE);
-    let p = d.path().join("tokenizer.json");
-    let mut v: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(&p).unwrap()).unwrap();
-    // The fixture: Sequence [ByteLevel, TemplateProcessing]; rename the single template's first
-    // special token (<|begin_of_text|>) in the template only.
-    let procs = v["post_processor"]["processors"].as_array_mut().unwrap();
-    let template = procs
-        .iter_mut()
-        .find(|p| p["type"] == "TemplateProcessing")
-        .unwrap();
-    template["single"][0]["SpecialToken"]["id"] = "<|nowhere|>".into();
-    std::fs::write(&p, v.to_string()).unwrap();
+    edit_json(d.path(), "tokenizer.json", |v| {
+        // The fixture: Sequence [ByteLevel, TemplateProcessing]; rename the single template's
+        // first special token (<|begin_of_text|>) in the template only.
+        let procs = v["post_processor"]["processors"].as_array_mut().unwrap();
+        let template = procs
+            .iter_mut()
+            .find(|p| p["type"] == "TemplateProcessing")
+            .unwrap();
+        template["single"][0]["SpecialToken"]["id"] = "<|nowhere|>".into();
+    });
     let o = bitnet(&[
         "generate",
         "--model",
@@ -605,12 +608,10 @@ fn llama_configs_without_bitnet_quantization_or_with_unsupported_fields_are_refu
 /// list 87 million times ran for minutes and took gigabytes; now a one-line error at once.
 #[test]
 fn a_chat_template_repeating_a_sequence_is_refused() {
-    let dir = copy_fixture("tiny-autobitlinear");
-    let p = dir.path().join("tokenizer_config.json");
-    let mut v: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(&p).unwrap()).unwrap();
-    v["chat_template"] = "{{ messages * 87000000 ~ '' }}".into();
-    std::fs::write(&p, v.to_string()).unwrap();
+    let dir = copy_fixture(BASE);
+    edit_json(dir.path(), "tokenizer_config.json", |v| {
+        v["chat_template"] = "{{ messages * 87000000 ~ '' }}".into();
+    });
     let t0 = std::time::Instant::now();
     let o = bitnet(&[
         "generate",
