@@ -7,7 +7,7 @@ use std::path::Path;
 
 use crate::config::ModelConfig;
 use crate::model::ModelOptions;
-use crate::tokenizer::{render_chat_template, ChatMessage, Tokenizer};
+use crate::tokenizer::{render_chat_template_in_process, ChatMessage, Tokenizer};
 
 /// A packed (autobitlinear) config small enough that a whole valid checkpoint is a few KiB: the
 /// fuzzer then reaches the tensor-table checks instead of spending its time on megabytes.
@@ -101,7 +101,7 @@ pub fn chat_template(data: &[u8]) {
             content: m.get(1).map(|c| text(c)).unwrap_or_default(),
         })
         .collect();
-    let _ = render_chat_template(template, "<s>", "</s>", &messages, true);
+    let _ = render_chat_template_in_process(template, "<s>", "</s>", &messages, true);
 }
 
 /// GGUF bytes: the container parser (`gguf::GgufHeader::parse`), then every metadata accessor

@@ -1,15 +1,17 @@
 //! Text ↔ token ids (Hugging Face `tokenizer.json` through the `tokenizers` crate) and the chat
 //! format (the Jinja `chat_template` of `tokenizer_config.json`, rendered with minijinja).
 
+mod sandbox;
+
 use std::path::Path;
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use crate::error::{BitnetError, Result};
 
 /// One chat turn.
-#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct ChatMessage {
     pub role: String,
     pub content: String,
@@ -290,10 +292,45 @@ impl<'de> serde::de::Visitor<'de> for JsonCheckVisitor {
     }
 }
 
-/// Renders a Jinja chat template (transformers' `apply_chat_template` variables). The template
-/// comes from an untrusted `tokenizer_config.json`: minijinja's fuel bounds its work, so a
-/// template with nested loops fails with an error instead of running for hours.
+pub use sandbox::{
+    child_main as template_renderer_main, render_in_child_processes, TemplateRenderer,
+    CHILD_ARG as TEMPLATE_RENDERER_ARG,
+};
+
+/// Renders a Jinja chat template (transformers' `apply_chat_template` variables): in a child
+/// process with a memory limit and a deadline once [`render_in_child_processes`] was called
+/// (the `bitnet` binary does), in this process otherwise (see [`render_chat_template_in_process`]).
 pub fn render_chat_template(
+    template: &str,
+    bos_token: &str,
+    eos_token: &str,
+    messages: &[ChatMessage],
+    add_generation_prompt: bool,
+) -> Result<String> {
+    match sandbox::renderer() {
+        Some(renderer) => renderer.render(
+            template,
+            bos_token,
+            eos_token,
+            messages,
+            add_generation_prompt,
+        ),
+        None => render_chat_template_in_process(
+            template,
+            bos_token,
+            eos_token,
+            messages,
+            add_generation_prompt,
+        ),
+    }
+}
+
+/// Renders a chat template in this process. The template comes from an untrusted
+/// `tokenizer_config.json` or GGUF: minijinja's fuel bounds its work (nested loops fail with an
+/// error instead of running for hours), the writer bounds its output, `*` is restricted to
+/// literals; the size of the strings it builds is bounded only by the child process's memory
+/// limit (`sandbox.rs`).
+pub fn render_chat_template_in_process(
     template: &str,
     bos_token: &str,
     eos_token: &str,

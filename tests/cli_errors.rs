@@ -634,3 +634,31 @@ fn a_chat_template_repeating_a_sequence_is_refused() {
     );
     assert!(t0.elapsed().as_secs() < 20, "took {:?}", t0.elapsed());
 }
+
+/// A template that doubles a string 40 times (8 TiB; fuel never sees it, one instruction per
+/// doubling) used to abort the process on a failed allocation. The binary renders templates in
+/// a child process with a 1 GiB limit: the prompt fails with a one-line error, no abort.
+#[test]
+fn a_chat_template_building_a_huge_string_fails_its_prompt_only() {
+    let dir = copy_fixture(BASE);
+    edit_json(dir.path(), "tokenizer_config.json", |v| {
+        v["chat_template"] = "{% set ns = namespace(s='abcdefgh') %}{% for i in range(40) %}\
+                              {% set ns.s = ns.s ~ ns.s %}{% endfor %}{{ ns.s|length }}"
+            .into();
+    });
+    let o = bitnet(&[
+        "generate",
+        "-m",
+        dir.path().to_str().unwrap(),
+        "--device",
+        "cpu",
+        "--chat",
+        "-p",
+        "hi",
+        "-n",
+        "2",
+    ]);
+    assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
+    assert_fails_with(&o, &["chat template", "MiB of memory"]);
+    assert_eq!(stderr(&o).trim_end().lines().count(), 1, "{}", stderr(&o));
+}

@@ -344,6 +344,44 @@ async fn bad_requests_get_openai_errors() {
     assert_eq!(st, 200, "{v}");
 }
 
+/// A model whose chat template doubles a string past 1 GiB: the request fails with a 400 naming
+/// the cause and the server goes on (in-process, the failed allocation aborted it). Templates
+/// render in a child process as in `bitnet serve`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hostile_chat_template_fails_its_request_not_the_server() {
+    use bitnet_wgpu::tokenizer::{render_in_child_processes, TemplateRenderer};
+    render_in_child_processes(TemplateRenderer::new(PathBuf::from(env!(
+        "CARGO_BIN_EXE_bitnet"
+    ))));
+    let dir = tempfile::tempdir().unwrap();
+    for f in std::fs::read_dir(model_dir()).unwrap() {
+        let f = f.unwrap().path();
+        std::fs::copy(&f, dir.path().join(f.file_name().unwrap())).unwrap();
+    }
+    let cfg = dir.path().join("tokenizer_config.json");
+    let mut v: Value = serde_json::from_str(&std::fs::read_to_string(&cfg).unwrap()).unwrap();
+    v["chat_template"] = "{% set ns = namespace(s='abcdefgh') %}{% for i in range(40) %}\
+                          {% set ns.s = ns.s ~ ns.s %}{% endfor %}{{ ns.s|length }}"
+        .into();
+    std::fs::write(&cfg, v.to_string()).unwrap();
+    let path = dir.path().to_path_buf();
+    let (_s, url) = server(1, |o| o.model = ModelSource::Dir(path));
+    let (st, v) = post(
+        &url,
+        "/v1/chat/completions",
+        json!({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}),
+    )
+    .await;
+    assert_error(st, &v, 400, "MiB of memory");
+    let (st, v) = post(
+        &url,
+        "/v1/completions",
+        json!({"prompt": "Once", "max_tokens": 2}),
+    )
+    .await;
+    assert_eq!(st, 200, "{v}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn api_key_is_required_on_v1_only() {
     let (_s, url) = server(1, |o| o.api_key = Some("sekret".into()));

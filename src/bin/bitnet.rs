@@ -476,10 +476,30 @@ fn read_text(path: &Path) -> Result<String> {
 }
 
 fn main() -> ExitCode {
+    // The child that renders a chat template (tokenizer/sandbox.rs): nothing else of the CLI.
+    if std::env::args_os()
+        .nth(1)
+        .is_some_and(|a| a == bitnet_wgpu::tokenizer::TEMPLATE_RENDERER_ARG)
+    {
+        return bitnet_wgpu::tokenizer::template_renderer_main();
+    }
     // First, while the process has one thread: both change process-wide state. The server and
     // its load generator keep SIGPIPE ignored: a peer closing its socket must not kill them.
     ensure_runtime_dir();
     let cli = Cli::parse();
+    // Chat templates come from the model's files: rendered in a memory-limited child process, a
+    // hostile one fails its prompt instead of aborting this process.
+    match std::env::current_exe() {
+        Ok(exe) => {
+            bitnet_wgpu::tokenizer::render_in_child_processes(
+                bitnet_wgpu::tokenizer::TemplateRenderer::new(exe),
+            );
+        }
+        Err(e) => eprintln!(
+            "warning: cannot find this program's path ({e}); chat templates render in-process, \
+             without a memory limit"
+        ),
+    }
     if !matches!(cli.command, Command::Serve(_) | Command::BenchServe(_)) {
         restore_sigpipe();
     }

@@ -258,7 +258,22 @@ async fn generate(
     let body = body.map_err(|e| {
         ApiError::with_status(e.status().as_u16(), "invalid_request_error", e.body_text())
     })?;
-    let (params, prompt) = prepare(endpoint, &body, &loaded.tokenizer, loaded.ctx)?;
+    // Off the async workers: tokenizing a long prompt takes milliseconds, and the chat template
+    // renders in a child process (up to its deadline for a hostile one).
+    let ctx = loaded.ctx;
+    let shared_for_prepare = Arc::clone(shared);
+    let (params, prompt) = tokio::task::spawn_blocking(move || {
+        let loaded = shared_for_prepare.loaded.get().expect("checked above");
+        prepare(endpoint, &body, &loaded.tokenizer, ctx)
+    })
+    .await
+    .map_err(|e| {
+        ApiError::with_status(
+            500,
+            "server_error",
+            format!("preparing the request failed: {e}"),
+        )
+    })??;
     let queued = shared
         .queued
         .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |q| {
