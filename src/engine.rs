@@ -53,7 +53,7 @@ pub struct EngineOptions {
     pub ctx: Option<usize>,
     /// Show a progress bar while loading.
     pub progress: bool,
-    /// Storage of the LM head (`q8`: smaller and faster on the CPU, slightly approximate).
+    /// Storage of the LM head (`q8`, `q4`: smaller and faster on the CPU, approximate).
     pub lm_head: HeadFormat,
     /// Choices for GGUF files (I2_S layout, FFN activation override).
     pub gguf: crate::gguf::GgufOptions,

@@ -284,6 +284,39 @@ fn q8_lm_head_stays_close_to_transformers() {
     }
 }
 
+/// `--lm-head q4`: 4-bit weights per 32-column block with a step of absmax / 7, so a logit
+/// moves by up to (absmax_block / 14)·Σ|x| (~9× q8's bound, ≈ 3.6 here). Measured 2026-12-01:
+/// worst |got − ref| 1.48–1.92 over the 4 fixtures (max |ref| 15.6–17.3), mean 0.30–0.32. The
+/// random-weight fixtures have near-tied logits, so greedy ids diverge (0–12 of 12 equal) and
+/// are not compared; the bundled trained model's perplexity moves by 1.2e-3
+/// (`tests/bundled_model.rs`). A wrong block, nibble or scale moves the mean by ~the logits'
+/// spread (std ≈ 4).
+#[test]
+fn q4_lm_head_stays_close_to_transformers() {
+    for name in VARIANTS {
+        let r = reference(name);
+        let prompt = ids(&r["prompt_ids"]);
+        let (_, want) = bitnet_wgpu::npy::read_f32(&fixture(name).join("logits.npy")).unwrap();
+        let opts = EngineOptions {
+            device: DeviceChoice::Cpu,
+            threads: 2,
+            lm_head: HeadFormat::Q4,
+            ..Default::default()
+        };
+        let mut e = Engine::load(&fixture(name), &opts).unwrap();
+        let got = e.logits(&prompt).unwrap();
+        assert_close(&format!("{name} q4 logits"), &got, &want, 3.0, 0.0);
+        let mean = got
+            .iter()
+            .zip(&want)
+            .map(|(g, w)| (g - w).abs())
+            .sum::<f32>()
+            / want.len() as f32;
+        eprintln!("{name}: q4 head mean |got - ref| {mean:.4}");
+        assert!(mean < 0.5, "{name}: mean |got - ref| {mean}");
+    }
+}
+
 // ---- the LLaMA-style family: tests/fixtures/tiny-llama-bitnet (tools/fixtures/gen_llama_fixture.py)
 // LlamaForCausalLM + bitnet quantization as Falcon3-1.58bit: SiLU-gated FFN, no sub-norms,
 // untied bf16 lm_head, head_dim 128 given in config.json (q_dim 512 ≠ hidden 256).

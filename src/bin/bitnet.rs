@@ -184,9 +184,11 @@ struct DeviceArgs {
     /// Use the GPU adapter whose name contains this text.
     #[arg(long, value_name = "NAME")]
     adapter: Option<String>,
-    /// LM head storage: exact (the checkpoint's floats) or q8 (CPU only: int8 with a scale per
-    /// 64 columns, ~1.9x less memory traffic per token, logits within ~1e-3 relative).
-    #[arg(long, default_value = "exact", value_name = "exact|q8")]
+    /// LM head storage: exact (the checkpoint's floats), q8 (CPU only: int8 with a scale per
+    /// 64 columns, ~1.9x less memory traffic per token, logits within ~1e-3 relative) or q4
+    /// (CPU only: 4-bit with a bf16 scale per 32 columns, ~3.5x less traffic than bf16, logits
+    /// within a few % of their spread; see the README for what it costs in perplexity).
+    #[arg(long, default_value = "exact", value_name = "exact|q8|q4")]
     lm_head: HeadFormat,
     /// GGUF I2_S block layout: x86 (Microsoft's published files) or arm (written by bitnet.cpp
     /// built for ARM; the file does not record it).

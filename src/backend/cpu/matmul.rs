@@ -299,7 +299,9 @@ impl CpuBackend {
             .map(|&src| &x.data[src as usize * h..(src as usize + 1) * h]) // [h] each
             .collect();
         let hxs: Vec<HeadInput> = match head {
-            CpuLmHead::Q8(_) => xs.iter().map(|xr| HeadInput::new(xr)).collect(), // [h] int16
+            CpuLmHead::Q8(_) | CpuLmHead::Q4(_) => {
+                xs.iter().map(|xr| HeadInput::new(xr)).collect() // [h] int16 each
+            }
             CpuLmHead::Exact(_) => Vec::new(),
         };
         let all = DisjointSlice::new(&mut logits.data[..out_rows * vocab]); // [rows, vocab]
@@ -322,6 +324,20 @@ impl CpuBackend {
                                 out[j].set(b);
                             },
                             |i| out[i].set(q8.dot(level, v(i), hx)),
+                        );
+                    }
+                    CpuLmHead::Q4(q4) => {
+                        let hx = &hxs[r];
+                        // the two halves of the chunk side by side (two memory streams)
+                        let out = Cell::from_mut(out).as_slice_of_cells();
+                        side_by_side(
+                            out.len(),
+                            |i, j| {
+                                let [a, b] = q4.dot2(level, [v(i), v(j)], hx);
+                                out[i].set(a);
+                                out[j].set(b);
+                            },
+                            |i| out[i].set(q4.dot(level, v(i), hx)),
                         );
                     }
                     CpuLmHead::Exact(m) => {

@@ -16,6 +16,7 @@ pub(crate) mod arm {
 pub mod dispatch;
 mod matmul;
 pub mod pool;
+pub mod q4;
 pub mod q8;
 pub mod reference;
 mod topology;
@@ -32,6 +33,7 @@ use crate::load::FloatMatrix;
 use crate::ternary::TernaryMatrix;
 use dispatch::{absmax_f32, quantize_i8, rows_times_runs, softmax_f32, CpuLevel};
 use pool::SpinPool;
+use q4::Q4Matrix;
 use q8::Q8Matrix;
 pub use reference::{argmax, rope_head};
 use reference::{rms_norm_row, rope_angles, rope_head_with, scale_from_absmax};
@@ -72,11 +74,12 @@ pub struct CpuKvCache {
 }
 
 /// The CPU LM head: the checkpoint's floats (shared with the embedding when tied), or the
-/// 8-bit copy of `--lm-head q8`.
+/// 8-bit copy of `--lm-head q8`, or the 4-bit copy of `--lm-head q4`.
 #[derive(Debug, Clone)]
 pub enum CpuLmHead {
     Exact(FloatMatrix), // [vocab, hidden] file dtype
     Q8(Q8Matrix),       // [vocab, hidden] int8 + [vocab, hidden / 64] scales
+    Q4(Q4Matrix),       // [vocab, hidden / 2] 4-bit codes + [vocab, hidden / 32] bf16 steps
 }
 
 impl CpuLmHead {
@@ -84,6 +87,7 @@ impl CpuLmHead {
         match self {
             CpuLmHead::Exact(m) => m.rows,
             CpuLmHead::Q8(m) => m.rows,
+            CpuLmHead::Q4(m) => m.rows,
         }
     }
 
@@ -91,6 +95,7 @@ impl CpuLmHead {
         match self {
             CpuLmHead::Exact(m) => m.cols,
             CpuLmHead::Q8(m) => m.cols,
+            CpuLmHead::Q4(m) => m.cols,
         }
     }
 }
@@ -226,6 +231,13 @@ impl Backend for CpuBackend {
                     m.data.release(rows.start * row_bytes..rows.end * row_bytes)
                 });
                 CpuLmHead::Q8(q8)
+            }
+            HeadFormat::Q4 => {
+                let row_bytes = m.cols * m.dtype.size();
+                let q4 = Q4Matrix::quantize(m, |rows| {
+                    m.data.release(rows.start * row_bytes..rows.end * row_bytes)
+                });
+                CpuLmHead::Q4(q4)
             }
         })
     }

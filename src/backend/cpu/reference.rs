@@ -96,6 +96,34 @@ pub fn dot_q8_scalar(q: &[i8], scales: &[f32], x: &[i16]) -> f32 {
         .sum()
 }
 
+/// The q4 head's dot of one row with an int16 activation row (`q4.rs` has the layout): per block
+/// of 32 columns the exact integer `Σ (code − 8) · x`, times the block's bf16 step, summed in
+/// block order. A short last block stops at `x.len()`.
+pub fn dot_q4_scalar(codes: &[u8], scales: &[u16], x: &[i16]) -> f32 {
+    use super::q4::{bf16_to_f32, Q4_BLOCK, Q4_BLOCK_BYTES};
+    codes
+        .chunks(Q4_BLOCK_BYTES)
+        .zip(x.chunks(Q4_BLOCK))
+        .zip(scales)
+        .map(|((cb, xb), &s)| {
+            let sum: i32 = xb
+                .iter()
+                .enumerate()
+                .map(|(k, &xv)| {
+                    let byte = cb[k % Q4_BLOCK_BYTES];
+                    let code = if k < Q4_BLOCK_BYTES {
+                        byte & 15
+                    } else {
+                        byte >> 4
+                    };
+                    (code as i32 - 8) * xv as i32
+                })
+                .sum();
+            bf16_to_f32(s) * sum as f32
+        })
+        .sum()
+}
+
 /// `e^x` in f32 by Cephes' `expf` scheme: `x = n·ln2 + r` (ln 2 split in two constants so `r` is
 /// exact), a degree-6 polynomial for `e^r` on |r| ≤ ln2/2, times `2^n` built from the exponent
 /// bits; within ~2 ulp of the exact value, like libm's `expf` and the SLEEF exp torch uses.

@@ -63,7 +63,7 @@ impl WgpuBackend {
             return Err(BitnetError::Unsupported {
                 what: "LM head format on the GPU",
                 value: format.name().into(),
-                hint: "the wgpu backend keeps the head in f16; --lm-head q8 is a CPU option",
+                hint: "the wgpu backend keeps the head in f16; --lm-head q8 and q4 are CPU options",
             });
         }
         match tied {

@@ -5,6 +5,7 @@
 use std::arch::aarch64::*;
 use std::arch::asm;
 
+use crate::backend::cpu::q4::{bf16_to_f32, Q4_BLOCK, Q4_BLOCK_BYTES};
 use crate::backend::cpu::q8::Q8_BLOCK;
 use crate::backend::cpu::reference;
 
@@ -294,6 +295,66 @@ pub unsafe fn dot_q8_neon(q: &[i8], scales: &[f32], x: &[i16]) -> f32 {
             _ => qb.iter().zip(xb).map(|(&a, &b)| a as i32 * b as i32).sum(),
         };
         total += s * sum as f32;
+    }
+    total
+}
+
+/// One full q4 block's exact integer sum (`q4.rs` has the layout): the low nibbles are columns
+/// 0..15, the high nibbles 16..31; minus 8 they are the signed weights, sign-extended to int16
+/// and multiplied by the int16 activations into i32 lanes (|lane| ≤ 4·8·32768 < 2³¹).
+#[inline]
+#[target_feature(enable = "neon")]
+fn q4_block_dot(codes: &[u8; Q4_BLOCK_BYTES], x: &[i16; Q4_BLOCK]) -> i32 {
+    // SAFETY: 16 code bytes and 32 activations, the lengths of the arrays.
+    let (v, xs) = unsafe {
+        (
+            vld1q_u8(codes.as_ptr()),
+            [
+                vld1q_s16(x.as_ptr()),
+                vld1q_s16(x.as_ptr().add(8)),
+                vld1q_s16(x.as_ptr().add(16)),
+                vld1q_s16(x.as_ptr().add(24)),
+            ],
+        )
+    };
+    let eight = vdupq_n_s8(8);
+    let lo = vsubq_s8(vreinterpretq_s8_u8(vandq_u8(v, vdupq_n_u8(15))), eight); // columns 0..15
+    let hi = vsubq_s8(vreinterpretq_s8_u8(vshrq_n_u8(v, 4)), eight); // columns 16..31
+    let w = [
+        vmovl_s8(vget_low_s8(lo)),
+        vmovl_high_s8(lo),
+        vmovl_s8(vget_low_s8(hi)),
+        vmovl_high_s8(hi),
+    ];
+    let mut acc = [vdupq_n_s32(0); 2];
+    for i in 0..4 {
+        acc[0] = vmlal_s16(acc[0], vget_low_s16(w[i]), vget_low_s16(xs[i]));
+        acc[1] = vmlal_high_s16(acc[1], w[i], xs[i]);
+    }
+    vaddvq_s32(vaddq_s32(acc[0], acc[1]))
+}
+
+/// The q4 head's dot: each block's integer sum reduced to one i32 (the scalar twin's integer),
+/// scaled and added in the scalar twin's order, so the result equals
+/// [`reference::dot_q4_scalar`] exactly. A short last block goes through scalar code.
+///
+/// # Safety
+/// NEON must be available (every aarch64 level has it).
+#[target_feature(enable = "neon")]
+pub unsafe fn dot_q4_neon(codes: &[u8], scales: &[u16], x: &[i16]) -> f32 {
+    let mut total = 0f32;
+    for ((cb, xb), &s) in codes
+        .chunks(Q4_BLOCK_BYTES)
+        .zip(x.chunks(Q4_BLOCK))
+        .zip(scales)
+    {
+        let sum = match (cb.try_into(), xb.try_into()) {
+            (Ok(cb), Ok(xb)) => q4_block_dot(cb, xb),
+            _ => {
+                return total + reference::dot_q4_scalar(cb, std::slice::from_ref(&s), xb);
+            }
+        };
+        total += bf16_to_f32(s) * sum as f32;
     }
     total
 }
