@@ -1,7 +1,7 @@
 //! Kernel-level CPU benchmarks (`cargo bench --bench cpu_kernels`): the ternary dot of one packed
 //! byte row (4 output rows) for each kernel level this machine runs, a whole 2B4T-shaped
 //! projection (decode: 1 token; prefill: 64 tokens) through the CPU backend, and one LM-head row
-//! in bf16 and q8, and the two gated FFN activations. Throughput is in packed weight bytes (decode) or multiply-adds (prefill), so
+//! in bf16, q8 and q4, and the two gated FFN activations. Throughput is in packed weight bytes (decode) or multiply-adds (prefill), so
 //! the figures compare with the machine's memory bandwidth and SIMD peak. Whole-model speed is
 //! `bitnet bench`'s job.
 
@@ -11,6 +11,7 @@ use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Through
 use rand::{Rng, SeedableRng};
 
 use bitnet_wgpu::backend::cpu::dispatch::{dot_bf16, ternary_dot4, ternary_dot4_x2, CpuLevel};
+use bitnet_wgpu::backend::cpu::q4::{Q4Input, Q4Matrix};
 use bitnet_wgpu::backend::cpu::q8::{HeadInput, Q8Matrix};
 use bitnet_wgpu::backend::cpu::CpuBackend;
 use bitnet_wgpu::backend::{Backend, StepRow};
@@ -126,9 +127,11 @@ fn head_row(c: &mut Criterion) {
         data: ByteStorage::Owned(Arc::new(data)),
     };
     let q8 = Q8Matrix::quantize(&m, |_| {});
+    let q4 = Q4Matrix::quantize(&m, |_| {});
     let x: Vec<f32> = (0..cols).map(|_| r.random_range(-2f32..2.0)).collect();
     let raw = m.data.as_slice();
     let hx = HeadInput::new(&x);
+    let q4x = Q4Input::new(&x);
     let mut g = c.benchmark_group("lm_head 256 rows x 2560");
     g.throughput(Throughput::Elements((rows * cols) as u64));
     for level in CpuLevel::available() {
@@ -141,6 +144,9 @@ fn head_row(c: &mut Criterion) {
         });
         g.bench_function(BenchmarkId::new("q8", level.name()), |b| {
             b.iter(|| (0..rows).map(|i| q8.dot(level, i, &hx)).sum::<f32>())
+        });
+        g.bench_function(BenchmarkId::new("q4", level.name()), |b| {
+            b.iter(|| (0..rows).map(|i| q4.dot(level, i, &q4x)).sum::<f32>())
         });
     }
     g.finish();

@@ -125,8 +125,8 @@ fn q8_head_perplexity_within_half_a_percent_of_exact() {
 }
 
 /// What `--lm-head q4` costs on a trained model: perplexity on the held-out text against the
-/// exact head's. Measured 2026-12-01: 104.766 vs 104.640 (ctx 512, stride 512; +1.2e-3
-/// relative, 15× q8's cost); bound: within 1 %.
+/// exact head's. Measured 2026-12-01: 105.057 vs 104.640 (ctx 512, stride 512; +4.0e-3
+/// relative, 50× q8's cost); bound: within 1 %.
 #[test]
 fn q4_head_perplexity_cost_is_bounded() {
     let text = std::fs::read_to_string(root().join("assets/heldout.txt")).unwrap();

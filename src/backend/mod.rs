@@ -100,8 +100,8 @@ pub enum HeadFormat {
     /// int8 with one f32 scale per 64 columns (CPU only): 1.9× fewer bytes per decoded token,
     /// logits within ~1e-3 relative of the exact head (see BENCHMARKS.md).
     Q8,
-    /// 4-bit codes with one bf16 step per 32 columns (CPU only): 3.5× fewer bytes than the bf16
-    /// head, 1.9× fewer than q8; logits move by a few % of their spread (README).
+    /// 4-bit codes with one bf16 step per 64 columns, int8 activations (CPU only): 3.8× fewer
+    /// bytes than the bf16 head, 2× fewer than q8; logits move by a few % of their spread (README).
     Q4,
 }
 

@@ -10,6 +10,7 @@ use super::dispatch::{
     dot_bf16, dot_bf16_rows2, ternary_dot4, ternary_dot4_rows2, ternary_dot4_x2, ternary_dot4_x4,
 };
 use super::pool::DisjointSlice;
+use super::q4::Q4Input;
 use super::q8::HeadInput;
 use super::{CpuBackend, CpuLmHead, CpuQTensor, CpuTensor};
 use crate::backend::check_matmul;
@@ -299,10 +300,12 @@ impl CpuBackend {
             .map(|&src| &x.data[src as usize * h..(src as usize + 1) * h]) // [h] each
             .collect();
         let hxs: Vec<HeadInput> = match head {
-            CpuLmHead::Q8(_) | CpuLmHead::Q4(_) => {
-                xs.iter().map(|xr| HeadInput::new(xr)).collect() // [h] int16 each
-            }
-            CpuLmHead::Exact(_) => Vec::new(),
+            CpuLmHead::Q8(_) => xs.iter().map(|xr| HeadInput::new(xr)).collect(), // [h] int16
+            _ => Vec::new(),
+        };
+        let q4xs: Vec<Q4Input> = match head {
+            CpuLmHead::Q4(_) => xs.iter().map(|xr| Q4Input::new(xr)).collect(), // [h] int8
+            _ => Vec::new(),
         };
         let all = DisjointSlice::new(&mut logits.data[..out_rows * vocab]); // [rows, vocab]
         let job = |c: usize| {
@@ -327,7 +330,7 @@ impl CpuBackend {
                         );
                     }
                     CpuLmHead::Q4(q4) => {
-                        let hx = &hxs[r];
+                        let hx = &q4xs[r];
                         // the two halves of the chunk side by side (two memory streams)
                         let out = Cell::from_mut(out).as_slice_of_cells();
                         side_by_side(

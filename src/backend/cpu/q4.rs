@@ -1,14 +1,16 @@
 //! The 4-bit LM head (`--lm-head q4`), a CPU option for machines where decode waits on memory.
 //! The 2B4T head `[128256, 2560]` is 657 MB in bf16 and 348 MB as q8; here each row is stored in
-//! blocks of [`Q4_BLOCK`] columns as 4-bit codes with one bf16 scale per block (0.5625 bytes per
-//! weight, 185 MB for 2B4T: 47 % fewer bytes per decoded token than q8).
+//! blocks of [`Q4_BLOCK`] columns as 4-bit codes with one bf16 step per block (0.53 bytes per
+//! weight, 174 MB for 2B4T: half of q8).
 //!
 //! Per block `s = absmax / 7` rounded *up* to bf16 (so no weight clamps), `q = round(w / s)` in
 //! [-7, 7], stored as the code `q + 8` in [1, 15]. Byte `k` of a block holds column `k` in its low
-//! nibble and column `k + 16` in its high nibble: widened to 16-bit lanes, one AND and one shift
-//! give the two halves of the block in column order, ready for `pmaddwd` against the same int16
-//! activation row as q8 ([`HeadInput`]). Each block is an exact integer dot, turned into f32 once.
-//! Columns past `cols` in the last block hold the code 8 (zero).
+//! nibble and column `k + 32` in its high nibble: one AND and one shift of 32 bytes give the
+//! block's two halves in column order. The activation row is rounded to int8 ([`Q4Input`],
+//! `x ≈ q · inv_scale`, 127 levels: its error is ~1/18 of the weights'), so the x86 kernel takes
+//! unsigned codes × signed activations with `pmaddubsw` and no widening, and subtracts
+//! `8 · Σ x` per block once (the codes' offset). Each block is an exact integer dot, turned into
+//! f32 once. Columns past `cols` hold the code 8 (zero) and activation 0.
 //!
 //! Made from the exact float matrix at load. [`dot_q4_scalar`] (in `reference.rs`) is the plain
 //! twin of the SIMD kernels: the block sums are the same integers; NEON adds them in the scalar
@@ -19,14 +21,13 @@ use rayon::prelude::*;
 #[cfg(target_arch = "aarch64")]
 use super::arm::neon;
 use super::dispatch::CpuLevel;
-use super::q8::HeadInput;
 use super::reference::dot_q4_scalar;
 #[cfg(target_arch = "x86_64")]
 use super::x86::avx2;
 use crate::load::FloatMatrix;
 
 /// Columns per scale block.
-pub const Q4_BLOCK: usize = 32;
+pub const Q4_BLOCK: usize = 64;
 /// Bytes of codes per block (two columns per byte).
 pub const Q4_BLOCK_BYTES: usize = Q4_BLOCK / 2;
 
@@ -93,15 +94,15 @@ impl Q4Matrix {
 
     /// `Σ_c W[r, c] · x[c]` with the fastest kernel of `level`.
     #[inline]
-    pub fn dot(&self, level: CpuLevel, r: usize, x: &HeadInput) -> f32 {
-        debug_assert_eq!(x.q.len(), self.cols);
+    pub fn dot(&self, level: CpuLevel, r: usize, x: &Q4Input) -> f32 {
+        debug_assert_eq!(x.q.len(), self.blocks * Q4_BLOCK);
         let (q, s) = self.row(r);
         let sum = match level {
             #[cfg(target_arch = "x86_64")]
             // SAFETY: the level is only ever one `CpuLevel::available()` returned (AVX2 + FMA);
-            // the row holds ceil(cols / 32) blocks for x's cols.
+            // the row and x hold `blocks` whole blocks (x padded).
             CpuLevel::Avx2 | CpuLevel::AvxVnni | CpuLevel::Avx512Vnni | CpuLevel::Amx => unsafe {
-                avx2::dot_q4_avx2_rows::<1>([q], [s], &x.q)[0]
+                avx2::dot_q4_avx2_rows::<1>([q], [s], &x.q, &x.offsets)[0]
             },
             #[cfg(target_arch = "aarch64")]
             // SAFETY: as above (aarch64 levels all have NEON).
@@ -114,14 +115,15 @@ impl Q4Matrix {
     /// [`Q4Matrix::dot`] of two rows (the same results), reading their codes side by side:
     /// two memory streams keep more of a core's memory bandwidth busy than one.
     #[inline]
-    pub fn dot2(&self, level: CpuLevel, r: [usize; 2], x: &HeadInput) -> [f32; 2] {
+    pub fn dot2(&self, level: CpuLevel, r: [usize; 2], x: &Q4Input) -> [f32; 2] {
         match level {
             #[cfg(target_arch = "x86_64")]
             CpuLevel::Avx2 | CpuLevel::AvxVnni | CpuLevel::Avx512Vnni | CpuLevel::Amx => {
-                debug_assert_eq!(x.q.len(), self.cols);
+                debug_assert_eq!(x.q.len(), self.blocks * Q4_BLOCK);
                 let ((q0, s0), (q1, s1)) = (self.row(r[0]), self.row(r[1]));
                 // SAFETY: as in `dot`.
-                let sums = unsafe { avx2::dot_q4_avx2_rows::<2>([q0, q1], [s0, s1], &x.q) };
+                let sums =
+                    unsafe { avx2::dot_q4_avx2_rows::<2>([q0, q1], [s0, s1], &x.q, &x.offsets) };
                 sums.map(|s| s * x.inv_scale)
             }
             _ => [self.dot(level, r[0], x), self.dot(level, r[1], x)],
@@ -130,7 +132,7 @@ impl Q4Matrix {
 
     /// The scalar twin of [`Q4Matrix::dot`].
     #[cfg(test)]
-    fn dot_scalar(&self, r: usize, x: &HeadInput) -> f32 {
+    fn dot_scalar(&self, r: usize, x: &Q4Input) -> f32 {
         let (q, s) = self.row(r);
         dot_q4_scalar(q, s, &x.q) * x.inv_scale
     }
@@ -141,6 +143,36 @@ impl Q4Matrix {
         let (q, s) = self.row(r);
         for (c, o) in out.iter_mut().enumerate() {
             *o = q4_weight(q, c) as f32 * bf16_to_f32(s[c / Q4_BLOCK]);
+        }
+    }
+}
+
+/// One activation row rounded to int8 for the q4 head: `x ≈ q · inv_scale`, zero-padded to whole
+/// blocks, with each block's code offset `8 · Σ q` for the x86 kernel.
+#[derive(Debug, Clone)]
+pub struct Q4Input {
+    pub q: Vec<i8>,        // [blocks * 64]  (0 past the row's length)
+    pub offsets: Vec<i32>, // [blocks]  8 · Σ q over the block
+    pub inv_scale: f32,
+}
+
+impl Q4Input {
+    pub fn new(x: &[f32]) -> Self {
+        let blocks = x.len().div_ceil(Q4_BLOCK);
+        let absmax = x.iter().fold(0f32, |m, v| m.max(v.abs()));
+        let s = if absmax > 0.0 { 127.0 / absmax } else { 0.0 };
+        let mut q = vec![0i8; blocks * Q4_BLOCK];
+        for (qi, &v) in q.iter_mut().zip(x) {
+            *qi = (v * s).round().clamp(-127.0, 127.0) as i8;
+        }
+        let offsets = q
+            .chunks(Q4_BLOCK)
+            .map(|b| 8 * b.iter().map(|&v| v as i32).sum::<i32>())
+            .collect();
+        Q4Input {
+            q,
+            offsets,
+            inv_scale: if absmax > 0.0 { absmax / 127.0 } else { 0.0 },
         }
     }
 }
@@ -165,7 +197,7 @@ pub fn q4_weight(codes: &[u8], c: usize) -> i32 {
 }
 
 /// Quantizes one row: per block the step `s` = absmax / 7 rounded up to bf16, `q = round(w / s)`.
-/// `codes` holds `ceil(len / 32) * 16` bytes, `scales` one entry per block.
+/// `codes` holds `ceil(len / 64) * 32` bytes, `scales` one entry per block.
 pub fn quantize_row_q4(row: &[f32], codes: &mut [u8], scales: &mut [u16]) {
     for ((wb, cb), s) in row
         .chunks(Q4_BLOCK)
@@ -224,7 +256,7 @@ mod tests {
     /// zero.
     #[test]
     fn quantization_error_is_at_most_half_a_step() {
-        for cols in [1, 31, 32, 33, 64, 200] {
+        for cols in [1, 31, 63, 64, 65, 128, 200] {
             let m = bf16_matrix(9, cols, cols as u64);
             let q4 = Q4Matrix::quantize(&m, |_| {});
             assert_eq!(q4.blocks, cols.div_ceil(Q4_BLOCK));
@@ -260,18 +292,19 @@ mod tests {
     #[test]
     fn every_level_matches_the_scalar_dot() {
         let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(3);
-        for cols in [1, 7, 32, 33, 64, 65, 130, 2560] {
+        for cols in [1, 7, 63, 64, 65, 130, 2560] {
             let m = bf16_matrix(5, cols, 10 + cols as u64);
             let q4 = Q4Matrix::quantize(&m, |_| {});
             let x: Vec<f32> = (0..cols).map(|_| rng.random_range(-4f32..4.0)).collect();
-            let hx = HeadInput::new(&x);
+            let hx = Q4Input::new(&x);
             let mut row = vec![0f32; cols];
             for r in 0..m.rows {
-                // the scalar twin is the dot of the dequantized row (int16 activations)
+                // the scalar twin is the dot of the dequantized row with the int8 activations
+                // (each within half a step, 4/127, of x)
                 q4.row_f32(r, &mut row);
                 let exact: f32 = row.iter().zip(&x).map(|(a, b)| a * b).sum();
                 let dequant = q4.dot_scalar(r, &hx);
-                let bound = row.iter().map(|w| w.abs()).sum::<f32>() * 4.0 / 32767.0;
+                let bound = row.iter().map(|w| w.abs()).sum::<f32>() * 0.5 * 4.0 / 127.0;
                 assert!(
                     (dequant - exact).abs() <= bound + 1e-5,
                     "cols {cols} row {r}: got {dequant}, expected {exact}"
@@ -302,13 +335,13 @@ mod tests {
         }
     }
 
-    /// Extreme integers: codes 1 and 15 (weights ±7), 0 (-8, never written but decodable) and
-    /// random; activations ±32767 and -32768; random scales; odd widths. NEON adds the block
+    /// Extreme integers: codes 0 and 15 (weights -8, never written but decodable, and 7) and
+    /// random; activations 127 and -128; random scales; odd widths. NEON adds the block
     /// sums in the scalar order (equal); x86 in lanes (within a tolerance).
     #[test]
     fn extreme_values_match_the_scalar_dot() {
         let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(8);
-        for cols in [1usize, 15, 31, 32, 33, 63, 64, 65, 200, 2560] {
+        for cols in [1usize, 15, 63, 64, 65, 127, 128, 200, 2560] {
             let blocks = cols.div_ceil(Q4_BLOCK);
             let pick =
                 |rng: &mut rand_chacha::ChaCha8Rng, pattern: usize, lo: i32, hi: i32| match pattern
@@ -335,10 +368,17 @@ mod tests {
                     blocks,
                 };
                 for xp in 0..4 {
-                    let hx = HeadInput {
-                        q: (0..cols)
-                            .map(|_| pick(&mut rng, xp, -32768, 32767) as i16)
-                            .collect(),
+                    let mut q: Vec<i8> = (0..cols)
+                        .map(|_| pick(&mut rng, xp, -128, 127) as i8)
+                        .collect();
+                    q.resize(blocks * Q4_BLOCK, 0);
+                    let offsets = q
+                        .chunks(Q4_BLOCK)
+                        .map(|b| 8 * b.iter().map(|&v| v as i32).sum::<i32>())
+                        .collect();
+                    let hx = Q4Input {
+                        q,
+                        offsets,
                         inv_scale: 1e-4,
                     };
                     let want = q4.dot_scalar(0, &hx);
@@ -371,6 +411,6 @@ mod tests {
         };
         let q4 = Q4Matrix::quantize(&m, |_| {});
         assert!(q4.codes.iter().all(|&v| v == 0x88) && q4.scales.iter().all(|&s| s == 0));
-        assert_eq!(q4.dot_scalar(0, &HeadInput::new(&[1.0; 70])), 0.0);
+        assert_eq!(q4.dot_scalar(0, &Q4Input::new(&[1.0; 70])), 0.0);
     }
 }

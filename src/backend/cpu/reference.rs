@@ -96,10 +96,10 @@ pub fn dot_q8_scalar(q: &[i8], scales: &[f32], x: &[i16]) -> f32 {
         .sum()
 }
 
-/// The q4 head's dot of one row with an int16 activation row (`q4.rs` has the layout): per block
-/// of 32 columns the exact integer `Σ (code − 8) · x`, times the block's bf16 step, summed in
-/// block order. A short last block stops at `x.len()`.
-pub fn dot_q4_scalar(codes: &[u8], scales: &[u16], x: &[i16]) -> f32 {
+/// The q4 head's dot of one row with an int8 activation row zero-padded to whole blocks (`q4.rs`
+/// has the layout): per block of 64 columns the exact integer `Σ (code − 8) · x`, times the
+/// block's bf16 step, summed in block order.
+pub fn dot_q4_scalar(codes: &[u8], scales: &[u16], x: &[i8]) -> f32 {
     use super::q4::{bf16_to_f32, Q4_BLOCK, Q4_BLOCK_BYTES};
     codes
         .chunks(Q4_BLOCK_BYTES)

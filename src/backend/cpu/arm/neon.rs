@@ -299,49 +299,42 @@ pub unsafe fn dot_q8_neon(q: &[i8], scales: &[f32], x: &[i16]) -> f32 {
     total
 }
 
-/// One full q4 block's exact integer sum (`q4.rs` has the layout): the low nibbles are columns
-/// 0..15, the high nibbles 16..31; minus 8 they are the signed weights, sign-extended to int16
-/// and multiplied by the int16 activations into i32 lanes (|lane| ≤ 4·8·32768 < 2³¹).
+/// One q4 block's exact integer sum (`q4.rs` has the layout): the low nibbles of the 32 code
+/// bytes are columns 0..31, the high nibbles 32..63; minus 8 they are the signed weights, multiplied
+/// by the int8 activations into i16 (smull: |w·x| ≤ 8·128) and pairwise added into i32 lanes
+/// (sadalp).
 #[inline]
 #[target_feature(enable = "neon")]
-fn q4_block_dot(codes: &[u8; Q4_BLOCK_BYTES], x: &[i16; Q4_BLOCK]) -> i32 {
-    // SAFETY: 16 code bytes and 32 activations, the lengths of the arrays.
-    let (v, xs) = unsafe {
-        (
-            vld1q_u8(codes.as_ptr()),
-            [
-                vld1q_s16(x.as_ptr()),
-                vld1q_s16(x.as_ptr().add(8)),
-                vld1q_s16(x.as_ptr().add(16)),
-                vld1q_s16(x.as_ptr().add(24)),
-            ],
-        )
-    };
-    let eight = vdupq_n_s8(8);
-    let lo = vsubq_s8(vreinterpretq_s8_u8(vandq_u8(v, vdupq_n_u8(15))), eight); // columns 0..15
-    let hi = vsubq_s8(vreinterpretq_s8_u8(vshrq_n_u8(v, 4)), eight); // columns 16..31
-    let w = [
-        vmovl_s8(vget_low_s8(lo)),
-        vmovl_high_s8(lo),
-        vmovl_s8(vget_low_s8(hi)),
-        vmovl_high_s8(hi),
-    ];
-    let mut acc = [vdupq_n_s32(0); 2];
-    for i in 0..4 {
-        acc[0] = vmlal_s16(acc[0], vget_low_s16(w[i]), vget_low_s16(xs[i]));
-        acc[1] = vmlal_high_s16(acc[1], w[i], xs[i]);
+fn q4_block_dot(codes: &[u8; Q4_BLOCK_BYTES], x: &[i8; Q4_BLOCK]) -> i32 {
+    let (m15, eight) = (vdupq_n_u8(15), vdupq_n_s8(8));
+    let mut acc = vdupq_n_s32(0);
+    for half in 0..2 {
+        // SAFETY: 16·half + 16 ≤ 32 code bytes; the activations at 16·half + 32·j + 16 ≤ 64.
+        let (v, xl, xh) = unsafe {
+            (
+                vld1q_u8(codes.as_ptr().add(16 * half)),
+                vld1q_s8(x.as_ptr().add(16 * half)),
+                vld1q_s8(x.as_ptr().add(16 * half + 32)),
+            )
+        };
+        let lo = vsubq_s8(vreinterpretq_s8_u8(vandq_u8(v, m15)), eight); // columns 16h..16h+15
+        let hi = vsubq_s8(vreinterpretq_s8_u8(vshrq_n_u8(v, 4)), eight); // columns 32+16h..
+        acc = vpadalq_s16(acc, vmull_s8(vget_low_s8(lo), vget_low_s8(xl)));
+        acc = vpadalq_s16(acc, vmull_high_s8(lo, xl));
+        acc = vpadalq_s16(acc, vmull_s8(vget_low_s8(hi), vget_low_s8(xh)));
+        acc = vpadalq_s16(acc, vmull_high_s8(hi, xh));
     }
-    vaddvq_s32(vaddq_s32(acc[0], acc[1]))
+    vaddvq_s32(acc)
 }
 
 /// The q4 head's dot: each block's integer sum reduced to one i32 (the scalar twin's integer),
 /// scaled and added in the scalar twin's order, so the result equals
-/// [`reference::dot_q4_scalar`] exactly. A short last block goes through scalar code.
+/// [`reference::dot_q4_scalar`] exactly.
 ///
 /// # Safety
 /// NEON must be available (every aarch64 level has it).
 #[target_feature(enable = "neon")]
-pub unsafe fn dot_q4_neon(codes: &[u8], scales: &[u16], x: &[i16]) -> f32 {
+pub unsafe fn dot_q4_neon(codes: &[u8], scales: &[u16], x: &[i8]) -> f32 {
     let mut total = 0f32;
     for ((cb, xb), &s) in codes
         .chunks(Q4_BLOCK_BYTES)
@@ -350,9 +343,8 @@ pub unsafe fn dot_q4_neon(codes: &[u8], scales: &[u16], x: &[i16]) -> f32 {
     {
         let sum = match (cb.try_into(), xb.try_into()) {
             (Ok(cb), Ok(xb)) => q4_block_dot(cb, xb),
-            _ => {
-                return total + reference::dot_q4_scalar(cb, std::slice::from_ref(&s), xb);
-            }
+            // x is zero-padded to whole blocks; a short one is not a q4 row
+            _ => return total + reference::dot_q4_scalar(cb, std::slice::from_ref(&s), xb),
         };
         total += bf16_to_f32(s) * sum as f32;
     }

@@ -455,49 +455,53 @@ pub unsafe fn dot_q8_avx2_rows<const R: usize>(
 }
 
 /// The q4 head's dot for `R` rows at once (`q4.rs` has the layout), each row's operations in
-/// the same order (so each result equals the one-row call bit for bit). Per block: 16 code bytes
-/// widened to 16-bit lanes; `& 15` gives columns 0..15, `>> 4` columns 16..31 (a widened byte
-/// has no higher bits), minus 8 the signed weights; two `pmaddwd` against the int16 activations
-/// (|lane| ≤ 2·8·32768 < 2³¹), then one FMA by the block's step. The short last block goes through
-/// the scalar twin.
+/// the same order (so each result equals the one-row call bit for bit). Per block of 64 columns:
+/// 32 code bytes; `& 15` gives columns 0..31, `>> 4 & 15` columns 32..63, as unsigned bytes;
+/// `pmaddubsw` against the int8 activations (|i16| ≤ 2·15·128, the two halves summed ≤ 7680:
+/// no saturation), `pmaddwd` by ones into i32 lanes, minus the block's code offset `8 · Σ x` in
+/// lane 0 (the block's exact integer is then the lanes' sum), one FMA by the block's step.
 ///
 /// # Safety
-/// AVX2 and FMA must be available; every row holds `ceil(x.len() / 32) * 16` code bytes and
-/// `ceil(x.len() / 32)` scales.
+/// AVX2 and FMA must be available; every row holds `x.len() / 64 * 32` code bytes and
+/// `x.len() / 64` scales, `offsets` one entry per block, and `x` is whole blocks.
 #[target_feature(enable = "avx2,fma")]
 #[allow(clippy::needless_range_loop)] // `b` indexes x, the codes and R rows of scales alike
 pub unsafe fn dot_q4_avx2_rows<const R: usize>(
     codes: [&[u8]; R],
     scales: [&[u16]; R],
-    x: &[i16],
+    x: &[i8],
+    offsets: &[i32],
 ) -> [f32; R] {
-    let full = x.len() / Q4_BLOCK;
+    let blocks = x.len() / Q4_BLOCK;
+    assert_eq!(x.len(), blocks * Q4_BLOCK);
+    assert!(offsets.len() >= blocks);
     for r in 0..R {
-        assert!(codes[r].len() >= x.len().div_ceil(Q4_BLOCK) * Q4_BLOCK_BYTES);
-        assert!(scales[r].len() >= x.len().div_ceil(Q4_BLOCK));
+        assert!(codes[r].len() >= blocks * Q4_BLOCK_BYTES && scales[r].len() >= blocks);
     }
-    let (m15, eight) = (_mm256_set1_epi16(15), _mm256_set1_epi16(8));
+    let (m15, ones) = (_mm256_set1_epi8(15), _mm256_set1_epi16(1));
     let mut total = [_mm256_setzero_ps(); R];
-    for b in 0..full {
+    for b in 0..blocks {
         let (xb, cb) = (b * Q4_BLOCK, b * Q4_BLOCK_BYTES);
-        // SAFETY: xb + 32 ≤ full * 32 ≤ x.len().
+        // SAFETY: xb + 64 ≤ x.len().
         let (x0, x1) = unsafe {
             (
                 _mm256_loadu_si256(x.as_ptr().add(xb) as *const __m256i),
-                _mm256_loadu_si256(x.as_ptr().add(xb + 16) as *const __m256i),
+                _mm256_loadu_si256(x.as_ptr().add(xb + 32) as *const __m256i),
             )
         };
+        let offset = _mm256_zextsi128_si256(_mm_cvtsi32_si128(offsets[b]));
         for r in 0..R {
-            if b % 4 == 0 {
-                // four blocks are one cache line of codes: ask for the one PREFETCH_BYTES ahead
+            if b % 2 == 0 {
+                // two blocks are one cache line of codes: ask for the one PREFETCH_BYTES ahead
                 prefetch(codes[r].as_ptr().wrapping_add(cb + PREFETCH_BYTES));
             }
-            // SAFETY: cb + 16 ≤ full * 16 ≤ the row's code bytes (asserted above).
-            let v = unsafe { _mm_loadu_si128(codes[r].as_ptr().add(cb) as *const __m128i) };
-            let w = _mm256_cvtepu8_epi16(v);
-            let lo = _mm256_sub_epi16(_mm256_and_si256(w, m15), eight); // columns 0..15
-            let hi = _mm256_sub_epi16(_mm256_srli_epi16(w, 4), eight); // columns 16..31
-            let acc = _mm256_add_epi32(_mm256_madd_epi16(lo, x0), _mm256_madd_epi16(hi, x1));
+            // SAFETY: cb + 32 ≤ blocks * 32 ≤ the row's code bytes (asserted above).
+            let v = unsafe { _mm256_loadu_si256(codes[r].as_ptr().add(cb) as *const __m256i) };
+            let lo = _mm256_and_si256(v, m15); // columns 0..31
+            let hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), m15); // columns 32..63
+            let pairs =
+                _mm256_add_epi16(_mm256_maddubs_epi16(lo, x0), _mm256_maddubs_epi16(hi, x1));
+            let acc = _mm256_sub_epi32(_mm256_madd_epi16(pairs, ones), offset);
             let s = _mm256_set1_ps(bf16_to_f32(scales[r][b]));
             total[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(acc), s, total[r]);
         }
@@ -507,10 +511,5 @@ pub unsafe fn dot_q4_avx2_rows<const R: usize>(
         // SAFETY: lanes has 8 floats.
         unsafe { _mm256_storeu_ps(lanes.as_mut_ptr(), total[r]) };
         lanes.iter().sum::<f32>()
-            + reference::dot_q4_scalar(
-                &codes[r][full * Q4_BLOCK_BYTES..],
-                &scales[r][full..],
-                &x[full * Q4_BLOCK..],
-            )
     })
 }
