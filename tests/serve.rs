@@ -344,6 +344,69 @@ async fn bad_requests_get_openai_errors() {
     assert_eq!(st, 200, "{v}");
 }
 
+/// The next turn of a conversation resends it whole: the slot's cache already holds its start,
+/// so only the new tokens are computed (`usage.prompt_tokens_details.cached_tokens`), and the
+/// answer equals a fresh run's token for token. One slot, so every request lands on the cache
+/// the previous one left; an unrelated prompt shares only the bos token and is still exact.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_conversation_reuses_its_cached_prefix_and_answers_as_a_fresh_run() {
+    let (_s, url) = server(1, |_| {});
+    let first = "Once upon a time";
+    let (st, v) = post(
+        &url,
+        "/v1/completions",
+        json!({"prompt": first, "max_tokens": 10, "temperature": 0, "ignore_eos": true}),
+    )
+    .await;
+    assert_eq!(st, 200, "{v}");
+    assert_eq!(v["usage"]["prompt_tokens_details"]["cached_tokens"], 0);
+    let first_tokens = v["usage"]["prompt_tokens"].as_u64().unwrap();
+    let answer = v["choices"][0]["text"].as_str().unwrap().to_string();
+    let second = format!("{first}{answer} She said that");
+    let (want, want_ids) = greedy_alone(&second, 10);
+    let (st, v) = post(
+        &url,
+        "/v1/completions",
+        json!({"prompt": second, "max_tokens": 10, "temperature": 0}),
+    )
+    .await;
+    assert_eq!(st, 200, "{v}");
+    assert_eq!(v["choices"][0]["text"].as_str().unwrap(), want);
+    assert_eq!(v["usage"]["completion_tokens"], want_ids.len());
+    let cached = v["usage"]["prompt_tokens_details"]["cached_tokens"]
+        .as_u64()
+        .unwrap();
+    assert!(
+        cached >= first_tokens,
+        "cached {cached} of the {first_tokens} tokens of the first prompt"
+    );
+    assert!(cached < v["usage"]["prompt_tokens"].as_u64().unwrap());
+    // something else entirely: only the bos is shared
+    let other = "The garden was";
+    let (want, _) = greedy_alone(other, 10);
+    let (st, v) = post(
+        &url,
+        "/v1/completions",
+        json!({"prompt": other, "max_tokens": 10, "temperature": 0}),
+    )
+    .await;
+    assert_eq!(st, 200, "{v}");
+    assert_eq!(v["choices"][0]["text"].as_str().unwrap(), want);
+    assert_eq!(v["usage"]["prompt_tokens_details"]["cached_tokens"], 1);
+    let metrics = client()
+        .get(format!("{url}/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert_eq!(
+        metric(&metrics, "bitnet_prompt_tokens_cached_total"),
+        (cached + 1) as f64
+    );
+}
+
 /// A model whose chat template doubles a string past 1 GiB: the request fails with a 400 naming
 /// the cause and the server goes on (in-process, the failed allocation aborted it). Templates
 /// render in a child process as in `bitnet serve`.

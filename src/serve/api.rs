@@ -374,14 +374,29 @@ pub struct Usage {
     pub prompt_tokens: usize,
     pub completion_tokens: usize,
     pub total_tokens: usize,
+    pub prompt_tokens_details: PromptTokensDetails,
+}
+
+/// OpenAI's `usage.prompt_tokens_details`: how many prompt tokens came from the cache.
+#[derive(Debug, Clone, Copy, Serialize, PartialEq, Eq, Default)]
+pub struct PromptTokensDetails {
+    pub cached_tokens: usize,
 }
 
 impl Usage {
     pub fn new(prompt_tokens: usize, completion_tokens: usize) -> Self {
+        Usage::with_cached(prompt_tokens, completion_tokens, 0)
+    }
+
+    /// `cached_tokens` of the prompt were found in the slot's cache (not computed again).
+    pub fn with_cached(prompt_tokens: usize, completion_tokens: usize, cached: usize) -> Self {
         Usage {
             prompt_tokens,
             completion_tokens,
             total_tokens: prompt_tokens + completion_tokens,
+            prompt_tokens_details: PromptTokensDetails {
+                cached_tokens: cached,
+            },
         }
     }
 }

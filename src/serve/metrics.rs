@@ -33,6 +33,8 @@ pub struct Shared {
     pub running: AtomicUsize,
     pub waiting: AtomicUsize,
     pub prompt_tokens: AtomicU64,
+    /// Prompt tokens whose keys and values were already in the slot's cache (not computed).
+    pub cached_prompt_tokens: AtomicU64,
     pub generated_tokens: AtomicU64,
     pub cancelled: AtomicU64,
     pub failed_steps: AtomicU64,
@@ -158,6 +160,12 @@ impl Shared {
             "counter",
             "Prompt tokens of admitted requests.",
             &one(ld(&self.prompt_tokens)),
+        );
+        metric(
+            "bitnet_prompt_tokens_cached_total",
+            "counter",
+            "Prompt tokens found in a slot's cache (a conversation's earlier turns), not computed.",
+            &one(ld(&self.cached_prompt_tokens)),
         );
         metric(
             "bitnet_generated_tokens_total",

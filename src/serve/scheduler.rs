@@ -84,6 +84,8 @@ struct Seq {
     /// The prompt, then the generated ids: `[prompt_len + generated]`.
     tokens: Vec<u32>,
     prompt_len: usize,
+    /// Prompt tokens that were in the slot's cache at admission.
+    cached: usize,
     /// Positions of `tokens` already in the slot's cache.
     fed: usize,
     slot: u32,
@@ -104,7 +106,7 @@ impl Seq {
     }
 
     fn usage(&self) -> Usage {
-        Usage::new(self.prompt_len, self.generated)
+        Usage::with_cached(self.prompt_len, self.generated, self.cached)
     }
 }
 
@@ -121,7 +123,15 @@ pub struct Scheduler {
     stop_ids: Vec<u32>,
     cfg: SchedulerConfig,
     shared: Arc<Shared>,
+    /// Free slots, the longest free first (a new conversation takes the slot whose cache was
+    /// left the longest ago).
     free_slots: Vec<u32>,
+    /// `[slots]`: the tokens whose keys and values each slot's cache holds at positions
+    /// `0..len`, left by the sequence that used it last. A request that starts with them (the
+    /// next turn of a chat resends the whole conversation) takes that slot and skips their
+    /// prefill. Rows are independent and integer-exact, so the reused entries are the ones a
+    /// fresh prefill would compute (`tests/serve.rs` checks it).
+    slot_tokens: Vec<Vec<u32>>,
     /// Sequences with a slot, in admission order (prefill goes first come, first served).
     running: Vec<Seq>,
     waiting: VecDeque<Request>,
@@ -136,7 +146,8 @@ impl Scheduler {
         cfg: SchedulerConfig,
         shared: Arc<Shared>,
     ) -> Self {
-        let free_slots = (0..cfg.slots as u32).rev().collect();
+        let free_slots = (0..cfg.slots as u32).collect();
+        let slot_tokens = vec![Vec::new(); cfg.slots];
         Scheduler {
             model,
             tokenizer,
@@ -144,6 +155,7 @@ impl Scheduler {
             cfg,
             shared,
             free_slots,
+            slot_tokens,
             running: Vec::new(),
             waiting: VecDeque::new(),
             shutting_down: false,
@@ -212,9 +224,17 @@ impl Scheduler {
                 finish: Finish::Stop,
                 usage: s.usage(),
             });
-            self.free_slots.push(s.slot);
+            self.release(&s);
         }
         self.publish();
+    }
+
+    /// Frees the slot of a sequence that ended, remembering what its cache holds.
+    fn release(&mut self, s: &Seq) {
+        let slot = s.slot as usize;
+        self.slot_tokens[slot].clear();
+        self.slot_tokens[slot].extend_from_slice(&s.tokens[..s.fed]);
+        self.free_slots.push(s.slot);
     }
 
     /// Clients that went away: their slots are free for this very step.
@@ -223,25 +243,22 @@ impl Scheduler {
         self.waiting.retain(|r| !r.events.is_closed());
         let gone = before - self.waiting.len();
         self.shared.queued.fetch_sub(gone, Ordering::Relaxed);
-        let mut cancelled = gone;
-        let free = &mut self.free_slots;
-        self.running.retain(|s| {
-            let closed = s.events.is_closed();
-            if closed {
-                free.push(s.slot);
-                cancelled += 1;
-            }
-            !closed
-        });
+        let (closed, open): (Vec<Seq>, Vec<Seq>) = std::mem::take(&mut self.running)
+            .into_iter()
+            .partition(|s| s.events.is_closed());
+        self.running = open;
+        let cancelled = gone + closed.len();
+        for s in &closed {
+            self.release(s);
+        }
         self.shared
             .cancelled
             .fetch_add(cancelled as u64, Ordering::Relaxed);
     }
 
     fn admit(&mut self) {
-        while let Some(slot) = self.free_slots.pop() {
+        while !self.free_slots.is_empty() {
             let Some(r) = self.waiting.pop_front() else {
-                self.free_slots.push(slot);
                 break;
             };
             self.shared.queued.fetch_sub(1, Ordering::Relaxed);
@@ -249,10 +266,26 @@ impl Scheduler {
                 Ok(s) => s,
                 Err(e) => {
                     let _ = r.events.send(Event::Error(e.to_string()));
-                    self.free_slots.push(slot);
                     continue;
                 }
             };
+            // The free slot whose cache starts like this prompt, longest first; with no match
+            // anywhere the one freed the longest ago (the first).
+            let (k, common) = self
+                .free_slots
+                .iter()
+                .enumerate()
+                .map(|(k, &slot)| {
+                    (
+                        k,
+                        common_prefix(&self.slot_tokens[slot as usize], &r.prompt),
+                    )
+                })
+                .fold((0, 0), |best, c| if c.1 > best.1 { c } else { best });
+            let slot = self.free_slots.remove(k);
+            // At least the prompt's last token is computed again: its logits start the answer.
+            let cached = common.min(r.prompt.len().saturating_sub(1));
+            self.slot_tokens[slot as usize].clear();
             let prompt_len = r.prompt.len();
             // the context bounds the output too: the last sampled token needs no position
             let room = self.cfg.ctx + 1 - prompt_len;
@@ -260,12 +293,16 @@ impl Scheduler {
             self.shared
                 .prompt_tokens
                 .fetch_add(prompt_len as u64, Ordering::Relaxed);
+            self.shared
+                .cached_prompt_tokens
+                .fetch_add(cached as u64, Ordering::Relaxed);
             self.running.push(Seq {
                 events: r.events,
                 params: r.params,
                 tokens: r.prompt,
                 prompt_len,
-                fed: 0,
+                cached,
+                fed: cached,
                 slot,
                 sampler,
                 decoder: StreamDecoder::default(),
@@ -335,6 +372,7 @@ impl Scheduler {
                 eprintln!("bitnet serve: {msg}");
                 for s in std::mem::take(&mut self.running) {
                     let _ = s.events.send(Event::Error(msg.clone()));
+                    self.slot_tokens[s.slot as usize].clear(); // the cache is not trusted
                     self.free_slots.push(s.slot);
                 }
                 self.shared.failed_steps.fetch_add(1, Ordering::Relaxed);
@@ -375,7 +413,7 @@ impl Scheduler {
                     usage: s.usage(),
                 });
             }
-            self.free_slots.push(s.slot);
+            self.release(&s);
         }
     }
 
@@ -429,6 +467,11 @@ impl Scheduler {
 }
 
 /// Byte offset of the earliest stop string in `text`.
+/// Length of the common prefix of two token lists.
+fn common_prefix(a: &[u32], b: &[u32]) -> usize {
+    a.iter().zip(b).take_while(|(x, y)| x == y).count()
+}
+
 fn first_stop(text: &str, stops: &[String]) -> Option<usize> {
     stops.iter().filter_map(|s| text.find(s.as_str())).min()
 }
