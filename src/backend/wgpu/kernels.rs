@@ -46,12 +46,7 @@ macro_rules! kernel {
 }
 
 // Binding 0 is always the Step uniform. Shapes of the other bindings are in the .wgsl files.
-kernel!(
-    ROW_OPS,
-    "row_ops.wgsl",
-    "row_ops",
-    [U, RW, R, R, R, RW, RW, RW]
-);
+kernel!(ROW_OPS, "row_ops.wgsl", "row_ops", [U, R, R, RW, RW, RW]);
 kernel!(MATVEC, "ternary_matmul.wgsl", "matvec", [U, U, R, R, R, RW]);
 kernel!(
     MATMUL_TILED,
@@ -59,15 +54,19 @@ kernel!(
     "matmul_tiled",
     [U, U, R, R, R, RW]
 );
-kernel!(ROPE, "rope.wgsl", "rope", [U, RW, R, R]);
-kernel!(KV_STORE, "attention.wgsl", "kv_store", [U, R, R, RW, RW, R]);
-kernel!(ATTEND, "attention.wgsl", "attend", [U, R, R, R, RW, R]);
 kernel!(
-    ROPE_KV_STORE,
-    "attention.wgsl",
-    "rope_kv_store",
-    [U, RW, RW, R, RW, RW, R, R]
+    MATVEC_QKV,
+    "ternary_matmul.wgsl",
+    "matvec_qkv",
+    [U, U, R, R, R, RW, R, R, RW, RW]
 );
+kernel!(
+    MATMUL_TILED_QKV,
+    "ternary_matmul.wgsl",
+    "matmul_tiled_qkv",
+    [U, U, R, R, R, RW, R, R, RW, RW]
+);
+kernel!(ATTEND, "attention.wgsl", "attend", [U, R, R, R, RW, R]);
 kernel!(
     ATTEND_SPLIT,
     "attention.wgsl",
@@ -91,13 +90,12 @@ kernel!(
 kernel!(ARGMAX_FINAL, "argmax.wgsl", "argmax_final", [U, R, RW, RW]);
 
 /// Every kernel, for tests that compile them all.
-pub static ALL: [&Kernel; 13] = [
-    &ROPE_KV_STORE,
+pub static ALL: [&Kernel; 12] = [
     &ROW_OPS,
     &MATVEC,
     &MATMUL_TILED,
-    &ROPE,
-    &KV_STORE,
+    &MATVEC_QKV,
+    &MATMUL_TILED_QKV,
     &ATTEND,
     &ATTEND_SPLIT,
     &ATTEND_COMBINE,
