@@ -18,6 +18,11 @@
 // staged in workgroup memory, each weight word used for 32 tokens); `matvec_qkv` and
 // `matmul_tiled_qkv` are the same with the RoPE / KV-cache epilogue and its extra bindings.
 //
+// Prologue (the _pro entry points, decode only): the step's input is not yet quantized; each
+// workgroup computes rms_norm + quantize of its token's f32 row `px` itself (row_ops.wgsl's
+// code and reduction order, so the codes are the same in every workgroup), keeps the int8 row
+// in workgroup memory, and workgroup x = 0 also stores it (q and (s, Σq)) as the op's QTensor.
+//
 // Epilogues (MODE): 0 y = v; 1 y += v (residual add); 2 y = relu(g)²·u; 3 y = silu(g)·u
 // (g, u: rows r and r + PAIR of the product, y [capacity, ROWS / 2]); 4 (the _qkv entry points)
 // RoPE of the q and k rows, q to y, k and v to the KV cache at the row's (slot, pos).
@@ -54,11 +59,21 @@ override CTX: u32 = 1u;
 @group(0) @binding(4) var<storage, read> xmeta: array<u32>;      // [capacity, 2] (s bits, Σq)
 // MODE 0, 1: [capacity, ROWS]; MODE 2, 3: [capacity, ROWS / 2]; MODE 4: q [capacity, HEADS·HD]
 @group(0) @binding(5) var<storage, read_write> y: array<f32>;
+// the _pro entry points only: the quantized row they compute
+@group(0) @binding(3) var<storage, read_write> xq_out: array<u32>;    // [capacity, 4 G]
+@group(0) @binding(4) var<storage, read_write> xmeta_out: array<u32>; // [capacity, 2]
 // MODE 4 only
 @group(0) @binding(6) var<storage, read> qkv_rows: array<vec4<u32>>; // [n] (token, pos, slot, 0)
 @group(0) @binding(7) var<storage, read> rope_cs: array<vec2<f32>>;  // [positions, HD / 2] (cos, sin)
 @group(0) @binding(8) var<storage, read_write> kc: array<f32>;       // [slots, CTX, KV_HEADS·HD]
 @group(0) @binding(9) var<storage, read_write> vc: array<f32>;       // [slots, CTX, KV_HEADS·HD]
+// the _pro entry points only (6..9 are dummies outside MODE 4)
+@group(0) @binding(10) var<storage, read> px: array<f32>;            // [capacity, PCOLS] input rows
+@group(0) @binding(11) var<storage, read> pw: array<f32>;            // [PCOLS] norm weight
+
+override PCOLS: u32 = 1u;  // prologue: row length (= 16 G minus padding)
+override PQW: u32 = 4u;    // prologue: u32 words per quantized row, 4 G
+override PEPS: f32 = 1e-5; // prologue: rms_norm_eps
 
 const CODE_MASK: u32 = 0x03030303u;
 
@@ -96,15 +111,20 @@ fn part_scale(r: u32) -> f32 {
     return s;
 }
 
-// The product of row r for token t from its code accumulator.
-fn value(t: u32, r: u32, acc_codes: i32) -> f32 {
-    let acc = acc_codes - bitcast<i32>(xmeta[t * 2u + 1u]);
+// The product of row r from its code accumulator and its token's (s bits, Σq).
+fn scaled(r: u32, acc_codes: i32, sm: vec2<u32>) -> f32 {
+    let acc = acc_codes - bitcast<i32>(sm.y);
     if RAW_ACC {
         return f32(acc);
     }
     // Same two roundings as the CPU backend: f = out_scale / s, then acc · f.
-    let f = part_scale(r) / bitcast<f32>(xmeta[t * 2u]);
+    let f = part_scale(r) / bitcast<f32>(sm.x);
     return f32(acc) * f;
+}
+
+// The product of row r for token t from its code accumulator (the quantized input in memory).
+fn value(t: u32, r: u32, acc_codes: i32) -> f32 {
+    return scaled(r, acc_codes, vec2<u32>(xmeta[t * 2u], xmeta[t * 2u + 1u]));
 }
 
 // MODE 0 / 1: one row.
@@ -166,6 +186,19 @@ const MV_ROWS: u32 = 16u;  // rows per workgroup (16 × 16 = 256 threads)
 
 var<workgroup> mv_part: array<i32, 256>;
 
+// Sums mv_part over the 16 lanes of each row: local row j's total in mv_part[16 j].
+fn mv_reduce(lid: u32, acc: i32) {
+    let lane = lid % MV_LANES;
+    mv_part[lid] = acc;
+    workgroupBarrier();
+    for (var s = MV_LANES / 2u; s > 0u; s >>= 1u) {
+        if lane < s {
+            mv_part[lid] += mv_part[lid + s];
+        }
+        workgroupBarrier();
+    }
+}
+
 // Leaves the code accumulator of local row j of block `blk` in mv_part[16 j] (all threads).
 fn mv_accumulate(blk: u32, t: u32, lid: u32) {
     let lane = lid % MV_LANES;
@@ -182,13 +215,150 @@ fn mv_accumulate(blk: u32, t: u32, lid: u32) {
                 + dot16(wv.z, xq[xb + 2u]) + dot16(wv.w, xq[xb + 3u]);
         }
     }
-    mv_part[lid] = acc;
+    mv_reduce(lid, acc);
+}
+
+// ---- the prologue: rms_norm + quantize of row t into workgroup memory (row_ops.wgsl with
+// WG = 256, NORM and QUANT) ----
+var<workgroup> pro_q: array<u32, PQW>;      // the quantized row, 4 int8 per word
+var<workgroup> pro_red: array<f32, 256>;
+var<workgroup> pro_red_i: array<i32, 256>;
+var<workgroup> pro_meta: vec2<u32>;         // (s bits, Σq)
+
+fn pro_reduce_sum(lid: u32, v: f32) -> f32 {
+    pro_red[lid] = v;
     workgroupBarrier();
-    for (var s = MV_LANES / 2u; s > 0u; s >>= 1u) {
-        if lane < s {
-            mv_part[lid] += mv_part[lid + s];
+    for (var s = 128u; s > 0u; s >>= 1u) {
+        if lid < s {
+            pro_red[lid] += pro_red[lid + s];
         }
         workgroupBarrier();
+    }
+    let r = pro_red[0];
+    workgroupBarrier();
+    return r;
+}
+
+fn pro_reduce_max(lid: u32, v: f32) -> f32 {
+    pro_red[lid] = v;
+    workgroupBarrier();
+    for (var s = 128u; s > 0u; s >>= 1u) {
+        if lid < s {
+            pro_red[lid] = max(pro_red[lid], pro_red[lid + s]);
+        }
+        workgroupBarrier();
+    }
+    let r = pro_red[0];
+    workgroupBarrier();
+    return r;
+}
+
+fn prologue(t: u32, lid: u32, store: bool) {
+    let base = t * PCOLS;
+    let words = (PCOLS + 3u) / 4u;
+    var ss = 0.0;
+    for (var wi = lid; wi < words; wi += 256u) {
+        for (var k = 0u; k < 4u; k++) {
+            let col = wi * 4u + k;
+            if col < PCOLS {
+                let v = px[base + col];
+                ss += v * v;
+            }
+        }
+    }
+    let inv = 1.0 / sqrt(pro_reduce_sum(lid, ss) / f32(PCOLS) + PEPS);
+    var m = 0.0;
+    for (var wi = lid; wi < words; wi += 256u) {
+        for (var k = 0u; k < 4u; k++) {
+            let col = wi * 4u + k;
+            if col < PCOLS {
+                m = max(m, abs(pw[col] * (px[base + col] * inv)));
+            }
+        }
+    }
+    let scale = 127.0 / max(pro_reduce_max(lid, m), 1e-5);
+    var sum = 0i;
+    for (var wi = lid; wi < PQW; wi += 256u) {
+        var packed = 0u;
+        for (var k = 0u; k < 4u; k++) {
+            let col = wi * 4u + k;
+            if col < PCOLS {
+                let u = pw[col] * (px[base + col] * inv);
+                let v = i32(clamp(round(u * scale), -128.0, 127.0));
+                sum += v;
+                packed |= (u32(v) & 0xffu) << (8u * k);
+            }
+        }
+        pro_q[wi] = packed;
+        if store {
+            xq_out[t * PQW + wi] = packed;
+        }
+    }
+    pro_red_i[lid] = sum;
+    workgroupBarrier();
+    for (var s = 128u; s > 0u; s >>= 1u) {
+        if lid < s {
+            pro_red_i[lid] += pro_red_i[lid + s];
+        }
+        workgroupBarrier();
+    }
+    if lid == 0u {
+        pro_meta = vec2<u32>(bitcast<u32>(scale), bitcast<u32>(pro_red_i[0]));
+        if store {
+            xmeta_out[t * 2u] = pro_meta.x;
+            xmeta_out[t * 2u + 1u] = pro_meta.y;
+        }
+    }
+    workgroupBarrier();
+}
+
+// mv_accumulate over the prologue's row in workgroup memory.
+fn mv_accumulate_pro(blk: u32, lid: u32) {
+    let lane = lid % MV_LANES;
+    let r = block_row(blk, lid / MV_LANES, MV_ROWS);
+    var acc = 0i;
+    if r < lin.rows {
+        let g4 = lin.groups / 4u;
+        let wrow = r * g4;
+        for (var g = lane; g < g4; g += MV_LANES) {
+            let wv = w4[wrow + g];
+            let b = 16u * g; // word of the 64-column vector g
+            let x0 = vec4<u32>(pro_q[b], pro_q[b + 1u], pro_q[b + 2u], pro_q[b + 3u]);
+            let x1 = vec4<u32>(pro_q[b + 4u], pro_q[b + 5u], pro_q[b + 6u], pro_q[b + 7u]);
+            let x2 = vec4<u32>(pro_q[b + 8u], pro_q[b + 9u], pro_q[b + 10u], pro_q[b + 11u]);
+            let x3 = vec4<u32>(pro_q[b + 12u], pro_q[b + 13u], pro_q[b + 14u], pro_q[b + 15u]);
+            acc += dot16(wv.x, x0) + dot16(wv.y, x1) + dot16(wv.z, x2) + dot16(wv.w, x3);
+        }
+    }
+    mv_reduce(lid, acc);
+}
+
+// The epilogue of matvec / matvec_pro for token t, given the token's (s bits, Σq).
+fn mv_finish(blk: u32, t: u32, lid: u32, sm: vec2<u32>) {
+    if PAIR == 0u {
+        let r = block_row(blk, lid / MV_LANES, MV_ROWS);
+        if lid % MV_LANES == 0u && r < lin.rows {
+            put(t, r, scaled(r, mv_part[lid], sm));
+        }
+    } else if lid < MV_ROWS / 2u {
+        let r = block_row(blk, lid, MV_ROWS);
+        if r < lin.rows {
+            let g = scaled(r, mv_part[lid * MV_LANES], sm);
+            let u = scaled(r + PAIR, mv_part[(lid + MV_ROWS / 2u) * MV_LANES], sm);
+            put_gated(t, r, g, u);
+        }
+    }
+}
+
+// The epilogue of matvec_qkv / matvec_qkv_pro.
+fn mv_finish_qkv(blk: u32, t: u32, lid: u32, sm: vec2<u32>) {
+    if lid < MV_ROWS / 2u {
+        let r = block_row(blk, lid, MV_ROWS);
+        if r < lin.rows {
+            let a = scaled(r, mv_part[lid * MV_LANES], sm);
+            let b = scaled(r + PAIR, mv_part[(lid + MV_ROWS / 2u) * MV_LANES], sm);
+            put_qkv(t, r, a, b);
+        }
     }
 }
 
@@ -199,19 +369,18 @@ fn matvec(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index
         return;
     }
     mv_accumulate(wid.x, t, lid);
-    if PAIR == 0u {
-        let r = block_row(wid.x, lid / MV_LANES, MV_ROWS);
-        if lid % MV_LANES == 0u && r < lin.rows {
-            put(t, r, value(t, r, mv_part[lid]));
-        }
-    } else if lid < MV_ROWS / 2u {
-        let r = block_row(wid.x, lid, MV_ROWS);
-        if r < lin.rows {
-            let g = value(t, r, mv_part[lid * MV_LANES]);
-            let u = value(t, r + PAIR, mv_part[(lid + MV_ROWS / 2u) * MV_LANES]);
-            put_gated(t, r, g, u);
-        }
+    mv_finish(wid.x, t, lid, vec2<u32>(xmeta[t * 2u], xmeta[t * 2u + 1u]));
+}
+
+@compute @workgroup_size(256)
+fn matvec_pro(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
+    let t = wid.y;
+    if t >= step.n_tokens {
+        return;
     }
+    prologue(t, lid, wid.x == 0u);
+    mv_accumulate_pro(wid.x, lid);
+    mv_finish(wid.x, t, lid, pro_meta);
 }
 
 @compute @workgroup_size(256)
@@ -221,14 +390,19 @@ fn matvec_qkv(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_i
         return;
     }
     mv_accumulate(wid.x, t, lid);
-    if lid < MV_ROWS / 2u {
-        let r = block_row(wid.x, lid, MV_ROWS);
-        if r < lin.rows {
-            let a = value(t, r, mv_part[lid * MV_LANES]);
-            let b = value(t, r + PAIR, mv_part[(lid + MV_ROWS / 2u) * MV_LANES]);
-            put_qkv(t, r, a, b);
-        }
+    mv_finish_qkv(wid.x, t, lid, vec2<u32>(xmeta[t * 2u], xmeta[t * 2u + 1u]));
+}
+
+@compute @workgroup_size(256)
+fn matvec_qkv_pro(@builtin(workgroup_id) wid: vec3<u32>,
+                  @builtin(local_invocation_index) lid: u32) {
+    let t = wid.y;
+    if t >= step.n_tokens {
+        return;
     }
+    prologue(t, lid, wid.x == 0u);
+    mv_accumulate_pro(wid.x, lid);
+    mv_finish_qkv(wid.x, t, lid, pro_meta);
 }
 
 // ---- prefill: dispatch (ceil(ROWS / TM), ceil(n_tokens / TN)) ----

@@ -386,7 +386,9 @@ fn rms_norm_quantize_equals_norm_then_quantize() {
         g.begin_step(&StepRow::sequence(&tokens, 0)).unwrap();
         let before = g.dispatch_count();
         g.rms_norm_quantize(&gx, &gw, 1e-5, &mut fused).unwrap();
+        g.end_step().unwrap();
         assert_eq!(g.dispatch_count() - before, 1, "one dispatch");
+        g.begin_step(&StepRow::sequence(&tokens, 0)).unwrap();
         g.rms_norm(&gx, &gw, 1e-5, &mut gn).unwrap();
         g.quantize(&gn, &mut sep).unwrap();
         g.end_step().unwrap();
@@ -954,4 +956,104 @@ fn rows_of_several_slots_at_different_positions_equal_each_sequence_alone() {
     let err = g.attention(&q, &small, 0, &shape, &mut o).unwrap_err();
     assert!(err.to_string().contains("slot 2"), "{err}");
     g.end_step().unwrap();
+}
+
+/// A decode step's `rms_norm_quantize` runs as the prologue of the matmul that consumes it (one
+/// dispatch for both, every consumer: plain, residual add, gate|up, q|k|v): the outputs and the
+/// stored int8 row equal the two ops as separate dispatches (the prologue is row_ops.wgsl's code
+/// and reduction order). Prefill steps keep two dispatches.
+#[test]
+fn norm_quantize_prologue_equals_separate_dispatches() {
+    let Some(mut g) = gpu("norm_quantize_prologue") else {
+        return;
+    };
+    let mut r = rng(44);
+    let (heads, kv_heads, hd) = (4usize, 2usize, 8usize);
+    let (qd, kvd) = (heads * hd, kv_heads * hd);
+    let shape = AttentionShape {
+        n_heads: heads,
+        n_kv_heads: kv_heads,
+        head_dim: hd,
+        rope_theta: 10000.0,
+    };
+    for &cols in &[44usize, 300, 2560] {
+        let wn = randn(&mut r, cols, 1.5);
+        let gwn = g.upload_vector(&wn).unwrap();
+        let parts = [
+            random_ternary(&mut r, qd, cols, 0.05),
+            random_ternary(&mut r, kvd, cols, 0.07),
+            random_ternary(&mut r, kvd, cols, 0.03),
+        ];
+        let refs: Vec<&TernaryMatrix> = parts.iter().collect();
+        let qkv = g.upload_linears(&refs).unwrap();
+        let (wg, wu) = (
+            random_ternary(&mut r, 24, cols, 0.9),
+            random_ternary(&mut r, 24, cols, 0.4),
+        );
+        let gu = g.upload_linears(&[&wg, &wu]).unwrap();
+        let wo = g
+            .upload_linear(&random_ternary(&mut r, 36, cols, 0.3))
+            .unwrap();
+        for n in [1usize, 3, 6] {
+            let x = randn(&mut r, n * cols, 2.0);
+            let acc0 = randn(&mut r, n * 36, 1.0);
+            let tokens = vec![0u32; n];
+            let rows = StepRow::sequence(&tokens, 2);
+            let mut results = Vec::new();
+            for fused in [true, false] {
+                let (_, gx) = both(&mut g, &x, n, cols);
+                let mut xq = g.alloc_q(n, cols).unwrap();
+                let mut out = g.alloc(n, 36).unwrap();
+                let (_, mut acc) = both(&mut g, &acc0, n, 36);
+                let mut ffn = g.alloc(n, 24).unwrap();
+                let mut q = g.alloc(n, qd).unwrap();
+                let mut att = g.alloc(n, qd).unwrap();
+                let mut cache = g.alloc_kv_cache(1, 1, 16, kvd).unwrap();
+                let mut dispatches = Vec::new();
+                for op in 0..4 {
+                    g.begin_step(&rows).unwrap();
+                    let before = g.dispatch_count();
+                    g.rms_norm_quantize(&gx, &gwn, 1e-5, &mut xq).unwrap();
+                    if !fused {
+                        g.end_step().unwrap();
+                        g.begin_step(&rows).unwrap();
+                    }
+                    match op {
+                        0 => g.ternary_matmul(&wo, &xq, &mut out).unwrap(),
+                        1 => g.ternary_matmul_add(&wo, &xq, &mut acc).unwrap(),
+                        2 => g.gate_up(&gu, &xq, FfnActivation::Relu2, &mut ffn).unwrap(),
+                        _ => g
+                            .qkv_rope_store(&qkv, &xq, &mut cache, 0, &shape, &mut q)
+                            .unwrap(),
+                    }
+                    dispatches.push(g.dispatch_count() - before);
+                    if op == 3 {
+                        g.attention(&q, &cache, 0, &shape, &mut att).unwrap();
+                    }
+                    g.end_step().unwrap();
+                }
+                let one = if fused && n <= 4 { 1 } else { 2 };
+                assert_eq!(dispatches, vec![one; 4], "cols={cols} n={n} fused={fused}");
+                results.push((
+                    g.read_q(&xq, n).unwrap(),
+                    [&out, &acc, &ffn, &q, &att].map(|t| g.read(t, n).unwrap()),
+                ));
+            }
+            let what = format!("cols={cols} n={n}");
+            assert!(
+                results[0].0 == results[1].0,
+                "{what}: stored int8 rows differ"
+            );
+            let names = ["matmul", "matmul_add", "gate_up", "rotated q", "attention"];
+            for (k, name) in names.iter().enumerate() {
+                assert_close(
+                    &format!("{what} {name}: prologue vs separate"),
+                    &results[0].1[k],
+                    &results[1].1[k],
+                    0.0,
+                    0.0,
+                );
+            }
+        }
+    }
 }

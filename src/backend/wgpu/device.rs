@@ -187,6 +187,7 @@ impl WgpuBackend {
             upload_scratch: Vec::new(),
             attn_partials: HashMap::new(),
             counters: GpuCounters::default(),
+            pending_norm: None,
             chain: Default::default(),
             encode_start: None,
             dummy_r,
@@ -372,6 +373,7 @@ impl WgpuBackend {
 
     /// Submits everything recorded so far (nothing if empty).
     pub(super) fn flush(&mut self) -> Result<()> {
+        self.flush_pending()?;
         self.pass = None;
         if let Some(enc) = self.encoder.take() {
             let index = self.queue.submit([enc.finish()]);
@@ -423,6 +425,7 @@ impl WgpuBackend {
         bufs: &[&GpuBuf],
         groups: [u32; 3],
     ) -> Result<()> {
+        self.flush_pending()?;
         self.check_alive()?;
         assert_eq!(bufs.len() + 1, k.bindings.len(), "{}: bindings", k.entry);
         if groups.contains(&0) {
@@ -467,6 +470,7 @@ impl WgpuBackend {
 
     /// Copies `bytes` bytes of `src` to the host (submits what is recorded, then waits).
     pub(super) fn download(&mut self, src: &GpuBuf, bytes: u64) -> Result<Vec<u8>> {
+        self.flush_pending()?;
         self.pass = None;
         if bytes == 0 {
             self.flush()?;

@@ -3,6 +3,7 @@
 //! residual add, the gated FFN product, or RoPE + KV-cache store of q|k|v.
 
 use super::kernels::{self, Kernel};
+use super::row_ops::PendingNorm;
 use super::{layout, GpuBuf, GpuKvCache, GpuLinear, GpuQTensor, GpuTensor, WgpuBackend};
 use crate::backend::{check_fused_rows, AttentionShape, FfnActivation};
 use crate::error::{BitnetError, Result};
@@ -17,6 +18,15 @@ const TM: usize = 64;
 const TN: usize = 32;
 /// Parts a concatenated matrix may have (the `Linear` uniform's vec4s).
 const MAX_PARTS: usize = 4;
+
+/// The override constants of the prologue (shaders/ternary_matmul.wgsl `PCOLS`, `PQW`, `PEPS`).
+fn prologue_consts(p: &PendingNorm) -> [(&'static str, f64); 3] {
+    [
+        ("PCOLS", p.cols as f64),
+        ("PQW", (4 * layout::groups(p.cols)) as f64),
+        ("PEPS", p.eps as f64),
+    ]
+}
 
 /// The epilogue of a matmul dispatch (shaders/ternary_matmul.wgsl `MODE`).
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -158,6 +168,16 @@ impl WgpuBackend {
             ("MODE", mode as f64),
             ("PAIR", pair as f64),
         ];
+        if let Some(p) = self.take_prologue(&x.q) {
+            let mut consts = consts.to_vec();
+            consts.extend(prologue_consts(&p));
+            let (dr, drw) = (self.dummy_r.clone(), self.dummy_rw.clone());
+            let bufs = [
+                &w.params, &w.w, &x.q, &x.meta, y, &dr, &dr, &drw, &drw, &p.x, &p.w,
+            ];
+            let groups = [w.rows.div_ceil(MV_ROWS) as u32, self.n() as u32, 1];
+            return self.record(&kernels::MATVEC_PRO, &consts, &bufs, groups);
+        }
         let bufs = [&w.params, &w.w, &x.q, &x.meta, y];
         let (kernel, groups) = self.matmul_grid(w, false);
         self.record(kernel, &consts, &bufs, groups)
@@ -198,6 +218,7 @@ impl WgpuBackend {
         self.check_matmul(w, x)?;
         check_fused_rows("qkv_rope_store", &w.name, w.rows, qd + 2 * kvd)?;
         self.check_cache("qkv_rope_store", shape, q, q, cache, layer)?;
+        let prologue = self.take_prologue(&x.q); // (before the table: creating it may flush)
         let table = self.rope_table(hd, shape.rope_theta, self.max_pos + 1)?;
         let consts = [
             ("MODE", 4.0),
@@ -209,6 +230,15 @@ impl WgpuBackend {
         ];
         let rows = self.rows_buf.clone();
         let (kc, vc) = (&cache.k[layer], &cache.v[layer]);
+        if let Some(p) = prologue {
+            let mut consts = consts.to_vec();
+            consts.extend(prologue_consts(&p));
+            let bufs = [
+                &w.params, &w.w, &x.q, &x.meta, &q.buf, &rows, &table, kc, vc, &p.x, &p.w,
+            ];
+            let groups = [w.rows.div_ceil(MV_ROWS) as u32, self.n() as u32, 1];
+            return self.record(&kernels::MATVEC_QKV_PRO, &consts, &bufs, groups);
+        }
         let bufs = [
             &w.params, &w.w, &x.q, &x.meta, &q.buf, &rows, &table, kc, vc,
         ];

@@ -176,6 +176,9 @@ pub struct WgpuBackend {
     upload_scratch: Vec<u32>, // [4 + n] the Step uniform and the tokens, reused
     attn_partials: HashMap<(usize, usize, usize), GpuBuf>, // (heads, blocks, hd) → [4, heads, blocks, hd + 2]
     counters: GpuCounters,
+    /// A decode step's `rms_norm_quantize` not emitted yet: the matmul that consumes it runs it
+    /// as its prologue (one dispatch for both); anything else emits it first.
+    pending_norm: Option<row_ops::PendingNorm>,
     chain: chain::Chain, // chained greedy tokens being read back
     encode_start: Option<std::time::Instant>, // when the open command encoder was created
     dummy_r: GpuBuf,     // [4] f32, bound to the unused read-only slots of row_ops

@@ -1,5 +1,9 @@
 //! The row-wise ops of the residual stream (RMSNorm, int8 quantize, and the two as one op), each
-//! one dispatch of shaders/row_ops.wgsl, one workgroup per row.
+//! one dispatch of shaders/row_ops.wgsl, one workgroup per row, except a decode step's
+//! `rms_norm_quantize`, which is held back and becomes the prologue of the matmul that consumes
+//! it (shaders/ternary_matmul.wgsl `*_pro`), or is emitted as its own dispatch before any other
+//! op, read or submit. `BITNET_GPU_NO_PROLOGUE=1` turns the prologue off (one more dispatch per
+//! norm, for comparisons).
 
 use super::kernels;
 use super::{layout, GpuBuf, GpuQTensor, GpuTensor, GpuVector, WgpuBackend};
@@ -8,7 +12,48 @@ use crate::error::{BitnetError, Result};
 /// Threads per row_ops workgroup (one workgroup per row): shaders/row_ops.wgsl `WG`.
 pub(super) const ROW_OPS_WG: usize = 256;
 
+/// Bytes of workgroup memory the matvec prologue needs besides its quantized row (the matvec's
+/// and the prologue's reduction arrays, the meta).
+const PROLOGUE_WG_BYTES: usize = 3 * 256 * 4 + 16;
+/// Storage buffers the prologue kernels bind.
+const PROLOGUE_STORAGE_BUFFERS: u32 = 10;
+
+/// An `rms_norm_quantize` held back for the next matmul's prologue.
+#[derive(Debug)]
+pub(super) struct PendingNorm {
+    pub x: GpuBuf, // [capacity, cols] f32 input
+    pub w: GpuBuf, // [cols] norm weight
+    pub eps: f32,
+    pub cols: usize,
+    pub q: GpuBuf,    // [capacity, 4·groups(cols)] u32 output
+    pub meta: GpuBuf, // [capacity, 2] output
+}
+
 impl WgpuBackend {
+    /// Emits a held-back `rms_norm_quantize` as its own dispatch.
+    pub(super) fn flush_pending(&mut self) -> Result<()> {
+        match self.pending_norm.take() {
+            Some(p) => self.row_ops(
+                &p.x,
+                p.cols,
+                Some((&p.w, p.eps)),
+                None,
+                Some((&p.q, &p.meta)),
+            ),
+            None => Ok(()),
+        }
+    }
+
+    /// The held-back norm if it produced `q` (the matmul about to run consumes it) and this
+    /// step is a decode step: the matmul then runs it as its prologue.
+    pub(super) fn take_prologue(&mut self, q: &GpuBuf) -> Option<PendingNorm> {
+        let fits = self.n() <= super::MATVEC_MAX_TOKENS;
+        match &self.pending_norm {
+            Some(p) if fits && p.q.id == q.id => self.pending_norm.take(),
+            _ => None,
+        }
+    }
+
     /// One dispatch of row_ops over `x [n, cols]`: the norm `(w, eps)` into `xn` (when there is
     /// no quantize) and / or the quantization into `(q, meta)`.
     fn row_ops(
@@ -81,6 +126,24 @@ impl WgpuBackend {
                     self.n()
                 ),
             ));
+        }
+        self.flush_pending()?;
+        let qw_bytes = 16 * layout::groups(cols);
+        let prologue = self.n() <= super::MATVEC_MAX_TOKENS
+            && !std::env::var("BITNET_GPU_NO_PROLOGUE").is_ok_and(|v| v == "1")
+            && self.limits.max_storage_buffers_per_shader_stage >= PROLOGUE_STORAGE_BUFFERS
+            && qw_bytes + PROLOGUE_WG_BYTES
+                <= self.limits.max_compute_workgroup_storage_size as usize;
+        if prologue {
+            self.pending_norm = Some(PendingNorm {
+                x: x.buf.clone(),
+                w: w.buf.clone(),
+                eps,
+                cols,
+                q: out.q.clone(),
+                meta: out.meta.clone(),
+            });
+            return Ok(());
         }
         self.row_ops(
             &x.buf,
