@@ -1057,3 +1057,38 @@ fn norm_quantize_prologue_equals_separate_dispatches() {
         }
     }
 }
+
+/// A matmul that writes the held-back norm's input (here `x += W·norm_quantize(x)`) does not
+/// take the norm as its prologue (a dispatch cannot read what it writes): the norm runs first,
+/// as its own dispatch, and the result equals the ops in separate steps.
+#[test]
+fn a_matmul_writing_the_norm_input_runs_the_norm_first() {
+    let Some(mut g) = gpu("norm_input_written") else {
+        return;
+    };
+    let mut r = rng(45);
+    let cols = 44;
+    let wn = g.upload_vector(&randn(&mut r, cols, 1.0)).unwrap();
+    let w = g
+        .upload_linear(&random_ternary(&mut r, cols, cols, 0.3))
+        .unwrap();
+    let x = randn(&mut r, cols, 2.0);
+    let mut got = Vec::new();
+    for fused in [true, false] {
+        let (_, mut gx) = both(&mut g, &x, 1, cols);
+        let mut xq = g.alloc_q(1, cols).unwrap();
+        let rows = StepRow::sequence(&[0], 0);
+        g.begin_step(&rows).unwrap();
+        let before = g.dispatch_count();
+        g.rms_norm_quantize(&gx, &wn, 1e-5, &mut xq).unwrap();
+        if !fused {
+            g.end_step().unwrap();
+            g.begin_step(&rows).unwrap();
+        }
+        g.ternary_matmul_add(&w, &xq, &mut gx).unwrap();
+        g.end_step().unwrap();
+        assert_eq!(g.dispatch_count() - before, 2, "fused={fused}");
+        got.push(g.read(&gx, 1).unwrap());
+    }
+    assert_close("x += W·norm_quantize(x)", &got[0], &got[1], 0.0, 0.0);
+}

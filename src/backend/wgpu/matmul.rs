@@ -168,7 +168,7 @@ impl WgpuBackend {
             ("MODE", mode as f64),
             ("PAIR", pair as f64),
         ];
-        if let Some(p) = self.take_prologue(&x.q) {
+        if let Some(p) = self.take_prologue(&x.q, &[y]) {
             let mut consts = consts.to_vec();
             consts.extend(prologue_consts(&p));
             let (dr, drw) = (self.dummy_r.clone(), self.dummy_rw.clone());
@@ -218,7 +218,7 @@ impl WgpuBackend {
         self.check_matmul(w, x)?;
         check_fused_rows("qkv_rope_store", &w.name, w.rows, qd + 2 * kvd)?;
         self.check_cache("qkv_rope_store", shape, q, q, cache, layer)?;
-        let prologue = self.take_prologue(&x.q); // (before the table: creating it may flush)
+        let prologue = self.take_prologue(&x.q, &[&q.buf, &cache.k[layer], &cache.v[layer]]); // (before the table: creating it may flush)
         let table = self.rope_table(hd, shape.rope_theta, self.max_pos + 1)?;
         let consts = [
             ("MODE", 4.0),

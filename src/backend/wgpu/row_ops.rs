@@ -44,12 +44,19 @@ impl WgpuBackend {
         }
     }
 
-    /// The held-back norm if it produced `q` (the matmul about to run consumes it) and this
-    /// step is a decode step: the matmul then runs it as its prologue.
-    pub(super) fn take_prologue(&mut self, q: &GpuBuf) -> Option<PendingNorm> {
+    /// The held-back norm if it produced `q` (the matmul about to run consumes it), this step
+    /// is a decode step and the matmul writes none of the norm's inputs (`outs`: a dispatch
+    /// cannot read a buffer that it writes): the matmul then runs it as its prologue.
+    pub(super) fn take_prologue(&mut self, q: &GpuBuf, outs: &[&GpuBuf]) -> Option<PendingNorm> {
         let fits = self.n() <= super::MATVEC_MAX_TOKENS;
         match &self.pending_norm {
-            Some(p) if fits && p.q.id == q.id => self.pending_norm.take(),
+            Some(p)
+                if fits
+                    && p.q.id == q.id
+                    && outs.iter().all(|o| o.id != p.x.id && o.id != p.w.id) =>
+            {
+                self.pending_norm.take()
+            }
             _ => None,
         }
     }
