@@ -19,7 +19,8 @@
 // `matmul_tiled_qkv` are the same with the RoPE / KV-cache epilogue and its extra bindings.
 //
 // Prologue (the _pro entry points, decode only): the step's input is not yet quantized; each
-// workgroup computes rms_norm + quantize of its token's f32 row `px` itself (row_ops.wgsl's
+// workgroup (PRO_BLOCKS blocks of 16 rows, to amortise it) computes rms_norm + quantize of its
+// token's f32 row `px` itself (row_ops.wgsl's
 // code and reduction order, so the codes are the same in every workgroup), keeps the int8 row
 // in workgroup memory, and workgroup x = 0 also stores it (q and (s, Σq)) as the op's QTensor.
 //
@@ -74,6 +75,7 @@ override CTX: u32 = 1u;
 override PCOLS: u32 = 1u;  // prologue: row length (= 16 G minus padding)
 override PQW: u32 = 4u;    // prologue: u32 words per quantized row, 4 G
 override PEPS: f32 = 1e-5; // prologue: rms_norm_eps
+override PRO_BLOCKS: u32 = 4u; // prologue: 16-row blocks per workgroup (amortises the prologue)
 
 const CODE_MASK: u32 = 0x03030303u;
 
@@ -379,8 +381,12 @@ fn matvec_pro(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_i
         return;
     }
     prologue(t, lid, wid.x == 0u);
-    mv_accumulate_pro(wid.x, lid);
-    mv_finish(wid.x, t, lid, pro_meta);
+    for (var b = 0u; b < PRO_BLOCKS; b++) {
+        let blk = wid.x * PRO_BLOCKS + b;
+        mv_accumulate_pro(blk, lid);
+        mv_finish(blk, t, lid, pro_meta);
+        workgroupBarrier(); // mv_part is rewritten by the next block
+    }
 }
 
 @compute @workgroup_size(256)
@@ -401,8 +407,12 @@ fn matvec_qkv_pro(@builtin(workgroup_id) wid: vec3<u32>,
         return;
     }
     prologue(t, lid, wid.x == 0u);
-    mv_accumulate_pro(wid.x, lid);
-    mv_finish_qkv(wid.x, t, lid, pro_meta);
+    for (var b = 0u; b < PRO_BLOCKS; b++) {
+        let blk = wid.x * PRO_BLOCKS + b;
+        mv_accumulate_pro(blk, lid);
+        mv_finish_qkv(blk, t, lid, pro_meta);
+        workgroupBarrier(); // mv_part is rewritten by the next block
+    }
 }
 
 // ---- prefill: dispatch (ceil(ROWS / TM), ceil(n_tokens / TN)) ----
