@@ -222,7 +222,10 @@ fn mv_accumulate(blk: u32, t: u32, lid: u32) {
 
 // ---- the prologue: rms_norm + quantize of row t into workgroup memory (row_ops.wgsl with
 // WG = 256, NORM and QUANT) ----
-var<workgroup> pro_q: array<u32, PQW>;      // the quantized row, 4 int8 per word
+// The quantized row, 16 int8 per vec4 (one 16-column group), stored transposed: group 4g + j
+// at [j · G/4 + g], so that the 16 lanes of a row, reading vectors g, g+1, ..., read
+// consecutive vec4s (no bank conflicts) in mv_accumulate_pro.
+var<workgroup> pro_q4: array<vec4<u32>, PQW / 4u>;
 var<workgroup> pro_red: array<f32, 256>;
 var<workgroup> pro_red_i: array<i32, 256>;
 var<workgroup> pro_meta: vec2<u32>;         // (s bits, Σq)
@@ -280,21 +283,28 @@ fn prologue(t: u32, lid: u32, store: bool) {
     }
     let scale = 127.0 / max(pro_reduce_max(lid, m), 1e-5);
     var sum = 0i;
-    for (var wi = lid; wi < PQW; wi += 256u) {
-        var packed = 0u;
-        for (var k = 0u; k < 4u; k++) {
-            let col = wi * 4u + k;
-            if col < PCOLS {
-                let u = pw[col] * (px[base + col] * inv);
-                let v = i32(clamp(round(u * scale), -128.0, 127.0));
-                sum += v;
-                packed |= (u32(v) & 0xffu) << (8u * k);
+    let g4 = PQW / 16u; // 64-column vectors per row
+    for (var v = lid; v < PQW / 4u; v += 256u) {
+        // group v: words 4v .. 4v+3
+        var group = vec4<u32>(0u);
+        for (var k4 = 0u; k4 < 4u; k4++) {
+            let wi = 4u * v + k4;
+            var packed = 0u;
+            for (var k = 0u; k < 4u; k++) {
+                let col = wi * 4u + k;
+                if col < PCOLS {
+                    let u = pw[col] * (px[base + col] * inv);
+                    let q = i32(clamp(round(u * scale), -128.0, 127.0));
+                    sum += q;
+                    packed |= (u32(q) & 0xffu) << (8u * k);
+                }
+            }
+            group[k4] = packed;
+            if store {
+                xq_out[t * PQW + wi] = packed;
             }
         }
-        pro_q[wi] = packed;
-        if store {
-            xq_out[t * PQW + wi] = packed;
-        }
+        pro_q4[(v % 4u) * g4 + v / 4u] = group;
     }
     pro_red_i[lid] = sum;
     workgroupBarrier();
@@ -324,12 +334,8 @@ fn mv_accumulate_pro(blk: u32, lid: u32) {
         let wrow = r * g4;
         for (var g = lane; g < g4; g += MV_LANES) {
             let wv = w4[wrow + g];
-            let b = 16u * g; // word of the 64-column vector g
-            let x0 = vec4<u32>(pro_q[b], pro_q[b + 1u], pro_q[b + 2u], pro_q[b + 3u]);
-            let x1 = vec4<u32>(pro_q[b + 4u], pro_q[b + 5u], pro_q[b + 6u], pro_q[b + 7u]);
-            let x2 = vec4<u32>(pro_q[b + 8u], pro_q[b + 9u], pro_q[b + 10u], pro_q[b + 11u]);
-            let x3 = vec4<u32>(pro_q[b + 12u], pro_q[b + 13u], pro_q[b + 14u], pro_q[b + 15u]);
-            acc += dot16(wv.x, x0) + dot16(wv.y, x1) + dot16(wv.z, x2) + dot16(wv.w, x3);
+            acc += dot16(wv.x, pro_q4[g]) + dot16(wv.y, pro_q4[g4 + g])
+                + dot16(wv.z, pro_q4[2u * g4 + g]) + dot16(wv.w, pro_q4[3u * g4 + g]);
         }
     }
     mv_reduce(lid, acc);
