@@ -7,7 +7,9 @@
 //! created on first use and cached (pipelines by kernel and override constants, bind groups by
 //! kernel signature and buffer ids); `end_step` submits. The fused ops of the trait are one
 //! dispatch each: norm + quantize (shaders/row_ops.wgsl), the matmul with its epilogue (residual
-//! add, gated FFN product, or RoPE + KV-cache store of q|k|v; shaders/ternary_matmul.wgsl). `read` and `argmax_row0` are the sync
+//! add, gated FFN product, or RoPE + KV-cache store of q|k|v; shaders/ternary_matmul.wgsl); in a
+//! decode step the norm + quantize is also folded into the next matmul as its prologue
+//! (`row_ops.rs`), so a BitNet layer decodes in 6 dispatches. `read` and `argmax_row0` are the sync
 //! points: they copy into a reused staging buffer and map it (argmax reads back 4 bytes).
 //!
 //! Device layouts (see [`layout`] and the .wgsl files for the details and the why):

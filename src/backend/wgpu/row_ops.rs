@@ -18,6 +18,12 @@ const PROLOGUE_WG_BYTES: usize = 3 * 256 * 4 + 16;
 /// Storage buffers the prologue kernels bind.
 const PROLOGUE_STORAGE_BUFFERS: u32 = 10;
 
+/// `BITNET_GPU_NO_PROLOGUE=1`, read once per process.
+fn no_prologue() -> bool {
+    static OFF: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *OFF.get_or_init(|| std::env::var("BITNET_GPU_NO_PROLOGUE").is_ok_and(|v| v == "1"))
+}
+
 /// An `rms_norm_quantize` held back for the next matmul's prologue.
 #[derive(Debug)]
 pub(super) struct PendingNorm {
@@ -137,7 +143,7 @@ impl WgpuBackend {
         self.flush_pending()?;
         let qw_bytes = 16 * layout::groups(cols);
         let prologue = self.n() <= super::MATVEC_MAX_TOKENS
-            && !std::env::var("BITNET_GPU_NO_PROLOGUE").is_ok_and(|v| v == "1")
+            && !no_prologue()
             && self.limits.max_storage_buffers_per_shader_stage >= PROLOGUE_STORAGE_BUFFERS
             && qw_bytes + PROLOGUE_WG_BYTES
                 <= self.limits.max_compute_workgroup_storage_size as usize;
