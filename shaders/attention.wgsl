@@ -1,10 +1,10 @@
 // Causal grouped-query attention over the KV cache of one layer.
 //
 // Every row t of the step has its own position pos_t and KV-cache slot (a sequence): its k, v
-// are stored at (slot, pos_t) and it attends to positions 0 ..= pos_t of its slot, so rows of
-// several sequences at unrelated positions share one step (rows of one slot see each other
-// causally, as they are stored before anyone attends).
-// kv_store: copies this step's k, v [n, KVD] into the cache at each row's (slot, pos).
+// were stored at (slot, pos_t) by the q|k|v matmul's epilogue (ternary_matmul.wgsl MODE 4) and
+// it attends to positions 0 ..= pos_t of its slot, so rows of several sequences at unrelated
+// positions share one step (rows of one slot see each other causally, as they are stored before
+// anyone attends).
 // attend:   prefill. One workgroup per (token t, query head h) reads kv head h / (HEADS /
 //           KV_HEADS) at positions 0 ..= pos_t in chunks of WG positions with an online
 //           softmax (running max m and sum l, rescaled per chunk), so any context length fits in
@@ -33,94 +33,12 @@ const NEG_BIG: f32 = -3.0e38;
 
 @group(0) @binding(0) var<uniform> step: Step;
 
-// ---- kv_store: dispatch ceil(n · KVD / STORE_WG) workgroups (folded 2-D) ----
-@group(0) @binding(1) var<storage, read> st_k: array<f32>;          // [capacity, KVD]
-@group(0) @binding(2) var<storage, read> st_v: array<f32>;          // [capacity, KVD]
-@group(0) @binding(3) var<storage, read_write> st_kc: array<f32>;   // [slots, CTX, KVD]
-@group(0) @binding(4) var<storage, read_write> st_vc: array<f32>;   // [slots, CTX, KVD]
 // (binding 5 of every attention kernel but attend_combine, binding 3 of that one)
 @group(0) @binding(5) var<storage, read> step_rows: array<vec4<u32>>; // [n] (token, pos, slot, 0)
-
-// Offset of (slot, pos) of row t in a layer's cache [slots, CTX, KVD], in floats.
-fn cache_row(t: u32) -> u32 {
-    let r = step_rows[t];
-    return (r.z * CTX + r.y) * KV_HEADS * HD;
-}
 
 // Offset of the first position of row t's slot.
 fn slot_base(t: u32) -> u32 {
     return step_rows[t].z * CTX * KV_HEADS * HD;
-}
-
-override STORE_WG: u32 = 256u; // kv_store threads per workgroup (host: attention.rs KV_STORE_WG)
-
-@compute @workgroup_size(STORE_WG)
-fn kv_store(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
-            @builtin(local_invocation_index) lid: u32) {
-    let kvd = KV_HEADS * HD;
-    let i = linear_wg(wid, nwg) * STORE_WG + lid;
-    if i < step.n_tokens * kvd {
-        let dst = cache_row(i / kvd) + i % kvd;
-        st_kc[dst] = st_k[i];
-        st_vc[dst] = st_v[i];
-    }
-}
-
-// ---- rope_kv_store: the RoPE of q and of k (in place, as rope.wgsl computes it) and the cache
-// store of the rotated k and of v, in one dispatch instead of three. One thread per element of
-// work of a row: HEADS·HD/2 rotated q pairs, then KV_HEADS·HD/2 rotated k pairs, then KVD
-// values of v; dispatch ceil(n · (HEADS·HD/2 + KV_HEADS·HD/2 + KVD) / STORE_WG) (folded 2-D).
-@group(0) @binding(1) var<storage, read_write> rs_q: array<f32>;    // [capacity, HEADS * HD]
-@group(0) @binding(2) var<storage, read_write> rs_k: array<f32>;    // [capacity, KVD]
-@group(0) @binding(3) var<storage, read> rs_v: array<f32>;          // [capacity, KVD]
-@group(0) @binding(4) var<storage, read_write> rs_kc: array<f32>;   // [slots, CTX, KVD]
-@group(0) @binding(5) var<storage, read_write> rs_vc: array<f32>;   // [slots, CTX, KVD]
-@group(0) @binding(6) var<storage, read> rs_cs: array<vec2<f32>>;   // [positions, HD / 2] (cos, sin)
-@group(0) @binding(7) var<storage, read> rs_rows: array<vec4<u32>>; // [n] (token, pos, slot, 0)
-
-@compute @workgroup_size(STORE_WG)
-fn rope_kv_store(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
-                 @builtin(local_invocation_index) lid: u32) {
-    let half = max(HD / 2u, 1u); // (HD is even; the max keeps the default constants valid)
-    let kvd = KV_HEADS * HD;
-    let qh = HEADS * half;
-    let kh = KV_HEADS * half;
-    let per = qh + kh + kvd;
-    let i = linear_wg(wid, nwg) * STORE_WG + lid;
-    if i >= step.n_tokens * per {
-        return;
-    }
-    let t = i / per;
-    let e = i % per;
-    let r = rs_rows[t];
-    let dst = (r.z * CTX + r.y) * kvd; // (slot, pos) of row t in the cache
-    if e < qh + kh {
-        let is_q = e < qh;
-        let ek = select(e - qh, e, is_q);
-        let head = ek / half;
-        let j = ek % half;
-        let f = rs_cs[r.y * half + j];
-        if is_q {
-            let base = t * HEADS * HD + head * HD;
-            let a = rs_q[base + j];
-            let b = rs_q[base + j + half];
-            rs_q[base + j] = a * f.x - b * f.y;
-            rs_q[base + j + half] = b * f.x + a * f.y;
-        } else {
-            let base = t * kvd + head * HD;
-            let a = rs_k[base + j];
-            let b = rs_k[base + j + half];
-            let x0 = a * f.x - b * f.y;
-            let x1 = b * f.x + a * f.y;
-            rs_k[base + j] = x0;
-            rs_k[base + j + half] = x1;
-            rs_kc[dst + head * HD + j] = x0;
-            rs_kc[dst + head * HD + j + half] = x1;
-        }
-    } else {
-        let c = e - qh - kh;
-        rs_vc[dst + c] = rs_v[t * kvd + c];
-    }
 }
 
 // ---- attend: dispatch n · HEADS workgroups (folded 2-D) ----

@@ -1,46 +1,36 @@
-// Row-wise ops of the residual stream, one workgroup per row, in one kernel that the host can
-// chain (fuse) in a single dispatch:
+// Row-wise ops of the residual stream, one workgroup per row, in one kernel whose flags make
+// the three ops of the Backend trait:
 //
-//   PRE   0: v = a                   (a is the input row)
-//         1: v = a + b, a ← v        (residual add: x += y)
-//         2: v = relu(b)² · c, a ← v (relu2_mul: out = relu(gate)² · up)
-//         3: v = silu(b) · c, a ← v  (silu_mul: out = silu(gate) · up, silu(g) = g / (1 + e^-g))
-//   NORM    xn = w · (v · 1 / sqrt(mean(v²) + EPS))      (RMSNorm, the CPU backend's formula)
-//   QUANT   q = clamp(round_half_even(u · s), -128, 127), s = 127 / max(absmax(u), 1e-5),
-//           u = xn when NORM else v; meta = (s, Σq)       (BitLinear's activation quantizer)
-//
-// The model calls add / relu2_mul / silu_mul, rms_norm and quantize one after the other on the same rows;
-// the host records them lazily and emits one dispatch for the whole chain. Unfused calls run the
-// same code with the other flags off, so fused and unfused results are bit-identical.
+//   NORM            xn = w · (a · 1 / sqrt(mean(a²) + EPS))   (rms_norm, the CPU backend's formula)
+//   QUANT           q = clamp(round_half_even(u · s), -128, 127), s = 127 / max(absmax(u), 1e-5),
+//                   u = a; meta = (s, Σq)                       (quantize: BitLinear's quantizer)
+//   NORM and QUANT  the same with u = the normed row, which is not stored (rms_norm_quantize:
+//                   u is recomputed from a and the norm factor, bit-identical to xn)
 //
 // Each thread owns whole 4-column words (columns 4wi .. 4wi+3, wi = lid, lid + WG, ...) in every
-// pass, so the values a pass reads back from memory were written by the same thread: no storage
-// barrier is needed. The f32 sum of squares is a tree reduction (the CPU sums sequentially, so
-// the two differ by rounding, ~1e-7 relative); absmax is exact in any order, so with a correctly
-// rounded division the quantization equals the CPU's bit for bit (WGSL round() is half-to-even).
+// pass. The f32 sum of squares is a tree reduction (the CPU sums sequentially, so the two differ
+// by rounding, ~1e-7 relative); absmax is exact in any order, so with a correctly rounded
+// division the quantization equals the CPU's bit for bit (WGSL round() is half-to-even).
 //
 // Quantized layout, the one the ternary matmul consumes: q [capacity, QW] u32 with 4 int8 per u32
 // (column 4w+k in byte k of word w), QW = 16 · ceil(COLS / 64): rows padded with zeros to a
-// multiple of 64 columns, the matmul's 16-byte weight vectors; meta [capacity, 2] = (bitcast(s), Σq). The matmul multiplies by
-// the codes w + 1 and subtracts Σq.
+// multiple of 64 columns, the matmul's 16-byte weight vectors; meta [capacity, 2] = (bitcast(s),
+// Σq). The matmul multiplies by the codes w + 1 and subtracts Σq.
 
 override COLS: u32 = 1u;   // row length
 override QW: u32 = 4u;     // u32 words per quantized row
 override EPS: f32 = 1e-5;  // rms_norm_eps
-override PRE: u32 = 0u;
 override NORM: bool = false;
 override QUANT: bool = false;
 
 override WG: u32 = 256u; // threads per row (host: row_ops.rs ROW_OPS_WG; a power of two)
 
 @group(0) @binding(0) var<uniform> step: Step;
-@group(0) @binding(1) var<storage, read_write> a: array<f32>;     // [capacity, COLS] input / pre-op output
-@group(0) @binding(2) var<storage, read> b: array<f32>;           // [capacity, COLS] y (add) or gate
-@group(0) @binding(3) var<storage, read> c: array<f32>;           // [capacity, COLS] up (PRE 2, 3)
-@group(0) @binding(4) var<storage, read> w: array<f32>;           // [COLS] norm weight
-@group(0) @binding(5) var<storage, read_write> xn: array<f32>;    // [capacity, COLS] normed
-@group(0) @binding(6) var<storage, read_write> q: array<u32>;     // [capacity, QW] int8 × 4
-@group(0) @binding(7) var<storage, read_write> qmeta: array<u32>; // [capacity, 2] (s bits, Σq)
+@group(0) @binding(1) var<storage, read> a: array<f32>;           // [capacity, COLS] input
+@group(0) @binding(2) var<storage, read> w: array<f32>;           // [COLS] norm weight
+@group(0) @binding(3) var<storage, read_write> xn: array<f32>;    // [capacity, COLS] normed
+@group(0) @binding(4) var<storage, read_write> q: array<u32>;     // [capacity, QW] int8 × 4
+@group(0) @binding(5) var<storage, read_write> qmeta: array<u32>; // [capacity, 2] (s bits, Σq)
 
 var<workgroup> red_f: array<f32, WG>;
 var<workgroup> red_i: array<i32, WG>;
@@ -82,38 +72,23 @@ fn row_ops(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: 
     }
     let base = row * COLS;
     let words = (COLS + 3u) / 4u;
-    // pass 1: the pre-op, Σv² for the norm, |v| max for a quantize without norm
+    // pass 1: Σa² for the norm, |a| max for a quantize without norm
     var ss = 0.0;
     var m = 0.0;
     for (var wi = lid; wi < words; wi += WG) {
         for (var k = 0u; k < 4u; k++) {
             let col = wi * 4u + k;
             if col < COLS {
-                let i = base + col;
-                var v: f32;
-                if PRE == 1u {
-                    v = a[i] + b[i];
-                    a[i] = v;
-                } else if PRE == 2u {
-                    let r = max(b[i], 0.0);
-                    v = r * r * c[i]; // (r·r)·u, as the CPU backend
-                    a[i] = v;
-                } else if PRE == 3u {
-                    // the CPU's formula; exp(-g) overflows to inf below g ≈ -88, giving -0
-                    let g = b[i];
-                    v = g / (1.0 + exp(-g)) * c[i];
-                    a[i] = v;
-                } else {
-                    v = a[i];
-                }
+                let v = a[base + col];
                 ss += v * v;
                 m = max(m, abs(v));
             }
         }
     }
-    // pass 2: the norm
+    // pass 2: the norm (stored without QUANT; its absmax with QUANT)
+    var inv = 1.0;
     if NORM {
-        let inv = 1.0 / sqrt(reduce_sum_f(lid, ss) / f32(COLS) + EPS);
+        inv = 1.0 / sqrt(reduce_sum_f(lid, ss) / f32(COLS) + EPS);
         m = 0.0;
         for (var wi = lid; wi < words; wi += WG) {
             for (var k = 0u; k < 4u; k++) {
@@ -121,13 +96,15 @@ fn row_ops(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: 
                 if col < COLS {
                     let i = base + col;
                     let y = w[col] * (a[i] * inv);
-                    xn[i] = y;
+                    if !QUANT {
+                        xn[i] = y;
+                    }
                     m = max(m, abs(y));
                 }
             }
         }
     }
-    // pass 3: int8 quantization of xn (NORM) or v
+    // pass 3: int8 quantization of the normed row (NORM) or of a
     if QUANT {
         let scale = 127.0 / max(reduce_max_f(lid, m), 1e-5);
         var sum = 0i;
@@ -136,11 +113,9 @@ fn row_ops(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: 
             for (var k = 0u; k < 4u; k++) {
                 let col = wi * 4u + k;
                 if col < COLS {
-                    var u: f32;
+                    var u = a[base + col];
                     if NORM {
-                        u = xn[base + col];
-                    } else {
-                        u = a[base + col];
+                        u = w[col] * (u * inv);
                     }
                     let v = i32(clamp(round(u * scale), -128.0, 127.0));
                     sum += v;

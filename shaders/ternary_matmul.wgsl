@@ -1,4 +1,5 @@
-// Ternary × int8 matmul: y[t, r] = (Σ_c q[t, c] · W[r, c]) / s_t · out_scale, integer-exact.
+// Ternary × int8 matmul: y[t, r] = (Σ_c q[t, c] · W[r, c]) / s_t · out_scale(r), integer-exact,
+// with the epilogue of a fused op.
 //
 // Weight layout on the device (repacked once at upload, still 2 bits per weight, never expanded):
 //   w [ROWS, G] u32, G = 4 · ceil(in / 64) (rows padded to 64 columns with weight 0); word (r, g)
@@ -8,20 +9,48 @@
 // word s of the group (columns 16g + 4s + m in byte m): one shift, one and, one dot4I8Packed per
 // 4 weights. Σ q·W = Σ q·code − Σ q, and Σ q comes from the quantizer. Padding codes are 1.
 //
-// Two entry points over the same bindings: `matvec` for decode (few tokens: 16 lanes per row
-// stream the row in 16-byte vectors (64 weights each), coalesced, then reduce) and
+// A matrix may be the row-concatenation of up to 4 parts (q|k|v, gate|up): the integer
+// accumulation does not know, the scale is the part's (`lin.ends` / `lin.scales`).
+//
+// Entry points over the same accumulation code: `matvec` for decode (few tokens: 16 lanes per
+// row stream the row in 16-byte vectors (64 weights each), coalesced, then reduce) and
 // `matmul_tiled` for prefill (64 rows × 32 tokens per workgroup, weight and activation tiles
-// staged in workgroup memory, each weight word used for 32 tokens).
+// staged in workgroup memory, each weight word used for 32 tokens); `matvec_qkv` and
+// `matmul_tiled_qkv` are the same with the RoPE / KV-cache epilogue and its extra bindings.
+//
+// Prologue (the _pro entry points, decode only): the step's input is not yet quantized; each
+// workgroup (PRO_BLOCKS blocks of 16 rows, to amortise it) computes rms_norm + quantize of its
+// token's f32 row `px` itself (row_ops.wgsl's
+// code and reduction order, so the codes are the same in every workgroup), keeps the int8 row
+// in workgroup memory, and workgroup x = 0 also stores it (q and (s, Σq)) as the op's QTensor.
+//
+// Epilogues (MODE): 0 y = v; 1 y += v (residual add); 2 y = relu(g)²·u; 3 y = silu(g)·u
+// (g, u: rows r and r + PAIR of the product, y [capacity, ROWS / 2]); 4 (the _qkv entry points)
+// RoPE of the q and k rows, q to y, k and v to the KV cache at the row's (slot, pos).
+// Paired epilogues (PAIR > 0) need rows r and r + PAIR in one invocation: a block of B rows
+// (16 for matvec, 64 for the tiled kernel) then holds B/2 pairs, its local row lr standing for
+// pair B/2·blk + lr % (B/2), first (lr < B/2) or second row. Pairs are numbered so that pair p
+// is row (p / PAIR)·2·PAIR + p % PAIR and its partner PAIR rows later (gate|up: PAIR = i, one
+// run; q|k|v: PAIR = head_dim / 2, every head is a run).
 
 struct Linear {
-    rows: u32,       // output features
-    groups: u32,     // G: 16-column groups per row
-    out_scale: f32,  // weight_scale (autobitlinear), 1/weight_scale (bitlinear), mean|W| (online)
-    _pad: u32,
+    rows: u32,          // output features (Σ of the parts)
+    groups: u32,        // G: 16-column groups per row
+    _pad0: u32,
+    _pad1: u32,
+    ends: vec4<u32>,    // end row of each part (unused parts: rows)
+    scales: vec4<f32>,  // out_scale of each part: weight_scale, 1/weight_scale or mean|W|
 }
 
 // Debug path for the tests: write f32(acc) (exact: |acc| ≤ 128·in < 2^24) instead of y.
 override RAW_ACC: bool = false;
+override MODE: u32 = 0u;
+override PAIR: u32 = 0u;    // paired epilogue: partner row offset (0: unpaired)
+// MODE 4 only: the attention shape and the cache length
+override HEADS: u32 = 1u;
+override KV_HEADS: u32 = 1u;
+override HD: u32 = 2u;
+override CTX: u32 = 1u;
 
 @group(0) @binding(0) var<uniform> step: Step;
 @group(0) @binding(1) var<uniform> lin: Linear;
@@ -29,7 +58,24 @@ override RAW_ACC: bool = false;
 @group(0) @binding(2) var<storage, read> w4: array<vec4<u32>>;   // [ROWS, G / 4] (matvec)
 @group(0) @binding(3) var<storage, read> xq: array<vec4<u32>>;   // [capacity, G] 16 int8 each
 @group(0) @binding(4) var<storage, read> xmeta: array<u32>;      // [capacity, 2] (s bits, Σq)
-@group(0) @binding(5) var<storage, read_write> y: array<f32>;    // [capacity, ROWS]
+// MODE 0, 1: [capacity, ROWS]; MODE 2, 3: [capacity, ROWS / 2]; MODE 4: q [capacity, HEADS·HD]
+@group(0) @binding(5) var<storage, read_write> y: array<f32>;
+// the _pro entry points only: the quantized row they compute
+@group(0) @binding(3) var<storage, read_write> xq_out: array<u32>;    // [capacity, 4 G]
+@group(0) @binding(4) var<storage, read_write> xmeta_out: array<u32>; // [capacity, 2]
+// MODE 4 only
+@group(0) @binding(6) var<storage, read> qkv_rows: array<vec4<u32>>; // [n] (token, pos, slot, 0)
+@group(0) @binding(7) var<storage, read> rope_cs: array<vec2<f32>>;  // [positions, HD / 2] (cos, sin)
+@group(0) @binding(8) var<storage, read_write> kc: array<f32>;       // [slots, CTX, KV_HEADS·HD]
+@group(0) @binding(9) var<storage, read_write> vc: array<f32>;       // [slots, CTX, KV_HEADS·HD]
+// the _pro entry points only (6..9 are dummies outside MODE 4)
+@group(0) @binding(10) var<storage, read> px: array<f32>;            // [capacity, PCOLS] input rows
+@group(0) @binding(11) var<storage, read> pw: array<f32>;            // [PCOLS] norm weight
+
+override PCOLS: u32 = 1u;  // prologue: row length (= 16 G minus padding)
+override PQW: u32 = 4u;    // prologue: u32 words per quantized row, 4 G
+override PEPS: f32 = 1e-5; // prologue: rms_norm_eps
+override PRO_BLOCKS: u32 = 4u; // prologue: 16-row blocks per workgroup (amortises the prologue)
 
 const CODE_MASK: u32 = 0x03030303u;
 
@@ -41,14 +87,98 @@ fn dot16(wd: u32, a: vec4<u32>) -> i32 {
         + dot4I8Packed(a.w, (wd >> 6u) & CODE_MASK);
 }
 
-fn store(t: u32, r: u32, acc_codes: i32) {
-    let acc = acc_codes - bitcast<i32>(xmeta[t * 2u + 1u]);
+// The output row of local row `lr` of block `blk` of `b` rows (see the header).
+fn block_row(blk: u32, lr: u32, b: u32) -> u32 {
+    if PAIR == 0u {
+        return blk * b + lr;
+    }
+    let h = b / 2u;
+    let pair = blk * h + lr % h;
+    let run = max(PAIR, 1u); // (PAIR > 0 here; the max keeps PAIR = 0 pipelines valid)
+    return (pair / run) * 2u * run + pair % run + (lr / h) * run;
+}
+
+// The out_scale of the part holding row r.
+fn part_scale(r: u32) -> f32 {
+    var s = lin.scales.w;
+    if r < lin.ends.z {
+        s = lin.scales.z;
+    }
+    if r < lin.ends.y {
+        s = lin.scales.y;
+    }
+    if r < lin.ends.x {
+        s = lin.scales.x;
+    }
+    return s;
+}
+
+// The product of row r from its code accumulator and its token's (s bits, Σq).
+fn scaled(r: u32, acc_codes: i32, sm: vec2<u32>) -> f32 {
+    let acc = acc_codes - bitcast<i32>(sm.y);
     if RAW_ACC {
-        y[t * lin.rows + r] = f32(acc);
+        return f32(acc);
+    }
+    // Same two roundings as the CPU backend: f = out_scale / s, then acc · f.
+    let f = part_scale(r) / bitcast<f32>(sm.x);
+    return f32(acc) * f;
+}
+
+// The product of row r for token t from its code accumulator (the quantized input in memory).
+fn value(t: u32, r: u32, acc_codes: i32) -> f32 {
+    return scaled(r, acc_codes, vec2<u32>(xmeta[t * 2u], xmeta[t * 2u + 1u]));
+}
+
+// MODE 0 / 1: one row.
+fn put(t: u32, r: u32, v: f32) {
+    let i = t * lin.rows + r;
+    if MODE == 1u {
+        y[i] = y[i] + v;
     } else {
-        // Same two roundings as the CPU backend: f = out_scale / s, then acc · f.
-        let f = lin.out_scale / bitcast<f32>(xmeta[t * 2u]);
-        y[t * lin.rows + r] = f32(acc) * f;
+        y[i] = v;
+    }
+}
+
+// MODE 2 / 3: the gated product of gate row r and up row r + PAIR into column r.
+fn put_gated(t: u32, r: u32, g: f32, u: f32) {
+    var a: f32;
+    if MODE == 2u {
+        let p = max(g, 0.0);
+        a = p * p * u; // (r·r)·u, as the CPU backend
+    } else {
+        // the CPU's formula; exp(-g) overflows to inf below g ≈ -88, giving -0
+        a = g / (1.0 + exp(-g)) * u;
+    }
+    y[t * (lin.rows / 2u) + r] = a;
+}
+
+// MODE 4: rows r = head·HD + j (j < HD/2) and r + HD/2 of q|k|v for token t: RoPE of q and k
+// heads at the row's position (the CPU's rope_head_with), q into y, k and v into the cache.
+fn put_qkv(t: u32, r: u32, a: f32, b: f32) {
+    let half = HD / 2u;
+    let qd = HEADS * HD;
+    let kvd = KV_HEADS * HD;
+    let row = qkv_rows[t];
+    var x0 = a;
+    var x1 = b;
+    if r < qd + kvd {
+        let f = rope_cs[row.y * half + r % HD];
+        x0 = a * f.x - b * f.y;
+        x1 = b * f.x + a * f.y;
+    }
+    if r < qd {
+        let i = t * qd + r;
+        y[i] = x0;
+        y[i + half] = x1;
+    } else {
+        let dst = (row.z * CTX + row.y) * kvd; // (slot, pos) of row t in the cache
+        if r < qd + kvd {
+            kc[dst + r - qd] = x0;
+            kc[dst + r - qd + half] = x1;
+        } else {
+            vc[dst + r - qd - kvd] = x0;
+            vc[dst + r - qd - kvd + half] = x1;
+        }
     }
 }
 
@@ -58,14 +188,23 @@ const MV_ROWS: u32 = 16u;  // rows per workgroup (16 × 16 = 256 threads)
 
 var<workgroup> mv_part: array<i32, 256>;
 
-@compute @workgroup_size(256)
-fn matvec(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
-    let t = wid.y;
-    if t >= step.n_tokens {
-        return;
-    }
+// Sums mv_part over the 16 lanes of each row: local row j's total in mv_part[16 j].
+fn mv_reduce(lid: u32, acc: i32) {
     let lane = lid % MV_LANES;
-    let r = wid.x * MV_ROWS + lid / MV_LANES;
+    mv_part[lid] = acc;
+    workgroupBarrier();
+    for (var s = MV_LANES / 2u; s > 0u; s >>= 1u) {
+        if lane < s {
+            mv_part[lid] += mv_part[lid + s];
+        }
+        workgroupBarrier();
+    }
+}
+
+// Leaves the code accumulator of local row j of block `blk` in mv_part[16 j] (all threads).
+fn mv_accumulate(blk: u32, t: u32, lid: u32) {
+    let lane = lid % MV_LANES;
+    let r = block_row(blk, lid / MV_LANES, MV_ROWS);
     var acc = 0i;
     if r < lin.rows {
         let g4 = lin.groups / 4u; // 64-column vectors per row
@@ -78,16 +217,207 @@ fn matvec(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index
                 + dot16(wv.z, xq[xb + 2u]) + dot16(wv.w, xq[xb + 3u]);
         }
     }
-    mv_part[lid] = acc;
+    mv_reduce(lid, acc);
+}
+
+// ---- the prologue: rms_norm + quantize of row t into workgroup memory (row_ops.wgsl with
+// WG = 256, NORM and QUANT) ----
+// The quantized row, 16 int8 per vec4 (one 16-column group), stored transposed: group 4g + j
+// at [j · G/4 + g], so that the 16 lanes of a row, reading vectors g, g+1, ..., read
+// consecutive vec4s (no bank conflicts) in mv_accumulate_pro.
+var<workgroup> pro_q4: array<vec4<u32>, PQW / 4u>;
+var<workgroup> pro_red: array<f32, 256>;
+var<workgroup> pro_red_i: array<i32, 256>;
+var<workgroup> pro_meta: vec2<u32>;         // (s bits, Σq)
+
+fn pro_reduce_sum(lid: u32, v: f32) -> f32 {
+    pro_red[lid] = v;
     workgroupBarrier();
-    for (var s = MV_LANES / 2u; s > 0u; s >>= 1u) {
-        if lane < s {
-            mv_part[lid] += mv_part[lid + s];
+    for (var s = 128u; s > 0u; s >>= 1u) {
+        if lid < s {
+            pro_red[lid] += pro_red[lid + s];
         }
         workgroupBarrier();
     }
-    if lane == 0u && r < lin.rows {
-        store(t, r, mv_part[lid]);
+    let r = pro_red[0];
+    workgroupBarrier();
+    return r;
+}
+
+fn pro_reduce_max(lid: u32, v: f32) -> f32 {
+    pro_red[lid] = v;
+    workgroupBarrier();
+    for (var s = 128u; s > 0u; s >>= 1u) {
+        if lid < s {
+            pro_red[lid] = max(pro_red[lid], pro_red[lid + s]);
+        }
+        workgroupBarrier();
+    }
+    let r = pro_red[0];
+    workgroupBarrier();
+    return r;
+}
+
+fn prologue(t: u32, lid: u32, store: bool) {
+    let base = t * PCOLS;
+    let words = (PCOLS + 3u) / 4u;
+    var ss = 0.0;
+    for (var wi = lid; wi < words; wi += 256u) {
+        for (var k = 0u; k < 4u; k++) {
+            let col = wi * 4u + k;
+            if col < PCOLS {
+                let v = px[base + col];
+                ss += v * v;
+            }
+        }
+    }
+    let inv = 1.0 / sqrt(pro_reduce_sum(lid, ss) / f32(PCOLS) + PEPS);
+    var m = 0.0;
+    for (var wi = lid; wi < words; wi += 256u) {
+        for (var k = 0u; k < 4u; k++) {
+            let col = wi * 4u + k;
+            if col < PCOLS {
+                m = max(m, abs(pw[col] * (px[base + col] * inv)));
+            }
+        }
+    }
+    let scale = 127.0 / max(pro_reduce_max(lid, m), 1e-5);
+    var sum = 0i;
+    let g4 = PQW / 16u; // 64-column vectors per row
+    for (var v = lid; v < PQW / 4u; v += 256u) {
+        // group v: words 4v .. 4v+3
+        var group = vec4<u32>(0u);
+        for (var k4 = 0u; k4 < 4u; k4++) {
+            let wi = 4u * v + k4;
+            var packed = 0u;
+            for (var k = 0u; k < 4u; k++) {
+                let col = wi * 4u + k;
+                if col < PCOLS {
+                    let u = pw[col] * (px[base + col] * inv);
+                    let q = i32(clamp(round(u * scale), -128.0, 127.0));
+                    sum += q;
+                    packed |= (u32(q) & 0xffu) << (8u * k);
+                }
+            }
+            group[k4] = packed;
+            if store {
+                xq_out[t * PQW + wi] = packed;
+            }
+        }
+        pro_q4[(v % 4u) * g4 + v / 4u] = group;
+    }
+    pro_red_i[lid] = sum;
+    workgroupBarrier();
+    for (var s = 128u; s > 0u; s >>= 1u) {
+        if lid < s {
+            pro_red_i[lid] += pro_red_i[lid + s];
+        }
+        workgroupBarrier();
+    }
+    if lid == 0u {
+        pro_meta = vec2<u32>(bitcast<u32>(scale), bitcast<u32>(pro_red_i[0]));
+        if store {
+            xmeta_out[t * 2u] = pro_meta.x;
+            xmeta_out[t * 2u + 1u] = pro_meta.y;
+        }
+    }
+    workgroupBarrier();
+}
+
+// mv_accumulate over the prologue's row in workgroup memory.
+fn mv_accumulate_pro(blk: u32, lid: u32) {
+    let lane = lid % MV_LANES;
+    let r = block_row(blk, lid / MV_LANES, MV_ROWS);
+    var acc = 0i;
+    if r < lin.rows {
+        let g4 = lin.groups / 4u;
+        let wrow = r * g4;
+        for (var g = lane; g < g4; g += MV_LANES) {
+            let wv = w4[wrow + g];
+            acc += dot16(wv.x, pro_q4[g]) + dot16(wv.y, pro_q4[g4 + g])
+                + dot16(wv.z, pro_q4[2u * g4 + g]) + dot16(wv.w, pro_q4[3u * g4 + g]);
+        }
+    }
+    mv_reduce(lid, acc);
+}
+
+// The epilogue of matvec / matvec_pro for token t, given the token's (s bits, Σq).
+fn mv_finish(blk: u32, t: u32, lid: u32, sm: vec2<u32>) {
+    if PAIR == 0u {
+        let r = block_row(blk, lid / MV_LANES, MV_ROWS);
+        if lid % MV_LANES == 0u && r < lin.rows {
+            put(t, r, scaled(r, mv_part[lid], sm));
+        }
+    } else if lid < MV_ROWS / 2u {
+        let r = block_row(blk, lid, MV_ROWS);
+        if r < lin.rows {
+            let g = scaled(r, mv_part[lid * MV_LANES], sm);
+            let u = scaled(r + PAIR, mv_part[(lid + MV_ROWS / 2u) * MV_LANES], sm);
+            put_gated(t, r, g, u);
+        }
+    }
+}
+
+// The epilogue of matvec_qkv / matvec_qkv_pro.
+fn mv_finish_qkv(blk: u32, t: u32, lid: u32, sm: vec2<u32>) {
+    if lid < MV_ROWS / 2u {
+        let r = block_row(blk, lid, MV_ROWS);
+        if r < lin.rows {
+            let a = scaled(r, mv_part[lid * MV_LANES], sm);
+            let b = scaled(r + PAIR, mv_part[(lid + MV_ROWS / 2u) * MV_LANES], sm);
+            put_qkv(t, r, a, b);
+        }
+    }
+}
+
+@compute @workgroup_size(256)
+fn matvec(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
+    let t = wid.y;
+    if t >= step.n_tokens {
+        return;
+    }
+    mv_accumulate(wid.x, t, lid);
+    mv_finish(wid.x, t, lid, vec2<u32>(xmeta[t * 2u], xmeta[t * 2u + 1u]));
+}
+
+@compute @workgroup_size(256)
+fn matvec_pro(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
+    let t = wid.y;
+    if t >= step.n_tokens {
+        return;
+    }
+    prologue(t, lid, wid.x == 0u);
+    for (var b = 0u; b < PRO_BLOCKS; b++) {
+        let blk = wid.x * PRO_BLOCKS + b;
+        mv_accumulate_pro(blk, lid);
+        mv_finish(blk, t, lid, pro_meta);
+        workgroupBarrier(); // mv_part is rewritten by the next block
+    }
+}
+
+@compute @workgroup_size(256)
+fn matvec_qkv(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
+    let t = wid.y;
+    if t >= step.n_tokens {
+        return;
+    }
+    mv_accumulate(wid.x, t, lid);
+    mv_finish_qkv(wid.x, t, lid, vec2<u32>(xmeta[t * 2u], xmeta[t * 2u + 1u]));
+}
+
+@compute @workgroup_size(256)
+fn matvec_qkv_pro(@builtin(workgroup_id) wid: vec3<u32>,
+                  @builtin(local_invocation_index) lid: u32) {
+    let t = wid.y;
+    if t >= step.n_tokens {
+        return;
+    }
+    prologue(t, lid, wid.x == 0u);
+    for (var b = 0u; b < PRO_BLOCKS; b++) {
+        let blk = wid.x * PRO_BLOCKS + b;
+        mv_accumulate_pro(blk, lid);
+        mv_finish_qkv(blk, t, lid, pro_meta);
+        workgroupBarrier(); // mv_part is rewritten by the next block
     }
 }
 
@@ -99,22 +429,17 @@ const TK: u32 = 8u;  // 16-column groups per k-step (32 contiguous bytes of each
 var<workgroup> w_tile: array<u32, 512>;        // [TM, TK]
 var<workgroup> x_tile: array<vec4<u32>, 256>;  // [TN, TK]
 
-@compute @workgroup_size(256)
-fn matmul_tiled(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
+// The code accumulators of thread (tx, ty) = (lid % 16, lid / 16): tokens t0 + tx + 16 j and
+// local rows ty + 16 i at [i * 2 + j], i in 0..4, j in 0..2.
+fn tiled_accumulate(blk: u32, t0: u32, lid: u32) -> array<i32, 8> {
     let n = step.n_tokens;
-    let r0 = wid.x * TM;
-    let t0 = wid.y * TN;
-    if t0 >= n {
-        return;
-    }
-    // Thread (tx, ty) owns tokens t0 + tx, t0 + tx + 16 and rows r0 + ty + 16i, i in 0..4.
     let tx = lid % 16u;
     let ty = lid / 16u;
-    var acc: array<i32, 8>; // [row i][token j] at i * 2 + j, zero-initialised
+    var acc: array<i32, 8>; // zero-initialised
     for (var g0 = 0u; g0 < lin.groups; g0 += TK) {
         // 512 weight words, two per thread; rows of the tile read 32 contiguous bytes each.
         for (var e = lid; e < TM * TK; e += 256u) {
-            let r = r0 + e / TK;
+            let r = block_row(blk, e / TK, TM);
             let g = g0 + e % TK;
             var v = 0x55555555u; // code 1 = weight 0
             if r < lin.rows && g < lin.groups {
@@ -149,12 +474,67 @@ fn matmul_tiled(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation
         }
         workgroupBarrier();
     }
-    for (var i = 0u; i < 4u; i++) {
-        let r = r0 + ty + 16u * i;
-        for (var j = 0u; j < 2u; j++) {
-            let t = t0 + tx + 16u * j;
-            if r < lin.rows && t < n {
-                store(t, r, acc[i * 2u + j]);
+    return acc;
+}
+
+@compute @workgroup_size(256)
+fn matmul_tiled(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
+    let n = step.n_tokens;
+    let t0 = wid.y * TN;
+    if t0 >= n {
+        return;
+    }
+    let acc = tiled_accumulate(wid.x, t0, lid);
+    let tx = lid % 16u;
+    let ty = lid / 16u;
+    for (var j = 0u; j < 2u; j++) {
+        let t = t0 + tx + 16u * j;
+        if t >= n {
+            continue;
+        }
+        if PAIR == 0u {
+            for (var i = 0u; i < 4u; i++) {
+                let r = block_row(wid.x, ty + 16u * i, TM);
+                if r < lin.rows {
+                    put(t, r, value(t, r, acc[i * 2u + j]));
+                }
+            }
+        } else {
+            // local rows ty + 16 i (i < 2) pair with ty + 16 (i + 2)
+            for (var i = 0u; i < 2u; i++) {
+                let r = block_row(wid.x, ty + 16u * i, TM);
+                if r < lin.rows {
+                    let g = value(t, r, acc[i * 2u + j]);
+                    let u = value(t, r + PAIR, acc[(i + 2u) * 2u + j]);
+                    put_gated(t, r, g, u);
+                }
+            }
+        }
+    }
+}
+
+@compute @workgroup_size(256)
+fn matmul_tiled_qkv(@builtin(workgroup_id) wid: vec3<u32>,
+                    @builtin(local_invocation_index) lid: u32) {
+    let n = step.n_tokens;
+    let t0 = wid.y * TN;
+    if t0 >= n {
+        return;
+    }
+    let acc = tiled_accumulate(wid.x, t0, lid);
+    let tx = lid % 16u;
+    let ty = lid / 16u;
+    for (var j = 0u; j < 2u; j++) {
+        let t = t0 + tx + 16u * j;
+        if t >= n {
+            continue;
+        }
+        for (var i = 0u; i < 2u; i++) {
+            let r = block_row(wid.x, ty + 16u * i, TM);
+            if r < lin.rows {
+                let a = value(t, r, acc[i * 2u + j]);
+                let b = value(t, r + PAIR, acc[(i + 2u) * 2u + j]);
+                put_qkv(t, r, a, b);
             }
         }
     }

@@ -15,9 +15,14 @@
 //!
 //! Every projection quantizes its input to int8 per token; q/k/v share one quantized input and so
 //! do gate/up, exactly as in transformers (each BitLinear quantizes the same tensor identically).
+//!
+//! The graph is written over the fused ops a GPU wants (one dispatch each on wgpu): norm +
+//! quantize as one op; q, k and v as one matmul over the concatenated weights with RoPE and the
+//! KV-cache store in its epilogue; gate and up as one matmul with `act(gate)·up` in its
+//! epilogue; o_proj and down_proj with the residual add in their epilogue (`x += W·q`).
 
 use crate::backend::{check_step_rows, AttentionShape, Backend, HeadFormat, StepRow};
-use crate::config::{FfnActivation, ModelConfig};
+use crate::config::ModelConfig;
 use crate::error::{BitnetError, Result};
 use crate::load::ModelWeights;
 
@@ -58,33 +63,23 @@ struct Layer<B: Backend> {
     post_attn_norm: B::Vector,        // [h]
     attn_sub_norm: Option<B::Vector>, // [q] (config.sub_norms)
     ffn_sub_norm: Option<B::Vector>,  // [i] (config.sub_norms)
-    q_proj: B::Linear,                // [q, h]
-    k_proj: B::Linear,                // [kv, h]
-    v_proj: B::Linear,                // [kv, h]
+    qkv_proj: B::Linear,              // [q + 2·kv, h]  q_proj; k_proj; v_proj
     o_proj: B::Linear,                // [h, q]
-    gate_proj: B::Linear,             // [i, h]
-    up_proj: B::Linear,               // [i, h]
+    gate_up_proj: B::Linear,          // [2·i, h]  gate_proj; up_proj
     down_proj: B::Linear,             // [h, i]
 }
 
 /// Activation buffers, allocated once for `max_batch` rows (B below).
 struct Scratch<B: Backend> {
-    x: B::Tensor,             // [B, h]  residual stream
-    xn: B::Tensor,            // [B, h]  normed
-    xq: B::QTensor,           // [B, h]  int8
-    q: B::Tensor,             // [B, q]
-    k: B::Tensor,             // [B, kv]
-    v: B::Tensor,             // [B, kv]
-    att: B::Tensor,           // [B, q]
-    att_n: Option<B::Tensor>, // [B, q]  (config.sub_norms)
-    att_q: B::QTensor,        // [B, q]
-    proj: B::Tensor,          // [B, h]  o_proj / down_proj output
-    gate: B::Tensor,          // [B, i]
-    up: B::Tensor,            // [B, i]
-    ffn: B::Tensor,           // [B, i]
-    ffn_n: Option<B::Tensor>, // [B, i]  (config.sub_norms)
-    ffn_q: B::QTensor,        // [B, i]
-    logits: B::Tensor,        // [max_logit_rows, vocab]
+    x: B::Tensor,      // [B, h]  residual stream
+    xn: B::Tensor,     // [B, h]  final-normed
+    xq: B::QTensor,    // [B, h]  int8 normed residual (q/k/v and gate/up input)
+    q: B::Tensor,      // [B, q]  rotated queries (keys and values go to the cache)
+    att: B::Tensor,    // [B, q]
+    att_q: B::QTensor, // [B, q]  int8 (sub-normed) attention output
+    ffn: B::Tensor,    // [B, i]  act(gate) · up
+    ffn_q: B::QTensor, // [B, i]  int8 (sub-normed) gated product
+    logits: B::Tensor, // [max_logit_rows, vocab]
 }
 
 /// The next token of a pipelined greedy decode (`Model::greedy_begin`).
@@ -159,12 +154,9 @@ impl<B: Backend> Model<B> {
                     .as_ref()
                     .map(|v| b.upload_vector(v))
                     .transpose()?,
-                q_proj: b.upload_linear(&l.q_proj)?,
-                k_proj: b.upload_linear(&l.k_proj)?,
-                v_proj: b.upload_linear(&l.v_proj)?,
+                qkv_proj: b.upload_linears(&[&l.q_proj, &l.k_proj, &l.v_proj])?,
                 o_proj: b.upload_linear(&l.o_proj)?,
-                gate_proj: b.upload_linear(&l.gate_proj)?,
-                up_proj: b.upload_linear(&l.up_proj)?,
+                gate_up_proj: b.upload_linears(&[&l.gate_proj, &l.up_proj])?,
                 down_proj: b.upload_linear(&l.down_proj)?,
             });
         }
@@ -179,16 +171,9 @@ impl<B: Backend> Model<B> {
             xn: b.alloc(n, h)?,
             xq: b.alloc_q(n, h)?,
             q: b.alloc(n, qd)?,
-            k: b.alloc(n, kvd)?,
-            v: b.alloc(n, kvd)?,
             att: b.alloc(n, qd)?,
-            att_n: c.sub_norms.then(|| b.alloc(n, qd)).transpose()?,
             att_q: b.alloc_q(n, qd)?,
-            proj: b.alloc(n, h)?,
-            gate: b.alloc(n, i)?,
-            up: b.alloc(n, i)?,
             ffn: b.alloc(n, i)?,
-            ffn_n: c.sub_norms.then(|| b.alloc(n, i)).transpose()?,
             ffn_q: b.alloc_q(n, i)?,
             logits: b.alloc(options.max_logit_rows, c.vocab_size)?,
         };
@@ -321,47 +306,26 @@ impl<B: Backend> Model<B> {
         b.embed(&self.embed, &mut s.x)?; // x [n, h]
         for (li, l) in self.layers.iter().enumerate() {
             // --- attention block ---
-            b.rms_norm(&s.x, &l.input_norm, eps, &mut s.xn)?; // xn [n, h]
-            b.quantize(&s.xn, &mut s.xq)?; // xq [n, h] int8, shared by q/k/v
-            b.ternary_matmul(&l.q_proj, &s.xq, &mut s.q)?; // q [n, heads*hd]
-            b.ternary_matmul(&l.k_proj, &s.xq, &mut s.k)?; // k [n, kv_heads*hd]
-            b.ternary_matmul(&l.v_proj, &s.xq, &mut s.v)?; // v [n, kv_heads*hd]
-            b.rope(&mut s.q, sh.n_heads, sh)?;
-            b.rope(&mut s.k, sh.n_kv_heads, sh)?;
-            b.attention(&s.q, &s.k, &s.v, &mut self.cache, li, sh, &mut s.att)?; // att [n, heads*hd]
-
-            // o_proj's input: the sub-normed attention output, or the output itself
-            let att_in = match (&l.attn_sub_norm, &mut s.att_n) {
-                (Some(w), Some(att_n)) => {
-                    b.rms_norm(&s.att, w, eps, att_n)?; // att_n [n, heads*hd]
-                    &*att_n
-                }
-                _ => &s.att,
-            };
-            b.quantize(att_in, &mut s.att_q)?; // att_q [n, heads*hd] int8
-            b.ternary_matmul(&l.o_proj, &s.att_q, &mut s.proj)?; // proj [n, h]
-            b.add_assign(&mut s.x, &s.proj)?; // x = h [n, h]
+            b.rms_norm_quantize(&s.x, &l.input_norm, eps, &mut s.xq)?; // xq [n, h] int8
+                                                                       // q [n, heads*hd] rotated; k, v rotated / stored into the cache at (slot, pos)
+            b.qkv_rope_store(&l.qkv_proj, &s.xq, &mut self.cache, li, sh, &mut s.q)?;
+            b.attention(&s.q, &self.cache, li, sh, &mut s.att)?; // att [n, heads*hd]
+                                                                 // o_proj's input: the sub-normed attention output, or the output itself
+            match &l.attn_sub_norm {
+                Some(w) => b.rms_norm_quantize(&s.att, w, eps, &mut s.att_q)?, // [n, q] int8
+                None => b.quantize(&s.att, &mut s.att_q)?,                     // [n, q] int8
+            }
+            b.ternary_matmul_add(&l.o_proj, &s.att_q, &mut s.x)?; // x = h [n, h]
 
             // --- feed-forward block ---
-            b.rms_norm(&s.x, &l.post_attn_norm, eps, &mut s.xn)?; // y [n, h]
-            b.quantize(&s.xn, &mut s.xq)?; // shared by gate/up
-            b.ternary_matmul(&l.gate_proj, &s.xq, &mut s.gate)?; // gate [n, i]
-            b.ternary_matmul(&l.up_proj, &s.xq, &mut s.up)?; // up [n, i]
-            match act {
-                FfnActivation::Relu2 => b.relu2_mul(&s.gate, &s.up, &mut s.ffn)?, // ffn [n, i]
-                FfnActivation::Silu => b.silu_mul(&s.gate, &s.up, &mut s.ffn)?,   // ffn [n, i]
+            b.rms_norm_quantize(&s.x, &l.post_attn_norm, eps, &mut s.xq)?; // y [n, h] int8
+            b.gate_up(&l.gate_up_proj, &s.xq, act, &mut s.ffn)?; // ffn [n, i]
+                                                                 // down_proj's input: the sub-normed product, or the product itself
+            match &l.ffn_sub_norm {
+                Some(w) => b.rms_norm_quantize(&s.ffn, w, eps, &mut s.ffn_q)?, // [n, i] int8
+                None => b.quantize(&s.ffn, &mut s.ffn_q)?,                     // [n, i] int8
             }
-            // down_proj's input: the sub-normed product, or the product itself
-            let ffn_in = match (&l.ffn_sub_norm, &mut s.ffn_n) {
-                (Some(w), Some(ffn_n)) => {
-                    b.rms_norm(&s.ffn, w, eps, ffn_n)?; // ffn_n [n, i]
-                    &*ffn_n
-                }
-                _ => &s.ffn,
-            };
-            b.quantize(ffn_in, &mut s.ffn_q)?; // ffn_q [n, i] int8
-            b.ternary_matmul(&l.down_proj, &s.ffn_q, &mut s.proj)?; // proj [n, h]
-            b.add_assign(&mut s.x, &s.proj)?; // x = out [n, h]
+            b.ternary_matmul_add(&l.down_proj, &s.ffn_q, &mut s.x)?; // x = out [n, h]
         }
         if !logit_rows.is_empty() {
             b.rms_norm(&s.x, &self.final_norm, eps, &mut s.xn)?; // xn [n, h]

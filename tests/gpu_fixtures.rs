@@ -327,7 +327,16 @@ fn pipelined_greedy_decode_equals_step_by_step_with_one_submit_per_token() {
         "decode step: {per_step} dispatches ({layers} layers), encode {:.0} us/token",
         (c1.encode_ns - c0.encode_ns) as f64 / decode as f64 / 1e3
     );
-    assert_eq!(per_step, 14 * layers + 5, "dispatches per decode step");
+    // 6 per layer: q|k|v (norm prologue, RoPE + KV-store epilogue), attention split + combine,
+    // o_proj, gate|up, down_proj; 10 without the norm prologue. Outside: embed, final norm, LM
+    // head, 2 argmax passes.
+    let no_prologue = std::env::var("BITNET_GPU_NO_PROLOGUE").is_ok_and(|v| v == "1");
+    let per_layer = if no_prologue { 10 } else { 6 };
+    assert_eq!(
+        per_step,
+        per_layer * layers + 5,
+        "dispatches per decode step"
+    );
     // A new decode after an unfinished one starts clean (its queued read is dropped).
     g.reset();
     g.greedy_begin(&prompt).unwrap();

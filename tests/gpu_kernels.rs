@@ -10,10 +10,12 @@ mod common;
 
 use std::sync::Arc;
 
-use bitnet_wgpu::backend::cpu::reference::{silu_mul_row, ternary_dot_rows_scalar};
+use bitnet_wgpu::backend::cpu::reference::{
+    quantize_row, relu2_mul_row, rms_norm_row, rope_head, silu_mul_row, ternary_dot_rows_scalar,
+};
 use bitnet_wgpu::backend::cpu::{CpuBackend, CpuQTensor, CpuTensor};
-use bitnet_wgpu::backend::wgpu::{gpu_backend_for_test, WgpuBackend};
-use bitnet_wgpu::backend::{AttentionShape, Backend, StepRow};
+use bitnet_wgpu::backend::wgpu::{gpu_backend_for_test, GpuQTensor, WgpuBackend};
+use bitnet_wgpu::backend::{AttentionShape, Backend, FfnActivation, StepRow};
 use bitnet_wgpu::load::{FloatDtype, FloatMatrix};
 use bitnet_wgpu::ternary::{pack_ternary, ByteStorage, TernaryMatrix};
 use common::assert_close;
@@ -216,7 +218,8 @@ fn ternary_matmul_accumulators_are_exact_and_outputs_match_cpu() {
             g.ternary_matmul(&gw, &gq, &mut gout).unwrap();
             g.end_step().unwrap();
             c.begin_step(&StepRow::sequence(&tokens, 0)).unwrap();
-            c.ternary_matmul(&w, &cq, &mut cout).unwrap();
+            let cw = c.upload_linear(&w).unwrap();
+            c.ternary_matmul(&cw, &cq, &mut cout).unwrap();
             let acc = g.read(&gacc, n).unwrap();
             let mut want = vec![0i32; rows];
             for t in 0..n {
@@ -259,7 +262,8 @@ fn ternary_matmul_after_gpu_quantize_equals_cpu_pipeline() {
     let tokens = vec![0u32; n];
     c.begin_step(&StepRow::sequence(&tokens, 0)).unwrap();
     c.quantize(&cx, &mut cq).unwrap();
-    c.ternary_matmul(&w, &cq, &mut co).unwrap();
+    let cw = c.upload_linear(&w).unwrap();
+    c.ternary_matmul(&cw, &cq, &mut co).unwrap();
     g.begin_step(&StepRow::sequence(&tokens, 0)).unwrap();
     g.quantize(&gx, &mut gq).unwrap();
     g.ternary_matmul(&gw, &gq, &mut go).unwrap();
@@ -273,45 +277,243 @@ fn ternary_matmul_after_gpu_quantize_equals_cpu_pipeline() {
     );
 }
 
+/// `n` random int8 rows of `cols` with random scales, on both backends (capacity `cap`).
+fn random_q_both(
+    g: &mut WgpuBackend,
+    r: &mut ChaCha8Rng,
+    n: usize,
+    cap: usize,
+    cols: usize,
+) -> (Vec<i8>, Vec<f32>, CpuQTensor, GpuQTensor) {
+    let q: Vec<i8> = (0..n * cols).map(|_| r.random_range(-128..=127)).collect();
+    let scales: Vec<f32> = (0..n)
+        .map(|_| 127.0 / r.random_range(0.5f32..4.0))
+        .collect();
+    let mut gq = g.alloc_q(cap, cols).unwrap();
+    g.write_q(&mut gq, &q, &scales).unwrap();
+    let mut cq = cpu_q(&q, &scales, cols);
+    cq.q.resize(cap * cols, 0);
+    cq.scales.resize(cap, 1.0);
+    cq.sums.resize(cap, 0);
+    cq.capacity = cap;
+    (q, scales, cq, gq)
+}
+
+/// The scalar composition of a (concatenated) ternary matmul: `ternary_dot_rows_scalar` per
+/// part, `acc as f32 · (out_scale / s)`, parts side by side: `[n, Σ rows]`.
+fn reference_matmul(parts: &[&TernaryMatrix], q: &[i8], scales: &[f32]) -> Vec<f32> {
+    let cols = parts[0].cols;
+    let mut out = Vec::new();
+    for (t, &s) in scales.iter().enumerate() {
+        for p in parts {
+            let mut acc = vec![0i32; p.rows];
+            ternary_dot_rows_scalar(p, &q[t * cols..(t + 1) * cols], &mut acc);
+            let f = p.out_scale / s;
+            out.extend(acc.iter().map(|&a| a as f32 * f));
+        }
+    }
+    out
+}
+
+/// One matrix uploaded as the concatenation of three parts with different scales: the
+/// accumulators exact per part (RAW_ACC), each part scaled by its own out_scale; decode and
+/// prefill kernels.
 #[test]
-fn rope_matches_cpu() {
-    let Some(mut g) = gpu("rope_matches_cpu") else {
+fn concatenated_matmul_scales_each_part_and_keeps_accumulators_exact() {
+    let Some(mut g) = gpu("concatenated_matmul") else {
         return;
     };
-    let mut c = cpu();
-    let mut r = rng(5);
-    for &(n, heads, hd, start) in &[
-        (1, 3, 6, 0),
-        (5, 2, 64, 3),
-        (37, 4, 8, 100),
-        (1, 5, 128, 2000),
-    ] {
-        let shape = AttentionShape {
-            n_heads: heads,
-            n_kv_heads: 1,
-            head_dim: hd,
-            rope_theta: 500000.0,
-        };
-        let x = randn(&mut r, n * heads * hd, 2.0);
-        let (mut cx, mut gx) = both(&mut g, &x, n, heads * hd);
+    let mut r = rng(40);
+    let cols = 75;
+    let parts = [
+        random_ternary(&mut r, 12, cols, 0.37),
+        random_ternary(&mut r, 8, cols, 2.5),
+        random_ternary(&mut r, 4, cols, 0.011),
+    ];
+    let refs: Vec<&TernaryMatrix> = parts.iter().collect();
+    let gw = g.upload_linears(&refs).unwrap();
+    let rows = 24;
+    for n in [1usize, 3, 37] {
+        let (q, scales, _, gq) = random_q_both(&mut g, &mut r, n, n, cols);
+        let mut gacc = g.alloc(n, rows).unwrap();
+        let mut gout = g.alloc(n, rows).unwrap();
         let tokens = vec![0u32; n];
-        c.begin_step(&StepRow::sequence(&tokens, start)).unwrap();
-        c.rope(&mut cx, heads, &shape).unwrap();
-        g.begin_step(&StepRow::sequence(&tokens, start)).unwrap();
-        g.rope(&mut gx, heads, &shape).unwrap();
+        g.begin_step(&StepRow::sequence(&tokens, 0)).unwrap();
+        g.ternary_matmul_acc(&gw, &gq, &mut gacc).unwrap();
+        g.ternary_matmul(&gw, &gq, &mut gout).unwrap();
         g.end_step().unwrap();
+        let acc = g.read(&gacc, n).unwrap();
+        // the accumulators: the scaled reference with scale 1 per part and s = 1
+        let mut want = Vec::new();
+        for t in 0..n {
+            for p in &parts {
+                let mut a = vec![0i32; p.rows];
+                ternary_dot_rows_scalar(p, &q[t * cols..(t + 1) * cols], &mut a);
+                want.extend(a.iter().map(|&v| v as f32));
+            }
+        }
+        assert_close(&format!("accumulators n={n}"), &acc, &want, 0.0, 0.0);
         assert_close(
-            &format!("rope n={n} heads={heads} hd={hd} start={start}"),
-            &g.read(&gx, n).unwrap(),
-            &cx.data,
-            1e-6,
-            1e-6,
+            &format!("concatenated matmul n={n}"),
+            &g.read(&gout, n).unwrap(),
+            &reference_matmul(&refs, &q, &scales),
+            0.0,
+            3e-7,
         );
     }
 }
 
+/// `rms_norm_quantize` is one dispatch and bit-identical to `rms_norm` then `quantize` on the
+/// GPU (the same kernel code); against the scalar `quantize_row(rms_norm_row(x))` codes may move
+/// by one only where the GPU's tree-summed norm puts a value within 1e-3 of a rounding tie.
+#[test]
+fn rms_norm_quantize_equals_norm_then_quantize() {
+    let Some(mut g) = gpu("rms_norm_quantize") else {
+        return;
+    };
+    let mut r = rng(41);
+    for &(n, cols) in &[(1, 7), (5, 300), (37, 513), (2, 2560)] {
+        let x = randn(&mut r, n * cols, 3.0);
+        let w = randn(&mut r, cols, 1.5);
+        let gw = g.upload_vector(&w).unwrap();
+        let (_, gx) = both(&mut g, &x, n + 1, cols);
+        let mut gn = g.alloc(n + 1, cols).unwrap();
+        let (mut fused, mut sep) = (
+            g.alloc_q(n + 1, cols).unwrap(),
+            g.alloc_q(n + 1, cols).unwrap(),
+        );
+        let tokens = vec![0u32; n];
+        g.begin_step(&StepRow::sequence(&tokens, 0)).unwrap();
+        let before = g.dispatch_count();
+        g.rms_norm_quantize(&gx, &gw, 1e-5, &mut fused).unwrap();
+        g.end_step().unwrap();
+        assert_eq!(g.dispatch_count() - before, 1, "one dispatch");
+        g.begin_step(&StepRow::sequence(&tokens, 0)).unwrap();
+        g.rms_norm(&gx, &gw, 1e-5, &mut gn).unwrap();
+        g.quantize(&gn, &mut sep).unwrap();
+        g.end_step().unwrap();
+        let what = format!("n={n} cols={cols}");
+        let got = g.read_q(&fused, n).unwrap();
+        assert!(
+            got == g.read_q(&sep, n).unwrap(),
+            "{what}: fused != rms_norm + quantize"
+        );
+        let (q, scales, sums) = got;
+        for t in 0..n {
+            let mut xn = vec![0.0; cols];
+            let span = t * cols..(t + 1) * cols;
+            rms_norm_row(&x[span.clone()], &w, 1e-5, &mut xn);
+            let mut wq = vec![0i8; cols];
+            let s = quantize_row(&xn, &mut wq);
+            assert!(
+                (scales[t] - s).abs() <= 1e-5 * s,
+                "{what} row {t}: scale {} vs {s}",
+                scales[t]
+            );
+            for i in 0..cols {
+                let (gv, e) = (q[t * cols + i], wq[i]);
+                let y = xn[i] * s;
+                let near_tie = ((y - y.trunc()).abs() - 0.5).abs() < 1e-3;
+                assert!(
+                    gv == e || (near_tie && (gv as i32 - e as i32).abs() == 1),
+                    "{what} row {t} index {i}: got {gv}, expected {e} (x·s = {y})"
+                );
+            }
+            let own: i32 = q[span].iter().map(|&v| v as i32).sum();
+            assert_eq!(sums[t], own, "{what} row {t}: Σq");
+        }
+    }
+}
+
+/// `x += W·q` in the matmul's epilogue against `x + reference_matmul`, decode and prefill.
+#[test]
+fn ternary_matmul_add_matches_the_scalar_composition() {
+    let Some(mut g) = gpu("ternary_matmul_add") else {
+        return;
+    };
+    let mut r = rng(42);
+    let (rows, cols) = (68, 130);
+    let w = random_ternary(&mut r, rows, cols, 0.7);
+    let gw = g.upload_linear(&w).unwrap();
+    for n in [1usize, 4, 37] {
+        let (q, scales, _, gq) = random_q_both(&mut g, &mut r, n, n, cols);
+        let x = randn(&mut r, n * rows, 5.0);
+        let (_, mut gx) = both(&mut g, &x, n, rows);
+        let tokens = vec![0u32; n];
+        g.begin_step(&StepRow::sequence(&tokens, 0)).unwrap();
+        let before = g.dispatch_count();
+        g.ternary_matmul_add(&gw, &gq, &mut gx).unwrap();
+        assert_eq!(g.dispatch_count() - before, 1, "one dispatch");
+        g.end_step().unwrap();
+        let prod = reference_matmul(&[&w], &q, &scales);
+        let want: Vec<f32> = x.iter().zip(&prod).map(|(a, b)| a + b).collect();
+        assert_close(
+            &format!("ternary_matmul_add n={n}"),
+            &g.read(&gx, n).unwrap(),
+            &want,
+            1e-6,
+            1e-6,
+        );
+    }
+    // a wrong accumulator shape is an error naming the op
+    let mut bad = g.alloc(4, rows + 4).unwrap();
+    let (_, _, _, gq) = random_q_both(&mut g, &mut r, 1, 1, cols);
+    g.begin_step(&StepRow::sequence(&[0], 0)).unwrap();
+    let e = g.ternary_matmul_add(&gw, &gq, &mut bad).unwrap_err();
+    assert!(e.to_string().contains("ternary_matmul_add"), "{e}");
+    g.end_step().unwrap();
+}
+
+/// gate|up as one matmul with relu²(g)·u or silu(g)·u in the epilogue against the scalar
+/// composition (reference matmul per part, then relu2_mul_row / silu_mul_row); the gate's scale
+/// is large enough to reach the range where exp(-g) overflows.
+#[test]
+fn gate_up_matches_the_scalar_composition() {
+    let Some(mut g) = gpu("gate_up") else {
+        return;
+    };
+    let mut r = rng(43);
+    for &(inter, cols) in &[(8usize, 33usize), (100, 130), (36, 1000)] {
+        let wg = random_ternary(&mut r, inter, cols, 1.3);
+        let wu = random_ternary(&mut r, inter, cols, 0.2);
+        let gw = g.upload_linears(&[&wg, &wu]).unwrap();
+        for n in [1usize, 3, 37] {
+            let (q, scales, _, gq) = random_q_both(&mut g, &mut r, n, n, cols);
+            let gu = reference_matmul(&[&wg, &wu], &q, &scales);
+            for act in [FfnActivation::Relu2, FfnActivation::Silu] {
+                let mut go = g.alloc(n, inter).unwrap();
+                let tokens = vec![0u32; n];
+                g.begin_step(&StepRow::sequence(&tokens, 0)).unwrap();
+                let before = g.dispatch_count();
+                g.gate_up(&gw, &gq, act, &mut go).unwrap();
+                assert_eq!(g.dispatch_count() - before, 1, "one dispatch");
+                g.end_step().unwrap();
+                let mut want = vec![0.0; n * inter];
+                for t in 0..n {
+                    let (gt, ut) = gu[t * 2 * inter..(t + 1) * 2 * inter].split_at(inter);
+                    let o = &mut want[t * inter..(t + 1) * inter];
+                    match act {
+                        FfnActivation::Relu2 => relu2_mul_row(gt, ut, o),
+                        FfnActivation::Silu => silu_mul_row(gt, ut, o),
+                    }
+                }
+                // the GPU's exp() is not correctly rounded; f = scale / s may differ by an ulp
+                assert_close(
+                    &format!("gate_up {act:?} [{inter}x{cols}] n={n}"),
+                    &g.read(&go, n).unwrap(),
+                    &want,
+                    1e-6,
+                    1e-5,
+                );
+            }
+        }
+    }
+}
+
 /// Runs the same sequence of steps (prefill, decode, a second prefill) through both backends'
-/// attention, with random q/k/v each step, comparing every output.
+/// `qkv_rope_store` + `attention` with random weights and activations each step, comparing the
+/// rotated q with the scalar composition (reference matmul, rope_head) and the attention
+/// output (which reads the stored keys and values) with the CPU's.
 fn attention_case(
     g: &mut WgpuBackend,
     seed: u64,
@@ -329,31 +531,69 @@ fn attention_case(
         rope_theta: 10000.0,
     };
     let (qd, kvd) = (heads * hd, kv_heads * hd);
+    let hidden = 40;
     let ctx: usize = steps.iter().sum::<usize>() + 3;
     let cap = *steps.iter().max().unwrap();
     let layers = 2;
     let mut ccache = c.alloc_kv_cache(layers, 1, ctx, kvd).unwrap();
     let mut gcache = g.alloc_kv_cache(layers, 1, ctx, kvd).unwrap();
+    let parts = [
+        random_ternary(&mut r, qd, hidden, 0.05),
+        random_ternary(&mut r, kvd, hidden, 0.07),
+        random_ternary(&mut r, kvd, hidden, 0.03),
+    ];
+    let refs: Vec<&TernaryMatrix> = parts.iter().collect();
+    let cw = c.upload_linears(&refs).unwrap();
+    let gw = g.upload_linears(&refs).unwrap();
     let mut pos = 0;
     for (si, &n) in steps.iter().enumerate() {
         let layer = si % layers;
-        let q = randn(&mut r, n * qd, 1.5);
-        let k = randn(&mut r, n * kvd, 1.5);
-        let v = randn(&mut r, n * kvd, 1.0);
-        let (cq, gq) = both(g, &q, cap, qd);
-        let (ck, gk) = both(g, &k, cap, kvd);
-        let (cv, gv) = both(g, &v, cap, kvd);
+        let (xq, scales, cq, gq) = random_q_both(g, &mut r, n, cap, hidden);
+        let (mut cqo, mut gqo) = both(g, &[], cap, qd);
         let (mut co, mut go) = both(g, &[], cap, qd);
         let tokens = vec![0u32; n];
         c.begin_step(&StepRow::sequence(&tokens, pos)).unwrap();
-        c.attention(&cq, &ck, &cv, &mut ccache, layer, &shape, &mut co)
+        c.qkv_rope_store(&cw, &cq, &mut ccache, layer, &shape, &mut cqo)
             .unwrap();
+        c.attention(&cqo, &ccache, layer, &shape, &mut co).unwrap();
         g.begin_step(&StepRow::sequence(&tokens, pos)).unwrap();
-        g.attention(&gq, &gk, &gv, &mut gcache, layer, &shape, &mut go)
+        let before = g.dispatch_count();
+        g.qkv_rope_store(&gw, &gq, &mut gcache, layer, &shape, &mut gqo)
             .unwrap();
+        assert_eq!(
+            g.dispatch_count() - before,
+            1,
+            "qkv_rope_store: one dispatch"
+        );
+        g.attention(&gqo, &gcache, layer, &shape, &mut go).unwrap();
         g.end_step().unwrap();
+        let what = format!("heads={heads}/{kv_heads} hd={hd} step {si} (n={n}, pos={pos})");
+        // q: the scalar composition
+        let qkv = reference_matmul(&refs, &xq, &scales);
+        let mut want_q = Vec::new();
+        for t in 0..n {
+            let mut v = qkv[t * (qd + 2 * kvd)..t * (qd + 2 * kvd) + qd].to_vec();
+            for head in v.chunks_exact_mut(hd) {
+                rope_head(head, pos + t, shape.rope_theta);
+            }
+            want_q.extend(v);
+        }
         assert_close(
-            &format!("attention heads={heads}/{kv_heads} hd={hd} step {si} (n={n}, pos={pos})"),
+            &format!("rotated q {what}"),
+            &g.read(&gqo, n).unwrap(),
+            &want_q,
+            1e-6,
+            1e-5,
+        );
+        assert_close(
+            &format!("cpu rotated q {what}"),
+            &cqo.data[..n * qd],
+            &want_q,
+            0.0,
+            0.0,
+        );
+        assert_close(
+            &format!("attention {what}"),
             &g.read(&go, n).unwrap(),
             &co.data[..n * qd],
             1e-5,
@@ -367,7 +607,7 @@ fn attention_case(
 }
 
 #[test]
-fn attention_prefill_and_decode_match_cpu() {
+fn qkv_rope_store_and_attention_prefill_and_decode_match() {
     let Some(mut g) = gpu("attention") else {
         return;
     };
@@ -376,164 +616,11 @@ fn attention_prefill_and_decode_match_cpu() {
     attention_case(&mut g, 7, 12, 3, 64, &[3, 3, 1, 1]);
     // more than one 128-position chunk of the online softmax
     attention_case(&mut g, 8, 2, 1, 16, &[150, 150, 1, 1, 5, 5]);
-    // MHA, head_dim larger than the workgroup
+    // MHA, head_dim larger than the workgroup; an odd half head (hd / 2 = 5)
     attention_case(&mut g, 9, 2, 2, 200, &[2, 2, 1, 1]);
+    attention_case(&mut g, 11, 6, 2, 10, &[7, 7, 1, 1, 3, 3]);
     // a group too large for the split kernel's workgroup memory: decode falls back to `attend`
     attention_case(&mut g, 10, 8, 1, 256, &[2, 2, 1, 1]);
-}
-
-#[test]
-fn relu2_mul_and_add_match_cpu() {
-    let Some(mut g) = gpu("elementwise") else {
-        return;
-    };
-    let mut c = cpu();
-    let mut r = rng(10);
-    for &(n, cols) in &[(1, 3), (5, 257), (37, 1000)] {
-        let a = randn(&mut r, n * cols, 3.0);
-        let b = randn(&mut r, n * cols, 3.0);
-        let (ca, ga) = both(&mut g, &a, n, cols);
-        let (cb, gb) = both(&mut g, &b, n, cols);
-        let (mut co, mut go) = both(&mut g, &[], n, cols);
-        let tokens = vec![0u32; n];
-        c.begin_step(&StepRow::sequence(&tokens, 0)).unwrap();
-        c.relu2_mul(&ca, &cb, &mut co).unwrap();
-        g.begin_step(&StepRow::sequence(&tokens, 0)).unwrap();
-        g.relu2_mul(&ga, &gb, &mut go).unwrap();
-        g.end_step().unwrap();
-        assert_close("relu2_mul", &g.read(&go, n).unwrap(), &co.data, 0.0, 1e-6);
-        let (mut cx, mut gx) = both(&mut g, &a, n, cols);
-        c.add_assign(&mut cx, &cb).unwrap();
-        g.begin_step(&StepRow::sequence(&tokens, 0)).unwrap();
-        g.add_assign(&mut gx, &gb).unwrap();
-        g.end_step().unwrap();
-        let got = g.read(&gx, n).unwrap();
-        assert_eq!(got, cx.data, "add n={n} cols={cols}");
-    }
-}
-
-#[test]
-fn silu_mul_matches_the_scalar_twin() {
-    let Some(mut g) = gpu("silu_mul") else {
-        return;
-    };
-    let mut c = cpu();
-    let mut r = rng(11);
-    for &(n, cols) in &[(1, 3), (5, 257), (37, 1000)] {
-        // gates over the range projections produce, plus the extremes where exp(-g) overflows
-        let mut a = randn(&mut r, n * cols, 12.0);
-        a[0] = -200.0;
-        a[n * cols - 1] = 95.0;
-        let b = randn(&mut r, n * cols, 3.0);
-        let (ca, ga) = both(&mut g, &a, n, cols);
-        let (cb, gb) = both(&mut g, &b, n, cols);
-        let (mut co, mut go) = both(&mut g, &[], n, cols);
-        let tokens = vec![0u32; n];
-        let mut twin = vec![0.0; n * cols];
-        silu_mul_row(&a, &b, &mut twin);
-        c.begin_step(&StepRow::sequence(&tokens, 0)).unwrap();
-        c.silu_mul(&ca, &cb, &mut co).unwrap();
-        g.begin_step(&StepRow::sequence(&tokens, 0)).unwrap();
-        g.silu_mul(&ga, &gb, &mut go).unwrap();
-        g.end_step().unwrap();
-        // the CPU backend runs the twin; the GPU's exp() is not correctly rounded
-        assert_close("silu_mul cpu", &co.data[..n * cols], &twin, 0.0, 0.0);
-        let got = g.read(&go, n).unwrap();
-        assert_close("silu_mul gpu", &got, &twin, 1e-6, 1e-5);
-    }
-}
-
-/// The model's chains `add → rms_norm → quantize`, `relu2_mul → rms_norm → quantize` and (the
-/// LLaMA-style FFN without sub-norm) `silu_mul → quantize` are fused into one dispatch; the
-/// result must be bit-identical to running the ops one by one (same kernel code, other flags
-/// off) and match the CPU.
-#[test]
-fn fused_row_op_chains_equal_separate_ops() {
-    let Some(mut g) = gpu("fused_row_ops") else {
-        return;
-    };
-    let mut c = cpu();
-    let mut r = rng(14);
-    for &(n, cols) in &[(1, 70), (5, 172), (37, 300)] {
-        let tokens = vec![0u32; n];
-        let wv = randn(&mut r, cols, 1.0);
-        let gw = g.upload_vector(&wv).unwrap();
-        let a = randn(&mut r, n * cols, 2.0);
-        let b = randn(&mut r, n * cols, 2.0);
-        let u = randn(&mut r, n * cols, 2.0);
-        for pre in ["add", "relu2", "silu", "silu-no-norm"] {
-            let norm = pre != "silu-no-norm";
-            let what = format!("n={n} cols={cols} pre={pre}");
-            // fused, in one step
-            let mut out = Vec::new();
-            for fused in [true, false] {
-                let (_, mut gx) = both(&mut g, &a, n, cols);
-                let (_, gy) = both(&mut g, &b, n, cols);
-                let (_, gu) = both(&mut g, &u, n, cols);
-                let mut gn = g.alloc(n, cols).unwrap();
-                let mut gq = g.alloc_q(n, cols).unwrap();
-                let before = g.dispatch_count();
-                g.begin_step(&StepRow::sequence(&tokens, 0)).unwrap();
-                match pre {
-                    "add" => g.add_assign(&mut gx, &gy).unwrap(),
-                    "relu2" => g.relu2_mul(&gy, &gu, &mut gx).unwrap(),
-                    _ => g.silu_mul(&gy, &gu, &mut gx).unwrap(),
-                }
-                if !fused {
-                    g.end_step().unwrap();
-                    g.begin_step(&StepRow::sequence(&tokens, 0)).unwrap();
-                }
-                if norm {
-                    g.rms_norm(&gx, &gw, 1e-5, &mut gn).unwrap();
-                    if !fused {
-                        g.end_step().unwrap();
-                        g.begin_step(&StepRow::sequence(&tokens, 0)).unwrap();
-                    }
-                    g.quantize(&gn, &mut gq).unwrap();
-                } else {
-                    g.quantize(&gx, &mut gq).unwrap();
-                }
-                g.end_step().unwrap();
-                let dispatches = g.dispatch_count() - before;
-                let separate = if norm { 3 } else { 2 };
-                assert_eq!(
-                    dispatches,
-                    if fused { 1 } else { separate },
-                    "{what} fused={fused}"
-                );
-                out.push((
-                    g.read(&gx, n).unwrap(),
-                    g.read(&gn, n).unwrap(),
-                    g.read_q(&gq, n).unwrap(),
-                ));
-            }
-            assert!(
-                out[0] == out[1],
-                "{what}: fused and separate results differ"
-            );
-            // and the CPU agrees
-            let (mut cx, cy) = (cpu_tensor(&a, n, cols), cpu_tensor(&b, n, cols));
-            let cu = cpu_tensor(&u, n, cols);
-            let mut cn = c.alloc(n, cols).unwrap();
-            c.begin_step(&StepRow::sequence(&tokens, 0)).unwrap();
-            match pre {
-                "add" => c.add_assign(&mut cx, &cy).unwrap(),
-                "relu2" => c.relu2_mul(&cy, &cu, &mut cx).unwrap(),
-                _ => c.silu_mul(&cy, &cu, &mut cx).unwrap(),
-            }
-            // silu goes through exp(), which the GPU does not round correctly
-            let (abs, rel) = if pre.starts_with("silu") {
-                (1e-6, 1e-5)
-            } else {
-                (0.0, 1e-6)
-            };
-            assert_close(&format!("{what} pre-op"), &out[0].0, &cx.data, abs, rel);
-            if norm {
-                c.rms_norm(&cx, &wv, 1e-5, &mut cn).unwrap();
-                assert_close(&format!("{what} norm"), &out[0].1, &cn.data, 1e-6, 1e-5);
-            }
-        }
-    }
 }
 
 fn float_matrix(r: &mut ChaCha8Rng, rows: usize, cols: usize, dtype: FloatDtype) -> FloatMatrix {
@@ -731,14 +818,15 @@ fn device_loss_is_a_gpu_error_not_a_panic() {
 
 /// Per-row positions and KV-cache slots: one step over rows of several sequences (slots) at
 /// unrelated positions gives each row what it gets when its sequence runs alone in a one-slot
-/// cache (RoPE at the row's own position, K/V stored at its (slot, pos), attention over its
-/// own slot only). Covers the prefill kernel (8 mixed rows) and the split decode kernels (4).
+/// cache (RoPE at the row's own position, K/V stored at its (slot, pos) by the q|k|v epilogue,
+/// attention over its own slot only). Covers the prefill kernels (8 mixed rows) and the decode
+/// ones (4).
 #[test]
 fn rows_of_several_slots_at_different_positions_equal_each_sequence_alone() {
     let Some(mut g) = gpu("rows_of_several_slots") else {
         return;
     };
-    let (heads, kv_heads, hd, ctx) = (4usize, 2usize, 8usize, 16usize);
+    let (heads, kv_heads, hd, ctx, hidden) = (4usize, 2usize, 8usize, 16usize, 24usize);
     let shape = AttentionShape {
         n_heads: heads,
         n_kv_heads: kv_heads,
@@ -746,18 +834,25 @@ fn rows_of_several_slots_at_different_positions_equal_each_sequence_alone() {
         rope_theta: 10000.0,
     };
     let (qd, kvd) = (heads * hd, kv_heads * hd);
+    let mut r = rng(21);
+    let parts = [
+        random_ternary(&mut r, qd, hidden, 0.05),
+        random_ternary(&mut r, kvd, hidden, 0.07),
+        random_ternary(&mut r, kvd, hidden, 0.03),
+    ];
+    let refs: Vec<&TernaryMatrix> = parts.iter().collect();
+    let gw = g.upload_linears(&refs).unwrap();
     // (slot, history rows, new rows): C starts from position 0 in the mixed step.
     let seqs = [(0u32, 5usize, 1usize), (2, 3, 2), (1, 0, 1)];
-    let mut r = rng(21);
-    // q, k, v per sequence for all of its positions
-    let data: Vec<[Vec<f32>; 3]> = seqs
+    // the int8 input and its scale per sequence for all of its positions
+    let data: Vec<(Vec<i8>, Vec<f32>)> = seqs
         .iter()
         .map(|&(_, h, n)| {
-            [
-                randn(&mut r, (h + n) * qd, 1.5),
-                randn(&mut r, (h + n) * kvd, 1.5),
-                randn(&mut r, (h + n) * kvd, 1.0),
-            ]
+            let q = (0..(h + n) * hidden)
+                .map(|_| r.random_range(-128..=127))
+                .collect();
+            let s = (0..h + n).map(|_| r.random_range(10f32..100.0)).collect();
+            (q, s)
         })
         .collect();
     let cap = 8;
@@ -767,34 +862,27 @@ fn rows_of_several_slots_at_different_positions_equal_each_sequence_alone() {
                rows: &[(usize, usize)],
                slot_of: &dyn Fn(usize) -> u32|
      -> Vec<f32> {
-        let mut q = Vec::new();
-        let mut k = Vec::new();
-        let mut v = Vec::new();
-        for &(s, p) in rows {
-            q.extend_from_slice(&data[s][0][p * qd..(p + 1) * qd]);
-            k.extend_from_slice(&data[s][1][p * kvd..(p + 1) * kvd]);
-            v.extend_from_slice(&data[s][2][p * kvd..(p + 1) * kvd]);
+        let (mut q, mut s) = (Vec::new(), Vec::new());
+        for &(i, p) in rows {
+            q.extend_from_slice(&data[i].0[p * hidden..(p + 1) * hidden]);
+            s.push(data[i].1[p]);
         }
+        let mut xq = g.alloc_q(cap, hidden).unwrap();
+        g.write_q(&mut xq, &q, &s).unwrap();
         let mut gq = g.alloc(cap, qd).unwrap();
-        let mut gk = g.alloc(cap, kvd).unwrap();
-        let mut gv = g.alloc(cap, kvd).unwrap();
         let mut go = g.alloc(cap, qd).unwrap();
-        g.write(&mut gq, &q).unwrap();
-        g.write(&mut gk, &k).unwrap();
-        g.write(&mut gv, &v).unwrap();
         let spec: Vec<StepRow> = rows
             .iter()
-            .map(|&(s, p)| StepRow {
+            .map(|&(i, p)| StepRow {
                 token: 0,
                 pos: p as u32,
-                slot: slot_of(s),
+                slot: slot_of(i),
             })
             .collect();
         g.begin_step(&spec).unwrap();
-        g.rope(&mut gq, heads, &shape).unwrap();
-        g.rope(&mut gk, kv_heads, &shape).unwrap();
-        g.attention(&gq, &gk, &gv, cache, 0, &shape, &mut go)
+        g.qkv_rope_store(&gw, &xq, cache, 0, &shape, &mut gq)
             .unwrap();
+        g.attention(&gq, cache, 0, &shape, &mut go).unwrap();
         g.end_step().unwrap();
         g.read(&go, rows.len()).unwrap()
     };
@@ -837,7 +925,7 @@ fn rows_of_several_slots_at_different_positions_equal_each_sequence_alone() {
             &ho[i * qd..(i + 1) * qd],
             &alone[s].0[p * qd..(p + 1) * qd],
             1e-6,
-            1e-6,
+            1e-5,
         );
     }
     for (i, &(s, p)) in new.iter().enumerate() {
@@ -847,13 +935,13 @@ fn rows_of_several_slots_at_different_positions_equal_each_sequence_alone() {
             &no[i * qd..(i + 1) * qd],
             &alone[s].1[j * qd..(j + 1) * qd],
             1e-6,
-            1e-6,
+            1e-5,
         );
     }
     // a slot past the cache is an error, not a wrong answer
     let mut small = g.alloc_kv_cache(1, 2, ctx, kvd).unwrap();
-    let q = g.alloc(cap, qd).unwrap();
-    let k = g.alloc(cap, kvd).unwrap();
+    let xq = g.alloc_q(cap, hidden).unwrap();
+    let mut q = g.alloc(cap, qd).unwrap();
     let mut o = g.alloc(cap, qd).unwrap();
     g.begin_step(&[StepRow {
         token: 0,
@@ -862,81 +950,145 @@ fn rows_of_several_slots_at_different_positions_equal_each_sequence_alone() {
     }])
     .unwrap();
     let err = g
-        .attention(&q, &k, &k, &mut small, 0, &shape, &mut o)
+        .qkv_rope_store(&gw, &xq, &mut small, 0, &shape, &mut q)
         .unwrap_err();
+    assert!(err.to_string().contains("slot 2"), "{err}");
+    let err = g.attention(&q, &small, 0, &shape, &mut o).unwrap_err();
     assert!(err.to_string().contains("slot 2"), "{err}");
     g.end_step().unwrap();
 }
 
-/// RoPE of q and k followed by the attention that consumes them runs as one `rope_kv_store`
-/// dispatch plus the attention kernels: equal to the CPU's rope, rope, attention (q and k rotated
-/// in place too), for a prefill-sized and a decode-sized step, GQA 6/2 with head_dim 10.
+/// A decode step's `rms_norm_quantize` runs as the prologue of the matmul that consumes it (one
+/// dispatch for both, every consumer: plain, residual add, gate|up, q|k|v): the outputs and the
+/// stored int8 row equal the two ops as separate dispatches (the prologue is row_ops.wgsl's code
+/// and reduction order). Prefill steps keep two dispatches.
 #[test]
-fn rope_fused_into_the_kv_store_matches_cpu() {
-    let Some(mut g) = gpu("rope_fused_into_the_kv_store") else {
+fn norm_quantize_prologue_equals_separate_dispatches() {
+    let Some(mut g) = gpu("norm_quantize_prologue") else {
         return;
     };
-    let mut c = cpu();
-    let mut r = rng(31);
-    let (heads, kv_heads, hd, ctx) = (6usize, 2usize, 10usize, 24usize);
+    let mut r = rng(44);
+    let (heads, kv_heads, hd) = (4usize, 2usize, 8usize);
+    let (qd, kvd) = (heads * hd, kv_heads * hd);
     let shape = AttentionShape {
         n_heads: heads,
         n_kv_heads: kv_heads,
         head_dim: hd,
         rope_theta: 10000.0,
     };
-    let (qd, kvd) = (heads * hd, kv_heads * hd);
-    let mut ccache = c.alloc_kv_cache(1, 1, ctx, kvd).unwrap();
-    let mut gcache = g.alloc_kv_cache(1, 1, ctx, kvd).unwrap();
-    let mut pos = 0;
-    for n in [7usize, 1, 3] {
-        let q = randn(&mut r, n * qd, 1.5);
-        let k = randn(&mut r, n * kvd, 1.5);
-        let v = randn(&mut r, n * kvd, 1.0);
-        let (mut cq, mut gq) = both(&mut g, &q, 8, qd);
-        let (mut ck, mut gk) = both(&mut g, &k, 8, kvd);
-        let (cv, gv) = both(&mut g, &v, 8, kvd);
-        let (mut co, mut go) = both(&mut g, &[], 8, qd);
-        let tokens = vec![0u32; n];
-        let rows = StepRow::sequence(&tokens, pos);
-        c.begin_step(&rows).unwrap();
-        c.rope(&mut cq, heads, &shape).unwrap();
-        c.rope(&mut ck, kv_heads, &shape).unwrap();
-        c.attention(&cq, &ck, &cv, &mut ccache, 0, &shape, &mut co)
+    for &cols in &[44usize, 300, 2560] {
+        let wn = randn(&mut r, cols, 1.5);
+        let gwn = g.upload_vector(&wn).unwrap();
+        let parts = [
+            random_ternary(&mut r, qd, cols, 0.05),
+            random_ternary(&mut r, kvd, cols, 0.07),
+            random_ternary(&mut r, kvd, cols, 0.03),
+        ];
+        let refs: Vec<&TernaryMatrix> = parts.iter().collect();
+        let qkv = g.upload_linears(&refs).unwrap();
+        let (wg, wu) = (
+            random_ternary(&mut r, 24, cols, 0.9),
+            random_ternary(&mut r, 24, cols, 0.4),
+        );
+        let gu = g.upload_linears(&[&wg, &wu]).unwrap();
+        let wo = g
+            .upload_linear(&random_ternary(&mut r, 36, cols, 0.3))
             .unwrap();
+        for n in [1usize, 3, 6] {
+            let x = randn(&mut r, n * cols, 2.0);
+            let acc0 = randn(&mut r, n * 36, 1.0);
+            let tokens = vec![0u32; n];
+            let rows = StepRow::sequence(&tokens, 2);
+            let mut results = Vec::new();
+            for fused in [true, false] {
+                let (_, gx) = both(&mut g, &x, n, cols);
+                let mut xq = g.alloc_q(n, cols).unwrap();
+                let mut out = g.alloc(n, 36).unwrap();
+                let (_, mut acc) = both(&mut g, &acc0, n, 36);
+                let mut ffn = g.alloc(n, 24).unwrap();
+                let mut q = g.alloc(n, qd).unwrap();
+                let mut att = g.alloc(n, qd).unwrap();
+                let mut cache = g.alloc_kv_cache(1, 1, 16, kvd).unwrap();
+                let mut dispatches = Vec::new();
+                for op in 0..4 {
+                    g.begin_step(&rows).unwrap();
+                    let before = g.dispatch_count();
+                    g.rms_norm_quantize(&gx, &gwn, 1e-5, &mut xq).unwrap();
+                    if !fused {
+                        g.end_step().unwrap();
+                        g.begin_step(&rows).unwrap();
+                    }
+                    match op {
+                        0 => g.ternary_matmul(&wo, &xq, &mut out).unwrap(),
+                        1 => g.ternary_matmul_add(&wo, &xq, &mut acc).unwrap(),
+                        2 => g.gate_up(&gu, &xq, FfnActivation::Relu2, &mut ffn).unwrap(),
+                        _ => g
+                            .qkv_rope_store(&qkv, &xq, &mut cache, 0, &shape, &mut q)
+                            .unwrap(),
+                    }
+                    dispatches.push(g.dispatch_count() - before);
+                    if op == 3 {
+                        g.attention(&q, &cache, 0, &shape, &mut att).unwrap();
+                    }
+                    g.end_step().unwrap();
+                }
+                let one = if fused && n <= 4 { 1 } else { 2 };
+                assert_eq!(dispatches, vec![one; 4], "cols={cols} n={n} fused={fused}");
+                results.push((
+                    g.read_q(&xq, n).unwrap(),
+                    [&out, &acc, &ffn, &q, &att].map(|t| g.read(t, n).unwrap()),
+                ));
+            }
+            let what = format!("cols={cols} n={n}");
+            assert!(
+                results[0].0 == results[1].0,
+                "{what}: stored int8 rows differ"
+            );
+            let names = ["matmul", "matmul_add", "gate_up", "rotated q", "attention"];
+            for (k, name) in names.iter().enumerate() {
+                assert_close(
+                    &format!("{what} {name}: prologue vs separate"),
+                    &results[0].1[k],
+                    &results[1].1[k],
+                    0.0,
+                    0.0,
+                );
+            }
+        }
+    }
+}
+
+/// A matmul that writes the held-back norm's input (here `x += W·norm_quantize(x)`) does not
+/// take the norm as its prologue (a dispatch cannot read what it writes): the norm runs first,
+/// as its own dispatch, and the result equals the ops in separate steps.
+#[test]
+fn a_matmul_writing_the_norm_input_runs_the_norm_first() {
+    let Some(mut g) = gpu("norm_input_written") else {
+        return;
+    };
+    let mut r = rng(45);
+    let cols = 44;
+    let wn = g.upload_vector(&randn(&mut r, cols, 1.0)).unwrap();
+    let w = g
+        .upload_linear(&random_ternary(&mut r, cols, cols, 0.3))
+        .unwrap();
+    let x = randn(&mut r, cols, 2.0);
+    let mut got = Vec::new();
+    for fused in [true, false] {
+        let (_, mut gx) = both(&mut g, &x, 1, cols);
+        let mut xq = g.alloc_q(1, cols).unwrap();
+        let rows = StepRow::sequence(&[0], 0);
         g.begin_step(&rows).unwrap();
         let before = g.dispatch_count();
-        g.rope(&mut gq, heads, &shape).unwrap();
-        g.rope(&mut gk, kv_heads, &shape).unwrap();
-        g.attention(&gq, &gk, &gv, &mut gcache, 0, &shape, &mut go)
-            .unwrap();
-        let dispatches = g.dispatch_count() - before;
+        g.rms_norm_quantize(&gx, &wn, 1e-5, &mut xq).unwrap();
+        if !fused {
+            g.end_step().unwrap();
+            g.begin_step(&rows).unwrap();
+        }
+        g.ternary_matmul_add(&w, &xq, &mut gx).unwrap();
         g.end_step().unwrap();
-        // fused store + (split + combine) for decode, + attend for prefill
-        let attend = if n <= 4 { 2 } else { 1 };
-        assert_eq!(dispatches, 1 + attend, "n={n}: dispatches");
-        let what = format!("n={n} pos={pos}");
-        assert_close(
-            &format!("attention {what}"),
-            &g.read(&go, n).unwrap(),
-            &co.data[..n * qd],
-            1e-5,
-            1e-4,
-        );
-        assert_close(
-            &format!("rotated q {what}"),
-            &g.read(&gq, n).unwrap(),
-            &cq.data[..n * qd],
-            1e-6,
-            1e-6,
-        );
-        assert_close(
-            &format!("rotated k {what}"),
-            &g.read(&gk, n).unwrap(),
-            &ck.data[..n * kvd],
-            1e-6,
-            1e-6,
-        );
-        pos += n;
+        assert_eq!(g.dispatch_count() - before, 2, "fused={fused}");
+        got.push(g.read(&gx, 1).unwrap());
     }
+    assert_close("x += W·norm_quantize(x)", &got[0], &got[1], 0.0, 0.0);
 }

@@ -15,6 +15,7 @@
 pub mod cpu;
 pub mod wgpu;
 
+pub use crate::config::FfnActivation;
 use crate::error::{BitnetError, Result};
 use crate::load::FloatMatrix;
 use crate::ternary::TernaryMatrix;
@@ -157,7 +158,14 @@ pub trait Backend {
     /// A human-readable name: "cpu (2 threads)", "wgpu Vulkan NVIDIA H100", ...
     fn name(&self) -> String;
 
-    fn upload_linear(&mut self, w: &TernaryMatrix) -> Result<Self::Linear>;
+    /// The row-concatenation of `parts` (same column count) as one matrix, e.g. q, k and v or
+    /// gate and up: one matmul computes all of them. Each part keeps its own `out_scale`
+    /// (applied to its range of output rows; the integer accumulation is unchanged).
+    fn upload_linears(&mut self, parts: &[&TernaryMatrix]) -> Result<Self::Linear>;
+    /// One matrix: [`Backend::upload_linears`] of a single part.
+    fn upload_linear(&mut self, w: &TernaryMatrix) -> Result<Self::Linear> {
+        self.upload_linears(&[w])
+    }
     fn upload_vector(&mut self, v: &[f32]) -> Result<Self::Vector>;
     fn upload_embedding(&mut self, m: &FloatMatrix) -> Result<Self::Embedding>;
     /// The LM head `m`; `tied` is the uploaded embedding when `m` is the same matrix (tied
@@ -197,48 +205,64 @@ pub trait Backend {
     ) -> Result<()>;
     /// Per-row absmax int8 quantization: `[n, cols]` → `[n, cols]` int8 + `[n]` scales.
     fn quantize(&mut self, x: &Self::Tensor, out: &mut Self::QTensor) -> Result<()>;
-    /// `out = (x_q · Wᵀ) / s_x * out_scale`: `[n, in]` → `[n, out]`, exact integer accumulation.
+    /// `quantize(rms_norm(x, w, eps))` as one op, without the normed floats: `[n, cols]` →
+    /// `[n, cols]` int8 + `[n]` scales.
+    fn rms_norm_quantize(
+        &mut self,
+        x: &Self::Tensor,
+        w: &Self::Vector,
+        eps: f32,
+        out: &mut Self::QTensor,
+    ) -> Result<()>;
+    /// `out = (x_q · Wᵀ) / s_x * out_scale`: `[n, in]` → `[n, out]`, exact integer accumulation
+    /// (each part of a concatenated `W` scaled by its own `out_scale`).
     fn ternary_matmul(
         &mut self,
         w: &Self::Linear,
         x: &Self::QTensor,
         out: &mut Self::Tensor,
     ) -> Result<()>;
-    /// Half-split rotary embedding in place on `[n, heads * head_dim]`, each row rotated at its
-    /// own position.
-    fn rope(&mut self, x: &mut Self::Tensor, n_heads: usize, shape: &AttentionShape) -> Result<()>;
-    /// Stores each row's `k, v [n, kv_dim]` into the cache of `layer` at its (slot, pos), then
-    /// causal GQA attention of each row of `q [n, heads*head_dim]` over positions `0..=pos` of
-    /// its own slot (rows of one slot in the step see each other causally):
-    /// `out [n, heads*head_dim]`.
+    /// `acc += ternary_matmul(w, x)`: the residual add in the matmul's epilogue, `[n, out]`.
+    fn ternary_matmul_add(
+        &mut self,
+        w: &Self::Linear,
+        x: &Self::QTensor,
+        acc: &mut Self::Tensor,
+    ) -> Result<()>;
+    /// The gated FFN product from one matmul over `w = [gate; up]` (`[2·i, in]`, uploaded by
+    /// `upload_linears(&[gate, up])`): `out = act(g) · u` with `[g | u] = ternary_matmul(w, x)`,
+    /// `act` relu(g)² or silu(g) = g / (1 + exp(-g)): `out [n, i]`.
+    fn gate_up(
+        &mut self,
+        w: &Self::Linear,
+        x: &Self::QTensor,
+        act: FfnActivation,
+        out: &mut Self::Tensor,
+    ) -> Result<()>;
+    /// q, k and v from one matmul over `w = [q; k; v]` (`[heads·hd + 2·kv_heads·hd, in]`), the
+    /// half-split RoPE of q and k at each row's own position, and the store of k and v into the
+    /// cache of `layer` at the row's (slot, pos): `q [n, heads·hd]` is the rotated queries.
     #[allow(clippy::too_many_arguments)]
+    fn qkv_rope_store(
+        &mut self,
+        w: &Self::Linear,
+        x: &Self::QTensor,
+        cache: &mut Self::KvCache,
+        layer: usize,
+        shape: &AttentionShape,
+        q: &mut Self::Tensor,
+    ) -> Result<()>;
+    /// Causal GQA attention of each row of `q [n, heads*head_dim]` over positions `0..=pos` of
+    /// its own slot in the cache of `layer` (stored by `qkv_rope_store`; rows of one slot in the
+    /// step see each other causally): `out [n, heads*head_dim]`.
     fn attention(
         &mut self,
         q: &Self::Tensor,
-        k: &Self::Tensor,
-        v: &Self::Tensor,
-        cache: &mut Self::KvCache,
+        cache: &Self::KvCache,
         layer: usize,
         shape: &AttentionShape,
         out: &mut Self::Tensor,
     ) -> Result<()>;
-    /// `out = relu(gate)² * up`: `[n, intermediate]`.
-    fn relu2_mul(
-        &mut self,
-        gate: &Self::Tensor,
-        up: &Self::Tensor,
-        out: &mut Self::Tensor,
-    ) -> Result<()>;
-    /// `out = silu(gate) * up` with `silu(g) = g / (1 + exp(-g))`: `[n, intermediate]` (the
-    /// LLaMA-style FFN).
-    fn silu_mul(
-        &mut self,
-        gate: &Self::Tensor,
-        up: &Self::Tensor,
-        out: &mut Self::Tensor,
-    ) -> Result<()>;
-    /// `x += y`: `[n, cols]`.
-    fn add_assign(&mut self, x: &mut Self::Tensor, y: &Self::Tensor) -> Result<()>;
     /// `logits[i] = x[rows[i]] · headᵀ`: `rows` are indices into the step's rows, logits out is
     /// `[rows.len(), vocab]`.
     fn lm_head(
@@ -311,14 +335,15 @@ pub(crate) fn check_matmul(
     Ok(())
 }
 
-/// Attention's preconditions for a step of `n` rows: `q` and `out` hold `[n, heads·head_dim]`,
-/// `k` and `v` `[n, kv_heads·head_dim]` (each given as its `[capacity, cols]`), and the cache's
-/// rows (`[cache_kv_dim]` each, `cache_ctx` positions) are `kv_heads·head_dim` wide with room
-/// for positions up to `end` (exclusive).
+/// Attention's preconditions for a step of `n` rows: `q` and `out` hold `[n, heads·head_dim]`
+/// (each given as its `[capacity, cols]`), and the cache's rows (`[cache_kv_dim]` each,
+/// `cache_ctx` positions) are `kv_heads·head_dim` wide with room for positions up to `end`
+/// (exclusive).
 pub(crate) fn check_attention(
+    op: &'static str,
     shape: &AttentionShape,
     n: usize,
-    [q, k, v, out]: [(usize, usize); 4],
+    [q, out]: [(usize, usize); 2],
     (cache_kv_dim, cache_ctx): (usize, usize),
     end: usize,
 ) -> Result<()> {
@@ -326,14 +351,43 @@ pub(crate) fn check_attention(
         shape.n_heads * shape.head_dim,
         shape.n_kv_heads * shape.head_dim,
     );
-    for ((capacity, cols), want) in [(q, qd), (k, kvd), (v, kvd), (out, qd)] {
-        check_tensor("attention", capacity, cols, n, want)?;
+    for (capacity, cols) in [q, out] {
+        check_tensor(op, capacity, cols, n, qd)?;
+    }
+    if shape.n_kv_heads == 0
+        || !shape.n_heads.is_multiple_of(shape.n_kv_heads)
+        || !shape.head_dim.is_multiple_of(2)
+    {
+        return Err(BitnetError::op(
+            op,
+            format!(
+                "unsupported shape: {} heads, {} kv heads, head_dim {}",
+                shape.n_heads, shape.n_kv_heads, shape.head_dim
+            ),
+        ));
     }
     if cache_kv_dim != kvd || end > cache_ctx {
         return Err(BitnetError::ContextOverflow {
             needed: end,
             ctx: cache_ctx,
         });
+    }
+    Ok(())
+}
+
+/// The fused matmuls' weight shapes: `qkv_rope_store` needs `[heads·hd + 2·kv_heads·hd, in]`,
+/// `gate_up` `[2·i, in]` for an output of `i` columns.
+pub(crate) fn check_fused_rows(
+    op: &'static str,
+    name: &str,
+    w_rows: usize,
+    want: usize,
+) -> Result<()> {
+    if w_rows != want {
+        return Err(BitnetError::op(
+            op,
+            format!("{name}: weight of {w_rows} rows, expected {want}"),
+        ));
     }
     Ok(())
 }

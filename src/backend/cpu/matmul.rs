@@ -12,7 +12,7 @@ use super::dispatch::{
 use super::pool::DisjointSlice;
 use super::q4::Q4Input;
 use super::q8::HeadInput;
-use super::{CpuBackend, CpuLmHead, CpuQTensor, CpuTensor};
+use super::{CpuBackend, CpuLinear, CpuLmHead, CpuQTensor, CpuTensor};
 use crate::backend::check_matmul;
 use crate::error::{BitnetError, Result};
 use crate::load::{decode_floats, FloatDtype};
@@ -28,12 +28,14 @@ const BYTE_ROWS: usize = 16;
 /// Tokens per prefill block: their int8 activations (≤ 32 × 6912 B for 2B4T) stay in L2.
 const TOKEN_BLOCK: usize = 32;
 
-/// Where a ternary matmul's sums go: `out [n, rows]`, output row `i·P + p` of byte row `p`
-/// scaled by the token's factor (`out_scale / act_scale[t]`).
+/// Where a ternary matmul's sums go: `out [n, stride]`, output row `i·P + p` of byte row `p`
+/// of the part starting at column `col0`, scaled by the token's factor
+/// (`out_scale / act_scale[t]`).
 struct Outputs<'a> {
-    out: DisjointSlice<'a, f32>, // [n, rows]
+    out: DisjointSlice<'a, f32>, // [n, stride]
     factor: &'a [f32],           // [n]
-    rows: usize,
+    stride: usize,
+    col0: usize,
     p4: usize,
 }
 
@@ -47,8 +49,10 @@ impl Outputs<'_> {
         for (i, &v) in r.iter().enumerate() {
             // SAFETY: passed on from the caller.
             unsafe {
-                self.out
-                    .write(t * self.rows + i * self.p4 + p, v as f32 * self.factor[t])
+                self.out.write(
+                    t * self.stride + self.col0 + i * self.p4 + p,
+                    v as f32 * self.factor[t],
+                )
             };
         }
     }
@@ -62,29 +66,43 @@ impl CpuBackend {
     }
 
     /// `out[t, i·P + p] = (Σ W[i·P + p]·q[t]) · out_scale / act_scale[t]`: the shape checks,
-    /// one factor per token, then the strategy for this step.
+    /// then per part of a concatenated matrix (its columns of `out`, its own scale) one factor
+    /// per token and the strategy for this step.
     pub(super) fn matmul(
         &mut self,
-        w: &TernaryMatrix,
+        w: &CpuLinear,
         x: &CpuQTensor,
         out: &mut CpuTensor,
     ) -> Result<()> {
         let n = self.n();
         check_matmul(&w.name, (w.rows, w.cols), (x.capacity, x.cols), n)?;
         self.check("ternary_matmul", out, w.rows)?;
+        let mut col0 = 0;
+        for part in &w.parts {
+            self.matmul_part(part, x, out, col0);
+            col0 += part.rows;
+        }
+        Ok(())
+    }
+
+    /// One part of [`CpuBackend::matmul`]: `out[t, col0 + r]` for the part's rows `r`.
+    fn matmul_part(&mut self, w: &TernaryMatrix, x: &CpuQTensor, out: &mut CpuTensor, col0: usize) {
+        let n = self.n();
+        let stride = out.cols;
         self.token_factor.clear();
         self.token_factor
             .extend(x.scales[..n].iter().map(|&s| w.out_scale / s));
         #[cfg(all(target_arch = "x86_64", target_os = "linux"))]
         // quantize laid out the tiles exactly when this step is for AMX
         if x.tiles_rows == n && n > 0 {
-            self.matmul_amx(w, x, out);
-            return Ok(());
+            self.matmul_amx(w, x, out, col0);
+            return;
         }
         let outputs = Outputs {
-            out: DisjointSlice::new(&mut out.data[..n * w.rows]),
+            out: DisjointSlice::new(&mut out.data[..n * stride]),
             factor: &self.token_factor,
-            rows: w.rows,
+            stride,
+            col0,
             p4: w.rows / 4,
         };
         if n == 1 {
@@ -92,7 +110,6 @@ impl CpuBackend {
         } else {
             self.matmul_prefill(w, x, &outputs);
         }
-        Ok(())
     }
 
     /// One token: a job takes a run of byte rows (byte row p serves output rows p, P+p, 2P+p,
@@ -182,14 +199,14 @@ impl CpuBackend {
     /// is sized so that its activations (`32 × padded_cols` bytes per pair of token blocks) stay
     /// in L2 while every job of the chunk reads them; chunks come first in the job order.
     #[cfg(all(target_arch = "x86_64", target_os = "linux"))]
-    fn matmul_amx(&self, w: &TernaryMatrix, x: &CpuQTensor, out: &mut CpuTensor) {
+    fn matmul_amx(&self, w: &TernaryMatrix, x: &CpuQTensor, out: &mut CpuTensor, col0: usize) {
         use super::x86::amx::{self, padded_cols, TILE_K, TILE_ROWS, TILE_TOKENS};
         const CHUNK_BYTES: usize = 1 << 20;
         let n = self.n();
-        let (p4, rows, cols) = (w.rows / 4, w.rows, w.cols);
+        let (p4, rows, cols) = (w.rows / 4, out.cols, w.cols);
         let kp = padded_cols(cols);
         let factor = &self.token_factor; // [n]
-        let out_rows = DisjointSlice::new(&mut out.data[..n * rows]); // [n, rows]
+        let out_rows = DisjointSlice::new(&mut out.data[..n * rows]); // [n, stride]
         let pair_len = 2 * TILE_TOKENS * kp; // bytes of one pair of token blocks
         let pairs = n.div_ceil(2 * TILE_TOKENS);
         let chunk_pairs = (CHUNK_BYTES / pair_len).clamp(1, pairs);
@@ -234,7 +251,7 @@ impl CpuBackend {
                             // (one chunk, one row block); runs_ptr checked the runs' bounds.
                             unsafe {
                                 let dst = out_rows.runs_ptr(
-                                    t0 * rows + plane * p4 + p0,
+                                    t0 * rows + col0 + plane * p4 + p0,
                                     rows,
                                     t1 - t0,
                                     p1 - p0,
@@ -432,7 +449,8 @@ mod tests {
                         let mut q = b.alloc_q(n, cols).unwrap();
                         b.quantize(&x, &mut q).unwrap();
                         let mut out = b.alloc(n, rows).unwrap();
-                        b.ternary_matmul(&w, &q, &mut out).unwrap();
+                        let wl = b.upload_linear(&w).unwrap();
+                        b.ternary_matmul(&wl, &q, &mut out).unwrap();
                         let p4 = rows / 4;
                         for t in 0..n {
                             // The expected value from the scalar quantizer, not from the

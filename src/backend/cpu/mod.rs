@@ -26,7 +26,8 @@ pub(crate) mod x86;
 use std::cell::RefCell;
 
 use super::{
-    check_attention, check_step_rows, check_tensor, AttentionShape, Backend, HeadFormat, StepRow,
+    check_attention, check_fused_rows, check_step_rows, check_tensor, AttentionShape, Backend,
+    FfnActivation, HeadFormat, StepRow,
 };
 use crate::error::{BitnetError, Result};
 use crate::load::FloatMatrix;
@@ -40,7 +41,7 @@ use reference::{rms_norm_row, rope_angles, rope_head_with, scale_from_absmax};
 pub use topology::default_threads;
 
 /// f32 activations `[capacity, cols]`, row-major.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Default)]
 pub struct CpuTensor {
     pub data: Vec<f32>, // [capacity, cols]
     pub capacity: usize,
@@ -59,6 +60,17 @@ pub struct CpuQTensor {
     /// Rows of the current step that `tiles` holds (0: none; the matmul then reads `q`).
     pub tiles_rows: usize,
     pub capacity: usize,
+    pub cols: usize,
+}
+
+/// A ternary matrix on the CPU: the row-concatenation of `parts` (q, k, v or gate, up), each
+/// in the packed layout of `ternary.rs` (shared with the checkpoint, no copy) with its own
+/// `out_scale`; the matmul runs the parts one after the other into their columns of one output.
+#[derive(Debug, Clone)]
+pub struct CpuLinear {
+    pub parts: Vec<TernaryMatrix>,
+    pub name: String,
+    pub rows: usize, // Σ rows of the parts
     pub cols: usize,
 }
 
@@ -108,31 +120,54 @@ pub struct CpuBackend {
     rope_table: Vec<(f32, f32)>, // [n, head_dim/2] (cos, sin) of the step's positions
     rope_pos: Vec<u32>,     // [n] positions rope_table was built for
     rope_key: Option<(usize, u32)>, // (head_dim, θ bits) of rope_table
+    /// `[n, cols]` a fused op's intermediate (the normed rows, the raw q|k|v or gate|up, the
+    /// matmul before the residual add), reused across ops and steps.
+    scratch: CpuTensor,
     level: CpuLevel,
 }
 
 impl CpuBackend {
-    /// `out = act(gate) · up` row by row for the step's rows, `row(gate, up, out)` computing one
-    /// row; rows in parallel (a prefill step's [n, 6912] is ~14 MB per operand).
-    fn gated_mul(
-        &mut self,
-        op: &'static str,
-        gate: &CpuTensor,
-        up: &CpuTensor,
-        out: &mut CpuTensor,
-        row: impl Fn(&[f32], &[f32], &mut [f32]) + Sync,
-    ) -> Result<()> {
-        let cols = gate.cols;
-        self.check(op, gate, cols)?;
-        self.check(op, up, cols)?;
-        self.check(op, out, cols)?;
-        let len = self.n() * cols;
-        self.pool
-            .for_each_chunk_mut(&mut out.data[..len], cols, |t, o| {
-                let span = t * cols..(t + 1) * cols;
-                row(&gate.data[span.clone()], &up.data[span], o)
-            });
-        Ok(())
+    /// Takes the scratch tensor sized `[n, cols]` (given back by `put_scratch`).
+    fn take_scratch(&mut self, cols: usize) -> CpuTensor {
+        let mut t = std::mem::take(&mut self.scratch);
+        let n = self.n();
+        if t.data.len() < n * cols {
+            t.data.resize(n * cols, 0.0);
+        }
+        t.capacity = t.data.len() / cols.max(1);
+        t.cols = cols;
+        t
+    }
+
+    fn put_scratch(&mut self, t: CpuTensor) {
+        self.scratch = t;
+    }
+
+    /// The (cos, sin) of every row of the step for `head_dim` and θ, `[n, head_dim/2]`, rebuilt
+    /// only when the step's positions (or the head shape) change: shared by q and k of every
+    /// layer.
+    fn rope_table(&mut self, shape: &AttentionShape) {
+        let (n, hd) = (self.n(), shape.head_dim);
+        let key = (hd, shape.rope_theta.to_bits());
+        let same_pos = self.rope_pos.len() == n
+            && self
+                .rope_pos
+                .iter()
+                .zip(&self.rows)
+                .all(|(&p, r)| p == r.pos);
+        if self.rope_key != Some(key) || !same_pos {
+            self.rope_table.resize(n * hd / 2, (0.0, 0.0));
+            self.rope_pos.clear();
+            for (r, angles) in self
+                .rows
+                .iter()
+                .zip(self.rope_table.chunks_exact_mut(hd / 2))
+            {
+                rope_angles(r.pos as usize, hd, shape.rope_theta, angles);
+                self.rope_pos.push(r.pos);
+            }
+            self.rope_key = Some(key);
+        }
     }
 
     /// `threads = 0` means [`default_threads`].
@@ -153,6 +188,7 @@ impl CpuBackend {
             rope_table: Vec::new(),
             rope_pos: Vec::new(),
             rope_key: None,
+            scratch: CpuTensor::default(),
             level: CpuLevel::detect(),
         })
     }
@@ -185,12 +221,46 @@ impl CpuBackend {
     fn check(&self, op: &'static str, t: &CpuTensor, cols: usize) -> Result<()> {
         check_tensor(op, t.capacity, t.cols, self.n(), cols)
     }
+
+    /// The attention shape, `q`/`out` `[n, heads·hd]`, the step's rows against the cache's
+    /// slots and positions, and `layer` against its layers.
+    fn check_cache(
+        &self,
+        op: &'static str,
+        shape: &AttentionShape,
+        q: &CpuTensor,
+        out: &CpuTensor,
+        cache: &CpuKvCache,
+        layer: usize,
+    ) -> Result<()> {
+        check_attention(
+            op,
+            shape,
+            self.n(),
+            [q, out].map(|t| (t.capacity, t.cols)),
+            (cache.kv_dim, cache.ctx),
+            self.rows
+                .iter()
+                .map(|r| r.pos as usize + 1)
+                .max()
+                .unwrap_or(0),
+        )?;
+        check_step_rows(&self.rows, cache.slots, cache.ctx)?;
+        let per_layer = cache.slots * cache.ctx * cache.kv_dim;
+        if (layer + 1) * per_layer > cache.k.len() {
+            return Err(BitnetError::op(
+                op,
+                format!("no layer {layer} in the cache"),
+            ));
+        }
+        Ok(())
+    }
 }
 
 impl Backend for CpuBackend {
     type Tensor = CpuTensor;
     type QTensor = CpuQTensor;
-    type Linear = TernaryMatrix;
+    type Linear = CpuLinear;
     type Vector = Vec<f32>;
     type Embedding = FloatMatrix;
     type Head = CpuLmHead;
@@ -200,8 +270,29 @@ impl Backend for CpuBackend {
         format!("cpu {} ({} threads)", self.level.name(), self.threads)
     }
 
-    fn upload_linear(&mut self, w: &TernaryMatrix) -> Result<TernaryMatrix> {
-        Ok(w.clone())
+    fn upload_linears(&mut self, parts: &[&TernaryMatrix]) -> Result<CpuLinear> {
+        let Some(first) = parts.first() else {
+            return Err(BitnetError::op("upload_linears", "no matrices"));
+        };
+        if let Some(p) = parts.iter().find(|p| p.cols != first.cols) {
+            return Err(BitnetError::op(
+                "upload_linears",
+                format!(
+                    "{}: {} columns, {} has {}",
+                    p.name, p.cols, first.name, first.cols
+                ),
+            ));
+        }
+        Ok(CpuLinear {
+            parts: parts.iter().map(|&p| p.clone()).collect(),
+            name: parts
+                .iter()
+                .map(|p| p.name.as_str())
+                .collect::<Vec<_>>()
+                .join("+"),
+            rows: parts.iter().map(|p| p.rows).sum(),
+            cols: first.cols,
+        })
     }
 
     fn upload_vector(&mut self, v: &[f32]) -> Result<Vec<f32>> {
@@ -380,88 +471,145 @@ impl Backend for CpuBackend {
         Ok(())
     }
 
-    fn ternary_matmul(
+    fn rms_norm_quantize(
         &mut self,
-        w: &TernaryMatrix,
-        x: &CpuQTensor,
-        out: &mut CpuTensor,
+        x: &CpuTensor,
+        w: &Vec<f32>,
+        eps: f32,
+        out: &mut CpuQTensor,
     ) -> Result<()> {
+        self.check("rms_norm_quantize", x, w.len())?;
+        let mut xn = self.take_scratch(w.len()); // [n, cols] normed rows
+        let r = self
+            .rms_norm(x, w, eps, &mut xn)
+            .and_then(|_| self.quantize(&xn, out));
+        self.put_scratch(xn);
+        r
+    }
+
+    fn ternary_matmul(&mut self, w: &CpuLinear, x: &CpuQTensor, out: &mut CpuTensor) -> Result<()> {
         self.matmul(w, x, out)
     }
 
-    fn rope(&mut self, x: &mut CpuTensor, n_heads: usize, shape: &AttentionShape) -> Result<()> {
-        let hd = shape.head_dim;
-        self.check("rope", x, n_heads * hd)?;
-        // cos/sin once per row of the step, shared by every head and by q and k of every
-        // layer: the table is rebuilt only when the step's positions (or the head shape) change
-        let n = self.n();
-        let key = (hd, shape.rope_theta.to_bits());
-        let same_pos = self.rope_pos.len() == n
-            && self
-                .rope_pos
-                .iter()
-                .zip(&self.rows)
-                .all(|(&p, r)| p == r.pos);
-        if self.rope_key != Some(key) || !same_pos {
-            self.rope_table.resize(n * hd / 2, (0.0, 0.0));
-            self.rope_pos.clear();
-            for (r, angles) in self
-                .rows
-                .iter()
-                .zip(self.rope_table.chunks_exact_mut(hd / 2))
-            {
-                rope_angles(r.pos as usize, hd, shape.rope_theta, angles);
-                self.rope_pos.push(r.pos);
-            }
-            self.rope_key = Some(key);
+    fn ternary_matmul_add(
+        &mut self,
+        w: &CpuLinear,
+        x: &CpuQTensor,
+        acc: &mut CpuTensor,
+    ) -> Result<()> {
+        self.check("ternary_matmul_add", acc, w.rows)?;
+        let mut y = self.take_scratch(w.rows); // [n, out] the product
+        let r = self.matmul(w, x, &mut y);
+        if r.is_ok() {
+            let (len, cols) = (self.n() * acc.cols, acc.cols);
+            self.pool
+                .for_each_chunk_mut(&mut acc.data[..len], cols, |t, a| {
+                    for (a, b) in a.iter_mut().zip(&y.data[t * cols..(t + 1) * cols]) {
+                        *a += b;
+                    }
+                });
         }
+        self.put_scratch(y);
+        r
+    }
+
+    fn gate_up(
+        &mut self,
+        w: &CpuLinear,
+        x: &CpuQTensor,
+        act: FfnActivation,
+        out: &mut CpuTensor,
+    ) -> Result<()> {
+        let i = out.cols;
+        check_fused_rows("gate_up", &w.name, w.rows, 2 * i)?;
+        self.check("gate_up", out, i)?;
+        let mut gu = self.take_scratch(2 * i); // [n, 2i] gate | up
+        let r = self.matmul(w, x, &mut gu);
+        if r.is_ok() {
+            let n = self.n();
+            let gu = &gu.data;
+            self.pool
+                .for_each_chunk_mut(&mut out.data[..n * i], i, |t, o| {
+                    let (g, u) = gu[t * 2 * i..(t + 1) * 2 * i].split_at(i);
+                    match act {
+                        FfnActivation::Relu2 => reference::relu2_mul_row(g, u, o),
+                        FfnActivation::Silu => reference::silu_mul_row(g, u, o),
+                    }
+                });
+        }
+        self.put_scratch(gu);
+        r
+    }
+
+    fn qkv_rope_store(
+        &mut self,
+        w: &CpuLinear,
+        x: &CpuQTensor,
+        cache: &mut CpuKvCache,
+        layer: usize,
+        shape: &AttentionShape,
+        q: &mut CpuTensor,
+    ) -> Result<()> {
+        let (n, hd) = (self.n(), shape.head_dim);
+        let (qd, kvd) = (shape.n_heads * hd, shape.n_kv_heads * hd);
+        let wd = qd + 2 * kvd;
+        check_fused_rows("qkv_rope_store", &w.name, w.rows, wd)?;
+        self.check_cache("qkv_rope_store", shape, q, q, cache, layer)?;
+        let mut qkv = self.take_scratch(wd); // [n, qd + 2·kvd] q | k | v
+        if let Err(e) = self.matmul(w, x, &mut qkv) {
+            self.put_scratch(qkv);
+            return Err(e);
+        }
+        self.rope_table(shape);
         let table = &self.rope_table; // [n, hd/2] (cos, sin)
+        let rope_row = |t: usize, heads: &mut [f32]| {
+            let angles = &table[t * hd / 2..(t + 1) * hd / 2];
+            for head in heads.chunks_exact_mut(hd) {
+                rope_head_with(head, angles);
+            }
+        };
+        // q: copied out and rotated; k: rotated in place
         self.pool
-            .for_each_chunk_mut(&mut x.data[..n * n_heads * hd], n_heads * hd, |t, row| {
-                let angles = &table[t * hd / 2..(t + 1) * hd / 2];
-                for head in row.chunks_exact_mut(hd) {
-                    rope_head_with(head, angles);
-                }
+            .for_each_chunk_mut(&mut q.data[..n * qd], qd, |t, row| {
+                row.copy_from_slice(&qkv.data[t * wd..t * wd + qd]);
+                rope_row(t, row);
             });
+        self.pool
+            .for_each_chunk_mut(&mut qkv.data[..n * wd], wd, |t, row| {
+                rope_row(t, &mut row[qd..qd + kvd]);
+            });
+        let (ctx, slots) = (cache.ctx, cache.slots);
+        for (t, r) in self.rows.iter().enumerate() {
+            // [slots, ctx, kv_dim] and [slots, kv_dim, ctx] of this layer
+            let (base, p) = (
+                (layer * slots + r.slot as usize) * ctx * kvd,
+                r.pos as usize,
+            );
+            let row = &qkv.data[t * wd..(t + 1) * wd];
+            cache.v[base + p * kvd..base + (p + 1) * kvd].copy_from_slice(&row[qd + kvd..]);
+            let kt = &mut cache.k[base..base + kvd * ctx]; // [kv_dim, ctx]
+            for (e, krow) in kt.chunks_exact_mut(ctx).enumerate() {
+                krow[p] = row[qd + e];
+            }
+        }
+        self.put_scratch(qkv);
         Ok(())
     }
 
     fn attention(
         &mut self,
         q: &CpuTensor,
-        k: &CpuTensor,
-        v: &CpuTensor,
-        cache: &mut CpuKvCache,
+        cache: &CpuKvCache,
         layer: usize,
         shape: &AttentionShape,
         out: &mut CpuTensor,
     ) -> Result<()> {
         let (n, hd) = (self.n(), shape.head_dim);
         let (qd, kvd) = (shape.n_heads * hd, shape.n_kv_heads * hd);
-        check_attention(
-            shape,
-            n,
-            [q, k, v, out].map(|t| (t.capacity, t.cols)),
-            (cache.kv_dim, cache.ctx),
-            self.rows
-                .iter()
-                .map(|r| r.pos as usize + 1)
-                .max()
-                .unwrap_or(0),
-        )?;
-        check_step_rows(&self.rows, cache.slots, cache.ctx)?;
+        self.check_cache("attention", shape, q, out, cache, layer)?;
         let (ctx, slots) = (cache.ctx, cache.slots);
         // [slots, ctx, kv_dim] and [slots, kv_dim, ctx] of this layer, slot s at s * ctx * kvd
         let slot_base = move |slot: u32| (layer * slots + slot as usize) * ctx * kvd;
-        for (t, r) in self.rows.iter().enumerate() {
-            let (base, p) = (slot_base(r.slot), r.pos as usize);
-            cache.v[base + p * kvd..base + (p + 1) * kvd]
-                .copy_from_slice(&v.data[t * kvd..(t + 1) * kvd]);
-            let kt = &mut cache.k[base..base + kvd * ctx]; // [kv_dim, ctx]
-            for (e, row) in kt.chunks_exact_mut(ctx).enumerate() {
-                row[p] = k.data[t * kvd + e];
-            }
-        }
         let (kc, vc) = (&cache.k, &cache.v);
         let rows = &self.rows;
         let group = shape.n_heads / shape.n_kv_heads;
@@ -513,31 +661,6 @@ impl Backend for CpuBackend {
         Ok(())
     }
 
-    fn relu2_mul(&mut self, gate: &CpuTensor, up: &CpuTensor, out: &mut CpuTensor) -> Result<()> {
-        self.gated_mul("relu2_mul", gate, up, out, |g, u, o| {
-            for ((o, &g), &u) in o.iter_mut().zip(g).zip(u) {
-                let r = g.max(0.0);
-                *o = r * r * u;
-            }
-        })
-    }
-
-    fn silu_mul(&mut self, gate: &CpuTensor, up: &CpuTensor, out: &mut CpuTensor) -> Result<()> {
-        self.gated_mul("silu_mul", gate, up, out, reference::silu_mul_row)
-    }
-
-    fn add_assign(&mut self, x: &mut CpuTensor, y: &CpuTensor) -> Result<()> {
-        self.check("add", y, x.cols)?;
-        let (len, cols) = (self.n() * x.cols, x.cols);
-        self.pool
-            .for_each_chunk_mut(&mut x.data[..len], cols, |t, a| {
-                for (a, b) in a.iter_mut().zip(&y.data[t * cols..]) {
-                    *a += b;
-                }
-            });
-        Ok(())
-    }
-
     fn lm_head(
         &mut self,
         head: &CpuLmHead,
@@ -561,39 +684,216 @@ impl Backend for CpuBackend {
 mod tests {
     use super::*;
 
+    use crate::ternary::{pack_ternary, ByteStorage};
+    use rand::{Rng, SeedableRng};
+    use std::sync::Arc;
+
+    fn random_ternary(r: &mut impl Rng, name: &str, rows: usize, cols: usize) -> TernaryMatrix {
+        let w: Vec<i8> = (0..rows * cols).map(|_| r.random_range(-1..=1)).collect();
+        let packed = pack_ternary(&w, rows, cols).unwrap();
+        let scale = r.random_range(0.2f32..3.0);
+        TernaryMatrix::new(
+            name,
+            rows,
+            cols,
+            ByteStorage::Owned(Arc::new(packed)),
+            scale,
+        )
+        .unwrap()
+    }
+
+    fn tensor(data: Vec<f32>, capacity: usize, cols: usize) -> CpuTensor {
+        let mut data = data;
+        data.resize(capacity * cols, 0.0);
+        CpuTensor {
+            data,
+            capacity,
+            cols,
+        }
+    }
+
+    /// The scalar composition: `ternary_dot_rows_scalar` per part, scaled as the backend does
+    /// (`acc as f32 · (out_scale / s)`), parts side by side: `[n, Σ rows]`.
+    fn reference_matmul(parts: &[&TernaryMatrix], q: &[i8], scales: &[f32]) -> Vec<f32> {
+        let cols = parts[0].cols;
+        let mut out = Vec::new();
+        for (t, &s) in scales.iter().enumerate() {
+            for p in parts {
+                let mut acc = vec![0i32; p.rows];
+                reference::ternary_dot_rows_scalar(p, &q[t * cols..(t + 1) * cols], &mut acc);
+                let f = p.out_scale / s;
+                out.extend(acc.iter().map(|&a| a as f32 * f));
+            }
+        }
+        out
+    }
+
+    fn assert_bits(what: &str, got: &[f32], want: &[f32]) {
+        assert_eq!(got.len(), want.len(), "{what}: length");
+        for (k, (g, e)) in got.iter().zip(want).enumerate() {
+            assert!(
+                g.to_bits() == e.to_bits(),
+                "{what}: index {k}: got {g}, expected {e}"
+            );
+        }
+    }
+
+    /// Every fused op against the composition of the scalar reference ops, bit for bit (the CPU
+    /// runs the same float operations in the same order), for a decode and a prefill step, on 1
+    /// and 3 threads, odd sizes.
     #[test]
-    fn silu_mul_equals_the_scalar_twin_on_every_row() {
-        // rows split over threads: each row is the twin's, bit for bit
+    fn fused_ops_equal_the_composition_of_the_scalar_reference_ops() {
+        let mut r = rand_chacha::ChaCha8Rng::seed_from_u64(77);
+        let (hidden, heads, kv_heads, hd, inter) = (44usize, 6usize, 2usize, 6usize, 20usize);
+        let (qd, kvd) = (heads * hd, kv_heads * hd);
+        let shape = AttentionShape {
+            n_heads: heads,
+            n_kv_heads: kv_heads,
+            head_dim: hd,
+            rope_theta: 10000.0,
+        };
+        let (wq, wk, wv) = (
+            random_ternary(&mut r, "q", qd, hidden),
+            random_ternary(&mut r, "k", kvd, hidden),
+            random_ternary(&mut r, "v", kvd, hidden),
+        );
+        let (wg, wu, wo) = (
+            random_ternary(&mut r, "gate", inter, hidden),
+            random_ternary(&mut r, "up", inter, hidden),
+            random_ternary(&mut r, "o", hidden, qd),
+        );
+        let norm_w: Vec<f32> = (0..hidden).map(|_| r.random_range(-2f32..2.0)).collect();
         for threads in [1, 3] {
             let mut b = CpuBackend::new(threads).unwrap();
-            let (n, cols) = (7, 37);
-            let vals = |k: usize, m: f32| ((k * 7919 % 1013) as f32 / 1013.0 - 0.5) * m;
-            let gate = CpuTensor {
-                data: (0..8 * cols).map(|k| vals(k, 24.0)).collect(),
-                capacity: 8,
-                cols,
-            };
-            let up = CpuTensor {
-                data: (0..8 * cols).map(|k| vals(k + 5, 6.0)).collect(),
-                capacity: 8,
-                cols,
-            };
-            let mut out = b.alloc(8, cols).unwrap();
-            b.begin_step(&StepRow::sequence(&[0; 7], 0)).unwrap();
-            b.silu_mul(&gate, &up, &mut out).unwrap();
-            let mut want = vec![0.0; n * cols];
-            for t in 0..n {
-                let r = t * cols..(t + 1) * cols;
-                reference::silu_mul_row(&gate.data[r.clone()], &up.data[r.clone()], &mut want[r]);
-            }
-            for (k, (g, e)) in out.data[..n * cols].iter().zip(&want).enumerate() {
-                assert!(
-                    g.to_bits() == e.to_bits(),
-                    "threads {threads} index {k}: got {g}, expected {e}"
+            let qkv = b.upload_linears(&[&wq, &wk, &wv]).unwrap();
+            let gu = b.upload_linears(&[&wg, &wu]).unwrap();
+            let o = b.upload_linear(&wo).unwrap();
+            let (ctx, cap) = (16, 8);
+            let mut cache = b.alloc_kv_cache(2, 2, ctx, kvd).unwrap();
+            let mut pos = 0;
+            for n in [5usize, 1] {
+                let what = format!("threads {threads} n={n}");
+                let rows = StepRow::sequence_in(1, &vec![0; n], pos);
+                b.begin_step(&rows).unwrap();
+                let x: Vec<f32> = (0..n * hidden)
+                    .map(|_| r.random_range(-3f32..3.0))
+                    .collect();
+                let xt = tensor(x.clone(), cap, hidden);
+                // rms_norm_quantize = quantize_row(rms_norm_row(x))
+                let mut xq = b.alloc_q(cap, hidden).unwrap();
+                b.rms_norm_quantize(&xt, &norm_w, 1e-5, &mut xq).unwrap();
+                let (mut want_q, mut want_s) = (vec![0i8; n * hidden], vec![0f32; n]);
+                for (t, s) in want_s.iter_mut().enumerate() {
+                    let mut xn = vec![0.0; hidden];
+                    let span = t * hidden..(t + 1) * hidden;
+                    reference::rms_norm_row(&x[span.clone()], &norm_w, 1e-5, &mut xn);
+                    *s = reference::quantize_row(&xn, &mut want_q[span]);
+                }
+                assert_eq!(
+                    &xq.q[..n * hidden],
+                    &want_q[..],
+                    "{what}: rms_norm_quantize q"
                 );
+                assert_eq!(
+                    &xq.scales[..n],
+                    &want_s[..],
+                    "{what}: rms_norm_quantize scales"
+                );
+                // the concatenated matmul: each part with its own scale
+                let want_qkv = reference_matmul(&[&wq, &wk, &wv], &want_q, &want_s);
+                let mut out = b.alloc(cap, qd + 2 * kvd).unwrap();
+                b.ternary_matmul(&qkv, &xq, &mut out).unwrap();
+                assert_bits(
+                    &format!("{what}: q|k|v"),
+                    &out.data[..n * (qd + 2 * kvd)],
+                    &want_qkv,
+                );
+                // qkv_rope_store: rotated q out, rotated k and v in the cache at (slot 1, pos)
+                let mut q = b.alloc(cap, qd).unwrap();
+                b.qkv_rope_store(&qkv, &xq, &mut cache, 1, &shape, &mut q)
+                    .unwrap();
+                let wd = qd + 2 * kvd;
+                for (t, row) in rows.iter().enumerate() {
+                    let mut v = want_qkv[t * wd..(t + 1) * wd].to_vec();
+                    for head in v[..qd + kvd].chunks_exact_mut(hd) {
+                        rope_head(head, row.pos as usize, shape.rope_theta);
+                    }
+                    assert_bits(
+                        &format!("{what}: rotated q row {t}"),
+                        &q.data[t * qd..(t + 1) * qd],
+                        &v[..qd],
+                    );
+                    let base = (2 + 1) * ctx * kvd; // layer 1, slot 1
+                    let p = row.pos as usize;
+                    let kc: Vec<f32> = (0..kvd).map(|e| cache.k[base + e * ctx + p]).collect();
+                    assert_bits(&format!("{what}: cached k row {t}"), &kc, &v[qd..qd + kvd]);
+                    assert_bits(
+                        &format!("{what}: cached v row {t}"),
+                        &cache.v[base + p * kvd..base + (p + 1) * kvd],
+                        &v[qd + kvd..],
+                    );
+                }
+                // gate_up: act(gate)·up of the concatenated matmul
+                let want_gu = reference_matmul(&[&wg, &wu], &want_q, &want_s);
+                for act in [FfnActivation::Relu2, FfnActivation::Silu] {
+                    let mut ffn = b.alloc(cap, inter).unwrap();
+                    b.gate_up(&gu, &xq, act, &mut ffn).unwrap();
+                    let mut want = vec![0.0; n * inter];
+                    for t in 0..n {
+                        let (g, u) = want_gu[t * 2 * inter..(t + 1) * 2 * inter].split_at(inter);
+                        let o = &mut want[t * inter..(t + 1) * inter];
+                        match act {
+                            FfnActivation::Relu2 => reference::relu2_mul_row(g, u, o),
+                            FfnActivation::Silu => reference::silu_mul_row(g, u, o),
+                        }
+                    }
+                    assert_bits(
+                        &format!("{what}: gate_up {act:?}"),
+                        &ffn.data[..n * inter],
+                        &want,
+                    );
+                }
+                // ternary_matmul_add: acc += W·x
+                let aq: Vec<i8> = (0..n * qd).map(|_| r.random_range(-128..=127)).collect();
+                let a_s: Vec<f32> = (0..n).map(|_| r.random_range(1f32..50.0)).collect();
+                let mut att_q = b.alloc_q(cap, qd).unwrap();
+                att_q.q[..n * qd].copy_from_slice(&aq);
+                att_q.scales[..n].copy_from_slice(&a_s);
+                for t in 0..n {
+                    att_q.sums[t] = aq[t * qd..(t + 1) * qd].iter().map(|&v| v as i32).sum();
+                }
+                let mut acc = xt.clone();
+                b.ternary_matmul_add(&o, &att_q, &mut acc).unwrap();
+                let prod = reference_matmul(&[&wo], &aq, &a_s);
+                let want: Vec<f32> = x.iter().zip(&prod).map(|(a, p)| a + p).collect();
+                assert_bits(
+                    &format!("{what}: ternary_matmul_add"),
+                    &acc.data[..n * hidden],
+                    &want,
+                );
+                assert!(
+                    acc.data[n * hidden..].iter().all(|&v| v == 0.0),
+                    "{what}: rows past n"
+                );
+                pos += n;
             }
-            // rows past the step's n are not written
-            assert!(out.data[n * cols..].iter().all(|&v| v == 0.0));
+            // bad shapes are typed errors naming the op
+            b.begin_step(&StepRow::sequence(&[0], 0)).unwrap();
+            let xq = b.alloc_q(cap, hidden).unwrap();
+            let mut wrong = b.alloc(cap, inter + 1).unwrap();
+            let e = b
+                .gate_up(&gu, &xq, FfnActivation::Relu2, &mut wrong)
+                .unwrap_err();
+            assert!(e.to_string().contains("gate_up"), "{e}");
+            let mut q = b.alloc(cap, qd).unwrap();
+            let e = b
+                .qkv_rope_store(&gu, &xq, &mut cache, 0, &shape, &mut q)
+                .unwrap_err();
+            assert!(e.to_string().contains("qkv_rope_store"), "{e}");
+            let e = b
+                .qkv_rope_store(&qkv, &xq, &mut cache, 2, &shape, &mut q)
+                .unwrap_err();
+            assert!(e.to_string().contains("layer 2"), "{e}");
         }
     }
 
@@ -608,44 +908,31 @@ mod tests {
             head_dim: 2,
             rope_theta: 1e4,
         };
+        // k, v of position p into layer 0, slot 0 (k transposed: [kv_dim, ctx])
+        let store = |cache: &mut CpuKvCache, p: usize, k: [f32; 4], v: [f32; 4]| {
+            for e in 0..4 {
+                cache.k[e * cache.ctx + p] = k[e];
+                cache.v[p * 4 + e] = v[e];
+            }
+        };
         b.begin_step(&StepRow::sequence(&[0], 0)).unwrap();
         let q = CpuTensor {
             data: vec![1.0; 8],
             capacity: 1,
             cols: 8,
         };
-        let k = CpuTensor {
-            data: vec![1.0; 4],
-            capacity: 1,
-            cols: 4,
-        };
-        let v = CpuTensor {
-            data: vec![10.0, 11.0, 20.0, 21.0],
-            capacity: 1,
-            cols: 4,
-        };
         let mut cache = b.alloc_kv_cache(1, 1, 4, 4).unwrap();
         let mut out = b.alloc(1, 8).unwrap();
-        b.attention(&q, &k, &v, &mut cache, 0, &shape, &mut out)
-            .unwrap();
+        store(&mut cache, 0, [1.0; 4], [10.0, 11.0, 20.0, 21.0]);
+        b.attention(&q, &cache, 0, &shape, &mut out).unwrap();
         assert_eq!(
             out.data,
             vec![10.0, 11.0, 10.0, 11.0, 20.0, 21.0, 20.0, 21.0]
         );
         // second token: kv head 1 gets a key aligned with q heads 2,3 → they weight it more.
         b.begin_step(&StepRow::sequence(&[0], 1)).unwrap();
-        let k2 = CpuTensor {
-            data: vec![0.0, 0.0, 5.0, 5.0],
-            capacity: 1,
-            cols: 4,
-        };
-        let v2 = CpuTensor {
-            data: vec![0.0, 0.0, 0.0, 0.0],
-            capacity: 1,
-            cols: 4,
-        };
-        b.attention(&q, &k2, &v2, &mut cache, 0, &shape, &mut out)
-            .unwrap();
+        store(&mut cache, 1, [0.0, 0.0, 5.0, 5.0], [0.0; 4]);
+        b.attention(&q, &cache, 0, &shape, &mut out).unwrap();
         // heads 0,1: scores (1·1+1·1)/√2 vs 0 → p0 = σ(√2); heads 2,3: 2/√2 vs 10/√2.
         let p0 = 1.0 / (1.0 + (-(2f32.sqrt())).exp());
         let p1 = 1.0 / (1.0 + (8.0 / 2f32.sqrt()).exp());

@@ -157,11 +157,20 @@ pub fn silu(g: f32) -> f32 {
 }
 
 /// The LLaMA-style gated FFN product of one row: `out = silu(gate) · up` (`[cols]` each). The
-/// CPU backend runs exactly this (the loop vectorizes, see [`exp_f32`]); the WGSL twin is
-/// shaders/row_ops.wgsl `PRE == 3`, with the GPU's own `exp`.
+/// CPU backend runs exactly this (the loop vectorizes, see [`exp_f32`]); the WGSL twin is the
+/// gated epilogue of shaders/ternary_matmul.wgsl, with the GPU's own `exp`.
 pub fn silu_mul_row(gate: &[f32], up: &[f32], out: &mut [f32]) {
     for ((o, &g), &u) in out.iter_mut().zip(gate).zip(up) {
         *o = silu(g) * u;
+    }
+}
+
+/// The BitNet 2B4T gated FFN product of one row: `out = relu(gate)² · up` (`[cols]` each),
+/// computed as `(r·r)·u`.
+pub fn relu2_mul_row(gate: &[f32], up: &[f32], out: &mut [f32]) {
+    for ((o, &g), &u) in out.iter_mut().zip(gate).zip(up) {
+        let r = g.max(0.0);
+        *o = r * r * u;
     }
 }
 

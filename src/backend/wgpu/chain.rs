@@ -36,7 +36,6 @@ impl WgpuBackend {
     pub(super) fn op_argmax_chain(&mut self, logits: &GpuTensor) -> Result<()> {
         self.record_argmax(logits)?;
         // Copies are recorded outside a compute pass.
-        self.flush_pending()?;
         self.pass = None;
         let buf = match self.chain.free.pop() {
             Some(b) => b,

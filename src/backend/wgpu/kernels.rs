@@ -46,12 +46,7 @@ macro_rules! kernel {
 }
 
 // Binding 0 is always the Step uniform. Shapes of the other bindings are in the .wgsl files.
-kernel!(
-    ROW_OPS,
-    "row_ops.wgsl",
-    "row_ops",
-    [U, RW, R, R, R, RW, RW, RW]
-);
+kernel!(ROW_OPS, "row_ops.wgsl", "row_ops", [U, R, R, RW, RW, RW]);
 kernel!(MATVEC, "ternary_matmul.wgsl", "matvec", [U, U, R, R, R, RW]);
 kernel!(
     MATMUL_TILED,
@@ -59,15 +54,33 @@ kernel!(
     "matmul_tiled",
     [U, U, R, R, R, RW]
 );
-kernel!(ROPE, "rope.wgsl", "rope", [U, RW, R, R]);
-kernel!(KV_STORE, "attention.wgsl", "kv_store", [U, R, R, RW, RW, R]);
-kernel!(ATTEND, "attention.wgsl", "attend", [U, R, R, R, RW, R]);
 kernel!(
-    ROPE_KV_STORE,
-    "attention.wgsl",
-    "rope_kv_store",
-    [U, RW, RW, R, RW, RW, R, R]
+    MATVEC_QKV,
+    "ternary_matmul.wgsl",
+    "matvec_qkv",
+    [U, U, R, R, R, RW, R, R, RW, RW]
 );
+kernel!(
+    MATMUL_TILED_QKV,
+    "ternary_matmul.wgsl",
+    "matmul_tiled_qkv",
+    [U, U, R, R, R, RW, R, R, RW, RW]
+);
+// the prologue variants: q / meta written (3, 4), the f32 input and norm weight at 10, 11
+// (6..9 are the q|k|v extras, dummies for matvec_pro)
+kernel!(
+    MATVEC_PRO,
+    "ternary_matmul.wgsl",
+    "matvec_pro",
+    [U, U, R, RW, RW, RW, R, R, RW, RW, R, R]
+);
+kernel!(
+    MATVEC_QKV_PRO,
+    "ternary_matmul.wgsl",
+    "matvec_qkv_pro",
+    [U, U, R, RW, RW, RW, R, R, RW, RW, R, R]
+);
+kernel!(ATTEND, "attention.wgsl", "attend", [U, R, R, R, RW, R]);
 kernel!(
     ATTEND_SPLIT,
     "attention.wgsl",
@@ -91,13 +104,14 @@ kernel!(
 kernel!(ARGMAX_FINAL, "argmax.wgsl", "argmax_final", [U, R, RW, RW]);
 
 /// Every kernel, for tests that compile them all.
-pub static ALL: [&Kernel; 13] = [
-    &ROPE_KV_STORE,
+pub static ALL: [&Kernel; 14] = [
     &ROW_OPS,
     &MATVEC,
     &MATMUL_TILED,
-    &ROPE,
-    &KV_STORE,
+    &MATVEC_QKV,
+    &MATMUL_TILED_QKV,
+    &MATVEC_PRO,
+    &MATVEC_QKV_PRO,
     &ATTEND,
     &ATTEND_SPLIT,
     &ATTEND_COMBINE,
@@ -112,7 +126,7 @@ pub static ALL: [&Kernel; 13] = [
 pub type Constants = Vec<(&'static str, f64)>;
 
 /// Most override constants one pipeline sets.
-pub const MAX_CONSTANTS: usize = 8;
+pub const MAX_CONSTANTS: usize = 12;
 
 /// (file, entry, constants as (name, f64 bits), padded with ("", 0)): a fixed-size key, so a
 /// lookup on the per-token path allocates nothing.

@@ -5,14 +5,19 @@
 //! the token ids through reused upload buffers (no allocation once warm) and opens one command encoder
 //! with one compute pass; every op records a dispatch with a pipeline and a bind group that are
 //! created on first use and cached (pipelines by kernel and override constants, bind groups by
-//! kernel signature and buffer ids); `end_step` submits. `read` and `argmax_row0` are the sync
+//! kernel signature and buffer ids); `end_step` submits. The fused ops of the trait are one
+//! dispatch each: norm + quantize (shaders/row_ops.wgsl), the matmul with its epilogue (residual
+//! add, gated FFN product, or RoPE + KV-cache store of q|k|v; shaders/ternary_matmul.wgsl); in a
+//! decode step the norm + quantize is also folded into the next matmul as its prologue
+//! (`row_ops.rs`), so a BitNet layer decodes in 6 dispatches. `read` and `argmax_row0` are the sync
 //! points: they copy into a reused staging buffer and map it (argmax reads back 4 bytes).
 //!
 //! Device layouts (see [`layout`] and the .wgsl files for the details and the why):
 //! - f32 activations `[capacity, cols]`;
 //! - int8 activations 4 per u32, rows padded to 64 columns, plus (scale, Σq) per row;
 //! - ternary weights repacked once to `[out, 4·ceil(in/64)]` u32 of 2-bit codes, read by
-//!   `dot4I8Packed` without ever being expanded;
+//!   `dot4I8Packed` without ever being expanded; q|k|v and gate|up concatenated by rows into one
+//!   matrix each, every part keeping its own scale;
 //! - the embedding / LM head in its file dtype (bf16 exact), split by rows over several buffers
 //!   when larger than `max_storage_buffer_binding_size`;
 //! - the KV cache in f32, one `[ctx, kv_dim]` buffer per layer for keys and one for values.
@@ -44,13 +49,12 @@ pub use adapter::{
 pub use attention::{ATTN_SPLIT_MAX_TOKENS, MAX_HEAD_DIM};
 pub use matmul::MATVEC_MAX_TOKENS;
 
-use super::{AttentionShape, Backend, HeadFormat, StepRow};
+use super::{AttentionShape, Backend, FfnActivation, HeadFormat, StepRow};
 use crate::error::{BitnetError, Result};
 use crate::load::{FloatDtype, FloatMatrix};
 use crate::ternary::TernaryMatrix;
 use device::{BindKey, UploadPool};
 use kernels::PipelineCache;
-use row_ops::RowOp;
 
 static NEXT_ID: AtomicU64 = AtomicU64::new(1);
 
@@ -60,7 +64,7 @@ static NEXT_ID: AtomicU64 = AtomicU64::new(1);
 pub struct GpuCounters {
     /// `begin_step` calls.
     pub steps: u64,
-    /// Compute dispatches recorded (a fused chain counts once).
+    /// Compute dispatches recorded.
     pub dispatches: u64,
     /// Command buffers submitted to the queue.
     pub submits: u64,
@@ -99,11 +103,12 @@ pub struct GpuQTensor {
     pub cols: usize,
 }
 
-/// A ternary matrix in the device layout of shaders/ternary_matmul.wgsl.
+/// A ternary matrix (or the row-concatenation of up to 4, e.g. q|k|v) in the device layout of
+/// shaders/ternary_matmul.wgsl.
 #[derive(Debug)]
 pub struct GpuLinear {
-    w: GpuBuf,      // [rows, 4 * ceil(cols / 64)] u32, 2-bit codes
-    params: GpuBuf, // uniform Linear { rows, groups, out_scale, _ }
+    w: GpuBuf,      // [rows, 4 * ceil(cols / 64)] u32, 2-bit codes, the parts one after another
+    params: GpuBuf, // uniform Linear { rows, groups, _, _, ends: vec4<u32>, scales: vec4<f32> }
     pub name: String,
     pub rows: usize,
     pub cols: usize,
@@ -170,11 +175,12 @@ pub struct WgpuBackend {
     argmax_result: GpuBuf,                 // [4] u32
     positions_hint: usize,                 // the KV cache length: the size of the RoPE tables
     max_chunk_bytes: Option<u64>,
-    pending: Option<RowOp>,
-    pending_ropes: Vec<attention::PendingRope>, // RoPEs awaiting the attention they feed
-    upload_scratch: Vec<u32>,                   // [4 + n] the Step uniform and the tokens, reused
+    upload_scratch: Vec<u32>, // [4 + n] the Step uniform and the tokens, reused
     attn_partials: HashMap<(usize, usize, usize), GpuBuf>, // (heads, blocks, hd) → [4, heads, blocks, hd + 2]
     counters: GpuCounters,
+    /// A decode step's `rms_norm_quantize` not emitted yet: the matmul that consumes it runs it
+    /// as its prologue (one dispatch for both); anything else emits it first.
+    pending_norm: Option<row_ops::PendingNorm>,
     chain: chain::Chain, // chained greedy tokens being read back
     encode_start: Option<std::time::Instant>, // when the open command encoder was created
     dummy_r: GpuBuf,     // [4] f32, bound to the unused read-only slots of row_ops
@@ -201,8 +207,8 @@ impl Backend for WgpuBackend {
         format!("wgpu {:?} {}", self.info.backend, self.info.name)
     }
 
-    fn upload_linear(&mut self, w: &TernaryMatrix) -> Result<GpuLinear> {
-        self.op_upload_linear(w)
+    fn upload_linears(&mut self, parts: &[&TernaryMatrix]) -> Result<GpuLinear> {
+        self.op_upload_linears(parts)
     }
 
     fn upload_vector(&mut self, v: &[f32]) -> Result<GpuVector> {
@@ -267,37 +273,60 @@ impl Backend for WgpuBackend {
         self.op_quantize(x, out)
     }
 
-    fn ternary_matmul(&mut self, w: &GpuLinear, x: &GpuQTensor, out: &mut GpuTensor) -> Result<()> {
-        self.matmul(w, x, out, false)
+    fn rms_norm_quantize(
+        &mut self,
+        x: &GpuTensor,
+        w: &GpuVector,
+        eps: f32,
+        out: &mut GpuQTensor,
+    ) -> Result<()> {
+        self.op_rms_norm_quantize(x, w, eps, out)
     }
 
-    fn rope(&mut self, x: &mut GpuTensor, n_heads: usize, shape: &AttentionShape) -> Result<()> {
-        self.op_rope(x, n_heads, shape)
+    fn ternary_matmul(&mut self, w: &GpuLinear, x: &GpuQTensor, out: &mut GpuTensor) -> Result<()> {
+        self.op_ternary_matmul(w, x, out)
+    }
+
+    fn ternary_matmul_add(
+        &mut self,
+        w: &GpuLinear,
+        x: &GpuQTensor,
+        acc: &mut GpuTensor,
+    ) -> Result<()> {
+        self.op_ternary_matmul_add(w, x, acc)
+    }
+
+    fn gate_up(
+        &mut self,
+        w: &GpuLinear,
+        x: &GpuQTensor,
+        act: FfnActivation,
+        out: &mut GpuTensor,
+    ) -> Result<()> {
+        self.op_gate_up(w, x, act, out)
+    }
+
+    fn qkv_rope_store(
+        &mut self,
+        w: &GpuLinear,
+        x: &GpuQTensor,
+        cache: &mut GpuKvCache,
+        layer: usize,
+        shape: &AttentionShape,
+        q: &mut GpuTensor,
+    ) -> Result<()> {
+        self.op_qkv_rope_store(w, x, cache, layer, shape, q)
     }
 
     fn attention(
         &mut self,
         q: &GpuTensor,
-        k: &GpuTensor,
-        v: &GpuTensor,
-        cache: &mut GpuKvCache,
+        cache: &GpuKvCache,
         layer: usize,
         shape: &AttentionShape,
         out: &mut GpuTensor,
     ) -> Result<()> {
-        self.op_attention(q, k, v, cache, layer, shape, out)
-    }
-
-    fn relu2_mul(&mut self, gate: &GpuTensor, up: &GpuTensor, out: &mut GpuTensor) -> Result<()> {
-        self.op_relu2_mul(gate, up, out)
-    }
-
-    fn silu_mul(&mut self, gate: &GpuTensor, up: &GpuTensor, out: &mut GpuTensor) -> Result<()> {
-        self.op_silu_mul(gate, up, out)
-    }
-
-    fn add_assign(&mut self, x: &mut GpuTensor, y: &GpuTensor) -> Result<()> {
-        self.op_add_assign(x, y)
+        self.op_attention(q, cache, layer, shape, out)
     }
 
     fn lm_head(

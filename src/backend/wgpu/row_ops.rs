@@ -1,5 +1,9 @@
-//! The row-wise ops of the residual stream (add, relu²·up, silu·up, RMSNorm, int8 quantize), recorded
-//! lazily and emitted as one dispatch of shaders/row_ops.wgsl per chain.
+//! The row-wise ops of the residual stream (RMSNorm, int8 quantize, and the two as one op), each
+//! one dispatch of shaders/row_ops.wgsl, one workgroup per row, except a decode step's
+//! `rms_norm_quantize`, which is held back and becomes the prologue of the matmul that consumes
+//! it (shaders/ternary_matmul.wgsl `*_pro`), or is emitted as its own dispatch before any other
+//! op, read or submit. `BITNET_GPU_NO_PROLOGUE=1` turns the prologue off (one more dispatch per
+//! norm, for comparisons).
 
 use super::kernels;
 use super::{layout, GpuBuf, GpuQTensor, GpuTensor, GpuVector, WgpuBackend};
@@ -8,111 +12,85 @@ use crate::error::{BitnetError, Result};
 /// Threads per row_ops workgroup (one workgroup per row): shaders/row_ops.wgsl `WG`.
 pub(super) const ROW_OPS_WG: usize = 256;
 
-/// The operation applied to a row before the norm (shaders/row_ops.wgsl PRE).
-#[derive(Debug, Clone)]
-pub(super) enum Pre {
-    None,
-    /// `a += y`
-    Add {
-        y: GpuBuf,
-    },
-    /// `a = relu(gate)² · up`
-    Relu2 {
-        gate: GpuBuf,
-        up: GpuBuf,
-    },
-    /// `a = silu(gate) · up`
-    Silu {
-        gate: GpuBuf,
-        up: GpuBuf,
-    },
+/// Bytes of workgroup memory the matvec prologue needs besides its quantized row (the matvec's
+/// and the prologue's reduction arrays, the meta).
+const PROLOGUE_WG_BYTES: usize = 3 * 256 * 4 + 16;
+/// Storage buffers the prologue kernels bind.
+const PROLOGUE_STORAGE_BUFFERS: u32 = 10;
+
+/// `BITNET_GPU_NO_PROLOGUE=1`, read once per process.
+fn no_prologue() -> bool {
+    static OFF: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *OFF.get_or_init(|| std::env::var("BITNET_GPU_NO_PROLOGUE").is_ok_and(|v| v == "1"))
 }
 
-/// A chain of row-wise ops on the same rows that is recorded lazily and emitted as one dispatch
-/// of shaders/row_ops.wgsl: the model's `add_assign` / `relu2_mul` / `silu_mul`, `rms_norm`, `quantize`
-/// sequences. Any other op, `end_step`, `read` and `write` emit it first.
+/// An `rms_norm_quantize` held back for the next matmul's prologue.
 #[derive(Debug)]
-pub(super) struct RowOp {
-    a: GpuBuf, // [capacity, cols] the row input (written by the pre-op)
-    cols: usize,
-    pre: Pre,
-    norm: Option<(GpuBuf, f32, GpuBuf)>, // (w [cols], eps, out [capacity, cols])
-    quant: Option<(GpuBuf, GpuBuf)>,     // (q [capacity, 4·ceil(cols/16)], meta [capacity, 2])
-}
-
-impl RowOp {
-    fn new(a: &GpuBuf, cols: usize, pre: Pre, norm: Option<(GpuBuf, f32, GpuBuf)>) -> Self {
-        RowOp {
-            a: a.clone(),
-            cols,
-            pre,
-            norm,
-            quant: None,
-        }
-    }
-
-    /// Is `b` already bound? (Binding one buffer both read-only and read-write in a dispatch is
-    /// invalid, so such a chain is not fused.)
-    fn uses(&self, b: &GpuBuf) -> bool {
-        let pre = match &self.pre {
-            Pre::None => false,
-            Pre::Add { y } => y.id == b.id,
-            Pre::Relu2 { gate, up } | Pre::Silu { gate, up } => gate.id == b.id || up.id == b.id,
-        };
-        let norm = self
-            .norm
-            .as_ref()
-            .is_some_and(|(w, _, out)| w.id == b.id || out.id == b.id);
-        let quant = self
-            .quant
-            .as_ref()
-            .is_some_and(|(q, m)| q.id == b.id || m.id == b.id);
-        self.a.id == b.id || pre || norm || quant
-    }
+pub(super) struct PendingNorm {
+    pub x: GpuBuf, // [capacity, cols] f32 input
+    pub w: GpuBuf, // [cols] norm weight
+    pub eps: f32,
+    pub cols: usize,
+    pub q: GpuBuf,    // [capacity, 4·groups(cols)] u32 output
+    pub meta: GpuBuf, // [capacity, 2] output
 }
 
 impl WgpuBackend {
-    /// Emits the pending row-op chain as one dispatch of shaders/row_ops.wgsl.
-    /// Emits everything recorded lazily, in order: the pending RoPEs, then the row-op chain.
+    /// Emits a held-back `rms_norm_quantize` as its own dispatch.
     pub(super) fn flush_pending(&mut self) -> Result<()> {
-        self.flush_ropes()?;
-        self.flush_row_op()
+        match self.pending_norm.take() {
+            Some(p) => self.row_ops(
+                &p.x,
+                p.cols,
+                Some((&p.w, p.eps)),
+                None,
+                Some((&p.q, &p.meta)),
+            ),
+            None => Ok(()),
+        }
     }
 
-    fn flush_row_op(&mut self) -> Result<()> {
-        let Some(op) = self.pending.take() else {
-            return Ok(());
-        };
-        let (pre, b, c) = match &op.pre {
-            Pre::None => (0, self.dummy_r.clone(), self.dummy_r.clone()),
-            Pre::Add { y } => (1, y.clone(), self.dummy_r.clone()),
-            Pre::Relu2 { gate, up } => (2, gate.clone(), up.clone()),
-            Pre::Silu { gate, up } => (3, gate.clone(), up.clone()),
-        };
-        let (w, eps, xn) = match &op.norm {
-            Some((w, eps, out)) => (w.clone(), *eps, out.clone()),
-            None => (self.dummy_r.clone(), 0.0, self.dummy_rw.clone()),
-        };
-        let (q, meta) = match &op.quant {
-            Some((q, m)) => (q.clone(), m.clone()),
-            None => (self.dummy_rw.clone(), self.dummy_rw.clone()),
-        };
+    /// The held-back norm if it produced `q` (the matmul about to run consumes it), this step
+    /// is a decode step and the matmul writes none of the norm's inputs (`outs`: a dispatch
+    /// cannot read a buffer that it writes): the matmul then runs it as its prologue.
+    pub(super) fn take_prologue(&mut self, q: &GpuBuf, outs: &[&GpuBuf]) -> Option<PendingNorm> {
+        let fits = self.n() <= super::MATVEC_MAX_TOKENS;
+        match &self.pending_norm {
+            Some(p)
+                if fits
+                    && p.q.id == q.id
+                    && outs.iter().all(|o| o.id != p.x.id && o.id != p.w.id) =>
+            {
+                self.pending_norm.take()
+            }
+            _ => None,
+        }
+    }
+
+    /// One dispatch of row_ops over `x [n, cols]`: the norm `(w, eps)` into `xn` (when there is
+    /// no quantize) and / or the quantization into `(q, meta)`.
+    fn row_ops(
+        &mut self,
+        x: &GpuBuf,
+        cols: usize,
+        norm: Option<(&GpuBuf, f32)>,
+        xn: Option<&GpuBuf>,
+        quant: Option<(&GpuBuf, &GpuBuf)>,
+    ) -> Result<()> {
+        let (dr, drw) = (self.dummy_r.clone(), self.dummy_rw.clone());
+        let (w, eps) = norm.unwrap_or((&dr, 0.0));
+        let (q, meta) = quant.unwrap_or((&drw, &drw));
+        let xn = xn.unwrap_or(&drw);
         let consts = [
-            ("COLS", op.cols as f64),
-            ("QW", (4 * layout::groups(op.cols)) as f64),
+            ("COLS", cols as f64),
+            ("QW", (4 * layout::groups(cols)) as f64),
             ("EPS", eps as f64),
-            ("PRE", pre as f64),
-            ("NORM", if op.norm.is_some() { 1.0 } else { 0.0 }),
-            ("QUANT", if op.quant.is_some() { 1.0 } else { 0.0 }),
+            ("NORM", if norm.is_some() { 1.0 } else { 0.0 }),
+            ("QUANT", if quant.is_some() { 1.0 } else { 0.0 }),
             ("WG", ROW_OPS_WG as f64),
         ];
         let groups = self.grid(self.n())?;
-        self.record(
-            &kernels::ROW_OPS,
-            &consts,
-            &[&op.a, &b, &c, &w, &xn, &q, &meta],
-            groups,
-        )
+        self.record(&kernels::ROW_OPS, &consts, &[x, w, xn, q, meta], groups)
     }
 
     pub(super) fn op_rms_norm(
@@ -125,17 +103,13 @@ impl WgpuBackend {
         let cols = w.len;
         self.check("rms_norm", x, cols)?;
         self.check("rms_norm", out, cols)?;
-        let norm = Some((w.buf.clone(), eps, out.buf.clone()));
-        // Fuse into the pending add / relu2_mul / silu_mul that produced x.
-        if let Some(p) = &mut self.pending {
-            if p.a.id == x.buf.id && p.norm.is_none() && p.quant.is_none() && !p.uses(&out.buf) {
-                p.norm = norm;
-                return Ok(());
-            }
+        if x.buf.id == out.buf.id {
+            return Err(BitnetError::op(
+                "rms_norm",
+                "input and output are one tensor",
+            ));
         }
-        self.flush_pending()?;
-        self.pending = Some(RowOp::new(&x.buf, cols, Pre::None, norm));
-        Ok(())
+        self.row_ops(&x.buf, cols, Some((&w.buf, eps)), Some(&out.buf), None)
     }
 
     pub(super) fn op_quantize(&mut self, x: &GpuTensor, out: &mut GpuQTensor) -> Result<()> {
@@ -143,68 +117,53 @@ impl WgpuBackend {
         if out.capacity < self.n() {
             return Err(BitnetError::op("quantize", "output has too few rows"));
         }
-        // Fuse into the pending op that produced x (its norm output, or its pre-op output).
-        if let Some(p) = &mut self.pending {
-            let src = p.norm.as_ref().map_or(p.a.id, |n| n.2.id);
-            if src == x.buf.id && p.quant.is_none() && !p.uses(&out.q) && !p.uses(&out.meta) {
-                p.quant = Some((out.q.clone(), out.meta.clone()));
-                return Ok(());
-            }
+        self.row_ops(&x.buf, x.cols, None, None, Some((&out.q, &out.meta)))
+    }
+
+    pub(super) fn op_rms_norm_quantize(
+        &mut self,
+        x: &GpuTensor,
+        w: &GpuVector,
+        eps: f32,
+        out: &mut GpuQTensor,
+    ) -> Result<()> {
+        let cols = w.len;
+        self.check("rms_norm_quantize", x, cols)?;
+        if out.cols != cols || out.capacity < self.n() {
+            return Err(BitnetError::op(
+                "rms_norm_quantize",
+                format!(
+                    "output [{}, {}] cannot hold {} rows of {cols} columns",
+                    out.capacity,
+                    out.cols,
+                    self.n()
+                ),
+            ));
         }
         self.flush_pending()?;
-        let mut op = RowOp::new(&x.buf, x.cols, Pre::None, None);
-        op.quant = Some((out.q.clone(), out.meta.clone()));
-        self.pending = Some(op);
-        Ok(())
-    }
-
-    pub(super) fn op_relu2_mul(
-        &mut self,
-        gate: &GpuTensor,
-        up: &GpuTensor,
-        out: &mut GpuTensor,
-    ) -> Result<()> {
-        self.op_gated("relu2_mul", gate, up, out, |gate, up| Pre::Relu2 {
-            gate,
-            up,
-        })
-    }
-
-    pub(super) fn op_silu_mul(
-        &mut self,
-        gate: &GpuTensor,
-        up: &GpuTensor,
-        out: &mut GpuTensor,
-    ) -> Result<()> {
-        self.op_gated("silu_mul", gate, up, out, |gate, up| Pre::Silu { gate, up })
-    }
-
-    /// `out = act(gate) · up`: starts a row-op chain whose pre-op (`pre(gate, up)`) is the
-    /// gated product, so the norm / quantize after it fuse into the same dispatch.
-    fn op_gated(
-        &mut self,
-        op: &'static str,
-        gate: &GpuTensor,
-        up: &GpuTensor,
-        out: &mut GpuTensor,
-        pre: fn(GpuBuf, GpuBuf) -> Pre,
-    ) -> Result<()> {
-        let cols = gate.cols;
-        self.check(op, gate, cols)?;
-        self.check(op, up, cols)?;
-        self.check(op, out, cols)?;
-        self.flush_pending()?;
-        let pre = pre(gate.buf.clone(), up.buf.clone());
-        self.pending = Some(RowOp::new(&out.buf, cols, pre, None));
-        Ok(())
-    }
-
-    pub(super) fn op_add_assign(&mut self, x: &mut GpuTensor, y: &GpuTensor) -> Result<()> {
-        self.check("add", x, y.cols)?;
-        self.check("add", y, x.cols)?;
-        self.flush_pending()?;
-        let pre = Pre::Add { y: y.buf.clone() };
-        self.pending = Some(RowOp::new(&x.buf, x.cols, pre, None));
-        Ok(())
+        let qw_bytes = 16 * layout::groups(cols);
+        let prologue = self.n() <= super::MATVEC_MAX_TOKENS
+            && !no_prologue()
+            && self.limits.max_storage_buffers_per_shader_stage >= PROLOGUE_STORAGE_BUFFERS
+            && qw_bytes + PROLOGUE_WG_BYTES
+                <= self.limits.max_compute_workgroup_storage_size as usize;
+        if prologue {
+            self.pending_norm = Some(PendingNorm {
+                x: x.buf.clone(),
+                w: w.buf.clone(),
+                eps,
+                cols,
+                q: out.q.clone(),
+                meta: out.meta.clone(),
+            });
+            return Ok(());
+        }
+        self.row_ops(
+            &x.buf,
+            cols,
+            Some((&w.buf, eps)),
+            None,
+            Some((&out.q, &out.meta)),
+        )
     }
 }
