@@ -2,6 +2,8 @@
 //! error cases, greedy texts equal to `Engine::generate` alone while batched, a client that
 //! disconnects mid-stream, and SIGTERM with open streams (the real binary).
 
+mod common;
+
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -416,11 +418,7 @@ async fn a_hostile_chat_template_fails_its_request_not_the_server() {
     render_in_child_processes(TemplateRenderer::new(PathBuf::from(env!(
         "CARGO_BIN_EXE_bitnet"
     ))));
-    let dir = tempfile::tempdir().unwrap();
-    for f in std::fs::read_dir(model_dir()).unwrap() {
-        let f = f.unwrap().path();
-        std::fs::copy(&f, dir.path().join(f.file_name().unwrap())).unwrap();
-    }
+    let dir = common::copy_dir(&model_dir());
     let cfg = dir.path().join("tokenizer_config.json");
     let mut v: Value = serde_json::from_str(&std::fs::read_to_string(&cfg).unwrap()).unwrap();
     v["chat_template"] = "{% set ns = namespace(s='abcdefgh') %}{% for i in range(40) %}\

@@ -56,26 +56,6 @@ impl TemplateRenderer {
             deadline: DEADLINE,
         }
     }
-
-    /// Renders in a child process (see the module comment); the arguments are those of
-    /// [`super::render_chat_template`].
-    pub fn render(
-        &self,
-        template: &str,
-        bos_token: &str,
-        eos_token: &str,
-        messages: &[ChatMessage],
-        add_generation_prompt: bool,
-    ) -> Result<String> {
-        render_in_child(
-            self,
-            template,
-            bos_token,
-            eos_token,
-            messages,
-            add_generation_prompt,
-        )
-    }
 }
 
 static RENDERER: OnceLock<TemplateRenderer> = OnceLock::new();
@@ -110,112 +90,117 @@ enum RenderReply {
     Failed(String),
 }
 
-/// Renders in a child process of `exe` (see the module comment).
-fn render_in_child(
-    renderer: &TemplateRenderer,
-    template: &str,
-    bos_token: &str,
-    eos_token: &str,
-    messages: &[ChatMessage],
-    add_generation_prompt: bool,
-) -> Result<String> {
-    let request = serde_json::to_vec(&RenderRequest {
-        template: template.to_string(),
-        bos_token: bos_token.to_string(),
-        eos_token: eos_token.to_string(),
-        messages: messages.to_vec(),
-        add_generation_prompt,
-    })
-    .map_err(|e| BitnetError::ChatTemplate(format!("cannot encode the rendering request: {e}")))?;
-    let failed = |what: String| BitnetError::ChatTemplate(what);
-    let exe = &renderer.exe;
-    let mut child = Command::new(exe)
-        .arg(CHILD_ARG)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
+impl TemplateRenderer {
+    /// Renders in a child process (see the module comment); the arguments are those of
+    /// [`super::render_chat_template`].
+    pub fn render(
+        &self,
+        template: &str,
+        bos_token: &str,
+        eos_token: &str,
+        messages: &[ChatMessage],
+        add_generation_prompt: bool,
+    ) -> Result<String> {
+        let request = serde_json::to_vec(&RenderRequest {
+            template: template.to_string(),
+            bos_token: bos_token.to_string(),
+            eos_token: eos_token.to_string(),
+            messages: messages.to_vec(),
+            add_generation_prompt,
+        })
         .map_err(|e| {
-            failed(format!(
-                "cannot start the template renderer {}: {e}",
-                exe.display()
-            ))
+            BitnetError::ChatTemplate(format!("cannot encode the rendering request: {e}"))
         })?;
-    // Three pipes served by three threads: a child blocked writing a full stdout pipe while the
-    // parent still writes its stdin would otherwise deadlock.
-    let mut stdin = child.stdin.take().expect("piped");
-    let mut stdout = child.stdout.take().expect("piped");
-    let stderr = child.stderr.take().expect("piped");
-    let writer = std::thread::spawn(move || {
-        ignore_sigpipe_in_this_thread();
-        stdin.write_all(&request)
-    });
-    let reader = std::thread::spawn(move || {
-        let mut out = Vec::new();
-        stdout.read_to_end(&mut out).map(|_| out)
-    });
-    let err_reader = std::thread::spawn(move || {
-        // The child's stderr only says why it died (one line); more is not kept.
-        let mut err = Vec::new();
-        let _ = stderr.take(64 << 10).read_to_end(&mut err);
-        err
-    });
-    let start = Instant::now();
-    let status = loop {
-        match child.try_wait() {
-            Ok(Some(status)) => break Some(status),
-            Ok(None) if start.elapsed() >= renderer.deadline => {
-                let _ = child.kill();
-                let _ = child.wait();
-                break None;
+        let failed = |what: String| BitnetError::ChatTemplate(what);
+        let exe = &self.exe;
+        let mut child = Command::new(exe)
+            .arg(CHILD_ARG)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .map_err(|e| {
+                failed(format!(
+                    "cannot start the template renderer {}: {e}",
+                    exe.display()
+                ))
+            })?;
+        // Three pipes served by three threads: a child blocked writing a full stdout pipe while the
+        // parent still writes its stdin would otherwise deadlock.
+        let mut stdin = child.stdin.take().expect("piped");
+        let mut stdout = child.stdout.take().expect("piped");
+        let stderr = child.stderr.take().expect("piped");
+        let writer = std::thread::spawn(move || {
+            ignore_sigpipe_in_this_thread();
+            stdin.write_all(&request)
+        });
+        let reader = std::thread::spawn(move || {
+            let mut out = Vec::new();
+            stdout.read_to_end(&mut out).map(|_| out)
+        });
+        let err_reader = std::thread::spawn(move || {
+            // The child's stderr only says why it died (one line); more is not kept.
+            let mut err = Vec::new();
+            let _ = stderr.take(64 << 10).read_to_end(&mut err);
+            err
+        });
+        let start = Instant::now();
+        let status = loop {
+            match child.try_wait() {
+                Ok(Some(status)) => break Some(status),
+                Ok(None) if start.elapsed() >= self.deadline => {
+                    let _ = child.kill();
+                    let _ = child.wait();
+                    break None;
+                }
+                Ok(None) => std::thread::sleep(Duration::from_micros(500)),
+                Err(e) => {
+                    let _ = child.kill();
+                    let _ = child.wait();
+                    return Err(failed(format!(
+                        "cannot wait for the template renderer: {e}"
+                    )));
+                }
             }
-            Ok(None) => std::thread::sleep(Duration::from_micros(500)),
-            Err(e) => {
-                let _ = child.kill();
-                let _ = child.wait();
-                return Err(failed(format!(
-                    "cannot wait for the template renderer: {e}"
-                )));
-            }
-        }
-    };
-    // A failed write (the child died before reading its request) shows in the child's status.
-    let _ = writer.join();
-    let out = reader.join().ok().and_then(|r| r.ok()).unwrap_or_default();
-    let err = err_reader.join().unwrap_or_default();
-    let Some(status) = status else {
-        return Err(failed(format!(
-            "rendering took longer than {:.1} s (a template that loops without end?); it was \
-             stopped",
-            renderer.deadline.as_secs_f64()
-        )));
-    };
-    if status.success() {
-        return match serde_json::from_slice::<RenderReply>(&out) {
-            Ok(RenderReply::Rendered(text)) => Ok(text),
-            Ok(RenderReply::Failed(msg)) => Err(failed(msg)),
-            Err(e) => Err(failed(format!(
-                "the template renderer answered something unreadable: {e}"
-            ))),
         };
-    }
-    let err = String::from_utf8_lossy(&err);
-    if err.contains("memory allocation of") {
-        return Err(failed(format!(
-            "rendering needed more than {} MiB of memory (a template that \
+        // A failed write (the child died before reading its request) shows in the child's status.
+        let _ = writer.join();
+        let out = reader.join().ok().and_then(|r| r.ok()).unwrap_or_default();
+        let err = err_reader.join().unwrap_or_default();
+        let Some(status) = status else {
+            return Err(failed(format!(
+                "rendering took longer than {:.1} s (a template that loops without end?); it was \
+             stopped",
+                self.deadline.as_secs_f64()
+            )));
+        };
+        if status.success() {
+            return match serde_json::from_slice::<RenderReply>(&out) {
+                Ok(RenderReply::Rendered(text)) => Ok(text),
+                Ok(RenderReply::Failed(msg)) => Err(failed(msg)),
+                Err(e) => Err(failed(format!(
+                    "the template renderer answered something unreadable: {e}"
+                ))),
+            };
+        }
+        let err = String::from_utf8_lossy(&err);
+        if err.contains("memory allocation of") {
+            return Err(failed(format!(
+                "rendering needed more than {} MiB of memory (a template that \
              builds huge strings?); it was stopped",
-            MEMORY_LIMIT_BYTES >> 20
-        )));
+                MEMORY_LIMIT_BYTES >> 20
+            )));
+        }
+        let last = err
+            .lines()
+            .rev()
+            .find(|l| !l.trim().is_empty())
+            .unwrap_or("");
+        Err(failed(format!(
+            "the template renderer failed ({status}){}{last}",
+            if last.is_empty() { "" } else { ": " }
+        )))
     }
-    let last = err
-        .lines()
-        .rev()
-        .find(|l| !l.trim().is_empty())
-        .unwrap_or("");
-    Err(failed(format!(
-        "the template renderer failed ({status}){}{last}",
-        if last.is_empty() { "" } else { ": " }
-    )))
 }
 
 /// The child's side: reads one [`RenderRequest`] from stdin, then limits its own address space

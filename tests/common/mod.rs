@@ -89,8 +89,13 @@ pub fn assert_fails_with(o: &Output, needles: &[&str]) {
 
 /// Copies a fixture into a temporary folder that a test may damage.
 pub fn copy_fixture(name: &str) -> tempfile::TempDir {
+    copy_dir(&fixture(name))
+}
+
+/// A temporary copy of the model folder `src` (its files, not subfolders).
+pub fn copy_dir(src: &Path) -> tempfile::TempDir {
     let dir = tempfile::tempdir().unwrap();
-    for entry in std::fs::read_dir(fixture(name)).unwrap() {
+    for entry in std::fs::read_dir(src).unwrap() {
         let e = entry.unwrap();
         std::fs::copy(e.path(), dir.path().join(e.file_name())).unwrap();
     }

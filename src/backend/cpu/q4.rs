@@ -231,25 +231,12 @@ pub fn quantize_row_q4(row: &[f32], codes: &mut [u8], scales: &mut [u16]) {
 
 #[cfg(test)]
 mod tests {
+    use super::super::q8::tests::bf16_matrix;
     use super::*;
     use crate::load::{decode_floats, FloatDtype};
     use crate::ternary::ByteStorage;
     use rand::{Rng, SeedableRng};
     use std::sync::Arc;
-
-    fn bf16_matrix(rows: usize, cols: usize, seed: u64) -> FloatMatrix {
-        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
-        let data: Vec<u8> = (0..rows * cols)
-            .flat_map(|_| half::bf16::from_f32(rng.random_range(-0.3f32..0.3)).to_le_bytes())
-            .collect();
-        FloatMatrix {
-            name: "head".into(),
-            rows,
-            cols,
-            dtype: FloatDtype::Bf16,
-            data: ByteStorage::Owned(Arc::new(data)),
-        }
-    }
 
     /// Every weight within half a step of its block's `absmax / 7` (the step rounded up to bf16
     /// adds less than 2^-7 of it: bf16 keeps 7 mantissa bits), and codes of the padding columns

@@ -175,7 +175,7 @@ pub fn quantize_row_q8(row: &[f32], q: &mut [i8], scales: &mut [f32]) {
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use super::*;
     use crate::load::{decode_floats, FloatDtype};
     use crate::ternary::ByteStorage;
@@ -211,7 +211,8 @@ mod tests {
         worst
     }
 
-    fn bf16_matrix(rows: usize, cols: usize, seed: u64) -> FloatMatrix {
+    /// A `[rows, cols]` bf16 matrix of uniform values in ±0.3 (shared with q4's tests).
+    pub(in crate::backend::cpu) fn bf16_matrix(rows: usize, cols: usize, seed: u64) -> FloatMatrix {
         let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
         let data: Vec<u8> = (0..rows * cols)
             .flat_map(|_| half::bf16::from_f32(rng.random_range(-0.3f32..0.3)).to_le_bytes())
