@@ -1,14 +1,15 @@
 // Greedy pick over logits row 0 [LEN] on the device, so that a decoded token reads back 4 bytes.
 // Ties go to the lowest index (like torch.argmax and the CPU backend).
 // argmax_partial: each workgroup reduces PER_WG consecutive values to (value bits, index).
-// argmax_final:   one workgroup reduces the NPART partials and writes result[0] = index.
+// argmax_final:   one workgroup reduces the NPART partials and writes result[0] = index (the
+//                 partials may also come from the LM head's epilogue, shaders/embedding.wgsl).
 
 override LEN: u32 = 1u;   // values in the row
 override NPART: u32 = 1u; // partials = ceil(LEN / PER_WG)
 
 const WG: u32 = 256u;
 override PER_WG: u32 = 4096u; // values per argmax_partial workgroup (host: argmax.rs ARGMAX_PER_WG)
-const EMPTY: u32 = 0xffffffffu; // index of "no value yet"
+const EMPTY: u32 = ARGMAX_EMPTY; // index of "no value yet" (common.wgsl)
 
 @group(0) @binding(0) var<uniform> step: Step;
 @group(0) @binding(1) var<storage, read> values: array<f32>;              // [LEN] (row 0)
@@ -18,20 +19,9 @@ const EMPTY: u32 = 0xffffffffu; // index of "no value yet"
 var<workgroup> best_v: array<f32, WG>;
 var<workgroup> best_i: array<u32, WG>;
 
-// Does (va, ia) win over (vb, ib)?
-fn better(va: f32, ia: u32, vb: f32, ib: u32) -> bool {
-    if ia == EMPTY {
-        return false;
-    }
-    if ib == EMPTY {
-        return true;
-    }
-    return va > vb || (va == vb && ia < ib);
-}
-
 fn reduce(lid: u32) {
     for (var s = WG / 2u; s > 0u; s >>= 1u) {
-        if lid < s && better(best_v[lid + s], best_i[lid + s], best_v[lid], best_i[lid]) {
+        if lid < s && argmax_better(best_v[lid + s], best_i[lid + s], best_v[lid], best_i[lid]) {
             best_v[lid] = best_v[lid + s];
             best_i[lid] = best_i[lid + s];
         }
@@ -46,7 +36,7 @@ fn argmax_partial(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocati
     let end = min(LEN, (wid.x + 1u) * PER_WG);
     for (var i = wid.x * PER_WG + lid; i < end; i += WG) {
         let v = values[i];
-        if better(v, i, bv, bi) {
+        if argmax_better(v, i, bv, bi) {
             bv = v;
             bi = i;
         }
@@ -66,7 +56,7 @@ fn argmax_final(@builtin(local_invocation_index) lid: u32) {
     var bi = EMPTY;
     for (var i = lid; i < NPART; i += WG) {
         let p = partial[i];
-        if better(bitcast<f32>(p.x), p.y, bv, bi) {
+        if argmax_better(bitcast<f32>(p.x), p.y, bv, bi) {
             bv = bitcast<f32>(p.x);
             bi = p.y;
         }

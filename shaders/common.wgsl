@@ -18,3 +18,18 @@ struct Step {
 fn linear_wg(wid: vec3<u32>, nwg: vec3<u32>) -> u32 {
     return wid.x + wid.y * nwg.x;
 }
+
+// Argmax order, shared by the LM head's epilogue and argmax.wgsl: does (va, ia) win over (vb, ib)?
+// The larger value wins, ties go to the lower index (torch.argmax, the CPU backend);
+// ARGMAX_EMPTY marks "no value yet".
+const ARGMAX_EMPTY: u32 = 0xffffffffu;
+
+fn argmax_better(va: f32, ia: u32, vb: f32, ib: u32) -> bool {
+    if ia == ARGMAX_EMPTY {
+        return false;
+    }
+    if ib == ARGMAX_EMPTY {
+        return true;
+    }
+    return va > vb || (va == vb && ia < ib);
+}

@@ -8,15 +8,16 @@
 // every dispatch handles one chunk, rows row0 .. row0 + rows of the whole matrix.
 //
 // embed:   out[t, c] = E[tokens[t], c], for the tokens that fall in this chunk.
-// lm_head: logits[o, row0 + v] = Σ_c x[t_o, c] · E[row0 + v, c], 8 vocab rows per workgroup with
-//          32 lanes each streaming a row in 16-byte vectors (coalesced), then a tree reduction.
+// lm_head: logits[o, row0 + v] = Σ_c x[t_o, c] · E[row0 + v, c], blocks of 8 vocab rows with
+//          32 lanes each streaming a row in 16-byte vectors (coalesced), then a tree reduction;
+//          optionally with the final norm as prologue and the argmax's first pass as epilogue.
 //          At decode this is the largest read of a token (the 2B4T embedding is 657 MB).
 
 struct Chunk {
     row0: u32, // first matrix row in this buffer
     rows: u32, // rows in this buffer
+    wg0: u32,  // lm_head: the head_best entry of this chunk's first workgroup
     _pad0: u32,
-    _pad1: u32,
 }
 
 override COLS: u32 = 1u;      // hidden size
@@ -63,84 +64,161 @@ fn embed(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: ve
     }
 }
 
-// ---- lm_head: dispatch (ceil(chunk.rows / 8), logits rows) per chunk; logits row o is the
-// product of the step's row logit_rows[o] (any subset of the rows, in any order) ----
+// ---- lm_head: dispatch (ceil(chunk.rows / (8 · HEAD_BLOCKS)), logits rows) per chunk; logits
+// row o is the product of the step's row logit_rows[o] (any subset of the rows, in any order).
+// NORM: the final rms_norm is the prologue: each workgroup computes its row's norm factor with
+// row_ops.wgsl's code and reduction order (WG = 256) and uses w · (x · inv) in place of x, the
+// normed value bit for bit, so the fused op equals rms_norm then lm_head exactly.
+// For logits row 0, each workgroup also leaves the (value bits, index) of its best logit in
+// head_best[chunk.wg0 + workgroup]: argmax.wgsl's argmax_final over those entries is the greedy
+// token, one dispatch instead of a second pass over the logits. ----
 @group(0) @binding(3) var<storage, read> head_x: array<f32>;          // [capacity, COLS]
 @group(0) @binding(4) var<storage, read_write> logits: array<f32>;    // [max rows, VOCAB]
 @group(0) @binding(5) var<storage, read> logit_rows: array<u32>;      // [logits rows] row of head_x
+@group(0) @binding(6) var<storage, read> norm_w: array<f32>;          // [COLS] final norm (NORM)
+@group(0) @binding(7) var<storage, read_write> head_best: array<vec2<u32>>; // [workgroups of all chunks]
+
+override NORM: bool = false;     // the final rms_norm as the prologue
+override EPS: f32 = 1e-5;        // its epsilon
+override HEAD_BLOCKS: u32 = 1u;  // blocks of ROWS_PER_WG vocab rows per workgroup (host: LM_BLOCKS)
 
 const LANES: u32 = 32u;
 const ROWS_PER_WG: u32 = 8u;
 
 var<workgroup> part: array<f32, 256>;
 
-@compute @workgroup_size(256)
-fn lm_head(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
-    let o = wid.y;            // logits row
-    let t = logit_rows[o];    // activation row (a row of the step, checked by the host)
-    let lane = lid % LANES;
-    let v = wid.x * ROWS_PER_WG + lid / LANES;
+// 1 / sqrt(mean(x²) + EPS) of the row at xb: row_ops.wgsl's pass 1 and reduce_sum_f, WG = 256.
+fn norm_factor(xb: u32, lid: u32) -> f32 {
+    let words = (COLS + 3u) / 4u;
+    var ss = 0.0;
+    for (var wi = lid; wi < words; wi += 256u) {
+        for (var k = 0u; k < 4u; k++) {
+            let col = wi * 4u + k;
+            if col < COLS {
+                let v = head_x[xb + col];
+                ss += v * v;
+            }
+        }
+    }
+    part[lid] = ss;
+    workgroupBarrier();
+    for (var s = 128u; s > 0u; s >>= 1u) {
+        if lid < s {
+            part[lid] += part[lid + s];
+        }
+        workgroupBarrier();
+    }
+    let r = part[0];
+    workgroupBarrier(); // part is reused by the dot products
+    return 1.0 / sqrt(r / f32(COLS) + EPS);
+}
+
+// Head input column c of the row at xb: x, or the normed x (row_ops.wgsl's expression).
+fn head_in(xb: u32, c: u32, inv: f32) -> f32 {
+    if NORM {
+        return norm_w[c] * (head_x[xb + c] * inv);
+    }
+    return head_x[xb + c];
+}
+
+// Σ_c in[c] · E[v, c] over this lane's 16-byte vectors of chunk row v.
+fn head_dot(v: u32, lane: u32, xb: u32, inv: f32) -> f32 {
     var acc = 0.0;
-    if v < chunk.rows {
-        let xb = t * COLS;
-        let rv = ROW_WORDS / 4u;
-        let rb = v * rv;
-        for (var vi = lane; vi < rv; vi += LANES) {
-            let wv = emb4[rb + vi];
-            if DTYPE == 2u {
-                // 4 f32 columns per vector
-                let col = vi * 4u;
-                if col + 4u <= COLS {
-                    let xv = vec4<f32>(head_x[xb + col], head_x[xb + col + 1u],
-                                       head_x[xb + col + 2u], head_x[xb + col + 3u]);
-                    acc += dot(xv, bitcast<vec4<f32>>(wv));
-                } else {
-                    for (var k = 0u; col + k < COLS; k++) {
-                        acc += head_x[xb + col + k] * bitcast<f32>(wv[k]);
-                    }
-                }
+    let rv = ROW_WORDS / 4u;
+    let rb = v * rv;
+    for (var vi = lane; vi < rv; vi += LANES) {
+        let wv = emb4[rb + vi];
+        if DTYPE == 2u {
+            // 4 f32 columns per vector
+            let col = vi * 4u;
+            if col + 4u <= COLS {
+                let xv = vec4<f32>(head_in(xb, col, inv), head_in(xb, col + 1u, inv),
+                                   head_in(xb, col + 2u, inv), head_in(xb, col + 3u, inv));
+                acc += dot(xv, bitcast<vec4<f32>>(wv));
             } else {
-                // 8 16-bit columns per vector: even columns in the low halves, odd in the high
-                var lo: vec4<f32>;
-                var hi: vec4<f32>;
-                if DTYPE == 1u {
-                    let p0 = unpack2x16float(wv.x);
-                    let p1 = unpack2x16float(wv.y);
-                    let p2 = unpack2x16float(wv.z);
-                    let p3 = unpack2x16float(wv.w);
-                    lo = vec4<f32>(p0.x, p1.x, p2.x, p3.x);
-                    hi = vec4<f32>(p0.y, p1.y, p2.y, p3.y);
-                } else {
-                    lo = bitcast<vec4<f32>>(wv << vec4<u32>(16u));
-                    hi = bitcast<vec4<f32>>(wv & vec4<u32>(0xffff0000u));
+                for (var k = 0u; col + k < COLS; k++) {
+                    acc += head_in(xb, col + k, inv) * bitcast<f32>(wv[k]);
                 }
-                let col = vi * 8u;
-                if col + 8u <= COLS {
-                    let xe = vec4<f32>(head_x[xb + col], head_x[xb + col + 2u],
-                                       head_x[xb + col + 4u], head_x[xb + col + 6u]);
-                    let xo = vec4<f32>(head_x[xb + col + 1u], head_x[xb + col + 3u],
-                                       head_x[xb + col + 5u], head_x[xb + col + 7u]);
-                    acc += dot(xe, lo) + dot(xo, hi);
-                } else {
-                    for (var k = 0u; col + 2u * k < COLS; k++) {
-                        acc += head_x[xb + col + 2u * k] * lo[k];
-                        if col + 2u * k + 1u < COLS {
-                            acc += head_x[xb + col + 2u * k + 1u] * hi[k];
-                        }
+            }
+        } else {
+            // 8 16-bit columns per vector: even columns in the low halves, odd in the high
+            var lo: vec4<f32>;
+            var hi: vec4<f32>;
+            if DTYPE == 1u {
+                let p0 = unpack2x16float(wv.x);
+                let p1 = unpack2x16float(wv.y);
+                let p2 = unpack2x16float(wv.z);
+                let p3 = unpack2x16float(wv.w);
+                lo = vec4<f32>(p0.x, p1.x, p2.x, p3.x);
+                hi = vec4<f32>(p0.y, p1.y, p2.y, p3.y);
+            } else {
+                lo = bitcast<vec4<f32>>(wv << vec4<u32>(16u));
+                hi = bitcast<vec4<f32>>(wv & vec4<u32>(0xffff0000u));
+            }
+            let col = vi * 8u;
+            if col + 8u <= COLS {
+                let xe = vec4<f32>(head_in(xb, col, inv), head_in(xb, col + 2u, inv),
+                                   head_in(xb, col + 4u, inv), head_in(xb, col + 6u, inv));
+                let xo = vec4<f32>(head_in(xb, col + 1u, inv), head_in(xb, col + 3u, inv),
+                                   head_in(xb, col + 5u, inv), head_in(xb, col + 7u, inv));
+                acc += dot(xe, lo) + dot(xo, hi);
+            } else {
+                for (var k = 0u; col + 2u * k < COLS; k++) {
+                    acc += head_in(xb, col + 2u * k, inv) * lo[k];
+                    if col + 2u * k + 1u < COLS {
+                        acc += head_in(xb, col + 2u * k + 1u, inv) * hi[k];
                     }
                 }
             }
         }
     }
-    part[lid] = acc;
-    workgroupBarrier();
-    for (var s = LANES / 2u; s > 0u; s >>= 1u) {
-        if lane < s {
-            part[lid] += part[lid + s];
-        }
-        workgroupBarrier();
+    return acc;
+}
+
+@compute @workgroup_size(256)
+fn lm_head(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
+    let o = wid.y;            // logits row
+    let t = logit_rows[o];    // activation row (a row of the step, checked by the host)
+    let lane = lid % LANES;
+    let xb = t * COLS;
+    var inv = 1.0;
+    if NORM {
+        inv = norm_factor(xb, lid);
     }
-    if lane == 0u && v < chunk.rows {
-        logits[o * VOCAB + chunk.row0 + v] = part[lid];
+    var best_v = 0.0;         // thread 0, logits row 0: the workgroup's best so far
+    var best_i = ARGMAX_EMPTY;
+    for (var blk = 0u; blk < HEAD_BLOCKS; blk++) {
+        let v0 = (wid.x * HEAD_BLOCKS + blk) * ROWS_PER_WG; // first chunk row of the block
+        let v = v0 + lid / LANES;
+        var acc = 0.0;
+        if v < chunk.rows {
+            acc = head_dot(v, lane, xb, inv);
+        }
+        part[lid] = acc;
+        workgroupBarrier();
+        for (var s = LANES / 2u; s > 0u; s >>= 1u) {
+            if lane < s {
+                part[lid] += part[lid + s];
+            }
+            workgroupBarrier();
+        }
+        if lane == 0u && v < chunk.rows {
+            logits[o * VOCAB + chunk.row0 + v] = part[lid];
+        }
+        if o == 0u {
+            if lid == 0u {
+                for (var j = 0u; j < ROWS_PER_WG; j++) {
+                    let i = chunk.row0 + v0 + j;
+                    if v0 + j < chunk.rows && argmax_better(part[j * LANES], i, best_v, best_i) {
+                        best_v = part[j * LANES];
+                        best_i = i;
+                    }
+                }
+            }
+            workgroupBarrier(); // the scan reads other threads' part before the next block
+        }
+    }
+    if o == 0u && lid == 0u {
+        head_best[chunk.wg0 + wid.x] = vec2<u32>(bitcast<u32>(best_v), best_i);
     }
 }

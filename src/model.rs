@@ -72,7 +72,6 @@ struct Layer<B: Backend> {
 /// Activation buffers, allocated once for `max_batch` rows (B below).
 struct Scratch<B: Backend> {
     x: B::Tensor,      // [B, h]  residual stream
-    xn: B::Tensor,     // [B, h]  final-normed
     xq: B::QTensor,    // [B, h]  int8 normed residual (q/k/v and gate/up input)
     q: B::Tensor,      // [B, q]  rotated queries (keys and values go to the cache)
     att: B::Tensor,    // [B, q]
@@ -168,7 +167,6 @@ impl<B: Backend> Model<B> {
         let (qd, kvd) = (c.q_dim(), c.kv_dim());
         let s = Scratch {
             x: b.alloc(n, h)?,
-            xn: b.alloc(n, h)?,
             xq: b.alloc_q(n, h)?,
             q: b.alloc(n, qd)?,
             att: b.alloc(n, qd)?,
@@ -328,8 +326,15 @@ impl<B: Backend> Model<B> {
             b.ternary_matmul_add(&l.down_proj, &s.ffn_q, &mut s.x)?; // x = out [n, h]
         }
         if !logit_rows.is_empty() {
-            b.rms_norm(&s.x, &self.final_norm, eps, &mut s.xn)?; // xn [n, h]
-            b.lm_head(&self.head, &s.xn, logit_rows, &mut s.logits)?; // logits [rows, vocab]
+            // logits [rows, vocab] of the final-normed rows that need them
+            b.rms_norm_lm_head(
+                &self.head,
+                &s.x,
+                &self.final_norm,
+                eps,
+                logit_rows,
+                &mut s.logits,
+            )?;
             if self.chain_out {
                 b.argmax_chain(&s.logits)?; // the next token, left on the device
             }

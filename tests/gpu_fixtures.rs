@@ -264,8 +264,10 @@ fn gpu_rejects_the_q8_head_by_name() {
 /// the device as the next step's token and each id is read back one step late. The ids equal
 /// step-by-step `forward_argmax` decoding; a decoded token costs one submit, and every id read
 /// by `greedy_next` was read after its successor's step had been submitted. Also pins the
-/// dispatch count of a decode step (14 per layer + 5 outside today: embed, final norm, LM head,
-/// two argmax passes), so that fusion work shows up here as a changed number.
+/// dispatch count of a decode step (6 per layer + 3 outside: embed, final norm + LM head with the
+/// argmax's first pass, the argmax's last pass), so that fusion work shows up here as a changed
+/// number, and checks the issue's bounds (≤ 7 per layer, ≤ 4 outside) with the per-layer and
+/// outside counts measured apart (a 4-layer and a 1-layer model).
 #[test]
 fn pipelined_greedy_decode_equals_step_by_step_with_one_submit_per_token() {
     let c = bitnet_wgpu::synthetic::preset("tiny").unwrap();
@@ -328,14 +330,35 @@ fn pipelined_greedy_decode_equals_step_by_step_with_one_submit_per_token() {
         (c1.encode_ns - c0.encode_ns) as f64 / decode as f64 / 1e3
     );
     // 6 per layer: q|k|v (norm prologue, RoPE + KV-store epilogue), attention split + combine,
-    // o_proj, gate|up, down_proj; 10 without the norm prologue. Outside: embed, final norm, LM
-    // head, 2 argmax passes.
+    // o_proj, gate|up, down_proj; 10 without the norm prologue. Outside: embed, final norm + LM
+    // head + the argmax's first pass, the argmax's final pass.
     let no_prologue = std::env::var("BITNET_GPU_NO_PROLOGUE").is_ok_and(|v| v == "1");
     let per_layer = if no_prologue { 10 } else { 6 };
     assert_eq!(
         per_step,
-        per_layer * layers + 5,
+        per_layer * layers + 3,
         "dispatches per decode step"
+    );
+    // The same decode with one layer: the difference is the per-layer count, the rest is
+    // outside the layers.
+    let mut c1l = c.clone();
+    c1l.num_hidden_layers = 1;
+    let w1 = bitnet_wgpu::synthetic::random_weights(&c1l, 7).unwrap();
+    let mut g1 = gpu_model("pipelined_greedy_decode", &w1, options).unwrap();
+    g1.greedy_begin(&prompt).unwrap();
+    let d0 = g1.backend.counters();
+    for _ in 0..decode {
+        g1.greedy_next().unwrap();
+    }
+    let one_layer = (g1.backend.counters().dispatches - d0.dispatches) / decode;
+    g1.greedy_finish().unwrap();
+    let measured_per_layer = (per_step - one_layer) / (layers - 1);
+    let outside = one_layer - measured_per_layer;
+    eprintln!("decode step: {measured_per_layer} per layer, {outside} outside the layers");
+    assert_eq!(outside, 3, "dispatches outside the layers");
+    assert!(
+        (measured_per_layer <= 7 || no_prologue) && outside <= 4,
+        "issue 13's bounds: {measured_per_layer} dispatches per layer (≤ 7), {outside} outside (≤ 4)"
     );
     // A new decode after an unfinished one starts clean (its queued read is dropped).
     g.reset();

@@ -732,6 +732,143 @@ fn embedding_and_lm_head_match_cpu_for_every_dtype_and_chunking() {
 }
 
 #[test]
+fn final_norm_lm_head_is_norm_then_head_bit_for_bit_and_its_argmax_is_one_dispatch() {
+    let Some(mut g) = gpu("norm_lm_head") else {
+        return;
+    };
+    let mut c = cpu();
+    let mut r = rng(21);
+    let eps = 1e-5f32;
+    for dtype in [FloatDtype::Bf16, FloatDtype::F16, FloatDtype::F32] {
+        // (vocab, cols, chunk bytes): one chunk, several chunks with a ragged last workgroup,
+        // a row length that is not a multiple of the 16-byte vectors
+        for &(vocab, cols, chunk) in &[
+            (300, 37, None),
+            (1001, 64, Some(64 * 100 * 4)),
+            (777, 300, Some(300 * 4 * 130)),
+        ] {
+            g.set_max_chunk_bytes(chunk);
+            let mut m = float_matrix(&mut r, vocab, cols, dtype);
+            let norm: Vec<f32> = randn(&mut r, cols, 1.0).iter().map(|v| v + 1.5).collect();
+            let gw = g.upload_vector(&norm).unwrap();
+            for &n in &[1usize, 5] {
+                let what = format!("{dtype:?} vocab={vocab} cols={cols} chunk={chunk:?} n={n}");
+                let tokens: Vec<u32> = (0..n as u32).collect();
+                let x = randn(&mut r, n * cols, 3.0);
+                if n == 1 {
+                    // A tie for the maximum between row 5, rows after it in the same block and
+                    // workgroup (6, 9) and a row in the last workgroup (and chunk): the lowest
+                    // index must win, as on the CPU. The rows hold the same values, so their
+                    // logits are equal whatever the rounding.
+                    let dup: Vec<f32> = (0..cols).map(|i| x[i] * norm[i] * 50.0).collect();
+                    m = with_rows(&m, &[5, 6, 9, vocab - 2], &dup);
+                }
+                let ge = g.upload_embedding(&m).unwrap();
+                let ch = bitnet_wgpu::backend::cpu::CpuLmHead::Exact(m.clone());
+                let (cx, gx) = both(&mut g, &x, n, cols);
+                let all: Vec<u32> = (0..n as u32).collect();
+                for rows in [&[n as u32 - 1][..], &all[..]] {
+                    let k = rows.len();
+                    // GPU: fused, then rms_norm + lm_head
+                    let (_, mut fused) = both(&mut g, &[], n, vocab);
+                    g.begin_step(&StepRow::sequence(&tokens, 0)).unwrap();
+                    g.rms_norm_lm_head(&ge, &gx, &gw, eps, rows, &mut fused)
+                        .unwrap();
+                    g.end_step().unwrap();
+                    let before = g.counters();
+                    let token = g.argmax_row0(&fused).unwrap();
+                    let argmax_dispatches = g.counters().dispatches - before.dispatches;
+                    let got = g.read(&fused, k).unwrap();
+                    let (_, mut xn) = both(&mut g, &[], n, cols);
+                    let (_, mut split) = both(&mut g, &[], n, vocab);
+                    g.begin_step(&StepRow::sequence(&tokens, 0)).unwrap();
+                    g.rms_norm(&gx, &gw, eps, &mut xn).unwrap();
+                    g.lm_head(&ge, &xn, rows, &mut split).unwrap();
+                    g.end_step().unwrap();
+                    let want = g.read(&split, k).unwrap();
+                    for (i, (a, b)) in got.iter().zip(&want).enumerate() {
+                        assert_eq!(
+                            a.to_bits(),
+                            b.to_bits(),
+                            "{what} rows {rows:?}: logit {i}: fused {a}, norm then head {b}"
+                        );
+                    }
+                    // the epilogue's argmax: one dispatch, the first maximum of the logits
+                    assert_eq!(argmax_dispatches, 1, "{what}: argmax after the head");
+                    let first = bitnet_wgpu::backend::cpu::argmax(&got[..vocab]) as u32;
+                    assert_eq!(token, first, "{what} rows {rows:?}: argmax");
+                    if n == 1 {
+                        assert_eq!(token, 5, "{what}: the tie goes to the lower index");
+                    }
+                    // the CPU's fused op: its own rms_norm then lm_head exactly, and the GPU's
+                    // logits within the float tolerance
+                    let (mut cl, mut cn) = (cpu_tensor(&[], k, vocab), cpu_tensor(&[], n, cols));
+                    c.begin_step(&StepRow::sequence(&tokens, 0)).unwrap();
+                    c.rms_norm_lm_head(&ch, &cx, &norm, eps, rows, &mut cl)
+                        .unwrap();
+                    let mut cs = cpu_tensor(&[], k, vocab);
+                    c.rms_norm(&cx, &norm, eps, &mut cn).unwrap();
+                    c.lm_head(&ch, &cn, rows, &mut cs).unwrap();
+                    assert_eq!(cl.data, cs.data, "{what} rows {rows:?}: CPU fused vs split");
+                    assert_close(
+                        &format!("norm+head {rows:?} {what}"),
+                        &got,
+                        &cl.data,
+                        1e-4,
+                        1e-4,
+                    );
+                }
+                // Anything else writing the logits makes the epilogue stale: the argmax then
+                // reads the new values (two dispatches).
+                let (_, mut lg) = both(&mut g, &[], n, vocab);
+                g.begin_step(&StepRow::sequence(&tokens, 0)).unwrap();
+                g.rms_norm_lm_head(&ge, &gx, &gw, eps, &[0], &mut lg)
+                    .unwrap();
+                g.end_step().unwrap();
+                let mut v = vec![0.0f32; vocab];
+                v[vocab / 3] = 1.0;
+                g.write(&mut lg, &v).unwrap();
+                let before = g.counters();
+                assert_eq!(
+                    g.argmax_row0(&lg).unwrap() as usize,
+                    vocab / 3,
+                    "{what}: stale"
+                );
+                assert_eq!(g.counters().dispatches - before.dispatches, 2, "{what}");
+            }
+        }
+    }
+    g.set_max_chunk_bytes(None);
+}
+
+/// `m` with `rows` replaced by `values` (`[cols]`), in its dtype.
+fn with_rows(m: &FloatMatrix, rows: &[usize], values: &[f32]) -> FloatMatrix {
+    let es = m.dtype.size();
+    let mut data = m.data.as_slice().to_vec();
+    let bytes: Vec<u8> = match m.dtype {
+        FloatDtype::Bf16 => values
+            .iter()
+            .flat_map(|v| half::bf16::from_f32(*v).to_bits().to_le_bytes())
+            .collect(),
+        FloatDtype::F16 => values
+            .iter()
+            .flat_map(|v| half::f16::from_f32(*v).to_bits().to_le_bytes())
+            .collect(),
+        FloatDtype::F32 => values.iter().flat_map(|v| v.to_le_bytes()).collect(),
+    };
+    for &row in rows {
+        data[row * m.cols * es..(row + 1) * m.cols * es].copy_from_slice(&bytes);
+    }
+    FloatMatrix {
+        name: m.name.clone(),
+        rows: m.rows,
+        cols: m.cols,
+        dtype: m.dtype,
+        data: ByteStorage::Owned(Arc::new(data)),
+    }
+}
+
+#[test]
 fn argmax_picks_the_first_maximum() {
     let Some(mut g) = gpu("argmax") else {
         return;

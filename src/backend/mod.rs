@@ -273,6 +273,22 @@ pub trait Backend {
         logits: &mut Self::Tensor,
     ) -> Result<()>;
 
+    /// The final norm and the LM head as one op: `logits[i] = rms_norm(x[rows[i]], w, eps) ·
+    /// headᵀ`, `[rows.len(), vocab]`; only the rows that need logits are normed, and none of the
+    /// normed rows is kept. A GPU runs the norm in the head kernel's prologue (bit-identical to
+    /// `rms_norm` then `lm_head`) and leaves the argmax of logits row 0 half done for
+    /// `argmax_row0` / `argmax_chain`.
+    #[allow(clippy::too_many_arguments)]
+    fn rms_norm_lm_head(
+        &mut self,
+        head: &Self::Head,
+        x: &Self::Tensor,
+        w: &Self::Vector,
+        eps: f32,
+        rows: &[u32],
+        logits: &mut Self::Tensor,
+    ) -> Result<()>;
+
     /// Reads `rows` rows of `t` back to the host (a sync point): `[rows, cols]` flattened.
     fn read(&mut self, t: &Self::Tensor, rows: usize) -> Result<Vec<f32>>;
     /// Greedy pick of row 0 of `logits` without reading the whole vector back.

@@ -12,6 +12,7 @@ use super::dispatch::{
 use super::pool::DisjointSlice;
 use super::q4::Q4Input;
 use super::q8::HeadInput;
+use super::reference::rms_norm_row;
 use super::{CpuBackend, CpuLinear, CpuLmHead, CpuQTensor, CpuTensor};
 use crate::backend::check_matmul;
 use crate::error::{BitnetError, Result};
@@ -301,6 +302,69 @@ impl CpuBackend {
                 ),
             ));
         }
+        let xs: Vec<&[f32]> = rows
+            .iter()
+            .map(|&src| &x.data[src as usize * h..(src as usize + 1) * h]) // [h] each
+            .collect();
+        self.head_logits_of(head, &xs, logits);
+        Ok(())
+    }
+
+    /// The final norm and the head: only the rows that need logits are normed (into the
+    /// scratch, reused across steps), then [`CpuBackend::head_logits`]'s kernels run on them.
+    pub(super) fn norm_head_logits(
+        &mut self,
+        head: &CpuLmHead,
+        x: &CpuTensor,
+        (w, eps): (&[f32], f32),
+        rows: &[u32],
+        logits: &mut CpuTensor,
+    ) -> Result<()> {
+        let (n, h) = (self.n(), head.cols());
+        self.check("lm_head", x, h)?;
+        if w.len() != h {
+            return Err(BitnetError::op(
+                "lm_head",
+                format!("final norm weight of {} values for rows of {h}", w.len()),
+            ));
+        }
+        if let Some(&bad) = rows.iter().find(|&&r| r as usize >= n) {
+            return Err(BitnetError::op(
+                "lm_head",
+                format!("logit row {bad} is not a row of this {n}-row step"),
+            ));
+        }
+        let out_rows = rows.len();
+        if logits.cols != head.rows() || logits.capacity < out_rows {
+            return Err(BitnetError::op(
+                "lm_head",
+                format!(
+                    "logits tensor [{}, {}] cannot hold [{out_rows}, {}]",
+                    logits.capacity,
+                    logits.cols,
+                    head.rows()
+                ),
+            ));
+        }
+        let mut normed = std::mem::take(&mut self.scratch.data); // [rows, h]
+        if normed.len() < out_rows * h {
+            normed.resize(out_rows * h, 0.0);
+        }
+        for (&src, out) in rows.iter().zip(normed.chunks_mut(h)) {
+            let r = src as usize;
+            rms_norm_row(&x.data[r * h..(r + 1) * h], w, eps, out);
+        }
+        let xs: Vec<&[f32]> = normed[..out_rows * h].chunks(h).collect(); // [h] each
+        self.head_logits_of(head, &xs, logits);
+        self.scratch.data = normed;
+        Ok(())
+    }
+
+    /// Logits of the activation rows `xs` (`[h]` each) into rows 0.. of `logits`, checked by
+    /// the callers.
+    fn head_logits_of(&mut self, head: &CpuLmHead, xs: &[&[f32]], logits: &mut CpuTensor) {
+        let (h, vocab) = (head.cols(), head.rows());
+        let out_rows = xs.len();
         // 256 vocabulary rows per job: ~1.3 MB of bf16 head, enough to hide the cost of a claim.
         const CHUNK: usize = 256;
         let level = self.level;
@@ -312,10 +376,6 @@ impl CpuBackend {
         // memory once per step and from cache for the other rows (a batch of decode rows then
         // costs about one head read, not one per row). Each logit is the same dot product of the
         // same kernel whatever the rows, so a row's logits do not depend on the batch.
-        let xs: Vec<&[f32]> = rows
-            .iter()
-            .map(|&src| &x.data[src as usize * h..(src as usize + 1) * h]) // [h] each
-            .collect();
         let hxs: Vec<HeadInput> = match head {
             CpuLmHead::Q8(_) => xs.iter().map(|xr| HeadInput::new(xr)).collect(), // [h] int16
             _ => Vec::new(),
@@ -391,7 +451,6 @@ impl CpuBackend {
             }
         };
         self.pool.run(vocab.div_ceil(CHUNK), &job);
-        Ok(())
     }
 }
 

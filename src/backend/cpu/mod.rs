@@ -671,6 +671,18 @@ impl Backend for CpuBackend {
         self.head_logits(head, x, rows, logits)
     }
 
+    fn rms_norm_lm_head(
+        &mut self,
+        head: &CpuLmHead,
+        x: &CpuTensor,
+        w: &Vec<f32>,
+        eps: f32,
+        rows: &[u32],
+        logits: &mut CpuTensor,
+    ) -> Result<()> {
+        self.norm_head_logits(head, x, (w, eps), rows, logits)
+    }
+
     fn read(&mut self, t: &CpuTensor, rows: usize) -> Result<Vec<f32>> {
         Ok(t.data[..rows * t.cols].to_vec())
     }
@@ -735,6 +747,55 @@ mod tests {
                 g.to_bits() == e.to_bits(),
                 "{what}: index {k}: got {g}, expected {e}"
             );
+        }
+    }
+
+    /// The final norm + LM head equals `rms_norm` then `lm_head` bit for bit, for every head
+    /// format, any subset of the rows in any order, on 1 and 3 threads.
+    #[test]
+    fn rms_norm_lm_head_equals_norm_then_head() {
+        let mut r = rand_chacha::ChaCha8Rng::seed_from_u64(78);
+        let (vocab, h, n) = (300usize, 136usize, 5usize);
+        let m = q8::tests::bf16_matrix(vocab, h, 79);
+        let x: Vec<f32> = (0..n * h).map(|_| r.random_range(-3.0f32..3.0)).collect();
+        let w: Vec<f32> = (0..h).map(|_| r.random_range(0.5f32..2.0)).collect();
+        for threads in [1, 3] {
+            let mut b = CpuBackend::new(threads).unwrap();
+            for format in [HeadFormat::Exact, HeadFormat::Q8, HeadFormat::Q4] {
+                let head = b.upload_lm_head(&m, None, format).unwrap();
+                let rows = StepRow::sequence(&[1, 2, 3, 4, 5], 0);
+                for pick in [&[4u32][..], &[3, 0, 3, 1]] {
+                    let xt = tensor(x.clone(), n, h);
+                    let mut xn = tensor(Vec::new(), n, h);
+                    let (mut fused, mut split) =
+                        (tensor(Vec::new(), 4, vocab), tensor(Vec::new(), 4, vocab));
+                    b.begin_step(&rows).unwrap();
+                    b.rms_norm_lm_head(&head, &xt, &w, 1e-5, pick, &mut fused)
+                        .unwrap();
+                    b.rms_norm(&xt, &w, 1e-5, &mut xn).unwrap();
+                    b.lm_head(&head, &xn, pick, &mut split).unwrap();
+                    b.end_step().unwrap();
+                    let k = pick.len() * vocab;
+                    assert_bits(
+                        &format!("{format:?} rows {pick:?} threads {threads}"),
+                        &fused.data[..k],
+                        &split.data[..k],
+                    );
+                }
+                b.begin_step(&rows).unwrap();
+                let mut out = tensor(Vec::new(), 1, vocab);
+                let err = b
+                    .rms_norm_lm_head(
+                        &head,
+                        &tensor(x.clone(), n, h),
+                        &w[1..].to_vec(),
+                        1e-5,
+                        &[0],
+                        &mut out,
+                    )
+                    .unwrap_err();
+                assert!(err.to_string().contains("norm weight"), "{err}");
+            }
         }
     }
 

@@ -15,9 +15,26 @@ impl WgpuBackend {
         Ok(u32::from_le_bytes([bytes[0], bytes[1], bytes[2], bytes[3]]))
     }
 
-    /// Records the argmax of row 0 of `logits` into `argmax_result[0]` (two dispatches).
+    /// Records the argmax of row 0 of `logits` into `argmax_result[0]`: one dispatch over the
+    /// LM head's per-workgroup bests when the head wrote these logits last, else two.
     pub(super) fn record_argmax(&mut self, logits: &GpuTensor) -> Result<()> {
         let len = logits.cols;
+        if let Some((id, best, wgs)) = self.head_argmax.clone() {
+            if id == logits.buf.id {
+                let consts = [
+                    ("LEN", len as f64),
+                    ("NPART", wgs as f64),
+                    ("PER_WG", ARGMAX_PER_WG as f64),
+                ];
+                let result = self.argmax_result.clone();
+                return self.record(
+                    &kernels::ARGMAX_FINAL,
+                    &consts,
+                    &[&logits.buf, &best, &result],
+                    [1, 1, 1],
+                );
+            }
+        }
         let npart = len.div_ceil(ARGMAX_PER_WG).max(1);
         let partial = match self.argmax_partials.get(&logits.buf.id) {
             Some(p) => p.clone(),

@@ -182,6 +182,7 @@ impl WgpuBackend {
             rope_tables: HashMap::new(),
             argmax_partials: HashMap::new(),
             argmax_result,
+            head_argmax: None,
             positions_hint: 0,
             max_chunk_bytes: None,
             upload_scratch: Vec::new(),
@@ -438,6 +439,16 @@ impl WgpuBackend {
                 k.entry
             )));
         }
+        if let Some((logits, _, _)) = &self.head_argmax {
+            // Another kernel writing the logits makes the head's argmax epilogue stale.
+            let writes_logits = bufs
+                .iter()
+                .zip(&k.bindings[1..])
+                .any(|(b, kind)| *kind == super::kernels::Bind::ReadWrite && b.id == *logits);
+            if writes_logits && !std::ptr::eq(k, &super::kernels::LM_HEAD) {
+                self.head_argmax = None;
+            }
+        }
         let pipeline = self.pipelines.pipeline(&self.device, k, constants)?;
         let bg = self.bind_group(k, bufs);
         let pass = self.pass();
@@ -538,6 +549,9 @@ impl WgpuBackend {
             ));
         }
         self.flush()?;
+        if self.head_argmax.as_ref().is_some_and(|h| h.0 == t.buf.id) {
+            self.head_argmax = None;
+        }
         if !data.is_empty() {
             self.queue
                 .write_buffer(&t.buf.buf, 0, bytemuck::cast_slice(data));

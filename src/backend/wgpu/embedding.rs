@@ -3,13 +3,17 @@
 use std::sync::Arc;
 
 use super::kernels;
-use super::{gpu_err, layout, EmbChunk, GpuEmbedding, GpuTensor, WgpuBackend};
+use super::{gpu_err, layout, EmbChunk, GpuEmbedding, GpuTensor, GpuVector, WgpuBackend};
 use crate::backend::HeadFormat;
 use crate::error::{BitnetError, Result};
 use crate::load::FloatMatrix;
 
-/// Vocabulary rows per LM-head workgroup (shaders/embedding.wgsl ROWS_PER_WG).
-pub(super) const LM_ROWS_PER_WG: usize = 8;
+/// Blocks of 8 vocabulary rows per LM-head workgroup (shaders/embedding.wgsl `HEAD_BLOCKS`):
+/// enough rows to amortise the norm prologue (a read of the activation row and the norm
+/// weight per workgroup) while a 2B4T head still makes ~2,000 workgroups.
+const LM_BLOCKS: usize = 8;
+/// Vocabulary rows per LM-head workgroup (shaders/embedding.wgsl `ROWS_PER_WG · HEAD_BLOCKS`).
+pub(super) const LM_ROWS_PER_WG: usize = 8 * LM_BLOCKS;
 /// Threads per embed workgroup, one per copied value: shaders/embedding.wgsl `EMBED_WG`.
 const EMBED_WG: usize = 256;
 
@@ -35,17 +39,22 @@ impl WgpuBackend {
             ))
         })?;
         let mut chunks = Vec::with_capacity(plan.len());
+        let mut head_wgs = 0;
         for (row0, rows) in plan {
             let bytes = layout::float_rows_bytes(m, row0, rows);
             let data = self.storage(&m.name, bytes.len() as u64, Some(&bytes))?;
             let params = self.uniform(
                 "chunk params",
-                bytemuck::cast_slice(&[row0 as u32, rows as u32, 0, 0]),
+                bytemuck::cast_slice(&[row0 as u32, rows as u32, head_wgs as u32, 0]),
             )?;
             chunks.push(EmbChunk { data, params, rows });
+            head_wgs += rows.div_ceil(LM_ROWS_PER_WG);
         }
+        let head_best = self.storage("lm head argmax", 8 * head_wgs.max(1) as u64, None)?;
         Ok(Arc::new(GpuEmbedding {
             chunks,
+            head_best,
+            head_wgs,
             rows: m.rows,
             cols: m.cols,
             dtype: m.dtype,
@@ -100,16 +109,30 @@ impl WgpuBackend {
     }
 
     /// Logits of the step's rows `rows` (indices into the step, any subset in any order):
-    /// `logits [rows.len(), vocab]`.
+    /// `logits [rows.len(), vocab]`, of the rows normed by `norm` (the final norm as the
+    /// kernel's prologue) or as they are. One dispatch per chunk of the head; each leaves its
+    /// workgroups' best logit of row 0 for `record_argmax`.
     pub(super) fn op_lm_head_rows(
         &mut self,
         head: &Arc<GpuEmbedding>,
         x: &GpuTensor,
+        norm: Option<(&GpuVector, f32)>,
         rows: &[u32],
         logits: &mut GpuTensor,
     ) -> Result<()> {
         let n = self.n();
         self.check("lm_head", x, head.cols)?;
+        if let Some((w, _)) = norm {
+            if w.len != head.cols {
+                return Err(BitnetError::op(
+                    "lm_head",
+                    format!(
+                        "final norm weight of {} values for rows of {}",
+                        w.len, head.cols
+                    ),
+                ));
+            }
+        }
         if rows.is_empty() {
             return Ok(());
         }
@@ -148,17 +171,30 @@ impl WgpuBackend {
             ("ROW_WORDS", head.row_words as f64),
             ("DTYPE", layout::dtype_code(head.dtype) as f64),
             ("VOCAB", head.rows as f64),
+            ("NORM", if norm.is_some() { 1.0 } else { 0.0 }),
+            ("EPS", norm.map_or(0.0, |(_, eps)| eps as f64)),
+            ("HEAD_BLOCKS", LM_BLOCKS as f64),
         ];
         let list = self.logit_rows_buf.clone();
+        let norm_w = norm.map_or_else(|| self.dummy_r.clone(), |(w, _)| w.buf.clone());
         for c in &head.chunks {
             let groups = [c.rows.div_ceil(LM_ROWS_PER_WG) as u32, out_rows as u32, 1];
             self.record(
                 &kernels::LM_HEAD,
                 &consts,
-                &[&c.params, &c.data, &x.buf, &logits.buf, &list],
+                &[
+                    &c.params,
+                    &c.data,
+                    &x.buf,
+                    &logits.buf,
+                    &list,
+                    &norm_w,
+                    &head.head_best,
+                ],
                 groups,
             )?;
         }
+        self.head_argmax = Some((logits.buf.id, head.head_best.clone(), head.head_wgs));
         Ok(())
     }
 }

@@ -94,7 +94,12 @@ kernel!(
     [U, R, RW, R]
 );
 kernel!(EMBED, "embedding.wgsl", "embed", [U, U, R, R, RW]);
-kernel!(LM_HEAD, "embedding.wgsl", "lm_head", [U, U, R, R, RW, R]);
+kernel!(
+    LM_HEAD,
+    "embedding.wgsl",
+    "lm_head",
+    [U, U, R, R, RW, R, R, RW]
+);
 kernel!(
     ARGMAX_PARTIAL,
     "argmax.wgsl",

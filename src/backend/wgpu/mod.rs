@@ -124,7 +124,7 @@ pub struct GpuVector {
 #[derive(Debug)]
 struct EmbChunk {
     data: GpuBuf,   // [rows, row_words] u32
-    params: GpuBuf, // uniform Chunk { row0, rows, _, _ }
+    params: GpuBuf, // uniform Chunk { row0, rows, wg0, _ }
     rows: usize,
 }
 
@@ -132,6 +132,8 @@ struct EmbChunk {
 #[derive(Debug)]
 pub struct GpuEmbedding {
     chunks: Vec<EmbChunk>,
+    head_best: GpuBuf, // [head_wgs] vec2<u32>: the LM head's per-workgroup argmax of logits row 0
+    head_wgs: usize,   // LM-head workgroups per logits row, all chunks
     pub rows: usize,
     pub cols: usize,
     pub dtype: FloatDtype,
@@ -173,7 +175,10 @@ pub struct WgpuBackend {
     rope_tables: HashMap<(usize, u32), (GpuBuf, usize)>, // (head_dim, θ bits) → ([pos, hd/2] vec2, positions)
     argmax_partials: HashMap<u64, GpuBuf>, // logits id → [ceil(cols / 4096)] vec2<u32>
     argmax_result: GpuBuf,                 // [4] u32
-    positions_hint: usize,                 // the KV cache length: the size of the RoPE tables
+    /// The LM head's argmax epilogue of the last head dispatch: (logits id, the head's
+    /// `head_best` [workgroups] vec2<u32>, workgroups), until something else writes the logits.
+    head_argmax: Option<(u64, GpuBuf, usize)>,
+    positions_hint: usize, // the KV cache length: the size of the RoPE tables
     max_chunk_bytes: Option<u64>,
     upload_scratch: Vec<u32>, // [4 + n] the Step uniform and the tokens, reused
     attn_partials: HashMap<(usize, usize, usize), GpuBuf>, // (heads, blocks, hd) → [4, heads, blocks, hd + 2]
@@ -336,7 +341,19 @@ impl Backend for WgpuBackend {
         rows: &[u32],
         logits: &mut GpuTensor,
     ) -> Result<()> {
-        self.op_lm_head_rows(head, x, rows, logits)
+        self.op_lm_head_rows(head, x, None, rows, logits)
+    }
+
+    fn rms_norm_lm_head(
+        &mut self,
+        head: &Arc<GpuEmbedding>,
+        x: &GpuTensor,
+        w: &GpuVector,
+        eps: f32,
+        rows: &[u32],
+        logits: &mut GpuTensor,
+    ) -> Result<()> {
+        self.op_lm_head_rows(head, x, Some((w, eps)), rows, logits)
     }
 
     fn read(&mut self, t: &GpuTensor, rows: usize) -> Result<Vec<f32>> {
