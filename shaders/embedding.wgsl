@@ -3,6 +3,12 @@
 // 2k in the low half of word k; bf16 → f32 is a 16-bit shift, f16 → f32 via unpack2x16float,
 // both exact), 2 = f32. Rows are padded to ROW_WORDS u32 words, a multiple of 4 (16 bytes, so
 // the LM head loads vectors); pad elements are 0.
+// DTYPE 3 (LM head only) is the CPU's 8-bit head (`--lm-head q8`, src/backend/cpu/q8.rs): per row
+// the f32 scales of the NB = ceil(COLS / 64) blocks padded to a multiple of 4 words, then the
+// int8 codes 4 per word (column 4w + k in byte k), blocks padded with 0 (layout.rs
+// q8_row_words). As on the CPU, the head's input row is rounded to int16 (s = 32767 / absmax,
+// Rust's round half away from zero), each block is an exact integer dot turned into f32 once
+// (scale · Σ q·x), and the row's sum is multiplied by absmax / 32767.
 // The matrix may be split by rows into several buffers (chunks) because one binding is limited
 // to max_storage_buffer_binding_size (128 MiB on lavapipe, the 2B4T embedding is 657 MB):
 // every dispatch handles one chunk, rows row0 .. row0 + rows of the whole matrix.
@@ -78,6 +84,7 @@ fn embed(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: ve
 @group(0) @binding(6) var<storage, read> norm_w: array<f32>;          // [COLS] final norm (NORM)
 @group(0) @binding(7) var<storage, read_write> head_best: array<vec2<u32>>; // [workgroups of all chunks]
 
+override HQW: u32 = 1u;          // DTYPE 3: words of the int16 input row (COLS padded to 64, / 2)
 override NORM: bool = false;     // the final rms_norm as the prologue
 override EPS: f32 = 1e-5;        // its epsilon
 override HEAD_BLOCKS: u32 = 1u;  // blocks of ROWS_PER_WG vocab rows per workgroup (host: LM_BLOCKS)
@@ -86,6 +93,7 @@ const LANES: u32 = 32u;
 const ROWS_PER_WG: u32 = 8u;
 
 var<workgroup> part: array<f32, 256>;
+var<workgroup> hq: array<u32, HQW>; // DTYPE 3: the int16 input row, 2 per word (col 2w low half)
 
 // 1 / sqrt(mean(x²) + EPS) of the row at xb: row_ops.wgsl's pass 1 and reduce_sum_f, WG = 256.
 fn norm_factor(xb: u32, lid: u32) -> f32 {
@@ -121,8 +129,85 @@ fn head_in(xb: u32, c: u32, inv: f32) -> f32 {
     return head_x[xb + c];
 }
 
+// Rust's f32::round (half away from zero), which the CPU's q8 head input uses; WGSL's round()
+// goes to even. y − trunc(y) is exact.
+fn round_away(y: f32) -> f32 {
+    let t = trunc(y);
+    return select(t, t + sign(y), abs(y - t) >= 0.5);
+}
+
+// DTYPE 3 prologue: the head input row (normed or not) as int16 codes in hq; returns absmax /
+// 32767, the factor of the row's logits (0 for an all-zero row, as on the CPU).
+fn quantize_input(xb: u32, lid: u32, inv: f32) -> f32 {
+    var m = 0.0;
+    for (var c = lid; c < COLS; c += 256u) {
+        m = max(m, abs(head_in(xb, c, inv)));
+    }
+    part[lid] = m;
+    workgroupBarrier();
+    for (var s = 128u; s > 0u; s >>= 1u) {
+        if lid < s {
+            part[lid] = max(part[lid], part[lid + s]);
+        }
+        workgroupBarrier();
+    }
+    let absmax = part[0];
+    workgroupBarrier(); // part is reused by the dot products
+    var s = 0.0;
+    if absmax > 0.0 {
+        s = 32767.0 / absmax;
+    }
+    for (var w = lid; w < HQW; w += 256u) {
+        var word = 0u;
+        for (var k = 0u; k < 2u; k++) {
+            let c = 2u * w + k;
+            if c < COLS {
+                let q = i32(clamp(round_away(head_in(xb, c, inv) * s), -32767.0, 32767.0));
+                word |= (u32(q) & 0xffffu) << (16u * k);
+            }
+        }
+        hq[w] = word;
+    }
+    workgroupBarrier();
+    return absmax / 32767.0;
+}
+
+// DTYPE 3: Σ over the 16 int8 codes of `wv` (columns c0 ..) times the int16 input.
+fn q8_dot16(wv: vec4<u32>, c0: u32) -> i32 {
+    var acc = 0i;
+    for (var j = 0u; j < 4u; j++) {
+        let wd = bitcast<i32>(wv[j]);
+        let x0 = bitcast<i32>(hq[(c0 + 4u * j) / 2u]);      // columns c0 + 4j, +1
+        let x1 = bitcast<i32>(hq[(c0 + 4u * j) / 2u + 1u]); // columns c0 + 4j + 2, +3
+        acc += extractBits(wd, 0u, 8u) * ((x0 << 16u) >> 16u)
+            + extractBits(wd, 8u, 8u) * (x0 >> 16u)
+            + extractBits(wd, 16u, 8u) * ((x1 << 16u) >> 16u)
+            + extractBits(wd, 24u, 8u) * (x1 >> 16u);
+    }
+    return acc;
+}
+
+// DTYPE 3: Σ_b scale_b · Σ_{c in block b} q[v, c] · hq[c] over this lane's blocks of row v.
+fn q8_head_dot(v: u32, lane: u32) -> f32 {
+    let nb = (COLS + 63u) / 64u;
+    let sv = (nb + 3u) / 4u; // vectors of scales
+    let rb = v * (ROW_WORDS / 4u);
+    var acc = 0.0;
+    for (var b = lane; b < nb; b += LANES) {
+        let scale = bitcast<f32>(emb4[rb + b / 4u][b % 4u]);
+        let cb = rb + sv + 4u * b; // the block's 4 code vectors
+        let sum = q8_dot16(emb4[cb], 64u * b) + q8_dot16(emb4[cb + 1u], 64u * b + 16u)
+            + q8_dot16(emb4[cb + 2u], 64u * b + 32u) + q8_dot16(emb4[cb + 3u], 64u * b + 48u);
+        acc += scale * f32(sum);
+    }
+    return acc;
+}
+
 // Σ_c in[c] · E[v, c] over this lane's 16-byte vectors of chunk row v.
 fn head_dot(v: u32, lane: u32, xb: u32, inv: f32) -> f32 {
+    if DTYPE == 3u {
+        return q8_head_dot(v, lane);
+    }
     var acc = 0.0;
     let rv = ROW_WORDS / 4u;
     let rb = v * rv;
@@ -185,6 +270,10 @@ fn lm_head(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_inde
     if NORM {
         inv = norm_factor(xb, lid);
     }
+    var post = 1.0; // the factor of every logit: absmax / 32767 of the int16 input (DTYPE 3)
+    if DTYPE == 3u {
+        post = quantize_input(xb, lid, inv);
+    }
     var best_v = 0.0;         // thread 0, logits row 0: the workgroup's best so far
     var best_i = ARGMAX_EMPTY;
     for (var blk = 0u; blk < HEAD_BLOCKS; blk++) {
@@ -203,14 +292,15 @@ fn lm_head(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_inde
             workgroupBarrier();
         }
         if lane == 0u && v < chunk.rows {
-            logits[o * VOCAB + chunk.row0 + v] = part[lid];
+            logits[o * VOCAB + chunk.row0 + v] = part[lid] * post;
         }
         if o == 0u {
             if lid == 0u {
                 for (var j = 0u; j < ROWS_PER_WG; j++) {
                     let i = chunk.row0 + v0 + j;
-                    if v0 + j < chunk.rows && argmax_better(part[j * LANES], i, best_v, best_i) {
-                        best_v = part[j * LANES];
+                    let l = part[j * LANES] * post; // the logit as stored
+                    if v0 + j < chunk.rows && argmax_better(l, i, best_v, best_i) {
+                        best_v = l;
                         best_i = i;
                     }
                 }

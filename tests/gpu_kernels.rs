@@ -841,6 +841,78 @@ fn final_norm_lm_head_is_norm_then_head_bit_for_bit_and_its_argmax_is_one_dispat
     g.set_max_chunk_bytes(None);
 }
 
+/// `--lm-head q8` on the GPU: the CPU's format (int8 codes, one f32 scale per 64 columns, int16
+/// input rounded half away from zero) and its logits within float-sum tolerance, with and
+/// without the final norm, over several chunks; the argmax epilogue picks the first maximum of
+/// the logits it wrote; an all-zero input row gives zero logits as on the CPU.
+#[test]
+fn q8_lm_head_matches_the_cpu_q8_head() {
+    let Some(mut g) = gpu("q8_lm_head") else {
+        return;
+    };
+    let mut c = cpu();
+    let mut r = rng(22);
+    let eps = 1e-5f32;
+    for &(vocab, cols, chunk) in &[
+        (300, 37, None),
+        (1001, 128, Some(4 * 48 * 300)), // 4 chunks of 300 rows (48 words per row)
+        (777, 300, None),
+    ] {
+        g.set_max_chunk_bytes(chunk);
+        let m = float_matrix(&mut r, vocab, cols, FloatDtype::Bf16);
+        let ge = g
+            .upload_lm_head(&m, None, bitnet_wgpu::backend::HeadFormat::Q8)
+            .unwrap();
+        let ch = c
+            .upload_lm_head(&m, None, bitnet_wgpu::backend::HeadFormat::Q8)
+            .unwrap();
+        let norm: Vec<f32> = randn(&mut r, cols, 1.0).iter().map(|v| v + 1.5).collect();
+        let gw = g.upload_vector(&norm).unwrap();
+        let n = 3usize;
+        let tokens: Vec<u32> = (0..n as u32).collect();
+        let mut x = randn(&mut r, n * cols, 3.0);
+        x[2 * cols..].iter_mut().for_each(|v| *v = 0.0); // row 2: all zero
+        let (cx, gx) = both(&mut g, &x, n, cols);
+        let what = format!("q8 vocab={vocab} cols={cols} chunk={chunk:?}");
+        for fused in [false, true] {
+            let rows = [1u32, 0, 2];
+            let (mut cl, mut gl) = both(&mut g, &[], n, vocab);
+            c.begin_step(&StepRow::sequence(&tokens, 0)).unwrap();
+            g.begin_step(&StepRow::sequence(&tokens, 0)).unwrap();
+            if fused {
+                c.rms_norm_lm_head(&ch, &cx, &norm, eps, &rows, &mut cl)
+                    .unwrap();
+                g.rms_norm_lm_head(&ge, &gx, &gw, eps, &rows, &mut gl)
+                    .unwrap();
+            } else {
+                c.lm_head(&ch, &cx, &rows, &mut cl).unwrap();
+                g.lm_head(&ge, &gx, &rows, &mut gl).unwrap();
+            }
+            g.end_step().unwrap();
+            let token = g.argmax_row0(&gl).unwrap();
+            let got = g.read(&gl, rows.len()).unwrap();
+            let what = format!("{what} fused={fused}");
+            assert_close(&what, &got, &cl.data[..rows.len() * vocab], 1e-4, 1e-4);
+            assert_eq!(
+                token,
+                bitnet_wgpu::backend::cpu::argmax(&got[..vocab]) as u32,
+                "{what}: argmax"
+            );
+            assert!(
+                got[2 * vocab..].iter().all(|&v| v == 0.0),
+                "{what}: the zero row's logits"
+            );
+        }
+    }
+    g.set_max_chunk_bytes(None);
+    // q4 stays a CPU option, named in the error
+    let m = float_matrix(&mut r, 10, 64, FloatDtype::Bf16);
+    let err = g
+        .upload_lm_head(&m, None, bitnet_wgpu::backend::HeadFormat::Q4)
+        .unwrap_err();
+    assert!(err.to_string().contains("q4"), "{err}");
+}
+
 /// `m` with `rows` replaced by `values` (`[cols]`), in its dtype.
 fn with_rows(m: &FloatMatrix, rows: &[usize], values: &[f32]) -> FloatMatrix {
     let es = m.dtype.size();

@@ -95,10 +95,10 @@ pub fn check_step_rows(rows: &[StepRow], slots: usize, ctx: usize) -> Result<()>
 /// How the LM head is stored on the device.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum HeadFormat {
-    /// The checkpoint's floats (bf16 on the CPU, f16 on the GPU): logits as transformers.
+    /// The checkpoint's floats, in their file dtype: logits as transformers.
     #[default]
     Exact,
-    /// int8 with one f32 scale per 64 columns (CPU only): 1.9× fewer bytes per decoded token,
+    /// int8 with one f32 scale per 64 columns (CPU and GPU): 1.9× fewer bytes per decoded token,
     /// logits within ~1e-3 relative of the exact head (see BENCHMARKS.md).
     Q8,
     /// 4-bit codes with one bf16 step per 64 columns, int8 activations (CPU only): 3.8× fewer

@@ -184,7 +184,7 @@ struct DeviceArgs {
     /// Use the GPU adapter whose name contains this text.
     #[arg(long, value_name = "NAME")]
     adapter: Option<String>,
-    /// LM head storage: exact (the checkpoint's floats), q8 (CPU only: int8 with a scale per
+    /// LM head storage: exact (the checkpoint's floats), q8 (CPU and GPU: int8 with a scale per
     /// 64 columns, ~1.9x less memory traffic per token, logits within ~1e-3 relative) or q4
     /// (CPU only: 4-bit with a bf16 scale per 64 columns, ~3.8x less traffic than bf16, logits
     /// within a few % of their spread; see the README for what it costs in perplexity).

@@ -191,9 +191,14 @@ pub fn estimate_memory(c: &ModelConfig, o: &ModelOptions, elem_bytes: u64) -> Me
     let (qd, kvd, v) = (c.q_dim() as u64, c.kv_dim() as u64, c.vocab_size as u64);
     let g = |cols: u64| cols.div_ceil(16) * 4; // bytes per repacked row
     let ternary = l * (qd * g(h) + 2 * kvd * g(h) + h * g(qd) + 2 * i * g(h) + h * g(i));
-    let heads = if c.tie_word_embeddings { 1 } else { 2 };
     let emb_row = (h * elem_bytes).div_ceil(4) * 4;
-    let embedding = heads * v * emb_row;
+    // the embedding, plus the LM head unless it is the tied embedding itself
+    let head = match o.lm_head {
+        crate::backend::HeadFormat::Q8 => v * 4 * super::layout::q8_row_words(h as usize) as u64,
+        _ if c.tie_word_embeddings => 0,
+        _ => v * emb_row,
+    };
+    let embedding = v * emb_row + head;
     let kv_cache = 2 * l * o.slots as u64 * o.ctx as u64 * kvd * 4;
     let b = o.max_batch as u64;
     let f32s = b * (4 * h + 2 * qd + 2 * kvd + 4 * i) + o.max_logit_rows as u64 * v;

@@ -19,7 +19,19 @@ const EMBED_WG: usize = 256;
 
 impl WgpuBackend {
     pub(super) fn op_upload_embedding(&mut self, m: &FloatMatrix) -> Result<Arc<GpuEmbedding>> {
-        let row_words = layout::row_words(m.dtype, m.cols);
+        self.upload_rows(m, false)
+    }
+
+    /// `m` split by rows into bindable chunks, in its file dtype or (`q8`) as the 8-bit head.
+    fn upload_rows(&mut self, m: &FloatMatrix, q8: bool) -> Result<Arc<GpuEmbedding>> {
+        let (row_words, code) = if q8 {
+            (layout::q8_row_words(m.cols), layout::Q8_CODE)
+        } else {
+            (
+                layout::row_words(m.dtype, m.cols),
+                layout::dtype_code(m.dtype),
+            )
+        };
         let row_bytes = row_words * 4;
         let max = self
             .limits
@@ -41,7 +53,11 @@ impl WgpuBackend {
         let mut chunks = Vec::with_capacity(plan.len());
         let mut head_wgs = 0;
         for (row0, rows) in plan {
-            let bytes = layout::float_rows_bytes(m, row0, rows);
+            let bytes = if q8 {
+                std::borrow::Cow::Owned(layout::q8_rows_bytes(m, row0, rows))
+            } else {
+                layout::float_rows_bytes(m, row0, rows)
+            };
             let data = self.storage(&m.name, bytes.len() as u64, Some(&bytes))?;
             let params = self.uniform(
                 "chunk params",
@@ -58,6 +74,7 @@ impl WgpuBackend {
             rows: m.rows,
             cols: m.cols,
             dtype: m.dtype,
+            code,
             row_words,
         }))
     }
@@ -68,21 +85,42 @@ impl WgpuBackend {
         tied: Option<&Arc<GpuEmbedding>>,
         format: HeadFormat,
     ) -> Result<Arc<GpuEmbedding>> {
-        if format != HeadFormat::Exact {
-            return Err(BitnetError::Unsupported {
+        match format {
+            HeadFormat::Exact => match tied {
+                Some(e) => Ok(Arc::clone(e)),
+                None => self.op_upload_embedding(m),
+            },
+            HeadFormat::Q8 => {
+                // The activation row lives in workgroup memory as int16 (2 per word) next to
+                // the 256 reduction floats.
+                let need = 2 * m.cols.next_multiple_of(64) + 4 * 256 + 16;
+                let have = self.limits.max_compute_workgroup_storage_size as usize;
+                if need > have {
+                    return Err(BitnetError::Unsupported {
+                        what: "LM head format on this GPU",
+                        value: format!("q8 for rows of {}", m.cols),
+                        hint: "its int16 activation row does not fit the adapter's workgroup \
+                               memory; use --lm-head exact",
+                    });
+                }
+                self.upload_rows(m, true)
+            }
+            HeadFormat::Q4 => Err(BitnetError::Unsupported {
                 what: "LM head format on the GPU",
                 value: format.name().into(),
-                hint: "the wgpu backend keeps the head in f16; --lm-head q8 and q4 are CPU options",
-            });
-        }
-        match tied {
-            Some(e) => Ok(Arc::clone(e)),
-            None => self.op_upload_embedding(m),
+                hint: "--lm-head q4 is a CPU option; the GPU has exact and q8",
+            }),
         }
     }
 
     pub(super) fn op_embed(&mut self, emb: &Arc<GpuEmbedding>, out: &mut GpuTensor) -> Result<()> {
         self.check("embed", out, emb.cols)?;
+        if emb.code == layout::Q8_CODE {
+            return Err(BitnetError::op(
+                "embed",
+                "an 8-bit LM head is not an embedding",
+            ));
+        }
         if let Some(&id) = self.tokens.iter().find(|&&t| t as usize >= emb.rows) {
             return Err(BitnetError::TokenOutOfRange {
                 id,
@@ -92,7 +130,7 @@ impl WgpuBackend {
         let consts = [
             ("COLS", emb.cols as f64),
             ("ROW_WORDS", emb.row_words as f64),
-            ("DTYPE", layout::dtype_code(emb.dtype) as f64),
+            ("DTYPE", emb.code as f64),
             ("EMBED_WG", EMBED_WG as f64),
         ];
         let groups = self.grid((self.n() * emb.cols).div_ceil(EMBED_WG))?;
@@ -169,8 +207,17 @@ impl WgpuBackend {
         let consts = [
             ("COLS", head.cols as f64),
             ("ROW_WORDS", head.row_words as f64),
-            ("DTYPE", layout::dtype_code(head.dtype) as f64),
+            ("DTYPE", head.code as f64),
             ("VOCAB", head.rows as f64),
+            // (workgroup memory only the 8-bit head uses)
+            (
+                "HQW",
+                if head.code == layout::Q8_CODE {
+                    (head.cols.next_multiple_of(64) / 2) as f64
+                } else {
+                    1.0
+                },
+            ),
             ("NORM", if norm.is_some() { 1.0 } else { 0.0 }),
             ("EPS", norm.map_or(0.0, |(_, eps)| eps as f64)),
             ("HEAD_BLOCKS", LM_BLOCKS as f64),

@@ -139,6 +139,48 @@ pub fn float_rows_bytes(m: &FloatMatrix, row0: usize, rows: usize) -> std::borro
     std::borrow::Cow::Owned(out)
 }
 
+/// The `DTYPE` code of the 8-bit LM head (shaders/embedding.wgsl; 0..2 are the float dtypes).
+pub const Q8_CODE: u32 = 3;
+
+/// u32 words per device row of the 8-bit LM head (`--lm-head q8`, the CPU's format: int8 codes in
+/// blocks of 64 columns with one f32 scale each, `backend::cpu::q8`): the `nb = ceil(cols / 64)`
+/// scales padded to a multiple of 4 words, then the codes 4 per u32 (column `4w + k` in byte `k`
+/// of code word `w`), padded with 0 to whole blocks. A multiple of 4 words (16-byte vectors).
+pub fn q8_row_words(cols: usize) -> usize {
+    let nb = cols.div_ceil(crate::backend::cpu::q8::Q8_BLOCK);
+    nb.next_multiple_of(4) + 16 * nb
+}
+
+/// Rows `row0 .. row0 + rows` of `m` quantized as the CPU's q8 head (`quantize_row_q8`, so the
+/// codes and scales are the CPU's) in the layout of [`q8_row_words`]; rows in parallel.
+pub fn q8_rows_bytes(m: &FloatMatrix, row0: usize, rows: usize) -> Vec<u8> {
+    use rayon::prelude::*;
+    let cols = m.cols;
+    let nb = cols.div_ceil(crate::backend::cpu::q8::Q8_BLOCK);
+    let scale_bytes = 4 * nb.next_multiple_of(4);
+    let row_bytes = 4 * q8_row_words(cols);
+    let mut out = vec![0u8; rows * row_bytes];
+    out.par_chunks_mut(row_bytes.max(1))
+        .enumerate()
+        .for_each_init(
+            || (vec![0f32; cols], vec![0i8; cols], vec![0f32; nb]),
+            |(row, q, scales), (i, dst)| {
+                m.row_f32(row0 + i, row);
+                crate::backend::cpu::q8::quantize_row_q8(row, q, scales);
+                for (d, s) in dst[..4 * nb].chunks_exact_mut(4).zip(scales.iter()) {
+                    d.copy_from_slice(&s.to_le_bytes());
+                }
+                for (d, &v) in dst[scale_bytes..scale_bytes + cols]
+                    .iter_mut()
+                    .zip(q.iter())
+                {
+                    *d = v as u8;
+                }
+            },
+        );
+    out
+}
+
 /// RoPE factors `[positions, head_dim / 2]` as (cos, sin) pairs, exactly the CPU backend's:
 /// `inv_freq = 1 / θ^(2j/d)` and `angle = pos · inv_freq` in f32, then sin/cos in f64 → f32.
 pub fn rope_table(positions: usize, head_dim: usize, theta: f32) -> Vec<[f32; 2]> {

@@ -136,7 +136,8 @@ pub struct GpuEmbedding {
     head_wgs: usize,   // LM-head workgroups per logits row, all chunks
     pub rows: usize,
     pub cols: usize,
-    pub dtype: FloatDtype,
+    pub dtype: FloatDtype, // the source matrix's
+    code: u32,             // shaders/embedding.wgsl DTYPE: the dtype's, or layout::Q8_CODE
     row_words: usize,
 }
 
