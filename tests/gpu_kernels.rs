@@ -913,6 +913,208 @@ fn q8_lm_head_matches_the_cpu_q8_head() {
     assert!(err.to_string().contains("q4"), "{err}");
 }
 
+/// One sampled pick on the device: `logits` as row 0, the step's row token `row_token`.
+fn gpu_sample(
+    g: &mut WgpuBackend,
+    t: &mut bitnet_wgpu::backend::wgpu::GpuTensor,
+    logits: &[f32],
+    s: &bitnet_wgpu::backend::DeviceSample,
+    row_token: u32,
+) -> bitnet_wgpu::error::Result<u32> {
+    g.write(t, logits).unwrap();
+    g.begin_step(&StepRow::sequence(&[row_token], 0)).unwrap();
+    g.sample_chain(t, s).unwrap();
+    g.end_step().unwrap();
+    g.read_chained()
+}
+
+/// The CPU sampler's candidates for `logits` with the penalty over `history`, and the distance
+/// of `r` from the nearest boundary of their CDF.
+fn cpu_pick(
+    logits: &[f32],
+    c: &bitnet_wgpu::sampler::SamplerConfig,
+    history: &[u32],
+    r: f32,
+) -> (u32, f32) {
+    use bitnet_wgpu::sampler::{apply_repeat_penalty, draw, filtered_probs};
+    let mut l = logits.to_vec();
+    apply_repeat_penalty(&mut l, history, c.repeat_last_n, c.repeat_penalty);
+    if c.temperature == 0.0 {
+        return (bitnet_wgpu::backend::cpu::argmax(&l) as u32, 1.0);
+    }
+    let probs = filtered_probs(&l, c);
+    let mut acc = 0.0f32;
+    let mut margin = f32::INFINITY;
+    for &(_, p) in &probs {
+        acc += p;
+        margin = margin.min((r - acc).abs());
+    }
+    (draw(&probs, r), margin)
+}
+
+/// Sampling on the device picks the CPU sampler's token for the same uniform draw (penalty,
+/// top-k incl. ties at the k-th value, temperature, min-p, top-p), across vocabulary sizes and
+/// settings; draws within 1e-4 of a CDF boundary are skipped (the CPU normalises in f64, the
+/// GPU in f32) and counted.
+#[test]
+fn device_sampling_picks_the_cpu_samplers_token_for_the_same_draw() {
+    use bitnet_wgpu::backend::DeviceSample;
+    use bitnet_wgpu::sampler::SamplerConfig;
+    let Some(mut g) = gpu("device_sampling") else {
+        return;
+    };
+    let mut r = rng(23);
+    let base = SamplerConfig::default(); // T 0.8, top-k 40, top-p 0.95, min-p 0.05, penalty 1.1
+    let configs = [
+        base.clone(),
+        SamplerConfig {
+            top_k: 1,
+            ..base.clone()
+        },
+        SamplerConfig {
+            top_k: 1000,
+            top_p: 1.0,
+            min_p: 0.0,
+            temperature: 1.5,
+            ..base.clone()
+        },
+        SamplerConfig {
+            top_k: 7,
+            top_p: 0.5,
+            min_p: 0.0,
+            repeat_penalty: 1.0,
+            ..base.clone()
+        },
+        SamplerConfig {
+            temperature: 0.0,
+            repeat_penalty: 1.3,
+            ..base.clone()
+        },
+        SamplerConfig {
+            temperature: 0.3,
+            top_k: 64,
+            repeat_penalty: 0.7,
+            repeat_last_n: 3,
+            ..base.clone()
+        },
+    ];
+    let (mut compared, mut skipped) = (0, 0);
+    for &vocab in &[50usize, 1000, 128256] {
+        let mut t = g.alloc(1, vocab).unwrap();
+        for c in &configs {
+            for trial in 0..6 {
+                let mut logits = randn(&mut r, vocab, 4.0);
+                if trial == 1 {
+                    // ties everywhere: values on a coarse grid
+                    logits
+                        .iter_mut()
+                        .for_each(|v| *v = (*v * 2.0).round() / 2.0);
+                }
+                if trial == 2 {
+                    logits[vocab / 2] = f32::NAN;
+                    logits[vocab / 3] = f32::NEG_INFINITY;
+                }
+                let history: Vec<u32> = (0..70).map(|_| r.random_range(0..vocab as u32)).collect();
+                let draw: f32 = r.random();
+                let what = format!("vocab {vocab} {c:?} trial {trial} r {draw}");
+                // a prefill pick (window = the history's tail) and a chained one (the last
+                // token on the device only)
+                for device_token in [false, true] {
+                    let n = c.repeat_last_n.min(history.len());
+                    let tail = &history[history.len() - n..];
+                    let (window, row_token) = if device_token && n > 0 {
+                        (&tail[..n - 1], tail[n - 1])
+                    } else {
+                        (tail, 0)
+                    };
+                    let s = DeviceSample {
+                        config: c,
+                        r: draw,
+                        window,
+                        device_token: device_token && n > 0,
+                    };
+                    let got = gpu_sample(&mut g, &mut t, &logits, &s, row_token).unwrap();
+                    let (want, margin) = cpu_pick(&logits, c, &history, draw);
+                    if margin < 1e-4 {
+                        skipped += 1;
+                        continue;
+                    }
+                    compared += 1;
+                    assert_eq!(got, want, "{what} device_token {device_token}");
+                }
+            }
+        }
+    }
+    eprintln!("device sampling: {compared} draws compared, {skipped} skipped near a boundary");
+    assert!(
+        skipped * 20 < compared,
+        "{skipped} skipped of {}",
+        compared + skipped
+    );
+    // no logit is a number: an error, as on the CPU
+    let mut t = g.alloc(1, 10).unwrap();
+    let s = DeviceSample {
+        config: &base,
+        r: 0.5,
+        window: &[],
+        device_token: false,
+    };
+    let err = gpu_sample(&mut g, &mut t, &[f32::NAN; 10], &s, 0).unwrap_err();
+    assert!(err.to_string().contains("NaN"), "{err}");
+}
+
+/// The device sampler's picks follow the CPU sampler's distribution on a small vocabulary: a
+/// chi-square test over 2,000 seeded draws (p < 0.001 fails).
+#[test]
+fn device_sampling_follows_the_cpu_distribution() {
+    use bitnet_wgpu::backend::DeviceSample;
+    use bitnet_wgpu::sampler::{filtered_probs, SamplerConfig};
+    let Some(mut g) = gpu("device_sampling_distribution") else {
+        return;
+    };
+    let c = SamplerConfig {
+        temperature: 1.0,
+        top_k: 12,
+        top_p: 0.9,
+        min_p: 0.02,
+        repeat_penalty: 1.0,
+        ..Default::default()
+    };
+    let logits: Vec<f32> = (0..16).map(|i| (i as f32 * 0.37).sin() * 2.0).collect();
+    let probs = filtered_probs(&logits, &c);
+    let mut t = g.alloc(1, 16).unwrap();
+    let mut r = rng(24);
+    let draws = 2000;
+    let mut counts = [0usize; 16];
+    for _ in 0..draws {
+        let s = DeviceSample {
+            config: &c,
+            r: r.random(),
+            window: &[],
+            device_token: false,
+        };
+        counts[gpu_sample(&mut g, &mut t, &logits, &s, 0).unwrap() as usize] += 1;
+    }
+    let mut chi2 = 0.0;
+    for &(id, p) in &probs {
+        let e = p as f64 * draws as f64;
+        chi2 += (counts[id as usize] as f64 - e).powi(2) / e;
+    }
+    let kept: Vec<u32> = probs.iter().map(|e| e.0).collect();
+    for (id, &n) in counts.iter().enumerate() {
+        assert!(
+            n == 0 || kept.contains(&(id as u32)),
+            "token {id} is outside top-k/top-p/min-p"
+        );
+    }
+    // chi-square critical value at p = 0.001 for up to 11 degrees of freedom is 31.3
+    assert!(
+        chi2 < 31.3,
+        "chi2 {chi2:.1} over {} tokens: {counts:?} vs {probs:?}",
+        probs.len()
+    );
+}
+
 /// `m` with `rows` replaced by `values` (`[cols]`), in its dtype.
 fn with_rows(m: &FloatMatrix, rows: &[usize], values: &[f32]) -> FloatMatrix {
     let es = m.dtype.size();

@@ -130,6 +130,20 @@ impl HeadFormat {
     }
 }
 
+/// One step of sampling on the device (see [`Backend::sample_chain`]).
+#[derive(Debug, Clone, Copy)]
+pub struct DeviceSample<'a> {
+    /// The sampler's settings (temperature, top-k, top-p, min-p, repeat penalty).
+    pub config: &'a crate::sampler::SamplerConfig,
+    /// The uniform draw in [0, 1) from the sampler's seeded stream.
+    pub r: f32,
+    /// The repeat-penalty window known to the host, oldest first.
+    pub window: &'a [u32],
+    /// Whether the step's row-0 token (known to the device only: a chained step) ends the
+    /// window.
+    pub device_token: bool,
+}
+
 fn no_chaining() -> crate::error::BitnetError {
     crate::error::BitnetError::Unsupported {
         what: "backend feature",
@@ -304,6 +318,16 @@ pub trait Backend {
     /// Greedy pick of row 0 of `logits`, kept on the device as the token of the next
     /// `begin_step_chained` step, with an asynchronous read of it queued for `read_chained`.
     fn argmax_chain(&mut self, _logits: &Self::Tensor) -> Result<()> {
+        Err(no_chaining())
+    }
+    /// Whether [`Backend::sample_chain`] can sample with `config` (the GPU: top-k of 1..=1024).
+    fn samples_on_device(&self, _config: &crate::sampler::SamplerConfig) -> bool {
+        false
+    }
+    /// [`Backend::argmax_chain`] with the CPU sampler's pick in place of the argmax: repeat
+    /// penalty over `s.window`, top-k, temperature, min-p, top-p and the draw `s.r`, on the
+    /// device (the logits row may be overwritten with the penalised logits).
+    fn sample_chain(&mut self, _logits: &Self::Tensor, _s: &DeviceSample) -> Result<()> {
         Err(no_chaining())
     }
     /// Starts a one-token step at `start_pos` whose token is the last `argmax_chain` result.

@@ -12,6 +12,7 @@ use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};
 
 use super::{GpuTensor, WgpuBackend};
+use crate::backend::DeviceSample;
 use crate::error::{BitnetError, Result};
 
 /// One queued read of a chained token id.
@@ -31,10 +32,17 @@ pub(super) struct Chain {
 }
 
 impl WgpuBackend {
-    /// Greedy pick of row 0 of `logits` left on the device for the next chained step, with its
-    /// read-back queued.
-    pub(super) fn op_argmax_chain(&mut self, logits: &GpuTensor) -> Result<()> {
-        self.record_argmax(logits)?;
+    /// The pick of row 0 of `logits` (argmax, or the sampler's pick with `sample`) left on the
+    /// device for the next chained step, with its read-back queued.
+    pub(super) fn op_pick_chain(
+        &mut self,
+        logits: &GpuTensor,
+        sample: Option<&DeviceSample>,
+    ) -> Result<()> {
+        match sample {
+            Some(s) => self.record_sample(logits, s)?,
+            None => self.record_argmax(logits)?,
+        }
         // Copies are recorded outside a compute pass.
         self.pass = None;
         let buf = match self.chain.free.pop() {
@@ -133,6 +141,13 @@ impl WgpuBackend {
         r.buf.unmap();
         self.chain.free.push(r.buf);
         self.check_alive()?;
+        if id == u32::MAX {
+            // shaders/sample.wgsl's answer when no logit is a number (the CPU sampler's error)
+            return Err(BitnetError::op(
+                "sample",
+                "every logit is NaN or -inf: the model output is broken",
+            ));
+        }
         Ok(id)
     }
 }

@@ -190,6 +190,7 @@ impl WgpuBackend {
             counters: GpuCounters::default(),
             pending_norm: None,
             chain: Default::default(),
+            sample_bufs: None,
             encode_start: None,
             dummy_r,
             dummy_rw,

@@ -107,9 +107,10 @@ kernel!(
     [U, R, RW, RW]
 );
 kernel!(ARGMAX_FINAL, "argmax.wgsl", "argmax_final", [U, R, RW, RW]);
+kernel!(SAMPLE, "sample.wgsl", "sample_token", [U, RW, R, R, R, RW]);
 
 /// Every kernel, for tests that compile them all.
-pub static ALL: [&Kernel; 14] = [
+pub static ALL: [&Kernel; 15] = [
     &ROW_OPS,
     &MATVEC,
     &MATMUL_TILED,
@@ -124,6 +125,7 @@ pub static ALL: [&Kernel; 14] = [
     &LM_HEAD,
     &ARGMAX_PARTIAL,
     &ARGMAX_FINAL,
+    &SAMPLE,
 ];
 
 /// Override constants of one pipeline: (name, value). Values are f64 as wgpu takes them; every

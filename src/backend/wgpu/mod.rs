@@ -37,6 +37,7 @@ pub mod kernels;
 pub mod layout;
 mod matmul;
 mod row_ops;
+mod sample;
 
 use std::collections::HashMap;
 use std::sync::atomic::AtomicU64;
@@ -48,8 +49,9 @@ pub use adapter::{
 };
 pub use attention::{ATTN_SPLIT_MAX_TOKENS, MAX_HEAD_DIM};
 pub use matmul::MATVEC_MAX_TOKENS;
+pub use sample::{SAMPLE_KMAX, SAMPLE_WMAX};
 
-use super::{AttentionShape, Backend, FfnActivation, HeadFormat, StepRow};
+use super::{AttentionShape, Backend, DeviceSample, FfnActivation, HeadFormat, StepRow};
 use crate::error::{BitnetError, Result};
 use crate::load::{FloatDtype, FloatMatrix};
 use crate::ternary::TernaryMatrix;
@@ -188,6 +190,7 @@ pub struct WgpuBackend {
     /// as its prologue (one dispatch for both); anything else emits it first.
     pending_norm: Option<row_ops::PendingNorm>,
     chain: chain::Chain, // chained greedy tokens being read back
+    sample_bufs: Option<sample::SampleBufs>, // the sampling kernel's per-step inputs
     encode_start: Option<std::time::Instant>, // when the open command encoder was created
     dummy_r: GpuBuf,     // [4] f32, bound to the unused read-only slots of row_ops
     dummy_rw: GpuBuf,    // [4] f32, bound to its unused read-write slots
@@ -370,7 +373,15 @@ impl Backend for WgpuBackend {
     }
 
     fn argmax_chain(&mut self, logits: &GpuTensor) -> Result<()> {
-        self.op_argmax_chain(logits)
+        self.op_pick_chain(logits, None)
+    }
+
+    fn samples_on_device(&self, config: &crate::sampler::SamplerConfig) -> bool {
+        self.op_samples_on_device(config)
+    }
+
+    fn sample_chain(&mut self, logits: &GpuTensor, s: &DeviceSample) -> Result<()> {
+        self.op_pick_chain(logits, Some(s))
     }
 
     fn begin_step_chained(&mut self, start_pos: usize) -> Result<()> {
