@@ -105,6 +105,22 @@ impl AnyModel {
     pub fn greedy_finish(&mut self) -> Result<u32> {
         with_model!(self, m => m.greedy_finish())
     }
+    pub fn sample_begin(
+        &mut self,
+        tokens: &[u32],
+        sampler: Sampler,
+        history: &[u32],
+    ) -> Result<()> {
+        with_model!(self, m => m.sample_begin(tokens, sampler, history))
+    }
+    pub fn sample_end(&mut self, read_pending: bool) -> Option<(Sampler, Vec<u32>)> {
+        with_model!(self, m => m.sample_end(read_pending))
+    }
+    /// Whether this model samples with `config` on its device (the GPU: top-k 1..=1024).
+    pub fn samples_on_device(&self, config: &crate::sampler::SamplerConfig) -> bool {
+        use crate::backend::Backend;
+        with_model!(self, m => m.backend.samples_on_device(config))
+    }
     pub fn forward_all(&mut self, tokens: &[u32]) -> Result<Vec<f32>> {
         with_model!(self, m => m.forward_all(tokens))
     }
@@ -357,7 +373,7 @@ impl Engine {
 
     /// Makes the cache hold exactly `ids`, reusing the longest common prefix already there, and
     /// returns the logits of the last id (None when `want_logits` is false and greedy suffices).
-    fn feed(&mut self, ids: &[u32], greedy: bool) -> Result<Fed> {
+    fn feed(&mut self, ids: &[u32], mode: &Pick) -> Result<Fed> {
         if ids.is_empty() {
             return Err(BitnetError::EmptyInput("the prompt has no tokens"));
         }
@@ -372,20 +388,26 @@ impl Engine {
         self.model.truncate(common);
         self.fed.truncate(common);
         let new = ids[common..].to_vec();
-        let out = self.step(&new, greedy)?;
+        let out = self.step(&new, mode)?;
         self.fed.extend_from_slice(&new);
         Ok(out)
     }
 
     /// Runs `tokens` after the cached ones. If the GPU is lost, generation goes on on the CPU
     /// from the same position: the cache is rebuilt from the tokens fed so far, no token lost.
-    fn step(&mut self, tokens: &[u32], greedy: bool) -> Result<Fed> {
+    fn step(&mut self, tokens: &[u32], mode: &Pick) -> Result<Fed> {
         let run = |m: &mut AnyModel| -> Result<Fed> {
-            Ok(if greedy {
-                m.greedy_begin(tokens)?; // pipelined: the token is read by greedy_next/finish
-                Fed::Greedy
-            } else {
-                Fed::Logits(m.forward_last(tokens)?)
+            Ok(match mode {
+                Pick::Greedy => {
+                    m.greedy_begin(tokens)?; // pipelined: the token is read by greedy_next/finish
+                    Fed::Greedy
+                }
+                Pick::Sample(sampler, history) => {
+                    // pipelined too, the pick sampled on the device
+                    m.sample_begin(tokens, sampler.clone(), history)?;
+                    Fed::Greedy
+                }
+                Pick::Logits => Fed::Logits(m.forward_last(tokens)?),
             })
         };
         match run(&mut self.model) {
@@ -405,11 +427,17 @@ impl Engine {
             self.fed.len()
         );
         let options = self.model_options();
+        // A sampled decode goes on with the sampler as it was before its unreturned picks.
+        let sampling = self.model.sample_end(false);
         self.model = cpu_model(&self.weights, self.options.threads, options)?;
         self.device_note = Some(format!("fell back to the CPU after a GPU failure: {msg}"));
         if !self.fed.is_empty() {
             let fed = self.fed.clone();
-            self.model.greedy_begin(&fed)?; // also recomputes a lost pending greedy token
+            // also recomputes a lost pending token
+            match sampling {
+                Some((sampler, history)) => self.model.sample_begin(&fed, sampler, &history)?,
+                None => self.model.greedy_begin(&fed)?,
+            }
         }
         Ok(())
     }
@@ -467,14 +495,40 @@ impl Engine {
         } else {
             self.stop_ids()
         };
-        let greedy = sampler.config.is_greedy();
+        let mode = if sampler.config.is_greedy() {
+            Pick::Greedy
+        } else if self.model.samples_on_device(&sampler.config) && !sample_on_host() {
+            Pick::Sample(sampler.clone(), prompt.to_vec())
+        } else {
+            Pick::Logits
+        };
+        let r = self.generate_picking(prompt, max_tokens, sampler, &stop, &mode, &mut on_text);
+        if let Pick::Sample(..) = mode {
+            // the stream as if only the returned picks had been drawn
+            if let Some((s, _)) = self.model.sample_end(true) {
+                *sampler = s;
+            }
+        }
+        r
+    }
+
+    /// The decode loop of [`Engine::generate_until`], picking tokens as `mode` says.
+    fn generate_picking(
+        &mut self,
+        prompt: &[u32],
+        max_tokens: usize,
+        sampler: &mut Sampler,
+        stop: &[u32],
+        mode: &Pick,
+        on_text: &mut impl FnMut(&str) -> ControlFlow<()>,
+    ) -> Result<Generation> {
         let t0 = Instant::now();
         let mut history: Vec<u32> = prompt.to_vec();
         let mut out = Vec::new();
         let mut stream = StreamDecoder::default();
         let mut text = String::new();
         let mut finish = FinishReason::Length;
-        let mut next = self.feed(prompt, greedy)?;
+        let mut next = self.feed(prompt, mode)?;
         let prefill_s = t0.elapsed().as_secs_f64();
         let t1 = Instant::now();
         while out.len() < max_tokens {
@@ -517,7 +571,7 @@ impl Engine {
                 finish = FinishReason::Context;
                 break;
             }
-            next = self.step(&[id], greedy)?;
+            next = self.step(&[id], mode)?;
             self.fed.push(id);
         }
         let rest = stream.finish(&self.tokenizer)?;
@@ -550,8 +604,26 @@ impl Engine {
     }
 }
 
+/// How a generation picks its tokens.
+enum Pick {
+    /// Argmax, pipelined (`Model::greedy_begin`).
+    Greedy,
+    /// The sampler on the device, pipelined (`Model::sample_begin`): its state before the
+    /// generation and the context's tokens.
+    Sample(Sampler, Vec<u32>),
+    /// The sampler on the host, from the logits of each step.
+    Logits,
+}
+
+/// `BITNET_SAMPLE_ON_HOST=1`: sample from read-back logits even where the device could sample
+/// (for comparisons), read once per process.
+fn sample_on_host() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| std::env::var("BITNET_SAMPLE_ON_HOST").is_ok_and(|v| v == "1"))
+}
+
 enum Fed {
-    /// A greedy decode is pending in the model (`greedy_begin`).
+    /// A pipelined pick (greedy or sampled) is pending in the model.
     Greedy,
     Logits(Vec<f32>),
 }

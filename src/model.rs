@@ -21,10 +21,13 @@
 //! KV-cache store in its epilogue; gate and up as one matmul with `act(gate)·up` in its
 //! epilogue; o_proj and down_proj with the residual add in their epilogue (`x += W·q`).
 
-use crate::backend::{check_step_rows, AttentionShape, Backend, HeadFormat, StepRow};
+use std::collections::VecDeque;
+
+use crate::backend::{check_step_rows, AttentionShape, Backend, DeviceSample, HeadFormat, StepRow};
 use crate::config::ModelConfig;
 use crate::error::{BitnetError, Result};
 use crate::load::ModelWeights;
+use crate::sampler::Sampler;
 
 /// Sizes chosen at load time.
 #[derive(Debug, Clone, Copy)]
@@ -105,8 +108,40 @@ pub struct Model<B: Backend> {
     shape: AttentionShape,
     pos: usize,
     greedy: Greedy,
-    chain_in: bool, // step(): the token comes from the device (the last chained argmax)
-    chain_out: bool, // step(): chain the argmax of its logits row
+    /// The pipelined decode samples instead of taking the argmax (`sample_begin`).
+    sampling: Option<Sampling>,
+    chain_in: bool,  // step(): the token comes from the device (the last chained pick)
+    chain_out: bool, // step(): chain the pick (argmax or sample) of its logits row
+}
+
+/// A pipelined sampled decode: the CPU sampler's settings and seeded stream, run on the device
+/// when the backend samples (`Backend::sample_chain`), else on the host from the logits.
+struct Sampling {
+    sampler: Sampler,
+    /// The tokens before the next pick: the prompt's, then every pick returned so far (the
+    /// repeat penalty's window).
+    history: Vec<u32>,
+    /// The sampler before the draw of each pick not returned yet, oldest first: a pick that is
+    /// dropped (a stop token's successor, one lost with the device) gives its draw back.
+    unreturned: VecDeque<Sampler>,
+}
+
+impl Sampling {
+    /// The draw of the next pick (none at temperature 0, as in `Sampler::try_sample`).
+    fn draw(&mut self) -> f32 {
+        self.unreturned.push_back(self.sampler.clone());
+        if self.sampler.config.temperature == 0.0 {
+            0.0
+        } else {
+            self.sampler.uniform()
+        }
+    }
+
+    /// A pick reached the caller.
+    fn returned(&mut self, id: u32) {
+        self.unreturned.pop_front();
+        self.history.push(id);
+    }
 }
 
 impl<B: Backend> Model<B> {
@@ -195,6 +230,7 @@ impl<B: Backend> Model<B> {
             shape,
             pos: 0,
             greedy: Greedy::None,
+            sampling: None,
             chain_in: false,
             chain_out: false,
         })
@@ -336,7 +372,29 @@ impl<B: Backend> Model<B> {
                 &mut s.logits,
             )?;
             if self.chain_out {
-                b.argmax_chain(&s.logits)?; // the next token, left on the device
+                // the next token, left on the device
+                match &mut self.sampling {
+                    None => b.argmax_chain(&s.logits)?,
+                    Some(sm) => {
+                        let r = sm.draw();
+                        let n = sm.sampler.config.repeat_last_n.min(sm.history.len() + 1);
+                        // a chained step's own token (the last pick) is on the device only
+                        let known = if self.chain_in {
+                            n.saturating_sub(1)
+                        } else {
+                            n
+                        };
+                        let known = known.min(sm.history.len());
+                        let window = &sm.history[sm.history.len() - known..];
+                        let d = DeviceSample {
+                            config: &sm.sampler.config,
+                            r,
+                            window,
+                            device_token: self.chain_in && n > 0,
+                        };
+                        b.sample_chain(&s.logits, &d)?;
+                    }
+                }
             }
         }
         b.end_step()
@@ -391,22 +449,73 @@ impl<B: Backend> Model<B> {
     /// device never waits for the host. `greedy_finish` returns the pending token without
     /// running it. Identical ids to `forward_argmax` one token at a time.
     pub fn greedy_begin(&mut self, tokens: &[u32]) -> Result<()> {
+        self.pipeline_begin(tokens, None)
+    }
+
+    /// [`Model::greedy_begin`] picking with `sampler` instead of the argmax (the same
+    /// `greedy_next` / `greedy_finish` calls follow): on the device when the backend samples
+    /// with these settings (`Backend::samples_on_device`), else on the host from the logits,
+    /// one draw of the sampler's stream per pick in both cases. `history` is the context's
+    /// tokens (the repeat penalty's window). [`Model::sample_end`] gives the sampler back.
+    pub fn sample_begin(
+        &mut self,
+        tokens: &[u32],
+        sampler: Sampler,
+        history: &[u32],
+    ) -> Result<()> {
+        self.pipeline_begin(
+            tokens,
+            Some(Sampling {
+                sampler,
+                history: history.to_vec(),
+                unreturned: VecDeque::new(),
+            }),
+        )
+    }
+
+    fn pipeline_begin(&mut self, tokens: &[u32], sampling: Option<Sampling>) -> Result<()> {
         if self.greedy == Greedy::Device {
             // A decode left unfinished (an error upstream): drop its queued read.
             self.greedy = Greedy::None;
             self.backend.read_chained()?;
         }
         self.greedy = Greedy::None;
-        if self.backend.chains_tokens() {
+        self.sampling = sampling;
+        let on_device = match &self.sampling {
+            None => self.backend.chains_tokens(),
+            Some(sm) => self.backend.samples_on_device(&sm.sampler.config),
+        };
+        if on_device {
             self.chain_out = true;
             let r = self.prefill(tokens);
             self.chain_out = false;
             r?;
             self.greedy = Greedy::Device;
         } else {
-            self.greedy = Greedy::Host(self.forward_argmax(tokens)?);
+            self.prefill(tokens)?;
+            self.greedy = Greedy::Host(self.host_pick()?);
         }
         Ok(())
+    }
+
+    /// The pick from the logits of the last step, on the host.
+    fn host_pick(&mut self) -> Result<u32> {
+        match &mut self.sampling {
+            None => self.backend.argmax_row0(&self.s.logits),
+            Some(sm) => {
+                let logits = self.backend.read(&self.s.logits, 1)?;
+                sm.unreturned.push_back(sm.sampler.clone());
+                sm.sampler.try_sample(&logits, &sm.history)
+            }
+        }
+    }
+
+    /// A pick reached the caller.
+    fn returned(&mut self, id: u32) -> u32 {
+        if let Some(sm) = &mut self.sampling {
+            sm.returned(id);
+        }
+        id
     }
 
     /// Runs the pending greedy token (appending it to the context), queues its successor and
@@ -415,7 +524,9 @@ impl<B: Backend> Model<B> {
         match std::mem::replace(&mut self.greedy, Greedy::None) {
             Greedy::None => Err(BitnetError::EmptyInput("no greedy decode started")),
             Greedy::Host(id) => {
-                self.greedy = Greedy::Host(self.forward_argmax(&[id])?);
+                let id = self.returned(id);
+                self.prefill(&[id])?;
+                self.greedy = Greedy::Host(self.host_pick()?);
                 Ok(id)
             }
             Greedy::Device => {
@@ -440,18 +551,37 @@ impl<B: Backend> Model<B> {
                 self.pos += 1;
                 self.greedy = Greedy::Device;
                 // The token of the step before, read while this one runs.
-                self.backend.read_chained()
+                let id = self.backend.read_chained()?;
+                Ok(self.returned(id))
             }
         }
     }
 
     /// The pending greedy token, without running it: the end of a greedy decode.
     pub fn greedy_finish(&mut self) -> Result<u32> {
-        match std::mem::replace(&mut self.greedy, Greedy::None) {
-            Greedy::None => Err(BitnetError::EmptyInput("no greedy decode started")),
-            Greedy::Host(id) => Ok(id),
-            Greedy::Device => self.backend.read_chained(),
+        let id = match std::mem::replace(&mut self.greedy, Greedy::None) {
+            Greedy::None => return Err(BitnetError::EmptyInput("no greedy decode started")),
+            Greedy::Host(id) => id,
+            Greedy::Device => self.backend.read_chained()?,
+        };
+        Ok(self.returned(id))
+    }
+
+    /// Ends a sampled decode (`sample_begin`) and gives its sampler back, as if only the picks
+    /// returned so far had been drawn: a pending pick that was never returned (the successor
+    /// of a stop token, one lost with the device) is dropped with its draw, so the stream goes
+    /// on exactly as a CPU sampling one token at a time. `read_pending`: drain the device's
+    /// queued read of that pick (false when the device is gone). `None` for a greedy decode.
+    pub fn sample_end(&mut self, read_pending: bool) -> Option<(Sampler, Vec<u32>)> {
+        if self.greedy == Greedy::Device && read_pending {
+            let _ = self.backend.read_chained(); // its value is dropped anyway
         }
+        self.greedy = Greedy::None;
+        let mut sm = self.sampling.take()?;
+        if let Some(before) = sm.unreturned.pop_front() {
+            sm.sampler = before;
+        }
+        Some((sm.sampler, sm.history))
     }
 
     /// Appends `tokens` and returns the logits of every one of them: `[n, vocab]` flattened.

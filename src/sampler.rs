@@ -71,6 +71,7 @@ impl SamplerConfig {
     }
 }
 
+#[derive(Clone)]
 pub struct Sampler {
     pub config: SamplerConfig,
     rng: ChaCha8Rng,
@@ -111,8 +112,14 @@ impl Sampler {
             return Ok(crate::backend::cpu::argmax(&logits) as u32);
         }
         let probs = filtered_probs(&logits, c);
-        let r: f32 = self.rng.random();
+        let r = self.uniform();
         Ok(draw(&probs, r))
+    }
+
+    /// The next draw of the seeded stream, uniform in [0, 1): what `try_sample` uses for one
+    /// pick at a temperature above 0 (a device sampler takes the same draws).
+    pub fn uniform(&mut self) -> f32 {
+        self.rng.random()
     }
 }
 

@@ -243,6 +243,77 @@ fn device_loss_mid_generation_continues_on_the_cpu_without_losing_a_token() {
     assert_eq!(rest.token_ids, want[4..]);
 }
 
+/// Sampled generation on the GPU samples on the device (one submit per token, every token read
+/// after its successor's step was submitted) and gives the CPU's text for the same seed, over
+/// two turns (the sampler's stream continues exactly as the CPU's, including after a stop
+/// token whose successor was computed and dropped); a device lost mid-generation continues on
+/// the CPU with the same tokens.
+#[test]
+fn sampled_generation_on_the_device_equals_the_cpu_sampler() {
+    use bitnet_wgpu::engine::{AnyModel, DeviceChoice, Engine, EngineOptions};
+    use bitnet_wgpu::sampler::{Sampler, SamplerConfig};
+    if gpu_backend_for_test("sampled_generation_on_the_device").is_none() {
+        return;
+    }
+    let name = "tiny-autobitlinear";
+    let prompt = ids(&reference(name)["prompt_ids"]);
+    let config = SamplerConfig {
+        temperature: 1.2,
+        seed: 5,
+        ..Default::default()
+    };
+    let run = |device: DeviceChoice, lose_at: Option<usize>| {
+        let opts = EngineOptions {
+            device,
+            ..Default::default()
+        };
+        let mut e = Engine::load(&fixture(name), &opts).unwrap();
+        let mut s = Sampler::new(config.clone()).unwrap();
+        let mut turns = Vec::new();
+        let mut context = prompt.clone();
+        for turn in 0..2 {
+            if let (Some(at), AnyModel::Gpu(m)) = (lose_at, &mut e.model) {
+                if turn == at {
+                    m.backend.simulate_device_loss();
+                }
+            }
+            let before = match &e.model {
+                AnyModel::Gpu(m) => Some(m.backend.counters()),
+                AnyModel::Cpu(_) => None,
+            };
+            // the first turn stops at the vocabulary's eos ids (a stop token drops the
+            // computed successor), the second runs to its length
+            let g = e.generate(&context, 12, &mut s, turn == 1, |_| {}).unwrap();
+            if let (Some(b), AnyModel::Gpu(m), None) = (before, &e.model, lose_at) {
+                let a = m.backend.counters();
+                let n = g.token_ids.len() as u64;
+                assert!(n >= 2, "turn {turn}: {n} tokens");
+                assert!(
+                    a.submits - b.submits <= n + 1,
+                    "turn {turn}: submits per token"
+                );
+                assert!(
+                    a.lagged_reads - b.lagged_reads >= n - 2,
+                    "turn {turn}: lagged reads"
+                );
+            }
+            context.extend_from_slice(&g.token_ids);
+            turns.push(g.token_ids);
+        }
+        (turns, matches!(e.model, AnyModel::Gpu(_)))
+    };
+    let (cpu, _) = run(DeviceChoice::Cpu, None);
+    let (gpu, on_gpu) = run(DeviceChoice::Gpu, None);
+    assert!(on_gpu);
+    assert_eq!(gpu, cpu, "sampled ids, GPU vs CPU, two turns");
+    let (lost, on_gpu) = run(DeviceChoice::Gpu, Some(1));
+    assert!(!on_gpu, "fell back to the CPU");
+    assert_eq!(
+        lost, cpu,
+        "sampled ids with the device lost before the second turn"
+    );
+}
+
 /// `--lm-head q8` on the GPU: the CPU's 8-bit head format, so a model's logits equal the CPU's
 /// q8 logits within the float tolerance and greedy decoding picks the same tokens.
 #[test]
