@@ -281,9 +281,22 @@ fn sampled_generation_on_the_device_equals_the_cpu_sampler() {
                 AnyModel::Gpu(m) => Some(m.backend.counters()),
                 AnyModel::Cpu(_) => None,
             };
-            // the first turn stops at the vocabulary's eos ids (a stop token drops the
-            // computed successor), the second runs to its length
-            let g = e.generate(&context, 12, &mut s, turn == 1, |_| {}).unwrap();
+            // the first turn is cancelled after 5 pieces of text (its 6th token was already
+            // computed, then dropped with its draw), the second runs to its length
+            let mut pieces = 0;
+            let g = e
+                .generate_until(&context, 12, &mut s, true, |_| {
+                    pieces += 1;
+                    if turn == 0 && pieces == 5 {
+                        std::ops::ControlFlow::Break(())
+                    } else {
+                        std::ops::ControlFlow::Continue(())
+                    }
+                })
+                .unwrap();
+            if turn == 0 {
+                assert_eq!(g.token_ids.len(), 5, "the cancelled turn");
+            }
             if let (Some(b), AnyModel::Gpu(m), None) = (before, &e.model, lose_at) {
                 let a = m.backend.counters();
                 let n = g.token_ids.len() as u64;
