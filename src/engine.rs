@@ -404,7 +404,7 @@ impl Engine {
                 }
                 Pick::Sample(sampler, history) => {
                     // pipelined too, the pick sampled on the device
-                    m.sample_begin(tokens, sampler.clone(), history)?;
+                    m.sample_begin(tokens, (**sampler).clone(), history)?;
                     Fed::Greedy
                 }
                 Pick::Logits => Fed::Logits(m.forward_last(tokens)?),
@@ -498,7 +498,7 @@ impl Engine {
         let mode = if sampler.config.is_greedy() {
             Pick::Greedy
         } else if self.model.samples_on_device(&sampler.config) && !sample_on_host() {
-            Pick::Sample(sampler.clone(), prompt.to_vec())
+            Pick::Sample(Box::new(sampler.clone()), prompt.to_vec())
         } else {
             Pick::Logits
         };
@@ -610,7 +610,7 @@ enum Pick {
     Greedy,
     /// The sampler on the device, pipelined (`Model::sample_begin`): its state before the
     /// generation and the context's tokens.
-    Sample(Sampler, Vec<u32>),
+    Sample(Box<Sampler>, Vec<u32>),
     /// The sampler on the host, from the logits of each step.
     Logits,
 }
