@@ -9,8 +9,11 @@
 //! dispatch each: norm + quantize (shaders/row_ops.wgsl), the matmul with its epilogue (residual
 //! add, gated FFN product, or RoPE + KV-cache store of q|k|v; shaders/ternary_matmul.wgsl); in a
 //! decode step the norm + quantize is also folded into the next matmul as its prologue
-//! (`row_ops.rs`), so a BitNet layer decodes in 6 dispatches. `read` and `argmax_row0` are the sync
-//! points: they copy into a reused staging buffer and map it (argmax reads back 4 bytes).
+//! (`row_ops.rs`), so a BitNet layer decodes in 6 dispatches. The final norm is the LM head
+//! kernel's prologue, and the head leaves each workgroup's best logit of row 0, so the argmax is
+//! one more small dispatch (argmax.rs); sampling is one dispatch too (sample.rs). `read` and
+//! `argmax_row0` are the sync points: they copy into a reused staging buffer and map it (argmax
+//! reads back 4 bytes); a chained decode reads its picks one step late (chain.rs).
 //!
 //! Device layouts (see [`layout`] and the .wgsl files for the details and the why):
 //! - f32 activations `[capacity, cols]`;
@@ -18,8 +21,9 @@
 //! - ternary weights repacked once to `[out, 4·ceil(in/64)]` u32 of 2-bit codes, read by
 //!   `dot4I8Packed` without ever being expanded; q|k|v and gate|up concatenated by rows into one
 //!   matrix each, every part keeping its own scale;
-//! - the embedding / LM head in its file dtype (bf16 exact), split by rows over several buffers
-//!   when larger than `max_storage_buffer_binding_size`;
+//! - the embedding / LM head in its file dtype (bf16 exact), or the LM head in the CPU's q8
+//!   format (`--lm-head q8`), split by rows over several buffers when larger than
+//!   `max_storage_buffer_binding_size`;
 //! - the KV cache in f32, one `[ctx, kv_dim]` buffer per layer for keys and one for values.
 //!
 //! Errors: wgpu reports validation and out-of-memory errors and device loss asynchronously; the
