@@ -14,8 +14,8 @@
 //
 // Entry points over the same accumulation code: `matvec` for decode (few tokens: 16 lanes per
 // row stream the row in 16-byte vectors (64 weights each), coalesced, then reduce) and
-// `matmul_tiled` for prefill (64 rows × 32 tokens per workgroup, weight and activation tiles
-// staged in workgroup memory, each weight word used for 32 tokens); `matvec_qkv` and
+// `matmul_tiled` for prefill (128 rows × 32 or 64 tokens per workgroup, weight and activation
+// tiles staged in workgroup memory, each weight word used for every token of the tile); `matvec_qkv` and
 // `matmul_tiled_qkv` are the same with the RoPE / KV-cache epilogue and its extra bindings.
 //
 // Prologue (the _pro entry points, decode only): the step's input is not yet quantized; each
@@ -28,7 +28,7 @@
 // (g, u: rows r and r + PAIR of the product, y [capacity, ROWS / 2]); 4 (the _qkv entry points)
 // RoPE of the q and k rows, q to y, k and v to the KV cache at the row's (slot, pos).
 // Paired epilogues (PAIR > 0) need rows r and r + PAIR in one invocation: a block of B rows
-// (16 for matvec, 64 for the tiled kernel) then holds B/2 pairs, its local row lr standing for
+// (16 for matvec, 128 for the tiled kernel) then holds B/2 pairs, its local row lr standing for
 // pair B/2·blk + lr % (B/2), first (lr < B/2) or second row. Pairs are numbered so that pair p
 // is row (p / PAIR)·2·PAIR + p % PAIR and its partner PAIR rows later (gate|up: PAIR = i, one
 // run; q|k|v: PAIR = head_dim / 2, every head is a run).
@@ -54,8 +54,7 @@ override CTX: u32 = 1u;
 
 @group(0) @binding(0) var<uniform> step: Step;
 @group(0) @binding(1) var<uniform> lin: Linear;
-@group(0) @binding(2) var<storage, read> w: array<u32>;          // [ROWS, G] (matmul_tiled)
-@group(0) @binding(2) var<storage, read> w4: array<vec4<u32>>;   // [ROWS, G / 4] (matvec)
+@group(0) @binding(2) var<storage, read> w4: array<vec4<u32>>;   // [ROWS, G / 4]
 @group(0) @binding(3) var<storage, read> xq: array<vec4<u32>>;   // [capacity, G] 16 int8 each
 @group(0) @binding(4) var<storage, read> xmeta: array<u32>;      // [capacity, 2] (s bits, Σq)
 // MODE 0, 1: [capacity, ROWS]; MODE 2, 3: [capacity, ROWS / 2]; MODE 4: q [capacity, HEADS·HD]
@@ -422,56 +421,89 @@ fn matvec_qkv_pro(@builtin(workgroup_id) wid: vec3<u32>,
 }
 
 // ---- prefill: dispatch (ceil(ROWS / TM), ceil(n_tokens / TN)) ----
-const TM: u32 = 64u; // rows per tile
-const TN: u32 = 32u; // tokens per tile
-const TK: u32 = 8u;  // 16-column groups per k-step (32 contiguous bytes of each weight row)
+// A tile is TM = 128 rows × TN tokens (TN = 16 · TJ: 32 or 64, chosen by the host from the step's
+// token count); thread (tx, ty) = (lid % 16, lid / 16) owns rows ty + 16 i (i < 8) and tokens
+// tx + 16 j (j < TJ): 8 · TJ accumulators, each weight word it reads used TJ times and each
+// activation vector 8 times. K advances TK = 4 groups (64 columns) per step: one 16-byte vector
+// of every weight row and 4 of every token.
+// The tiles are stored k-major ([TK][TM] words, [TK][TN] vec4), so the 16 threads of a row
+// group read 16 consecutive activation vectors (no bank conflicts: the previous layout read
+// vectors 128 bytes apart, 8 threads on the same banks) and the rows they share are broadcast.
+// Register double buffering: the next k-step's vectors are loaded from memory before the
+// current tile is consumed and stored after, one barrier pair per k-step and two tile buffers.
+const TM: u32 = 128u; // rows per tile
+const TK: u32 = 4u;   // 16-column groups per k-step (one 16-byte weight vector per row)
+override TJ: u32 = 4u; // tokens per thread (TN = 16 TJ tokens per tile; 2 or 4)
+const TN_MAX: u32 = 64u;
 
-var<workgroup> w_tile: array<u32, 512>;        // [TM, TK]
-var<workgroup> x_tile: array<vec4<u32>, 256>;  // [TN, TK]
+var<workgroup> w_tile: array<array<u32, 512>, 2>;        // 2 × [TK, TM]
+var<workgroup> x_tile: array<array<vec4<u32>, 256>, 2>;  // 2 × [TK, TN_MAX]
 
-// The code accumulators of thread (tx, ty) = (lid % 16, lid / 16): tokens t0 + tx + 16 j and
-// local rows ty + 16 i at [i * 2 + j], i in 0..4, j in 0..2.
-fn tiled_accumulate(blk: u32, t0: u32, lid: u32) -> array<i32, 8> {
-    let n = step.n_tokens;
+// The 16-byte vectors thread `lid` loads for the k-step at group g0: weight row lid / 4... see
+// tiled_accumulate; zero padding past the matrix or the step.
+fn tile_w(blk: u32, g0: u32, lid: u32) -> vec4<u32> {
+    // thread lid < TM loads row lid's vector (groups g0 .. g0 + 3)
+    let r = block_row(blk, lid, TM);
+    var v = vec4<u32>(0x55555555u); // code 1 = weight 0
+    if lid < TM && r < lin.rows && g0 < lin.groups {
+        v = w4[(r * lin.groups + g0) / 4u];
+    }
+    return v;
+}
+
+fn tile_x(t0: u32, g0: u32, lid: u32) -> vec4<u32> {
+    // thread lid loads group g0 + lid % 4 of token t0 + lid / 4
+    let t = t0 + lid / TK;
+    let g = g0 + lid % TK;
+    var v = vec4<u32>(0u);
+    if lid / TK < 16u * TJ && t < step.n_tokens && g < lin.groups {
+        v = xq[t * lin.groups + g];
+    }
+    return v;
+}
+
+fn tile_store(buf: u32, lid: u32, wv: vec4<u32>, xv: vec4<u32>) {
+    if lid < TM {
+        w_tile[buf][lid] = wv.x;
+        w_tile[buf][TM + lid] = wv.y;
+        w_tile[buf][2u * TM + lid] = wv.z;
+        w_tile[buf][3u * TM + lid] = wv.w;
+    }
+    x_tile[buf][(lid % TK) * TN_MAX + lid / TK] = xv;
+}
+
+// The code accumulators of thread (tx, ty): local row ty + 16 i, token t0 + tx + 16 j at
+// [i * 4 + j] (j < TJ).
+fn tiled_accumulate(blk: u32, t0: u32, lid: u32) -> array<i32, 32> {
     let tx = lid % 16u;
     let ty = lid / 16u;
-    var acc: array<i32, 8>; // zero-initialised
+    var acc: array<i32, 32>; // zero-initialised
+    tile_store(0u, lid, tile_w(blk, 0u, lid), tile_x(t0, 0u, lid));
+    workgroupBarrier();
+    var buf = 0u;
     for (var g0 = 0u; g0 < lin.groups; g0 += TK) {
-        // 512 weight words, two per thread; rows of the tile read 32 contiguous bytes each.
-        for (var e = lid; e < TM * TK; e += 256u) {
-            let r = block_row(blk, e / TK, TM);
-            let g = g0 + e % TK;
-            var v = 0x55555555u; // code 1 = weight 0
-            if r < lin.rows && g < lin.groups {
-                v = w[r * lin.groups + g];
-            }
-            w_tile[e] = v;
-        }
-        {
-            let t = t0 + lid / TK;
-            let g = g0 + lid % TK;
-            var v = vec4<u32>(0u);
-            if t < n && g < lin.groups {
-                v = xq[t * lin.groups + g];
-            }
-            x_tile[lid] = v;
-        }
-        workgroupBarrier();
+        // the next k-step's vectors, in flight while this one is consumed
+        let wn = tile_w(blk, g0 + TK, lid);
+        let xn = tile_x(t0, g0 + TK, lid);
         for (var kk = 0u; kk < TK; kk++) {
-            let a0 = x_tile[tx * TK + kk];
-            let a1 = x_tile[(tx + 16u) * TK + kk];
-            for (var i = 0u; i < 4u; i++) {
-                let wd = w_tile[(ty + 16u * i) * TK + kk];
+            var a: array<vec4<u32>, 4>;
+            for (var j = 0u; j < TJ; j++) {
+                a[j] = x_tile[buf][kk * TN_MAX + tx + 16u * j];
+            }
+            for (var i = 0u; i < 8u; i++) {
+                let wd = w_tile[buf][kk * TM + ty + 16u * i];
                 let c0 = wd & CODE_MASK;
                 let c1 = (wd >> 2u) & CODE_MASK;
                 let c2 = (wd >> 4u) & CODE_MASK;
                 let c3 = (wd >> 6u) & CODE_MASK;
-                acc[i * 2u] += dot4I8Packed(a0.x, c0) + dot4I8Packed(a0.y, c1)
-                    + dot4I8Packed(a0.z, c2) + dot4I8Packed(a0.w, c3);
-                acc[i * 2u + 1u] += dot4I8Packed(a1.x, c0) + dot4I8Packed(a1.y, c1)
-                    + dot4I8Packed(a1.z, c2) + dot4I8Packed(a1.w, c3);
+                for (var j = 0u; j < TJ; j++) {
+                    acc[i * 4u + j] += dot4I8Packed(a[j].x, c0) + dot4I8Packed(a[j].y, c1)
+                        + dot4I8Packed(a[j].z, c2) + dot4I8Packed(a[j].w, c3);
+                }
             }
         }
+        buf ^= 1u;
+        tile_store(buf, lid, wn, xn);
         workgroupBarrier();
     }
     return acc;
@@ -480,32 +512,32 @@ fn tiled_accumulate(blk: u32, t0: u32, lid: u32) -> array<i32, 8> {
 @compute @workgroup_size(256)
 fn matmul_tiled(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
     let n = step.n_tokens;
-    let t0 = wid.y * TN;
+    let t0 = wid.y * 16u * TJ;
     if t0 >= n {
         return;
     }
     let acc = tiled_accumulate(wid.x, t0, lid);
     let tx = lid % 16u;
     let ty = lid / 16u;
-    for (var j = 0u; j < 2u; j++) {
+    for (var j = 0u; j < TJ; j++) {
         let t = t0 + tx + 16u * j;
         if t >= n {
             continue;
         }
         if PAIR == 0u {
-            for (var i = 0u; i < 4u; i++) {
+            for (var i = 0u; i < 8u; i++) {
                 let r = block_row(wid.x, ty + 16u * i, TM);
                 if r < lin.rows {
-                    put(t, r, value(t, r, acc[i * 2u + j]));
+                    put(t, r, value(t, r, acc[i * 4u + j]));
                 }
             }
         } else {
-            // local rows ty + 16 i (i < 2) pair with ty + 16 (i + 2)
-            for (var i = 0u; i < 2u; i++) {
+            // local rows ty + 16 i (i < 4) pair with ty + 16 (i + 4)
+            for (var i = 0u; i < 4u; i++) {
                 let r = block_row(wid.x, ty + 16u * i, TM);
                 if r < lin.rows {
-                    let g = value(t, r, acc[i * 2u + j]);
-                    let u = value(t, r + PAIR, acc[(i + 2u) * 2u + j]);
+                    let g = value(t, r, acc[i * 4u + j]);
+                    let u = value(t, r + PAIR, acc[(i + 4u) * 4u + j]);
                     put_gated(t, r, g, u);
                 }
             }
@@ -517,23 +549,23 @@ fn matmul_tiled(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation
 fn matmul_tiled_qkv(@builtin(workgroup_id) wid: vec3<u32>,
                     @builtin(local_invocation_index) lid: u32) {
     let n = step.n_tokens;
-    let t0 = wid.y * TN;
+    let t0 = wid.y * 16u * TJ;
     if t0 >= n {
         return;
     }
     let acc = tiled_accumulate(wid.x, t0, lid);
     let tx = lid % 16u;
     let ty = lid / 16u;
-    for (var j = 0u; j < 2u; j++) {
+    for (var j = 0u; j < TJ; j++) {
         let t = t0 + tx + 16u * j;
         if t >= n {
             continue;
         }
-        for (var i = 0u; i < 2u; i++) {
+        for (var i = 0u; i < 4u; i++) {
             let r = block_row(wid.x, ty + 16u * i, TM);
             if r < lin.rows {
-                let a = value(t, r, acc[i * 2u + j]);
-                let b = value(t, r + PAIR, acc[(i + 2u) * 2u + j]);
+                let a = value(t, r, acc[i * 4u + j]);
+                let b = value(t, r + PAIR, acc[(i + 4u) * 4u + j]);
                 put_qkv(t, r, a, b);
             }
         }

@@ -197,7 +197,7 @@ fn ternary_matmul_accumulators_are_exact_and_outputs_match_cpu() {
     for &(rows, cols) in &[(4, 1), (12, 15), (68, 37), (132, 300), (260, 1030)] {
         let w = random_ternary(&mut r, rows, cols, 0.37);
         let gw = g.upload_linear(&w).unwrap();
-        for &n in &[1usize, 3, 5, 37] {
+        for &n in &[1usize, 3, 5, 37, 100] {
             let mut q: Vec<i8> = (0..n * cols).map(|_| r.random_range(-128..=127)).collect();
             if n > 1 {
                 // a saturated row: the largest possible accumulator magnitude

@@ -13,9 +13,16 @@ use crate::ternary::TernaryMatrix;
 pub const MATVEC_MAX_TOKENS: usize = 4;
 /// Rows per mat-vec workgroup and per tile of the tiled kernel (shaders `MV_ROWS`, `TM`).
 const MV_ROWS: usize = 16;
-const TM: usize = 64;
-/// Tokens per tile of the tiled kernel (shaders `TN`).
-const TN: usize = 32;
+const TM: usize = 128;
+/// Tokens per thread of the tiled kernel (shaders `TJ`; 16 · TJ tokens per tile): 4 for steps
+/// of more than 32 tokens, else 2 (a tile of 64 would be mostly padding).
+fn tiled_tj(n: usize) -> usize {
+    if n > 32 {
+        4
+    } else {
+        2
+    }
+}
 /// Parts a concatenated matrix may have (the `Linear` uniform's vec4s).
 const MAX_PARTS: usize = 4;
 
@@ -191,6 +198,8 @@ impl WgpuBackend {
         }
         let bufs = [&w.params, &w.w, &x.q, &x.meta, y];
         let (kernel, groups) = self.matmul_grid(w, false);
+        let mut consts = consts.to_vec();
+        consts.push(("TJ", tiled_tj(self.n()) as f64));
         self.record(kernel, &consts, &bufs, groups)
     }
 
@@ -210,7 +219,8 @@ impl WgpuBackend {
             } else {
                 &kernels::MATMUL_TILED
             };
-            (k, [w.rows.div_ceil(TM) as u32, n.div_ceil(TN) as u32, 1])
+            let tn = 16 * tiled_tj(n);
+            (k, [w.rows.div_ceil(TM) as u32, n.div_ceil(tn) as u32, 1])
         }
     }
 
@@ -258,6 +268,8 @@ impl WgpuBackend {
             &w.params, &w.w, &x.q, &x.meta, &q.buf, &rows, &table, kc, vc,
         ];
         let (kernel, groups) = self.matmul_grid(w, true);
+        let mut consts = consts.to_vec();
+        consts.push(("TJ", tiled_tj(self.n()) as f64));
         self.record(kernel, &consts, &bufs, groups)
     }
 }
