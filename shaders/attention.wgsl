@@ -17,7 +17,10 @@
 //           the block's partial softmax (max m, sum l, unnormalised output o); attend_combine
 //           merges the blocks of each (token, head): o = Σ_b o_b e^(m_b − M) / Σ_b l_b e^(m_b − M).
 // scores = q·k · SCALE, SCALE = head_dim^-0.5; softmax in f32.
-// Cache layout per layer: kc, vc [slots, CTX, KVD] f32.
+// Cache layout per layer, bound as u32 words: KV_F16 [slots, CTX, KV_HEADS, HD / 2], word i of
+// a head = pack2x16float(x[i], x[i + HD/2]) (the RoPE pair that one thread of the q|k|v epilogue
+// owns, so it writes whole words); else f32 bits [slots, CTX, KV_HEADS·HD]. Kernels read pairs
+// (x[i], x[i + HD/2]) through key_pair / value_pair in both modes.
 
 override HEADS: u32 = 1u;    // query heads
 override KV_HEADS: u32 = 1u; // key/value heads
@@ -25,10 +28,11 @@ override HD: u32 = 1u;       // head_dim (≤ MAX_HD)
 override SCALE: f32 = 1.0;   // 1 / sqrt(head_dim), computed on the host like the CPU backend
 override NB: u32 = 1u;       // split: blocks per (token, head) in the partials = ceil(ctx / BLK)
 override CTX: u32 = 1u;      // positions per slot of the cache
+override KV_F16: bool = true; // the cache's element type: f16 pairs or f32
 
 const WG: u32 = 128u;
 const MAX_HD: u32 = 512u;
-const DPT: u32 = 4u; // output dims per thread: MAX_HD / WG
+const PPT: u32 = 2u; // output pairs per thread: MAX_HD / 2 / WG
 const NEG_BIG: f32 = -3.0e38;
 
 @group(0) @binding(0) var<uniform> step: Step;
@@ -36,20 +40,44 @@ const NEG_BIG: f32 = -3.0e38;
 // (binding 5 of every attention kernel but attend_combine, binding 3 of that one)
 @group(0) @binding(5) var<storage, read> step_rows: array<vec4<u32>>; // [n] (token, pos, slot, 0)
 
-// Offset of the first position of row t's slot.
-fn slot_base(t: u32) -> u32 {
-    return step_rows[t].z * CTX * KV_HEADS * HD;
+// u32 words per cache position (all kv heads) and per kv head.
+fn kv_row_words() -> u32 {
+    return select(KV_HEADS * HD, KV_HEADS * HD / 2u, KV_F16);
+}
+
+fn kv_head_words() -> u32 {
+    return select(HD, HD / 2u, KV_F16);
+}
+
+// Word offset of kv head kvh at position 0 of row t's slot.
+fn kv_base(t: u32, kvh: u32) -> u32 {
+    return step_rows[t].z * CTX * kv_row_words() + kvh * kv_head_words();
 }
 
 // ---- attend: dispatch n · HEADS workgroups (folded 2-D) ----
 @group(0) @binding(1) var<storage, read> q: array<f32>;           // [capacity, HEADS * HD]
-@group(0) @binding(2) var<storage, read> kc: array<f32>;          // [slots, CTX, KVD]
-@group(0) @binding(3) var<storage, read> vc: array<f32>;          // [slots, CTX, KVD]
+@group(0) @binding(2) var<storage, read> kc: array<u32>;          // [slots, CTX, KVD / 2 or KVD]
+@group(0) @binding(3) var<storage, read> vc: array<u32>;          // [slots, CTX, KVD / 2 or KVD]
 @group(0) @binding(4) var<storage, read_write> out: array<f32>;   // [capacity, HEADS * HD]
 
 var<workgroup> q_s: array<f32, MAX_HD>; // the query vector
 var<workgroup> p_s: array<f32, WG>;     // exp(score − m) of the chunk
 var<workgroup> red: array<f32, WG>;
+
+// (k[i], k[i + HD/2]) of the key whose head starts at word `b`, i < HD/2.
+fn key_pair(b: u32, i: u32) -> vec2<f32> {
+    if KV_F16 {
+        return unpack2x16float(kc[b + i]);
+    }
+    return vec2<f32>(bitcast<f32>(kc[b + i]), bitcast<f32>(kc[b + i + HD / 2u]));
+}
+
+fn value_pair(b: u32, i: u32) -> vec2<f32> {
+    if KV_F16 {
+        return unpack2x16float(vc[b + i]);
+    }
+    return vec2<f32>(bitcast<f32>(vc[b + i]), bitcast<f32>(vc[b + i + HD / 2u]));
+}
 
 @compute @workgroup_size(128)
 fn attend(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
@@ -59,10 +87,11 @@ fn attend(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: v
         return;
     }
     let qd = HEADS * HD;
-    let kvd = KV_HEADS * HD;
+    let half = HD / 2u;
+    let rw = kv_row_words();
     let t = idx / HEADS;
     let h = idx % HEADS;
-    let kv_off = slot_base(t) + (h / (HEADS / KV_HEADS)) * HD;
+    let kv_off = kv_base(t, h / (HEADS / KV_HEADS));
     for (var d = lid; d < HD; d += WG) {
         q_s[d] = q[t * qd + h * HD + d];
     }
@@ -70,15 +99,17 @@ fn attend(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: v
     let len = step_rows[t].y + 1u; // causal: positions 0 ..= pos_t of its slot
     var m = NEG_BIG;
     var l = 0.0;
-    var o = array<f32, DPT>(0.0, 0.0, 0.0, 0.0);
+    // thread lid owns the output pairs i = lid + k·WG: dims (i, i + HD/2)
+    var o = array<vec2<f32>, PPT>(vec2<f32>(0.0), vec2<f32>(0.0));
     for (var c0 = 0u; c0 < len; c0 += WG) {
         let j = c0 + lid;
         var s = NEG_BIG;
         if j < len {
-            let kb = j * kvd + kv_off;
+            let kb = j * rw + kv_off;
             var dot = 0.0;
-            for (var d = 0u; d < HD; d++) {
-                dot += q_s[d] * kc[kb + d];
+            for (var i = 0u; i < half; i++) {
+                let kp = key_pair(kb, i);
+                dot += q_s[i] * kp.x + q_s[i + half] * kp.y;
             }
             s = dot * SCALE;
         }
@@ -108,12 +139,12 @@ fn attend(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: v
         }
         l = l * alpha + red[0];
         let cnt = min(WG, len - c0);
-        for (var k = 0u; k < DPT; k++) {
-            let d = lid + k * WG;
-            if d < HD {
+        for (var k = 0u; k < PPT; k++) {
+            let i = lid + k * WG;
+            if i < half {
                 var a = o[k] * alpha;
                 for (var jj = 0u; jj < cnt; jj++) {
-                    a += p_s[jj] * vc[(c0 + jj) * kvd + kv_off + d];
+                    a += p_s[jj] * value_pair((c0 + jj) * rw + kv_off, i);
                 }
                 o[k] = a;
             }
@@ -121,10 +152,11 @@ fn attend(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: v
         m = m_new;
         workgroupBarrier(); // p_s and red are rewritten by the next chunk
     }
-    for (var k = 0u; k < DPT; k++) {
-        let d = lid + k * WG;
-        if d < HD {
-            out[t * qd + h * HD + d] = o[k] / l;
+    for (var k = 0u; k < PPT; k++) {
+        let i = lid + k * WG;
+        if i < half {
+            out[t * qd + h * HD + i] = o[k].x / l;
+            out[t * qd + h * HD + i + half] = o[k].y / l;
         }
     }
 }
@@ -150,14 +182,15 @@ fn attend_split(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation
     }
     let group = HEADS / KV_HEADS;
     let qd = HEADS * HD;
-    let kvd = KV_HEADS * HD;
+    let half = HD / 2u;
+    let rw = kv_row_words();
     let len = step_rows[t].y + 1u;
     let p0 = blk * BLK;
     if p0 >= len {
         return; // attend_combine reads only the blocks below len
     }
     let cnt = min(BLK, len - p0);
-    let kv_off = slot_base(t) + kvh * HD;
+    let kv_off = kv_base(t, kvh);
     // heads kvh·GROUP .. kvh·GROUP + GROUP − 1 are contiguous in the q row
     for (var i = lid; i < group * HD; i += WG) {
         sq[i] = q[t * qd + kvh * group * HD + i];
@@ -168,10 +201,11 @@ fn attend_split(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation
         let j = e % BLK;
         var s = NEG_BIG;
         if j < cnt {
-            let kb = (p0 + j) * kvd + kv_off;
+            let kb = (p0 + j) * rw + kv_off;
             var dot = 0.0;
-            for (var d = 0u; d < HD; d++) {
-                dot += sq[g * HD + d] * kc[kb + d];
+            for (var i = 0u; i < half; i++) {
+                let kp = key_pair(kb, i);
+                dot += sq[g * HD + i] * kp.x + sq[g * HD + i + half] * kp.y;
             }
             s = dot * SCALE;
         }
@@ -207,12 +241,13 @@ fn attend_split(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation
             out[pb] = sm[g];
             out[pb + 1u] = l;
         }
-        for (var d = lid; d < HD; d += WG) {
-            var a = 0.0;
+        for (var i = lid; i < half; i += WG) {
+            var a = vec2<f32>(0.0);
             for (var j = 0u; j < cnt; j++) {
-                a += sp[g * BLK + j] * vc[(p0 + j) * kvd + kv_off + d];
+                a += sp[g * BLK + j] * value_pair((p0 + j) * rw + kv_off, i);
             }
-            out[pb + 2u + d] = a;
+            out[pb + 2u + i] = a.x;
+            out[pb + 2u + i + half] = a.y;
         }
     }
 }

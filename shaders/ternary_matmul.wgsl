@@ -51,6 +51,7 @@ override HEADS: u32 = 1u;
 override KV_HEADS: u32 = 1u;
 override HD: u32 = 2u;
 override CTX: u32 = 1u;
+override KV_F16: bool = true; // the cache's element type: f16 pairs or f32
 
 @group(0) @binding(0) var<uniform> step: Step;
 @group(0) @binding(1) var<uniform> lin: Linear;
@@ -65,8 +66,10 @@ override CTX: u32 = 1u;
 // MODE 4 only
 @group(0) @binding(6) var<storage, read> qkv_rows: array<vec4<u32>>; // [n] (token, pos, slot, 0)
 @group(0) @binding(7) var<storage, read> rope_cs: array<vec2<f32>>;  // [positions, HD / 2] (cos, sin)
-@group(0) @binding(8) var<storage, read_write> kc: array<f32>;       // [slots, CTX, KV_HEADS·HD]
-@group(0) @binding(9) var<storage, read_write> vc: array<f32>;       // [slots, CTX, KV_HEADS·HD]
+// The KV cache as u32 words (attention.wgsl's layout): KV_F16 [slots, CTX, KV_HEADS, HD / 2],
+// word i of a head = pack2x16float(x[i], x[i + HD/2]); else f32 bits [slots, CTX, KV_HEADS·HD].
+@group(0) @binding(8) var<storage, read_write> kc: array<u32>;
+@group(0) @binding(9) var<storage, read_write> vc: array<u32>;
 // the _pro entry points only (6..9 are dummies outside MODE 4)
 @group(0) @binding(10) var<storage, read> px: array<f32>;            // [capacity, PCOLS] input rows
 @group(0) @binding(11) var<storage, read> pw: array<f32>;            // [PCOLS] norm weight
@@ -169,14 +172,24 @@ fn put_qkv(t: u32, r: u32, a: f32, b: f32) {
         let i = t * qd + r;
         y[i] = x0;
         y[i + half] = x1;
+    } else if KV_F16 {
+        // one whole word per thread: the pair (j, j + HD/2) of its head, j = r % HD < HD/2
+        let e = r - qd; // k: e < kvd; v: kvd + ...
+        let dst = (row.z * CTX + row.y) * (kvd / 2u); // (slot, pos) of row t, in words
+        let word = pack2x16float(vec2<f32>(x0, x1));
+        if e < kvd {
+            kc[dst + (e / HD) * half + e % HD] = word;
+        } else {
+            vc[dst + ((e - kvd) / HD) * half + (e - kvd) % HD] = word;
+        }
     } else {
         let dst = (row.z * CTX + row.y) * kvd; // (slot, pos) of row t in the cache
         if r < qd + kvd {
-            kc[dst + r - qd] = x0;
-            kc[dst + r - qd + half] = x1;
+            kc[dst + r - qd] = bitcast<u32>(x0);
+            kc[dst + r - qd + half] = bitcast<u32>(x1);
         } else {
-            vc[dst + r - qd - kvd] = x0;
-            vc[dst + r - qd - kvd + half] = x1;
+            vc[dst + r - qd - kvd] = bitcast<u32>(x0);
+            vc[dst + r - qd - kvd + half] = bitcast<u32>(x1);
         }
     }
 }

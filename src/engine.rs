@@ -9,7 +9,7 @@ use serde::Serialize;
 
 use crate::backend::cpu::CpuBackend;
 use crate::backend::wgpu::{self as gpu, AdapterChoice, WgpuBackend};
-pub use crate::backend::HeadFormat;
+pub use crate::backend::{HeadFormat, KvDtype};
 use crate::config::ModelConfig;
 use crate::error::{BitnetError, Result};
 use crate::load::{load_model, ModelFiles, ModelWeights};
@@ -55,6 +55,8 @@ pub struct EngineOptions {
     pub progress: bool,
     /// Storage of the LM head (`q8`, `q4`: smaller and faster on the CPU, approximate).
     pub lm_head: HeadFormat,
+    /// Storage of the KV cache on a GPU (`f16`, the default, or `f32`; the CPU keeps f32).
+    pub kv_cache: KvDtype,
     /// Choices for GGUF files (I2_S layout, FFN activation override).
     pub gguf: crate::gguf::GgufOptions,
 }
@@ -129,6 +131,13 @@ impl AnyModel {
     }
     pub fn ctx(&self) -> usize {
         with_model!(self, m => m.options.ctx)
+    }
+    /// How the KV cache is stored: as asked on the GPU, always f32 on the CPU.
+    pub fn kv_dtype(&self) -> KvDtype {
+        match self {
+            AnyModel::Cpu(_) => KvDtype::F32,
+            AnyModel::Gpu(m) => m.options.kv_cache,
+        }
     }
 }
 
@@ -264,8 +273,12 @@ pub fn check_host_memory(
     let Some(available) = available else {
         return Ok(());
     };
-    // The CPU backend's buffers have the GPU's layout and sizes (f32 cache and activations).
-    let need = gpu::estimate_memory(config, options, 4);
+    // The CPU backend's buffers have the GPU's layout and sizes with an f32 cache.
+    let options = ModelOptions {
+        kv_cache: KvDtype::F32,
+        ..*options
+    };
+    let need = gpu::estimate_memory(config, &options, 4);
     let bytes = need.kv_cache.saturating_add(need.activations);
     if bytes > available {
         let per_pos = config.kv_bytes_per_position().max(1);
@@ -326,6 +339,7 @@ impl Engine {
             options.ctx = ctx;
         }
         options.lm_head = opts.lm_head;
+        options.kv_cache = opts.kv_cache;
         let (model, device_note) = build_model_explained(&weights, opts, options)?;
         Ok(Engine {
             device_note,

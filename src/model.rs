@@ -23,7 +23,9 @@
 
 use std::collections::VecDeque;
 
-use crate::backend::{check_step_rows, AttentionShape, Backend, DeviceSample, HeadFormat, StepRow};
+use crate::backend::{
+    check_step_rows, AttentionShape, Backend, DeviceSample, HeadFormat, KvDtype, StepRow,
+};
 use crate::config::ModelConfig;
 use crate::error::{BitnetError, Result};
 use crate::load::ModelWeights;
@@ -40,6 +42,8 @@ pub struct ModelOptions {
     pub max_logit_rows: usize,
     /// Storage of the LM head.
     pub lm_head: HeadFormat,
+    /// Storage of the KV cache on a GPU (f16 by default; the CPU backend always keeps f32).
+    pub kv_cache: KvDtype,
     /// Independent sequences the KV cache holds (`ctx` positions each); the single-sequence API
     /// (`forward_*`) uses slot 0, [`Model::step_rows`] any.
     pub slots: usize,
@@ -56,6 +60,7 @@ impl ModelOptions {
             max_batch: 512,
             max_logit_rows: 64,
             lm_head: HeadFormat::Exact,
+            kv_cache: KvDtype::F16,
             slots: 1,
         }
     }
@@ -210,7 +215,13 @@ impl<B: Backend> Model<B> {
             ffn_q: b.alloc_q(n, i)?,
             logits: b.alloc(options.max_logit_rows, c.vocab_size)?,
         };
-        let cache = b.alloc_kv_cache(c.num_hidden_layers, options.slots, options.ctx, kvd)?;
+        let cache = b.alloc_kv_cache(
+            c.num_hidden_layers,
+            options.slots,
+            options.ctx,
+            kvd,
+            options.kv_cache,
+        )?;
         let shape = AttentionShape {
             n_heads: c.num_attention_heads,
             n_kv_heads: c.num_key_value_heads,
@@ -611,6 +622,7 @@ mod tests {
             max_batch: 16,
             max_logit_rows: 16,
             lm_head: HeadFormat::Exact,
+            kv_cache: KvDtype::F32,
             slots: 1,
         };
         let mut m = Model::new(CpuBackend::new(2).unwrap(), &w, opts).unwrap();
@@ -648,6 +660,7 @@ mod tests {
             max_batch: 32,
             max_logit_rows: 32,
             lm_head: HeadFormat::Exact,
+            kv_cache: KvDtype::F32,
             slots,
         };
         (
@@ -790,6 +803,7 @@ mod tests {
             max_batch: 8,
             max_logit_rows: 8,
             lm_head: HeadFormat::Exact,
+            kv_cache: KvDtype::F32,
             slots: 1,
         };
         let mut m = Model::new(CpuBackend::new(2).unwrap(), &w, opts).unwrap();

@@ -11,7 +11,7 @@ mod common;
 
 use bitnet_wgpu::backend::cpu::CpuBackend;
 use bitnet_wgpu::backend::wgpu::{gpu_backend_for_test, WgpuBackend};
-use bitnet_wgpu::backend::Backend;
+use bitnet_wgpu::backend::{Backend, KvDtype};
 use bitnet_wgpu::config::ModelConfig;
 use bitnet_wgpu::load::{load_weights, ModelWeights};
 use bitnet_wgpu::model::{Model, ModelOptions};
@@ -19,6 +19,19 @@ use common::*;
 
 const ABS_TOL: f32 = 2e-3;
 const REL_TOL: f32 = 2e-3;
+
+/// The tolerance (abs, rel) against transformers' f32 logits. With the f16 KV cache it is wide:
+/// these fixtures are 64 (llama: 256) wide, and the int8 quantization of the attention output
+/// turns the cache's rounding (2^-12 relative) into whole-code flips that move their logits
+/// (|ref| up to ~15) by up to 0.59 (llama 0.76), while the GPU equals the CPU rounding the same
+/// values to 1e-4 (checked next to it). The 288-position envelope of tests/long_reference.rs
+/// bounds the f16 cache's effect on a wider model.
+fn transformers_tol(kv_cache: KvDtype) -> (f32, f32) {
+    match kv_cache {
+        KvDtype::F32 => (ABS_TOL, REL_TOL),
+        KvDtype::F16 => (1.0, 0.0),
+    }
+}
 
 fn weights(name: &str) -> ModelWeights {
     let dir = fixture(name);
@@ -32,8 +45,13 @@ fn gpu_model(test: &str, w: &ModelWeights, options: ModelOptions) -> Option<Mode
     Some(Model::new(b, w, options).unwrap_or_else(|e| panic!("{test}: {e}")))
 }
 
+/// The CPU model; with `options.kv_cache` f16 it rounds stored keys and values to f16 as the
+/// GPU's f16 cache does (its cache stays f32).
 fn cpu_model(w: &ModelWeights, options: ModelOptions) -> Model<CpuBackend> {
-    Model::new(CpuBackend::new(2).unwrap(), w, options).unwrap()
+    let b = CpuBackend::new(2)
+        .unwrap()
+        .emulate_f16_kv_cache(options.kv_cache == KvDtype::F16);
+    Model::new(b, w, options).unwrap()
 }
 
 /// Greedy generation as Engine::generate with ignore_eos: the first id from the prefill, then
@@ -48,6 +66,16 @@ fn greedy<B: Backend>(m: &mut Model<B>, prompt: &[u32], n: usize) -> Vec<u32> {
     out
 }
 
+fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max)
+}
+
+/// Both KV-cache formats against transformers ([`transformers_tol`]) and against the CPU, which
+/// rounds the keys and values it stores to f16 when the GPU does: same integers, same cache
+/// values, only f32 summation orders differ (1e-4).
 #[test]
 fn gpu_logits_match_transformers_and_cpu_for_every_variant() {
     for name in VARIANTS {
@@ -55,22 +83,39 @@ fn gpu_logits_match_transformers_and_cpu_for_every_variant() {
         let r = reference(name);
         let prompt = ids(&r["prompt_ids"]);
         let (shape, want) = bitnet_wgpu::npy::read_f32(&fixture(name).join("logits.npy")).unwrap();
-        let options = ModelOptions::for_config(&w.config);
-        let Some(mut g) = gpu_model("gpu_logits_match_transformers", &w, options) else {
-            return;
-        };
         assert_eq!(shape, vec![prompt.len(), w.config.vocab_size]);
-        let got = g.forward_all(&prompt).unwrap();
-        assert_close(
-            &format!("{name} GPU logits vs transformers"),
-            &got,
-            &want,
-            ABS_TOL,
-            REL_TOL,
-        );
-        let cpu = cpu_model(&w, options).forward_all(&prompt).unwrap();
-        // Same integers on both sides; only f32 summation orders differ.
-        assert_close(&format!("{name} GPU vs CPU logits"), &got, &cpu, 1e-4, 1e-4);
+        for kv_cache in [KvDtype::F16, KvDtype::F32] {
+            let options = ModelOptions {
+                kv_cache,
+                ..ModelOptions::for_config(&w.config)
+            };
+            let Some(mut g) = gpu_model("gpu_logits_match_transformers", &w, options) else {
+                return;
+            };
+            let got = g.forward_all(&prompt).unwrap();
+            let cpu = cpu_model(&w, options).forward_all(&prompt).unwrap();
+            eprintln!(
+                "{name} {kv_cache:?} KV cache: max |GPU - transformers| = {:.3e}, max |GPU - CPU| = {:.3e} (CPU - transformers {:.3e})",
+                max_abs_diff(&got, &want),
+                max_abs_diff(&got, &cpu),
+                max_abs_diff(&cpu, &want),
+            );
+            let (abs, rel) = transformers_tol(kv_cache);
+            assert_close(
+                &format!("{name} {kv_cache:?} GPU logits vs transformers"),
+                &got,
+                &want,
+                abs,
+                rel,
+            );
+            assert_close(
+                &format!("{name} {kv_cache:?} GPU vs CPU logits"),
+                &got,
+                &cpu,
+                1e-4,
+                1e-4,
+            );
+        }
     }
 }
 
@@ -142,6 +187,7 @@ fn gpu_and_cpu_agree_on_a_random_tiny_preset_model() {
         max_batch: 16,
         max_logit_rows: 16,
         lm_head: Default::default(),
+        kv_cache: Default::default(),
         slots: 1,
     };
     let Some(mut g) = gpu_model("gpu_and_cpu_agree_tiny", &w, options) else {
@@ -184,6 +230,7 @@ fn gpu_runs_the_2b4t_shapes() {
         max_batch: 8,
         max_logit_rows: 1,
         lm_head: Default::default(),
+        kv_cache: Default::default(),
         slots: 1,
     };
     let t0 = Instant::now();
@@ -263,8 +310,10 @@ fn sampled_generation_on_the_device_equals_the_cpu_sampler() {
         ..Default::default()
     };
     let run = |device: DeviceChoice, lose_at: Option<usize>| {
+        // the f32 cache: the CPU's logits, so the same draws pick the same tokens
         let opts = EngineOptions {
             device,
+            kv_cache: KvDtype::F32,
             ..Default::default()
         };
         let mut e = Engine::load(&fixture(name), &opts).unwrap();
@@ -370,6 +419,7 @@ fn pipelined_greedy_decode_equals_step_by_step_with_one_submit_per_token() {
         max_batch: 16,
         max_logit_rows: 16,
         lm_head: Default::default(),
+        kv_cache: Default::default(),
         slots: 1,
     };
     let Some(mut g) = gpu_model("pipelined_greedy_decode", &w, options) else {
@@ -475,6 +525,7 @@ fn gpu_steps_mixing_two_sequences_equal_each_sequence_alone() {
         max_batch: 8,
         max_logit_rows: 8,
         lm_head: Default::default(),
+        kv_cache: Default::default(),
         slots: 2,
     };
     let Some(mut g) = gpu_model("gpu_steps_mixing_two_sequences", &w, options) else {
@@ -527,24 +578,46 @@ fn gpu_llama_family_matches_transformers_and_cpu() {
     let r = reference(name);
     let prompt = ids(&r["prompt_ids"]);
     let (_, want) = bitnet_wgpu::npy::read_f32(&fixture(name).join("logits.npy")).unwrap();
-    let options = ModelOptions::for_config(&w.config);
-    let Some(mut g) = gpu_model("gpu_llama_family", &w, options) else {
-        return;
-    };
-    let got = g.forward_all(&prompt).unwrap();
-    assert_close(
-        "llama GPU logits vs transformers",
-        &got,
-        &want,
-        ABS_TOL,
-        REL_TOL,
-    );
-    let cpu = cpu_model(&w, options).forward_all(&prompt).unwrap();
-    assert_close("llama GPU vs CPU logits", &got, &cpu, 1e-4, 1e-4);
-    let want_ids = ids(&r["greedy_ids"]);
-    assert_eq!(
-        greedy(&mut g, &prompt, want_ids.len()),
-        want_ids,
-        "llama GPU greedy ids"
-    );
+    for kv_cache in [KvDtype::F16, KvDtype::F32] {
+        let options = ModelOptions {
+            kv_cache,
+            ..ModelOptions::for_config(&w.config)
+        };
+        let Some(mut g) = gpu_model("gpu_llama_family", &w, options) else {
+            return;
+        };
+        let got = g.forward_all(&prompt).unwrap();
+        let cpu = cpu_model(&w, options).forward_all(&prompt).unwrap();
+        eprintln!(
+            "llama {kv_cache:?} KV cache: max |GPU - transformers| = {:.3e}, max |GPU - CPU| = {:.3e}",
+            max_abs_diff(&got, &want),
+            max_abs_diff(&got, &cpu),
+        );
+        let (abs, rel) = transformers_tol(kv_cache);
+        assert_close(
+            &format!("llama {kv_cache:?} GPU logits vs transformers"),
+            &got,
+            &want,
+            abs,
+            rel,
+        );
+        assert_close(
+            &format!("llama {kv_cache:?} GPU vs CPU logits"),
+            &got,
+            &cpu,
+            1e-4,
+            1e-4,
+        );
+        // transformers' top-2 gap goes down to 0.076, under what the f16 cache moves these
+        // logits by: its greedy ids are the CPU's over the same f16-rounded cache
+        let mut want_ids = ids(&r["greedy_ids"]);
+        if kv_cache == KvDtype::F16 {
+            want_ids = greedy(&mut cpu_model(&w, options), &prompt, want_ids.len());
+        }
+        assert_eq!(
+            greedy(&mut g, &prompt, want_ids.len()),
+            want_ids,
+            "llama {kv_cache:?} GPU greedy ids"
+        );
+    }
 }

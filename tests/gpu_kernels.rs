@@ -15,7 +15,7 @@ use bitnet_wgpu::backend::cpu::reference::{
 };
 use bitnet_wgpu::backend::cpu::{CpuBackend, CpuQTensor, CpuTensor};
 use bitnet_wgpu::backend::wgpu::{gpu_backend_for_test, GpuQTensor, WgpuBackend};
-use bitnet_wgpu::backend::{AttentionShape, Backend, FfnActivation, StepRow};
+use bitnet_wgpu::backend::{AttentionShape, Backend, FfnActivation, KvDtype, StepRow};
 use bitnet_wgpu::load::{FloatDtype, FloatMatrix};
 use bitnet_wgpu::ternary::{pack_ternary, ByteStorage, TernaryMatrix};
 use common::assert_close;
@@ -513,7 +513,10 @@ fn gate_up_matches_the_scalar_composition() {
 /// Runs the same sequence of steps (prefill, decode, a second prefill) through both backends'
 /// `qkv_rope_store` + `attention` with random weights and activations each step, comparing the
 /// rotated q with the scalar composition (reference matmul, rope_head) and the attention
-/// output (which reads the stored keys and values) with the CPU's.
+/// output (which reads the stored keys and values) with the CPU's. With an f16 GPU cache the
+/// CPU rounds what it stores to f16 (to nearest even, as `pack2x16float` on lavapipe), so it
+/// attends over the values the GPU holds and the tolerance stays that of f32 summation orders:
+/// a wrong word layout, pair order or offset fails it.
 fn attention_case(
     g: &mut WgpuBackend,
     seed: u64,
@@ -521,8 +524,9 @@ fn attention_case(
     kv_heads: usize,
     hd: usize,
     steps: &[usize],
+    dtype: KvDtype,
 ) {
-    let mut c = cpu();
+    let mut c = cpu().emulate_f16_kv_cache(dtype == KvDtype::F16);
     let mut r = rng(seed);
     let shape = AttentionShape {
         n_heads: heads,
@@ -535,8 +539,8 @@ fn attention_case(
     let ctx: usize = steps.iter().sum::<usize>() + 3;
     let cap = *steps.iter().max().unwrap();
     let layers = 2;
-    let mut ccache = c.alloc_kv_cache(layers, 1, ctx, kvd).unwrap();
-    let mut gcache = g.alloc_kv_cache(layers, 1, ctx, kvd).unwrap();
+    let mut ccache = c.alloc_kv_cache(layers, 1, ctx, kvd, KvDtype::F32).unwrap();
+    let mut gcache = g.alloc_kv_cache(layers, 1, ctx, kvd, dtype).unwrap();
     let parts = [
         random_ternary(&mut r, qd, hidden, 0.05),
         random_ternary(&mut r, kvd, hidden, 0.07),
@@ -567,7 +571,8 @@ fn attention_case(
         );
         g.attention(&gqo, &gcache, layer, &shape, &mut go).unwrap();
         g.end_step().unwrap();
-        let what = format!("heads={heads}/{kv_heads} hd={hd} step {si} (n={n}, pos={pos})");
+        let what =
+            format!("{dtype:?} heads={heads}/{kv_heads} hd={hd} step {si} (n={n}, pos={pos})");
         // q: the scalar composition
         let qkv = reference_matmul(&refs, &xq, &scales);
         let mut want_q = Vec::new();
@@ -611,16 +616,19 @@ fn qkv_rope_store_and_attention_prefill_and_decode_match() {
     let Some(mut g) = gpu("attention") else {
         return;
     };
-    // GQA 4/2 with a small head; 3 kv heads of 64 (2B4T-like group of 4: 12/3).
-    attention_case(&mut g, 6, 4, 2, 8, &[5, 5, 1, 1, 37, 37]);
-    attention_case(&mut g, 7, 12, 3, 64, &[3, 3, 1, 1]);
-    // more than one 128-position chunk of the online softmax
-    attention_case(&mut g, 8, 2, 1, 16, &[150, 150, 1, 1, 5, 5]);
-    // MHA, head_dim larger than the workgroup; an odd half head (hd / 2 = 5)
-    attention_case(&mut g, 9, 2, 2, 200, &[2, 2, 1, 1]);
-    attention_case(&mut g, 11, 6, 2, 10, &[7, 7, 1, 1, 3, 3]);
-    // a group too large for the split kernel's workgroup memory: decode falls back to `attend`
-    attention_case(&mut g, 10, 8, 1, 256, &[2, 2, 1, 1]);
+    for dtype in [KvDtype::F16, KvDtype::F32] {
+        // GQA 4/2 with a small head; 3 kv heads of 64 (2B4T-like group of 4: 12/3).
+        attention_case(&mut g, 6, 4, 2, 8, &[5, 5, 1, 1, 37, 37], dtype);
+        attention_case(&mut g, 7, 12, 3, 64, &[3, 3, 1, 1], dtype);
+        // more than one 128-position chunk of the online softmax
+        attention_case(&mut g, 8, 2, 1, 16, &[150, 150, 1, 1, 5, 5], dtype);
+        // MHA, head_dim larger than the workgroup; an odd half head (hd / 2 = 5)
+        attention_case(&mut g, 9, 2, 2, 200, &[2, 2, 1, 1], dtype);
+        attention_case(&mut g, 11, 6, 2, 10, &[7, 7, 1, 1, 3, 3], dtype);
+        // a group too large for the split kernel's workgroup memory: decode falls back to
+        // `attend`
+        attention_case(&mut g, 10, 8, 1, 256, &[2, 2, 1, 1], dtype);
+    }
 }
 
 fn float_matrix(r: &mut ChaCha8Rng, rows: usize, cols: usize, dtype: FloatDtype) -> FloatMatrix {
@@ -1297,60 +1305,63 @@ fn rows_of_several_slots_at_different_positions_equal_each_sequence_alone() {
         g.end_step().unwrap();
         g.read(&go, rows.len()).unwrap()
     };
-    // Each sequence alone, slot 0 of its own cache: history step, then the new rows.
-    let mut alone = Vec::new(); // per sequence: (history out, new out)
-    for (s, &(_, h, n)) in seqs.iter().enumerate() {
-        let mut cache = g.alloc_kv_cache(1, 1, ctx, kvd).unwrap();
-        let hist: Vec<(usize, usize)> = (0..h).map(|p| (s, p)).collect();
-        let ho = if h > 0 {
-            run(&mut g, &mut cache, &hist, &|_| 0)
-        } else {
-            Vec::new()
-        };
-        let new: Vec<(usize, usize)> = (h..h + n).map(|p| (s, p)).collect();
-        alone.push((ho, run(&mut g, &mut cache, &new, &|_| 0)));
-    }
-    // Mixed: one prefill step over every history row, then one step over every new row, with
-    // the rows of different slots interleaved.
-    let mut cache = g.alloc_kv_cache(1, 3, ctx, kvd).unwrap();
-    let slot = |s: usize| seqs[s].0;
-    let hist = [
-        (0, 0),
-        (1, 0),
-        (0, 1),
-        (0, 2),
-        (1, 1),
-        (0, 3),
-        (1, 2),
-        (0, 4),
-    ];
-    let ho = run(&mut g, &mut cache, &hist, &slot);
-    let new = [(0, 5), (1, 3), (2, 0), (1, 4)];
-    let no = run(&mut g, &mut cache, &new, &slot);
-    let mut seen = [0usize; 3];
-    for (i, &(s, p)) in hist.iter().enumerate() {
-        assert_eq!(p, seen[s]);
-        seen[s] += 1;
-        assert_close(
-            &format!("prefill row {i}: sequence {s} position {p}"),
-            &ho[i * qd..(i + 1) * qd],
-            &alone[s].0[p * qd..(p + 1) * qd],
-            1e-6,
-            1e-5,
-        );
-    }
-    for (i, &(s, p)) in new.iter().enumerate() {
-        let j = p - seqs[s].1;
-        assert_close(
-            &format!("decode row {i}: sequence {s} position {p}"),
-            &no[i * qd..(i + 1) * qd],
-            &alone[s].1[j * qd..(j + 1) * qd],
-            1e-6,
-            1e-5,
-        );
+    // in both cache formats (the cache's word layout and slot offsets differ)
+    for dtype in [KvDtype::F16, KvDtype::F32] {
+        // Each sequence alone, slot 0 of its own cache: history step, then the new rows.
+        let mut alone = Vec::new(); // per sequence: (history out, new out)
+        for (s, &(_, h, n)) in seqs.iter().enumerate() {
+            let mut cache = g.alloc_kv_cache(1, 1, ctx, kvd, dtype).unwrap();
+            let hist: Vec<(usize, usize)> = (0..h).map(|p| (s, p)).collect();
+            let ho = if h > 0 {
+                run(&mut g, &mut cache, &hist, &|_| 0)
+            } else {
+                Vec::new()
+            };
+            let new: Vec<(usize, usize)> = (h..h + n).map(|p| (s, p)).collect();
+            alone.push((ho, run(&mut g, &mut cache, &new, &|_| 0)));
+        }
+        // Mixed: one prefill step over every history row, then one step over every new row, with
+        // the rows of different slots interleaved.
+        let mut cache = g.alloc_kv_cache(1, 3, ctx, kvd, dtype).unwrap();
+        let slot = |s: usize| seqs[s].0;
+        let hist = [
+            (0, 0),
+            (1, 0),
+            (0, 1),
+            (0, 2),
+            (1, 1),
+            (0, 3),
+            (1, 2),
+            (0, 4),
+        ];
+        let ho = run(&mut g, &mut cache, &hist, &slot);
+        let new = [(0, 5), (1, 3), (2, 0), (1, 4)];
+        let no = run(&mut g, &mut cache, &new, &slot);
+        let mut seen = [0usize; 3];
+        for (i, &(s, p)) in hist.iter().enumerate() {
+            assert_eq!(p, seen[s]);
+            seen[s] += 1;
+            assert_close(
+                &format!("{dtype:?} prefill row {i}: sequence {s} position {p}"),
+                &ho[i * qd..(i + 1) * qd],
+                &alone[s].0[p * qd..(p + 1) * qd],
+                1e-6,
+                1e-5,
+            );
+        }
+        for (i, &(s, p)) in new.iter().enumerate() {
+            let j = p - seqs[s].1;
+            assert_close(
+                &format!("{dtype:?} decode row {i}: sequence {s} position {p}"),
+                &no[i * qd..(i + 1) * qd],
+                &alone[s].1[j * qd..(j + 1) * qd],
+                1e-6,
+                1e-5,
+            );
+        }
     }
     // a slot past the cache is an error, not a wrong answer
-    let mut small = g.alloc_kv_cache(1, 2, ctx, kvd).unwrap();
+    let mut small = g.alloc_kv_cache(1, 2, ctx, kvd, KvDtype::F16).unwrap();
     let xq = g.alloc_q(cap, hidden).unwrap();
     let mut q = g.alloc(cap, qd).unwrap();
     let mut o = g.alloc(cap, qd).unwrap();
@@ -1419,7 +1430,7 @@ fn norm_quantize_prologue_equals_separate_dispatches() {
                 let mut ffn = g.alloc(n, 24).unwrap();
                 let mut q = g.alloc(n, qd).unwrap();
                 let mut att = g.alloc(n, qd).unwrap();
-                let mut cache = g.alloc_kv_cache(1, 1, 16, kvd).unwrap();
+                let mut cache = g.alloc_kv_cache(1, 1, 16, kvd, KvDtype::F16).unwrap();
                 let mut dispatches = Vec::new();
                 for op in 0..4 {
                     g.begin_step(&rows).unwrap();

@@ -21,7 +21,7 @@ use std::path::{Path, PathBuf};
 
 use bitnet_wgpu::backend::cpu::CpuBackend;
 use bitnet_wgpu::backend::wgpu::gpu_backend_for_test;
-use bitnet_wgpu::backend::Backend;
+use bitnet_wgpu::backend::{Backend, KvDtype};
 use bitnet_wgpu::config::ModelConfig;
 use bitnet_wgpu::load::{load_weights, ModelWeights};
 use bitnet_wgpu::model::{Model, ModelOptions};
@@ -171,12 +171,20 @@ fn cpu_matches_float64_over_288_positions() {
 fn gpu_matches_float64_over_288_positions() {
     let r = reference();
     let w = weights();
-    let Some(b) = gpu_backend_for_test("gpu_matches_float64_over_288_positions") else {
-        return;
-    };
-    let mut m = Model::new(b, &w, options(&w, r.ids.len())).unwrap();
-    check_within_envelope("gpu prefill", &prefill_all(&mut m, &r.ids), &r);
-    check_within_envelope("gpu decode", &decode_each(&mut m, &r.ids), &r);
+    // both KV-cache formats: f16 rounds every key and value to 11 significant bits
+    for kv_cache in [KvDtype::F16, KvDtype::F32] {
+        let Some(b) = gpu_backend_for_test("gpu_matches_float64_over_288_positions") else {
+            return;
+        };
+        let o = ModelOptions {
+            kv_cache,
+            ..options(&w, r.ids.len())
+        };
+        let mut m = Model::new(b, &w, o).unwrap();
+        let what = format!("gpu {kv_cache:?} KV");
+        check_within_envelope(&format!("{what} prefill"), &prefill_all(&mut m, &r.ids), &r);
+        check_within_envelope(&format!("{what} decode"), &decode_each(&mut m, &r.ids), &r);
+    }
 }
 
 /// The bound is tight enough to see a context error past position 31: one token changed at

@@ -130,6 +130,47 @@ impl HeadFormat {
     }
 }
 
+/// How a backend stores the keys and values of the KV cache.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum KvDtype {
+    /// IEEE half floats (GPU): half the memory and half the bytes attention reads per token;
+    /// logits move by ~1e-3 of their size (README). The CPU backend keeps f32 whatever is asked.
+    #[default]
+    F16,
+    /// f32: the same values as the CPU backend's cache.
+    F32,
+}
+
+impl std::str::FromStr for KvDtype {
+    type Err = crate::error::BitnetError;
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "f16" => Ok(KvDtype::F16),
+            "f32" => Ok(KvDtype::F32),
+            _ => Err(crate::error::BitnetError::InvalidArgument(format!(
+                "unknown KV cache format {s:?} (expected f16 or f32)"
+            ))),
+        }
+    }
+}
+
+impl KvDtype {
+    pub fn name(self) -> &'static str {
+        match self {
+            KvDtype::F16 => "f16",
+            KvDtype::F32 => "f32",
+        }
+    }
+
+    /// Bytes per stored key or value element.
+    pub fn bytes(self) -> u64 {
+        match self {
+            KvDtype::F16 => 2,
+            KvDtype::F32 => 4,
+        }
+    }
+}
+
 /// One step of sampling on the device (see [`Backend::sample_chain`]).
 #[derive(Debug, Clone, Copy)]
 pub struct DeviceSample<'a> {
@@ -192,13 +233,15 @@ pub trait Backend {
     ) -> Result<Self::Head>;
     fn alloc(&mut self, capacity: usize, cols: usize) -> Result<Self::Tensor>;
     fn alloc_q(&mut self, capacity: usize, cols: usize) -> Result<Self::QTensor>;
-    /// KV cache of `slots` independent sequences of `ctx` positions each.
+    /// KV cache of `slots` independent sequences of `ctx` positions each, stored as `dtype`
+    /// where the backend supports it (the CPU backend always stores f32).
     fn alloc_kv_cache(
         &mut self,
         layers: usize,
         slots: usize,
         ctx: usize,
         kv_dim: usize,
+        dtype: KvDtype,
     ) -> Result<Self::KvCache>;
 
     /// Starts a step over `rows` (any mix of slots; rows of one slot have consecutive increasing

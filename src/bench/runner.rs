@@ -109,6 +109,7 @@ pub fn build_for_tests(
         .min(need);
     mo.max_logit_rows = 1;
     mo.lm_head = opts.lm_head;
+    mo.kv_cache = opts.kv_cache;
     build_model(weights, opts, mo)
 }
 

@@ -12,7 +12,7 @@ use clap::{Args, Parser, Subcommand};
 use std::ops::ControlFlow;
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use bitnet_wgpu::engine::{DeviceChoice, Engine, EngineOptions, FinishReason, HeadFormat};
+use bitnet_wgpu::engine::{DeviceChoice, Engine, EngineOptions, FinishReason, HeadFormat, KvDtype};
 use bitnet_wgpu::sampler::{Sampler, SamplerConfig};
 use bitnet_wgpu::tokenizer::ChatMessage;
 
@@ -190,6 +190,10 @@ struct DeviceArgs {
     /// within a few % of their spread; see the README for what it costs in perplexity).
     #[arg(long, default_value = "exact", value_name = "exact|q8|q4")]
     lm_head: HeadFormat,
+    /// KV cache storage on a GPU: f16 (half the memory and attention traffic; logits move by
+    /// ~1e-3, see the README) or f32 (the CPU's values). The CPU backend always keeps f32.
+    #[arg(long, default_value = "f16", value_name = "f16|f32")]
+    kv_cache: KvDtype,
     /// GGUF I2_S block layout: x86 (Microsoft's published files) or arm (written by bitnet.cpp
     /// built for ARM; the file does not record it).
     #[arg(long, default_value = "x86", value_name = "x86|arm")]
@@ -216,6 +220,7 @@ impl DeviceArgs {
             ctx,
             progress,
             lm_head: self.lm_head,
+            kv_cache: self.kv_cache,
             gguf: self.gguf_options(),
         }
     }
@@ -1046,10 +1051,18 @@ fn info(a: InfoArgs) -> Result<()> {
         gib(ternary),
         gib(emb)
     );
+    let kv = engine.model.kv_dtype();
+    let kv_per_pos = c.kv_bytes_per_position() / 4 * kv.bytes();
     outln!(
-        "kv cache         {} per token (f32), {} at the context of {ctx}",
-        gib(c.kv_bytes_per_position()),
-        gib(c.kv_bytes_per_position().saturating_mul(ctx as u64)),
+        "kv cache         {} per token ({}{}), {} at the context of {ctx}",
+        gib(kv_per_pos),
+        kv.name(),
+        if matches!(engine.model, bitnet_wgpu::engine::AnyModel::Cpu(_)) {
+            ", always on the CPU"
+        } else {
+            ", --kv-cache"
+        },
+        gib(kv_per_pos.saturating_mul(ctx as u64)),
     );
     outln!(
         "tokens           bos {}, stop {:?}",
@@ -1072,8 +1085,9 @@ fn info(a: InfoArgs) -> Result<()> {
         w.embed_tokens.dtype.size() as u64,
     );
     outln!(
-        "gpu memory       {} needed on a GPU (weights, f32 KV cache, activations)",
-        gib(need.total())
+        "gpu memory       {} needed on a GPU (weights, {} KV cache, activations)",
+        gib(need.total()),
+        engine.model_options().kv_cache.name()
     );
     if let Some(note) = &engine.device_note {
         outln!("auto device      {note}");

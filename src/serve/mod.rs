@@ -112,6 +112,7 @@ fn load(opts: &ServeOptions) -> Result<(AnyModel, Tokenizer, Vec<u32>, String, u
             max_batch: opts.step_tokens,
             max_logit_rows: opts.parallel,
             lm_head: opts.engine.lm_head,
+            kv_cache: opts.engine.kv_cache,
             slots: opts.parallel,
         }
     };

@@ -27,7 +27,7 @@ use std::cell::RefCell;
 
 use super::{
     check_attention, check_fused_rows, check_step_rows, check_tensor, AttentionShape, Backend,
-    FfnActivation, HeadFormat, StepRow,
+    FfnActivation, HeadFormat, KvDtype, StepRow,
 };
 use crate::error::{BitnetError, Result};
 use crate::load::FloatMatrix;
@@ -124,6 +124,7 @@ pub struct CpuBackend {
     /// matmul before the residual add), reused across ops and steps.
     scratch: CpuTensor,
     level: CpuLevel,
+    kv_f16_values: bool, // round stored keys and values to f16 (see emulate_f16_kv_cache)
 }
 
 impl CpuBackend {
@@ -190,7 +191,16 @@ impl CpuBackend {
             rope_key: None,
             scratch: CpuTensor::default(),
             level: CpuLevel::detect(),
+            kv_f16_values: false,
         })
+    }
+
+    /// Rounds every key and value `qkv_rope_store` stores to the nearest f16 (kept in the f32
+    /// cache): the values a GPU's f16 KV cache holds, so that the tests can compare the GPU's
+    /// f16 mode with the CPU to f32 summation order. Not a memory saving.
+    pub fn emulate_f16_kv_cache(mut self, on: bool) -> Self {
+        self.kv_f16_values = on;
+        self
     }
 
     /// Forces a kernel level (tests compare levels; the level must be one `available()` lists).
@@ -361,12 +371,15 @@ impl Backend for CpuBackend {
         })
     }
 
+    /// Always f32, whatever `_dtype` asks: the CPU's attention reads f32 rows with SIMD axpys,
+    /// and halving its memory is not worth a conversion per element read.
     fn alloc_kv_cache(
         &mut self,
         layers: usize,
         slots: usize,
         ctx: usize,
         kv_dim: usize,
+        _dtype: KvDtype,
     ) -> Result<CpuKvCache> {
         let len = layers
             .checked_mul(slots)
@@ -586,10 +599,21 @@ impl Backend for CpuBackend {
                 r.pos as usize,
             );
             let row = &qkv.data[t * wd..(t + 1) * wd];
-            cache.v[base + p * kvd..base + (p + 1) * kvd].copy_from_slice(&row[qd + kvd..]);
+            let f16 = self.kv_f16_values;
+            let stored = |x: f32| {
+                if f16 {
+                    half::f16::from_f32(x).to_f32()
+                } else {
+                    x
+                }
+            };
+            let vrow = &mut cache.v[base + p * kvd..base + (p + 1) * kvd];
+            for (dst, &x) in vrow.iter_mut().zip(&row[qd + kvd..]) {
+                *dst = stored(x);
+            }
             let kt = &mut cache.k[base..base + kvd * ctx]; // [kv_dim, ctx]
             for (e, krow) in kt.chunks_exact_mut(ctx).enumerate() {
-                krow[p] = row[qd + e];
+                krow[p] = stored(row[qd + e]);
             }
         }
         self.put_scratch(qkv);
@@ -830,7 +854,7 @@ mod tests {
             let gu = b.upload_linears(&[&wg, &wu]).unwrap();
             let o = b.upload_linear(&wo).unwrap();
             let (ctx, cap) = (16, 8);
-            let mut cache = b.alloc_kv_cache(2, 2, ctx, kvd).unwrap();
+            let mut cache = b.alloc_kv_cache(2, 2, ctx, kvd, KvDtype::F32).unwrap();
             let mut pos = 0;
             for n in [5usize, 1] {
                 let what = format!("threads {threads} n={n}");
@@ -982,7 +1006,7 @@ mod tests {
             capacity: 1,
             cols: 8,
         };
-        let mut cache = b.alloc_kv_cache(1, 1, 4, 4).unwrap();
+        let mut cache = b.alloc_kv_cache(1, 1, 4, 4, KvDtype::F32).unwrap();
         let mut out = b.alloc(1, 8).unwrap();
         store(&mut cache, 0, [1.0; 4], [10.0, 11.0, 20.0, 21.0]);
         b.attention(&q, &cache, 0, &shape, &mut out).unwrap();

@@ -199,7 +199,8 @@ pub fn estimate_memory(c: &ModelConfig, o: &ModelOptions, elem_bytes: u64) -> Me
         _ => v * emb_row,
     };
     let embedding = v * emb_row + head;
-    let kv_cache = 2 * l * o.slots as u64 * o.ctx as u64 * kvd * 4;
+    let kv_bytes = o.kv_cache.bytes();
+    let kv_cache = 2 * l * o.slots as u64 * o.ctx as u64 * kvd * kv_bytes;
     let b = o.max_batch as u64;
     let f32s = b * (4 * h + 2 * qd + 2 * kvd + 4 * i) + o.max_logit_rows as u64 * v;
     let q8 = b * (g(h) + g(qd) + g(i)) + 3 * b * 8;
@@ -207,7 +208,7 @@ pub fn estimate_memory(c: &ModelConfig, o: &ModelOptions, elem_bytes: u64) -> Me
     let largest_buffer = [
         i * g(h),
         h * g(i),
-        o.ctx as u64 * kvd * 4,
+        o.slots as u64 * o.ctx as u64 * kvd * kv_bytes,
         o.max_logit_rows as u64 * v * 4,
     ]
     .into_iter()
@@ -299,7 +300,15 @@ mod tests {
         // 2.08 B ternary weights at 2 bits = 521 MB; embedding 657 MB bf16.
         assert!((500e6..560e6).contains(&(e.ternary as f64)), "{e:?}");
         assert!((650e6..660e6).contains(&(e.embedding as f64)), "{e:?}");
-        // f32 KV cache, 4096 positions: 30 · 2 · 4096 · 640 · 4 B = 629 MB.
-        assert_eq!(e.kv_cache, 30 * 2 * 4096 * 640 * 4);
+        // f16 KV cache, 4096 positions: 30 · 2 · 4096 · 640 · 2 B = 315 MB; f32 twice that.
+        assert_eq!(e.kv_cache, 30 * 2 * 4096 * 640 * 2);
+        let o32 = ModelOptions {
+            kv_cache: crate::backend::KvDtype::F32,
+            ..o
+        };
+        assert_eq!(
+            estimate_memory(&c, &o32, 2).kv_cache,
+            30 * 2 * 4096 * 640 * 4
+        );
     }
 }

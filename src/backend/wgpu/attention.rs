@@ -3,7 +3,7 @@
 
 use super::kernels;
 use super::{layout, GpuBuf, GpuKvCache, GpuTensor, WgpuBackend};
-use crate::backend::AttentionShape;
+use crate::backend::{AttentionShape, KvDtype};
 use crate::error::{BitnetError, Result};
 
 /// Largest head_dim the attention kernel supports (workgroup memory for one query vector).
@@ -19,10 +19,13 @@ impl WgpuBackend {
         slots: usize,
         ctx: usize,
         kv_dim: usize,
+        dtype: KvDtype,
     ) -> Result<GpuKvCache> {
+        // whole u32 words per position (kv_dim is even for any valid shape: head_dim is)
+        let row_bytes = (kv_dim as u64 * dtype.bytes()).next_multiple_of(4);
         let bytes = (slots.max(1) as u64)
             .checked_mul(ctx as u64)
-            .and_then(|b| b.checked_mul(kv_dim as u64 * 4))
+            .and_then(|b| b.checked_mul(row_bytes))
             .ok_or_else(|| BitnetError::op("alloc_kv_cache", "cache size overflows"))?;
         let mut k = Vec::with_capacity(layers);
         let mut v = Vec::with_capacity(layers);
@@ -37,6 +40,7 @@ impl WgpuBackend {
             slots: slots.max(1),
             ctx,
             kv_dim,
+            dtype,
         })
     }
 
@@ -125,6 +129,7 @@ impl WgpuBackend {
             // the CPU backend's scale, rounded the same way
             ("SCALE", (1.0 / (hd as f32).sqrt()) as f64),
             ("CTX", cache.ctx as f64),
+            ("KV_F16", (cache.dtype == KvDtype::F16) as u8 as f64),
         ];
         let rows = self.rows_buf.clone();
         let (kc, vc) = (&cache.k[layer], &cache.v[layer]);

@@ -248,6 +248,10 @@ impl WgpuBackend {
             ("KV_HEADS", shape.n_kv_heads as f64),
             ("HD", hd as f64),
             ("CTX", cache.ctx as f64),
+            (
+                "KV_F16",
+                (cache.dtype == crate::backend::KvDtype::F16) as u8 as f64,
+            ),
         ];
         let rows = self.rows_buf.clone();
         let (kc, vc) = (&cache.k[layer], &cache.v[layer]);

@@ -24,7 +24,9 @@
 //! - the embedding / LM head in its file dtype (bf16 exact), or the LM head in the CPU's q8
 //!   format (`--lm-head q8`), split by rows over several buffers when larger than
 //!   `max_storage_buffer_binding_size`;
-//! - the KV cache in f32, one `[ctx, kv_dim]` buffer per layer for keys and one for values.
+//! - the KV cache in f16 (default: pairs of halves packed in u32 words, see [`GpuKvCache`]) or
+//!   f32 (`--kv-cache f32`), one `[slots, ctx, kv_dim]` buffer per layer for keys and one for
+//!   values.
 //!
 //! Errors: wgpu reports validation and out-of-memory errors and device loss asynchronously; the
 //! backend collects them (uncaptured-error handler, device-lost callback, failed maps/polls) and
@@ -55,7 +57,7 @@ pub use attention::{ATTN_SPLIT_MAX_TOKENS, MAX_HEAD_DIM};
 pub use matmul::MATVEC_MAX_TOKENS;
 pub use sample::{SAMPLE_KMAX, SAMPLE_WMAX};
 
-use super::{AttentionShape, Backend, DeviceSample, FfnActivation, HeadFormat, StepRow};
+use super::{AttentionShape, Backend, DeviceSample, FfnActivation, HeadFormat, KvDtype, StepRow};
 use crate::error::{BitnetError, Result};
 use crate::load::{FloatDtype, FloatMatrix};
 use crate::ternary::TernaryMatrix;
@@ -147,14 +149,18 @@ pub struct GpuEmbedding {
     row_words: usize,
 }
 
-/// Keys and values of every layer: f32 `[slots, ctx, kv_dim]` per layer (a slot per sequence).
+/// Keys and values of every layer (a slot per sequence), bound as `array<u32>`: f16
+/// `[slots, ctx, kv_heads, head_dim / 2]` u32 words, word i of a head holding the halves of dims
+/// (i, i + head_dim / 2) (the RoPE pair one epilogue thread owns), or f32
+/// `[slots, ctx, kv_dim]` bits in the CPU's order.
 #[derive(Debug)]
 pub struct GpuKvCache {
-    k: Vec<GpuBuf>, // layers × [slots, ctx, kv_dim]
-    v: Vec<GpuBuf>, // layers × [slots, ctx, kv_dim]
+    k: Vec<GpuBuf>, // layers × [slots, ctx, kv_dim / 2] (f16 pairs) or [slots, ctx, kv_dim] (f32)
+    v: Vec<GpuBuf>, // layers × the same
     pub slots: usize,
     pub ctx: usize,
     pub kv_dim: usize,
+    pub dtype: KvDtype,
 }
 
 /// The wgpu backend. Create it with [`WgpuBackend::new`] (adapter selection) or
@@ -255,8 +261,9 @@ impl Backend for WgpuBackend {
         slots: usize,
         ctx: usize,
         kv_dim: usize,
+        dtype: KvDtype,
     ) -> Result<GpuKvCache> {
-        self.op_alloc_kv_cache(layers, slots, ctx, kv_dim)
+        self.op_alloc_kv_cache(layers, slots, ctx, kv_dim, dtype)
     }
 
     fn begin_step(&mut self, rows: &[StepRow]) -> Result<()> {
