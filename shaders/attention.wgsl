@@ -24,7 +24,7 @@
 
 override HEADS: u32 = 1u;    // query heads
 override KV_HEADS: u32 = 1u; // key/value heads
-override HD: u32 = 1u;       // head_dim (≤ MAX_HD)
+override HD: u32 = 2u;       // head_dim (even, ≤ MAX_HD)
 override SCALE: f32 = 1.0;   // 1 / sqrt(head_dim), computed on the host like the CPU backend
 override NB: u32 = 1u;       // split: blocks per (token, head) in the partials = ceil(ctx / BLK)
 override CTX: u32 = 1u;      // positions per slot of the cache
@@ -164,15 +164,29 @@ fn attend(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: v
 // ---- attend_split: dispatch (ceil((max pos_t + 1) / BLK), KV_HEADS, n) ----
 // Binds q, kc, vc as attend does, and the partials [n, HEADS, NB, HD + 2] at binding 4:
 // per (token, head, block): m, l, o[HD].
-const BLK: u32 = 64u;      // positions per block
-const MAX_G: u32 = 16u;    // query heads per kv head
-const MAX_GHD: u32 = 1024u; // GROUP · HD
+// Shaped for memory bandwidth (decode reads the whole cache of the slot once per token):
+// - scores: a team of LANES threads reads one key row in consecutive words (coalesced) and
+//   each lane keeps GROUP partial dots (every key word read once for the group's heads); the
+//   lanes' partials go through workgroup memory and one thread per (head, key) adds them;
+// - block max and sum: LANES threads per head, then a tree;
+// - values: one thread per (head, word) reads row after row (adjacent threads, adjacent words),
+//   rows split over WG / (GROUP · HD/2) thread sets when that is > 1, then added.
+const BLK: u32 = 64u;        // positions per block
+const SWG: u32 = 256u;       // threads of attend_split
+const LANES: u32 = 16u;      // threads per key row
+const TEAMS: u32 = SWG / LANES; // key rows scored at once
+const KPT: u32 = BLK / TEAMS;   // key rows per team and block
+const GB: u32 = 4u;          // heads whose lane partials are reduced per pass
+const RSTRIDE: u32 = LANES * (TEAMS + 1u); // padded [LANES, TEAMS + 1]: conflict-free both ways
+const MAX_G: u32 = 16u;      // query heads per kv head (SWG / LANES heads in the max / sum)
+const MAX_GHD: u32 = 1024u;  // GROUP · HD
 
 var<workgroup> sq: array<f32, MAX_GHD>;      // q of the group's heads [GROUP, HD]
 var<workgroup> sp: array<f32, 1024>;         // scores, then e^(s − m): [GROUP, BLK]
-var<workgroup> sm: array<f32, MAX_G>;        // block max per head
+// lane partials [GB, LANES, TEAMS + 1]; then [2, SWG] max / sum trees; then value partials
+var<workgroup> sred: array<f32, 1088>;       // GB · RSTRIDE
 
-@compute @workgroup_size(128)
+@compute @workgroup_size(256)
 fn attend_split(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
     let blk = wid.x;
     let kvh = wid.y;
@@ -192,72 +206,150 @@ fn attend_split(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation
     let cnt = min(BLK, len - p0);
     let kv_off = kv_base(t, kvh);
     // heads kvh·GROUP .. kvh·GROUP + GROUP − 1 are contiguous in the q row
-    for (var i = lid; i < group * HD; i += WG) {
+    for (var i = lid; i < group * HD; i += SWG) {
         sq[i] = q[t * qd + kvh * group * HD + i];
     }
     workgroupBarrier();
-    for (var e = lid; e < group * BLK; e += WG) {
-        let g = e / BLK;
-        let j = e % BLK;
-        var s = NEG_BIG;
+
+    // ---- scores: team `team` scores rows team, team + TEAMS, ... of the block ----
+    let team = lid / LANES;
+    let lane = lid % LANES;
+    for (var kk = 0u; kk < KPT; kk++) {
+        let j = kk * TEAMS + team;
+        var acc: array<f32, MAX_G>; // zero-initialised: lane partial dot of each head
         if j < cnt {
             let kb = (p0 + j) * rw + kv_off;
-            var dot = 0.0;
-            for (var i = 0u; i < half; i++) {
+            for (var i = lane; i < half; i += LANES) {
                 let kp = key_pair(kb, i);
-                dot += sq[g * HD + i] * kp.x + sq[g * HD + i + half] * kp.y;
+                for (var g = 0u; g < group; g++) {
+                    acc[g] += sq[g * HD + i] * kp.x + sq[g * HD + i + half] * kp.y;
+                }
             }
-            s = dot * SCALE;
         }
-        sp[e] = s;
-    }
-    workgroupBarrier();
-    if lid < group {
-        var m = NEG_BIG;
-        for (var j = 0u; j < cnt; j++) {
-            m = max(m, sp[lid * BLK + j]);
+        for (var gb = 0u; gb < group; gb += GB) {
+            for (var gg = 0u; gg < GB; gg++) {
+                sred[gg * RSTRIDE + lane * (TEAMS + 1u) + team] = acc[min(gb + gg, MAX_G - 1u)];
+            }
+            workgroupBarrier();
+            if lid < GB * TEAMS {
+                let gg = lid / TEAMS;
+                let tm = lid % TEAMS;
+                var s = 0.0;
+                for (var l = 0u; l < LANES; l++) {
+                    s += sred[gg * RSTRIDE + l * (TEAMS + 1u) + tm];
+                }
+                let jj = kk * TEAMS + tm;
+                if gb + gg < group {
+                    sp[(gb + gg) * BLK + jj] = select(NEG_BIG, s * SCALE, jj < cnt);
+                }
+            }
+            workgroupBarrier();
         }
-        sm[lid] = m;
     }
-    workgroupBarrier();
-    for (var e = lid; e < group * BLK; e += WG) {
-        let j = e % BLK;
-        var p = 0.0;
-        if j < cnt {
-            p = exp(sp[e] - sm[e / BLK]);
+
+    // ---- block max m and sum l per head: LANES threads per head (g = lid / LANES) ----
+    let g = lid / LANES;
+    var mx = NEG_BIG;
+    if g < group {
+        for (var k = 0u; k < BLK / LANES; k++) {
+            mx = max(mx, sp[g * BLK + lane + k * LANES]);
         }
-        sp[e] = p;
     }
+    sred[lid] = mx;
     workgroupBarrier();
+    for (var r = LANES / 2u; r > 0u; r >>= 1u) {
+        if lane < r {
+            sred[lid] = max(sred[lid], sred[lid + r]);
+        }
+        workgroupBarrier();
+    }
+    let m = sred[g * LANES];
+    var sum = 0.0;
+    if g < group {
+        for (var k = 0u; k < BLK / LANES; k++) {
+            let j = lane + k * LANES;
+            let e = g * BLK + j;
+            var pv = 0.0;
+            if j < cnt {
+                pv = exp(sp[e] - m);
+            }
+            sp[e] = pv;
+            sum += pv;
+        }
+    }
+    sred[SWG + lid] = sum;
+    workgroupBarrier();
+    for (var r = LANES / 2u; r > 0u; r >>= 1u) {
+        if lane < r {
+            sred[SWG + lid] += sred[SWG + lid + r];
+        }
+        workgroupBarrier();
+    }
     let stride = HD + 2u;
-    for (var g = 0u; g < group; g++) {
-        let h = kvh * group + g;
-        let pb = ((t * HEADS + h) * NB + blk) * stride;
-        if lid == 0u {
-            var l = 0.0;
-            for (var j = 0u; j < cnt; j++) {
-                l += sp[g * BLK + j];
-            }
-            out[pb] = sm[g];
-            out[pb + 1u] = l;
-        }
-        for (var i = lid; i < half; i += WG) {
+    if lane == 0u && g < group {
+        let pb = ((t * HEADS + kvh * group + g) * NB + blk) * stride;
+        out[pb] = m;
+        out[pb + 1u] = sred[SWG + lid];
+    }
+    workgroupBarrier(); // sred is reused below
+
+    // ---- values: o[g, i] (dims i and i + HD/2) = Σ_j p[g, j] · v_j ----
+    let gh = group * half; // (head, word) pairs
+    if gh >= SWG {
+        for (var e = lid; e < gh; e += SWG) {
+            let gi = e / half;
+            let i = e % half;
             var a = vec2<f32>(0.0);
             for (var j = 0u; j < cnt; j++) {
-                a += sp[g * BLK + j] * value_pair((p0 + j) * rw + kv_off, i);
+                a += sp[gi * BLK + j] * value_pair((p0 + j) * rw + kv_off, i);
             }
-            out[pb + 2u + i] = a.x;
-            out[pb + 2u + i + half] = a.y;
+            let pb = ((t * HEADS + kvh * group + gi) * NB + blk) * stride + 2u;
+            out[pb + i] = a.x;
+            out[pb + i + half] = a.y;
+        }
+    } else {
+        // rs sets of gh threads, set r adding rows r, r + rs, ...
+        let rs = SWG / gh;
+        let e = lid % gh;
+        let r = lid / gh;
+        let gi = e / half;
+        let i = e % half;
+        var a = vec2<f32>(0.0);
+        if r < rs {
+            for (var j = r; j < cnt; j += rs) {
+                a += sp[gi * BLK + j] * value_pair((p0 + j) * rw + kv_off, i);
+            }
+        }
+        sred[2u * lid] = a.x;
+        sred[2u * lid + 1u] = a.y;
+        workgroupBarrier();
+        if lid < gh {
+            var o = vec2<f32>(0.0);
+            for (var rr = 0u; rr < rs; rr++) {
+                let k = rr * gh + lid;
+                o += vec2<f32>(sred[2u * k], sred[2u * k + 1u]);
+            }
+            let pb = ((t * HEADS + kvh * group + gi) * NB + blk) * stride + 2u;
+            out[pb + i] = o.x;
+            out[pb + i + half] = o.y;
         }
     }
 }
 
 // ---- attend_combine: dispatch n · HEADS workgroups (folded 2-D) ----
+// Merges the blocks of one (token, head): tree max and sum over the blocks, then the weights
+// e^(m_b − M) / L of CWG blocks at a time in workgroup memory and o[d] = Σ_b w_b o_b[d], the
+// blocks split over CWG / HD thread sets when HD < CWG (adjacent threads read adjacent dims).
+const CWG: u32 = 256u;
+
 @group(0) @binding(1) var<storage, read> cb_part: array<f32>;         // [n, HEADS, NB, HD + 2]
 @group(0) @binding(2) var<storage, read_write> cb_out: array<f32>;    // [capacity, HEADS * HD]
 @group(0) @binding(3) var<storage, read> cb_rows: array<vec4<u32>>;   // [n] (token, pos, slot, 0)
 
-@compute @workgroup_size(128)
+var<workgroup> cred: array<f32, CWG>; // reductions, then the dims' partial outputs
+var<workgroup> cw: array<f32, CWG>;   // e^(m_b − M) / L of the current CWG blocks
+
+@compute @workgroup_size(256)
 fn attend_combine(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
                   @builtin(local_invocation_index) lid: u32) {
     let idx = linear_wg(wid, nwg);
@@ -271,18 +363,84 @@ fn attend_combine(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups
     let stride = HD + 2u;
     let base = idx * NB * stride; // idx = t · HEADS + h
     var mx = NEG_BIG;
-    for (var b = 0u; b < nb; b++) {
+    for (var b = lid; b < nb; b += CWG) {
         mx = max(mx, cb_part[base + b * stride]);
     }
-    var l = 0.0;
-    for (var b = 0u; b < nb; b++) {
-        l += cb_part[base + b * stride + 1u] * exp(cb_part[base + b * stride] - mx);
-    }
-    for (var d = lid; d < HD; d += WG) {
-        var o = 0.0;
-        for (var b = 0u; b < nb; b++) {
-            o += cb_part[base + b * stride + 2u + d] * exp(cb_part[base + b * stride] - mx);
+    cred[lid] = mx;
+    workgroupBarrier();
+    for (var r = CWG / 2u; r > 0u; r >>= 1u) {
+        if lid < r {
+            cred[lid] = max(cred[lid], cred[lid + r]);
         }
-        cb_out[t * HEADS * HD + h * HD + d] = o / l;
+        workgroupBarrier();
+    }
+    let big_m = cred[0];
+    workgroupBarrier();
+    var l = 0.0;
+    for (var b = lid; b < nb; b += CWG) {
+        l += cb_part[base + b * stride + 1u] * exp(cb_part[base + b * stride] - big_m);
+    }
+    cred[lid] = l;
+    workgroupBarrier();
+    for (var r = CWG / 2u; r > 0u; r >>= 1u) {
+        if lid < r {
+            cred[lid] += cred[lid + r];
+        }
+        workgroupBarrier();
+    }
+    let inv_l = 1.0 / cred[0];
+    workgroupBarrier();
+    // thread (r, d): dims d = lid % HD (+ CWG ... when HD > CWG), blocks r, r + rs, ...
+    let rs = max(1u, CWG / HD);
+    let r = lid / HD;
+    var o = array<f32, 2>(0.0, 0.0); // dims lid and lid + CWG when HD > CWG (HD ≤ 512)
+    for (var c0 = 0u; c0 < nb; c0 += CWG) {
+        let b = c0 + lid;
+        var w = 0.0;
+        if b < nb {
+            w = exp(cb_part[base + b * stride] - big_m) * inv_l;
+        }
+        cw[lid] = w;
+        workgroupBarrier();
+        let cn = min(CWG, nb - c0);
+        if HD >= CWG {
+            for (var k = 0u; k < 2u; k++) {
+                let d = lid + k * CWG;
+                if d < HD {
+                    var a = o[k];
+                    for (var bb = 0u; bb < cn; bb++) {
+                        a += cw[bb] * cb_part[base + (c0 + bb) * stride + 2u + d];
+                    }
+                    o[k] = a;
+                }
+            }
+        } else if r < rs {
+            let d = lid % HD;
+            var a = o[0];
+            for (var bb = r; bb < cn; bb += rs) {
+                a += cw[bb] * cb_part[base + (c0 + bb) * stride + 2u + d];
+            }
+            o[0] = a;
+        }
+        workgroupBarrier(); // cw is rewritten by the next chunk
+    }
+    let ob = t * HEADS * HD + h * HD;
+    if HD >= CWG {
+        for (var k = 0u; k < 2u; k++) {
+            let d = lid + k * CWG;
+            if d < HD {
+                cb_out[ob + d] = o[k];
+            }
+        }
+    } else {
+        cred[lid] = o[0];
+        workgroupBarrier();
+        if lid < HD {
+            var a = 0.0;
+            for (var rr = 0u; rr < rs; rr++) {
+                a += cred[rr * HD + lid];
+            }
+            cb_out[ob + lid] = a;
+        }
     }
 }

@@ -516,7 +516,8 @@ fn gate_up_matches_the_scalar_composition() {
 /// output (which reads the stored keys and values) with the CPU's. With an f16 GPU cache the
 /// CPU rounds what it stores to f16 (to nearest even, as `pack2x16float` on lavapipe), so it
 /// attends over the values the GPU holds and the tolerance stays that of f32 summation orders:
-/// a wrong word layout, pair order or offset fails it.
+/// a wrong word layout, pair order or offset fails it. A step of `STORE_ONLY` rows or more only
+/// stores its keys and values (a long context filled cheaply: lavapipe is slow).
 fn attention_case(
     g: &mut WgpuBackend,
     seed: u64,
@@ -559,7 +560,9 @@ fn attention_case(
         c.begin_step(&StepRow::sequence(&tokens, pos)).unwrap();
         c.qkv_rope_store(&cw, &cq, &mut ccache, layer, &shape, &mut cqo)
             .unwrap();
-        c.attention(&cqo, &ccache, layer, &shape, &mut co).unwrap();
+        if n < STORE_ONLY {
+            c.attention(&cqo, &ccache, layer, &shape, &mut co).unwrap();
+        }
         g.begin_step(&StepRow::sequence(&tokens, pos)).unwrap();
         let before = g.dispatch_count();
         g.qkv_rope_store(&gw, &gq, &mut gcache, layer, &shape, &mut gqo)
@@ -569,7 +572,10 @@ fn attention_case(
             1,
             "qkv_rope_store: one dispatch"
         );
-        g.attention(&gqo, &gcache, layer, &shape, &mut go).unwrap();
+        let attend = n < STORE_ONLY;
+        if attend {
+            g.attention(&gqo, &gcache, layer, &shape, &mut go).unwrap();
+        }
         g.end_step().unwrap();
         let what =
             format!("{dtype:?} heads={heads}/{kv_heads} hd={hd} step {si} (n={n}, pos={pos})");
@@ -597,19 +603,24 @@ fn attention_case(
             0.0,
             0.0,
         );
-        assert_close(
-            &format!("attention {what}"),
-            &g.read(&go, n).unwrap(),
-            &co.data[..n * qd],
-            1e-5,
-            1e-4,
-        );
+        if attend {
+            assert_close(
+                &format!("attention {what}"),
+                &g.read(&go, n).unwrap(),
+                &co.data[..n * qd],
+                1e-5,
+                1e-4,
+            );
+        }
         // the next step of this layer sees the cache of the previous one of the same layer
         if layer == layers - 1 {
             pos += n;
         }
     }
 }
+
+/// Steps of at least this many rows only store keys and values in `attention_case`.
+const STORE_ONLY: usize = 4096;
 
 #[test]
 fn qkv_rope_store_and_attention_prefill_and_decode_match() {
@@ -628,7 +639,34 @@ fn qkv_rope_store_and_attention_prefill_and_decode_match() {
         // a group too large for the split kernel's workgroup memory: decode falls back to
         // `attend`
         attention_case(&mut g, 10, 8, 1, 256, &[2, 2, 1, 1], dtype);
+        // 2B4T's shape (20 heads, 5 kv heads, head_dim 128): decode over 6 blocks of 64
+        attention_case(&mut g, 12, 20, 5, 128, &[330, 330, 1, 1, 4, 4], dtype);
+        // GROUP 1, head_dim 64, a partial last block
+        attention_case(&mut g, 13, 3, 3, 64, &[200, 200, 2, 2, 3, 3], dtype);
+        // GROUP 8 (two passes of the lane-partial reduction), head_dim 64
+        attention_case(&mut g, 14, 8, 1, 64, &[70, 70, 1, 1], dtype);
     }
+}
+
+/// Decode after a context longer than 256 blocks of 64 (attend_combine merges its blocks in
+/// chunks of 256), filled by store-only steps: GROUP 2 with head_dim 64, GROUP 4 with 128.
+#[test]
+fn decode_attention_over_more_than_256_blocks_matches() {
+    let Some(mut g) = gpu("attention_long") else {
+        return;
+    };
+    for dtype in [KvDtype::F16, KvDtype::F32] {
+        attention_case(&mut g, 15, 4, 2, 64, &[16500, 16500, 1, 1, 3, 3], dtype);
+    }
+    attention_case(
+        &mut g,
+        16,
+        8,
+        2,
+        128,
+        &[STORE_ONLY, STORE_ONLY, 4, 4],
+        KvDtype::F16,
+    );
 }
 
 fn float_matrix(r: &mut ChaCha8Rng, rows: usize, cols: usize, dtype: FloatDtype) -> FloatMatrix {
