@@ -5,7 +5,10 @@
 // it attends to positions 0 ..= pos_t of its slot, so rows of several sequences at unrelated
 // positions share one step (rows of one slot see each other causally, as they are stored before
 // anyone attends).
-// attend:   prefill. One workgroup per (token t, query head h) reads kv head h / (HEADS /
+// attend_tiled: prefill (head_dim ≤ 128, GROUP ≤ 8), flash attention: one workgroup per (tile
+//           of step rows, kv head), the tile's 8 query vectors (rows × the group's heads) sharing
+//           every key / value block staged in workgroup memory; online softmax (below).
+// attend:   prefill otherwise. One workgroup per (token t, query head h) reads kv head h / (HEADS /
 //           KV_HEADS) at positions 0 ..= pos_t in chunks of WG positions with an online
 //           softmax (running max m and sum l, rescaled per chunk), so any context length fits in
 //           a fixed amount of workgroup memory. n · HEADS workgroups keep the device busy.
@@ -158,6 +161,172 @@ fn attend(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: v
             out[t * qd + h * HD + i] = o[k].x / l;
             out[t * qd + h * HD + i + half] = o[k].y / l;
         }
+    }
+}
+
+// ---- attend_tiled: prefill, dispatch (tiles folded 2-D, KV_HEADS): flash attention ----
+// One workgroup per (tile of QT consecutive step rows, kv head): the query vectors of the tile's
+// rows for all GROUP heads of the kv head (NQ = QT · GROUP ≤ NQ_MAX) share every key and value
+// block of TKB positions loaded into workgroup memory (attend reads them once per query head
+// and row). Online softmax per query vector (running max m, sum l, the output rescaled by
+// e^(m_old − m_new) per block), causal mask per row. Rows of one slot are consecutive positions
+// in step order, but a step may interleave slots: the tile is processed as runs of rows of one
+// slot (usually one run), each against keys 0 ..= its last row's position.
+// Binds q, kc, vc, out, step_rows as attend does. The host uses it for HD ≤ TILE_MAX_HD and
+// GROUP ≤ NQ_MAX.
+override QT: u32 = 1u;         // step rows per tile (NQ_MAX / GROUP, chosen by the host)
+const NQ_MAX: u32 = 8u;        // query vectors per tile
+const TKB: u32 = 16u;          // key / value positions per block
+const TILE_MAX_HD: u32 = 128u;
+const TKV_STRIDE: u32 = TILE_MAX_HD + 1u; // padded rows: threads reading one dim of 16 rows hit 16 banks
+const TWG: u32 = 256u;
+const TOUT: u32 = TWG / NQ_MAX; // threads per query vector in the output accumulation
+
+var<workgroup> tq: array<f32, 1024>;   // [NQ_MAX, HD] the tile's query vectors
+var<workgroup> tkv: array<f32, 2064>;  // [TKB, TKV_STRIDE] the key block, then the value block
+var<workgroup> ts: array<f32, 256>;    // [2, NQ_MAX · TKB] half-dot partials of the scores
+var<workgroup> tsp: array<f32, 128>;   // [NQ_MAX, TKB] scores, then e^(s − m)
+var<workgroup> tm: array<f32, NQ_MAX>; // running max per query vector
+var<workgroup> tl: array<f32, NQ_MAX>; // running sum
+var<workgroup> ta: array<f32, NQ_MAX>; // e^(m_old − m_new) of the current block
+
+// Loads positions k0 .. k0 + TKB − 1 (zeros from `end` on) of the cache `which` (0 keys,
+// 1 values) of the kv head at word `hb` of position 0 into tkv as f32 [TKB, HD].
+fn tile_load(which: u32, hb: u32, k0: u32, end: u32, lid: u32) {
+    let half = HD / 2u;
+    let rw = kv_row_words();
+    for (var e = lid; e < TKB * half; e += TWG) {
+        let j = e / half;
+        let i = e % half;
+        var x = vec2<f32>(0.0);
+        if k0 + j < end {
+            if which == 0u {
+                x = key_pair((k0 + j) * rw + hb, i);
+            } else {
+                x = value_pair((k0 + j) * rw + hb, i);
+            }
+        }
+        tkv[j * TKV_STRIDE + i] = x.x;
+        tkv[j * TKV_STRIDE + i + half] = x.y;
+    }
+}
+
+@compute @workgroup_size(256)
+fn attend_tiled(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+                @builtin(local_invocation_index) lid: u32) {
+    let t0 = linear_wg(vec3<u32>(wid.xy, 0u), vec3<u32>(nwg.xy, 1u)) * QT;
+    let kvh = wid.z;
+    let n = step.n_tokens;
+    if t0 >= n {
+        return;
+    }
+    let group = HEADS / KV_HEADS;
+    let qd = HEADS * HD;
+    let t_end = min(t0 + QT, n);
+    var r0 = t0;
+    while r0 < t_end {
+        // the run r0 .. r1 − 1 of rows of one slot (consecutive positions)
+        let slot = step_rows[r0].z;
+        var r1 = r0 + 1u;
+        while r1 < t_end && step_rows[r1].z == slot {
+            r1++;
+        }
+        let nq = (r1 - r0) * group; // query vector q: row r0 + q / GROUP, head q % GROUP
+        let end = step_rows[r1 - 1u].y + 1u; // keys 0 ..= the run's last position
+        let hb = kv_base(r0, kvh);
+        for (var e = lid; e < NQ_MAX * HD; e += TWG) {
+            let qi = e / HD;
+            let d = e % HD;
+            var x = 0.0;
+            if qi < nq {
+                x = q[(r0 + qi / group) * qd + (kvh * group + qi % group) * HD + d];
+            }
+            tq[e] = x;
+        }
+        if lid < NQ_MAX {
+            tm[lid] = NEG_BIG;
+            tl[lid] = 0.0;
+        }
+        // thread (oq, ol) accumulates dims ol + TOUT k of query vector oq
+        let oq = lid / TOUT;
+        let ol = lid % TOUT;
+        var o = array<f32, 4>(0.0, 0.0, 0.0, 0.0); // TILE_MAX_HD / TOUT
+        // score thread: half `sh` of the dims of entry (sq_, sj) of the block
+        let sh = lid / (NQ_MAX * TKB);
+        let se = lid % (NQ_MAX * TKB);
+        let sq_ = se / TKB;
+        let sj = se % TKB;
+        for (var k0 = 0u; k0 < end; k0 += TKB) {
+            tile_load(0u, hb, k0, end, lid);
+            workgroupBarrier(); // tq (first block), tm, tl and the keys are in place
+            let hd0 = sh * (HD / 2u);
+            var dot = 0.0;
+            for (var d = hd0; d < hd0 + HD / 2u; d++) {
+                dot += tq[sq_ * HD + d] * tkv[sj * TKV_STRIDE + d];
+            }
+            ts[lid] = dot;
+            workgroupBarrier(); // the keys are no longer needed: load the values
+            if lid < NQ_MAX * TKB {
+                var sc = NEG_BIG;
+                let p = k0 + sj;
+                if sq_ < nq && p <= step_rows[r0 + sq_ / group].y {
+                    sc = (ts[lid] + ts[lid + NQ_MAX * TKB]) * SCALE;
+                }
+                tsp[lid] = sc;
+            }
+            tile_load(1u, hb, k0, end, lid);
+            workgroupBarrier();
+            if lid < NQ_MAX {
+                var bm = NEG_BIG;
+                for (var j = 0u; j < TKB; j++) {
+                    bm = max(bm, tsp[lid * TKB + j]);
+                }
+                let m_new = max(tm[lid], bm);
+                ta[lid] = exp(tm[lid] - m_new);
+                tm[lid] = m_new;
+            }
+            workgroupBarrier();
+            if lid < NQ_MAX * TKB {
+                // masked (and absent) entries are exactly 0, even where m is still NEG_BIG
+                var pv = 0.0;
+                if tsp[lid] > NEG_BIG {
+                    pv = exp(tsp[lid] - tm[sq_]);
+                }
+                tsp[lid] = pv;
+            }
+            workgroupBarrier();
+            if lid < NQ_MAX {
+                var sum = 0.0;
+                for (var j = 0u; j < TKB; j++) {
+                    sum += tsp[lid * TKB + j];
+                }
+                tl[lid] = tl[lid] * ta[lid] + sum;
+            }
+            let alpha = ta[oq];
+            for (var k = 0u; k < 4u; k++) {
+                let d = ol + k * TOUT;
+                if d < HD {
+                    var a = o[k] * alpha;
+                    for (var j = 0u; j < TKB; j++) {
+                        a += tsp[oq * TKB + j] * tkv[j * TKV_STRIDE + d];
+                    }
+                    o[k] = a;
+                }
+            }
+            workgroupBarrier(); // tkv, tsp and ta are rewritten by the next block
+        }
+        if oq < nq {
+            let ob = (r0 + oq / group) * qd + (kvh * group + oq % group) * HD;
+            let inv_l = 1.0 / tl[oq];
+            for (var k = 0u; k < 4u; k++) {
+                let d = ol + k * TOUT;
+                if d < HD {
+                    out[ob + d] = o[k] * inv_l;
+                }
+            }
+        }
+        workgroupBarrier(); // tq, tm and tl are rewritten by the next run
+        r0 = r1;
     }
 }
 

@@ -12,6 +12,11 @@ pub const MAX_HEAD_DIM: usize = 512;
 pub const ATTN_SPLIT_MAX_TOKENS: usize = 4;
 /// Positions per block of the split attention (shaders/attention.wgsl BLK).
 const ATTN_BLOCK: usize = 64;
+/// Query vectors per tile of the prefill flash attention (attention.wgsl NQ_MAX): groups up
+/// to this size use it.
+const ATTN_TILE_QUERIES: usize = 8;
+/// Largest head_dim of the prefill flash attention (attention.wgsl TILE_MAX_HD).
+const ATTN_TILE_MAX_HD: usize = 128;
 impl WgpuBackend {
     pub(super) fn op_alloc_kv_cache(
         &mut self,
@@ -161,6 +166,21 @@ impl WgpuBackend {
                 &kernels::ATTEND_COMBINE,
                 &consts,
                 &[&partials, &out.buf, &rows],
+                groups,
+            );
+        }
+        if group <= ATTN_TILE_QUERIES && hd <= ATTN_TILE_MAX_HD {
+            // flash attention over query tiles: rows per tile so that a tile holds
+            // ATTN_TILE_QUERIES query vectors of one kv head
+            let qt = ATTN_TILE_QUERIES / group;
+            let mut consts = consts.to_vec();
+            consts.push(("QT", qt as f64));
+            let mut groups = self.grid(n.div_ceil(qt))?;
+            groups[2] = shape.n_kv_heads as u32;
+            return self.record(
+                &kernels::ATTEND_TILED,
+                &consts,
+                &[&q.buf, kc, vc, &out.buf, &rows],
                 groups,
             );
         }

@@ -82,6 +82,12 @@ kernel!(
 );
 kernel!(ATTEND, "attention.wgsl", "attend", [U, R, R, R, RW, R]);
 kernel!(
+    ATTEND_TILED,
+    "attention.wgsl",
+    "attend_tiled",
+    [U, R, R, R, RW, R]
+);
+kernel!(
     ATTEND_SPLIT,
     "attention.wgsl",
     "attend_split",
@@ -110,7 +116,7 @@ kernel!(ARGMAX_FINAL, "argmax.wgsl", "argmax_final", [U, R, RW, RW]);
 kernel!(SAMPLE, "sample.wgsl", "sample_token", [U, RW, R, R, R, RW]);
 
 /// Every kernel, for tests that compile them all.
-pub static ALL: [&Kernel; 15] = [
+pub static ALL: [&Kernel; 16] = [
     &ROW_OPS,
     &MATVEC,
     &MATMUL_TILED,
@@ -119,6 +125,7 @@ pub static ALL: [&Kernel; 15] = [
     &MATVEC_PRO,
     &MATVEC_QKV_PRO,
     &ATTEND,
+    &ATTEND_TILED,
     &ATTEND_SPLIT,
     &ATTEND_COMBINE,
     &EMBED,
