@@ -134,7 +134,8 @@ impl HeadFormat {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum KvDtype {
     /// IEEE half floats (GPU): half the memory and half the bytes attention reads per token;
-    /// logits move by ~1e-3 of their size (README). The CPU backend keeps f32 whatever is asked.
+    /// logits move by up to ~1e-2 of their range (README, "GPU"). The CPU backend keeps f32
+    /// whatever is asked.
     #[default]
     F16,
     /// f32: the same values as the CPU backend's cache.

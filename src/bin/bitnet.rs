@@ -191,7 +191,8 @@ struct DeviceArgs {
     #[arg(long, default_value = "exact", value_name = "exact|q8|q4")]
     lm_head: HeadFormat,
     /// KV cache storage on a GPU: f16 (half the memory and attention traffic; logits move by
-    /// ~1e-3, see the README) or f32 (the CPU's values). The CPU backend always keeps f32.
+    /// up to ~1e-2 of their range, see the README) or f32 (the CPU's values). The CPU backend
+    /// always keeps f32.
     #[arg(long, default_value = "f16", value_name = "f16|f32")]
     kv_cache: KvDtype,
     /// GGUF I2_S block layout: x86 (Microsoft's published files) or arm (written by bitnet.cpp
