@@ -92,11 +92,12 @@ override HEAD_BLOCKS: u32 = 1u;  // blocks of ROWS_PER_WG vocab rows per workgro
 const LANES: u32 = 32u;
 const ROWS_PER_WG: u32 = 8u;
 
-var<workgroup> part: array<f32, 256>;
+var<workgroup> row_logit: array<f32, ROWS_PER_WG>; // the block's logits, for the argmax scan
 var<workgroup> hq: array<u32, HQW>; // DTYPE 3: the int16 input row, 2 per word (col 2w low half)
 
-// 1 / sqrt(mean(x²) + EPS) of the row at xb: row_ops.wgsl's pass 1 and reduce_sum_f, WG = 256.
-fn norm_factor(xb: u32, lid: u32) -> f32 {
+// 1 / sqrt(mean(x²) + EPS) of the row at xb: row_ops.wgsl's pass 1 and reduction, WG = 256.
+fn norm_factor(xb: u32, th: Thread) -> f32 {
+    let lid = thread_index(th);
     let words = (COLS + 3u) / 4u;
     var ss = 0.0;
     for (var wi = lid; wi < words; wi += 256u) {
@@ -108,17 +109,7 @@ fn norm_factor(xb: u32, lid: u32) -> f32 {
             }
         }
     }
-    part[lid] = ss;
-    workgroupBarrier();
-    for (var s = 128u; s > 0u; s >>= 1u) {
-        if lid < s {
-            part[lid] += part[lid + s];
-        }
-        workgroupBarrier();
-    }
-    let r = part[0];
-    workgroupBarrier(); // part is reused by the dot products
-    return 1.0 / sqrt(r / f32(COLS) + EPS);
+    return 1.0 / sqrt(wg_sum_f32(th, 256u, ss) / f32(COLS) + EPS);
 }
 
 // Head input column c of the row at xb: x, or the normed x (row_ops.wgsl's expression).
@@ -138,21 +129,13 @@ fn round_away(y: f32) -> f32 {
 
 // DTYPE 3 prologue: the head input row (normed or not) as int16 codes in hq; returns absmax /
 // 32767, the factor of the row's logits (0 for an all-zero row, as on the CPU).
-fn quantize_input(xb: u32, lid: u32, inv: f32) -> f32 {
+fn quantize_input(xb: u32, th: Thread, inv: f32) -> f32 {
+    let lid = thread_index(th);
     var m = 0.0;
     for (var c = lid; c < COLS; c += 256u) {
         m = max(m, abs(head_in(xb, c, inv)));
     }
-    part[lid] = m;
-    workgroupBarrier();
-    for (var s = 128u; s > 0u; s >>= 1u) {
-        if lid < s {
-            part[lid] = max(part[lid], part[lid + s]);
-        }
-        workgroupBarrier();
-    }
-    let absmax = part[0];
-    workgroupBarrier(); // part is reused by the dot products
+    let absmax = wg_max_f32(th, 256u, m);
     var s = 0.0;
     if absmax > 0.0 {
         s = 32767.0 / absmax;
@@ -261,18 +244,19 @@ fn head_dot(v: u32, lane: u32, xb: u32, inv: f32) -> f32 {
 }
 
 @compute @workgroup_size(256)
-fn lm_head(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
+fn lm_head(@builtin(workgroup_id) wid: vec3<u32>, th: Thread) {
+    let lid = thread_index(th);
     let o = wid.y;            // logits row
     let t = logit_rows[o];    // activation row (a row of the step, checked by the host)
     let lane = lid % LANES;
     let xb = t * COLS;
     var inv = 1.0;
     if NORM {
-        inv = norm_factor(xb, lid);
+        inv = norm_factor(xb, th);
     }
     var post = 1.0; // the factor of every logit: absmax / 32767 of the int16 input (DTYPE 3)
     if DTYPE == 3u {
-        post = quantize_input(xb, lid, inv);
+        post = quantize_input(xb, th, inv);
     }
     var best_v = 0.0;         // thread 0, logits row 0: the workgroup's best so far
     var best_i = ARGMAX_EMPTY;
@@ -283,29 +267,24 @@ fn lm_head(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_inde
         if v < chunk.rows {
             acc = head_dot(v, lane, xb, inv);
         }
-        part[lid] = acc;
-        workgroupBarrier();
-        for (var s = LANES / 2u; s > 0u; s >>= 1u) {
-            if lane < s {
-                part[lid] += part[lid + s];
-            }
-            workgroupBarrier();
-        }
+        let total = lanes_sum_f32(th, LANES, acc);
         if lane == 0u && v < chunk.rows {
-            logits[o * VOCAB + chunk.row0 + v] = part[lid] * post;
+            let l = total * post;
+            logits[o * VOCAB + chunk.row0 + v] = l;
+            row_logit[lid / LANES] = l; // the logit as stored
         }
         if o == 0u {
+            workgroupBarrier();
             if lid == 0u {
                 for (var j = 0u; j < ROWS_PER_WG; j++) {
                     let i = chunk.row0 + v0 + j;
-                    let l = part[j * LANES] * post; // the logit as stored
-                    if v0 + j < chunk.rows && argmax_better(l, i, best_v, best_i) {
-                        best_v = l;
+                    if v0 + j < chunk.rows && argmax_better(row_logit[j], i, best_v, best_i) {
+                        best_v = row_logit[j];
                         best_i = i;
                     }
                 }
             }
-            workgroupBarrier(); // the scan reads other threads' part before the next block
+            workgroupBarrier(); // row_logit is rewritten by the next block
         }
     }
     if o == 0u && lid == 0u {

@@ -1,10 +1,14 @@
-//! Every WGSL kernel against the CPU backend's op, on random inputs with awkward sizes (rows and
-//! columns that are not multiples of the workgroup sizes, K not a multiple of 16, 1 / 3 / 5 / 37
-//! tokens). Integer results (quantized activations, matmul accumulators, argmax) must be equal;
-//! floats agree within |got − ref| ≤ abs + rel·|ref|, failures name index, got and expected.
-//!
-//! Runs on whatever adapter `--device gpu` would pick (lavapipe in CI). Without one the tests
-//! print SKIPPED, or fail when BITNET_REQUIRE_GPU=1 (see `gpu_backend_for_test`).
+// Every WGSL kernel against the CPU backend's op, on random inputs with awkward sizes (rows and
+// columns that are not multiples of the workgroup sizes, K not a multiple of 16, 1 / 3 / 5 / 37
+// tokens). Integer results (quantized activations, matmul accumulators, argmax) must be equal;
+// floats agree within |got − ref| ≤ abs + rel·|ref|, failures name index, got and expected.
+//
+// Runs on whatever adapter `--device gpu` would pick (lavapipe in CI). Without one the tests
+// print SKIPPED, or fail when BITNET_REQUIRE_GPU=1 (see `gpu_backend_for_test`).
+//
+// tests/gpu_kernels_workgroup.rs includes this file to run every case again with the
+// workgroup-memory reductions (no subgroups); here the kernels use what the device has.
+// (Plain comments, not `//!`: an included file cannot carry inner doc comments.)
 
 mod common;
 
@@ -14,7 +18,7 @@ use bitnet_wgpu::backend::cpu::reference::{
     quantize_row, relu2_mul_row, rms_norm_row, rope_head, silu_mul_row, ternary_dot_rows_scalar,
 };
 use bitnet_wgpu::backend::cpu::{CpuBackend, CpuQTensor, CpuTensor};
-use bitnet_wgpu::backend::wgpu::{gpu_backend_for_test, GpuQTensor, WgpuBackend};
+use bitnet_wgpu::backend::wgpu::{gpu_backend_for_test_with, GpuOptions, GpuQTensor, WgpuBackend};
 use bitnet_wgpu::backend::{AttentionShape, Backend, FfnActivation, StepRow};
 use bitnet_wgpu::load::{FloatDtype, FloatMatrix};
 use bitnet_wgpu::ternary::{pack_ternary, ByteStorage, TernaryMatrix};
@@ -22,8 +26,20 @@ use common::assert_close;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
+/// The backend under test: subgroup reductions where the device has them, or the workgroup
+/// ones in the copy of these tests that tests/gpu_kernels_workgroup.rs compiles.
 fn gpu(test: &str) -> Option<WgpuBackend> {
-    gpu_backend_for_test(test)
+    let workgroup_variant = env!("CARGO_CRATE_NAME") == "gpu_kernels_workgroup";
+    let g = gpu_backend_for_test_with(
+        test,
+        GpuOptions {
+            subgroups: !workgroup_variant,
+        },
+    )?;
+    if workgroup_variant {
+        assert_eq!(g.reductions(), "workgroup", "{test}");
+    }
+    Some(g)
 }
 
 fn cpu() -> CpuBackend {
@@ -82,6 +98,31 @@ fn every_kernel_compiles() {
     };
     g.compile_all().unwrap();
     eprintln!("adapter: {}", g.name());
+}
+
+/// shaders/reduce_check.wgsl: every reduction of the library in use (thread numbering, workgroup
+/// sums and max, 16- and 32-lane sums, argmax with ties) equals the exact answer in every
+/// thread. Where the adapter has subgroups, the subgroup variant must be the one in use here
+/// (a self-test failure at device creation would have fallen back silently).
+#[test]
+fn reductions_pass_their_self_test() {
+    let Some(mut g) = gpu("reductions_pass_their_self_test") else {
+        return;
+    };
+    g.check_reductions().unwrap();
+    let workgroup_variant = env!("CARGO_CRATE_NAME") == "gpu_kernels_workgroup";
+    let adapter = bitnet_wgpu::backend::wgpu::list_adapters()
+        .into_iter()
+        .find(|a| g.name().contains(&a.name));
+    if !workgroup_variant && adapter.is_some_and(|a| a.subgroups.is_some()) {
+        assert_eq!(
+            g.reductions(),
+            "subgroup",
+            "the adapter has subgroups; fallback reason: {:?}",
+            g.subgroup_fallback()
+        );
+    }
+    eprintln!("{}: {} reductions", g.name(), g.reductions());
 }
 
 #[test]

@@ -157,6 +157,23 @@ pub struct GpuKvCache {
     pub kv_dim: usize,
 }
 
+/// How to open a GPU device.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct GpuOptions {
+    /// Use subgroup operations in the kernels' reductions where the adapter has
+    /// `Features::SUBGROUP` (and they pass their self-test). Default: on, unless the environment
+    /// sets `BITNET_GPU_NO_SUBGROUPS=1` (to compare, or to work around a driver).
+    pub subgroups: bool,
+}
+
+impl Default for GpuOptions {
+    fn default() -> Self {
+        GpuOptions {
+            subgroups: !std::env::var("BITNET_GPU_NO_SUBGROUPS").is_ok_and(|v| v == "1"),
+        }
+    }
+}
+
 /// The wgpu backend. Create it with [`WgpuBackend::new`] (adapter selection) or
 /// [`WgpuBackend::from_adapter`].
 pub struct WgpuBackend {
@@ -165,6 +182,7 @@ pub struct WgpuBackend {
     info: wgpu::AdapterInfo,
     limits: wgpu::Limits,
     pipelines: PipelineCache,
+    subgroup_fallback: Option<String>, // why subgroups are off although the adapter has them
     bind_groups: HashMap<BindKey, wgpu::BindGroup>,
     step_buf: GpuBuf, // uniform Step { n_tokens, start_pos, _, _ }
     rows_buf: GpuBuf, // [rows_cap] vec4<u32> (token, pos, slot, 0): the step's rows
@@ -217,7 +235,12 @@ impl Backend for WgpuBackend {
     type KvCache = GpuKvCache;
 
     fn name(&self) -> String {
-        format!("wgpu {:?} {}", self.info.backend, self.info.name)
+        let sg = if self.pipelines.subgroups() {
+            " (subgroups)"
+        } else {
+            ""
+        };
+        format!("wgpu {:?} {}{sg}", self.info.backend, self.info.name)
     }
 
     fn upload_linears(&mut self, parts: &[&TernaryMatrix]) -> Result<GpuLinear> {
@@ -402,8 +425,13 @@ impl Backend for WgpuBackend {
 /// `None`. Uses `--device gpu` semantics (software adapters such as lavapipe allowed);
 /// `BITNET_GPU_ADAPTER` may name the adapter.
 pub fn gpu_backend_for_test(test: &str) -> Option<WgpuBackend> {
+    gpu_backend_for_test_with(test, GpuOptions::default())
+}
+
+/// [`gpu_backend_for_test`] with explicit options (tests of both reduction variants).
+pub fn gpu_backend_for_test_with(test: &str, options: GpuOptions) -> Option<WgpuBackend> {
     let name = std::env::var("BITNET_GPU_ADAPTER").ok();
-    match WgpuBackend::new(AdapterChoice::Gpu, name.as_deref()) {
+    match WgpuBackend::new_with(AdapterChoice::Gpu, name.as_deref(), options) {
         Ok(b) => Some(b),
         Err(e) => {
             if std::env::var("BITNET_REQUIRE_GPU").is_ok_and(|v| v == "1") {
