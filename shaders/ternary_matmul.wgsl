@@ -12,8 +12,10 @@
 // A matrix may be the row-concatenation of up to 4 parts (q|k|v, gate|up): the integer
 // accumulation does not know, the scale is the part's (`lin.ends` / `lin.scales`).
 //
-// Entry points over the same accumulation code: `matvec` for decode (few tokens: 16 lanes per
-// row stream the row in 16-byte vectors (64 weights each), coalesced, then reduce) and
+// Entry points over the same accumulation code: `matvec` for decode (one token: 16 lanes per
+// row stream the row in 16-byte vectors (64 weights each), coalesced, then reduce),
+// `matvec_multi` for steps of a few tokens (the same, each weight vector used for up to 16
+// tokens) and
 // `matmul_tiled` for prefill (128 rows × 32 or 64 tokens per workgroup, weight and activation
 // tiles staged in workgroup memory, each weight word used for every token of the tile); `matvec_qkv` and
 // `matmul_tiled_qkv` are the same with the RoPE / KV-cache epilogue and its extra bindings.
@@ -386,6 +388,106 @@ fn matvec_qkv_pro(@builtin(workgroup_id) wid: vec3<u32>, th: Thread) {
         mv_accumulate_pro(blk, th);
         mv_finish_qkv(blk, t, lid, pro_meta);
         workgroupBarrier(); // mv_row is rewritten by the next block
+    }
+}
+
+// ---- small batches: dispatch (ceil(ROWS / 16), ceil(n_tokens / MT)) ----
+// A step of a few tokens (rows of several sequences in a batched decode, a short prompt
+// chunk): matvec's 16 rows × 16 lanes per workgroup, but every weight vector a lane loads serves
+// the MT tokens t0 .. t0 + MT − 1 of its workgroup, so the weights are read once per MT tokens
+// instead of once per token, with as many workgroups as a single-token matvec. The token's
+// quantized rows come from memory (no prologue: MT rows would not fit in workgroup memory for
+// wide inputs); results are bit-identical to matvec's per token.
+override MT: u32 = 8u; // tokens per workgroup (host: matmul.rs multi_tokens; ≤ MT_MAX)
+const MT_MAX: u32 = 16u;
+
+var<workgroup> mt_row: array<i32, 256>; // [MT_MAX, MV_ROWS]: code accumulator of (token, local row)
+
+// Leaves the code accumulators of local row lr and tokens t0 + j in mt_row[j · 16 + lr].
+fn mt_accumulate(blk: u32, t0: u32, th: Thread) {
+    let lid = thread_index(th);
+    let lane = lid % MV_LANES;
+    let lr = lid / MV_LANES;
+    let r = block_row(blk, lr, MV_ROWS);
+    let n = min(MT, step.n_tokens - t0);
+    var acc: array<i32, MT_MAX>;
+    for (var j = 0u; j < MT_MAX; j++) {
+        acc[j] = 0i;
+    }
+    if r < lin.rows {
+        let g4 = lin.groups / 4u; // 64-column vectors per row
+        let wrow = r * g4;
+        for (var g = lane; g < g4; g += MV_LANES) {
+            let wv = w4[wrow + g];
+            for (var j = 0u; j < MT; j++) {
+                if j < n {
+                    let xb = (t0 + j) * lin.groups + 4u * g;
+                    acc[j] += dot16(wv.x, xq[xb]) + dot16(wv.y, xq[xb + 1u])
+                        + dot16(wv.z, xq[xb + 2u]) + dot16(wv.w, xq[xb + 3u]);
+                }
+            }
+        }
+    }
+    for (var j = 0u; j < MT; j++) {
+        let total = lanes_sum_i32(th, MV_LANES, acc[j]);
+        if lane == 0u {
+            mt_row[j * MV_ROWS + lr] = total;
+        }
+    }
+    workgroupBarrier();
+}
+
+@compute @workgroup_size(256)
+fn matvec_multi(@builtin(workgroup_id) wid: vec3<u32>, th: Thread) {
+    let lid = thread_index(th);
+    let t0 = wid.y * MT;
+    if t0 >= step.n_tokens {
+        return;
+    }
+    mt_accumulate(wid.x, t0, th);
+    // thread (j, lr) = (lid / 16, lid % 16): token t0 + j, local row lr
+    let j = lid / MV_ROWS;
+    let lr = lid % MV_ROWS;
+    let t = t0 + j;
+    if j >= MT || t >= step.n_tokens {
+        return;
+    }
+    let sm = vec2<u32>(xmeta[t * 2u], xmeta[t * 2u + 1u]);
+    if PAIR == 0u {
+        let r = block_row(wid.x, lr, MV_ROWS);
+        if r < lin.rows {
+            put(t, r, scaled(r, mt_row[j * MV_ROWS + lr], sm));
+        }
+    } else if lr < MV_ROWS / 2u {
+        let r = block_row(wid.x, lr, MV_ROWS);
+        if r < lin.rows {
+            let g = scaled(r, mt_row[j * MV_ROWS + lr], sm);
+            let u = scaled(r + PAIR, mt_row[j * MV_ROWS + lr + MV_ROWS / 2u], sm);
+            put_gated(t, r, g, u);
+        }
+    }
+}
+
+@compute @workgroup_size(256)
+fn matvec_multi_qkv(@builtin(workgroup_id) wid: vec3<u32>, th: Thread) {
+    let lid = thread_index(th);
+    let t0 = wid.y * MT;
+    if t0 >= step.n_tokens {
+        return;
+    }
+    mt_accumulate(wid.x, t0, th);
+    let j = lid / MV_ROWS;
+    let lr = lid % MV_ROWS;
+    let t = t0 + j;
+    if j >= MT || t >= step.n_tokens || lr >= MV_ROWS / 2u {
+        return;
+    }
+    let sm = vec2<u32>(xmeta[t * 2u], xmeta[t * 2u + 1u]);
+    let r = block_row(wid.x, lr, MV_ROWS);
+    if r < lin.rows {
+        let a = scaled(r, mt_row[j * MV_ROWS + lr], sm);
+        let b = scaled(r + PAIR, mt_row[j * MV_ROWS + lr + MV_ROWS / 2u], sm);
+        put_qkv(t, r, a, b);
     }
 }
 

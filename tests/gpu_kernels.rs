@@ -238,7 +238,7 @@ fn ternary_matmul_accumulators_are_exact_and_outputs_match_cpu() {
     for &(rows, cols) in &[(4, 1), (12, 15), (68, 37), (132, 300), (260, 1030)] {
         let w = random_ternary(&mut r, rows, cols, 0.37);
         let gw = g.upload_linear(&w).unwrap();
-        for &n in &[1usize, 3, 5, 37, 100] {
+        for &n in &[1usize, 2, 3, 5, 8, 9, 16, 17, 37, 100] {
             let mut q: Vec<i8> = (0..n * cols).map(|_| r.random_range(-128..=127)).collect();
             if n > 1 {
                 // a saturated row: the largest possible accumulator magnitude
@@ -374,7 +374,7 @@ fn concatenated_matmul_scales_each_part_and_keeps_accumulators_exact() {
     let refs: Vec<&TernaryMatrix> = parts.iter().collect();
     let gw = g.upload_linears(&refs).unwrap();
     let rows = 24;
-    for n in [1usize, 3, 37] {
+    for n in [1usize, 3, 9, 37] {
         let (q, scales, _, gq) = random_q_both(&mut g, &mut r, n, n, cols);
         let mut gacc = g.alloc(n, rows).unwrap();
         let mut gout = g.alloc(n, rows).unwrap();
@@ -476,7 +476,7 @@ fn ternary_matmul_add_matches_the_scalar_composition() {
     let (rows, cols) = (68, 130);
     let w = random_ternary(&mut r, rows, cols, 0.7);
     let gw = g.upload_linear(&w).unwrap();
-    for n in [1usize, 4, 37] {
+    for n in [1usize, 4, 16, 37] {
         let (q, scales, _, gq) = random_q_both(&mut g, &mut r, n, n, cols);
         let x = randn(&mut r, n * rows, 5.0);
         let (_, mut gx) = both(&mut g, &x, n, rows);
@@ -518,7 +518,7 @@ fn gate_up_matches_the_scalar_composition() {
         let wg = random_ternary(&mut r, inter, cols, 1.3);
         let wu = random_ternary(&mut r, inter, cols, 0.2);
         let gw = g.upload_linears(&[&wg, &wu]).unwrap();
-        for n in [1usize, 3, 37] {
+        for n in [1usize, 3, 12, 37] {
             let (q, scales, _, gq) = random_q_both(&mut g, &mut r, n, n, cols);
             let gu = reference_matmul(&[&wg, &wu], &q, &scales);
             for act in [FfnActivation::Relu2, FfnActivation::Silu] {
@@ -1410,10 +1410,11 @@ fn rows_of_several_slots_at_different_positions_equal_each_sequence_alone() {
     g.end_step().unwrap();
 }
 
-/// A decode step's `rms_norm_quantize` runs as the prologue of the matmul that consumes it (one
-/// dispatch for both, every consumer: plain, residual add, gate|up, q|k|v): the outputs and the
-/// stored int8 row equal the two ops as separate dispatches (the prologue is row_ops.wgsl's code
-/// and reduction order). Prefill steps keep two dispatches.
+/// A one-token step's `rms_norm_quantize` runs as the prologue of the matmul that consumes it
+/// (one dispatch for both, every consumer: plain, residual add, gate|up, q|k|v): the outputs and
+/// the stored int8 row equal the two ops as separate dispatches (the prologue is row_ops.wgsl's
+/// code and reduction order). Steps of several tokens (the multi-token mat-vec, the tiled
+/// matmul) keep two dispatches and give the same results.
 #[test]
 fn norm_quantize_prologue_equals_separate_dispatches() {
     let Some(mut g) = gpu("norm_quantize_prologue") else {
@@ -1484,7 +1485,11 @@ fn norm_quantize_prologue_equals_separate_dispatches() {
                     }
                     g.end_step().unwrap();
                 }
-                let one = if fused && n <= 4 { 1 } else { 2 };
+                let one = if fused && n <= bitnet_wgpu::backend::wgpu::MATVEC_MAX_TOKENS {
+                    1
+                } else {
+                    2
+                };
                 assert_eq!(dispatches, vec![one; 4], "cols={cols} n={n} fused={fused}");
                 results.push((
                     g.read_q(&xq, n).unwrap(),

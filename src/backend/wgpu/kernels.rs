@@ -60,6 +60,18 @@ kernel!(
     [U, U, R, R, R, RW]
 );
 kernel!(
+    MATVEC_MULTI,
+    "ternary_matmul.wgsl",
+    "matvec_multi",
+    [U, U, R, R, R, RW]
+);
+kernel!(
+    MATVEC_MULTI_QKV,
+    "ternary_matmul.wgsl",
+    "matvec_multi_qkv",
+    [U, U, R, R, R, RW, R, R, RW, RW]
+);
+kernel!(
     MATVEC_QKV,
     "ternary_matmul.wgsl",
     "matvec_qkv",
@@ -116,11 +128,13 @@ kernel!(SAMPLE, "sample.wgsl", "sample_token", [U, RW, R, R, R, RW]);
 kernel!(REDUCE_CHECK, "reduce_check.wgsl", "reduce_check", [U, RW]);
 
 /// Every kernel, for tests that compile them all.
-pub static ALL: [&Kernel; 16] = [
+pub static ALL: [&Kernel; 18] = [
     &ROW_OPS,
     &MATVEC,
     &MATMUL_TILED,
     &MATVEC_QKV,
+    &MATVEC_MULTI,
+    &MATVEC_MULTI_QKV,
     &MATMUL_TILED_QKV,
     &MATVEC_PRO,
     &MATVEC_QKV_PRO,

@@ -15,6 +15,13 @@
 //! `argmax_row0` are the sync points: they copy into a reused staging buffer and map it (argmax
 //! reads back 4 bytes); a chained decode reads its picks one step late (chain.rs).
 //!
+//! Reductions: every kernel file is compiled after shaders/common.wgsl and one of two variants
+//! of the same reduction functions, shaders/reduce_subgroup.wgsl (where the device has
+//! `Features::SUBGROUP` and the variant passes its self-test, shaders/reduce_check.wgsl, when
+//! the device opens) or shaders/reduce_workgroup.wgsl (trees in workgroup memory; forced by
+//! [`GpuOptions`] / `BITNET_GPU_NO_SUBGROUPS=1`). Kernels take a `Thread` argument and number
+//! their threads with `thread_index`, so neither variant needs a second copy of a kernel.
+//!
 //! Device layouts (see [`layout`] and the .wgsl files for the details and the why):
 //! - f32 activations `[capacity, cols]`;
 //! - int8 activations 4 per u32, rows padded to 64 columns, plus (scale, Σq) per row;
