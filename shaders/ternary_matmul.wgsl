@@ -14,8 +14,7 @@
 //
 // Entry points over the same accumulation code: `matvec` for decode (one token: 16 lanes per
 // row stream the row in 16-byte vectors (64 weights each), coalesced, then reduce),
-// `matvec_multi` for steps of a few tokens (the same, each weight vector used for up to 16
-// tokens) and
+// `matvec_multi` for steps of a few tokens (the same, each weight vector used for all of them) and
 // `matmul_tiled` for prefill (128 rows × 32 or 64 tokens per workgroup, weight and activation
 // tiles staged in workgroup memory, each weight word used for every token of the tile); `matvec_qkv` and
 // `matmul_tiled_qkv` are the same with the RoPE / KV-cache epilogue and its extra bindings.
@@ -394,14 +393,15 @@ fn matvec_qkv_pro(@builtin(workgroup_id) wid: vec3<u32>, th: Thread) {
 // ---- small batches: dispatch (ceil(ROWS / 16), ceil(n_tokens / MT)) ----
 // A step of a few tokens (rows of several sequences in a batched decode, a short prompt
 // chunk): matvec's 16 rows × 16 lanes per workgroup, but every weight vector a lane loads serves
-// the MT tokens t0 .. t0 + MT − 1 of its workgroup, so the weights are read once per MT tokens
+// the MT tokens t0 .. t0 + MT − 1 of its workgroup (the host uses it for steps of up to 8),
+// so the weights are read once per MT tokens
 // instead of once per token, with as many workgroups as a single-token matvec. The token's
 // quantized rows come from memory (no prologue: MT rows would not fit in workgroup memory for
 // wide inputs); results are bit-identical to matvec's per token.
 override MT: u32 = 8u; // tokens per workgroup (host: matmul.rs multi_tokens; ≤ MT_MAX)
-const MT_MAX: u32 = 16u;
+const MT_MAX: u32 = 8u;
 
-var<workgroup> mt_row: array<i32, 256>; // [MT_MAX, MV_ROWS]: code accumulator of (token, local row)
+var<workgroup> mt_row: array<i32, 128>; // [MT_MAX, MV_ROWS]: code accumulator of (token, local row)
 
 // Leaves the code accumulators of local row lr and tokens t0 + j in mt_row[j · 16 + lr].
 fn mt_accumulate(blk: u32, t0: u32, th: Thread) {

@@ -11,13 +11,17 @@ use crate::ternary::TernaryMatrix;
 
 /// Steps of up to this many tokens use the single-token mat-vec kernel (decode), with the norm
 /// as its prologue; up to [`MULTI_MAX_TOKENS`] the multi-token mat-vec (each weight vector read
-/// once for up to 16 tokens); larger steps the tiled matmul.
+/// once for all of the step's tokens); larger steps the tiled matmul. The multi-token kernel
+/// loads every token's activations per weight vector (from cache), so its cost per weight byte
+/// grows with the tokens while the tiled kernel reuses them from workgroup memory; 8 is where
+/// the count of activation loads per weight load reaches 512 bytes per 16. A guess from that
+/// ratio, not a measurement: no hardware GPU has run either kernel yet.
 pub const MATVEC_MAX_TOKENS: usize = 1;
-pub const MULTI_MAX_TOKENS: usize = 16;
-/// Tokens per workgroup of the multi-token mat-vec (shaders `MT`): 4, 8 or 16, the fewest that
-/// hold the step (a pipeline each).
+pub const MULTI_MAX_TOKENS: usize = 8;
+/// Tokens per workgroup of the multi-token mat-vec (shaders `MT`, at most `MT_MAX` = 8): 4 or
+/// 8, the fewer that holds the step (a pipeline each).
 fn multi_tokens(n: usize) -> usize {
-    n.next_power_of_two().clamp(4, 16)
+    n.next_power_of_two().clamp(4, MULTI_MAX_TOKENS)
 }
 /// Rows per mat-vec workgroup and per tile of the tiled kernel (shaders `MV_ROWS`, `TM`).
 const MV_ROWS: usize = 16;
