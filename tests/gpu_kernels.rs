@@ -702,7 +702,7 @@ fn embedding_and_lm_head_match_cpu_for_every_dtype_and_chunking() {
             g.set_max_chunk_bytes(chunk);
             let m = float_matrix(&mut r, vocab, cols, dtype);
             let ge = g.upload_embedding(&m).unwrap();
-            for &n in &[1usize, 5] {
+            for &n in &[1usize, 5, 11] {
                 let tokens: Vec<u32> = (0..n).map(|i| ((i * 7919 + 13) % vocab) as u32).collect();
                 let what = format!("{dtype:?} vocab={vocab} cols={cols} chunk={chunk:?} n={n}");
                 // embed
@@ -745,6 +745,20 @@ fn embedding_and_lm_head_match_cpu_for_every_dtype_and_chunking() {
                     g.end_step().unwrap();
                     let got = g.read(&gl, pick.len()).unwrap();
                     for (o, &t) in pick.iter().enumerate() {
+                        // a row's logits do not depend on the rows computed beside it
+                        let (_, mut alone) = both(&mut g, &[], 1, vocab);
+                        g.begin_step(&StepRow::sequence(&tokens, 0)).unwrap();
+                        g.lm_head(&ge, &gx, &[t], &mut alone).unwrap();
+                        g.end_step().unwrap();
+                        let alone = g.read(&alone, 1).unwrap();
+                        let row = &got[o * vocab..(o + 1) * vocab];
+                        for (i, (a, b)) in row.iter().zip(&alone).enumerate() {
+                            assert_eq!(
+                                a.to_bits(),
+                                b.to_bits(),
+                                "{what} rows {pick:?}: logits row {o} column {i}: {a} beside others, {b} alone"
+                            );
+                        }
                         let t = t as usize;
                         assert_close(
                             &format!("lm_head rows {pick:?}: logits row {o} (step row {t}) {what}"),
