@@ -16,21 +16,9 @@ const EMPTY: u32 = ARGMAX_EMPTY; // index of "no value yet" (common.wgsl)
 @group(0) @binding(2) var<storage, read_write> partial: array<vec2<u32>>; // [NPART]
 @group(0) @binding(3) var<storage, read_write> result: array<u32>;        // [4]
 
-var<workgroup> best_v: array<f32, WG>;
-var<workgroup> best_i: array<u32, WG>;
-
-fn reduce(lid: u32) {
-    for (var s = WG / 2u; s > 0u; s >>= 1u) {
-        if lid < s && argmax_better(best_v[lid + s], best_i[lid + s], best_v[lid], best_i[lid]) {
-            best_v[lid] = best_v[lid + s];
-            best_i[lid] = best_i[lid + s];
-        }
-        workgroupBarrier();
-    }
-}
-
 @compute @workgroup_size(256)
-fn argmax_partial(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
+fn argmax_partial(@builtin(workgroup_id) wid: vec3<u32>, th: Thread) {
+    let lid = thread_index(th);
     var bv = 0.0;
     var bi = EMPTY;
     let end = min(LEN, (wid.x + 1u) * PER_WG);
@@ -41,17 +29,15 @@ fn argmax_partial(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocati
             bi = i;
         }
     }
-    best_v[lid] = bv;
-    best_i[lid] = bi;
-    workgroupBarrier();
-    reduce(lid);
+    let best = wg_argmax(th, WG, bv, bi);
     if lid == 0u {
-        partial[wid.x] = vec2<u32>(bitcast<u32>(best_v[0]), best_i[0]);
+        partial[wid.x] = best;
     }
 }
 
 @compute @workgroup_size(256)
-fn argmax_final(@builtin(local_invocation_index) lid: u32) {
+fn argmax_final(th: Thread) {
+    let lid = thread_index(th);
     var bv = 0.0;
     var bi = EMPTY;
     for (var i = lid; i < NPART; i += WG) {
@@ -61,11 +47,8 @@ fn argmax_final(@builtin(local_invocation_index) lid: u32) {
             bi = p.y;
         }
     }
-    best_v[lid] = bv;
-    best_i[lid] = bi;
-    workgroupBarrier();
-    reduce(lid);
+    let best = wg_argmax(th, WG, bv, bi);
     if lid == 0u {
-        result[0] = select(best_i[0], 0u, best_i[0] == EMPTY);
+        result[0] = select(best.y, 0u, best.y == EMPTY);
     }
 }

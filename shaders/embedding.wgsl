@@ -15,9 +15,11 @@
 //
 // embed:   out[t, c] = E[tokens[t], c], for the tokens that fall in this chunk.
 // lm_head: logits[o, row0 + v] = Σ_c x[t_o, c] · E[row0 + v, c], blocks of 8 vocab rows with
-//          32 lanes each streaming a row in 16-byte vectors (coalesced), then a tree reduction;
-//          optionally with the final norm as prologue and the argmax's first pass as epilogue.
-//          At decode this is the largest read of a token (the 2B4T embedding is 657 MB).
+//          32 lanes each streaming a row in 16-byte vectors (coalesced), then a reduction; each
+//          vector loaded serves the HR logits rows of the workgroup; optionally with the final
+//          norm as prologue and the argmax's first pass as epilogue. At decode this is the
+//          largest read of a token (the 2B4T embedding is 657 MB), so a batched decode step
+//          (several logits rows) must not read it once per row.
 
 struct Chunk {
     row0: u32, // first matrix row in this buffer
@@ -70,9 +72,12 @@ fn embed(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: ve
     }
 }
 
-// ---- lm_head: dispatch (ceil(chunk.rows / (8 · HEAD_BLOCKS)), logits rows) per chunk; logits
-// row o is the product of the step's row logit_rows[o] (any subset of the rows, in any order).
-// NORM: the final rms_norm is the prologue: each workgroup computes its row's norm factor with
+// ---- lm_head: dispatch (ceil(chunk.rows / (8 · HEAD_BLOCKS)), ceil(logits rows / HR)) per
+// chunk; logits row o is the product of the step's row logit_rows[o] (any subset of the rows, in
+// any order), and workgroup y computes logits rows HR·y .. HR·y + HR − 1 (the host pads
+// logit_rows with NO_ROW to a multiple of HR). Every row's sums run in the same order whatever
+// HR is, so a row's logits do not depend on the rows computed beside it.
+// NORM: the final rms_norm is the prologue: each workgroup computes its rows' norm factors with
 // row_ops.wgsl's code and reduction order (WG = 256) and uses w · (x · inv) in place of x, the
 // normed value bit for bit, so the fused op equals rms_norm then lm_head exactly.
 // For logits row 0, each workgroup also leaves the (value bits, index) of its best logit in
@@ -80,7 +85,7 @@ fn embed(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: ve
 // token, one dispatch instead of a second pass over the logits. ----
 @group(0) @binding(3) var<storage, read> head_x: array<f32>;          // [capacity, COLS]
 @group(0) @binding(4) var<storage, read_write> logits: array<f32>;    // [max rows, VOCAB]
-@group(0) @binding(5) var<storage, read> logit_rows: array<u32>;      // [logits rows] row of head_x
+@group(0) @binding(5) var<storage, read> logit_rows: array<u32>;      // [logits rows padded to HR] row of head_x
 @group(0) @binding(6) var<storage, read> norm_w: array<f32>;          // [COLS] final norm (NORM)
 @group(0) @binding(7) var<storage, read_write> head_best: array<vec2<u32>>; // [workgroups of all chunks]
 
@@ -88,15 +93,19 @@ override HQW: u32 = 1u;          // DTYPE 3: words of the int16 input row (COLS 
 override NORM: bool = false;     // the final rms_norm as the prologue
 override EPS: f32 = 1e-5;        // its epsilon
 override HEAD_BLOCKS: u32 = 1u;  // blocks of ROWS_PER_WG vocab rows per workgroup (host: LM_BLOCKS)
+override HR: u32 = 1u;           // logits rows per workgroup (host: embedding.rs head_rows; 1 for DTYPE 3)
+const HR_MAX: u32 = 8u;
+const NO_ROW: u32 = 0xffffffffu; // padding of logit_rows
 
 const LANES: u32 = 32u;
 const ROWS_PER_WG: u32 = 8u;
 
-var<workgroup> part: array<f32, 256>;
+var<workgroup> row_logit: array<f32, ROWS_PER_WG>; // the block's logits, for the argmax scan
 var<workgroup> hq: array<u32, HQW>; // DTYPE 3: the int16 input row, 2 per word (col 2w low half)
 
-// 1 / sqrt(mean(x²) + EPS) of the row at xb: row_ops.wgsl's pass 1 and reduce_sum_f, WG = 256.
-fn norm_factor(xb: u32, lid: u32) -> f32 {
+// 1 / sqrt(mean(x²) + EPS) of the row at xb: row_ops.wgsl's pass 1 and reduction, WG = 256.
+fn norm_factor(xb: u32, th: Thread) -> f32 {
+    let lid = thread_index(th);
     let words = (COLS + 3u) / 4u;
     var ss = 0.0;
     for (var wi = lid; wi < words; wi += 256u) {
@@ -108,17 +117,7 @@ fn norm_factor(xb: u32, lid: u32) -> f32 {
             }
         }
     }
-    part[lid] = ss;
-    workgroupBarrier();
-    for (var s = 128u; s > 0u; s >>= 1u) {
-        if lid < s {
-            part[lid] += part[lid + s];
-        }
-        workgroupBarrier();
-    }
-    let r = part[0];
-    workgroupBarrier(); // part is reused by the dot products
-    return 1.0 / sqrt(r / f32(COLS) + EPS);
+    return 1.0 / sqrt(wg_sum_f32(th, 256u, ss) / f32(COLS) + EPS);
 }
 
 // Head input column c of the row at xb: x, or the normed x (row_ops.wgsl's expression).
@@ -138,21 +137,13 @@ fn round_away(y: f32) -> f32 {
 
 // DTYPE 3 prologue: the head input row (normed or not) as int16 codes in hq; returns absmax /
 // 32767, the factor of the row's logits (0 for an all-zero row, as on the CPU).
-fn quantize_input(xb: u32, lid: u32, inv: f32) -> f32 {
+fn quantize_input(xb: u32, th: Thread, inv: f32) -> f32 {
+    let lid = thread_index(th);
     var m = 0.0;
     for (var c = lid; c < COLS; c += 256u) {
         m = max(m, abs(head_in(xb, c, inv)));
     }
-    part[lid] = m;
-    workgroupBarrier();
-    for (var s = 128u; s > 0u; s >>= 1u) {
-        if lid < s {
-            part[lid] = max(part[lid], part[lid + s]);
-        }
-        workgroupBarrier();
-    }
-    let absmax = part[0];
-    workgroupBarrier(); // part is reused by the dot products
+    let absmax = wg_max_f32(th, 256u, m);
     var s = 0.0;
     if absmax > 0.0 {
         s = 32767.0 / absmax;
@@ -203,12 +194,19 @@ fn q8_head_dot(v: u32, lane: u32) -> f32 {
     return acc;
 }
 
-// Σ_c in[c] · E[v, c] over this lane's 16-byte vectors of chunk row v.
-fn head_dot(v: u32, lane: u32, xb: u32, inv: f32) -> f32 {
-    if DTYPE == 3u {
-        return q8_head_dot(v, lane);
+// Σ_c in_k[c] · E[v, c] over this lane's 16-byte vectors of chunk row v, for the workgroup's
+// logits rows k < nr (input rows at xbs[k], norm factors invs[k]): each vector is loaded and
+// converted once for all of them; row k's sum runs in the same order for any nr.
+fn head_dots(v: u32, lane: u32, xbs: array<u32, HR_MAX>, invs: array<f32, HR_MAX>,
+             nr: u32) -> array<f32, HR_MAX> {
+    var acc: array<f32, HR_MAX>;
+    for (var k = 0u; k < HR_MAX; k++) {
+        acc[k] = 0.0;
     }
-    var acc = 0.0;
+    if DTYPE == 3u {
+        acc[0] = q8_head_dot(v, lane); // (HR = 1: the int16 row in hq is row 0's)
+        return acc;
+    }
     let rv = ROW_WORDS / 4u;
     let rb = v * rv;
     for (var vi = lane; vi < rv; vi += LANES) {
@@ -216,13 +214,20 @@ fn head_dot(v: u32, lane: u32, xb: u32, inv: f32) -> f32 {
         if DTYPE == 2u {
             // 4 f32 columns per vector
             let col = vi * 4u;
-            if col + 4u <= COLS {
-                let xv = vec4<f32>(head_in(xb, col, inv), head_in(xb, col + 1u, inv),
-                                   head_in(xb, col + 2u, inv), head_in(xb, col + 3u, inv));
-                acc += dot(xv, bitcast<vec4<f32>>(wv));
-            } else {
-                for (var k = 0u; col + k < COLS; k++) {
-                    acc += head_in(xb, col + k, inv) * bitcast<f32>(wv[k]);
+            let wf = bitcast<vec4<f32>>(wv);
+            for (var k = 0u; k < HR; k++) {
+                if k < nr {
+                    let xb = xbs[k];
+                    let inv = invs[k];
+                    if col + 4u <= COLS {
+                        let xv = vec4<f32>(head_in(xb, col, inv), head_in(xb, col + 1u, inv),
+                                           head_in(xb, col + 2u, inv), head_in(xb, col + 3u, inv));
+                        acc[k] += dot(xv, wf);
+                    } else {
+                        for (var j = 0u; col + j < COLS; j++) {
+                            acc[k] += head_in(xb, col + j, inv) * wf[j];
+                        }
+                    }
                 }
             }
         } else {
@@ -241,17 +246,23 @@ fn head_dot(v: u32, lane: u32, xb: u32, inv: f32) -> f32 {
                 hi = bitcast<vec4<f32>>(wv & vec4<u32>(0xffff0000u));
             }
             let col = vi * 8u;
-            if col + 8u <= COLS {
-                let xe = vec4<f32>(head_in(xb, col, inv), head_in(xb, col + 2u, inv),
-                                   head_in(xb, col + 4u, inv), head_in(xb, col + 6u, inv));
-                let xo = vec4<f32>(head_in(xb, col + 1u, inv), head_in(xb, col + 3u, inv),
-                                   head_in(xb, col + 5u, inv), head_in(xb, col + 7u, inv));
-                acc += dot(xe, lo) + dot(xo, hi);
-            } else {
-                for (var k = 0u; col + 2u * k < COLS; k++) {
-                    acc += head_in(xb, col + 2u * k, inv) * lo[k];
-                    if col + 2u * k + 1u < COLS {
-                        acc += head_in(xb, col + 2u * k + 1u, inv) * hi[k];
+            for (var k = 0u; k < HR; k++) {
+                if k < nr {
+                    let xb = xbs[k];
+                    let inv = invs[k];
+                    if col + 8u <= COLS {
+                        let xe = vec4<f32>(head_in(xb, col, inv), head_in(xb, col + 2u, inv),
+                                           head_in(xb, col + 4u, inv), head_in(xb, col + 6u, inv));
+                        let xo = vec4<f32>(head_in(xb, col + 1u, inv), head_in(xb, col + 3u, inv),
+                                           head_in(xb, col + 5u, inv), head_in(xb, col + 7u, inv));
+                        acc[k] += dot(xe, lo) + dot(xo, hi);
+                    } else {
+                        for (var j = 0u; col + 2u * j < COLS; j++) {
+                            acc[k] += head_in(xb, col + 2u * j, inv) * lo[j];
+                            if col + 2u * j + 1u < COLS {
+                                acc[k] += head_in(xb, col + 2u * j + 1u, inv) * hi[j];
+                            }
+                        }
                     }
                 }
             }
@@ -261,54 +272,69 @@ fn head_dot(v: u32, lane: u32, xb: u32, inv: f32) -> f32 {
 }
 
 @compute @workgroup_size(256)
-fn lm_head(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
-    let o = wid.y;            // logits row
-    let t = logit_rows[o];    // activation row (a row of the step, checked by the host)
+fn lm_head(@builtin(workgroup_id) wid: vec3<u32>, th: Thread) {
+    let lid = thread_index(th);
+    let o0 = wid.y * HR;      // the workgroup's first logits row
     let lane = lid % LANES;
-    let xb = t * COLS;
-    var inv = 1.0;
+    // the workgroup's rows: input row offsets, norm factors (the valid rows are a prefix)
+    var xbs: array<u32, HR_MAX>;
+    var invs: array<f32, HR_MAX>;
+    var nr = 0u;
+    for (var k = 0u; k < HR_MAX; k++) {
+        xbs[k] = 0u;
+        invs[k] = 1.0;
+        if k < HR && logit_rows[o0 + k] != NO_ROW {
+            xbs[k] = logit_rows[o0 + k] * COLS;
+            nr = k + 1u;
+        }
+    }
     if NORM {
-        inv = norm_factor(xb, lid);
+        for (var k = 0u; k < HR; k++) {
+            if k < nr {
+                invs[k] = norm_factor(xbs[k], th);
+            }
+        }
     }
     var post = 1.0; // the factor of every logit: absmax / 32767 of the int16 input (DTYPE 3)
     if DTYPE == 3u {
-        post = quantize_input(xb, lid, inv);
+        post = quantize_input(xbs[0], th, invs[0]);
     }
     var best_v = 0.0;         // thread 0, logits row 0: the workgroup's best so far
     var best_i = ARGMAX_EMPTY;
     for (var blk = 0u; blk < HEAD_BLOCKS; blk++) {
         let v0 = (wid.x * HEAD_BLOCKS + blk) * ROWS_PER_WG; // first chunk row of the block
         let v = v0 + lid / LANES;
-        var acc = 0.0;
+        var dots: array<f32, HR_MAX>;
         if v < chunk.rows {
-            acc = head_dot(v, lane, xb, inv);
+            dots = head_dots(v, lane, xbs, invs, nr);
         }
-        part[lid] = acc;
-        workgroupBarrier();
-        for (var s = LANES / 2u; s > 0u; s >>= 1u) {
-            if lane < s {
-                part[lid] += part[lid + s];
+        for (var k = 0u; k < HR; k++) {
+            if k < nr {
+                let total = lanes_sum_f32(th, LANES, dots[k]);
+                if lane == 0u && v < chunk.rows {
+                    let l = total * post;
+                    logits[(o0 + k) * VOCAB + chunk.row0 + v] = l;
+                    if o0 + k == 0u {
+                        row_logit[lid / LANES] = l; // the logit as stored
+                    }
+                }
             }
+        }
+        if o0 == 0u {
             workgroupBarrier();
-        }
-        if lane == 0u && v < chunk.rows {
-            logits[o * VOCAB + chunk.row0 + v] = part[lid] * post;
-        }
-        if o == 0u {
             if lid == 0u {
                 for (var j = 0u; j < ROWS_PER_WG; j++) {
                     let i = chunk.row0 + v0 + j;
-                    let l = part[j * LANES] * post; // the logit as stored
-                    if v0 + j < chunk.rows && argmax_better(l, i, best_v, best_i) {
-                        best_v = l;
+                    if v0 + j < chunk.rows && argmax_better(row_logit[j], i, best_v, best_i) {
+                        best_v = row_logit[j];
                         best_i = i;
                     }
                 }
             }
-            workgroupBarrier(); // the scan reads other threads' part before the next block
+            workgroupBarrier(); // row_logit is rewritten by the next block
         }
     }
-    if o == 0u && lid == 0u {
+    if o0 == 0u && lid == 0u {
         head_best[chunk.wg0 + wid.x] = vec2<u32>(bitcast<u32>(best_v), best_i);
     }
 }

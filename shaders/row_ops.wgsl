@@ -8,8 +8,8 @@
 //                   u is recomputed from a and the norm factor, bit-identical to xn)
 //
 // Each thread owns whole 4-column words (columns 4wi .. 4wi+3, wi = lid, lid + WG, ...) in every
-// pass. The f32 sum of squares is a tree reduction (the CPU sums sequentially, so the two differ
-// by rounding, ~1e-7 relative); absmax is exact in any order, so with a correctly rounded
+// pass. The f32 sum of squares is a workgroup reduction (reduce_*.wgsl: a tree, or subgroup sums;
+// the CPU sums sequentially, so the two differ by rounding, ~1e-7 relative); absmax is exact in any order, so with a correctly rounded
 // division the quantization equals the CPU's bit for bit (WGSL round() is half-to-even).
 //
 // Quantized layout, the one the ternary matmul consumes: q [capacity, QW] u32 with 4 int8 per u32
@@ -23,7 +23,7 @@ override EPS: f32 = 1e-5;  // rms_norm_eps
 override NORM: bool = false;
 override QUANT: bool = false;
 
-override WG: u32 = 256u; // threads per row (host: row_ops.rs ROW_OPS_WG; a power of two)
+override WG: u32 = 256u; // threads per row (host: row_ops.rs ROW_OPS_WG; a power of two ≤ 256)
 
 @group(0) @binding(0) var<uniform> step: Step;
 @group(0) @binding(1) var<storage, read> a: array<f32>;           // [capacity, COLS] input
@@ -32,40 +32,10 @@ override WG: u32 = 256u; // threads per row (host: row_ops.rs ROW_OPS_WG; a powe
 @group(0) @binding(4) var<storage, read_write> q: array<u32>;     // [capacity, QW] int8 × 4
 @group(0) @binding(5) var<storage, read_write> qmeta: array<u32>; // [capacity, 2] (s bits, Σq)
 
-var<workgroup> red_f: array<f32, WG>;
-var<workgroup> red_i: array<i32, WG>;
-
-fn reduce_sum_f(lid: u32, v: f32) -> f32 {
-    red_f[lid] = v;
-    workgroupBarrier();
-    for (var s = WG / 2u; s > 0u; s >>= 1u) {
-        if lid < s {
-            red_f[lid] += red_f[lid + s];
-        }
-        workgroupBarrier();
-    }
-    let r = red_f[0];
-    workgroupBarrier(); // red_f is reused by the next reduction
-    return r;
-}
-
-fn reduce_max_f(lid: u32, v: f32) -> f32 {
-    red_f[lid] = v;
-    workgroupBarrier();
-    for (var s = WG / 2u; s > 0u; s >>= 1u) {
-        if lid < s {
-            red_f[lid] = max(red_f[lid], red_f[lid + s]);
-        }
-        workgroupBarrier();
-    }
-    let r = red_f[0];
-    workgroupBarrier();
-    return r;
-}
-
 @compute @workgroup_size(WG)
 fn row_ops(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
-           @builtin(local_invocation_index) lid: u32) {
+           th: Thread) {
+    let lid = thread_index(th);
     let row = linear_wg(wid, nwg);
     if row >= step.n_tokens {
         return;
@@ -88,7 +58,7 @@ fn row_ops(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: 
     // pass 2: the norm (stored without QUANT; its absmax with QUANT)
     var inv = 1.0;
     if NORM {
-        inv = 1.0 / sqrt(reduce_sum_f(lid, ss) / f32(COLS) + EPS);
+        inv = 1.0 / sqrt(wg_sum_f32(th, WG, ss) / f32(COLS) + EPS);
         m = 0.0;
         for (var wi = lid; wi < words; wi += WG) {
             for (var k = 0u; k < 4u; k++) {
@@ -106,7 +76,7 @@ fn row_ops(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: 
     }
     // pass 3: int8 quantization of the normed row (NORM) or of a
     if QUANT {
-        let scale = 127.0 / max(reduce_max_f(lid, m), 1e-5);
+        let scale = 127.0 / max(wg_max_f32(th, WG, m), 1e-5);
         var sum = 0i;
         for (var wi = lid; wi < QW; wi += WG) {
             var packed = 0u;
@@ -124,17 +94,10 @@ fn row_ops(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: 
             }
             q[row * QW + wi] = packed;
         }
-        red_i[lid] = sum;
-        workgroupBarrier();
-        for (var s = WG / 2u; s > 0u; s >>= 1u) {
-            if lid < s {
-                red_i[lid] += red_i[lid + s];
-            }
-            workgroupBarrier();
-        }
+        let total = wg_sum_i32(th, WG, sum);
         if lid == 0u {
             qmeta[row * 2u] = bitcast<u32>(scale);
-            qmeta[row * 2u + 1u] = bitcast<u32>(red_i[0]);
+            qmeta[row * 2u + 1u] = bitcast<u32>(total);
         }
     }
 }

@@ -12,8 +12,9 @@
 // A matrix may be the row-concatenation of up to 4 parts (q|k|v, gate|up): the integer
 // accumulation does not know, the scale is the part's (`lin.ends` / `lin.scales`).
 //
-// Entry points over the same accumulation code: `matvec` for decode (few tokens: 16 lanes per
-// row stream the row in 16-byte vectors (64 weights each), coalesced, then reduce) and
+// Entry points over the same accumulation code: `matvec` for decode (one token: 16 lanes per
+// row stream the row in 16-byte vectors (64 weights each), coalesced, then reduce),
+// `matvec_multi` for steps of a few tokens (the same, each weight vector used for all of them) and
 // `matmul_tiled` for prefill (128 rows × 32 or 64 tokens per workgroup, weight and activation
 // tiles staged in workgroup memory, each weight word used for every token of the tile); `matvec_qkv` and
 // `matmul_tiled_qkv` are the same with the RoPE / KV-cache epilogue and its extra bindings.
@@ -198,23 +199,22 @@ fn put_qkv(t: u32, r: u32, a: f32, b: f32) {
 const MV_LANES: u32 = 16u; // threads per row
 const MV_ROWS: u32 = 16u;  // rows per workgroup (16 × 16 = 256 threads)
 
-var<workgroup> mv_part: array<i32, 256>;
+var<workgroup> mv_row: array<i32, MV_ROWS>; // the code accumulator of each local row
 
-// Sums mv_part over the 16 lanes of each row: local row j's total in mv_part[16 j].
-fn mv_reduce(lid: u32, acc: i32) {
-    let lane = lid % MV_LANES;
-    mv_part[lid] = acc;
-    workgroupBarrier();
-    for (var s = MV_LANES / 2u; s > 0u; s >>= 1u) {
-        if lane < s {
-            mv_part[lid] += mv_part[lid + s];
-        }
-        workgroupBarrier();
+// Sums the 16 lanes of each local row j (thread numbers 16 j .. 16 j + 15, the reduction
+// library's lanes_sum_i32: shuffles where the subgroup holds a row) into mv_row[j].
+fn mv_reduce(th: Thread, acc: i32) {
+    let lid = thread_index(th);
+    let total = lanes_sum_i32(th, MV_LANES, acc);
+    if lid % MV_LANES == 0u {
+        mv_row[lid / MV_LANES] = total;
     }
+    workgroupBarrier();
 }
 
-// Leaves the code accumulator of local row j of block `blk` in mv_part[16 j] (all threads).
-fn mv_accumulate(blk: u32, t: u32, lid: u32) {
+// Leaves the code accumulator of local row j of block `blk` in mv_row[j] (all threads).
+fn mv_accumulate(blk: u32, t: u32, th: Thread) {
+    let lid = thread_index(th);
     let lane = lid % MV_LANES;
     let r = block_row(blk, lid / MV_LANES, MV_ROWS);
     var acc = 0i;
@@ -229,7 +229,7 @@ fn mv_accumulate(blk: u32, t: u32, lid: u32) {
                 + dot16(wv.z, xq[xb + 2u]) + dot16(wv.w, xq[xb + 3u]);
         }
     }
-    mv_reduce(lid, acc);
+    mv_reduce(th, acc);
 }
 
 // ---- the prologue: rms_norm + quantize of row t into workgroup memory (row_ops.wgsl with
@@ -238,39 +238,10 @@ fn mv_accumulate(blk: u32, t: u32, lid: u32) {
 // at [j · G/4 + g], so that the 16 lanes of a row, reading vectors g, g+1, ..., read
 // consecutive vec4s (no bank conflicts) in mv_accumulate_pro.
 var<workgroup> pro_q4: array<vec4<u32>, PQW / 4u>;
-var<workgroup> pro_red: array<f32, 256>;
-var<workgroup> pro_red_i: array<i32, 256>;
 var<workgroup> pro_meta: vec2<u32>;         // (s bits, Σq)
 
-fn pro_reduce_sum(lid: u32, v: f32) -> f32 {
-    pro_red[lid] = v;
-    workgroupBarrier();
-    for (var s = 128u; s > 0u; s >>= 1u) {
-        if lid < s {
-            pro_red[lid] += pro_red[lid + s];
-        }
-        workgroupBarrier();
-    }
-    let r = pro_red[0];
-    workgroupBarrier();
-    return r;
-}
-
-fn pro_reduce_max(lid: u32, v: f32) -> f32 {
-    pro_red[lid] = v;
-    workgroupBarrier();
-    for (var s = 128u; s > 0u; s >>= 1u) {
-        if lid < s {
-            pro_red[lid] = max(pro_red[lid], pro_red[lid + s]);
-        }
-        workgroupBarrier();
-    }
-    let r = pro_red[0];
-    workgroupBarrier();
-    return r;
-}
-
-fn prologue(t: u32, lid: u32, store: bool) {
+fn prologue(t: u32, th: Thread, store: bool) {
+    let lid = thread_index(th);
     let base = t * PCOLS;
     let words = (PCOLS + 3u) / 4u;
     var ss = 0.0;
@@ -283,7 +254,7 @@ fn prologue(t: u32, lid: u32, store: bool) {
             }
         }
     }
-    let inv = 1.0 / sqrt(pro_reduce_sum(lid, ss) / f32(PCOLS) + PEPS);
+    let inv = 1.0 / sqrt(wg_sum_f32(th, 256u, ss) / f32(PCOLS) + PEPS);
     var m = 0.0;
     for (var wi = lid; wi < words; wi += 256u) {
         for (var k = 0u; k < 4u; k++) {
@@ -293,7 +264,7 @@ fn prologue(t: u32, lid: u32, store: bool) {
             }
         }
     }
-    let scale = 127.0 / max(pro_reduce_max(lid, m), 1e-5);
+    let scale = 127.0 / max(wg_max_f32(th, 256u, m), 1e-5);
     var sum = 0i;
     let g4 = PQW / 16u; // 64-column vectors per row
     for (var v = lid; v < PQW / 4u; v += 256u) {
@@ -318,16 +289,9 @@ fn prologue(t: u32, lid: u32, store: bool) {
         }
         pro_q4[(v % 4u) * g4 + v / 4u] = group;
     }
-    pro_red_i[lid] = sum;
-    workgroupBarrier();
-    for (var s = 128u; s > 0u; s >>= 1u) {
-        if lid < s {
-            pro_red_i[lid] += pro_red_i[lid + s];
-        }
-        workgroupBarrier();
-    }
+    let total = wg_sum_i32(th, 256u, sum);
     if lid == 0u {
-        pro_meta = vec2<u32>(bitcast<u32>(scale), bitcast<u32>(pro_red_i[0]));
+        pro_meta = vec2<u32>(bitcast<u32>(scale), bitcast<u32>(total));
         if store {
             xmeta_out[t * 2u] = pro_meta.x;
             xmeta_out[t * 2u + 1u] = pro_meta.y;
@@ -337,7 +301,8 @@ fn prologue(t: u32, lid: u32, store: bool) {
 }
 
 // mv_accumulate over the prologue's row in workgroup memory.
-fn mv_accumulate_pro(blk: u32, lid: u32) {
+fn mv_accumulate_pro(blk: u32, th: Thread) {
+    let lid = thread_index(th);
     let lane = lid % MV_LANES;
     let r = block_row(blk, lid / MV_LANES, MV_ROWS);
     var acc = 0i;
@@ -350,21 +315,23 @@ fn mv_accumulate_pro(blk: u32, lid: u32) {
                 + dot16(wv.z, pro_q4[2u * g4 + g]) + dot16(wv.w, pro_q4[3u * g4 + g]);
         }
     }
-    mv_reduce(lid, acc);
+    mv_reduce(th, acc);
 }
 
 // The epilogue of matvec / matvec_pro for token t, given the token's (s bits, Σq).
 fn mv_finish(blk: u32, t: u32, lid: u32, sm: vec2<u32>) {
     if PAIR == 0u {
-        let r = block_row(blk, lid / MV_LANES, MV_ROWS);
-        if lid % MV_LANES == 0u && r < lin.rows {
-            put(t, r, scaled(r, mv_part[lid], sm));
+        if lid < MV_ROWS {
+            let r = block_row(blk, lid, MV_ROWS);
+            if r < lin.rows {
+                put(t, r, scaled(r, mv_row[lid], sm));
+            }
         }
     } else if lid < MV_ROWS / 2u {
         let r = block_row(blk, lid, MV_ROWS);
         if r < lin.rows {
-            let g = scaled(r, mv_part[lid * MV_LANES], sm);
-            let u = scaled(r + PAIR, mv_part[(lid + MV_ROWS / 2u) * MV_LANES], sm);
+            let g = scaled(r, mv_row[lid], sm);
+            let u = scaled(r + PAIR, mv_row[lid + MV_ROWS / 2u], sm);
             put_gated(t, r, g, u);
         }
     }
@@ -375,61 +342,165 @@ fn mv_finish_qkv(blk: u32, t: u32, lid: u32, sm: vec2<u32>) {
     if lid < MV_ROWS / 2u {
         let r = block_row(blk, lid, MV_ROWS);
         if r < lin.rows {
-            let a = scaled(r, mv_part[lid * MV_LANES], sm);
-            let b = scaled(r + PAIR, mv_part[(lid + MV_ROWS / 2u) * MV_LANES], sm);
+            let a = scaled(r, mv_row[lid], sm);
+            let b = scaled(r + PAIR, mv_row[lid + MV_ROWS / 2u], sm);
             put_qkv(t, r, a, b);
         }
     }
 }
 
 @compute @workgroup_size(256)
-fn matvec(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
+fn matvec(@builtin(workgroup_id) wid: vec3<u32>, th: Thread) {
+    let lid = thread_index(th);
     let t = wid.y;
     if t >= step.n_tokens {
         return;
     }
-    mv_accumulate(wid.x, t, lid);
+    mv_accumulate(wid.x, t, th);
     mv_finish(wid.x, t, lid, vec2<u32>(xmeta[t * 2u], xmeta[t * 2u + 1u]));
 }
 
 @compute @workgroup_size(256)
-fn matvec_pro(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
+fn matvec_pro(@builtin(workgroup_id) wid: vec3<u32>, th: Thread) {
+    let lid = thread_index(th);
     let t = wid.y;
     if t >= step.n_tokens {
         return;
     }
-    prologue(t, lid, wid.x == 0u);
+    prologue(t, th, wid.x == 0u);
     for (var b = 0u; b < PRO_BLOCKS; b++) {
         let blk = wid.x * PRO_BLOCKS + b;
-        mv_accumulate_pro(blk, lid);
+        mv_accumulate_pro(blk, th);
         mv_finish(blk, t, lid, pro_meta);
-        workgroupBarrier(); // mv_part is rewritten by the next block
+        workgroupBarrier(); // mv_row is rewritten by the next block
     }
 }
 
 @compute @workgroup_size(256)
-fn matvec_qkv(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
+fn matvec_qkv(@builtin(workgroup_id) wid: vec3<u32>, th: Thread) {
+    let lid = thread_index(th);
     let t = wid.y;
     if t >= step.n_tokens {
         return;
     }
-    mv_accumulate(wid.x, t, lid);
+    mv_accumulate(wid.x, t, th);
     mv_finish_qkv(wid.x, t, lid, vec2<u32>(xmeta[t * 2u], xmeta[t * 2u + 1u]));
 }
 
 @compute @workgroup_size(256)
-fn matvec_qkv_pro(@builtin(workgroup_id) wid: vec3<u32>,
-                  @builtin(local_invocation_index) lid: u32) {
+fn matvec_qkv_pro(@builtin(workgroup_id) wid: vec3<u32>, th: Thread) {
+    let lid = thread_index(th);
     let t = wid.y;
     if t >= step.n_tokens {
         return;
     }
-    prologue(t, lid, wid.x == 0u);
+    prologue(t, th, wid.x == 0u);
     for (var b = 0u; b < PRO_BLOCKS; b++) {
         let blk = wid.x * PRO_BLOCKS + b;
-        mv_accumulate_pro(blk, lid);
+        mv_accumulate_pro(blk, th);
         mv_finish_qkv(blk, t, lid, pro_meta);
-        workgroupBarrier(); // mv_part is rewritten by the next block
+        workgroupBarrier(); // mv_row is rewritten by the next block
+    }
+}
+
+// ---- small batches: dispatch (ceil(ROWS / 16), ceil(n_tokens / MT)) ----
+// A step of a few tokens (rows of several sequences in a batched decode, a short prompt
+// chunk): matvec's 16 rows × 16 lanes per workgroup, but every weight vector a lane loads serves
+// the MT tokens t0 .. t0 + MT − 1 of its workgroup (the host uses it for steps of up to 8),
+// so the weights are read once per MT tokens
+// instead of once per token, with as many workgroups as a single-token matvec. The token's
+// quantized rows come from memory (no prologue: MT rows would not fit in workgroup memory for
+// wide inputs); results are bit-identical to matvec's per token.
+override MT: u32 = 8u; // tokens per workgroup (host: matmul.rs multi_tokens; ≤ MT_MAX)
+const MT_MAX: u32 = 8u;
+
+var<workgroup> mt_row: array<i32, 128>; // [MT_MAX, MV_ROWS]: code accumulator of (token, local row)
+
+// Leaves the code accumulators of local row lr and tokens t0 + j in mt_row[j · 16 + lr].
+fn mt_accumulate(blk: u32, t0: u32, th: Thread) {
+    let lid = thread_index(th);
+    let lane = lid % MV_LANES;
+    let lr = lid / MV_LANES;
+    let r = block_row(blk, lr, MV_ROWS);
+    let n = min(MT, step.n_tokens - t0);
+    var acc: array<i32, MT_MAX>;
+    for (var j = 0u; j < MT_MAX; j++) {
+        acc[j] = 0i;
+    }
+    if r < lin.rows {
+        let g4 = lin.groups / 4u; // 64-column vectors per row
+        let wrow = r * g4;
+        for (var g = lane; g < g4; g += MV_LANES) {
+            let wv = w4[wrow + g];
+            for (var j = 0u; j < MT; j++) {
+                if j < n {
+                    let xb = (t0 + j) * lin.groups + 4u * g;
+                    acc[j] += dot16(wv.x, xq[xb]) + dot16(wv.y, xq[xb + 1u])
+                        + dot16(wv.z, xq[xb + 2u]) + dot16(wv.w, xq[xb + 3u]);
+                }
+            }
+        }
+    }
+    for (var j = 0u; j < MT; j++) {
+        let total = lanes_sum_i32(th, MV_LANES, acc[j]);
+        if lane == 0u {
+            mt_row[j * MV_ROWS + lr] = total;
+        }
+    }
+    workgroupBarrier();
+}
+
+@compute @workgroup_size(256)
+fn matvec_multi(@builtin(workgroup_id) wid: vec3<u32>, th: Thread) {
+    let lid = thread_index(th);
+    let t0 = wid.y * MT;
+    if t0 >= step.n_tokens {
+        return;
+    }
+    mt_accumulate(wid.x, t0, th);
+    // thread (j, lr) = (lid / 16, lid % 16): token t0 + j, local row lr
+    let j = lid / MV_ROWS;
+    let lr = lid % MV_ROWS;
+    let t = t0 + j;
+    if j >= MT || t >= step.n_tokens {
+        return;
+    }
+    let sm = vec2<u32>(xmeta[t * 2u], xmeta[t * 2u + 1u]);
+    if PAIR == 0u {
+        let r = block_row(wid.x, lr, MV_ROWS);
+        if r < lin.rows {
+            put(t, r, scaled(r, mt_row[j * MV_ROWS + lr], sm));
+        }
+    } else if lr < MV_ROWS / 2u {
+        let r = block_row(wid.x, lr, MV_ROWS);
+        if r < lin.rows {
+            let g = scaled(r, mt_row[j * MV_ROWS + lr], sm);
+            let u = scaled(r + PAIR, mt_row[j * MV_ROWS + lr + MV_ROWS / 2u], sm);
+            put_gated(t, r, g, u);
+        }
+    }
+}
+
+@compute @workgroup_size(256)
+fn matvec_multi_qkv(@builtin(workgroup_id) wid: vec3<u32>, th: Thread) {
+    let lid = thread_index(th);
+    let t0 = wid.y * MT;
+    if t0 >= step.n_tokens {
+        return;
+    }
+    mt_accumulate(wid.x, t0, th);
+    let j = lid / MV_ROWS;
+    let lr = lid % MV_ROWS;
+    let t = t0 + j;
+    if j >= MT || t >= step.n_tokens || lr >= MV_ROWS / 2u {
+        return;
+    }
+    let sm = vec2<u32>(xmeta[t * 2u], xmeta[t * 2u + 1u]);
+    let r = block_row(wid.x, lr, MV_ROWS);
+    if r < lin.rows {
+        let a = scaled(r, mt_row[j * MV_ROWS + lr], sm);
+        let b = scaled(r + PAIR, mt_row[j * MV_ROWS + lr + MV_ROWS / 2u], sm);
+        put_qkv(t, r, a, b);
     }
 }
 

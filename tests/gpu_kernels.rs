@@ -1,10 +1,14 @@
-//! Every WGSL kernel against the CPU backend's op, on random inputs with awkward sizes (rows and
-//! columns that are not multiples of the workgroup sizes, K not a multiple of 16, 1 / 3 / 5 / 37
-//! tokens). Integer results (quantized activations, matmul accumulators, argmax) must be equal;
-//! floats agree within |got − ref| ≤ abs + rel·|ref|, failures name index, got and expected.
-//!
-//! Runs on whatever adapter `--device gpu` would pick (lavapipe in CI). Without one the tests
-//! print SKIPPED, or fail when BITNET_REQUIRE_GPU=1 (see `gpu_backend_for_test`).
+// Every WGSL kernel against the CPU backend's op, on random inputs with awkward sizes (rows and
+// columns that are not multiples of the workgroup sizes, K not a multiple of 16, 1 / 3 / 5 / 37
+// tokens). Integer results (quantized activations, matmul accumulators, argmax) must be equal;
+// floats agree within |got − ref| ≤ abs + rel·|ref|, failures name index, got and expected.
+//
+// Runs on whatever adapter `--device gpu` would pick (lavapipe in CI). Without one the tests
+// print SKIPPED, or fail when BITNET_REQUIRE_GPU=1 (see `gpu_backend_for_test`).
+//
+// tests/gpu_kernels_workgroup.rs includes this file to run every case again with the
+// workgroup-memory reductions (no subgroups); here the kernels use what the device has.
+// (Plain comments, not `//!`: an included file cannot carry inner doc comments.)
 
 mod common;
 
@@ -14,7 +18,7 @@ use bitnet_wgpu::backend::cpu::reference::{
     quantize_row, relu2_mul_row, rms_norm_row, rope_head, silu_mul_row, ternary_dot_rows_scalar,
 };
 use bitnet_wgpu::backend::cpu::{CpuBackend, CpuQTensor, CpuTensor};
-use bitnet_wgpu::backend::wgpu::{gpu_backend_for_test, GpuQTensor, WgpuBackend};
+use bitnet_wgpu::backend::wgpu::{gpu_backend_for_test_with, GpuOptions, GpuQTensor, WgpuBackend};
 use bitnet_wgpu::backend::{AttentionShape, Backend, FfnActivation, KvDtype, StepRow};
 use bitnet_wgpu::load::{FloatDtype, FloatMatrix};
 use bitnet_wgpu::ternary::{pack_ternary, ByteStorage, TernaryMatrix};
@@ -22,8 +26,20 @@ use common::assert_close;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
+/// The backend under test: subgroup reductions where the device has them, or the workgroup
+/// ones in the copy of these tests that tests/gpu_kernels_workgroup.rs compiles.
 fn gpu(test: &str) -> Option<WgpuBackend> {
-    gpu_backend_for_test(test)
+    let workgroup_variant = env!("CARGO_CRATE_NAME") == "gpu_kernels_workgroup";
+    let g = gpu_backend_for_test_with(
+        test,
+        GpuOptions {
+            subgroups: !workgroup_variant,
+        },
+    )?;
+    if workgroup_variant {
+        assert_eq!(g.reductions(), "workgroup", "{test}");
+    }
+    Some(g)
 }
 
 fn cpu() -> CpuBackend {
@@ -82,6 +98,31 @@ fn every_kernel_compiles() {
     };
     g.compile_all().unwrap();
     eprintln!("adapter: {}", g.name());
+}
+
+/// shaders/reduce_check.wgsl: every reduction of the library in use (thread numbering, workgroup
+/// sums and max, 16- and 32-lane sums, argmax with ties) equals the exact answer in every
+/// thread. Where the adapter has subgroups, the subgroup variant must be the one in use here
+/// (a self-test failure at device creation would have fallen back silently).
+#[test]
+fn reductions_pass_their_self_test() {
+    let Some(mut g) = gpu("reductions_pass_their_self_test") else {
+        return;
+    };
+    g.check_reductions().unwrap();
+    let workgroup_variant = env!("CARGO_CRATE_NAME") == "gpu_kernels_workgroup";
+    let adapter = bitnet_wgpu::backend::wgpu::list_adapters()
+        .into_iter()
+        .find(|a| g.name().contains(&a.name));
+    if !workgroup_variant && adapter.is_some_and(|a| a.subgroups.is_some()) {
+        assert_eq!(
+            g.reductions(),
+            "subgroup",
+            "the adapter has subgroups; fallback reason: {:?}",
+            g.subgroup_fallback()
+        );
+    }
+    eprintln!("{}: {} reductions", g.name(), g.reductions());
 }
 
 #[test]
@@ -197,7 +238,7 @@ fn ternary_matmul_accumulators_are_exact_and_outputs_match_cpu() {
     for &(rows, cols) in &[(4, 1), (12, 15), (68, 37), (132, 300), (260, 1030)] {
         let w = random_ternary(&mut r, rows, cols, 0.37);
         let gw = g.upload_linear(&w).unwrap();
-        for &n in &[1usize, 3, 5, 37, 100] {
+        for &n in &[1usize, 2, 3, 5, 8, 9, 16, 17, 37, 100] {
             let mut q: Vec<i8> = (0..n * cols).map(|_| r.random_range(-128..=127)).collect();
             if n > 1 {
                 // a saturated row: the largest possible accumulator magnitude
@@ -333,7 +374,7 @@ fn concatenated_matmul_scales_each_part_and_keeps_accumulators_exact() {
     let refs: Vec<&TernaryMatrix> = parts.iter().collect();
     let gw = g.upload_linears(&refs).unwrap();
     let rows = 24;
-    for n in [1usize, 3, 37] {
+    for n in [1usize, 3, 9, 37] {
         let (q, scales, _, gq) = random_q_both(&mut g, &mut r, n, n, cols);
         let mut gacc = g.alloc(n, rows).unwrap();
         let mut gout = g.alloc(n, rows).unwrap();
@@ -435,7 +476,7 @@ fn ternary_matmul_add_matches_the_scalar_composition() {
     let (rows, cols) = (68, 130);
     let w = random_ternary(&mut r, rows, cols, 0.7);
     let gw = g.upload_linear(&w).unwrap();
-    for n in [1usize, 4, 37] {
+    for n in [1usize, 4, 16, 37] {
         let (q, scales, _, gq) = random_q_both(&mut g, &mut r, n, n, cols);
         let x = randn(&mut r, n * rows, 5.0);
         let (_, mut gx) = both(&mut g, &x, n, rows);
@@ -477,7 +518,7 @@ fn gate_up_matches_the_scalar_composition() {
         let wg = random_ternary(&mut r, inter, cols, 1.3);
         let wu = random_ternary(&mut r, inter, cols, 0.2);
         let gw = g.upload_linears(&[&wg, &wu]).unwrap();
-        for n in [1usize, 3, 37] {
+        for n in [1usize, 3, 12, 37] {
             let (q, scales, _, gq) = random_q_both(&mut g, &mut r, n, n, cols);
             let gu = reference_matmul(&[&wg, &wu], &q, &scales);
             for act in [FfnActivation::Relu2, FfnActivation::Silu] {
@@ -707,7 +748,7 @@ fn embedding_and_lm_head_match_cpu_for_every_dtype_and_chunking() {
             g.set_max_chunk_bytes(chunk);
             let m = float_matrix(&mut r, vocab, cols, dtype);
             let ge = g.upload_embedding(&m).unwrap();
-            for &n in &[1usize, 5] {
+            for &n in &[1usize, 5, 11] {
                 let tokens: Vec<u32> = (0..n).map(|i| ((i * 7919 + 13) % vocab) as u32).collect();
                 let what = format!("{dtype:?} vocab={vocab} cols={cols} chunk={chunk:?} n={n}");
                 // embed
@@ -750,6 +791,20 @@ fn embedding_and_lm_head_match_cpu_for_every_dtype_and_chunking() {
                     g.end_step().unwrap();
                     let got = g.read(&gl, pick.len()).unwrap();
                     for (o, &t) in pick.iter().enumerate() {
+                        // a row's logits do not depend on the rows computed beside it
+                        let (_, mut alone) = both(&mut g, &[], 1, vocab);
+                        g.begin_step(&StepRow::sequence(&tokens, 0)).unwrap();
+                        g.lm_head(&ge, &gx, &[t], &mut alone).unwrap();
+                        g.end_step().unwrap();
+                        let alone = g.read(&alone, 1).unwrap();
+                        let row = &got[o * vocab..(o + 1) * vocab];
+                        for (i, (a, b)) in row.iter().zip(&alone).enumerate() {
+                            assert_eq!(
+                                a.to_bits(),
+                                b.to_bits(),
+                                "{what} rows {pick:?}: logits row {o} column {i}: {a} beside others, {b} alone"
+                            );
+                        }
                         let t = t as usize;
                         assert_close(
                             &format!("lm_head rows {pick:?}: logits row {o} (step row {t}) {what}"),
@@ -1418,10 +1473,11 @@ fn rows_of_several_slots_at_different_positions_equal_each_sequence_alone() {
     g.end_step().unwrap();
 }
 
-/// A decode step's `rms_norm_quantize` runs as the prologue of the matmul that consumes it (one
-/// dispatch for both, every consumer: plain, residual add, gate|up, q|k|v): the outputs and the
-/// stored int8 row equal the two ops as separate dispatches (the prologue is row_ops.wgsl's code
-/// and reduction order). Prefill steps keep two dispatches.
+/// A one-token step's `rms_norm_quantize` runs as the prologue of the matmul that consumes it
+/// (one dispatch for both, every consumer: plain, residual add, gate|up, q|k|v): the outputs and
+/// the stored int8 row equal the two ops as separate dispatches (the prologue is row_ops.wgsl's
+/// code and reduction order). Steps of several tokens (the multi-token mat-vec, the tiled
+/// matmul) keep two dispatches and give the same results.
 #[test]
 fn norm_quantize_prologue_equals_separate_dispatches() {
     let Some(mut g) = gpu("norm_quantize_prologue") else {
@@ -1492,7 +1548,11 @@ fn norm_quantize_prologue_equals_separate_dispatches() {
                     }
                     g.end_step().unwrap();
                 }
-                let one = if fused && n <= 4 { 1 } else { 2 };
+                let one = if fused && n <= bitnet_wgpu::backend::wgpu::MATVEC_MAX_TOKENS {
+                    1
+                } else {
+                    2
+                };
                 assert_eq!(dispatches, vec![one; 4], "cols={cols} n={n} fused={fused}");
                 results.push((
                     g.read_q(&xq, n).unwrap(),

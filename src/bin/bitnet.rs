@@ -1158,9 +1158,27 @@ fn bench(a: BenchArgs) -> Result<()> {
         _ => None,
     };
 
+    let tests = test_matrix(&a.depth, &a.n_prompt, &a.n_gen);
+    if tests.is_empty() {
+        bail!("nothing to run: -p and -n are both 0");
+    }
     let (weights, model_name, size) = match (&a.model, &a.synthetic) {
         (_, Some(p)) => {
-            let config = bitnet_wgpu::synthetic::preset(p)?;
+            let mut config = bitnet_wgpu::synthetic::preset(p)?;
+            // Random weights have no trained context length: a depth test past the real
+            // model's (2B4T: 4096, like llama-bench's -d 4096 -p 512) only measures speed.
+            let need = tests
+                .iter()
+                .map(|t| t.depth + t.n_tokens)
+                .max()
+                .unwrap_or(1);
+            if need > config.max_position_embeddings {
+                eprintln!(
+                    "note: the synthetic {p} context is extended from {} to {need} positions for the depth tests",
+                    config.max_position_embeddings
+                );
+                config.max_position_embeddings = need;
+            }
             eprintln!("building random {p} weights in memory...");
             let w = bitnet_wgpu::synthetic::random_weights(&config, 1)?;
             let size = w.ternary_bytes() + w.embed_tokens.bytes();
@@ -1181,10 +1199,6 @@ fn bench(a: BenchArgs) -> Result<()> {
         }
         (None, None) => bail!("give --model DIR or --synthetic 2b4t"),
     };
-    let tests = test_matrix(&a.depth, &a.n_prompt, &a.n_gen);
-    if tests.is_empty() {
-        bail!("nothing to run: -p and -n are both 0");
-    }
     let threads = if a.threads.is_empty() {
         vec![bitnet_wgpu::backend::cpu::default_threads()]
     } else {

@@ -29,13 +29,15 @@ pub struct AdapterSummary {
     pub software: bool,
     pub max_buffer_size: u64,
     pub max_storage_buffer_binding_size: u64,
+    /// (min, max) subgroup size where the adapter has `Features::SUBGROUP`.
+    pub subgroups: Option<(u32, u32)>,
 }
 
 impl std::fmt::Display for AdapterSummary {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(
             f,
-            "{} ({}, {}{}; driver {}; max buffer {} MiB, max binding {} MiB)",
+            "{} ({}, {}{}; driver {}; max buffer {} MiB, max binding {} MiB; {})",
             self.name,
             self.backend,
             self.device_type,
@@ -46,7 +48,12 @@ impl std::fmt::Display for AdapterSummary {
                 &self.driver
             },
             self.max_buffer_size >> 20,
-            self.max_storage_buffer_binding_size >> 20
+            self.max_storage_buffer_binding_size >> 20,
+            match self.subgroups {
+                Some((lo, hi)) if lo == hi => format!("subgroups of {lo}"),
+                Some((lo, hi)) => format!("subgroups of {lo}-{hi}"),
+                None => "no subgroups".to_string(),
+            }
         )
     }
 }
@@ -83,6 +90,10 @@ pub fn summarize(a: &wgpu::Adapter) -> AdapterSummary {
             .to_string(),
         max_buffer_size: limits.max_buffer_size,
         max_storage_buffer_binding_size: limits.max_storage_buffer_binding_size,
+        subgroups: a
+            .features()
+            .contains(wgpu::Features::SUBGROUP)
+            .then_some((info.subgroup_min_size, info.subgroup_max_size)),
     }
 }
 

@@ -8,8 +8,8 @@ use std::time::Instant;
 
 use super::kernels::{self, Kernel, PipelineCache};
 use super::{
-    gpu_err, layout, select_adapter, AdapterChoice, GpuBuf, GpuCounters, GpuQTensor, GpuTensor,
-    GpuVector, WgpuBackend, NEXT_ID,
+    gpu_err, layout, select_adapter, AdapterChoice, GpuBuf, GpuCounters, GpuOptions, GpuQTensor,
+    GpuTensor, GpuVector, WgpuBackend, NEXT_ID,
 };
 use crate::error::{BitnetError, Result};
 
@@ -92,18 +92,40 @@ impl UploadPool {
 impl WgpuBackend {
     /// Opens the adapter chosen by `choice` / `name_substring` (see [`select_adapter`]).
     pub fn new(choice: AdapterChoice, name_substring: Option<&str>) -> Result<Self> {
+        Self::new_with(choice, name_substring, GpuOptions::default())
+    }
+
+    /// [`WgpuBackend::new`] with explicit options.
+    pub fn new_with(
+        choice: AdapterChoice,
+        name_substring: Option<&str>,
+        options: GpuOptions,
+    ) -> Result<Self> {
         let adapter = select_adapter(choice, name_substring).map_err(BitnetError::Gpu)?;
-        Self::from_adapter(adapter)
+        Self::from_adapter_with(adapter, options)
+    }
+
+    /// Opens a device on `adapter` with the default options.
+    pub fn from_adapter(adapter: wgpu::Adapter) -> Result<Self> {
+        Self::from_adapter_with(adapter, GpuOptions::default())
     }
 
     /// Opens a device on `adapter` with the adapter's own limits (so large buffers and bindings
-    /// are allowed up to what the hardware supports) and no optional features.
-    pub fn from_adapter(adapter: wgpu::Adapter) -> Result<Self> {
+    /// are allowed up to what the hardware supports) and, where the adapter has it and
+    /// `options.subgroups` allows, `Features::SUBGROUP`: the kernels' reductions then use
+    /// subgroup operations, after a self-test of them on this device (see [`GpuOptions`]).
+    pub fn from_adapter_with(adapter: wgpu::Adapter, options: GpuOptions) -> Result<Self> {
         let info = adapter.get_info();
         let limits = adapter.limits();
+        let subgroups = options.subgroups && adapter.features().contains(wgpu::Features::SUBGROUP);
+        let required_features = if subgroups {
+            wgpu::Features::SUBGROUP
+        } else {
+            wgpu::Features::empty()
+        };
         let (device, queue) = pollster::block_on(adapter.request_device(&wgpu::DeviceDescriptor {
             label: Some("bitnet"),
-            required_features: wgpu::Features::empty(),
+            required_features,
             required_limits: limits.clone(),
             memory_hints: wgpu::MemoryHints::Performance,
             ..Default::default()
@@ -159,12 +181,13 @@ impl WgpuBackend {
             16,
             wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_SRC,
         );
-        Ok(WgpuBackend {
+        let mut backend = WgpuBackend {
             device,
             queue,
             info,
             limits,
-            pipelines: PipelineCache::default(),
+            pipelines: PipelineCache::new(subgroups),
+            subgroup_fallback: None,
             bind_groups: HashMap::new(),
             step_buf,
             rows_buf,
@@ -196,7 +219,89 @@ impl WgpuBackend {
             dummy_rw,
             lost,
             errors,
-        })
+        };
+        if subgroups {
+            if let Err(e) = backend.check_reductions() {
+                // A driver whose subgroups break the library's contract: the workgroup kernels
+                // are slower but right. Pipelines and bind groups are rebuilt without subgroups.
+                backend.check_alive().ok(); // drop an error the failed check left behind
+                backend.pipelines = PipelineCache::new(false);
+                backend.bind_groups.clear();
+                backend.subgroup_fallback = Some(e.to_string());
+            }
+            // The check is not part of any model's work.
+            backend.bind_groups.clear();
+            backend.counters = GpuCounters::default();
+        }
+        Ok(backend)
+    }
+
+    /// Which reductions the kernels use: `"subgroup"` or `"workgroup"`.
+    pub fn reductions(&self) -> &'static str {
+        if self.pipelines.subgroups() {
+            "subgroup"
+        } else {
+            "workgroup"
+        }
+    }
+
+    /// Why the subgroup kernels were not used although the adapter has subgroups (their
+    /// self-test failed on this device), if so.
+    pub fn subgroup_fallback(&self) -> Option<&str> {
+        self.subgroup_fallback.as_deref()
+    }
+
+    /// Runs shaders/reduce_check.wgsl with the reductions in use and compares every thread's
+    /// results with the exact answers; the error names the first difference.
+    #[doc(hidden)]
+    pub fn check_reductions(&mut self) -> Result<()> {
+        const N: usize = 256;
+        let out = self.storage("reduction check", (3 * N * 16) as u64, None)?;
+        self.record(&kernels::REDUCE_CHECK, &[], &[&out], [1, 1, 1])?;
+        let bytes = self.download(&out, (3 * N * 16) as u64)?;
+        let v: Vec<u32> = bytemuck::cast_slice(&bytes).to_vec();
+        let fail = |what: &str, t: usize, got: u32, want: u32| {
+            Err(gpu_err(format!(
+                "the {} reductions' self-test failed: {what} of thread {t} is {got:#x}, expected {want:#x}",
+                self.reductions()
+            )))
+        };
+        let mut seen = [false; N];
+        for t in 0..N {
+            let r = &v[12 * t..12 * t + 12];
+            let i = r[0] as usize;
+            if i >= N || seen[i] {
+                return fail("thread number", t, r[0], t as u32);
+            }
+            seen[i] = true;
+            let run = |lanes: usize| (i / lanes * lanes..(i / lanes + 1) * lanes).sum::<usize>();
+            let mut expect = [
+                ("workgroup i32 sum", r[1], 32640i32 as u32),
+                ("workgroup f32 sum", r[4], 510f32.to_bits()),
+                ("workgroup f32 max", r[5], 250f32.to_bits()),
+                ("argmax value", r[6], 63f32.to_bits()),
+                ("argmax index", r[7], 19),
+            ]
+            .to_vec();
+            if i.is_multiple_of(16) {
+                expect.push(("16-lane i32 sum", r[2], run(16) as u32));
+            }
+            if i.is_multiple_of(4) {
+                expect.push(("4-lane i32 sum", r[8], run(4) as u32));
+            }
+            if i.is_multiple_of(8) {
+                expect.push(("8-lane f32 sum", r[9], (run(8) as f32).to_bits()));
+            }
+            if i.is_multiple_of(32) {
+                expect.push(("32-lane f32 sum", r[3], 112f32.to_bits()));
+            }
+            for (what, got, want) in expect {
+                if got != want {
+                    return fail(what, i, got, want);
+                }
+            }
+        }
+        Ok(())
     }
 
     /// Pipelines compiled so far (a model compiles all of its pipelines in its first steps).

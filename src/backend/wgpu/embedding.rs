@@ -14,6 +14,11 @@ use crate::load::FloatMatrix;
 const LM_BLOCKS: usize = 8;
 /// Vocabulary rows per LM-head workgroup (shaders/embedding.wgsl `ROWS_PER_WG · HEAD_BLOCKS`).
 pub(super) const LM_ROWS_PER_WG: usize = 8 * LM_BLOCKS;
+/// Most logits rows one LM-head workgroup computes (shaders/embedding.wgsl `HR_MAX`): a step's
+/// rows share each load of the head in groups of up to 8 (next power of two of the row count).
+const LM_HEAD_ROWS_MAX: usize = 8;
+/// Padding of the logit rows list to a multiple of `HR` (shaders/embedding.wgsl `NO_ROW`).
+const NO_ROW: u32 = u32::MAX;
 /// Threads per embed workgroup, one per copied value: shaders/embedding.wgsl `EMBED_WG`.
 const EMBED_WG: usize = 256;
 
@@ -187,6 +192,16 @@ impl WgpuBackend {
                 format!("logit row {r} of a step of {n} rows"),
             ));
         }
+        // Logits rows per workgroup: the head is read once per HR rows (the 8-bit head keeps
+        // one, its int16 input row lives in workgroup memory); the list is padded to HR.
+        let hr = if head.code == layout::Q8_CODE {
+            1
+        } else {
+            out_rows.next_power_of_two().min(LM_HEAD_ROWS_MAX)
+        };
+        let mut rows = rows.to_vec();
+        rows.resize(out_rows.next_multiple_of(hr), NO_ROW);
+        let rows = &rows[..];
         if self.logit_rows_host != rows {
             if rows.len() > self.logit_rows_cap {
                 let cap = rows.len().next_power_of_two();
@@ -221,11 +236,16 @@ impl WgpuBackend {
             ("NORM", if norm.is_some() { 1.0 } else { 0.0 }),
             ("EPS", norm.map_or(0.0, |(_, eps)| eps as f64)),
             ("HEAD_BLOCKS", LM_BLOCKS as f64),
+            ("HR", hr as f64),
         ];
         let list = self.logit_rows_buf.clone();
         let norm_w = norm.map_or_else(|| self.dummy_r.clone(), |(w, _)| w.buf.clone());
         for c in &head.chunks {
-            let groups = [c.rows.div_ceil(LM_ROWS_PER_WG) as u32, out_rows as u32, 1];
+            let groups = [
+                c.rows.div_ceil(LM_ROWS_PER_WG) as u32,
+                out_rows.div_ceil(hr) as u32,
+                1,
+            ];
             self.record(
                 &kernels::LM_HEAD,
                 &consts,

@@ -13,6 +13,11 @@ use crate::error::{BitnetError, Result};
 
 /// Prepended to every kernel file: the `Step` uniform and the 2-D workgroup fold.
 const PRELUDE: &str = include_str!("../../../shaders/common.wgsl");
+/// Prepended after it: the workgroup reductions (`Thread`, `wg_sum_f32`, `lanes_sum_i32`, ...),
+/// built on subgroup operations where the device has them, else on workgroup memory. The
+/// kernels call the same functions either way.
+const REDUCE_SUBGROUP: &str = include_str!("../../../shaders/reduce_subgroup.wgsl");
+const REDUCE_WORKGROUP: &str = include_str!("../../../shaders/reduce_workgroup.wgsl");
 
 /// How a kernel uses one binding (its index is the position in [`Kernel::bindings`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -53,6 +58,18 @@ kernel!(
     "ternary_matmul.wgsl",
     "matmul_tiled",
     [U, U, R, R, R, RW]
+);
+kernel!(
+    MATVEC_MULTI,
+    "ternary_matmul.wgsl",
+    "matvec_multi",
+    [U, U, R, R, R, RW]
+);
+kernel!(
+    MATVEC_MULTI_QKV,
+    "ternary_matmul.wgsl",
+    "matvec_multi_qkv",
+    [U, U, R, R, R, RW, R, R, RW, RW]
 );
 kernel!(
     MATVEC_QKV,
@@ -114,13 +131,16 @@ kernel!(
 );
 kernel!(ARGMAX_FINAL, "argmax.wgsl", "argmax_final", [U, R, RW, RW]);
 kernel!(SAMPLE, "sample.wgsl", "sample_token", [U, RW, R, R, R, RW]);
+kernel!(REDUCE_CHECK, "reduce_check.wgsl", "reduce_check", [U, RW]);
 
 /// Every kernel, for tests that compile them all.
-pub static ALL: [&Kernel; 16] = [
+pub static ALL: [&Kernel; 19] = [
     &ROW_OPS,
     &MATVEC,
     &MATMUL_TILED,
     &MATVEC_QKV,
+    &MATVEC_MULTI,
+    &MATVEC_MULTI_QKV,
     &MATMUL_TILED_QKV,
     &MATVEC_PRO,
     &MATVEC_QKV_PRO,
@@ -133,6 +153,7 @@ pub static ALL: [&Kernel; 16] = [
     &ARGMAX_PARTIAL,
     &ARGMAX_FINAL,
     &SAMPLE,
+    &REDUCE_CHECK,
 ];
 
 /// Override constants of one pipeline: (name, value). Values are f64 as wgpu takes them; every
@@ -151,14 +172,29 @@ type PipelineKey = (
 );
 
 /// Shader modules, layouts and pipelines, created on first use and kept for the device's life.
-#[derive(Default)]
 pub struct PipelineCache {
+    /// Kernels are built with reduce_subgroup.wgsl (else reduce_workgroup.wgsl).
+    subgroups: bool,
     modules: HashMap<&'static str, wgpu::ShaderModule>,
     layouts: HashMap<&'static [Bind], (wgpu::BindGroupLayout, wgpu::PipelineLayout)>,
     pipelines: HashMap<PipelineKey, wgpu::ComputePipeline>,
 }
 
 impl PipelineCache {
+    pub fn new(subgroups: bool) -> Self {
+        PipelineCache {
+            subgroups,
+            modules: HashMap::new(),
+            layouts: HashMap::new(),
+            pipelines: HashMap::new(),
+        }
+    }
+
+    /// Whether the kernels use subgroup operations.
+    pub fn subgroups(&self) -> bool {
+        self.subgroups
+    }
+
     /// The bind group layout of `k` (shared by all kernels with the same signature).
     pub fn bind_group_layout(
         &mut self,
@@ -229,7 +265,12 @@ impl PipelineCache {
         }
         let scope = device.push_error_scope(wgpu::ErrorFilter::Validation);
         if !self.modules.contains_key(k.file) {
-            let source = format!("{PRELUDE}\n{}", k.source);
+            let reduce = if self.subgroups {
+                REDUCE_SUBGROUP
+            } else {
+                REDUCE_WORKGROUP
+            };
+            let source = format!("{PRELUDE}\n{reduce}\n{}", k.source);
             let module = device.create_shader_module(wgpu::ShaderModuleDescriptor {
                 label: Some(k.file),
                 source: wgpu::ShaderSource::Wgsl(source.into()),

@@ -9,8 +9,20 @@ use crate::backend::{check_fused_rows, AttentionShape, FfnActivation};
 use crate::error::{BitnetError, Result};
 use crate::ternary::TernaryMatrix;
 
-/// Token counts up to this use the mat-vec kernel (decode); larger steps the tiled matmul.
-pub const MATVEC_MAX_TOKENS: usize = 4;
+/// Steps of up to this many tokens use the single-token mat-vec kernel (decode), with the norm
+/// as its prologue; up to [`MULTI_MAX_TOKENS`] the multi-token mat-vec (each weight vector read
+/// once for all of the step's tokens); larger steps the tiled matmul. The multi-token kernel
+/// loads every token's activations per weight vector (from cache), so its cost per weight byte
+/// grows with the tokens while the tiled kernel reuses them from workgroup memory; 8 is where
+/// the count of activation loads per weight load reaches 512 bytes per 16. A guess from that
+/// ratio, not a measurement: no hardware GPU has run either kernel yet.
+pub const MATVEC_MAX_TOKENS: usize = 1;
+pub const MULTI_MAX_TOKENS: usize = 8;
+/// Tokens per workgroup of the multi-token mat-vec (shaders `MT`, at most `MT_MAX` = 8): 4 or
+/// 8, the fewer that holds the step (a pipeline each).
+fn multi_tokens(n: usize) -> usize {
+    n.next_power_of_two().clamp(4, MULTI_MAX_TOKENS)
+}
 /// Rows per mat-vec workgroup and per tile of the tiled kernel (shaders `MV_ROWS`, `TM`).
 const MV_ROWS: usize = 16;
 const TM: usize = 128;
@@ -197,30 +209,34 @@ impl WgpuBackend {
             return self.record(&kernels::MATVEC_PRO, &consts, &bufs, groups);
         }
         let bufs = [&w.params, &w.w, &x.q, &x.meta, y];
-        let (kernel, groups) = self.matmul_grid(w, false);
+        let (kernel, groups, shape) = self.matmul_grid(w, false);
         let mut consts = consts.to_vec();
-        consts.push(("TJ", tiled_tj(self.n()) as f64));
+        consts.extend(shape);
         self.record(kernel, &consts, &bufs, groups)
     }
 
-    /// The kernel (decode or prefill, plain or q|k|v) and its dispatch size for this step.
-    fn matmul_grid(&self, w: &GpuLinear, qkv: bool) -> (&'static Kernel, [u32; 3]) {
+    /// The kernel (decode, small batch or prefill; plain or q|k|v), its dispatch size and its
+    /// shape constant for this step.
+    fn matmul_grid(
+        &self,
+        w: &GpuLinear,
+        qkv: bool,
+    ) -> (&'static Kernel, [u32; 3], Option<(&'static str, f64)>) {
         let n = self.n();
+        let pick = |plain, with_qkv| if qkv { with_qkv } else { plain };
         if n <= MATVEC_MAX_TOKENS {
-            let k = if qkv {
-                &kernels::MATVEC_QKV
-            } else {
-                &kernels::MATVEC
-            };
-            (k, [w.rows.div_ceil(MV_ROWS) as u32, n as u32, 1])
+            let k = pick(&kernels::MATVEC, &kernels::MATVEC_QKV);
+            (k, [w.rows.div_ceil(MV_ROWS) as u32, n as u32, 1], None)
+        } else if n <= MULTI_MAX_TOKENS {
+            let k = pick(&kernels::MATVEC_MULTI, &kernels::MATVEC_MULTI_QKV);
+            let mt = multi_tokens(n);
+            let groups = [w.rows.div_ceil(MV_ROWS) as u32, n.div_ceil(mt) as u32, 1];
+            (k, groups, Some(("MT", mt as f64)))
         } else {
-            let k = if qkv {
-                &kernels::MATMUL_TILED_QKV
-            } else {
-                &kernels::MATMUL_TILED
-            };
-            let tn = 16 * tiled_tj(n);
-            (k, [w.rows.div_ceil(TM) as u32, n.div_ceil(tn) as u32, 1])
+            let k = pick(&kernels::MATMUL_TILED, &kernels::MATMUL_TILED_QKV);
+            let tj = tiled_tj(n);
+            let groups = [w.rows.div_ceil(TM) as u32, n.div_ceil(16 * tj) as u32, 1];
+            (k, groups, Some(("TJ", tj as f64)))
         }
     }
 
@@ -271,9 +287,9 @@ impl WgpuBackend {
         let bufs = [
             &w.params, &w.w, &x.q, &x.meta, &q.buf, &rows, &table, kc, vc,
         ];
-        let (kernel, groups) = self.matmul_grid(w, true);
+        let (kernel, groups, shape) = self.matmul_grid(w, true);
         let mut consts = consts.to_vec();
-        consts.push(("TJ", tiled_tj(self.n()) as f64));
+        consts.extend(shape);
         self.record(kernel, &consts, &bufs, groups)
     }
 }

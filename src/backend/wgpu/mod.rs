@@ -15,6 +15,13 @@
 //! `argmax_row0` are the sync points: they copy into a reused staging buffer and map it (argmax
 //! reads back 4 bytes); a chained decode reads its picks one step late (chain.rs).
 //!
+//! Reductions: every kernel file is compiled after shaders/common.wgsl and one of two variants
+//! of the same reduction functions, shaders/reduce_subgroup.wgsl (where the device has
+//! `Features::SUBGROUP` and the variant passes its self-test, shaders/reduce_check.wgsl, when
+//! the device opens) or shaders/reduce_workgroup.wgsl (trees in workgroup memory; forced by
+//! [`GpuOptions`] / `BITNET_GPU_NO_SUBGROUPS=1`). Kernels take a `Thread` argument and number
+//! their threads with `thread_index`, so neither variant needs a second copy of a kernel.
+//!
 //! Device layouts (see [`layout`] and the .wgsl files for the details and the why):
 //! - f32 activations `[capacity, cols]`;
 //! - int8 activations 4 per u32, rows padded to 64 columns, plus (scale, Σq) per row;
@@ -163,6 +170,23 @@ pub struct GpuKvCache {
     pub dtype: KvDtype,
 }
 
+/// How to open a GPU device.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct GpuOptions {
+    /// Use subgroup operations in the kernels' reductions where the adapter has
+    /// `Features::SUBGROUP` (and they pass their self-test). Default: on, unless the environment
+    /// sets `BITNET_GPU_NO_SUBGROUPS=1` (to compare, or to work around a driver).
+    pub subgroups: bool,
+}
+
+impl Default for GpuOptions {
+    fn default() -> Self {
+        GpuOptions {
+            subgroups: !std::env::var("BITNET_GPU_NO_SUBGROUPS").is_ok_and(|v| v == "1"),
+        }
+    }
+}
+
 /// The wgpu backend. Create it with [`WgpuBackend::new`] (adapter selection) or
 /// [`WgpuBackend::from_adapter`].
 pub struct WgpuBackend {
@@ -171,6 +195,7 @@ pub struct WgpuBackend {
     info: wgpu::AdapterInfo,
     limits: wgpu::Limits,
     pipelines: PipelineCache,
+    subgroup_fallback: Option<String>, // why subgroups are off although the adapter has them
     bind_groups: HashMap<BindKey, wgpu::BindGroup>,
     step_buf: GpuBuf, // uniform Step { n_tokens, start_pos, _, _ }
     rows_buf: GpuBuf, // [rows_cap] vec4<u32> (token, pos, slot, 0): the step's rows
@@ -223,7 +248,12 @@ impl Backend for WgpuBackend {
     type KvCache = GpuKvCache;
 
     fn name(&self) -> String {
-        format!("wgpu {:?} {}", self.info.backend, self.info.name)
+        let sg = if self.pipelines.subgroups() {
+            " (subgroups)"
+        } else {
+            ""
+        };
+        format!("wgpu {:?} {}{sg}", self.info.backend, self.info.name)
     }
 
     fn upload_linears(&mut self, parts: &[&TernaryMatrix]) -> Result<GpuLinear> {
@@ -409,8 +439,13 @@ impl Backend for WgpuBackend {
 /// `None`. Uses `--device gpu` semantics (software adapters such as lavapipe allowed);
 /// `BITNET_GPU_ADAPTER` may name the adapter.
 pub fn gpu_backend_for_test(test: &str) -> Option<WgpuBackend> {
+    gpu_backend_for_test_with(test, GpuOptions::default())
+}
+
+/// [`gpu_backend_for_test`] with explicit options (tests of both reduction variants).
+pub fn gpu_backend_for_test_with(test: &str, options: GpuOptions) -> Option<WgpuBackend> {
     let name = std::env::var("BITNET_GPU_ADAPTER").ok();
-    match WgpuBackend::new(AdapterChoice::Gpu, name.as_deref()) {
+    match WgpuBackend::new_with(AdapterChoice::Gpu, name.as_deref(), options) {
         Ok(b) => Some(b),
         Err(e) => {
             if std::env::var("BITNET_REQUIRE_GPU").is_ok_and(|v| v == "1") {

@@ -12,9 +12,9 @@ use crate::error::{BitnetError, Result};
 /// Threads per row_ops workgroup (one workgroup per row): shaders/row_ops.wgsl `WG`.
 pub(super) const ROW_OPS_WG: usize = 256;
 
-/// Bytes of workgroup memory the matvec prologue needs besides its quantized row (the matvec's
-/// and the prologue's reduction arrays, the meta).
-const PROLOGUE_WG_BYTES: usize = 3 * 256 * 4 + 16;
+/// Bytes of workgroup memory the matvec prologue needs besides its quantized row (the
+/// reduction library's two arrays, the matvec's row sums, the meta).
+const PROLOGUE_WG_BYTES: usize = 2 * 256 * 4 + 16 * 4 + 16;
 /// Storage buffers the prologue kernels bind.
 const PROLOGUE_STORAGE_BUFFERS: u32 = 10;
 

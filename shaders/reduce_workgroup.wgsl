@@ -1,0 +1,119 @@
+// Workgroup reductions without subgroups: trees in workgroup memory. Prepended to every kernel
+// file (after common.wgsl) on a device without Features::SUBGROUP, or with
+// BITNET_GPU_NO_SUBGROUPS=1; shaders/reduce_subgroup.wgsl has the same functions built on
+// subgroup operations. A kernel takes `th: Thread` as an entry-point argument, works with
+// thread_index(th) as its thread number, and calls these functions from uniform control flow
+// with every thread of its workgroup of `n` threads (n a power of two, ≤ 256).
+
+struct Thread {
+    @builtin(local_invocation_index) lid: u32,
+}
+
+// The thread's number in 0 .. n.
+fn thread_index(th: Thread) -> u32 {
+    return th.lid;
+}
+
+var<workgroup> reduce_a: array<u32, 256>; // values (f32 / i32 as bits)
+var<workgroup> reduce_b: array<u32, 256>; // argmax indices
+
+// Σ v over the workgroup, the same value in every thread.
+fn wg_sum_f32(th: Thread, n: u32, v: f32) -> f32 {
+    reduce_a[th.lid] = bitcast<u32>(v);
+    workgroupBarrier();
+    for (var s = n / 2u; s > 0u; s >>= 1u) {
+        if th.lid < s {
+            reduce_a[th.lid] = bitcast<u32>(bitcast<f32>(reduce_a[th.lid])
+                + bitcast<f32>(reduce_a[th.lid + s]));
+        }
+        workgroupBarrier();
+    }
+    let r = bitcast<f32>(reduce_a[0]);
+    workgroupBarrier(); // reduce_a is reused by the next reduction
+    return r;
+}
+
+// max v over the workgroup, in every thread.
+fn wg_max_f32(th: Thread, n: u32, v: f32) -> f32 {
+    reduce_a[th.lid] = bitcast<u32>(v);
+    workgroupBarrier();
+    for (var s = n / 2u; s > 0u; s >>= 1u) {
+        if th.lid < s {
+            reduce_a[th.lid] = bitcast<u32>(max(bitcast<f32>(reduce_a[th.lid]),
+                                                bitcast<f32>(reduce_a[th.lid + s])));
+        }
+        workgroupBarrier();
+    }
+    let r = bitcast<f32>(reduce_a[0]);
+    workgroupBarrier();
+    return r;
+}
+
+// Σ v over the workgroup (exact), in every thread.
+fn wg_sum_i32(th: Thread, n: u32, v: i32) -> i32 {
+    reduce_a[th.lid] = bitcast<u32>(v);
+    workgroupBarrier();
+    for (var s = n / 2u; s > 0u; s >>= 1u) {
+        if th.lid < s {
+            reduce_a[th.lid] = bitcast<u32>(bitcast<i32>(reduce_a[th.lid])
+                + bitcast<i32>(reduce_a[th.lid + s]));
+        }
+        workgroupBarrier();
+    }
+    let r = bitcast<i32>(reduce_a[0]);
+    workgroupBarrier();
+    return r;
+}
+
+// The argmax_better winner of the threads' (v, i), as (value bits, index), in every thread.
+fn wg_argmax(th: Thread, n: u32, v: f32, i: u32) -> vec2<u32> {
+    reduce_a[th.lid] = bitcast<u32>(v);
+    reduce_b[th.lid] = i;
+    workgroupBarrier();
+    for (var s = n / 2u; s > 0u; s >>= 1u) {
+        if th.lid < s && argmax_better(bitcast<f32>(reduce_a[th.lid + s]), reduce_b[th.lid + s],
+                                       bitcast<f32>(reduce_a[th.lid]), reduce_b[th.lid]) {
+            reduce_a[th.lid] = reduce_a[th.lid + s];
+            reduce_b[th.lid] = reduce_b[th.lid + s];
+        }
+        workgroupBarrier();
+    }
+    let r = vec2<u32>(reduce_a[0], reduce_b[0]);
+    workgroupBarrier();
+    return r;
+}
+
+// Σ v over each run of `lanes` consecutive threads (lanes a power of two ≤ n), exact; valid in
+// the first thread of each run (thread_index % lanes == 0).
+fn lanes_sum_i32(th: Thread, lanes: u32, v: i32) -> i32 {
+    let lane = th.lid % lanes;
+    reduce_a[th.lid] = bitcast<u32>(v);
+    workgroupBarrier();
+    for (var s = lanes / 2u; s > 0u; s >>= 1u) {
+        if lane < s {
+            reduce_a[th.lid] = bitcast<u32>(bitcast<i32>(reduce_a[th.lid])
+                + bitcast<i32>(reduce_a[th.lid + s]));
+        }
+        workgroupBarrier();
+    }
+    let r = bitcast<i32>(reduce_a[th.lid]);
+    workgroupBarrier();
+    return r;
+}
+
+// The f32 twin of lanes_sum_i32.
+fn lanes_sum_f32(th: Thread, lanes: u32, v: f32) -> f32 {
+    let lane = th.lid % lanes;
+    reduce_a[th.lid] = bitcast<u32>(v);
+    workgroupBarrier();
+    for (var s = lanes / 2u; s > 0u; s >>= 1u) {
+        if lane < s {
+            reduce_a[th.lid] = bitcast<u32>(bitcast<f32>(reduce_a[th.lid])
+                + bitcast<f32>(reduce_a[th.lid + s]));
+        }
+        workgroupBarrier();
+    }
+    let r = bitcast<f32>(reduce_a[th.lid]);
+    workgroupBarrier();
+    return r;
+}
