@@ -668,15 +668,17 @@ fn qkv_rope_store_and_attention_prefill_and_decode_match() {
     let Some(mut g) = gpu("attention") else {
         return;
     };
+    // Steps of up to 16 rows run attend_split + attend_combine, longer ones attend_tiled
+    // (head_dim ≤ 128, GROUP ≤ 8) or attend.
     for dtype in [KvDtype::F16, KvDtype::F32] {
         // GQA 4/2 with a small head; 3 kv heads of 64 (2B4T-like group of 4: 12/3).
         attention_case(&mut g, 6, 4, 2, 8, &[5, 5, 1, 1, 37, 37], dtype);
         attention_case(&mut g, 7, 12, 3, 64, &[3, 3, 1, 1], dtype);
-        // more than one 128-position chunk of the online softmax
+        // more than one 128-position chunk of `attend`'s online softmax, many tile blocks
         attention_case(&mut g, 8, 2, 1, 16, &[150, 150, 1, 1, 5, 5], dtype);
-        // MHA, head_dim larger than the workgroup; an odd half head (hd / 2 = 5)
-        attention_case(&mut g, 9, 2, 2, 200, &[2, 2, 1, 1], dtype);
-        attention_case(&mut g, 11, 6, 2, 10, &[7, 7, 1, 1, 3, 3], dtype);
+        // MHA, head_dim larger than the tiles' (`attend`); an odd half head (hd / 2 = 5)
+        attention_case(&mut g, 9, 2, 2, 200, &[20, 20, 1, 1], dtype);
+        attention_case(&mut g, 11, 6, 2, 10, &[20, 20, 1, 1, 7, 7], dtype);
         // a group too large for the split kernel's workgroup memory: decode falls back to
         // `attend`
         attention_case(&mut g, 10, 8, 1, 256, &[2, 2, 1, 1], dtype);
@@ -686,6 +688,8 @@ fn qkv_rope_store_and_attention_prefill_and_decode_match() {
         attention_case(&mut g, 13, 3, 3, 64, &[200, 200, 2, 2, 3, 3], dtype);
         // GROUP 8 (two passes of the lane-partial reduction), head_dim 64
         attention_case(&mut g, 14, 8, 1, 64, &[70, 70, 1, 1], dtype);
+        // the largest split step (16 rows) and the smallest tiled one (17)
+        attention_case(&mut g, 17, 4, 2, 64, &[16, 16, 17, 17, 1, 1], dtype);
     }
 }
 
@@ -1331,14 +1335,14 @@ fn device_loss_is_a_gpu_error_not_a_panic() {
 /// Per-row positions and KV-cache slots: one step over rows of several sequences (slots) at
 /// unrelated positions gives each row what it gets when its sequence runs alone in a one-slot
 /// cache (RoPE at the row's own position, K/V stored at its (slot, pos) by the q|k|v epilogue,
-/// attention over its own slot only). Covers the prefill kernels (8 mixed rows) and the decode
-/// ones (4).
+/// attention over its own slot only). Covers the prefill kernels (22 mixed rows: attend_tiled,
+/// whose tiles of 4 rows hold one or two runs of one slot) and the decode ones (4).
 #[test]
 fn rows_of_several_slots_at_different_positions_equal_each_sequence_alone() {
     let Some(mut g) = gpu("rows_of_several_slots") else {
         return;
     };
-    let (heads, kv_heads, hd, ctx, hidden) = (4usize, 2usize, 8usize, 16usize, 24usize);
+    let (heads, kv_heads, hd, ctx, hidden) = (4usize, 2usize, 8usize, 32usize, 24usize);
     let shape = AttentionShape {
         n_heads: heads,
         n_kv_heads: kv_heads,
@@ -1355,7 +1359,7 @@ fn rows_of_several_slots_at_different_positions_equal_each_sequence_alone() {
     let refs: Vec<&TernaryMatrix> = parts.iter().collect();
     let gw = g.upload_linears(&refs).unwrap();
     // (slot, history rows, new rows): C starts from position 0 in the mixed step.
-    let seqs = [(0u32, 5usize, 1usize), (2, 3, 2), (1, 0, 1)];
+    let seqs = [(0u32, 13usize, 1usize), (2, 9, 2), (1, 0, 1)];
     // the int8 input and its scale per sequence for all of its positions
     let data: Vec<(Vec<i8>, Vec<f32>)> = seqs
         .iter()
@@ -1367,7 +1371,7 @@ fn rows_of_several_slots_at_different_positions_equal_each_sequence_alone() {
             (q, s)
         })
         .collect();
-    let cap = 8;
+    let cap = 24;
     // One step over `rows` (sequence index, position) with a cache; returns out [rows, qd].
     let run = |g: &mut WgpuBackend,
                cache: &mut bitnet_wgpu::backend::wgpu::GpuKvCache,
@@ -1417,18 +1421,20 @@ fn rows_of_several_slots_at_different_positions_equal_each_sequence_alone() {
         // the rows of different slots interleaved.
         let mut cache = g.alloc_kv_cache(1, 3, ctx, kvd, dtype).unwrap();
         let slot = |s: usize| seqs[s].0;
-        let hist = [
-            (0, 0),
-            (1, 0),
-            (0, 1),
-            (0, 2),
-            (1, 1),
-            (0, 3),
-            (1, 2),
-            (0, 4),
+        // sequences 0 and 1 interleaved irregularly, each in position order
+        let order = [
+            0, 1, 0, 0, 1, 0, 1, 0, 0, 0, 1, 1, 1, 0, 0, 1, 0, 1, 1, 0, 0, 0,
         ];
+        let mut next = [0usize; 2];
+        let hist: Vec<(usize, usize)> = order
+            .iter()
+            .map(|&s| {
+                next[s] += 1;
+                (s, next[s] - 1)
+            })
+            .collect();
         let ho = run(&mut g, &mut cache, &hist, &slot);
-        let new = [(0, 5), (1, 3), (2, 0), (1, 4)];
+        let new = [(0, 13), (1, 9), (2, 0), (1, 10)];
         let no = run(&mut g, &mut cache, &new, &slot);
         let mut seen = [0usize; 3];
         for (i, &(s, p)) in hist.iter().enumerate() {

@@ -8,8 +8,10 @@ use crate::error::{BitnetError, Result};
 
 /// Largest head_dim the attention kernel supports (workgroup memory for one query vector).
 pub const MAX_HEAD_DIM: usize = 512;
-/// Steps of up to this many tokens use the split-context ("flash decoding") attention.
-pub const ATTN_SPLIT_MAX_TOKENS: usize = 4;
+/// Steps of up to this many tokens use the split-context ("flash decoding") attention: decode
+/// steps, batched ones included (rows of many slots, each its own context: the prefill tiles
+/// would serve them one row at a time with few workgroups).
+pub const ATTN_SPLIT_MAX_TOKENS: usize = 16;
 /// Positions per block of the split attention (shaders/attention.wgsl BLK).
 const ATTN_BLOCK: usize = 64;
 /// Query vectors per tile of the prefill flash attention (attention.wgsl NQ_MAX): groups up
@@ -142,12 +144,15 @@ impl WgpuBackend {
         if n <= ATTN_SPLIT_MAX_TOKENS && group <= 16 && group * hd <= 1024 {
             let blocks = cache.ctx.div_ceil(ATTN_BLOCK);
             let key = (shape.n_heads, blocks, hd);
+            // sized for the step's tokens rounded up (4 at least: one-token decode), grown when a
+            // step has more
             let partials = match self.attn_partials.get(&key) {
-                Some(p) => p.clone(),
-                None => {
-                    let floats = ATTN_SPLIT_MAX_TOKENS * shape.n_heads * blocks * (hd + 2);
+                Some((p, tokens)) if *tokens >= n => p.clone(),
+                _ => {
+                    let tokens = n.next_power_of_two().max(4);
+                    let floats = tokens * shape.n_heads * blocks * (hd + 2);
                     let p = self.storage("attention partials", floats as u64 * 4, None)?;
-                    self.attn_partials.insert(key, p.clone());
+                    self.attn_partials.insert(key, (p.clone(), tokens));
                     p
                 }
             };

@@ -219,7 +219,7 @@ pub struct WgpuBackend {
     positions_hint: usize, // the KV cache length: the size of the RoPE tables
     max_chunk_bytes: Option<u64>,
     upload_scratch: Vec<u32>, // [4 + n] the Step uniform and the tokens, reused
-    attn_partials: HashMap<(usize, usize, usize), GpuBuf>, // (heads, blocks, hd) → [4, heads, blocks, hd + 2]
+    attn_partials: HashMap<(usize, usize, usize), (GpuBuf, usize)>, // (heads, blocks, hd) → ([tokens, heads, blocks, hd + 2], tokens)
     counters: GpuCounters,
     /// A decode step's `rms_norm_quantize` not emitted yet: the matmul that consumes it runs it
     /// as its prologue (one dispatch for both); anything else emits it first.
