@@ -38,4 +38,5 @@ run decode_q8 110 "${B[@]}" --lm-head q8 -p 512 -n 128 -r 3 -d 0,4096
 # A/B of the design choices that lavapipe could not decide (one depth, fewer repetitions)
 BITNET_GPU_NO_PROLOGUE=1 run ab_no_prologue 70 "${B[@]}" -p 512 -n 128 -r 2
 BITNET_GPU_NO_SUBGROUPS=1 run ab_no_subgroups 70 "${B[@]}" -p 512 -n 128 -r 2
+BITNET_GPU_PRO_BLOCKS=1 run ab_pro_blocks_1 50 "${B[@]}" -p 0 -n 128 -r 2
 ls -la "$OUT"
