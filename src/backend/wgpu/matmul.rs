@@ -39,9 +39,20 @@ fn tiled_tj(n: usize) -> usize {
 const MAX_PARTS: usize = 4;
 
 /// 16-row blocks per workgroup of the prologue kernels (shaders `PRO_BLOCKS`): each workgroup
-/// normalizes and quantizes its token's row once for all of them. Not tuned on a hardware GPU
-/// (none was available); on lavapipe 1 → 4 took the tiny model's decode from 8.9 to 13.5 t/s.
-const PRO_BLOCKS: usize = 4;
+/// normalizes and quantizes its token's row once for all of them, so more blocks mean fewer
+/// prologues but also fewer workgroups (a 2560-row matrix makes 40 at 4 blocks, too few to fill
+/// a large GPU). 4 was chosen on lavapipe (BENCHMARKS.md); no hardware GPU has decided it yet, so
+/// `BITNET_GPU_PRO_BLOCKS=1..8` overrides it for that A/B (tools/device/gpu_bench.sh).
+fn pro_blocks() -> usize {
+    static BLOCKS: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *BLOCKS.get_or_init(|| {
+        std::env::var("BITNET_GPU_PRO_BLOCKS")
+            .ok()
+            .and_then(|v| v.parse::<usize>().ok())
+            .filter(|b| (1..=8).contains(b))
+            .unwrap_or(4)
+    })
+}
 
 /// The override constants of the prologue (shaders/ternary_matmul.wgsl `PCOLS`, `PQW`, `PEPS`,
 /// `PRO_BLOCKS`).
@@ -50,7 +61,7 @@ fn prologue_consts(p: &PendingNorm) -> [(&'static str, f64); 4] {
         ("PCOLS", p.cols as f64),
         ("PQW", (4 * layout::groups(p.cols)) as f64),
         ("PEPS", p.eps as f64),
-        ("PRO_BLOCKS", PRO_BLOCKS as f64),
+        ("PRO_BLOCKS", pro_blocks() as f64),
     ]
 }
 
@@ -202,7 +213,7 @@ impl WgpuBackend {
                 &w.params, &w.w, &x.q, &x.meta, y, &dr, &dr, &drw, &drw, &p.x, &p.w,
             ];
             let groups = [
-                w.rows.div_ceil(MV_ROWS * PRO_BLOCKS) as u32,
+                w.rows.div_ceil(MV_ROWS * pro_blocks()) as u32,
                 self.n() as u32,
                 1,
             ];
@@ -278,7 +289,7 @@ impl WgpuBackend {
                 &w.params, &w.w, &x.q, &x.meta, &q.buf, &rows, &table, kc, vc, &p.x, &p.w,
             ];
             let groups = [
-                w.rows.div_ceil(MV_ROWS * PRO_BLOCKS) as u32,
+                w.rows.div_ceil(MV_ROWS * pro_blocks()) as u32,
                 self.n() as u32,
                 1,
             ];
