@@ -53,6 +53,7 @@ override KV_HEADS: u32 = 1u;
 override HD: u32 = 2u;
 override CTX: u32 = 1u;
 override KV_F16: bool = true; // the cache's element type: f16 pairs or f32
+const F16_MAX: f32 = 65504.0;
 
 @group(0) @binding(0) var<uniform> step: Step;
 @group(0) @binding(1) var<uniform> lin: Linear;
@@ -177,7 +178,8 @@ fn put_qkv(t: u32, r: u32, a: f32, b: f32) {
         // one whole word per thread: the pair (j, j + HD/2) of its head, j = r % HD < HD/2
         let e = r - qd; // k: e < kvd; v: kvd + ...
         let dst = (row.z * CTX + row.y) * (kvd / 2u); // (slot, pos) of row t, in words
-        let word = pack2x16float(vec2<f32>(x0, x1));
+        // clamped to the finite halves: pack2x16float of a larger value is indeterminate
+        let word = pack2x16float(clamp(vec2<f32>(x0, x1), vec2<f32>(-F16_MAX), vec2<f32>(F16_MAX)));
         if e < kvd {
             kc[dst + (e / HD) * half + e % HD] = word;
         } else {

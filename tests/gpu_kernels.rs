@@ -568,6 +568,21 @@ fn attention_case(
     steps: &[usize],
     dtype: KvDtype,
 ) {
+    attention_case_scaled(g, seed, heads, kv_heads, hd, steps, dtype, 1.0);
+}
+
+/// `attention_case` with the k and v weight scales multiplied by `kv_scale`.
+#[allow(clippy::too_many_arguments)]
+fn attention_case_scaled(
+    g: &mut WgpuBackend,
+    seed: u64,
+    heads: usize,
+    kv_heads: usize,
+    hd: usize,
+    steps: &[usize],
+    dtype: KvDtype,
+    kv_scale: f32,
+) {
     let mut c = cpu().emulate_f16_kv_cache(dtype == KvDtype::F16);
     let mut r = rng(seed);
     let shape = AttentionShape {
@@ -585,8 +600,8 @@ fn attention_case(
     let mut gcache = g.alloc_kv_cache(layers, 1, ctx, kvd, dtype).unwrap();
     let parts = [
         random_ternary(&mut r, qd, hidden, 0.05),
-        random_ternary(&mut r, kvd, hidden, 0.07),
-        random_ternary(&mut r, kvd, hidden, 0.03),
+        random_ternary(&mut r, kvd, hidden, 0.07 * kv_scale),
+        random_ternary(&mut r, kvd, hidden, 0.03 * kv_scale),
     ];
     let refs: Vec<&TernaryMatrix> = parts.iter().collect();
     let cw = c.upload_linears(&refs).unwrap();
@@ -691,6 +706,9 @@ fn qkv_rope_store_and_attention_prefill_and_decode_match() {
         // the largest split step (16 rows) and the smallest tiled one (17)
         attention_case(&mut g, 17, 4, 2, 64, &[16, 16, 17, 17, 1, 1], dtype);
     }
+    // keys and values beyond the halves' range (|x| up to ~1e6): the f16 cache stores ±65504,
+    // the outputs stay finite and equal the CPU's over the same clamped values
+    attention_case_scaled(&mut g, 18, 4, 2, 64, &[20, 20, 1, 1], KvDtype::F16, 1e5);
 }
 
 /// Decode after a context longer than 256 blocks of 64 (attend_combine merges its blocks in

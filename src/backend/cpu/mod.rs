@@ -195,8 +195,8 @@ impl CpuBackend {
         })
     }
 
-    /// Rounds every key and value `qkv_rope_store` stores to the nearest f16 (kept in the f32
-    /// cache): the values a GPU's f16 KV cache holds, so that the tests can compare the GPU's
+    /// Rounds every key and value `qkv_rope_store` stores to the nearest f16, clamped to
+    /// ±65504 (kept in the f32 cache): the values a GPU's f16 KV cache holds, so that the tests can compare the GPU's
     /// f16 mode with the CPU to f32 summation order. Not a memory saving.
     pub fn emulate_f16_kv_cache(mut self, on: bool) -> Self {
         self.kv_f16_values = on;
@@ -602,7 +602,8 @@ impl Backend for CpuBackend {
             let f16 = self.kv_f16_values;
             let stored = |x: f32| {
                 if f16 {
-                    half::f16::from_f32(x).to_f32()
+                    // clamped to the finite halves, as the GPU's store
+                    half::f16::from_f32(x.clamp(-65504.0, 65504.0)).to_f32()
                 } else {
                     x
                 }
