@@ -1439,9 +1439,10 @@ fn rows_of_several_slots_at_different_positions_equal_each_sequence_alone() {
         // the rows of different slots interleaved.
         let mut cache = g.alloc_kv_cache(1, 3, ctx, kvd, dtype).unwrap();
         let slot = |s: usize| seqs[s].0;
-        // sequences 0 and 1 interleaved irregularly, each in position order
+        // sequences 0 and 1 interleaved in runs of 1 to 4 rows (tiles of 4 rows hold up to
+        // 3 runs), each in position order
         let order = [
-            0, 1, 0, 0, 1, 0, 1, 0, 0, 0, 1, 1, 1, 0, 0, 1, 0, 1, 1, 0, 0, 0,
+            0, 0, 0, 1, 1, 0, 0, 1, 1, 1, 0, 0, 0, 0, 1, 1, 0, 0, 0, 1, 1, 0,
         ];
         let mut next = [0usize; 2];
         let hist: Vec<(usize, usize)> = order

@@ -174,7 +174,11 @@ impl WgpuBackend {
                 groups,
             );
         }
-        if group <= ATTN_TILE_QUERIES && hd <= ATTN_TILE_MAX_HD {
+        // Tiles share key / value blocks between the rows of one slot: worth it when such rows
+        // are adjacent (a prefill chunk), not for a wide step of single rows of many slots (a
+        // tile would serve them one after the other; `attend` keeps a workgroup per row).
+        let runs_of_two = self.slot_runs * 2 <= n;
+        if group <= ATTN_TILE_QUERIES && hd <= ATTN_TILE_MAX_HD && runs_of_two {
             // flash attention over query tiles: rows per tile so that a tile holds
             // ATTN_TILE_QUERIES query vectors of one kv head
             let qt = ATTN_TILE_QUERIES / group;

@@ -195,6 +195,7 @@ impl WgpuBackend {
             tokens: Vec::new(),
             max_pos: 0,
             max_slot: 0,
+            slot_runs: 0,
             logit_rows_buf,
             logit_rows_cap,
             logit_rows_host: Vec::new(),
@@ -713,6 +714,7 @@ impl WgpuBackend {
         self.tokens.extend(rows.iter().map(|r| r[0]));
         self.max_pos = rows.iter().map(|r| r[1] as usize).max().unwrap_or(0);
         self.max_slot = rows.iter().map(|r| r[2] as usize).max().unwrap_or(0);
+        self.slot_runs = 1 + rows.windows(2).filter(|w| w[0][2] != w[1][2]).count();
         if rows.len() > self.rows_cap {
             // Grows at most a few times in a model's life (the largest prefill chunk).
             let cap = rows.len().next_power_of_two();

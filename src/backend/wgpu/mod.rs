@@ -203,6 +203,7 @@ pub struct WgpuBackend {
     tokens: Vec<u32>,       // [n] the step's tokens, host copy
     max_pos: usize,         // the largest position of the step's rows
     max_slot: usize,        // the largest slot of the step's rows
+    slot_runs: usize,       // runs of consecutive rows of one slot in the step
     logit_rows_buf: GpuBuf, // [logit_rows_cap] u32: the step rows the LM head computes
     logit_rows_cap: usize,
     logit_rows_host: Vec<u32>, // what logit_rows_buf holds
