@@ -65,7 +65,6 @@ fn kv_base(t: u32, kvh: u32) -> u32 {
 
 var<workgroup> q_s: array<f32, MAX_HD>; // the query vector
 var<workgroup> p_s: array<f32, WG>;     // exp(score − m) of the chunk
-var<workgroup> red: array<f32, WG>;
 
 // (k[i], k[i + HD/2]) of the key whose head starts at word `b`, i < HD/2.
 fn key_pair(b: u32, i: u32) -> vec2<f32> {
@@ -84,7 +83,8 @@ fn value_pair(b: u32, i: u32) -> vec2<f32> {
 
 @compute @workgroup_size(128)
 fn attend(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
-          @builtin(local_invocation_index) lid: u32) {
+          th: Thread) {
+    let lid = thread_index(th);
     let idx = linear_wg(wid, nwg);
     if idx >= step.n_tokens * HEADS {
         return;
@@ -116,31 +116,15 @@ fn attend(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: v
             }
             s = dot * SCALE;
         }
-        red[lid] = s;
-        workgroupBarrier();
-        for (var r = WG / 2u; r > 0u; r >>= 1u) {
-            if lid < r {
-                red[lid] = max(red[lid], red[lid + r]);
-            }
-            workgroupBarrier();
-        }
-        let m_new = max(m, red[0]);
-        workgroupBarrier(); // everyone has read red[0] before it is reused
+        let m_new = max(m, wg_max_f32(th, WG, s));
         let alpha = exp(m - m_new);
         var p = 0.0;
         if j < len {
             p = exp(s - m_new);
         }
         p_s[lid] = p;
-        red[lid] = p;
-        workgroupBarrier();
-        for (var r = WG / 2u; r > 0u; r >>= 1u) {
-            if lid < r {
-                red[lid] += red[lid + r];
-            }
-            workgroupBarrier();
-        }
-        l = l * alpha + red[0];
+        // (the reduction's barriers also order the p_s writes before the reads below)
+        l = l * alpha + wg_sum_f32(th, WG, p);
         let cnt = min(WG, len - c0);
         for (var k = 0u; k < PPT; k++) {
             let i = lid + k * WG;
@@ -153,7 +137,7 @@ fn attend(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: v
             }
         }
         m = m_new;
-        workgroupBarrier(); // p_s and red are rewritten by the next chunk
+        workgroupBarrier(); // p_s is rewritten by the next chunk
     }
     for (var k = 0u; k < PPT; k++) {
         let i = lid + k * WG;
@@ -354,9 +338,11 @@ var<workgroup> sq: array<f32, MAX_GHD>;      // q of the group's heads [GROUP, H
 var<workgroup> sp: array<f32, 1024>;         // scores, then e^(s − m): [GROUP, BLK]
 // lane partials [GB, LANES, TEAMS + 1]; then [2, SWG] max / sum trees; then value partials
 var<workgroup> sred: array<f32, 1088>;       // GB · RSTRIDE
+var<workgroup> sm_b: array<f32, MAX_G>;      // (subgroup variant) the block max of each head
 
 @compute @workgroup_size(256)
-fn attend_split(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
+fn attend_split(@builtin(workgroup_id) wid: vec3<u32>, th: Thread) {
+    let lid = thread_index(th);
     let blk = wid.x;
     let kvh = wid.y;
     let t = wid.z;
@@ -395,6 +381,17 @@ fn attend_split(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation
                 }
             }
         }
+        if SUBGROUPS {
+            // the team's 16 lanes are consecutive thread numbers: shuffles (no memory, no
+            // barrier where a subgroup holds them)
+            for (var g = 0u; g < group; g++) {
+                let s = lanes_sum_f32(th, LANES, acc[g]);
+                if lane == 0u {
+                    sp[g * BLK + j] = select(NEG_BIG, s * SCALE, j < cnt);
+                }
+            }
+            continue;
+        }
         for (var gb = 0u; gb < group; gb += GB) {
             for (var gg = 0u; gg < GB; gg++) {
                 sred[gg * RSTRIDE + lane * (TEAMS + 1u) + team] = acc[min(gb + gg, MAX_G - 1u)];
@@ -416,6 +413,10 @@ fn attend_split(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation
         }
     }
 
+    if SUBGROUPS {
+        workgroupBarrier(); // every score is in sp
+    }
+
     // ---- block max m and sum l per head: LANES threads per head (g = lid / LANES) ----
     let g = lid / LANES;
     var mx = NEG_BIG;
@@ -424,15 +425,25 @@ fn attend_split(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation
             mx = max(mx, sp[g * BLK + lane + k * LANES]);
         }
     }
-    sred[lid] = mx;
-    workgroupBarrier();
-    for (var r = LANES / 2u; r > 0u; r >>= 1u) {
-        if lane < r {
-            sred[lid] = max(sred[lid], sred[lid + r]);
+    var m: f32;
+    if SUBGROUPS {
+        let r = lanes_max_f32(th, LANES, mx);
+        if lane == 0u {
+            sm_b[g] = r;
         }
         workgroupBarrier();
+        m = sm_b[g];
+    } else {
+        sred[lid] = mx;
+        workgroupBarrier();
+        for (var r = LANES / 2u; r > 0u; r >>= 1u) {
+            if lane < r {
+                sred[lid] = max(sred[lid], sred[lid + r]);
+            }
+            workgroupBarrier();
+        }
+        m = sred[g * LANES];
     }
-    let m = sred[g * LANES];
     var sum = 0.0;
     if g < group {
         for (var k = 0u; k < BLK / LANES; k++) {
@@ -446,19 +457,25 @@ fn attend_split(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation
             sum += pv;
         }
     }
-    sred[SWG + lid] = sum;
-    workgroupBarrier();
-    for (var r = LANES / 2u; r > 0u; r >>= 1u) {
-        if lane < r {
-            sred[SWG + lid] += sred[SWG + lid + r];
-        }
+    var l = 0.0; // valid in each head's first lane
+    if SUBGROUPS {
+        l = lanes_sum_f32(th, LANES, sum);
+    } else {
+        sred[SWG + lid] = sum;
         workgroupBarrier();
+        for (var r = LANES / 2u; r > 0u; r >>= 1u) {
+            if lane < r {
+                sred[SWG + lid] += sred[SWG + lid + r];
+            }
+            workgroupBarrier();
+        }
+        l = sred[SWG + lid];
     }
     let stride = HD + 2u;
     if lane == 0u && g < group {
         let pb = ((t * HEADS + kvh * group + g) * NB + blk) * stride;
         out[pb] = m;
-        out[pb + 1u] = sred[SWG + lid];
+        out[pb + 1u] = l;
     }
     workgroupBarrier(); // sred is reused below
 
@@ -515,12 +532,13 @@ const CWG: u32 = 256u;
 @group(0) @binding(2) var<storage, read_write> cb_out: array<f32>;    // [capacity, HEADS * HD]
 @group(0) @binding(3) var<storage, read> cb_rows: array<vec4<u32>>;   // [n] (token, pos, slot, 0)
 
-var<workgroup> cred: array<f32, CWG>; // reductions, then the dims' partial outputs
+var<workgroup> cred: array<f32, CWG>; // the dims' partial outputs
 var<workgroup> cw: array<f32, CWG>;   // e^(m_b − M) / L of the current CWG blocks
 
 @compute @workgroup_size(256)
 fn attend_combine(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
-                  @builtin(local_invocation_index) lid: u32) {
+                  th: Thread) {
+    let lid = thread_index(th);
     let idx = linear_wg(wid, nwg);
     if idx >= step.n_tokens * HEADS {
         return;
@@ -535,30 +553,12 @@ fn attend_combine(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups
     for (var b = lid; b < nb; b += CWG) {
         mx = max(mx, cb_part[base + b * stride]);
     }
-    cred[lid] = mx;
-    workgroupBarrier();
-    for (var r = CWG / 2u; r > 0u; r >>= 1u) {
-        if lid < r {
-            cred[lid] = max(cred[lid], cred[lid + r]);
-        }
-        workgroupBarrier();
-    }
-    let big_m = cred[0];
-    workgroupBarrier();
+    let big_m = wg_max_f32(th, CWG, mx);
     var l = 0.0;
     for (var b = lid; b < nb; b += CWG) {
         l += cb_part[base + b * stride + 1u] * exp(cb_part[base + b * stride] - big_m);
     }
-    cred[lid] = l;
-    workgroupBarrier();
-    for (var r = CWG / 2u; r > 0u; r >>= 1u) {
-        if lid < r {
-            cred[lid] += cred[lid + r];
-        }
-        workgroupBarrier();
-    }
-    let inv_l = 1.0 / cred[0];
-    workgroupBarrier();
+    let inv_l = 1.0 / wg_sum_f32(th, CWG, l);
     // thread (r, d): dims d = lid % HD (+ CWG ... when HD > CWG), blocks r, r + rs, ...
     let rs = max(1u, CWG / HD);
     let r = lid / HD;

@@ -21,7 +21,10 @@ fn reduce_check(th: Thread) {
     // runs narrower than most subgroups (the shuffle path wherever subgroups have ≥ 4 / 8 lanes)
     let g = lanes_sum_i32(th, 4u, i32(i));
     let h = lanes_sum_f32(th, 8u, f32(i));
+    let m16 = lanes_max_f32(th, 16u, f32((i * 7u) % 16u)); // 15 in every run of 16 (run start)
+    let m4 = lanes_max_f32(th, 4u, f32(i));                 // the run's last thread number
     check_out[3u * th.lid] = vec4<u32>(i, bitcast<u32>(a), bitcast<u32>(b), bitcast<u32>(c));
     check_out[3u * th.lid + 1u] = vec4<u32>(bitcast<u32>(d), bitcast<u32>(e), f.x, f.y);
-    check_out[3u * th.lid + 2u] = vec4<u32>(bitcast<u32>(g), bitcast<u32>(h), 0u, 0u);
+    check_out[3u * th.lid + 2u] = vec4<u32>(bitcast<u32>(g), bitcast<u32>(h), bitcast<u32>(m16),
+                                            bitcast<u32>(m4));
 }

@@ -7,6 +7,10 @@
 // local_invocation_index; the backend checks at device creation that subgroups are full (the
 // numbering is then a permutation of 0 .. n) and falls back to the workgroup variant otherwise.
 
+// Which variant this is, for kernels whose best shape differs between the two (both branches
+// compile in both variants: they only call this library).
+const SUBGROUPS: bool = true;
+
 struct Thread {
     @builtin(local_invocation_index) lid: u32,
     @builtin(subgroup_id) sg_id: u32,
@@ -138,6 +142,30 @@ fn lanes_sum_f32(th: Thread, lanes: u32, v: f32) -> f32 {
     if th.sg_lane == 0u {
         for (var k = 0u; k < lanes / th.sg_size; k++) {
             r += bitcast<f32>(reduce_a[th.sg_id + k]);
+        }
+    }
+    workgroupBarrier();
+    return r;
+}
+
+fn lanes_max_f32(th: Thread, lanes: u32, v: f32) -> f32 {
+    var r = v;
+    if th.sg_size >= lanes {
+        for (var off = lanes / 2u; off > 0u; off >>= 1u) {
+            r = max(r, subgroupShuffleXor(r, off));
+        }
+        return r;
+    }
+    let s = subgroupMax(v);
+    if th.sg_lane == 0u {
+        reduce_a[th.sg_id] = bitcast<u32>(s);
+    }
+    workgroupBarrier();
+    r = v;
+    if th.sg_lane == 0u {
+        r = bitcast<f32>(reduce_a[th.sg_id]);
+        for (var k = 1u; k < lanes / th.sg_size; k++) {
+            r = max(r, bitcast<f32>(reduce_a[th.sg_id + k]));
         }
     }
     workgroupBarrier();

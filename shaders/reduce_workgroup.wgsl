@@ -5,6 +5,10 @@
 // thread_index(th) as its thread number, and calls these functions from uniform control flow
 // with every thread of its workgroup of `n` threads (n a power of two, ≤ 256).
 
+// Which variant this is, for kernels whose best shape differs between the two (both branches
+// compile in both variants: they only call this library).
+const SUBGROUPS: bool = false;
+
 struct Thread {
     @builtin(local_invocation_index) lid: u32,
 }
@@ -110,6 +114,23 @@ fn lanes_sum_f32(th: Thread, lanes: u32, v: f32) -> f32 {
         if lane < s {
             reduce_a[th.lid] = bitcast<u32>(bitcast<f32>(reduce_a[th.lid])
                 + bitcast<f32>(reduce_a[th.lid + s]));
+        }
+        workgroupBarrier();
+    }
+    let r = bitcast<f32>(reduce_a[th.lid]);
+    workgroupBarrier();
+    return r;
+}
+
+// max v over each run of `lanes` consecutive threads; valid in the run's first thread.
+fn lanes_max_f32(th: Thread, lanes: u32, v: f32) -> f32 {
+    let lane = th.lid % lanes;
+    reduce_a[th.lid] = bitcast<u32>(v);
+    workgroupBarrier();
+    for (var s = lanes / 2u; s > 0u; s >>= 1u) {
+        if lane < s {
+            reduce_a[th.lid] = bitcast<u32>(max(bitcast<f32>(reduce_a[th.lid]),
+                                                bitcast<f32>(reduce_a[th.lid + s])));
         }
         workgroupBarrier();
     }

@@ -293,6 +293,12 @@ impl WgpuBackend {
             if i.is_multiple_of(8) {
                 expect.push(("8-lane f32 sum", r[9], (run(8) as f32).to_bits()));
             }
+            if i.is_multiple_of(16) {
+                expect.push(("16-lane f32 max", r[10], 15f32.to_bits()));
+            }
+            if i.is_multiple_of(4) {
+                expect.push(("4-lane f32 max", r[11], ((i + 3) as f32).to_bits()));
+            }
             if i.is_multiple_of(32) {
                 expect.push(("32-lane f32 sum", r[3], 112f32.to_bits()));
             }
