@@ -34,9 +34,10 @@ B=("$BIN" bench --synthetic "${PRESET:-2b4t}" --device gpu -o json --idle-second
 # issue 13: decode, exact and q8 heads, with NVML energy; issue 14: an 8-token step (pp8, a batched
 # decode's shape); issue 15: prefill 512 / 2048, depth 4096
 run decode_exact 170 "${B[@]}" -p 8,512,2048 -n 128 -r 3 -d 0,4096
-run decode_q8 110 "${B[@]}" --lm-head q8 -p 512 -n 128 -r 3 -d 0,4096
+run decode_q8 90 "${B[@]}" --lm-head q8 -p 512 -n 128 -r 3 -d 0,4096
 # A/B of the design choices that lavapipe could not decide (one depth, fewer repetitions)
-BITNET_GPU_NO_PROLOGUE=1 run ab_no_prologue 70 "${B[@]}" -p 512 -n 128 -r 2
-BITNET_GPU_NO_SUBGROUPS=1 run ab_no_subgroups 70 "${B[@]}" -p 512 -n 128 -r 2
-BITNET_GPU_PRO_BLOCKS=1 run ab_pro_blocks_1 50 "${B[@]}" -p 0 -n 128 -r 2
+BITNET_GPU_NO_PROLOGUE=1 run ab_no_prologue 60 "${B[@]}" -p 512 -n 128 -r 2
+BITNET_GPU_NO_SUBGROUPS=1 run ab_no_subgroups 60 "${B[@]}" -p 512 -n 128 -r 2
+BITNET_GPU_PRO_BLOCKS=1 run ab_pro_blocks_1 40 "${B[@]}" -p 0 -n 128 -r 2
+run ab_kv_f32 60 "${B[@]}" --kv-cache f32 -p 512 -n 128 -r 2 -d 4096
 ls -la "$OUT"
