@@ -705,6 +705,8 @@ fn qkv_rope_store_and_attention_prefill_and_decode_match() {
         attention_case(&mut g, 14, 8, 1, 64, &[70, 70, 1, 1], dtype);
         // the largest split step (16 rows) and the smallest tiled one (17)
         attention_case(&mut g, 17, 4, 2, 64, &[16, 16, 17, 17, 1, 1], dtype);
+        // GQA ratio 5 with a group of 5 heads (tiles of one row), odd step sizes 33 and 31
+        attention_case(&mut g, 18, 10, 2, 32, &[33, 31, 1, 1, 3], dtype);
     }
     // keys and values beyond the halves' range (|x| up to ~1e6): the f16 cache stores ±65504,
     // the outputs stay finite and equal the CPU's over the same clamped values
