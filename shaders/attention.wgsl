@@ -197,7 +197,8 @@ fn tile_load(which: u32, hb: u32, k0: u32, end: u32, lid: u32) {
 
 @compute @workgroup_size(256)
 fn attend_tiled(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
-                @builtin(local_invocation_index) lid: u32) {
+                th: Thread) {
+    let lid = thread_index(th);
     let t0 = linear_wg(vec3<u32>(wid.xy, 0u), vec3<u32>(nwg.xy, 1u)) * QT;
     let kvh = wid.z;
     let n = step.n_tokens;
@@ -260,7 +261,21 @@ fn attend_tiled(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) 
             }
             tile_load(1u, hb, k0, end, lid);
             workgroupBarrier();
-            if lid < NQ_MAX {
+            if SUBGROUPS {
+                // the TKB scores of query vector sq_ are threads 16 sq_ .. 16 sq_ + 15: a
+                // shuffle max, kept by the run's first thread (threads ≥ NQ_MAX · TKB add
+                // nothing: NEG_BIG)
+                var v = NEG_BIG;
+                if lid < NQ_MAX * TKB {
+                    v = tsp[lid];
+                }
+                let bm = lanes_max_f32(th, TKB, v);
+                if lid < NQ_MAX * TKB && sj == 0u {
+                    let m_new = max(tm[sq_], bm);
+                    ta[sq_] = exp(tm[sq_] - m_new);
+                    tm[sq_] = m_new;
+                }
+            } else if lid < NQ_MAX {
                 var bm = NEG_BIG;
                 for (var j = 0u; j < TKB; j++) {
                     bm = max(bm, tsp[lid * TKB + j]);
@@ -279,7 +294,16 @@ fn attend_tiled(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) 
                 tsp[lid] = pv;
             }
             workgroupBarrier();
-            if lid < NQ_MAX {
+            if SUBGROUPS {
+                var v = 0.0;
+                if lid < NQ_MAX * TKB {
+                    v = tsp[lid];
+                }
+                let sum = lanes_sum_f32(th, TKB, v);
+                if lid < NQ_MAX * TKB && sj == 0u {
+                    tl[sq_] = tl[sq_] * ta[sq_] + sum;
+                }
+            } else if lid < NQ_MAX {
                 var sum = 0.0;
                 for (var j = 0u; j < TKB; j++) {
                     sum += tsp[lid * TKB + j];
