@@ -345,7 +345,7 @@ fn attend_tiled(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) 
 // - scores: a team of LANES threads reads one key row in consecutive words (coalesced) and
 //   each lane keeps GROUP partial dots (every key word read once for the group's heads); the
 //   lanes' partials go through workgroup memory and one thread per (head, key) adds them;
-// - block max and sum: LANES threads per head, then a tree;
+// - block max and sum: LANES threads per head, then a tree (shuffles where there are subgroups);
 // - values: one thread per (head, word) reads row after row (adjacent threads, adjacent words),
 //   rows split over WG / (GROUP · HD/2) thread sets when that is > 1, then added.
 const BLK: u32 = 64u;        // positions per block
