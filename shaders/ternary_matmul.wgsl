@@ -76,6 +76,18 @@ const F16_MAX: f32 = 65504.0;
 @group(0) @binding(10) var<storage, read> px: array<f32>;            // [capacity, PCOLS] input rows
 @group(0) @binding(11) var<storage, read> pw: array<f32>;            // [PCOLS] norm weight
 
+// mat-vec kernels: 64-column vectors per weight row (lin.groups / 4), as a pipeline constant so
+// that the lanes' loop over a row has a constant trip count and unrolls (0: read lin.groups)
+override MV_G4: u32 = 0u;
+
+// 64-column vectors per weight row.
+fn row_vectors() -> u32 {
+    if MV_G4 > 0u {
+        return MV_G4;
+    }
+    return lin.groups / 4u;
+}
+
 override PCOLS: u32 = 1u;  // prologue: row length (= 16 G minus padding)
 override PQW: u32 = 4u;    // prologue: u32 words per quantized row, 4 G
 override PEPS: f32 = 1e-5; // prologue: rms_norm_eps
@@ -221,7 +233,7 @@ fn mv_accumulate(blk: u32, t: u32, th: Thread) {
     let r = block_row(blk, lid / MV_LANES, MV_ROWS);
     var acc = 0i;
     if r < lin.rows {
-        let g4 = lin.groups / 4u; // 64-column vectors per row
+        let g4 = row_vectors();
         let wrow = r * g4;
         let xrow = t * lin.groups;
         for (var g = lane; g < g4; g += MV_LANES) {
@@ -309,7 +321,7 @@ fn mv_accumulate_pro(blk: u32, th: Thread) {
     let r = block_row(blk, lid / MV_LANES, MV_ROWS);
     var acc = 0i;
     if r < lin.rows {
-        let g4 = lin.groups / 4u;
+        let g4 = row_vectors();
         let wrow = r * g4;
         for (var g = lane; g < g4; g += MV_LANES) {
             let wv = w4[wrow + g];
@@ -430,7 +442,7 @@ fn mt_accumulate(blk: u32, t0: u32, th: Thread) {
         acc[j] = 0i;
     }
     if r < lin.rows {
-        let g4 = lin.groups / 4u; // 64-column vectors per row
+        let g4 = row_vectors();
         let wrow = r * g4;
         for (var g = lane; g < g4; g += MV_LANES) {
             let wv = w4[wrow + g];

@@ -55,14 +55,21 @@ fn pro_blocks() -> usize {
 }
 
 /// The override constants of the prologue (shaders/ternary_matmul.wgsl `PCOLS`, `PQW`, `PEPS`,
-/// `PRO_BLOCKS`).
-fn prologue_consts(p: &PendingNorm) -> [(&'static str, f64); 4] {
+/// `PRO_BLOCKS`) and the mat-vec's row length.
+fn prologue_consts(p: &PendingNorm) -> [(&'static str, f64); 5] {
     [
         ("PCOLS", p.cols as f64),
         ("PQW", (4 * layout::groups(p.cols)) as f64),
         ("PEPS", p.eps as f64),
         ("PRO_BLOCKS", pro_blocks() as f64),
+        row_vectors(p.cols),
     ]
+}
+
+/// The mat-vec kernels' `MV_G4`: 64-column vectors per weight row of `cols` inputs, a pipeline
+/// constant so that the lanes' loop unrolls (a pipeline per distinct input width: 2 for 2B4T).
+fn row_vectors(cols: usize) -> (&'static str, f64) {
+    ("MV_G4", (layout::groups(cols) / 4) as f64)
 }
 
 /// The epilogue of a matmul dispatch (shaders/ternary_matmul.wgsl `MODE`).
@@ -227,27 +234,28 @@ impl WgpuBackend {
     }
 
     /// The kernel (decode, small batch or prefill; plain or q|k|v), its dispatch size and its
-    /// shape constant for this step.
+    /// shape constants for this step.
     fn matmul_grid(
         &self,
         w: &GpuLinear,
         qkv: bool,
-    ) -> (&'static Kernel, [u32; 3], Option<(&'static str, f64)>) {
+    ) -> (&'static Kernel, [u32; 3], Vec<(&'static str, f64)>) {
         let n = self.n();
         let pick = |plain, with_qkv| if qkv { with_qkv } else { plain };
         if n <= MATVEC_MAX_TOKENS {
             let k = pick(&kernels::MATVEC, &kernels::MATVEC_QKV);
-            (k, [w.rows.div_ceil(MV_ROWS) as u32, n as u32, 1], None)
+            let groups = [w.rows.div_ceil(MV_ROWS) as u32, n as u32, 1];
+            (k, groups, vec![row_vectors(w.cols)])
         } else if n <= MULTI_MAX_TOKENS {
             let k = pick(&kernels::MATVEC_MULTI, &kernels::MATVEC_MULTI_QKV);
             let mt = multi_tokens(n);
             let groups = [w.rows.div_ceil(MV_ROWS) as u32, n.div_ceil(mt) as u32, 1];
-            (k, groups, Some(("MT", mt as f64)))
+            (k, groups, vec![("MT", mt as f64), row_vectors(w.cols)])
         } else {
             let k = pick(&kernels::MATMUL_TILED, &kernels::MATMUL_TILED_QKV);
             let tj = tiled_tj(n);
             let groups = [w.rows.div_ceil(TM) as u32, n.div_ceil(16 * tj) as u32, 1];
-            (k, groups, Some(("TJ", tj as f64)))
+            (k, groups, vec![("TJ", tj as f64)])
         }
     }
 
