@@ -19,7 +19,7 @@ use super::arm::neon;
 use super::dispatch::CpuLevel;
 use super::reference::dot_q8_scalar;
 #[cfg(target_arch = "x86_64")]
-use super::x86::avx2;
+use super::x86::{avx2, avx512};
 use crate::load::FloatMatrix;
 
 /// Columns per scale block.
@@ -92,8 +92,11 @@ impl Q8Matrix {
         let sum = match level {
             #[cfg(target_arch = "x86_64")]
             // SAFETY: the level is only ever one `CpuLevel::available()` returned (AVX2 + FMA).
-            CpuLevel::Avx2 | CpuLevel::AvxVnni | CpuLevel::Avx512Vnni | CpuLevel::Amx => unsafe {
-                avx2::dot_q8_avx2(q, s, &x.q)
+            CpuLevel::Avx2 | CpuLevel::AvxVnni => unsafe { avx2::dot_q8_avx2(q, s, &x.q) },
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY: as above; these levels have AVX-512 F/BW and VNNI.
+            CpuLevel::Avx512Vnni | CpuLevel::Amx => unsafe {
+                avx512::dot_q8_avx512vnni(q, s, &x.q)
             },
             #[cfg(target_arch = "aarch64")]
             // SAFETY: as above (aarch64 levels all have NEON).
@@ -112,9 +115,16 @@ impl Q8Matrix {
             CpuLevel::Avx2 | CpuLevel::AvxVnni | CpuLevel::Avx512Vnni | CpuLevel::Amx => {
                 debug_assert_eq!(x.q.len(), self.cols);
                 let ((q0, s0), (q1, s1)) = (self.row(r[0]), self.row(r[1]));
-                // SAFETY: the level is only ever one `available()` returned (AVX2 + FMA); rows
-                // and scales come from `row`, sized for `cols` = x's length.
-                let sums = unsafe { avx2::dot_q8_avx2_rows::<2>([q0, q1], [s0, s1], &x.q) };
+                // SAFETY: the level is only ever one `available()` returned (AVX2 + FMA, and
+                // AVX-512 F/BW + VNNI for the last two); rows and scales come from `row`, sized
+                // for `cols` = x's length.
+                let sums = unsafe {
+                    if matches!(level, CpuLevel::Avx512Vnni | CpuLevel::Amx) {
+                        avx512::dot_q8_avx512vnni_rows::<2>([q0, q1], [s0, s1], &x.q)
+                    } else {
+                        avx2::dot_q8_avx2_rows::<2>([q0, q1], [s0, s1], &x.q)
+                    }
+                };
                 sums.map(|s| s * x.inv_scale)
             }
             _ => [self.dot(level, r[0], x), self.dot(level, r[1], x)],

@@ -6,6 +6,7 @@
 use std::arch::x86_64::*;
 
 use super::{prefetch, PREFETCH_BYTES};
+use crate::backend::cpu::q8::Q8_BLOCK;
 use crate::backend::cpu::reference;
 
 /// `T` tokens against one packed byte row, 64 columns per step: the one-shift code planes
@@ -326,4 +327,74 @@ pub unsafe fn softmax_avx512(x: &mut [f32]) {
         }
         i += 16;
     }
+}
+
+/// The q8 head's dot (`q8.rs`) with 512-bit vectors: per block of 64 columns, the int8 weights
+/// sign-extended to int16 in two halves and `vpdpwssd` against the int16 activations (pairs →
+/// i32, exact, accumulated in 16 lanes), then the block's lanes to f32 once and one FMA by its
+/// scale. The row's tail (a block shorter than `Q8_BLOCK`) goes through scalar code. The AVX2
+/// kernel (`avx2::dot_q8_avx2`) does the same with 256-bit vectors.
+///
+/// # Safety
+/// AVX-512 F/BW and VNNI must be available; `q` and `x` hold at least as many values as `x`, and
+/// `scales` one per whole block.
+#[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
+pub unsafe fn dot_q8_avx512vnni(q: &[i8], scales: &[f32], x: &[i16]) -> f32 {
+    // SAFETY: passed on.
+    unsafe { dot_q8_avx512vnni_rows::<1>([q], [scales], x)[0] }
+}
+
+/// [`dot_q8_avx512vnni`] for `R` rows at once, each row's operations in the same order (so each
+/// result equals the one-row kernel's bit for bit); the rows' weight streams are read side by
+/// side.
+///
+/// # Safety
+/// As [`dot_q8_avx512vnni`], for every row.
+#[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
+#[allow(clippy::needless_range_loop)] // `r` indexes R rows of q, scales and accumulators alike
+pub unsafe fn dot_q8_avx512vnni_rows<const R: usize>(
+    q: [&[i8]; R],
+    scales: [&[f32]; R],
+    x: &[i16],
+) -> [f32; R] {
+    let full = x.len() / Q8_BLOCK;
+    for r in 0..R {
+        assert!(q[r].len() >= full * Q8_BLOCK && scales[r].len() >= full);
+    }
+    let mut total = [_mm512_setzero_ps(); R];
+    for b in 0..full {
+        let base = b * Q8_BLOCK;
+        for r in 0..R {
+            // one 64-byte block is one cache line of q: ask for the one PREFETCH_BYTES ahead
+            prefetch(q[r].as_ptr().wrapping_add(base + PREFETCH_BYTES) as *const u8);
+        }
+        // SAFETY: base + 64 ≤ full · Q8_BLOCK ≤ x.len() (32 int16 per load).
+        let (x0, x1) = unsafe {
+            (
+                _mm512_loadu_si512(x.as_ptr().add(base) as *const __m512i),
+                _mm512_loadu_si512(x.as_ptr().add(base + 32) as *const __m512i),
+            )
+        };
+        for r in 0..R {
+            // SAFETY: base + 64 ≤ full · Q8_BLOCK ≤ the row's length (asserted above).
+            let (w0, w1) = unsafe {
+                (
+                    _mm256_loadu_si256(q[r].as_ptr().add(base) as *const __m256i),
+                    _mm256_loadu_si256(q[r].as_ptr().add(base + 32) as *const __m256i),
+                )
+            };
+            let acc = _mm512_dpwssd_epi32(_mm512_setzero_si512(), _mm512_cvtepi8_epi16(w0), x0);
+            let acc = _mm512_dpwssd_epi32(acc, _mm512_cvtepi8_epi16(w1), x1);
+            let s = _mm512_set1_ps(scales[r][b]);
+            total[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc), s, total[r]);
+        }
+    }
+    let tail = full * Q8_BLOCK;
+    std::array::from_fn(|r| {
+        let mut lanes = [0f32; 16];
+        // SAFETY: lanes has 16 floats.
+        unsafe { _mm512_storeu_ps(lanes.as_mut_ptr(), total[r]) };
+        lanes.iter().sum::<f32>()
+            + reference::dot_q8_scalar(&q[r][tail..], &scales[r][full..], &x[tail..])
+    })
 }
