@@ -131,3 +131,43 @@ fn bad_bench_arguments_fail_cleanly() {
     assert!(o.status.success(), "{err}");
     assert!(err.contains("context is extended"), "{err}");
 }
+
+/// `BITNET_GPU_NO_SUBGROUPS=1` switches the GPU kernels to the workgroup-memory reductions, and
+/// the backend's name in the report says which ones ran ("(subgroups)"). Follows the GPU-test
+/// policy: skipped loudly without an adapter, a failure with BITNET_REQUIRE_GPU=1.
+#[test]
+fn no_subgroups_variable_selects_the_workgroup_reductions() {
+    let Some(g) = bitnet_wgpu::backend::wgpu::gpu_backend_for_test("no_subgroups_variable") else {
+        return;
+    };
+    let adapter_has_them = g.reductions() == "subgroup";
+    drop(g);
+    let empty = tempfile::tempdir().unwrap();
+    for (value, want) in [("0", adapter_has_them), ("1", false)] {
+        let o = Command::new(env!("CARGO_BIN_EXE_bitnet"))
+            .args([
+                "bench",
+                "--synthetic",
+                "tiny",
+                "--device",
+                "gpu",
+                "-p",
+                "0",
+                "-n",
+                "2",
+            ])
+            .args(["-r", "1", "--idle-seconds", "0", "-o", "json"])
+            .env("BITNET_SYSFS_ROOT", empty.path())
+            .env("BITNET_GPU_NO_SUBGROUPS", value)
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+        let backend = v[0]["backend"].as_str().unwrap().to_string();
+        assert_eq!(
+            backend.ends_with("(subgroups)"),
+            want,
+            "BITNET_GPU_NO_SUBGROUPS={value}: {backend}"
+        );
+    }
+}
