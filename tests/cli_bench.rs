@@ -171,3 +171,33 @@ fn no_subgroups_variable_selects_the_workgroup_reductions() {
         );
     }
 }
+
+/// `BITNET_GPU_PRO_BLOCKS` (the hardware A/B of the prologue's blocks per workgroup) changes
+/// only how the rows are grouped: the bundled model's greedy text on the GPU is the same at 1, 8
+/// and the default 4.
+#[test]
+fn prologue_blocks_variable_keeps_the_greedy_text() {
+    let Some(g) = bitnet_wgpu::backend::wgpu::gpu_backend_for_test("prologue_blocks_variable")
+    else {
+        return;
+    };
+    drop(g);
+    let model = concat!(env!("CARGO_MANIFEST_DIR"), "/assets/tiny-bitnet");
+    let run = |blocks: Option<&str>| {
+        let mut c = Command::new(env!("CARGO_BIN_EXE_bitnet"));
+        c.args(["generate", "--model", model, "--device", "gpu"])
+            .args(["--prompt", "Once upon a time", "--max-tokens", "24"])
+            .args(["--temperature", "0", "--ignore-eos"]);
+        if let Some(b) = blocks {
+            c.env("BITNET_GPU_PRO_BLOCKS", b);
+        }
+        let o = c.output().unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        String::from_utf8(o.stdout).unwrap()
+    };
+    let default = run(None);
+    assert!(default.len() > 20, "{default:?}");
+    for b in ["1", "8"] {
+        assert_eq!(run(Some(b)), default, "BITNET_GPU_PRO_BLOCKS={b}");
+    }
+}
