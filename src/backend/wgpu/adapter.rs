@@ -215,12 +215,21 @@ pub fn estimate_memory(c: &ModelConfig, o: &ModelOptions, elem_bytes: u64) -> Me
     let b = o.max_batch as u64;
     let f32s = b * (4 * h + 2 * qd + 2 * kvd + 4 * i) + o.max_logit_rows as u64 * v;
     let q8 = b * (g(h) + g(qd) + g(i)) + 3 * b * 8;
-    let activations = f32s * 4 + q8;
+    // the split attention's partials, sized for the largest step it serves (one per context)
+    let split_rows = o.max_batch.clamp(1, super::ATTN_SPLIT_MAX_TOKENS);
+    let partials = super::attention::partials_bytes(
+        split_rows.next_power_of_two().max(4),
+        c.num_attention_heads,
+        o.ctx,
+        c.head_dim,
+    );
+    let activations = f32s * 4 + q8 + partials;
     let largest_buffer = [
         i * g(h),
         h * g(i),
         o.slots as u64 * o.ctx as u64 * kvd * kv_bytes,
         o.max_logit_rows as u64 * v * 4,
+        partials,
     ]
     .into_iter()
     .max()
@@ -320,6 +329,15 @@ mod tests {
         assert_eq!(
             estimate_memory(&c, &o32, 2).kv_cache,
             30 * 2 * 4096 * 640 * 4
+        );
+        // the split attention's partials are part of the activations: rows × 20 heads × one
+        // block per 64 positions × 130 floats (max, sum, 128 outputs), so they alone grow with
+        // the context
+        let rows = o.max_batch.clamp(1, 16).next_power_of_two().max(4) as u64;
+        let o2 = ModelOptions { ctx: 8192, ..o };
+        assert_eq!(
+            estimate_memory(&c, &o2, 2).activations - e.activations,
+            rows * 20 * 64 * 130 * 4
         );
     }
 }

@@ -19,6 +19,12 @@ const ATTN_BLOCK: usize = 64;
 const ATTN_TILE_QUERIES: usize = 8;
 /// Largest head_dim of the prefill flash attention (attention.wgsl TILE_MAX_HD).
 const ATTN_TILE_MAX_HD: usize = 128;
+/// Bytes of the split attention's partials for steps of up to `tokens` rows (a power of two,
+/// at least 4): per (row, head, block of ATTN_BLOCK positions) its max, sum and HD outputs.
+pub(super) fn partials_bytes(tokens: usize, heads: usize, ctx: usize, hd: usize) -> u64 {
+    (tokens * heads * ctx.div_ceil(ATTN_BLOCK) * (hd + 2)) as u64 * 4
+}
+
 impl WgpuBackend {
     pub(super) fn op_alloc_kv_cache(
         &mut self,
@@ -150,8 +156,8 @@ impl WgpuBackend {
                 Some((p, tokens)) if *tokens >= n => p.clone(),
                 _ => {
                     let tokens = n.next_power_of_two().max(4);
-                    let floats = tokens * shape.n_heads * blocks * (hd + 2);
-                    let p = self.storage("attention partials", floats as u64 * 4, None)?;
+                    let bytes = partials_bytes(tokens, shape.n_heads, cache.ctx, hd);
+                    let p = self.storage("attention partials", bytes, None)?;
                     self.attn_partials.insert(key, (p.clone(), tokens));
                     p
                 }
