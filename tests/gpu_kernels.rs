@@ -1639,3 +1639,109 @@ fn a_matmul_writing_the_norm_input_runs_the_norm_first() {
     }
     assert_close("x += W·norm_quantize(x)", &got[0], &got[1], 0.0, 0.0);
 }
+
+/// A decode step of single rows of many slots (a batched decode of 20 sequences at unrelated
+/// depths) runs the split attention (2 dispatches: blocks, then their merge) although it has more
+/// than 16 rows, and every row equals its sequence decoded alone, in both cache formats.
+#[test]
+fn a_wide_decode_step_of_many_slots_equals_each_slot_alone() {
+    let Some(mut g) = gpu("wide_decode_step") else {
+        return;
+    };
+    let (heads, kv_heads, hd, ctx, hidden, slots) = (4usize, 2usize, 16usize, 80usize, 32usize, 20);
+    let shape = AttentionShape {
+        n_heads: heads,
+        n_kv_heads: kv_heads,
+        head_dim: hd,
+        rope_theta: 10000.0,
+    };
+    let (qd, kvd) = (heads * hd, kv_heads * hd);
+    let mut r = rng(31);
+    let parts = [
+        random_ternary(&mut r, qd, hidden, 0.05),
+        random_ternary(&mut r, kvd, hidden, 0.07),
+        random_ternary(&mut r, kvd, hidden, 0.03),
+    ];
+    let refs: Vec<&TernaryMatrix> = parts.iter().collect();
+    let gw = g.upload_linears(&refs).unwrap();
+    // slot s has a history of 3 + 7s mod 70 positions, then one decoded row
+    let hist: Vec<usize> = (0..slots).map(|s| 3 + (7 * s) % 70).collect();
+    let data: Vec<(Vec<i8>, Vec<f32>)> = hist
+        .iter()
+        .map(|&h| {
+            let q = (0..(h + 1) * hidden)
+                .map(|_| r.random_range(-128..=127))
+                .collect();
+            let s = (0..h + 1).map(|_| r.random_range(10f32..100.0)).collect();
+            (q, s)
+        })
+        .collect();
+    let cap = 80;
+    // one step over `rows` (slot, position), stored in cache slot `slot_of(slot)`; returns the
+    // attention output [rows, qd] and the dispatches the attention took
+    let run = |g: &mut WgpuBackend,
+               cache: &mut bitnet_wgpu::backend::wgpu::GpuKvCache,
+               rows: &[(usize, usize)],
+               slot_of: &dyn Fn(usize) -> u32|
+     -> (Vec<f32>, u64) {
+        let (mut q, mut sc) = (Vec::new(), Vec::new());
+        for &(s, p) in rows {
+            q.extend_from_slice(&data[s].0[p * hidden..(p + 1) * hidden]);
+            sc.push(data[s].1[p]);
+        }
+        let mut xq = g.alloc_q(cap, hidden).unwrap();
+        g.write_q(&mut xq, &q, &sc).unwrap();
+        let mut gq = g.alloc(cap, qd).unwrap();
+        let mut go = g.alloc(cap, qd).unwrap();
+        let spec: Vec<StepRow> = rows
+            .iter()
+            .map(|&(s, p)| StepRow {
+                token: 0,
+                pos: p as u32,
+                slot: slot_of(s),
+            })
+            .collect();
+        g.begin_step(&spec).unwrap();
+        g.qkv_rope_store(&gw, &xq, cache, 0, &shape, &mut gq)
+            .unwrap();
+        let before = g.dispatch_count();
+        g.attention(&gq, cache, 0, &shape, &mut go).unwrap();
+        let dispatches = g.dispatch_count() - before;
+        g.end_step().unwrap();
+        (g.read(&go, rows.len()).unwrap(), dispatches)
+    };
+    for dtype in [KvDtype::F16, KvDtype::F32] {
+        // each sequence alone in a one-slot cache: its history, then its decoded row
+        let mut alone = Vec::new();
+        for (s, &h) in hist.iter().enumerate() {
+            let mut cache = g.alloc_kv_cache(1, 1, ctx, kvd, dtype).unwrap();
+            let rows: Vec<(usize, usize)> = (0..h).map(|p| (s, p)).collect();
+            run(&mut g, &mut cache, &rows, &|_| 0);
+            alone.push(run(&mut g, &mut cache, &[(s, h)], &|_| 0).0);
+        }
+        // all of them in one cache of `slots` slots: the histories one slot at a time, then
+        // one step over the decoded rows of every slot, in a shuffled slot order
+        let mut cache = g.alloc_kv_cache(1, slots, ctx, kvd, dtype).unwrap();
+        let slot_of = |s: usize| (slots - 1 - s) as u32;
+        for (s, &h) in hist.iter().enumerate() {
+            let rows: Vec<(usize, usize)> = (0..h).map(|p| (s, p)).collect();
+            run(&mut g, &mut cache, &rows, &slot_of);
+        }
+        let order: Vec<usize> = (0..slots).map(|i| (i * 7) % slots).collect();
+        let rows: Vec<(usize, usize)> = order.iter().map(|&s| (s, hist[s])).collect();
+        let (out, dispatches) = run(&mut g, &mut cache, &rows, &slot_of);
+        assert_eq!(
+            dispatches, 2,
+            "{dtype:?}: split + combine for {slots} single rows"
+        );
+        for (i, &(s, p)) in rows.iter().enumerate() {
+            assert_close(
+                &format!("{dtype:?} row {i}: slot {s} at position {p}"),
+                &out[i * qd..(i + 1) * qd],
+                &alone[s],
+                1e-6,
+                1e-5,
+            );
+        }
+    }
+}

@@ -216,7 +216,13 @@ pub fn estimate_memory(c: &ModelConfig, o: &ModelOptions, elem_bytes: u64) -> Me
     let f32s = b * (4 * h + 2 * qd + 2 * kvd + 4 * i) + o.max_logit_rows as u64 * v;
     let q8 = b * (g(h) + g(qd) + g(i)) + 3 * b * 8;
     // the split attention's partials, sized for the largest step it serves (one per context)
-    let split_rows = o.max_batch.clamp(1, super::ATTN_SPLIT_MAX_TOKENS);
+    // (wider steps of single rows of many slots use it up to 64 rows)
+    let split_max = if o.slots > super::ATTN_SPLIT_MAX_TOKENS {
+        super::attention::ATTN_SPLIT_WIDE_MAX_TOKENS
+    } else {
+        super::ATTN_SPLIT_MAX_TOKENS
+    };
+    let split_rows = o.max_batch.clamp(1, split_max);
     let partials = super::attention::partials_bytes(
         split_rows.next_power_of_two().max(4),
         c.num_attention_heads,

@@ -12,6 +12,10 @@ pub const MAX_HEAD_DIM: usize = 512;
 /// steps, batched ones included (rows of many slots, each its own context: the prefill tiles
 /// would serve them one row at a time with few workgroups).
 pub const ATTN_SPLIT_MAX_TOKENS: usize = 16;
+/// Wider steps use it too when their rows are single rows of many slots (a batched decode of
+/// up to 64 sequences): the prefill tiles would serve those rows one after another and `attend`
+/// reads each key with one thread. Its partials grow to 64 rows (42 MB for 2B4T at 4096).
+pub const ATTN_SPLIT_WIDE_MAX_TOKENS: usize = 64;
 /// Positions per block of the split attention (shaders/attention.wgsl BLK).
 const ATTN_BLOCK: usize = 64;
 /// Query vectors per tile of the prefill flash attention (attention.wgsl NQ_MAX): groups up
@@ -147,7 +151,11 @@ impl WgpuBackend {
         let rows = self.rows_buf.clone();
         let (kc, vc) = (&cache.k[layer], &cache.v[layer]);
         let group = shape.n_heads / shape.n_kv_heads;
-        if n <= ATTN_SPLIT_MAX_TOKENS && group <= 16 && group * hd <= 1024 {
+        // Rows of one slot adjacent in the step (a prefill chunk), on average two or more.
+        let runs_of_two = self.slot_runs * 2 <= n;
+        let split_rows =
+            n <= ATTN_SPLIT_MAX_TOKENS || (n <= ATTN_SPLIT_WIDE_MAX_TOKENS && !runs_of_two);
+        if split_rows && group <= 16 && group * hd <= 1024 {
             let blocks = cache.ctx.div_ceil(ATTN_BLOCK);
             let key = (shape.n_heads, blocks, hd);
             // sized for the step's tokens rounded up (4 at least: one-token decode), grown when a
@@ -183,7 +191,6 @@ impl WgpuBackend {
         // Tiles share key / value blocks between the rows of one slot: worth it when such rows
         // are adjacent (a prefill chunk), not for a wide step of single rows of many slots (a
         // tile would serve them one after the other; `attend` keeps a workgroup per row).
-        let runs_of_two = self.slot_runs * 2 <= n;
         if group <= ATTN_TILE_QUERIES && hd <= ATTN_TILE_MAX_HD && runs_of_two {
             // flash attention over query tiles: rows per tile so that a tile holds
             // ATTN_TILE_QUERIES query vectors of one kv head
