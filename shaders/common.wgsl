@@ -33,3 +33,23 @@ fn argmax_better(va: f32, ia: u32, vb: f32, ib: u32) -> bool {
     }
     return va > vb || (va == vb && ia < ib);
 }
+
+// The reductions of shaders/reduce_*.wgsl work on values as u32 bits with one of these
+// operators, so that each variant has one tree / one combining loop for every type.
+const OP_ADD_F32: u32 = 0u;
+const OP_MAX_F32: u32 = 1u;
+const OP_ADD_I32: u32 = 2u;
+
+fn combine(op: u32, a: u32, b: u32) -> u32 {
+    switch op {
+        case OP_ADD_F32: {
+            return bitcast<u32>(bitcast<f32>(a) + bitcast<f32>(b));
+        }
+        case OP_MAX_F32: {
+            return bitcast<u32>(max(bitcast<f32>(a), bitcast<f32>(b)));
+        }
+        default: {
+            return bitcast<u32>(bitcast<i32>(a) + bitcast<i32>(b));
+        }
+    }
+}

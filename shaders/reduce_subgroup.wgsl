@@ -22,51 +22,94 @@ fn thread_index(th: Thread) -> u32 {
     return th.sg_id * th.sg_size + th.sg_lane;
 }
 
-var<workgroup> reduce_a: array<u32, 256>; // one value per subgroup (f32 / i32 as bits)
+var<workgroup> reduce_a: array<u32, 256>; // one value per subgroup (as bits)
 var<workgroup> reduce_b: array<u32, 256>; // argmax indices
 
-// Σ v over the workgroup, the same value in every thread: a subgroup sum, then the subgroups'
-// sums in subgroup order (every thread reads them all: n / subgroup_size ≤ 64 values).
-fn wg_sum_f32(th: Thread, n: u32, v: f32) -> f32 {
-    let s = subgroupAdd(v);
+// `op` over the thread's subgroup, in every lane.
+fn subgroup_reduce(op: u32, v: u32) -> u32 {
+    switch op {
+        case OP_ADD_F32: {
+            return bitcast<u32>(subgroupAdd(bitcast<f32>(v)));
+        }
+        case OP_MAX_F32: {
+            return bitcast<u32>(subgroupMax(bitcast<f32>(v)));
+        }
+        default: {
+            return bitcast<u32>(subgroupAdd(bitcast<i32>(v)));
+        }
+    }
+}
+
+// `op` over the workgroup of n threads, the same value in every thread: a subgroup reduction,
+// then the subgroups' results in subgroup order (every thread reads them all:
+// n / subgroup_size ≤ 64 values).
+fn wg_reduce(th: Thread, n: u32, op: u32, v: u32) -> u32 {
+    let s = subgroup_reduce(op, v);
     if th.sg_lane == 0u {
-        reduce_a[th.sg_id] = bitcast<u32>(s);
+        reduce_a[th.sg_id] = s;
     }
     workgroupBarrier();
-    var r = 0.0;
-    for (var i = 0u; i < n / th.sg_size; i++) {
-        r += bitcast<f32>(reduce_a[i]);
+    var r = reduce_a[0];
+    for (var i = 1u; i < n / th.sg_size; i++) {
+        r = combine(op, r, reduce_a[i]);
     }
     workgroupBarrier(); // reduce_a is reused by the next reduction
     return r;
 }
 
-fn wg_max_f32(th: Thread, n: u32, v: f32) -> f32 {
-    let s = subgroupMax(v);
+// `op` over each run of `lanes` consecutive thread numbers; valid in the run's first thread.
+// Runs within a subgroup: a butterfly of shuffles (no workgroup memory, no barrier). Runs wider
+// than a subgroup: subgroup reductions, combined through workgroup memory.
+fn lanes_reduce(th: Thread, lanes: u32, op: u32, v: u32) -> u32 {
+    var r = v;
+    if th.sg_size >= lanes {
+        for (var off = lanes / 2u; off > 0u; off >>= 1u) {
+            r = combine(op, r, subgroupShuffleXor(r, off));
+        }
+        return r;
+    }
+    let s = subgroup_reduce(op, v);
     if th.sg_lane == 0u {
-        reduce_a[th.sg_id] = bitcast<u32>(s);
+        reduce_a[th.sg_id] = s;
     }
     workgroupBarrier();
-    var r = bitcast<f32>(reduce_a[0]);
-    for (var i = 1u; i < n / th.sg_size; i++) {
-        r = max(r, bitcast<f32>(reduce_a[i]));
+    if th.sg_lane == 0u {
+        r = reduce_a[th.sg_id];
+        for (var k = 1u; k < lanes / th.sg_size; k++) {
+            r = combine(op, r, reduce_a[th.sg_id + k]);
+        }
     }
     workgroupBarrier();
     return r;
 }
 
+// Σ v over the workgroup of n threads, the same value in every thread.
+fn wg_sum_f32(th: Thread, n: u32, v: f32) -> f32 {
+    return bitcast<f32>(wg_reduce(th, n, OP_ADD_F32, bitcast<u32>(v)));
+}
+
+// max v over the workgroup, in every thread.
+fn wg_max_f32(th: Thread, n: u32, v: f32) -> f32 {
+    return bitcast<f32>(wg_reduce(th, n, OP_MAX_F32, bitcast<u32>(v)));
+}
+
+// Σ v over the workgroup (exact), in every thread.
 fn wg_sum_i32(th: Thread, n: u32, v: i32) -> i32 {
-    let s = subgroupAdd(v);
-    if th.sg_lane == 0u {
-        reduce_a[th.sg_id] = bitcast<u32>(s);
-    }
-    workgroupBarrier();
-    var r = 0i;
-    for (var i = 0u; i < n / th.sg_size; i++) {
-        r += bitcast<i32>(reduce_a[i]);
-    }
-    workgroupBarrier();
-    return r;
+    return bitcast<i32>(wg_reduce(th, n, OP_ADD_I32, bitcast<u32>(v)));
+}
+
+// Σ v over each run of `lanes` consecutive thread numbers (lanes a power of two ≤ n), exact;
+// valid in the first thread of each run (thread_index % lanes == 0).
+fn lanes_sum_i32(th: Thread, lanes: u32, v: i32) -> i32 {
+    return bitcast<i32>(lanes_reduce(th, lanes, OP_ADD_I32, bitcast<u32>(v)));
+}
+
+fn lanes_sum_f32(th: Thread, lanes: u32, v: f32) -> f32 {
+    return bitcast<f32>(lanes_reduce(th, lanes, OP_ADD_F32, bitcast<u32>(v)));
+}
+
+fn lanes_max_f32(th: Thread, lanes: u32, v: f32) -> f32 {
+    return bitcast<f32>(lanes_reduce(th, lanes, OP_MAX_F32, bitcast<u32>(v)));
 }
 
 // The argmax_better winner: a butterfly over the subgroup's lanes (lane 0's result is kept),
@@ -97,77 +140,4 @@ fn wg_argmax(th: Thread, n: u32, v: f32, i: u32) -> vec2<u32> {
     }
     workgroupBarrier();
     return vec2<u32>(bitcast<u32>(rv), ri);
-}
-
-// Σ v over each run of `lanes` consecutive thread numbers; valid in the run's first thread.
-// Runs within a subgroup: a butterfly of shuffles (no workgroup memory, no barrier in the
-// reduction). Runs wider than a subgroup: subgroup sums, combined through workgroup memory.
-fn lanes_sum_i32(th: Thread, lanes: u32, v: i32) -> i32 {
-    var r = v;
-    if th.sg_size >= lanes {
-        for (var off = lanes / 2u; off > 0u; off >>= 1u) {
-            r += subgroupShuffleXor(r, off);
-        }
-        return r;
-    }
-    let s = subgroupAdd(v);
-    if th.sg_lane == 0u {
-        reduce_a[th.sg_id] = bitcast<u32>(s);
-    }
-    workgroupBarrier();
-    r = 0i;
-    if th.sg_lane == 0u {
-        for (var k = 0u; k < lanes / th.sg_size; k++) {
-            r += bitcast<i32>(reduce_a[th.sg_id + k]);
-        }
-    }
-    workgroupBarrier();
-    return r;
-}
-
-fn lanes_sum_f32(th: Thread, lanes: u32, v: f32) -> f32 {
-    var r = v;
-    if th.sg_size >= lanes {
-        for (var off = lanes / 2u; off > 0u; off >>= 1u) {
-            r += subgroupShuffleXor(r, off);
-        }
-        return r;
-    }
-    let s = subgroupAdd(v);
-    if th.sg_lane == 0u {
-        reduce_a[th.sg_id] = bitcast<u32>(s);
-    }
-    workgroupBarrier();
-    r = 0.0;
-    if th.sg_lane == 0u {
-        for (var k = 0u; k < lanes / th.sg_size; k++) {
-            r += bitcast<f32>(reduce_a[th.sg_id + k]);
-        }
-    }
-    workgroupBarrier();
-    return r;
-}
-
-fn lanes_max_f32(th: Thread, lanes: u32, v: f32) -> f32 {
-    var r = v;
-    if th.sg_size >= lanes {
-        for (var off = lanes / 2u; off > 0u; off >>= 1u) {
-            r = max(r, subgroupShuffleXor(r, off));
-        }
-        return r;
-    }
-    let s = subgroupMax(v);
-    if th.sg_lane == 0u {
-        reduce_a[th.sg_id] = bitcast<u32>(s);
-    }
-    workgroupBarrier();
-    r = v;
-    if th.sg_lane == 0u {
-        r = bitcast<f32>(reduce_a[th.sg_id]);
-        for (var k = 1u; k < lanes / th.sg_size; k++) {
-            r = max(r, bitcast<f32>(reduce_a[th.sg_id + k]));
-        }
-    }
-    workgroupBarrier();
-    return r;
 }

@@ -18,55 +18,66 @@ fn thread_index(th: Thread) -> u32 {
     return th.lid;
 }
 
-var<workgroup> reduce_a: array<u32, 256>; // values (f32 / i32 as bits)
+var<workgroup> reduce_a: array<u32, 256>; // values (as bits)
 var<workgroup> reduce_b: array<u32, 256>; // argmax indices
 
-// Σ v over the workgroup, the same value in every thread.
-fn wg_sum_f32(th: Thread, n: u32, v: f32) -> f32 {
-    reduce_a[th.lid] = bitcast<u32>(v);
+// `op` over each run of `lanes` threads by a tree (lanes = n: the whole workgroup); on return
+// the run's result is in reduce_a at its first thread, for the caller to read before a barrier.
+fn tree(th: Thread, lanes: u32, op: u32, v: u32) {
+    let lane = th.lid % lanes;
+    reduce_a[th.lid] = v;
     workgroupBarrier();
-    for (var s = n / 2u; s > 0u; s >>= 1u) {
-        if th.lid < s {
-            reduce_a[th.lid] = bitcast<u32>(bitcast<f32>(reduce_a[th.lid])
-                + bitcast<f32>(reduce_a[th.lid + s]));
+    for (var s = lanes / 2u; s > 0u; s >>= 1u) {
+        if lane < s {
+            reduce_a[th.lid] = combine(op, reduce_a[th.lid], reduce_a[th.lid + s]);
         }
         workgroupBarrier();
     }
-    let r = bitcast<f32>(reduce_a[0]);
+}
+
+// `op` over the workgroup of n threads, the same value in every thread.
+fn wg_reduce(th: Thread, n: u32, op: u32, v: u32) -> u32 {
+    tree(th, n, op, v);
+    let r = reduce_a[0];
     workgroupBarrier(); // reduce_a is reused by the next reduction
     return r;
 }
 
-// max v over the workgroup, in every thread.
-fn wg_max_f32(th: Thread, n: u32, v: f32) -> f32 {
-    reduce_a[th.lid] = bitcast<u32>(v);
-    workgroupBarrier();
-    for (var s = n / 2u; s > 0u; s >>= 1u) {
-        if th.lid < s {
-            reduce_a[th.lid] = bitcast<u32>(max(bitcast<f32>(reduce_a[th.lid]),
-                                                bitcast<f32>(reduce_a[th.lid + s])));
-        }
-        workgroupBarrier();
-    }
-    let r = bitcast<f32>(reduce_a[0]);
+// `op` over each run of `lanes` consecutive threads; valid in the run's first thread.
+fn lanes_reduce(th: Thread, lanes: u32, op: u32, v: u32) -> u32 {
+    tree(th, lanes, op, v);
+    let r = reduce_a[th.lid];
     workgroupBarrier();
     return r;
 }
 
+// Σ v over the workgroup of n threads, the same value in every thread.
+fn wg_sum_f32(th: Thread, n: u32, v: f32) -> f32 {
+    return bitcast<f32>(wg_reduce(th, n, OP_ADD_F32, bitcast<u32>(v)));
+}
+
+// max v over the workgroup, in every thread.
+fn wg_max_f32(th: Thread, n: u32, v: f32) -> f32 {
+    return bitcast<f32>(wg_reduce(th, n, OP_MAX_F32, bitcast<u32>(v)));
+}
+
 // Σ v over the workgroup (exact), in every thread.
 fn wg_sum_i32(th: Thread, n: u32, v: i32) -> i32 {
-    reduce_a[th.lid] = bitcast<u32>(v);
-    workgroupBarrier();
-    for (var s = n / 2u; s > 0u; s >>= 1u) {
-        if th.lid < s {
-            reduce_a[th.lid] = bitcast<u32>(bitcast<i32>(reduce_a[th.lid])
-                + bitcast<i32>(reduce_a[th.lid + s]));
-        }
-        workgroupBarrier();
-    }
-    let r = bitcast<i32>(reduce_a[0]);
-    workgroupBarrier();
-    return r;
+    return bitcast<i32>(wg_reduce(th, n, OP_ADD_I32, bitcast<u32>(v)));
+}
+
+// Σ v over each run of `lanes` consecutive thread numbers (lanes a power of two ≤ n), exact;
+// valid in the first thread of each run (thread_index % lanes == 0).
+fn lanes_sum_i32(th: Thread, lanes: u32, v: i32) -> i32 {
+    return bitcast<i32>(lanes_reduce(th, lanes, OP_ADD_I32, bitcast<u32>(v)));
+}
+
+fn lanes_sum_f32(th: Thread, lanes: u32, v: f32) -> f32 {
+    return bitcast<f32>(lanes_reduce(th, lanes, OP_ADD_F32, bitcast<u32>(v)));
+}
+
+fn lanes_max_f32(th: Thread, lanes: u32, v: f32) -> f32 {
+    return bitcast<f32>(lanes_reduce(th, lanes, OP_MAX_F32, bitcast<u32>(v)));
 }
 
 // The argmax_better winner of the threads' (v, i), as (value bits, index), in every thread.
@@ -83,58 +94,6 @@ fn wg_argmax(th: Thread, n: u32, v: f32, i: u32) -> vec2<u32> {
         workgroupBarrier();
     }
     let r = vec2<u32>(reduce_a[0], reduce_b[0]);
-    workgroupBarrier();
-    return r;
-}
-
-// Σ v over each run of `lanes` consecutive threads (lanes a power of two ≤ n), exact; valid in
-// the first thread of each run (thread_index % lanes == 0).
-fn lanes_sum_i32(th: Thread, lanes: u32, v: i32) -> i32 {
-    let lane = th.lid % lanes;
-    reduce_a[th.lid] = bitcast<u32>(v);
-    workgroupBarrier();
-    for (var s = lanes / 2u; s > 0u; s >>= 1u) {
-        if lane < s {
-            reduce_a[th.lid] = bitcast<u32>(bitcast<i32>(reduce_a[th.lid])
-                + bitcast<i32>(reduce_a[th.lid + s]));
-        }
-        workgroupBarrier();
-    }
-    let r = bitcast<i32>(reduce_a[th.lid]);
-    workgroupBarrier();
-    return r;
-}
-
-// The f32 twin of lanes_sum_i32.
-fn lanes_sum_f32(th: Thread, lanes: u32, v: f32) -> f32 {
-    let lane = th.lid % lanes;
-    reduce_a[th.lid] = bitcast<u32>(v);
-    workgroupBarrier();
-    for (var s = lanes / 2u; s > 0u; s >>= 1u) {
-        if lane < s {
-            reduce_a[th.lid] = bitcast<u32>(bitcast<f32>(reduce_a[th.lid])
-                + bitcast<f32>(reduce_a[th.lid + s]));
-        }
-        workgroupBarrier();
-    }
-    let r = bitcast<f32>(reduce_a[th.lid]);
-    workgroupBarrier();
-    return r;
-}
-
-// max v over each run of `lanes` consecutive threads; valid in the run's first thread.
-fn lanes_max_f32(th: Thread, lanes: u32, v: f32) -> f32 {
-    let lane = th.lid % lanes;
-    reduce_a[th.lid] = bitcast<u32>(v);
-    workgroupBarrier();
-    for (var s = lanes / 2u; s > 0u; s >>= 1u) {
-        if lane < s {
-            reduce_a[th.lid] = bitcast<u32>(max(bitcast<f32>(reduce_a[th.lid]),
-                                                bitcast<f32>(reduce_a[th.lid + s])));
-        }
-        workgroupBarrier();
-    }
-    let r = bitcast<f32>(reduce_a[th.lid]);
     workgroupBarrier();
     return r;
 }
