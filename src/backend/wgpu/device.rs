@@ -227,10 +227,10 @@ impl WgpuBackend {
                 // are slower but right. Pipelines and bind groups are rebuilt without subgroups.
                 backend.check_alive().ok(); // drop an error the failed check left behind
                 backend.pipelines = PipelineCache::new(false);
-                backend.bind_groups.clear();
                 backend.subgroup_fallback = Some(e.to_string());
             }
-            // The check is not part of any model's work.
+            // The check is not part of any model's work (and a fallback's bind groups were made
+            // with the old layouts).
             backend.bind_groups.clear();
             backend.counters = GpuCounters::default();
         }

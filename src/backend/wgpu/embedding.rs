@@ -199,12 +199,15 @@ impl WgpuBackend {
         } else {
             out_rows.next_power_of_two().min(LM_HEAD_ROWS_MAX)
         };
-        let mut rows = rows.to_vec();
-        rows.resize(out_rows.next_multiple_of(hr), NO_ROW);
-        let rows = &rows[..];
-        if self.logit_rows_host != rows {
-            if rows.len() > self.logit_rows_cap {
-                let cap = rows.len().next_power_of_two();
+        let padded = out_rows.next_multiple_of(hr);
+        let same = self.logit_rows_host.len() == padded
+            && self.logit_rows_host.starts_with(rows)
+            && self.logit_rows_host[out_rows..]
+                .iter()
+                .all(|&r| r == NO_ROW);
+        if !same {
+            if padded > self.logit_rows_cap {
+                let cap = padded.next_power_of_two();
                 self.logit_rows_buf = self.new_buffer(
                     "logit rows",
                     cap as u64 * 4,
@@ -213,11 +216,15 @@ impl WgpuBackend {
                 )?;
                 self.logit_rows_cap = cap;
             }
-            // Queue-ordered: lands before this step's commands, after every earlier step's.
-            self.queue
-                .write_buffer(&self.logit_rows_buf.buf, 0, bytemuck::cast_slice(rows));
             self.logit_rows_host.clear();
             self.logit_rows_host.extend_from_slice(rows);
+            self.logit_rows_host.resize(padded, NO_ROW);
+            // Queue-ordered: lands before this step's commands, after every earlier step's.
+            self.queue.write_buffer(
+                &self.logit_rows_buf.buf,
+                0,
+                bytemuck::cast_slice(&self.logit_rows_host),
+            );
         }
         let consts = [
             ("COLS", head.cols as f64),

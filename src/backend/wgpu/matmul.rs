@@ -227,35 +227,41 @@ impl WgpuBackend {
             return self.record(&kernels::MATVEC_PRO, &consts, &bufs, groups);
         }
         let bufs = [&w.params, &w.w, &x.q, &x.meta, y];
-        let (kernel, groups, shape) = self.matmul_grid(w, false);
         let mut consts = consts.to_vec();
-        consts.extend(shape);
+        let (kernel, groups) = self.matmul_grid(w, false, &mut consts);
         self.record(kernel, &consts, &bufs, groups)
     }
 
-    /// The kernel (decode, small batch or prefill; plain or q|k|v), its dispatch size and its
-    /// shape constants for this step.
+    /// The kernel (decode, small batch or prefill; plain or q|k|v) and its dispatch size for
+    /// this step; its shape constants are appended to `consts`.
     fn matmul_grid(
         &self,
         w: &GpuLinear,
         qkv: bool,
-    ) -> (&'static Kernel, [u32; 3], Vec<(&'static str, f64)>) {
+        consts: &mut Vec<(&'static str, f64)>,
+    ) -> (&'static Kernel, [u32; 3]) {
         let n = self.n();
         let pick = |plain, with_qkv| if qkv { with_qkv } else { plain };
         if n <= MATVEC_MAX_TOKENS {
+            consts.push(row_vectors(w.cols));
             let k = pick(&kernels::MATVEC, &kernels::MATVEC_QKV);
-            let groups = [w.rows.div_ceil(MV_ROWS) as u32, n as u32, 1];
-            (k, groups, vec![row_vectors(w.cols)])
+            (k, [w.rows.div_ceil(MV_ROWS) as u32, n as u32, 1])
         } else if n <= MULTI_MAX_TOKENS {
-            let k = pick(&kernels::MATVEC_MULTI, &kernels::MATVEC_MULTI_QKV);
             let mt = multi_tokens(n);
-            let groups = [w.rows.div_ceil(MV_ROWS) as u32, n.div_ceil(mt) as u32, 1];
-            (k, groups, vec![("MT", mt as f64), row_vectors(w.cols)])
+            consts.extend([("MT", mt as f64), row_vectors(w.cols)]);
+            let k = pick(&kernels::MATVEC_MULTI, &kernels::MATVEC_MULTI_QKV);
+            (
+                k,
+                [w.rows.div_ceil(MV_ROWS) as u32, n.div_ceil(mt) as u32, 1],
+            )
         } else {
-            let k = pick(&kernels::MATMUL_TILED, &kernels::MATMUL_TILED_QKV);
             let tj = tiled_tj(n);
-            let groups = [w.rows.div_ceil(TM) as u32, n.div_ceil(16 * tj) as u32, 1];
-            (k, groups, vec![("TJ", tj as f64)])
+            consts.push(("TJ", tj as f64));
+            let k = pick(&kernels::MATMUL_TILED, &kernels::MATMUL_TILED_QKV);
+            (
+                k,
+                [w.rows.div_ceil(TM) as u32, n.div_ceil(16 * tj) as u32, 1],
+            )
         }
     }
 
@@ -306,9 +312,8 @@ impl WgpuBackend {
         let bufs = [
             &w.params, &w.w, &x.q, &x.meta, &q.buf, &rows, &table, kc, vc,
         ];
-        let (kernel, groups, shape) = self.matmul_grid(w, true);
         let mut consts = consts.to_vec();
-        consts.extend(shape);
+        let (kernel, groups) = self.matmul_grid(w, true, &mut consts);
         self.record(kernel, &consts, &bufs, groups)
     }
 }

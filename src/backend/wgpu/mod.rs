@@ -206,7 +206,7 @@ pub struct WgpuBackend {
     slot_runs: usize,       // runs of consecutive rows of one slot in the step
     logit_rows_buf: GpuBuf, // [logit_rows_cap] u32: the step rows the LM head computes
     logit_rows_cap: usize,
-    logit_rows_host: Vec<u32>, // what logit_rows_buf holds
+    logit_rows_host: Vec<u32>, // what logit_rows_buf holds (padded with NO_ROW to the head's HR)
     encoder: Option<wgpu::CommandEncoder>,
     pass: Option<wgpu::ComputePass<'static>>,
     uploads: UploadPool,
