@@ -26,17 +26,22 @@ use common::assert_close;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
+/// Whether this copy of the tests is the one tests/gpu_kernels_workgroup.rs compiles (the
+/// workgroup reductions).
+fn workgroup_variant() -> bool {
+    env!("CARGO_CRATE_NAME") == "gpu_kernels_workgroup"
+}
+
 /// The backend under test: subgroup reductions where the device has them, or the workgroup
 /// ones in the copy of these tests that tests/gpu_kernels_workgroup.rs compiles.
 fn gpu(test: &str) -> Option<WgpuBackend> {
-    let workgroup_variant = env!("CARGO_CRATE_NAME") == "gpu_kernels_workgroup";
     let g = gpu_backend_for_test_with(
         test,
         GpuOptions {
-            subgroups: !workgroup_variant,
+            subgroups: !workgroup_variant(),
         },
     )?;
-    if workgroup_variant {
+    if workgroup_variant() {
         assert_eq!(g.reductions(), "workgroup", "{test}");
     }
     Some(g)
@@ -110,11 +115,10 @@ fn reductions_pass_their_self_test() {
         return;
     };
     g.check_reductions().unwrap();
-    let workgroup_variant = env!("CARGO_CRATE_NAME") == "gpu_kernels_workgroup";
     let adapter = bitnet_wgpu::backend::wgpu::list_adapters()
         .into_iter()
         .find(|a| g.name().contains(&a.name));
-    if !workgroup_variant && adapter.is_some_and(|a| a.subgroups.is_some()) {
+    if !workgroup_variant() && adapter.is_some_and(|a| a.subgroups.is_some()) {
         assert_eq!(
             g.reductions(),
             "subgroup",
@@ -1352,6 +1356,105 @@ fn device_loss_is_a_gpu_error_not_a_panic() {
     assert!(matches!(err, bitnet_wgpu::BitnetError::Gpu(_)), "{err:?}");
 }
 
+/// The per-row slot tests' layer: random q|k|v weights of `(heads, kv_heads, head_dim)` over
+/// `hidden` inputs and random int8 input rows (with scales) for sequences of `lens` positions.
+struct SlotSteps {
+    gw: bitnet_wgpu::backend::wgpu::GpuLinear,
+    shape: AttentionShape,
+    data: Vec<(Vec<i8>, Vec<f32>)>, // per sequence: [positions, hidden] int8, [positions] scales
+    hidden: usize,
+    cap: usize, // rows of the step tensors
+}
+
+impl SlotSteps {
+    fn new(
+        g: &mut WgpuBackend,
+        r: &mut ChaCha8Rng,
+        (heads, kv_heads, hd): (usize, usize, usize),
+        hidden: usize,
+        lens: &[usize],
+        cap: usize,
+    ) -> Self {
+        let shape = AttentionShape {
+            n_heads: heads,
+            n_kv_heads: kv_heads,
+            head_dim: hd,
+            rope_theta: 10000.0,
+        };
+        let (qd, kvd) = (heads * hd, kv_heads * hd);
+        let parts = [
+            random_ternary(r, qd, hidden, 0.05),
+            random_ternary(r, kvd, hidden, 0.07),
+            random_ternary(r, kvd, hidden, 0.03),
+        ];
+        let refs: Vec<&TernaryMatrix> = parts.iter().collect();
+        let gw = g.upload_linears(&refs).unwrap();
+        let data = lens
+            .iter()
+            .map(|&len| {
+                let q = (0..len * hidden)
+                    .map(|_| r.random_range(-128..=127))
+                    .collect();
+                let s = (0..len).map(|_| r.random_range(10f32..100.0)).collect();
+                (q, s)
+            })
+            .collect();
+        SlotSteps {
+            gw,
+            shape,
+            data,
+            hidden,
+            cap,
+        }
+    }
+
+    fn qd(&self) -> usize {
+        self.shape.n_heads * self.shape.head_dim
+    }
+
+    fn kvd(&self) -> usize {
+        self.shape.n_kv_heads * self.shape.head_dim
+    }
+
+    /// One step over `rows` (sequence, position), each stored in cache slot `slot_of(sequence)`:
+    /// q|k|v with RoPE and the KV store, then attention. Returns the attention output
+    /// [rows, qd] and the dispatches the attention took.
+    fn step(
+        &self,
+        g: &mut WgpuBackend,
+        cache: &mut bitnet_wgpu::backend::wgpu::GpuKvCache,
+        rows: &[(usize, usize)],
+        slot_of: &dyn Fn(usize) -> u32,
+    ) -> (Vec<f32>, u64) {
+        let (hidden, qd) = (self.hidden, self.qd());
+        let (mut q, mut sc) = (Vec::new(), Vec::new());
+        for &(s, p) in rows {
+            q.extend_from_slice(&self.data[s].0[p * hidden..(p + 1) * hidden]);
+            sc.push(self.data[s].1[p]);
+        }
+        let mut xq = g.alloc_q(self.cap, hidden).unwrap();
+        g.write_q(&mut xq, &q, &sc).unwrap();
+        let mut gq = g.alloc(self.cap, qd).unwrap();
+        let mut go = g.alloc(self.cap, qd).unwrap();
+        let spec: Vec<StepRow> = rows
+            .iter()
+            .map(|&(s, p)| StepRow {
+                token: 0,
+                pos: p as u32,
+                slot: slot_of(s),
+            })
+            .collect();
+        g.begin_step(&spec).unwrap();
+        g.qkv_rope_store(&self.gw, &xq, cache, 0, &self.shape, &mut gq)
+            .unwrap();
+        let before = g.dispatch_count();
+        g.attention(&gq, cache, 0, &self.shape, &mut go).unwrap();
+        let dispatches = g.dispatch_count() - before;
+        g.end_step().unwrap();
+        (g.read(&go, rows.len()).unwrap(), dispatches)
+    }
+}
+
 /// Per-row positions and KV-cache slots: one step over rows of several sequences (slots) at
 /// unrelated positions gives each row what it gets when its sequence runs alone in a one-slot
 /// cache (RoPE at the row's own position, K/V stored at its (slot, pos) by the q|k|v epilogue,
@@ -1362,66 +1465,12 @@ fn rows_of_several_slots_at_different_positions_equal_each_sequence_alone() {
     let Some(mut g) = gpu("rows_of_several_slots") else {
         return;
     };
-    let (heads, kv_heads, hd, ctx, hidden) = (4usize, 2usize, 8usize, 32usize, 24usize);
-    let shape = AttentionShape {
-        n_heads: heads,
-        n_kv_heads: kv_heads,
-        head_dim: hd,
-        rope_theta: 10000.0,
-    };
-    let (qd, kvd) = (heads * hd, kv_heads * hd);
-    let mut r = rng(21);
-    let parts = [
-        random_ternary(&mut r, qd, hidden, 0.05),
-        random_ternary(&mut r, kvd, hidden, 0.07),
-        random_ternary(&mut r, kvd, hidden, 0.03),
-    ];
-    let refs: Vec<&TernaryMatrix> = parts.iter().collect();
-    let gw = g.upload_linears(&refs).unwrap();
+    let (ctx, hidden, cap) = (32usize, 24usize, 24usize);
     // (slot, history rows, new rows): C starts from position 0 in the mixed step.
     let seqs = [(0u32, 13usize, 1usize), (2, 9, 2), (1, 0, 1)];
-    // the int8 input and its scale per sequence for all of its positions
-    let data: Vec<(Vec<i8>, Vec<f32>)> = seqs
-        .iter()
-        .map(|&(_, h, n)| {
-            let q = (0..(h + n) * hidden)
-                .map(|_| r.random_range(-128..=127))
-                .collect();
-            let s = (0..h + n).map(|_| r.random_range(10f32..100.0)).collect();
-            (q, s)
-        })
-        .collect();
-    let cap = 24;
-    // One step over `rows` (sequence index, position) with a cache; returns out [rows, qd].
-    let run = |g: &mut WgpuBackend,
-               cache: &mut bitnet_wgpu::backend::wgpu::GpuKvCache,
-               rows: &[(usize, usize)],
-               slot_of: &dyn Fn(usize) -> u32|
-     -> Vec<f32> {
-        let (mut q, mut s) = (Vec::new(), Vec::new());
-        for &(i, p) in rows {
-            q.extend_from_slice(&data[i].0[p * hidden..(p + 1) * hidden]);
-            s.push(data[i].1[p]);
-        }
-        let mut xq = g.alloc_q(cap, hidden).unwrap();
-        g.write_q(&mut xq, &q, &s).unwrap();
-        let mut gq = g.alloc(cap, qd).unwrap();
-        let mut go = g.alloc(cap, qd).unwrap();
-        let spec: Vec<StepRow> = rows
-            .iter()
-            .map(|&(i, p)| StepRow {
-                token: 0,
-                pos: p as u32,
-                slot: slot_of(i),
-            })
-            .collect();
-        g.begin_step(&spec).unwrap();
-        g.qkv_rope_store(&gw, &xq, cache, 0, &shape, &mut gq)
-            .unwrap();
-        g.attention(&gq, cache, 0, &shape, &mut go).unwrap();
-        g.end_step().unwrap();
-        g.read(&go, rows.len()).unwrap()
-    };
+    let lens: Vec<usize> = seqs.iter().map(|&(_, h, n)| h + n).collect();
+    let case = SlotSteps::new(&mut g, &mut rng(21), (4, 2, 8), hidden, &lens, cap);
+    let (gw, shape, qd, kvd) = (&case.gw, case.shape, case.qd(), case.kvd());
     // in both cache formats (the cache's word layout and slot offsets differ)
     for dtype in [KvDtype::F16, KvDtype::F32] {
         // Each sequence alone, slot 0 of its own cache: history step, then the new rows.
@@ -1430,12 +1479,12 @@ fn rows_of_several_slots_at_different_positions_equal_each_sequence_alone() {
             let mut cache = g.alloc_kv_cache(1, 1, ctx, kvd, dtype).unwrap();
             let hist: Vec<(usize, usize)> = (0..h).map(|p| (s, p)).collect();
             let ho = if h > 0 {
-                run(&mut g, &mut cache, &hist, &|_| 0)
+                case.step(&mut g, &mut cache, &hist, &|_| 0).0
             } else {
                 Vec::new()
             };
             let new: Vec<(usize, usize)> = (h..h + n).map(|p| (s, p)).collect();
-            alone.push((ho, run(&mut g, &mut cache, &new, &|_| 0)));
+            alone.push((ho, case.step(&mut g, &mut cache, &new, &|_| 0).0));
         }
         // Mixed: one prefill step over every history row, then one step over every new row, with
         // the rows of different slots interleaved.
@@ -1454,9 +1503,9 @@ fn rows_of_several_slots_at_different_positions_equal_each_sequence_alone() {
                 (s, next[s] - 1)
             })
             .collect();
-        let ho = run(&mut g, &mut cache, &hist, &slot);
+        let ho = case.step(&mut g, &mut cache, &hist, &slot).0;
         let new = [(0, 13), (1, 9), (2, 0), (1, 10)];
-        let no = run(&mut g, &mut cache, &new, &slot);
+        let no = case.step(&mut g, &mut cache, &new, &slot).0;
         let mut seen = [0usize; 3];
         for (i, &(s, p)) in hist.iter().enumerate() {
             assert_eq!(p, seen[s]);
@@ -1492,7 +1541,7 @@ fn rows_of_several_slots_at_different_positions_equal_each_sequence_alone() {
     }])
     .unwrap();
     let err = g
-        .qkv_rope_store(&gw, &xq, &mut small, 0, &shape, &mut q)
+        .qkv_rope_store(gw, &xq, &mut small, 0, &shape, &mut q)
         .unwrap_err();
     assert!(err.to_string().contains("slot 2"), "{err}");
     let err = g.attention(&q, &small, 0, &shape, &mut o).unwrap_err();
@@ -1648,76 +1697,20 @@ fn a_wide_decode_step_of_many_slots_equals_each_slot_alone() {
     let Some(mut g) = gpu("wide_decode_step") else {
         return;
     };
-    let (heads, kv_heads, hd, ctx, hidden, slots) = (4usize, 2usize, 16usize, 80usize, 32usize, 20);
-    let shape = AttentionShape {
-        n_heads: heads,
-        n_kv_heads: kv_heads,
-        head_dim: hd,
-        rope_theta: 10000.0,
-    };
-    let (qd, kvd) = (heads * hd, kv_heads * hd);
-    let mut r = rng(31);
-    let parts = [
-        random_ternary(&mut r, qd, hidden, 0.05),
-        random_ternary(&mut r, kvd, hidden, 0.07),
-        random_ternary(&mut r, kvd, hidden, 0.03),
-    ];
-    let refs: Vec<&TernaryMatrix> = parts.iter().collect();
-    let gw = g.upload_linears(&refs).unwrap();
+    let (ctx, hidden, slots, cap) = (80usize, 32usize, 20usize, 80usize);
     // slot s has a history of 3 + 7s mod 70 positions, then one decoded row
     let hist: Vec<usize> = (0..slots).map(|s| 3 + (7 * s) % 70).collect();
-    let data: Vec<(Vec<i8>, Vec<f32>)> = hist
-        .iter()
-        .map(|&h| {
-            let q = (0..(h + 1) * hidden)
-                .map(|_| r.random_range(-128..=127))
-                .collect();
-            let s = (0..h + 1).map(|_| r.random_range(10f32..100.0)).collect();
-            (q, s)
-        })
-        .collect();
-    let cap = 80;
-    // one step over `rows` (slot, position), stored in cache slot `slot_of(slot)`; returns the
-    // attention output [rows, qd] and the dispatches the attention took
-    let run = |g: &mut WgpuBackend,
-               cache: &mut bitnet_wgpu::backend::wgpu::GpuKvCache,
-               rows: &[(usize, usize)],
-               slot_of: &dyn Fn(usize) -> u32|
-     -> (Vec<f32>, u64) {
-        let (mut q, mut sc) = (Vec::new(), Vec::new());
-        for &(s, p) in rows {
-            q.extend_from_slice(&data[s].0[p * hidden..(p + 1) * hidden]);
-            sc.push(data[s].1[p]);
-        }
-        let mut xq = g.alloc_q(cap, hidden).unwrap();
-        g.write_q(&mut xq, &q, &sc).unwrap();
-        let mut gq = g.alloc(cap, qd).unwrap();
-        let mut go = g.alloc(cap, qd).unwrap();
-        let spec: Vec<StepRow> = rows
-            .iter()
-            .map(|&(s, p)| StepRow {
-                token: 0,
-                pos: p as u32,
-                slot: slot_of(s),
-            })
-            .collect();
-        g.begin_step(&spec).unwrap();
-        g.qkv_rope_store(&gw, &xq, cache, 0, &shape, &mut gq)
-            .unwrap();
-        let before = g.dispatch_count();
-        g.attention(&gq, cache, 0, &shape, &mut go).unwrap();
-        let dispatches = g.dispatch_count() - before;
-        g.end_step().unwrap();
-        (g.read(&go, rows.len()).unwrap(), dispatches)
-    };
+    let lens: Vec<usize> = hist.iter().map(|h| h + 1).collect();
+    let case = SlotSteps::new(&mut g, &mut rng(31), (4, 2, 16), hidden, &lens, cap);
+    let (qd, kvd) = (case.qd(), case.kvd());
     for dtype in [KvDtype::F16, KvDtype::F32] {
         // each sequence alone in a one-slot cache: its history, then its decoded row
         let mut alone = Vec::new();
         for (s, &h) in hist.iter().enumerate() {
             let mut cache = g.alloc_kv_cache(1, 1, ctx, kvd, dtype).unwrap();
             let rows: Vec<(usize, usize)> = (0..h).map(|p| (s, p)).collect();
-            run(&mut g, &mut cache, &rows, &|_| 0);
-            alone.push(run(&mut g, &mut cache, &[(s, h)], &|_| 0).0);
+            case.step(&mut g, &mut cache, &rows, &|_| 0);
+            alone.push(case.step(&mut g, &mut cache, &[(s, h)], &|_| 0).0);
         }
         // all of them in one cache of `slots` slots: the histories one slot at a time, then
         // one step over the decoded rows of every slot, in a shuffled slot order
@@ -1725,11 +1718,11 @@ fn a_wide_decode_step_of_many_slots_equals_each_slot_alone() {
         let slot_of = |s: usize| (slots - 1 - s) as u32;
         for (s, &h) in hist.iter().enumerate() {
             let rows: Vec<(usize, usize)> = (0..h).map(|p| (s, p)).collect();
-            run(&mut g, &mut cache, &rows, &slot_of);
+            case.step(&mut g, &mut cache, &rows, &slot_of);
         }
         let order: Vec<usize> = (0..slots).map(|i| (i * 7) % slots).collect();
         let rows: Vec<(usize, usize)> = order.iter().map(|&s| (s, hist[s])).collect();
-        let (out, dispatches) = run(&mut g, &mut cache, &rows, &slot_of);
+        let (out, dispatches) = case.step(&mut g, &mut cache, &rows, &slot_of);
         assert_eq!(
             dispatches, 2,
             "{dtype:?}: split + combine for {slots} single rows"
