@@ -51,35 +51,6 @@ fn lanes_reduce(th: Thread, lanes: u32, op: u32, v: u32) -> u32 {
     return r;
 }
 
-// Σ v over the workgroup of n threads, the same value in every thread.
-fn wg_sum_f32(th: Thread, n: u32, v: f32) -> f32 {
-    return bitcast<f32>(wg_reduce(th, n, OP_ADD_F32, bitcast<u32>(v)));
-}
-
-// max v over the workgroup, in every thread.
-fn wg_max_f32(th: Thread, n: u32, v: f32) -> f32 {
-    return bitcast<f32>(wg_reduce(th, n, OP_MAX_F32, bitcast<u32>(v)));
-}
-
-// Σ v over the workgroup (exact), in every thread.
-fn wg_sum_i32(th: Thread, n: u32, v: i32) -> i32 {
-    return bitcast<i32>(wg_reduce(th, n, OP_ADD_I32, bitcast<u32>(v)));
-}
-
-// Σ v over each run of `lanes` consecutive thread numbers (lanes a power of two ≤ n), exact;
-// valid in the first thread of each run (thread_index % lanes == 0).
-fn lanes_sum_i32(th: Thread, lanes: u32, v: i32) -> i32 {
-    return bitcast<i32>(lanes_reduce(th, lanes, OP_ADD_I32, bitcast<u32>(v)));
-}
-
-fn lanes_sum_f32(th: Thread, lanes: u32, v: f32) -> f32 {
-    return bitcast<f32>(lanes_reduce(th, lanes, OP_ADD_F32, bitcast<u32>(v)));
-}
-
-fn lanes_max_f32(th: Thread, lanes: u32, v: f32) -> f32 {
-    return bitcast<f32>(lanes_reduce(th, lanes, OP_MAX_F32, bitcast<u32>(v)));
-}
-
 // The argmax_better winner of the threads' (v, i), as (value bits, index), in every thread.
 fn wg_argmax(th: Thread, n: u32, v: f32, i: u32) -> vec2<u32> {
     reduce_a[th.lid] = bitcast<u32>(v);

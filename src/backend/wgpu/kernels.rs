@@ -13,9 +13,10 @@ use crate::error::{BitnetError, Result};
 
 /// Prepended to every kernel file: the `Step` uniform and the 2-D workgroup fold.
 const PRELUDE: &str = include_str!("../../../shaders/common.wgsl");
-/// Prepended after it: the workgroup reductions (`Thread`, `wg_sum_f32`, `lanes_sum_i32`, ...),
-/// built on subgroup operations where the device has them, else on workgroup memory. The
-/// kernels call the same functions either way.
+/// Prepended after it: the variant's `Thread`, `thread_index`, `wg_reduce`, `lanes_reduce` and
+/// `wg_argmax`, built on subgroup operations where the device has them, else on workgroup
+/// memory; the typed reductions kernels call (`wg_sum_f32`, `lanes_sum_i32`, ...) are in
+/// common.wgsl over them, so the kernels are the same either way.
 const REDUCE_SUBGROUP: &str = include_str!("../../../shaders/reduce_subgroup.wgsl");
 const REDUCE_WORKGROUP: &str = include_str!("../../../shaders/reduce_workgroup.wgsl");
 
