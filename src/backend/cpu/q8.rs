@@ -87,48 +87,40 @@ impl Q8Matrix {
     /// `Σ_c W[r, c] · x[c]` with the fastest kernel of `level`.
     #[inline]
     pub fn dot(&self, level: CpuLevel, r: usize, x: &HeadInput) -> f32 {
-        debug_assert_eq!(x.q.len(), self.cols);
-        let (q, s) = self.row(r);
-        let sum = match level {
-            #[cfg(target_arch = "x86_64")]
-            // SAFETY: the level is only ever one `CpuLevel::available()` returned (AVX2 + FMA).
-            CpuLevel::Avx2 | CpuLevel::AvxVnni => unsafe { avx2::dot_q8_avx2(q, s, &x.q) },
-            #[cfg(target_arch = "x86_64")]
-            // SAFETY: as above; these levels have AVX-512 F/BW and VNNI.
-            CpuLevel::Avx512Vnni | CpuLevel::Amx => unsafe {
-                avx512::dot_q8_avx512vnni(q, s, &x.q)
-            },
-            #[cfg(target_arch = "aarch64")]
-            // SAFETY: as above (aarch64 levels all have NEON).
-            CpuLevel::Neon | CpuLevel::NeonDot => unsafe { neon::dot_q8_neon(q, s, &x.q) },
-            _ => dot_q8_scalar(q, s, &x.q),
-        };
-        sum * x.inv_scale
+        self.dot_rows(level, [r], x)[0]
     }
 
     /// [`Q8Matrix::dot`] of two rows (the same results), reading their weights side by side:
     /// two memory streams keep more of a core's memory bandwidth busy than one.
     #[inline]
     pub fn dot2(&self, level: CpuLevel, r: [usize; 2], x: &HeadInput) -> [f32; 2] {
-        match level {
+        self.dot_rows(level, r, x)
+    }
+
+    /// The dots of `R` rows with `level`'s kernel (each row's result independent of `R`).
+    #[inline]
+    fn dot_rows<const R: usize>(&self, level: CpuLevel, r: [usize; R], x: &HeadInput) -> [f32; R] {
+        debug_assert_eq!(x.q.len(), self.cols);
+        let q = r.map(|i| self.row(i).0);
+        let s = r.map(|i| self.row(i).1);
+        let sums = match level {
             #[cfg(target_arch = "x86_64")]
-            CpuLevel::Avx2 | CpuLevel::AvxVnni | CpuLevel::Avx512Vnni | CpuLevel::Amx => {
-                debug_assert_eq!(x.q.len(), self.cols);
-                let ((q0, s0), (q1, s1)) = (self.row(r[0]), self.row(r[1]));
-                // SAFETY: the level is only ever one `available()` returned (AVX2 + FMA, and
-                // AVX-512 F/BW + VNNI for the last two); rows and scales come from `row`, sized
-                // for `cols` = x's length.
-                let sums = unsafe {
-                    if matches!(level, CpuLevel::Avx512Vnni | CpuLevel::Amx) {
-                        avx512::dot_q8_avx512vnni_rows::<2>([q0, q1], [s0, s1], &x.q)
-                    } else {
-                        avx2::dot_q8_avx2_rows::<2>([q0, q1], [s0, s1], &x.q)
-                    }
-                };
-                sums.map(|s| s * x.inv_scale)
+            // SAFETY: the level is only ever one `CpuLevel::available()` returned (AVX2 + FMA);
+            // rows and scales come from `row`, sized for `cols` = x's length.
+            CpuLevel::Avx2 | CpuLevel::AvxVnni => unsafe { avx2::dot_q8_avx2_rows(q, s, &x.q) },
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY: as above; these levels have AVX-512 F/BW and VNNI.
+            CpuLevel::Avx512Vnni | CpuLevel::Amx => unsafe {
+                avx512::dot_q8_avx512vnni_rows(q, s, &x.q)
+            },
+            #[cfg(target_arch = "aarch64")]
+            // SAFETY: as above (aarch64 levels all have NEON).
+            CpuLevel::Neon | CpuLevel::NeonDot => {
+                std::array::from_fn(|k| unsafe { neon::dot_q8_neon(q[k], s[k], &x.q) })
             }
-            _ => [self.dot(level, r[0], x), self.dot(level, r[1], x)],
-        }
+            _ => std::array::from_fn(|k| dot_q8_scalar(q[k], s[k], &x.q)),
+        };
+        sums.map(|v| v * x.inv_scale)
     }
 
     /// The scalar twin of [`Q8Matrix::dot`].

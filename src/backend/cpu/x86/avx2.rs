@@ -398,18 +398,12 @@ pub unsafe fn dot_bf16_avx2_rows<const R: usize>(rows: [&[u8]; R], x: &[f32]) ->
     })
 }
 
-/// 16 weights per step: sign-extend int8 → int16, `pmaddwd` with the int16 activations
-/// (pairs → i32, exact), 4 steps per block; the block's 8 lanes go to f32 once and are scaled
-/// by one FMA. The row's tail (a block shorter than `Q8_BLOCK`) goes through scalar code.
-#[target_feature(enable = "avx2,fma")]
-pub unsafe fn dot_q8_avx2(q: &[i8], scales: &[f32], x: &[i16]) -> f32 {
-    // SAFETY: passed on.
-    unsafe { dot_q8_avx2_rows::<1>([q], [scales], x)[0] }
-}
-
-/// [`dot_q8_avx2`] for `R` rows at once, each row's operations in the same order (so each
-/// result equals the one-row kernel's bit for bit); the rows' weight streams are read side
-/// by side.
+/// The q8 head's dot (`q8.rs`) of `R` rows, 16 weights per step: sign-extend int8 → int16,
+/// `pmaddwd` with the int16 activations (pairs → i32, exact), 4 steps per block; the block's 8
+/// lanes go to f32 once and are scaled by one FMA. The row's tail (a block shorter than
+/// `Q8_BLOCK`) goes through scalar code. Each row's operations run in the same order whatever
+/// `R` (so a row's result is the one-row call's bit for bit); the rows' weight streams are read
+/// side by side.
 ///
 /// # Safety
 /// AVX2 + FMA; every row as long as `x`, every `scales` one per block of it.

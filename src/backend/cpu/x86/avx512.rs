@@ -329,27 +329,17 @@ pub unsafe fn softmax_avx512(x: &mut [f32]) {
     }
 }
 
-/// The q8 head's dot (`q8.rs`) with 512-bit vectors: per block of 64 columns, the int8 weights
-/// sign-extended to int16 in two halves and `vpdpwssd` against the int16 activations (pairs →
-/// i32, exact, accumulated in 16 lanes), then the block's lanes to f32 once and one FMA by its
-/// scale. The row's tail (a block shorter than `Q8_BLOCK`) goes through scalar code. The AVX2
-/// kernel (`avx2::dot_q8_avx2`) does the same with 256-bit vectors.
+/// The q8 head's dot (`q8.rs`) of `R` rows with 512-bit vectors: per block of 64 columns, the
+/// int8 weights sign-extended to int16 in two halves and `vpdpwssd` against the int16
+/// activations (pairs → i32, exact, accumulated in 16 lanes), then the block's lanes to f32 once
+/// and one FMA by its scale; the row's tail (a block shorter than `Q8_BLOCK`) through scalar
+/// code. Each row's operations run in the same order whatever `R` (so a row's result is the
+/// one-row call's bit for bit); the rows' weight streams are read side by side. The AVX2 kernel
+/// (`avx2::dot_q8_avx2_rows`) does the same with 256-bit vectors.
 ///
 /// # Safety
-/// AVX-512 F/BW and VNNI must be available; `q` and `x` hold at least as many values as `x`, and
-/// `scales` one per whole block.
-#[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
-pub unsafe fn dot_q8_avx512vnni(q: &[i8], scales: &[f32], x: &[i16]) -> f32 {
-    // SAFETY: passed on.
-    unsafe { dot_q8_avx512vnni_rows::<1>([q], [scales], x)[0] }
-}
-
-/// [`dot_q8_avx512vnni`] for `R` rows at once, each row's operations in the same order (so each
-/// result equals the one-row kernel's bit for bit); the rows' weight streams are read side by
-/// side.
-///
-/// # Safety
-/// As [`dot_q8_avx512vnni`], for every row.
+/// AVX-512 F/BW and VNNI must be available; every row holds at least `x.len()` codes and one
+/// scale per whole block.
 #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
 #[allow(clippy::needless_range_loop)] // `r` indexes R rows of q, scales and accumulators alike
 pub unsafe fn dot_q8_avx512vnni_rows<const R: usize>(
