@@ -142,7 +142,7 @@ fn scaled(r: u32, acc_codes: i32, sm: vec2<u32>) -> f32 {
 
 // The product of row r for token t from its code accumulator (the quantized input in memory).
 fn value(t: u32, r: u32, acc_codes: i32) -> f32 {
-    return scaled(r, acc_codes, vec2<u32>(xmeta[t * 2u], xmeta[t * 2u + 1u]));
+    return scaled(r, acc_codes, token_meta(t));
 }
 
 // MODE 0 / 1: one row.
@@ -213,7 +213,9 @@ fn put_qkv(t: u32, r: u32, a: f32, b: f32) {
 const MV_LANES: u32 = 16u; // threads per row
 const MV_ROWS: u32 = 16u;  // rows per workgroup (16 × 16 = 256 threads)
 
-var<workgroup> mv_row: array<i32, MV_ROWS>; // the code accumulator of each local row
+// the code accumulators [MT_MAX, MV_ROWS]: (token slot j, local row) of the multi-token kernel;
+// the single-token kernels use j = 0
+var<workgroup> mv_row: array<i32, 128>;
 
 // Sums the 16 lanes of each local row j (thread numbers 16 j .. 16 j + 15, the reduction
 // library's lanes_sum_i32: shuffles where the subgroup holds a row) into mv_row[j].
@@ -332,32 +334,40 @@ fn mv_accumulate_pro(blk: u32, th: Thread) {
     mv_reduce(th, acc);
 }
 
-// The epilogue of matvec / matvec_pro for token t, given the token's (s bits, Σq).
-fn mv_finish(blk: u32, t: u32, lid: u32, sm: vec2<u32>) {
+// The token's (s bits, Σq) from its quantized row's meta in memory.
+fn token_meta(t: u32) -> vec2<u32> {
+    return vec2<u32>(xmeta[t * 2u], xmeta[t * 2u + 1u]);
+}
+
+// The epilogue for token t, given its (s bits, Σq), by the thread of local row lr (< 16), from
+// the accumulators of token slot j (mv_row[j · 16 ..]).
+fn mv_finish(blk: u32, t: u32, lr: u32, sm: vec2<u32>, j: u32) {
+    let acc = j * MV_ROWS;
     if PAIR == 0u {
-        if lid < MV_ROWS {
-            let r = block_row(blk, lid, MV_ROWS);
+        if lr < MV_ROWS {
+            let r = block_row(blk, lr, MV_ROWS);
             if r < lin.rows {
-                put(t, r, scaled(r, mv_row[lid], sm));
+                put(t, r, scaled(r, mv_row[acc + lr], sm));
             }
         }
-    } else if lid < MV_ROWS / 2u {
-        let r = block_row(blk, lid, MV_ROWS);
+    } else if lr < MV_ROWS / 2u {
+        let r = block_row(blk, lr, MV_ROWS);
         if r < lin.rows {
-            let g = scaled(r, mv_row[lid], sm);
-            let u = scaled(r + PAIR, mv_row[lid + MV_ROWS / 2u], sm);
+            let g = scaled(r, mv_row[acc + lr], sm);
+            let u = scaled(r + PAIR, mv_row[acc + lr + MV_ROWS / 2u], sm);
             put_gated(t, r, g, u);
         }
     }
 }
 
-// The epilogue of matvec_qkv / matvec_qkv_pro.
-fn mv_finish_qkv(blk: u32, t: u32, lid: u32, sm: vec2<u32>) {
-    if lid < MV_ROWS / 2u {
-        let r = block_row(blk, lid, MV_ROWS);
+// The epilogue of the q|k|v entry points (as mv_finish).
+fn mv_finish_qkv(blk: u32, t: u32, lr: u32, sm: vec2<u32>, j: u32) {
+    let acc = j * MV_ROWS;
+    if lr < MV_ROWS / 2u {
+        let r = block_row(blk, lr, MV_ROWS);
         if r < lin.rows {
-            let a = scaled(r, mv_row[lid], sm);
-            let b = scaled(r + PAIR, mv_row[lid + MV_ROWS / 2u], sm);
+            let a = scaled(r, mv_row[acc + lr], sm);
+            let b = scaled(r + PAIR, mv_row[acc + lr + MV_ROWS / 2u], sm);
             put_qkv(t, r, a, b);
         }
     }
@@ -371,7 +381,7 @@ fn matvec(@builtin(workgroup_id) wid: vec3<u32>, th: Thread) {
         return;
     }
     mv_accumulate(wid.x, t, th);
-    mv_finish(wid.x, t, lid, vec2<u32>(xmeta[t * 2u], xmeta[t * 2u + 1u]));
+    mv_finish(wid.x, t, lid, token_meta(t), 0u);
 }
 
 @compute @workgroup_size(256)
@@ -385,7 +395,7 @@ fn matvec_pro(@builtin(workgroup_id) wid: vec3<u32>, th: Thread) {
     for (var b = 0u; b < PRO_BLOCKS; b++) {
         let blk = wid.x * PRO_BLOCKS + b;
         mv_accumulate_pro(blk, th);
-        mv_finish(blk, t, lid, pro_meta);
+        mv_finish(blk, t, lid, pro_meta, 0u);
         workgroupBarrier(); // mv_row is rewritten by the next block
     }
 }
@@ -398,7 +408,7 @@ fn matvec_qkv(@builtin(workgroup_id) wid: vec3<u32>, th: Thread) {
         return;
     }
     mv_accumulate(wid.x, t, th);
-    mv_finish_qkv(wid.x, t, lid, vec2<u32>(xmeta[t * 2u], xmeta[t * 2u + 1u]));
+    mv_finish_qkv(wid.x, t, lid, token_meta(t), 0u);
 }
 
 @compute @workgroup_size(256)
@@ -412,7 +422,7 @@ fn matvec_qkv_pro(@builtin(workgroup_id) wid: vec3<u32>, th: Thread) {
     for (var b = 0u; b < PRO_BLOCKS; b++) {
         let blk = wid.x * PRO_BLOCKS + b;
         mv_accumulate_pro(blk, th);
-        mv_finish_qkv(blk, t, lid, pro_meta);
+        mv_finish_qkv(blk, t, lid, pro_meta, 0u);
         workgroupBarrier(); // mv_row is rewritten by the next block
     }
 }
@@ -428,9 +438,7 @@ fn matvec_qkv_pro(@builtin(workgroup_id) wid: vec3<u32>, th: Thread) {
 override MT: u32 = 8u; // tokens per workgroup (host: matmul.rs multi_tokens; ≤ MT_MAX)
 const MT_MAX: u32 = 8u;
 
-var<workgroup> mt_row: array<i32, 128>; // [MT_MAX, MV_ROWS]: code accumulator of (token, local row)
-
-// Leaves the code accumulators of local row lr and tokens t0 + j in mt_row[j · 16 + lr].
+// Leaves the code accumulators of local row lr and tokens t0 + j in mv_row[j · 16 + lr].
 fn mt_accumulate(blk: u32, t0: u32, th: Thread) {
     let lid = thread_index(th);
     let lane = lid % MV_LANES;
@@ -458,7 +466,7 @@ fn mt_accumulate(blk: u32, t0: u32, th: Thread) {
     for (var j = 0u; j < MT; j++) {
         let total = lanes_sum_i32(th, MV_LANES, acc[j]);
         if lane == 0u {
-            mt_row[j * MV_ROWS + lr] = total;
+            mv_row[j * MV_ROWS + lr] = total;
         }
     }
     workgroupBarrier();
@@ -474,24 +482,9 @@ fn matvec_multi(@builtin(workgroup_id) wid: vec3<u32>, th: Thread) {
     mt_accumulate(wid.x, t0, th);
     // thread (j, lr) = (lid / 16, lid % 16): token t0 + j, local row lr
     let j = lid / MV_ROWS;
-    let lr = lid % MV_ROWS;
     let t = t0 + j;
-    if j >= MT || t >= step.n_tokens {
-        return;
-    }
-    let sm = vec2<u32>(xmeta[t * 2u], xmeta[t * 2u + 1u]);
-    if PAIR == 0u {
-        let r = block_row(wid.x, lr, MV_ROWS);
-        if r < lin.rows {
-            put(t, r, scaled(r, mt_row[j * MV_ROWS + lr], sm));
-        }
-    } else if lr < MV_ROWS / 2u {
-        let r = block_row(wid.x, lr, MV_ROWS);
-        if r < lin.rows {
-            let g = scaled(r, mt_row[j * MV_ROWS + lr], sm);
-            let u = scaled(r + PAIR, mt_row[j * MV_ROWS + lr + MV_ROWS / 2u], sm);
-            put_gated(t, r, g, u);
-        }
+    if j < MT && t < step.n_tokens {
+        mv_finish(wid.x, t, lid % MV_ROWS, token_meta(t), j);
     }
 }
 
@@ -504,17 +497,9 @@ fn matvec_multi_qkv(@builtin(workgroup_id) wid: vec3<u32>, th: Thread) {
     }
     mt_accumulate(wid.x, t0, th);
     let j = lid / MV_ROWS;
-    let lr = lid % MV_ROWS;
     let t = t0 + j;
-    if j >= MT || t >= step.n_tokens || lr >= MV_ROWS / 2u {
-        return;
-    }
-    let sm = vec2<u32>(xmeta[t * 2u], xmeta[t * 2u + 1u]);
-    let r = block_row(wid.x, lr, MV_ROWS);
-    if r < lin.rows {
-        let a = scaled(r, mt_row[j * MV_ROWS + lr], sm);
-        let b = scaled(r + PAIR, mt_row[j * MV_ROWS + lr + MV_ROWS / 2u], sm);
-        put_qkv(t, r, a, b);
+    if j < MT && t < step.n_tokens {
+        mv_finish_qkv(wid.x, t, lid % MV_ROWS, token_meta(t), j);
     }
 }
 

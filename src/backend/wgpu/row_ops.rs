@@ -13,8 +13,8 @@ use crate::error::{BitnetError, Result};
 pub(super) const ROW_OPS_WG: usize = 256;
 
 /// Bytes of workgroup memory the matvec prologue needs besides its quantized row (the
-/// reduction library's two arrays, the matvec's row sums, the meta).
-const PROLOGUE_WG_BYTES: usize = 2 * 256 * 4 + 16 * 4 + 16;
+/// reduction library's two arrays, the matvec's row sums `[8, 16]` i32, the meta).
+const PROLOGUE_WG_BYTES: usize = 2 * 256 * 4 + 128 * 4 + 16;
 /// Storage buffers the prologue kernels bind.
 const PROLOGUE_STORAGE_BUFFERS: u32 = 10;
 
