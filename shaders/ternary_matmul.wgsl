@@ -507,52 +507,67 @@ fn matvec_multi_qkv(@builtin(workgroup_id) wid: vec3<u32>, th: Thread) {
 // A tile is TM = 128 rows × TN tokens (TN = 16 · TJ: 32 or 64, chosen by the host from the step's
 // token count); thread (tx, ty) = (lid % 16, lid / 16) owns rows ty + 16 i (i < 8) and tokens
 // tx + 16 j (j < TJ): 8 · TJ accumulators, each weight word it reads used TJ times and each
-// activation vector 8 times. K advances TK = 4 groups (64 columns) per step: one 16-byte vector
-// of every weight row and 4 of every token.
+// activation vector 8 times. K advances TK groups (16 TK columns) per step: TK / 4 16-byte
+// vectors of every weight row and TK of every token. TK is 4 (12 KiB of tiles) or 8 (24 KiB,
+// half the barriers), chosen by the host from the adapter's workgroup memory
+// (src/backend/wgpu/tiles.rs).
 // The tiles are stored k-major ([TK][TM] words, [TK][TN] vec4), so the 16 threads of a row
 // group read 16 consecutive activation vectors (no bank conflicts: the previous layout read
 // vectors 128 bytes apart, 8 threads on the same banks) and the rows they share are broadcast.
 // Register double buffering: the next k-step's vectors are loaded from memory before the
 // current tile is consumed and stored after, one barrier pair per k-step and two tile buffers.
 const TM: u32 = 128u; // rows per tile
-const TK: u32 = 4u;   // 16-column groups per k-step (one 16-byte weight vector per row)
+override TK: u32 = 4u; // 16-column groups per k-step: 4 or 8
 override TJ: u32 = 4u; // tokens per thread (TN = 16 TJ tokens per tile; 2 or 4)
 const TN_MAX: u32 = 64u;
+const TWG: u32 = 256u;  // threads per tile
+const TXV_MAX: u32 = 2u; // activation vectors a thread loads per k-step: TK · TN_MAX / TWG ≤ 2
 
-var<workgroup> w_tile: array<array<u32, 512>, 2>;        // 2 × [TK, TM]
-var<workgroup> x_tile: array<array<vec4<u32>, 256>, 2>;  // 2 × [TK, TN_MAX]
+var<workgroup> w_tile: array<u32, 2u * TK * TM>;           // 2 × [TK, TM]
+var<workgroup> x_tile: array<vec4<u32>, 2u * TK * TN_MAX>; // 2 × [TK, TN_MAX]
 
-// The 16-byte vectors thread `lid` loads for the k-step at group g0: weight row lid / 4... see
-// tiled_accumulate; zero padding past the matrix or the step.
+// The weight vector thread `lid` loads for the k-step at group g0: groups g0 + 4 v .. + 3 of
+// local row lid % TM, v = lid / TM (threads past TM · TK / 4 load none); code 1 (weight 0) past
+// the matrix.
 fn tile_w(blk: u32, g0: u32, lid: u32) -> vec4<u32> {
-    // thread lid < TM loads row lid's vector (groups g0 .. g0 + 3)
-    let r = block_row(blk, lid, TM);
+    let r = block_row(blk, lid % TM, TM);
+    let g = g0 + 4u * (lid / TM);
     var v = vec4<u32>(0x55555555u); // code 1 = weight 0
-    if lid < TM && r < lin.rows && g0 < lin.groups {
-        v = w4[(r * lin.groups + g0) / 4u];
+    if lid < TM * TK / 4u && r < lin.rows && g < lin.groups {
+        v = w4[(r * lin.groups + g) / 4u];
     }
     return v;
 }
 
-fn tile_x(t0: u32, g0: u32, lid: u32) -> vec4<u32> {
-    // thread lid loads group g0 + lid % 4 of token t0 + lid / 4
-    let t = t0 + lid / TK;
-    let g = g0 + lid % TK;
-    var v = vec4<u32>(0u);
-    if lid / TK < 16u * TJ && t < step.n_tokens && g < lin.groups {
-        v = xq[t * lin.groups + g];
+// The activation vectors thread `lid` loads for the k-step at group g0: entries e = lid + TWG p
+// of the [TN, TK] tile, group g0 + e % TK of token t0 + e / TK; zeros past the step or the row.
+fn tile_x(t0: u32, g0: u32, lid: u32) -> array<vec4<u32>, TXV_MAX> {
+    var v: array<vec4<u32>, TXV_MAX>; // zero-initialised
+    for (var p = 0u; p < TXV_MAX; p++) {
+        let e = lid + TWG * p;
+        let t = t0 + e / TK;
+        let g = g0 + e % TK;
+        if e / TK < 16u * TJ && t < step.n_tokens && g < lin.groups {
+            v[p] = xq[t * lin.groups + g];
+        }
     }
     return v;
 }
 
-fn tile_store(buf: u32, lid: u32, wv: vec4<u32>, xv: vec4<u32>) {
-    if lid < TM {
-        w_tile[buf][lid] = wv.x;
-        w_tile[buf][TM + lid] = wv.y;
-        w_tile[buf][2u * TM + lid] = wv.z;
-        w_tile[buf][3u * TM + lid] = wv.w;
+fn tile_store(buf: u32, lid: u32, wv: vec4<u32>, xv: array<vec4<u32>, TXV_MAX>) {
+    if lid < TM * TK / 4u {
+        let base = buf * TK * TM + 4u * (lid / TM) * TM + lid % TM;
+        w_tile[base] = wv.x;
+        w_tile[base + TM] = wv.y;
+        w_tile[base + 2u * TM] = wv.z;
+        w_tile[base + 3u * TM] = wv.w;
     }
-    x_tile[buf][(lid % TK) * TN_MAX + lid / TK] = xv;
+    for (var p = 0u; p < TXV_MAX; p++) {
+        let e = lid + TWG * p;
+        if e < TK * TN_MAX {
+            x_tile[buf * TK * TN_MAX + (e % TK) * TN_MAX + e / TK] = xv[p];
+        }
+    }
 }
 
 // The code accumulators of thread (tx, ty): local row ty + 16 i, token t0 + tx + 16 j at
@@ -568,13 +583,15 @@ fn tiled_accumulate(blk: u32, t0: u32, lid: u32) -> array<i32, 32> {
         // the next k-step's vectors, in flight while this one is consumed
         let wn = tile_w(blk, g0 + TK, lid);
         let xn = tile_x(t0, g0 + TK, lid);
+        let wb = buf * TK * TM;
+        let xb = buf * TK * TN_MAX;
         for (var kk = 0u; kk < TK; kk++) {
             var a: array<vec4<u32>, 4>;
             for (var j = 0u; j < TJ; j++) {
-                a[j] = x_tile[buf][kk * TN_MAX + tx + 16u * j];
+                a[j] = x_tile[xb + kk * TN_MAX + tx + 16u * j];
             }
             for (var i = 0u; i < 8u; i++) {
-                let wd = w_tile[buf][kk * TM + ty + 16u * i];
+                let wd = w_tile[wb + kk * TM + ty + 16u * i];
                 let c0 = wd & CODE_MASK;
                 let c1 = (wd >> 2u) & CODE_MASK;
                 let c2 = (wd >> 4u) & CODE_MASK;

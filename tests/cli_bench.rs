@@ -172,32 +172,56 @@ fn no_subgroups_variable_selects_the_workgroup_reductions() {
     }
 }
 
-/// `BITNET_GPU_PRO_BLOCKS` (the hardware A/B of the prologue's blocks per workgroup) changes
-/// only how the rows are grouped: the bundled model's greedy text on the GPU is the same at 1, 8
-/// and the default 4.
+/// The tile variables of the hardware A/B (`BITNET_GPU_PRO_BLOCKS`, the prologue's blocks per
+/// workgroup; `BITNET_GPU_TILE_K` / `BITNET_GPU_TILE_TJ`, the prefill matmul's k-step and tokens
+/// per thread) change only how the work is grouped: the bundled model's greedy text on the GPU,
+/// after a 40-token prompt (one tiled prefill step), is the same under each; `bitnet info`
+/// shows the shapes in use.
 #[test]
-fn prologue_blocks_variable_keeps_the_greedy_text() {
-    let Some(g) = bitnet_wgpu::backend::wgpu::gpu_backend_for_test("prologue_blocks_variable")
-    else {
+fn tile_variables_keep_the_greedy_text() {
+    let Some(g) = bitnet_wgpu::backend::wgpu::gpu_backend_for_test("tile_variables") else {
         return;
     };
     drop(g);
     let model = concat!(env!("CARGO_MANIFEST_DIR"), "/assets/tiny-bitnet");
-    let run = |blocks: Option<&str>| {
+    let prompt = "Once upon a time there was a little girl named Lily. She loved to play \
+                  outside in the park with her dog and her friends every sunny day";
+    let command = |env: &[(&str, &str)]| {
         let mut c = Command::new(env!("CARGO_BIN_EXE_bitnet"));
-        c.args(["generate", "--model", model, "--device", "gpu"])
-            .args(["--prompt", "Once upon a time", "--max-tokens", "24"])
-            .args(["--temperature", "0", "--ignore-eos"]);
-        if let Some(b) = blocks {
-            c.env("BITNET_GPU_PRO_BLOCKS", b);
-        }
-        let o = c.output().unwrap();
+        c.envs(env.iter().copied());
+        c
+    };
+    let run = |env: &[(&str, &str)]| {
+        let o = command(env)
+            .args(["generate", "--model", model, "--device", "gpu"])
+            .args(["--prompt", prompt, "--max-tokens", "16"])
+            .args(["--temperature", "0", "--ignore-eos"])
+            .output()
+            .unwrap();
         assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
         String::from_utf8(o.stdout).unwrap()
     };
-    let default = run(None);
-    assert!(default.len() > 20, "{default:?}");
-    for b in ["1", "8"] {
-        assert_eq!(run(Some(b)), default, "BITNET_GPU_PRO_BLOCKS={b}");
+    let default = run(&[]);
+    assert!(default.trim().len() > 16, "{default:?}");
+    for env in [
+        ("BITNET_GPU_PRO_BLOCKS", "1"),
+        ("BITNET_GPU_PRO_BLOCKS", "8"),
+        ("BITNET_GPU_TILE_K", "4"),
+        ("BITNET_GPU_TILE_K", "8"),
+        ("BITNET_GPU_TILE_TJ", "2"),
+    ] {
+        assert_eq!(run(&[env]), default, "{env:?}");
     }
+    let info = |env: &[(&str, &str)]| {
+        let o = command(env)
+            .args(["info", "--model", model])
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&o.stdout).into_owned()
+    };
+    let shown = info(&[("BITNET_GPU_TILE_K", "4"), ("BITNET_GPU_PRO_BLOCKS", "3")]);
+    assert!(
+        shown.contains("k-step 64 columns") && shown.contains("norm prologue 3 x 16 rows"),
+        "{shown}"
+    );
 }

@@ -18,7 +18,9 @@ use bitnet_wgpu::backend::cpu::reference::{
     quantize_row, relu2_mul_row, rms_norm_row, rope_head, silu_mul_row, ternary_dot_rows_scalar,
 };
 use bitnet_wgpu::backend::cpu::{CpuBackend, CpuQTensor, CpuTensor};
-use bitnet_wgpu::backend::wgpu::{gpu_backend_for_test_with, GpuOptions, GpuQTensor, WgpuBackend};
+use bitnet_wgpu::backend::wgpu::{
+    gpu_backend_for_test_with, GpuOptions, GpuQTensor, TileShapes, WgpuBackend,
+};
 use bitnet_wgpu::backend::{AttentionShape, Backend, FfnActivation, KvDtype, StepRow};
 use bitnet_wgpu::load::{FloatDtype, FloatMatrix};
 use bitnet_wgpu::ternary::{pack_ternary, ByteStorage, TernaryMatrix};
@@ -35,10 +37,16 @@ fn workgroup_variant() -> bool {
 /// The backend under test: subgroup reductions where the device has them, or the workgroup
 /// ones in the copy of these tests that tests/gpu_kernels_workgroup.rs compiles.
 fn gpu(test: &str) -> Option<WgpuBackend> {
+    gpu_with_tiles(test, None)
+}
+
+/// [`gpu`] with these tile sizes instead of the adapter's own.
+fn gpu_with_tiles(test: &str, tiles: Option<TileShapes>) -> Option<WgpuBackend> {
     let g = gpu_backend_for_test_with(
         test,
         GpuOptions {
             subgroups: !workgroup_variant(),
+            tiles,
         },
     )?;
     if workgroup_variant() {
@@ -231,11 +239,39 @@ fn cpu_q(q: &[i8], scales: &[f32], cols: usize) -> CpuQTensor {
 
 /// The integer path is compared bit for bit: the kernel's i32 accumulators (read through the
 /// RAW_ACC debug constant) against the scalar reference; the scaled output against the CPU op.
+/// Every tile shape an adapter may be given (k-steps of 4 and 8 groups, 2 and 4 tokens per
+/// thread) that fits this one's workgroup memory, each with the adapter's prologue blocks.
+fn tile_shapes(g: &WgpuBackend) -> Vec<TileShapes> {
+    let own = g.tiles();
+    let mut shapes = Vec::new();
+    for k in [4, 8] {
+        for tj in [2, 4] {
+            let t = TileShapes {
+                matmul_k_groups: k,
+                matmul_max_tj: tj,
+                ..own
+            };
+            if t.fits(g.workgroup_memory()) {
+                shapes.push(t);
+            }
+        }
+    }
+    assert!(shapes.contains(&own), "{own:?} not among {shapes:?}");
+    shapes
+}
+
 #[test]
 fn ternary_matmul_accumulators_are_exact_and_outputs_match_cpu() {
-    let Some(mut g) = gpu("ternary_matmul") else {
+    let Some(g) = gpu("ternary_matmul") else {
         return;
     };
+    for tiles in tile_shapes(&g) {
+        let mut g = gpu_with_tiles("ternary_matmul", Some(tiles)).unwrap();
+        ternary_matmul_case(&mut g, &format!("{tiles:?}"));
+    }
+}
+
+fn ternary_matmul_case(g: &mut WgpuBackend, tiles: &str) {
     let mut c = cpu();
     let mut r = rng(3);
     // rows multiple of 4 (the packed format) but not of 8 or 64; K not a multiple of 16 or 128.
@@ -273,14 +309,14 @@ fn ternary_matmul_accumulators_are_exact_and_outputs_match_cpu() {
                     let got = acc[t * rows + i];
                     assert!(
                         got == e as f32,
-                        "[{rows}x{cols}] n={n} token {t} row {i}: accumulator {got}, expected {e}"
+                        "{tiles} [{rows}x{cols}] n={n} token {t} row {i}: accumulator {got}, expected {e}"
                     );
                 }
             }
             let got = g.read(&gout, n).unwrap();
             // f = out_scale / s may differ by an ulp on devices without exact division.
             assert_close(
-                &format!("ternary_matmul [{rows}x{cols}] n={n}"),
+                &format!("{tiles} ternary_matmul [{rows}x{cols}] n={n}"),
                 &got,
                 &cout.data,
                 0.0,

@@ -1079,6 +1079,7 @@ fn info(a: InfoArgs) -> Result<()> {
     for (i, a) in adapters.iter().enumerate() {
         let label = if i == 0 { "gpu adapters" } else { "" };
         outln!("{label:<17}{a}");
+        outln!("{:<17}{}", "", a.tiles);
     }
     let need = bitnet_wgpu::backend::wgpu::estimate_memory(
         c,

@@ -36,8 +36,12 @@ B=("$BIN" bench --synthetic "${PRESET:-2b4t}" --device gpu -o json --idle-second
 run decode_exact 170 "${B[@]}" -p 8,512,2048 -n 128 -r 3 -d 0,4096
 run decode_q8 90 "${B[@]}" --lm-head q8 -p 512 -n 128 -r 3 -d 0,4096
 # A/B of the design choices that lavapipe could not decide (one depth, fewer repetitions)
-BITNET_GPU_NO_PROLOGUE=1 run ab_no_prologue 60 "${B[@]}" -p 512 -n 128 -r 2
-BITNET_GPU_NO_SUBGROUPS=1 run ab_no_subgroups 60 "${B[@]}" -p 512 -n 128 -r 2
-BITNET_GPU_PRO_BLOCKS=1 run ab_pro_blocks_1 40 "${B[@]}" -p 0 -n 128 -r 2
-run ab_kv_f32 60 "${B[@]}" --kv-cache f32 -p 512 -n 128 -r 2 -d 4096
+# (the discrete-GPU defaults, src/backend/wgpu/tiles.rs: 1 prologue block, k-step 8, 4 tokens per
+# thread; `bitnet info` above shows what was chosen)
+BITNET_GPU_NO_PROLOGUE=1 run ab_no_prologue 50 "${B[@]}" -p 512 -n 128 -r 2
+BITNET_GPU_NO_SUBGROUPS=1 run ab_no_subgroups 50 "${B[@]}" -p 512 -n 128 -r 2
+BITNET_GPU_PRO_BLOCKS=4 run ab_pro_blocks_4 30 "${B[@]}" -p 0 -n 128 -r 2
+run ab_kv_f32 50 "${B[@]}" --kv-cache f32 -p 512 -n 128 -r 2 -d 4096
+BITNET_GPU_TILE_K=4 run ab_tile_k4 40 "${B[@]}" -p 512,2048 -n 0 -r 2
+BITNET_GPU_TILE_TJ=2 run ab_tile_tj2 30 "${B[@]}" -p 512,2048 -n 0 -r 2
 ls -la "$OUT"

@@ -31,6 +31,8 @@ pub struct AdapterSummary {
     pub max_storage_buffer_binding_size: u64,
     /// (min, max) subgroup size where the adapter has `Features::SUBGROUP`.
     pub subgroups: Option<(u32, u32)>,
+    /// The kernels' tile sizes a backend on this adapter uses (environment overrides included).
+    pub tiles: super::TileShapes,
 }
 
 impl std::fmt::Display for AdapterSummary {
@@ -80,8 +82,11 @@ pub fn is_software(info: &wgpu::AdapterInfo) -> bool {
 pub fn summarize(a: &wgpu::Adapter) -> AdapterSummary {
     let info = a.get_info();
     let limits = a.limits();
+    let software = is_software(&info);
     AdapterSummary {
-        software: is_software(&info),
+        tiles: super::TileShapes::for_adapter(info.device_type, software, &limits)
+            .with_env(&limits),
+        software,
         name: info.name,
         backend: format!("{:?}", info.backend),
         device_type: format!("{:?}", info.device_type),

@@ -8,8 +8,8 @@ use std::time::Instant;
 
 use super::kernels::{self, Kernel, PipelineCache};
 use super::{
-    gpu_err, layout, select_adapter, AdapterChoice, GpuBuf, GpuCounters, GpuOptions, GpuQTensor,
-    GpuTensor, GpuVector, WgpuBackend, NEXT_ID,
+    adapter, gpu_err, layout, select_adapter, AdapterChoice, GpuBuf, GpuCounters, GpuOptions,
+    GpuQTensor, GpuTensor, GpuVector, TileShapes, WgpuBackend, NEXT_ID,
 };
 use crate::error::{BitnetError, Result};
 
@@ -118,6 +118,16 @@ impl WgpuBackend {
         let info = adapter.get_info();
         let limits = adapter.limits();
         let subgroups = options.subgroups && adapter.features().contains(wgpu::Features::SUBGROUP);
+        let tiles = options.tiles.unwrap_or_else(|| {
+            TileShapes::for_adapter(info.device_type, adapter::is_software(&info), &limits)
+                .with_env(&limits)
+        });
+        if !tiles.fits(limits.max_compute_workgroup_storage_size) {
+            return Err(gpu_err(format!(
+                "tile sizes {tiles:?} do not fit {} ({} bytes of workgroup memory)",
+                info.name, limits.max_compute_workgroup_storage_size
+            )));
+        }
         let required_features = if subgroups {
             wgpu::Features::SUBGROUP
         } else {
@@ -188,6 +198,7 @@ impl WgpuBackend {
             limits,
             pipelines: PipelineCache::new(subgroups),
             subgroup_fallback: None,
+            tiles,
             bind_groups: HashMap::new(),
             step_buf,
             rows_buf,
@@ -235,6 +246,16 @@ impl WgpuBackend {
             backend.counters = GpuCounters::default();
         }
         Ok(backend)
+    }
+
+    /// The kernels' tile sizes on this device.
+    pub fn tiles(&self) -> TileShapes {
+        self.tiles
+    }
+
+    /// Bytes of workgroup memory a kernel may use on this device.
+    pub fn workgroup_memory(&self) -> u32 {
+        self.limits.max_compute_workgroup_storage_size
     }
 
     /// Which reductions the kernels use: `"subgroup"` or `"workgroup"`.

@@ -23,45 +23,21 @@ pub const MULTI_MAX_TOKENS: usize = 8;
 fn multi_tokens(n: usize) -> usize {
     n.next_power_of_two().clamp(4, MULTI_MAX_TOKENS)
 }
-/// Rows per mat-vec workgroup and per tile of the tiled kernel (shaders `MV_ROWS`, `TM`).
+/// Rows per mat-vec workgroup and per tile of the tiled kernel (shaders `MV_ROWS`, `TM`); the
+/// tiled kernel's other sizes are the adapter's [`super::TileShapes`].
 const MV_ROWS: usize = 16;
 const TM: usize = 128;
-/// Tokens per thread of the tiled kernel (shaders `TJ`; 16 · TJ tokens per tile): 4 for steps
-/// of more than 32 tokens, else 2 (a tile of 64 would be mostly padding).
-fn tiled_tj(n: usize) -> usize {
-    if n > 32 {
-        4
-    } else {
-        2
-    }
-}
 /// Parts a concatenated matrix may have (the `Linear` uniform's vec4s).
 const MAX_PARTS: usize = 4;
 
-/// 16-row blocks per workgroup of the prologue kernels (shaders `PRO_BLOCKS`): each workgroup
-/// normalizes and quantizes its token's row once for all of them, so more blocks mean fewer
-/// prologues but also fewer workgroups (a 2560-row matrix makes 40 at 4 blocks, too few to fill
-/// a large GPU). 4 was chosen on lavapipe (BENCHMARKS.md); no hardware GPU has decided it yet, so
-/// `BITNET_GPU_PRO_BLOCKS=1..8` overrides it for that A/B (tools/device/gpu_bench.sh).
-fn pro_blocks() -> usize {
-    static BLOCKS: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
-    *BLOCKS.get_or_init(|| {
-        std::env::var("BITNET_GPU_PRO_BLOCKS")
-            .ok()
-            .and_then(|v| v.parse::<usize>().ok())
-            .filter(|b| (1..=8).contains(b))
-            .unwrap_or(4)
-    })
-}
-
 /// The override constants of the prologue (shaders/ternary_matmul.wgsl `PCOLS`, `PQW`, `PEPS`,
 /// `PRO_BLOCKS`) and the mat-vec's row length.
-fn prologue_consts(p: &PendingNorm) -> [(&'static str, f64); 5] {
+fn prologue_consts(p: &PendingNorm, blocks: u32) -> [(&'static str, f64); 5] {
     [
         ("PCOLS", p.cols as f64),
         ("PQW", (4 * layout::groups(p.cols)) as f64),
         ("PEPS", p.eps as f64),
-        ("PRO_BLOCKS", pro_blocks() as f64),
+        ("PRO_BLOCKS", blocks as f64),
         row_vectors(p.cols),
     ]
 }
@@ -214,13 +190,14 @@ impl WgpuBackend {
         ];
         if let Some(p) = self.take_prologue(&x.q, &[y]) {
             let mut consts = consts.to_vec();
-            consts.extend(prologue_consts(&p));
+            consts.extend(prologue_consts(&p, self.tiles.prologue_blocks));
             let (dr, drw) = (self.dummy_r.clone(), self.dummy_rw.clone());
             let bufs = [
                 &w.params, &w.w, &x.q, &x.meta, y, &dr, &dr, &drw, &drw, &p.x, &p.w,
             ];
             let groups = [
-                w.rows.div_ceil(MV_ROWS * pro_blocks()) as u32,
+                w.rows
+                    .div_ceil(MV_ROWS * self.tiles.prologue_blocks as usize) as u32,
                 self.n() as u32,
                 1,
             ];
@@ -255,8 +232,8 @@ impl WgpuBackend {
                 [w.rows.div_ceil(MV_ROWS) as u32, n.div_ceil(mt) as u32, 1],
             )
         } else {
-            let tj = tiled_tj(n);
-            consts.push(("TJ", tj as f64));
+            let tj = self.tiles.matmul_tj(n) as usize;
+            consts.extend([("TJ", tj as f64), ("TK", self.tiles.matmul_k_groups as f64)]);
             let k = pick(&kernels::MATMUL_TILED, &kernels::MATMUL_TILED_QKV);
             (
                 k,
@@ -298,12 +275,13 @@ impl WgpuBackend {
         let (kc, vc) = (&cache.k[layer], &cache.v[layer]);
         if let Some(p) = prologue {
             let mut consts = consts.to_vec();
-            consts.extend(prologue_consts(&p));
+            consts.extend(prologue_consts(&p, self.tiles.prologue_blocks));
             let bufs = [
                 &w.params, &w.w, &x.q, &x.meta, &q.buf, &rows, &table, kc, vc, &p.x, &p.w,
             ];
             let groups = [
-                w.rows.div_ceil(MV_ROWS * pro_blocks()) as u32,
+                w.rows
+                    .div_ceil(MV_ROWS * self.tiles.prologue_blocks as usize) as u32,
                 self.n() as u32,
                 1,
             ];

@@ -51,6 +51,7 @@ pub mod layout;
 mod matmul;
 mod row_ops;
 mod sample;
+pub mod tiles;
 
 use std::collections::HashMap;
 use std::sync::atomic::AtomicU64;
@@ -63,6 +64,7 @@ pub use adapter::{
 pub use attention::{ATTN_SPLIT_MAX_TOKENS, MAX_HEAD_DIM};
 pub use matmul::MATVEC_MAX_TOKENS;
 pub use sample::{SAMPLE_KMAX, SAMPLE_WMAX};
+pub use tiles::TileShapes;
 
 use super::{AttentionShape, Backend, DeviceSample, FfnActivation, HeadFormat, KvDtype, StepRow};
 use crate::error::{BitnetError, Result};
@@ -177,12 +179,16 @@ pub struct GpuOptions {
     /// `Features::SUBGROUP` (and they pass their self-test). Default: on, unless the environment
     /// sets `BITNET_GPU_NO_SUBGROUPS=1` (to compare, or to work around a driver).
     pub subgroups: bool,
+    /// Tile sizes of the prefill matmul and the norm prologue; `None`: chosen for the adapter
+    /// ([`TileShapes::for_adapter`]) with the environment's overrides.
+    pub tiles: Option<TileShapes>,
 }
 
 impl Default for GpuOptions {
     fn default() -> Self {
         GpuOptions {
             subgroups: !std::env::var("BITNET_GPU_NO_SUBGROUPS").is_ok_and(|v| v == "1"),
+            tiles: None,
         }
     }
 }
@@ -196,6 +202,7 @@ pub struct WgpuBackend {
     limits: wgpu::Limits,
     pipelines: PipelineCache,
     subgroup_fallback: Option<String>, // why subgroups are off although the adapter has them
+    tiles: TileShapes,                 // the kernels' tile sizes for this adapter
     bind_groups: HashMap<BindKey, wgpu::BindGroup>,
     step_buf: GpuBuf, // uniform Step { n_tokens, start_pos, _, _ }
     rows_buf: GpuBuf, // [rows_cap] vec4<u32> (token, pos, slot, 0): the step's rows
