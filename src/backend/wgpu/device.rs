@@ -219,7 +219,7 @@ impl WgpuBackend {
             argmax_result,
             head_argmax: None,
             positions_hint: 0,
-            max_chunk_bytes: None,
+            max_chunk_bytes: tiles.head_chunk_bytes,
             upload_scratch: Vec::new(),
             attn_partials: HashMap::new(),
             counters: GpuCounters::default(),

@@ -14,6 +14,16 @@
 //!   4 elsewhere, where fewer compute units are filled either way and each workgroup's prologue
 //!   (the norm of its token's row) is paid once per 64 rows instead of 16.
 //!
+//! - The LM head's bytes per dispatch: on integrated (and unclassified) GPUs the head is split
+//!   into dispatches of at most [`INTEGRATED_HEAD_CHUNK_BYTES`], so that no single dispatch
+//!   runs long enough for a driver watchdog (Windows resets a GPU after 2 s). The estimate
+//!   behind it, for the slowest parts of the class (~20 GB/s, ~0.2 TFLOPS, assumed, not
+//!   measured): a 64-row logits pass reads the head once per 8 rows, so 2B4T's 657 MB bf16 head
+//!   in one dispatch is ~0.5 s of reads and compute; a 128 MiB chunk is ~0.1 s. Prefill steps
+//!   of 512 tokens stay under that on such a GPU without splitting (2B4T's gate|up matmul is
+//!   18 G int8 MACs, ~0.1 s at 0.2 T dp4a MACs/s). Discrete GPUs are ~10× faster, and software
+//!   adapters have no watchdog.
+//!
 //! Which shape is fastest on each class is left to hardware timing: `BITNET_GPU_TILE_K=4|8`,
 //! `BITNET_GPU_TILE_TJ=2|4` and `BITNET_GPU_PRO_BLOCKS=1..8` override the choice for that A/B
 //! (tools/device/gpu_bench.sh), and every shape is tested exact on lavapipe.
@@ -28,6 +38,10 @@ pub const fn matmul_tile_bytes(k_groups: u32) -> u32 {
 /// scratch arrays, shaders/reduce_*.wgsl).
 const REDUCTION_BYTES: u32 = 2 * 256 * 4;
 
+/// The most bytes of LM head one dispatch reads on integrated GPUs (see the module
+/// documentation).
+pub const INTEGRATED_HEAD_CHUNK_BYTES: u64 = 128 << 20;
+
 /// The tile sizes a device's kernels use (see the module documentation for the why of each).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct TileShapes {
@@ -38,6 +52,8 @@ pub struct TileShapes {
     pub matmul_max_tj: u32,
     /// Norm prologue: 16-row blocks per workgroup, 1..=8 (shader `PRO_BLOCKS`).
     pub prologue_blocks: u32,
+    /// LM head: the most bytes of it one dispatch reads (`None`: the binding limit only).
+    pub head_chunk_bytes: Option<u64>,
 }
 
 impl TileShapes {
@@ -49,6 +65,7 @@ impl TileShapes {
         limits: &wgpu::Limits,
     ) -> TileShapes {
         let memory = limits.max_compute_workgroup_storage_size;
+        let discrete = device_type == wgpu::DeviceType::DiscreteGpu && !software;
         TileShapes {
             matmul_k_groups: if memory >= matmul_tile_bytes(8) + REDUCTION_BYTES {
                 8
@@ -56,11 +73,8 @@ impl TileShapes {
                 4
             },
             matmul_max_tj: 4,
-            prologue_blocks: if device_type == wgpu::DeviceType::DiscreteGpu && !software {
-                1
-            } else {
-                4
-            },
+            prologue_blocks: if discrete { 1 } else { 4 },
+            head_chunk_bytes: (!discrete && !software).then_some(INTEGRATED_HEAD_CHUNK_BYTES),
         }
     }
 
@@ -88,6 +102,7 @@ impl TileShapes {
                 .unwrap_or(self.matmul_max_tj),
             prologue_blocks: var("BITNET_GPU_PRO_BLOCKS", &|b| (1..=8).contains(&b))
                 .unwrap_or(self.prologue_blocks),
+            ..self
         }
     }
 
@@ -120,7 +135,11 @@ impl std::fmt::Display for TileShapes {
             16 * self.matmul_max_tj,
             16 * self.matmul_k_groups,
             self.prologue_blocks
-        )
+        )?;
+        if let Some(b) = self.head_chunk_bytes {
+            write!(f, "; LM head in dispatches of <= {} MiB", b >> 20)?;
+        }
+        Ok(())
     }
 }
 
@@ -141,9 +160,11 @@ mod tests {
         let discrete = TileShapes::for_adapter(DiscreteGpu, false, &limits(49152));
         assert_eq!((discrete.matmul_k_groups, discrete.matmul_max_tj), (8, 4));
         assert_eq!(discrete.prologue_blocks, 1);
+        assert_eq!(discrete.head_chunk_bytes, None);
         // WebGPU's guaranteed 16 KiB: the 24 KiB tiles do not fit
         let small = TileShapes::for_adapter(IntegratedGpu, false, &limits(16384));
         assert_eq!((small.matmul_k_groups, small.prologue_blocks), (4, 4));
+        assert_eq!(small.head_chunk_bytes, Some(INTEGRATED_HEAD_CHUNK_BYTES));
         // Apple's 32 KiB holds them
         assert_eq!(
             TileShapes::for_adapter(IntegratedGpu, false, &limits(32768)).matmul_k_groups,
@@ -151,6 +172,7 @@ mod tests {
         );
         let software = TileShapes::for_adapter(Cpu, true, &limits(32768));
         assert_eq!(software.prologue_blocks, 4);
+        assert_eq!(software.head_chunk_bytes, None);
         // a software adapter that calls itself discrete is not given the discrete shapes
         assert_eq!(
             TileShapes::for_adapter(DiscreteGpu, true, &limits(32768)).prologue_blocks,
