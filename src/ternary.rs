@@ -100,6 +100,20 @@ pub struct TernaryMatrix {
     pub packed: ByteStorage,
     /// weight_scale (autobitlinear), 1/weight_scale (bitlinear) or mean|W| (online).
     pub out_scale: f32,
+    /// Scales per block of columns on top of `out_scale` (GGUF TQ1_0 / TQ2_0 files whose
+    /// 256-weight blocks have different scales): `W[r, c] = out_scale · block_scales[r, c / B] ·
+    /// code`, `y = out_scale / s_act · Σ_b block_scales[r, b] · (x_q · W_row)_b`. `None`: one
+    /// scale for the matrix, the BitNet b1.58 case every fast kernel is written for.
+    pub block_scales: Option<BlockScales>,
+}
+
+/// Per-row, per-block multipliers of a ternary matrix (see [`TernaryMatrix::block_scales`]).
+#[derive(Clone, Debug)]
+pub struct BlockScales {
+    /// Columns per block (256 for ggml's TQ types); the last block of a row may be shorter.
+    pub block: usize,
+    /// `[rows, ceil(cols / block)]`, by output row.
+    pub scales: Arc<Vec<f32>>,
 }
 
 impl TernaryMatrix {
@@ -135,7 +149,37 @@ impl TernaryMatrix {
             cols,
             packed,
             out_scale,
+            block_scales: None,
         })
+    }
+
+    /// The matrix with per-block scales `scales [rows, ceil(cols / block)]` (by output row) on
+    /// top of `out_scale`; every scale must be finite.
+    pub fn with_block_scales(mut self, block: usize, scales: Vec<f32>) -> Result<Self> {
+        let blocks = self.cols.div_ceil(block.max(1));
+        if block == 0 || Some(scales.len()) != self.rows.checked_mul(blocks) {
+            return Err(BitnetError::Shape {
+                name: format!("{} (block scales of {block} columns)", self.name),
+                expected: vec![self.rows, blocks],
+                found: vec![scales.len()],
+            });
+        }
+        if let Some(k) = scales.iter().position(|s| !s.is_finite()) {
+            return Err(BitnetError::BadValue {
+                name: self.name,
+                msg: format!(
+                    "block scale of row {} block {} is {}",
+                    k / blocks,
+                    k % blocks,
+                    scales[k]
+                ),
+            });
+        }
+        self.block_scales = Some(BlockScales {
+            block,
+            scales: Arc::new(scales),
+        });
+        Ok(self)
     }
 
     /// Bytes of one packed byte-row: `[cols]`, covering rows `p, P+p, 2P+p, 3P+p`.

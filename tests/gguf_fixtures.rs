@@ -381,20 +381,71 @@ fn patched(file: &str, name: &str, patch: impl Fn(&mut [u8])) -> (tempfile::Temp
     (dir, p)
 }
 
+/// A TQ2_0 file whose blocks have different scales runs on the CPU with each block's own scale
+/// (not averaged, not refused), and `--device gpu` refuses it by name. Where the answer is
+/// known without a second implementation: block 1 of attn_q holding only zero weights, the
+/// model is the same whatever that block's scale, so the file with scale 2.0 there (per-block
+/// path) gives the logits of the file with the tensor's own scale (one-scale path).
 #[test]
-fn differing_tq_block_scales_are_refused_not_averaged() {
-    // Block 1 of attn_q gets scale 2.0 (f16 0x4000), the others keep theirs.
-    let (_d, p) = patched("model-tq2_0.gguf", "blk.0.attn_q.weight", |b| {
-        b[66 + 64..66 + 66].copy_from_slice(&0x4000u16.to_le_bytes())
+fn differing_tq_block_scales_are_honoured_per_block() {
+    const Q: &str = "blk.0.attn_q.weight";
+    const BLOCK: usize = 66; // TQ2_0: 64 bytes of codes, then the f16 scale
+    let zero_codes = |b: &mut [u8]| b[BLOCK..BLOCK + 64].fill(0x55); // code 1 = weight 0
+    let scale_two = |b: &mut [u8]| {
+        b[BLOCK + 64..BLOCK + 66].copy_from_slice(&0x4000u16.to_le_bytes()) // f16 2.0
+    };
+    let logits = |p: &std::path::Path| {
+        let mut e = engine(p, relu2()).unwrap_or_else(|e| panic!("{}: {e}", p.display()));
+        e.logits(&prompt()).unwrap()
+    };
+    let (_a, uniform) = patched("model-tq2_0.gguf", Q, zero_codes);
+    let (_b, per_block) = patched("model-tq2_0.gguf", Q, |b| {
+        zero_codes(b);
+        scale_two(b)
     });
-    let err = engine(&p, relu2())
-        .err()
-        .expect("must be refused")
-        .to_string();
-    assert!(
-        err.contains("blk.0.attn_q.weight") && err.contains("different scales"),
-        "{err}"
+    let want = logits(&uniform);
+    assert_close(
+        "zero block with a scale of its own",
+        &logits(&per_block),
+        &want,
+        1e-5,
+        1e-5,
     );
+    // A scale of its own on a block of non-zero weights is used: the logits move.
+    let (_c, scaled) = patched("model-tq2_0.gguf", Q, scale_two);
+    let original = logits(&path("model-tq2_0.gguf"));
+    let moved = logits(&scaled)
+        .iter()
+        .zip(&original)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0f32, f32::max);
+    assert!(
+        moved > 1e-3,
+        "a block scale of 2.0 moved the logits by only {moved}"
+    );
+    // bitnet info lists the conversion
+    let e = engine(&scaled, relu2()).unwrap();
+    let conversions = &e.files.gguf.as_ref().unwrap().conversions;
+    assert!(
+        conversions.iter().any(|c| c.contains("per-block scales")),
+        "{conversions:?}"
+    );
+    // The GPU kernels have one scale per matrix: refused by name, never averaged.
+    if bitnet_wgpu::backend::wgpu::gpu_backend_for_test("tq_block_scales_gpu").is_some() {
+        let opts = EngineOptions {
+            device: DeviceChoice::Gpu,
+            gguf: relu2(),
+            ..Default::default()
+        };
+        let err = Engine::load(&scaled, &opts)
+            .err()
+            .expect("refused")
+            .to_string();
+        assert!(
+            err.contains("per-block ternary scales on the GPU") && err.contains(Q),
+            "{err}"
+        );
+    }
     // A zero block scale means a block of zeros: accepted.
     let (_d, p) = patched("model-tq1_0.gguf", "blk.0.ffn_up.weight", |b| {
         b[52..54].copy_from_slice(&[0, 0])

@@ -644,19 +644,20 @@ impl File<'_> {
         // Decodes row r into codes [cols] (0, 1, 2 = -1, 0, +1) and returns the row's scale(s).
         let p4 = rows / 4;
         let mut packed = vec![0u8; p4 * cols]; // [rows/4, cols]
+        let mut block_scales: Option<Vec<f32>> = None; // [rows, cols / 256] (TQ only)
         let scale: f32 = match t.ty {
             GgmlType::Tq2_0 | GgmlType::Tq1_0 => {
                 let (_, bb) = t.ty.block();
                 let bb = bb as usize;
                 let blocks_per_row = cols / 256;
                 let tq2 = t.ty == GgmlType::Tq2_0;
-                // Per byte row p: the four rows p, P+p, 2P+p, 3P+p; returns the distinct
-                // non-zero block scales seen (f32 bits), at most 2 kept.
-                let scales: Vec<Vec<u32>> = packed
+                // Per byte row p: the four rows p, P+p, 2P+p, 3P+p; returns their block scales
+                // [4, blocks_per_row] (0 for an all-zero block, whose codes become 0 weights).
+                let scales: Vec<Vec<f32>> = packed
                     .par_chunks_mut(cols)
                     .enumerate()
-                    .map(|(p, out)| -> Result<Vec<u32>> {
-                        let mut seen: Vec<u32> = Vec::new();
+                    .map(|(p, out)| -> Result<Vec<f32>> {
+                        let mut ds = Vec::with_capacity(4 * blocks_per_row);
                         let mut codes = [0u8; 256];
                         for i in 0..4 {
                             let r = src(i * p4 + p);
@@ -682,34 +683,34 @@ impl File<'_> {
                                 if d == 0.0 {
                                     // Every weight of this block is 0 whatever its codes.
                                     codes = [1; 256];
-                                } else if !seen.contains(&d.to_bits()) && seen.len() < 2 {
-                                    seen.push(d.to_bits());
                                 }
+                                ds.push(d);
                                 for (o, &c) in out[b * 256..b * 256 + 256].iter_mut().zip(&codes) {
                                     *o |= c << (2 * i);
                                 }
                             }
                         }
-                        Ok(seen)
+                        Ok(ds)
                     })
                     .collect::<Result<_>>()?;
-                let mut distinct: Vec<u32> = scales.into_iter().flatten().collect();
-                distinct.sort_unstable();
-                distinct.dedup();
-                match distinct.as_slice() {
-                    [] => 1.0, // all blocks zero: every weight is 0
-                    [s] => f32::from_bits(*s),
-                    [a, b, ..] => {
-                        return Err(BitnetError::Unsupported {
-                            what: "per-block ternary scales",
-                            value: format!(
-                                "{name} ({}): blocks have different scales ({} and {}, maybe more)",
-                                t.ty.name(),
-                                f32::from_bits(*a),
-                                f32::from_bits(*b)
-                            ),
-                            hint: "the ternary matmul applies one scale per matrix; files converted from BitNet b1.58 have one (absmean) scale per tensor. Averaging would change the model, so the file is refused",
-                        });
+                // [rows, blocks_per_row] by destination row r = i·P + p
+                let mut by_row = vec![0f32; rows * blocks_per_row];
+                for (p, ds) in scales.iter().enumerate() {
+                    for i in 0..4 {
+                        let r = i * p4 + p;
+                        by_row[r * blocks_per_row..(r + 1) * blocks_per_row]
+                            .copy_from_slice(&ds[i * blocks_per_row..(i + 1) * blocks_per_row]);
+                    }
+                }
+                let mut nonzero = by_row.iter().filter(|&&d| d != 0.0);
+                match nonzero.next() {
+                    None => 1.0, // all blocks zero: every weight is 0
+                    Some(&s) if nonzero.all(|&d| d.to_bits() == s.to_bits()) => s,
+                    Some(_) => {
+                        // Blocks with different scales (a TQ file quantized from float
+                        // weights): kept exactly, per block, on top of a matrix scale of 1.
+                        block_scales = Some(by_row);
+                        1.0
                     }
                 }
             }
@@ -789,15 +790,26 @@ impl File<'_> {
                 })
             }
         };
-        conv.add(t.ty, "packed 2-bit");
+        conv.add(
+            t.ty,
+            if block_scales.is_some() {
+                "packed 2-bit, per-block scales (CPU)"
+            } else {
+                "packed 2-bit"
+            },
+        );
         let scale = scale * self.extra_scale(base)?;
-        TernaryMatrix::new(
+        let m = TernaryMatrix::new(
             name,
             rows,
             cols,
             ByteStorage::Owned(Arc::new(packed)),
             scale,
-        )
+        )?;
+        match block_scales {
+            Some(b) => m.with_block_scales(256, b),
+            None => Ok(m),
+        }
     }
 
     /// A `tokenizers` tokenizer from `tokenizer.ggml.*` (GPT-2 style byte-level BPE).

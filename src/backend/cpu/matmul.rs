@@ -17,7 +17,7 @@ use super::{CpuBackend, CpuLinear, CpuLmHead, CpuQTensor, CpuTensor};
 use crate::backend::check_matmul;
 use crate::error::{BitnetError, Result};
 use crate::load::{decode_floats, FloatDtype};
-use crate::ternary::TernaryMatrix;
+use crate::ternary::{BlockScales, TernaryMatrix};
 
 /// Steps of at least this many tokens run their ternary matmuls on AMX tiles (fewer would leave
 /// most of each 16-token tile empty while still unpacking every weight).
@@ -41,6 +41,23 @@ struct Outputs<'a> {
 }
 
 impl Outputs<'_> {
+    /// `out[t, i·P + p] = r[i] · factor[t]` for the 4 rows of byte row `p`, from float sums.
+    ///
+    /// # Safety
+    /// As [`Outputs::put`].
+    #[inline(always)]
+    unsafe fn put_f32(&self, t: usize, p: usize, r: [f32; 4]) {
+        for (i, &v) in r.iter().enumerate() {
+            // SAFETY: passed on from the caller.
+            unsafe {
+                self.out.write(
+                    t * self.stride + self.col0 + i * self.p4 + p,
+                    v * self.factor[t],
+                )
+            };
+        }
+    }
+
     /// `out[t, i·P + p] = r[i] · factor[t]` for the 4 rows of byte row `p`.
     ///
     /// # Safety
@@ -93,6 +110,17 @@ impl CpuBackend {
         self.token_factor.clear();
         self.token_factor
             .extend(x.scales[..n].iter().map(|&s| w.out_scale / s));
+        if let Some(blocks) = &w.block_scales {
+            let outputs = Outputs {
+                out: DisjointSlice::new(&mut out.data[..n * stride]),
+                factor: &self.token_factor,
+                stride,
+                col0,
+                p4: w.rows / 4,
+            };
+            self.matmul_block_scaled(w, blocks, x, &outputs);
+            return;
+        }
         #[cfg(all(target_arch = "x86_64", target_os = "linux"))]
         // quantize laid out the tiles exactly when this step is for AMX
         if x.tiles_rows == n && n > 0 {
@@ -187,6 +215,54 @@ impl CpuBackend {
                         let r = ternary_dot4(level, bytes, row(t), x.sums[t]);
                         unsafe { outputs.put(t, p, r) };
                     }
+                }
+            }
+        };
+        self.pool.run(p4.div_ceil(BYTE_ROWS), &job);
+    }
+
+    /// A matrix with per-block scales (rare GGUF files, [`TernaryMatrix::block_scales`]): per
+    /// token and byte row, the exact integer sum of each block of columns (the SIMD kernels on
+    /// the block's slice, with the block's own Σq), scaled by the block's scale and summed in
+    /// f32 in block order. A job takes [`BYTE_ROWS`] byte rows; no fast path, but the same
+    /// kernels and threads.
+    fn matmul_block_scaled(
+        &self,
+        w: &TernaryMatrix,
+        blocks: &BlockScales,
+        x: &CpuQTensor,
+        outputs: &Outputs,
+    ) {
+        let (n, p4, cols, level) = (self.n(), w.rows / 4, w.cols, self.level);
+        let (bw, nb) = (blocks.block, cols.div_ceil(blocks.block));
+        let span = |b: usize| b * bw..((b + 1) * bw).min(cols);
+        // Σq of every token's blocks: [n, nb]
+        let block_sums: Vec<i32> = (0..n)
+            .flat_map(|t| {
+                let q = &x.q[t * cols..(t + 1) * cols];
+                (0..nb).map(move |b| q[span(b)].iter().map(|&v| v as i32).sum())
+            })
+            .collect();
+        let job = |job: usize| {
+            let (p0, p1) = (job * BYTE_ROWS, ((job + 1) * BYTE_ROWS).min(p4));
+            for t in 0..n {
+                let q = &x.q[t * cols..(t + 1) * cols]; // [cols]
+                for p in p0..p1 {
+                    let bytes = w.byte_row(p);
+                    let mut acc = [0f32; 4];
+                    for b in 0..nb {
+                        let r = ternary_dot4(
+                            level,
+                            &bytes[span(b)],
+                            &q[span(b)],
+                            block_sums[t * nb + b],
+                        );
+                        for (i, a) in acc.iter_mut().enumerate() {
+                            *a += blocks.scales[(i * p4 + p) * nb + b] * r[i] as f32;
+                        }
+                    }
+                    // SAFETY: p lies in this job's byte rows, which no other job writes.
+                    unsafe { outputs.put_f32(t, p, acc) };
                 }
             }
         };

@@ -775,6 +775,80 @@ mod tests {
         }
     }
 
+    /// A matrix with per-block scales (GGUF TQ files whose blocks differ) against the float64
+    /// composition `out_scale / s · Σ_b d[r, b] · Σ_{k in b} w·q`, on every level this machine
+    /// runs, 1 and 3 threads, decode and prefill steps; blocks of 256 with a short last one,
+    /// scales of both signs and zero, and its concatenation with a plain part.
+    #[test]
+    fn block_scaled_matmul_equals_the_float64_composition() {
+        let mut r = rand_chacha::ChaCha8Rng::seed_from_u64(91);
+        let (rows, cols, block) = (20usize, 600usize, 256usize);
+        let nb = cols.div_ceil(block);
+        let w = random_ternary(&mut r, "blocks", rows, cols);
+        let d: Vec<f32> = (0..rows * nb)
+            .map(|k| match k % 7 {
+                0 => 0.0,
+                1 => -r.random_range(0.1f32..2.0),
+                _ => r.random_range(0.1f32..2.0),
+            })
+            .collect();
+        let wb = w.clone().with_block_scales(block, d.clone()).unwrap();
+        let plain = random_ternary(&mut r, "plain", 8, cols);
+        for level in CpuLevel::available() {
+            for threads in [1, 3] {
+                let mut b = CpuBackend::new(threads).unwrap().with_level(level).unwrap();
+                let lin = b.upload_linears(&[&wb, &plain]).unwrap();
+                for n in [1usize, 5] {
+                    let x: Vec<f32> = (0..n * cols)
+                        .map(|_| r.random_range(-2.0f32..2.0))
+                        .collect();
+                    let xt = tensor(x, n, cols);
+                    let mut q = b.alloc_q(n, cols).unwrap();
+                    let mut out = tensor(Vec::new(), n, rows + 8);
+                    let tokens: Vec<u32> = (0..n as u32).collect();
+                    b.begin_step(&StepRow::sequence(&tokens, 0)).unwrap();
+                    b.quantize(&xt, &mut q).unwrap();
+                    b.ternary_matmul(&lin, &q, &mut out).unwrap();
+                    b.end_step().unwrap();
+                    for t in 0..n {
+                        let qt = &q.q[t * cols..(t + 1) * cols];
+                        for row in 0..rows {
+                            let mut want = 0f64;
+                            for (k, &v) in qt.iter().enumerate() {
+                                let s = d[row * nb + k / block] as f64;
+                                want += s * (w.get(row, k) as i32 * v as i32) as f64;
+                            }
+                            want *= w.out_scale as f64 / q.scales[t] as f64;
+                            let got = out.data[t * (rows + 8) + row] as f64;
+                            assert!(
+                                (got - want).abs() <= 1e-5 + 1e-5 * want.abs(),
+                                "{level:?} threads {threads} n {n} token {t} row {row}: got {got}, expected {want}"
+                            );
+                        }
+                        // the plain part beside it keeps its own single scale
+                        let mut acc = vec![0i32; 8];
+                        reference::ternary_dot_rows_scalar(&plain, qt, &mut acc);
+                        for (i, &a) in acc.iter().enumerate() {
+                            let want = a as f32 * (plain.out_scale / q.scales[t]);
+                            let got = out.data[t * (rows + 8) + rows + i];
+                            assert_eq!(got.to_bits(), want.to_bits(), "plain part row {i}");
+                        }
+                    }
+                }
+            }
+        }
+        // a scale vector of the wrong length, or a non-finite scale, is refused by name
+        let e = w
+            .clone()
+            .with_block_scales(block, vec![1.0; 5])
+            .unwrap_err();
+        assert!(e.to_string().contains("blocks"), "{e}");
+        let mut bad = d.clone();
+        bad[4] = f32::NAN;
+        let e = w.with_block_scales(block, bad).unwrap_err();
+        assert!(e.to_string().contains("row 1 block 1"), "{e}");
+    }
+
     /// The final norm + LM head equals `rms_norm` then `lm_head` bit for bit, for every head
     /// format, any subset of the rows in any order, on 1 and 3 threads.
     #[test]

@@ -76,6 +76,13 @@ impl WgpuBackend {
                 ),
             ));
         }
+        if let Some(p) = parts.iter().find(|p| p.block_scales.is_some()) {
+            return Err(BitnetError::Unsupported {
+                what: "per-block ternary scales on the GPU",
+                value: p.name.clone(),
+                hint: "the GPU kernels apply one scale per matrix; this file's blocks have different scales, which the CPU backend runs exactly (--device cpu; auto picks it)",
+            });
+        }
         // rows are contiguous in the device layout: the concatenation is the parts one after
         // the other, [Σ rows, G] u32
         let mut words = Vec::new();
