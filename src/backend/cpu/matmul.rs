@@ -64,15 +64,8 @@ impl Outputs<'_> {
     /// No other job writes byte row `p` of token `t` (jobs own disjoint byte rows).
     #[inline(always)]
     unsafe fn put(&self, t: usize, p: usize, r: [i32; 4]) {
-        for (i, &v) in r.iter().enumerate() {
-            // SAFETY: passed on from the caller.
-            unsafe {
-                self.out.write(
-                    t * self.stride + self.col0 + i * self.p4 + p,
-                    v as f32 * self.factor[t],
-                )
-            };
-        }
+        // SAFETY: passed on from the caller.
+        unsafe { self.put_f32(t, p, r.map(|v| v as f32)) }
     }
 }
 
@@ -110,20 +103,9 @@ impl CpuBackend {
         self.token_factor.clear();
         self.token_factor
             .extend(x.scales[..n].iter().map(|&s| w.out_scale / s));
-        if let Some(blocks) = &w.block_scales {
-            let outputs = Outputs {
-                out: DisjointSlice::new(&mut out.data[..n * stride]),
-                factor: &self.token_factor,
-                stride,
-                col0,
-                p4: w.rows / 4,
-            };
-            self.matmul_block_scaled(w, blocks, x, &outputs);
-            return;
-        }
         #[cfg(all(target_arch = "x86_64", target_os = "linux"))]
         // quantize laid out the tiles exactly when this step is for AMX
-        if x.tiles_rows == n && n > 0 {
+        if x.tiles_rows == n && n > 0 && w.block_scales.is_none() {
             self.matmul_amx(w, x, out, col0);
             return;
         }
@@ -134,7 +116,9 @@ impl CpuBackend {
             col0,
             p4: w.rows / 4,
         };
-        if n == 1 {
+        if let Some(blocks) = &w.block_scales {
+            self.matmul_block_scaled(w, blocks, x, &outputs);
+        } else if n == 1 {
             self.matmul_decode(w, x, &outputs);
         } else {
             self.matmul_prefill(w, x, &outputs);
