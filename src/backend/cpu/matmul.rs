@@ -4,7 +4,6 @@
 
 use std::cell::{Cell, RefCell};
 
-#[cfg(all(target_arch = "x86_64", target_os = "linux"))]
 use super::dispatch::CpuLevel;
 use super::dispatch::{
     dot_bf16, dot_bf16_rows2, ternary_dot4, ternary_dot4_rows2, ternary_dot4_x2, ternary_dot4_x4,
@@ -13,7 +12,7 @@ use super::pool::DisjointSlice;
 use super::q4::Q4Input;
 use super::q8::HeadInput;
 use super::reference::rms_norm_row;
-use super::{CpuBackend, CpuLinear, CpuLmHead, CpuQTensor, CpuTensor};
+use super::{CpuBackend, CpuLinear, CpuLmHead, CpuQTensor, CpuTensor, LutWeights};
 use crate::backend::check_matmul;
 use crate::error::{BitnetError, Result};
 use crate::load::{decode_floats, FloatDtype};
@@ -40,7 +39,35 @@ struct Outputs<'a> {
     p4: usize,
 }
 
+/// A job's scratch of i32 sums (`[tokens, rows]` of the table-lookup kernel), per thread.
+#[cfg(target_arch = "x86_64")]
+fn with_sums<R>(len: usize, f: impl FnOnce(&mut [i32]) -> R) -> R {
+    thread_local! {
+        static SUMS: RefCell<Vec<i32>> = const { RefCell::new(Vec::new()) };
+    }
+    SUMS.with(|s| {
+        let mut s = s.borrow_mut();
+        if s.len() < len {
+            s.resize(len, 0);
+        }
+        f(&mut s[..len])
+    })
+}
+
 impl Outputs<'_> {
+    /// `out[t, r] = v · factor[t]` for output row `r` of the part.
+    ///
+    /// # Safety
+    /// No other job writes row `r` of token `t`.
+    #[inline(always)]
+    unsafe fn put_row(&self, t: usize, r: usize, v: i32) {
+        // SAFETY: passed on from the caller.
+        unsafe {
+            self.out
+                .write(t * self.stride + self.col0 + r, v as f32 * self.factor[t])
+        };
+    }
+
     /// `out[t, i·P + p] = r[i] · factor[t]` for the 4 rows of byte row `p`, from float sums.
     ///
     /// # Safety
@@ -89,15 +116,23 @@ impl CpuBackend {
         check_matmul(&w.name, (w.rows, w.cols), (x.capacity, x.cols), n)?;
         self.check("ternary_matmul", out, w.rows)?;
         let mut col0 = 0;
-        for part in &w.parts {
-            self.matmul_part(part, x, out, col0);
+        for (k, part) in w.parts.iter().enumerate() {
+            let lut = w.lut.get(k).and_then(|l| l.as_deref());
+            self.matmul_part(part, lut, x, out, col0);
             col0 += part.rows;
         }
         Ok(())
     }
 
     /// One part of [`CpuBackend::matmul`]: `out[t, col0 + r]` for the part's rows `r`.
-    fn matmul_part(&mut self, w: &TernaryMatrix, x: &CpuQTensor, out: &mut CpuTensor, col0: usize) {
+    fn matmul_part(
+        &mut self,
+        w: &TernaryMatrix,
+        lut: Option<&LutWeights>,
+        x: &CpuQTensor,
+        out: &mut CpuTensor,
+        col0: usize,
+    ) {
         let n = self.n();
         let stride = out.cols;
         self.token_factor.clear();
@@ -109,6 +144,8 @@ impl CpuBackend {
             self.matmul_amx(w, x, out, col0);
             return;
         }
+        #[cfg(target_arch = "x86_64")]
+        let mut tables = std::mem::take(&mut self.lut_tables);
         let outputs = Outputs {
             out: DisjointSlice::new(&mut out.data[..n * stride]),
             factor: &self.token_factor,
@@ -118,10 +155,85 @@ impl CpuBackend {
         };
         if let Some(blocks) = &w.block_scales {
             self.matmul_block_scaled(w, blocks, x, &outputs);
+        } else if let Some(lut) = lut {
+            #[cfg(target_arch = "x86_64")]
+            self.matmul_lut(lut, x, &outputs, &mut tables);
+            #[cfg(not(target_arch = "x86_64"))]
+            match *lut {}
         } else if n == 1 {
             self.matmul_decode(w, x, &outputs);
         } else {
             self.matmul_prefill(w, x, &outputs);
+        }
+        #[cfg(target_arch = "x86_64")]
+        {
+            self.lut_tables = tables;
+        }
+    }
+
+    /// Whether ternary matmuls run on the table-lookup kernel: the AVX-512 VNNI level (its
+    /// `vpermw` tables beat its `vpdpbusd` kernel, BENCHMARKS.md), unless `BITNET_CPU_NO_LUT=1`
+    /// (an A/B, or to save the repacked copy's memory: 0.89 × the 2-bit weights). The AMX level
+    /// keeps the byte rows its tiles unpack.
+    pub(super) fn uses_lut(&self) -> bool {
+        cfg!(target_arch = "x86_64") && self.use_lut && self.level == CpuLevel::Avx512Vnni
+    }
+
+    /// `w` repacked for the table-lookup kernel, if this backend uses it and `w` has one scale.
+    pub(super) fn repack_for_lut(&self, w: &TernaryMatrix) -> Option<LutWeights> {
+        #[cfg(target_arch = "x86_64")]
+        if self.uses_lut() && w.block_scales.is_none() {
+            return Some(LutWeights::new(w));
+        }
+        let _ = w;
+        None
+    }
+
+    /// The ternary matmul on the table-lookup kernel (`x86/avx512_lut.rs`): per chunk of up to
+    /// [`TOKEN_BLOCK`] tokens, every token's tables (built in parallel, one job per token),
+    /// then jobs of row pairs (64 rows), ~8 per thread for short steps, each computing its
+    /// rows' exact sums for the chunk and writing them scaled.
+    #[cfg(target_arch = "x86_64")]
+    fn matmul_lut(
+        &self,
+        lut: &LutWeights,
+        x: &CpuQTensor,
+        outputs: &Outputs,
+        tables: &mut Vec<super::x86::avx512_lut::Line>,
+    ) {
+        use super::x86::avx512_lut::{self, Line, PAIR_ROWS};
+        let (n, cols) = (self.n(), lut.cols);
+        let per_token = lut.tables_per_token();
+        let pairs = lut.rows_pad / PAIR_ROWS;
+        let job_pairs = pairs.div_ceil(8 * self.threads).clamp(1, 4);
+        for t0 in (0..n).step_by(TOKEN_BLOCK) {
+            let tn = TOKEN_BLOCK.min(n - t0);
+            tables.resize(tn * per_token, Line::ZERO);
+            self.pool
+                .for_each_chunk_mut(&mut tables[..tn * per_token], per_token, |t, tab| {
+                    let q = &x.q[(t0 + t) * cols..(t0 + t + 1) * cols];
+                    // SAFETY: the AVX-512 VNNI level has AVX-512 F + BW (`uses_lut`).
+                    unsafe { avx512_lut::build_tables(q, tab) }
+                });
+            let tables = &tables[..tn * per_token];
+            let job = |j: usize| {
+                let (p0, p1) = (j * job_pairs, ((j + 1) * job_pairs).min(pairs));
+                let run = (p1 - p0) * PAIR_ROWS;
+                with_sums(tn * run, |sums| {
+                    // SAFETY: AVX-512 F + BW (`uses_lut`); p1 ≤ pairs; sizes as checked
+                    // inside.
+                    unsafe { avx512_lut::lut_rows(lut, tables, tn, (p0, p1), sums) };
+                    let rows = (p0 * PAIR_ROWS)..(p1 * PAIR_ROWS).min(lut.rows);
+                    for t in 0..tn {
+                        for r in rows.clone() {
+                            let v = sums[t * run + r - p0 * PAIR_ROWS];
+                            // SAFETY: rows p0·64 .. p1·64 are this job's only.
+                            unsafe { outputs.put_row(t0 + t, r, v) };
+                        }
+                    }
+                });
+            };
+            self.pool.run(pairs.div_ceil(job_pairs), &job);
         }
     }
 

@@ -24,6 +24,7 @@ mod topology;
 pub(crate) mod x86;
 
 use std::cell::RefCell;
+use std::sync::Arc;
 
 use super::{
     check_attention, check_fused_rows, check_step_rows, check_tensor, AttentionShape, Backend,
@@ -72,7 +73,17 @@ pub struct CpuLinear {
     pub name: String,
     pub rows: usize, // Σ rows of the parts
     pub cols: usize,
+    /// Per part, the weights repacked for the table-lookup kernel where this backend uses it
+    /// (the AVX-512 VNNI level, `x86/avx512_lut.rs`), else empty.
+    pub(crate) lut: Vec<Option<Arc<LutWeights>>>,
 }
+
+#[cfg(target_arch = "x86_64")]
+pub(crate) use x86::avx512_lut::LutWeights;
+/// The table-lookup kernel is x86-64 only: nothing is ever repacked elsewhere.
+#[cfg(not(target_arch = "x86_64"))]
+#[derive(Debug)]
+pub(crate) enum LutWeights {}
 
 /// Keys and values of every layer and slot, f32.
 pub struct CpuKvCache {
@@ -125,6 +136,10 @@ pub struct CpuBackend {
     scratch: CpuTensor,
     level: CpuLevel,
     kv_f16_values: bool, // round stored keys and values to f16 (see emulate_f16_kv_cache)
+    /// `[tokens, tables per token]` the table-lookup kernel's tables for a chunk of tokens.
+    #[cfg(target_arch = "x86_64")]
+    lut_tables: Vec<x86::avx512_lut::Line>,
+    use_lut: bool, // repack ternary weights for the table-lookup kernel (see `uses_lut`)
 }
 
 impl CpuBackend {
@@ -192,6 +207,9 @@ impl CpuBackend {
             scratch: CpuTensor::default(),
             level: CpuLevel::detect(),
             kv_f16_values: false,
+            #[cfg(target_arch = "x86_64")]
+            lut_tables: Vec::new(),
+            use_lut: !std::env::var("BITNET_CPU_NO_LUT").is_ok_and(|v| v == "1"),
         })
     }
 
@@ -293,7 +311,12 @@ impl Backend for CpuBackend {
                 ),
             ));
         }
+        let lut = parts
+            .iter()
+            .map(|&p| self.repack_for_lut(p).map(Arc::new))
+            .collect();
         Ok(CpuLinear {
+            lut,
             parts: parts.iter().map(|&p| p.clone()).collect(),
             name: parts
                 .iter()

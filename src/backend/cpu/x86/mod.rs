@@ -1,11 +1,13 @@
 //! x86-64 kernels: `avx2.rs` and `avx512.rs` side by side (one function per op and width),
-//! `avxvnni.rs` for the ternary dots of the AVX-VNNI level (256-bit vpdpbusd),
+//! `avxvnni.rs` for the ternary dots of the AVX-VNNI level (256-bit vpdpbusd), `avx512_lut.rs`
+//! for the AVX-512 level's table-lookup ternary matmul,
 //! `amx.rs` for the prefill matmul's tiles; the prefetch hint and the `exp` constants they share.
 
 #[cfg(target_os = "linux")]
 pub mod amx;
 pub mod avx2;
 pub mod avx512;
+pub mod avx512_lut;
 pub mod avxvnni;
 
 use std::arch::x86_64::*;
