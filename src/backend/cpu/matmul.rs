@@ -55,19 +55,6 @@ fn with_sums<R>(len: usize, f: impl FnOnce(&mut [i32]) -> R) -> R {
 }
 
 impl Outputs<'_> {
-    /// `out[t, r] = v · factor[t]` for output row `r` of the part.
-    ///
-    /// # Safety
-    /// No other job writes row `r` of token `t`.
-    #[inline(always)]
-    unsafe fn put_row(&self, t: usize, r: usize, v: i32) {
-        // SAFETY: passed on from the caller.
-        unsafe {
-            self.out
-                .write(t * self.stride + self.col0 + r, v as f32 * self.factor[t])
-        };
-    }
-
     /// `out[t, i·P + p] = r[i] · factor[t]` for the 4 rows of byte row `p`, from float sums.
     ///
     /// # Safety
@@ -115,24 +102,21 @@ impl CpuBackend {
         let n = self.n();
         check_matmul(&w.name, (w.rows, w.cols), (x.capacity, x.cols), n)?;
         self.check("ternary_matmul", out, w.rows)?;
+        #[cfg(target_arch = "x86_64")]
+        if !w.lut.is_empty() && w.lut.iter().all(Option::is_some) {
+            self.matmul_lut(w, x, out);
+            return Ok(());
+        }
         let mut col0 = 0;
-        for (k, part) in w.parts.iter().enumerate() {
-            let lut = w.lut.get(k).and_then(|l| l.as_deref());
-            self.matmul_part(part, lut, x, out, col0);
+        for part in &w.parts {
+            self.matmul_part(part, x, out, col0);
             col0 += part.rows;
         }
         Ok(())
     }
 
     /// One part of [`CpuBackend::matmul`]: `out[t, col0 + r]` for the part's rows `r`.
-    fn matmul_part(
-        &mut self,
-        w: &TernaryMatrix,
-        lut: Option<&LutWeights>,
-        x: &CpuQTensor,
-        out: &mut CpuTensor,
-        col0: usize,
-    ) {
+    fn matmul_part(&mut self, w: &TernaryMatrix, x: &CpuQTensor, out: &mut CpuTensor, col0: usize) {
         let n = self.n();
         let stride = out.cols;
         self.token_factor.clear();
@@ -144,8 +128,6 @@ impl CpuBackend {
             self.matmul_amx(w, x, out, col0);
             return;
         }
-        #[cfg(target_arch = "x86_64")]
-        let mut tables = std::mem::take(&mut self.lut_tables);
         let outputs = Outputs {
             out: DisjointSlice::new(&mut out.data[..n * stride]),
             factor: &self.token_factor,
@@ -155,19 +137,10 @@ impl CpuBackend {
         };
         if let Some(blocks) = &w.block_scales {
             self.matmul_block_scaled(w, blocks, x, &outputs);
-        } else if let Some(lut) = lut {
-            #[cfg(target_arch = "x86_64")]
-            self.matmul_lut(lut, x, &outputs, &mut tables);
-            #[cfg(not(target_arch = "x86_64"))]
-            match *lut {}
         } else if n == 1 {
             self.matmul_decode(w, x, &outputs);
         } else {
             self.matmul_prefill(w, x, &outputs);
-        }
-        #[cfg(target_arch = "x86_64")]
-        {
-            self.lut_tables = tables;
         }
     }
 
@@ -189,23 +162,20 @@ impl CpuBackend {
         None
     }
 
-    /// The ternary matmul on the table-lookup kernel (`x86/avx512_lut.rs`): per chunk of up to
-    /// [`TOKEN_BLOCK`] tokens, every token's tables (built in parallel, one job per token),
-    /// then jobs of row pairs (64 rows), ~8 per thread for short steps, each computing its
-    /// rows' exact sums for the chunk and writing them scaled.
+    /// The ternary matmul on the table-lookup kernel (`x86/avx512_lut.rs`), every part of `w`
+    /// repacked: per chunk of up to [`TOKEN_BLOCK`] tokens, every token's tables once for all
+    /// parts (they depend on the input only; one job per token), then per part ~8 jobs per
+    /// thread, each a chunk of 4 tokens (their tables of a column block stay in L1) × a run of
+    /// row pairs (a contiguous run of index vectors per column block), writing its exact sums
+    /// scaled.
     #[cfg(target_arch = "x86_64")]
-    fn matmul_lut(
-        &self,
-        lut: &LutWeights,
-        x: &CpuQTensor,
-        outputs: &Outputs,
-        tables: &mut Vec<super::x86::avx512_lut::Line>,
-    ) {
+    fn matmul_lut(&mut self, w: &CpuLinear, x: &CpuQTensor, out: &mut CpuTensor) {
         use super::x86::avx512_lut::{self, Line, PAIR_ROWS};
-        let (n, cols) = (self.n(), lut.cols);
-        let per_token = lut.tables_per_token();
-        let pairs = lut.rows_pad / PAIR_ROWS;
-        let job_pairs = pairs.div_ceil(8 * self.threads).clamp(1, 4);
+        let (n, cols, stride) = (self.n(), w.cols, out.cols);
+        let mut tables = std::mem::take(&mut self.lut_tables);
+        let out = DisjointSlice::new(&mut out.data[..n * stride]);
+        let luts: Vec<&LutWeights> = w.lut.iter().flatten().map(|l| &**l).collect();
+        let per_token = luts[0].tables_per_token();
         for t0 in (0..n).step_by(TOKEN_BLOCK) {
             let tn = TOKEN_BLOCK.min(n - t0);
             tables.resize(tn * per_token, Line::ZERO);
@@ -216,25 +186,44 @@ impl CpuBackend {
                     unsafe { avx512_lut::build_tables(q, tab) }
                 });
             let tables = &tables[..tn * per_token];
-            let job = |j: usize| {
-                let (p0, p1) = (j * job_pairs, ((j + 1) * job_pairs).min(pairs));
-                let run = (p1 - p0) * PAIR_ROWS;
-                with_sums(tn * run, |sums| {
-                    // SAFETY: AVX-512 F + BW (`uses_lut`); p1 ≤ pairs; sizes as checked
-                    // inside.
-                    unsafe { avx512_lut::lut_rows(lut, tables, tn, (p0, p1), sums) };
-                    let rows = (p0 * PAIR_ROWS)..(p1 * PAIR_ROWS).min(lut.rows);
-                    for t in 0..tn {
-                        for r in rows.clone() {
-                            let v = sums[t * run + r - p0 * PAIR_ROWS];
-                            // SAFETY: rows p0·64 .. p1·64 are this job's only.
-                            unsafe { outputs.put_row(t0 + t, r, v) };
+            let mut col0 = 0;
+            for (part, lut) in w.parts.iter().zip(&luts) {
+                let factor: Vec<f32> = (t0..t0 + tn)
+                    .map(|t| part.out_scale / x.scales[t])
+                    .collect();
+                let pairs = lut.rows_pad / PAIR_ROWS;
+                // job j: (chunk of 4 tokens, run of row pairs), ~8 jobs per thread
+                let job_tokens = 4;
+                let chunks = tn.div_ceil(job_tokens);
+                let job_pairs = pairs.div_ceil((8 * self.threads).div_ceil(chunks)).max(1);
+                let pair_jobs = pairs.div_ceil(job_pairs);
+                let job = |j: usize| {
+                    let (tc, pc) = (j / pair_jobs, j % pair_jobs);
+                    let (ta, tb) = (tc * job_tokens, ((tc + 1) * job_tokens).min(tn));
+                    let (p0, p1) = (pc * job_pairs, ((pc + 1) * job_pairs).min(pairs));
+                    let run = (p1 - p0) * PAIR_ROWS;
+                    with_sums((tb - ta) * run, |sums| {
+                        let tab = &tables[ta * per_token..tb * per_token];
+                        // SAFETY: AVX-512 F + BW (`uses_lut`); p1 ≤ pairs; sizes checked
+                        // inside.
+                        unsafe { avx512_lut::lut_rows(lut, tab, tb - ta, (p0, p1), sums) };
+                        for t in ta..tb {
+                            let row = &sums[(t - ta) * run..];
+                            let o = (t0 + t) * stride + col0;
+                            for r in p0 * PAIR_ROWS..(p1 * PAIR_ROWS).min(lut.rows) {
+                                let v = row[r - p0 * PAIR_ROWS] as f32 * factor[t];
+                                // SAFETY: rows p0·64 .. p1·64 of tokens ta..tb are this
+                                // job's only.
+                                unsafe { out.write(o + r, v) };
+                            }
                         }
-                    }
-                });
-            };
-            self.pool.run(pairs.div_ceil(job_pairs), &job);
+                    });
+                };
+                self.pool.run(tn.div_ceil(job_tokens) * pair_jobs, &job);
+                col0 += part.rows;
+            }
         }
+        self.lut_tables = tables;
     }
 
     /// One token: a job takes a run of byte rows (byte row p serves output rows p, P+p, 2P+p,

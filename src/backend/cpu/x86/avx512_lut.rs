@@ -45,14 +45,16 @@ impl Line {
     pub const ZERO: Line = Line([0; 32]);
 }
 
-/// A ternary matrix repacked for this kernel: `[rows_pad / 32][triples]` index vectors.
+/// A ternary matrix repacked for this kernel: index vectors by column block, then row block,
+/// then triple, `[ceil(triples / 28), rows_pad / 32, 28]` (the last block's tail unused), so
+/// that the kernel's column-block-outer walk over a run of rows reads one contiguous run.
 pub struct LutWeights {
     pub rows: usize,
     pub cols: usize,
     /// Rows rounded up to whole pairs of index vectors (padding rows have weight 0).
     pub rows_pad: usize,
     pub triples: usize,
-    data: Vec<Line>, // [rows_pad / 32, triples]
+    data: Vec<Line>, // [blocks, rows_pad / 32, BLOCK_TRIPLES]
 }
 
 impl std::fmt::Debug for LutWeights {
@@ -68,27 +70,27 @@ impl LutWeights {
         let (rows, cols) = (w.rows, w.cols);
         let rows_pad = rows.div_ceil(PAIR_ROWS) * PAIR_ROWS;
         let triples = cols.div_ceil(TRIPLE_COLS);
+        let row_blocks = rows_pad / LANE_ROWS;
         let p4 = rows / 4;
-        let mut data = vec![Line::ZERO; rows_pad / LANE_ROWS * triples];
-        data.par_chunks_mut(triples)
+        let mut data =
+            vec![Line::ZERO; triples.div_ceil(BLOCK_TRIPLES) * row_blocks * BLOCK_TRIPLES];
+        data.par_chunks_mut(BLOCK_TRIPLES)
             .enumerate()
-            .for_each(|(rb, vectors)| {
-                let mut codes = vec![1u8; triples * TRIPLE_COLS]; // one row, padded
+            .for_each(|(k, vectors)| {
+                let (b, rb) = (k / row_blocks, k % row_blocks);
+                let s0 = b * BLOCK_TRIPLES;
+                let n = (triples - s0).min(BLOCK_TRIPLES);
                 for lane in 0..LANE_ROWS {
                     let r = rb * LANE_ROWS + lane;
-                    if r < rows {
-                        let (i, bytes) = (r / p4, w.byte_row(r % p4));
-                        for (c, &b) in codes.iter_mut().zip(bytes) {
-                            *c = (b >> (2 * i)) & 3;
-                        }
-                    } else {
-                        codes.fill(1);
-                    }
-                    for (s, v) in vectors.iter_mut().enumerate() {
-                        let c = &codes[s * TRIPLE_COLS..];
-                        let index =
-                            |g: usize| (c[3 * g] + 3 * c[3 * g + 1] + 9 * c[3 * g + 2]) as u16;
-                        v.0[lane] = index(0) | (index(1) << 5) | (index(2) << 10);
+                    let bytes = (r < rows).then(|| (r / p4, w.byte_row(r % p4)));
+                    let code = |c: usize| match bytes {
+                        Some((i, row)) if c < cols => ((row[c] >> (2 * i)) & 3) as u16,
+                        _ => 1,
+                    };
+                    let index = |c0: usize| code(c0) + 3 * code(c0 + 1) + 9 * code(c0 + 2);
+                    for (s, v) in vectors[..n].iter_mut().enumerate() {
+                        let c0 = (s0 + s) * TRIPLE_COLS;
+                        v.0[lane] = index(c0) | (index(c0 + 3) << 5) | (index(c0 + 6) << 10);
                     }
                 }
             });
@@ -99,6 +101,12 @@ impl LutWeights {
             triples,
             data,
         }
+    }
+
+    /// The index vectors of row block `rb` in column block `b`: `[BLOCK_TRIPLES]`.
+    fn vectors(&self, b: usize, rb: usize) -> *const Line {
+        let row_blocks = self.rows_pad / LANE_ROWS;
+        self.data[(b * row_blocks + rb) * BLOCK_TRIPLES..].as_ptr()
     }
 
     /// Tables per token: one per group of 3 columns.
@@ -142,6 +150,10 @@ pub unsafe fn build_tables(q: &[i8], tables: &mut [Line]) {
 /// and the `tokens` tokens whose tables are `tables [tokens, tables_per_token]`;
 /// `sums [tokens, 64·(p1 − p0)]` is overwritten.
 ///
+/// Loop order: column block by column block, chunks of 4 tokens inside, so that a chunk's
+/// tables of one block (5.25 KiB per token) stay in L1 while every row pair passes; the index
+/// vectors of one block and a run of rows are one contiguous run of memory.
+///
 /// # Safety
 /// AVX-512 F + BW; `p1 ≤ rows_pad / 64`; `tables` and `sums` as long as that.
 #[target_feature(enable = "avx512f,avx512bw")]
@@ -157,52 +169,73 @@ pub unsafe fn lut_rows(
     assert!(sums.len() >= tokens * (p1 - p0) * PAIR_ROWS);
     sums.fill(0);
     let run = (p1 - p0) * PAIR_ROWS;
-    for s0 in (0..w.triples).step_by(BLOCK_TRIPLES) {
-        let s1 = (s0 + BLOCK_TRIPLES).min(w.triples);
-        // tokens 4 at a time (one zmm accumulator per token and index vector: 8 of 32)
-        let mut t = 0;
+    let blocks = |f: &mut dyn FnMut(usize, usize)| {
+        for s0 in (0..w.triples).step_by(BLOCK_TRIPLES) {
+            f(s0, (s0 + BLOCK_TRIPLES).min(w.triples));
+        }
+    };
+    // tokens t0 .. t0 + k, 4 at a time (one zmm accumulator per token and index vector)
+    let chunks = |t0: usize, pairs: (usize, usize), cols: (usize, usize), sums: &mut [i32]| {
+        let mut t = t0;
         while t < tokens {
             let k = match tokens - t {
                 4.. => 4,
                 2 | 3 => 2,
                 _ => 1,
             };
+            let at = Block {
+                t0: t,
+                base: p0,
+                run,
+                pairs,
+                cols,
+            };
             // SAFETY: passed on; t + k ≤ tokens.
             unsafe {
                 match k {
-                    4 => block::<4>(w, tables, sums, run, t, (p0, p1), (s0, s1)),
-                    2 => block::<2>(w, tables, sums, run, t, (p0, p1), (s0, s1)),
-                    _ => block::<1>(w, tables, sums, run, t, (p0, p1), (s0, s1)),
+                    4 => block::<4>(w, tables, sums, at),
+                    2 => block::<2>(w, tables, sums, at),
+                    _ => block::<1>(w, tables, sums, at),
                 }
             }
             t += k;
         }
-    }
+    };
+    blocks(&mut |s0, s1| chunks(0, (p0, p1), (s0, s1), sums));
 }
 
-/// Row pairs `p0..p1` × tokens `t0 .. t0 + TC` × triples `s0..s1` (≤ [`BLOCK_TRIPLES`]), added
-/// into `sums [tokens, run]`.
+/// Where a [`block`] call works: tokens from `t0`, row pairs `pairs`, triples `cols`, its sums at
+/// `[t, (pair − base)·64 + row]` of rows of `run`.
+#[derive(Clone, Copy)]
+struct Block {
+    t0: usize,
+    base: usize,
+    run: usize,
+    pairs: (usize, usize),
+    cols: (usize, usize),
+}
+
+/// Row pairs × tokens `t0 .. t0 + TC` × triples of `at` (≤ [`BLOCK_TRIPLES`] triples), added
+/// into `sums`.
 ///
 /// # Safety
 /// As [`lut_rows`], `t0 + TC ≤` its tokens.
 #[target_feature(enable = "avx512f,avx512bw")]
-unsafe fn block<const TC: usize>(
-    w: &LutWeights,
-    tables: &[Line],
-    sums: &mut [i32],
-    run: usize,
-    t0: usize,
-    (p0, p1): (usize, usize),
-    (s0, s1): (usize, usize),
-) {
+unsafe fn block<const TC: usize>(w: &LutWeights, tables: &[Line], sums: &mut [i32], at: Block) {
+    let Block {
+        t0,
+        base,
+        run,
+        pairs: (p0, p1),
+        cols: (s0, s1),
+    } = at;
     let per_token = w.tables_per_token();
     let tab: [*const Line; TC] =
         std::array::from_fn(|k| tables[(t0 + k) * per_token + GROUP * s0..].as_ptr());
     for pair in p0..p1 {
         let mut acc = [[_mm512_setzero_si512(); 2]; TC];
         let rb = 2 * pair; // the pair's first index-vector row block
-        let wrow: [*const Line; 2] =
-            std::array::from_fn(|v| w.data[(rb + v) * w.triples + s0..].as_ptr());
+        let wrow: [*const Line; 2] = std::array::from_fn(|v| w.vectors(s0 / BLOCK_TRIPLES, rb + v));
         for s in 0..s1 - s0 {
             // SAFETY (all loads): triple s0 + s < s1 ≤ triples of each row block lies in
             // `data`; group 3s + 2 < 3(s1 − s0) lies in each token's tables.
@@ -228,7 +261,7 @@ unsafe fn block<const TC: usize>(
         }
         for (k, acc) in acc.iter().enumerate() {
             for (v, &a) in acc.iter().enumerate() {
-                let at = (t0 + k) * run + (pair - p0) * PAIR_ROWS + v * LANE_ROWS;
+                let at = (t0 + k) * run + (pair - base) * PAIR_ROWS + v * LANE_ROWS;
                 let dst = sums[at..at + LANE_ROWS].as_mut_ptr();
                 let lo = _mm512_cvtepi16_epi32(_mm512_castsi512_si256(a));
                 let hi = _mm512_cvtepi16_epi32(_mm512_extracti64x4_epi64(a, 1));
