@@ -154,11 +154,12 @@ impl CpuBackend {
 
     /// `w` repacked for the table-lookup kernel, if this backend uses it and `w` has one scale.
     pub(super) fn repack_for_lut(&self, w: &TernaryMatrix) -> Option<LutWeights> {
-        #[cfg(target_arch = "x86_64")]
-        if self.uses_lut() && w.block_scales.is_none() {
-            return Some(LutWeights::new(w));
+        if !self.uses_lut() || w.block_scales.is_some() {
+            return None;
         }
-        let _ = w;
+        #[cfg(target_arch = "x86_64")]
+        return Some(LutWeights::new(w));
+        #[cfg(not(target_arch = "x86_64"))]
         None
     }
 

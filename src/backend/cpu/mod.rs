@@ -75,6 +75,7 @@ pub struct CpuLinear {
     pub cols: usize,
     /// Per part, the weights repacked for the table-lookup kernel where this backend uses it
     /// (the AVX-512 VNNI level, `x86/avx512_lut.rs`), else empty.
+    #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
     pub(crate) lut: Vec<Option<Arc<LutWeights>>>,
 }
 
