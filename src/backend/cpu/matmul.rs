@@ -23,6 +23,13 @@ use crate::ternary::{BlockScales, TernaryMatrix};
 #[cfg(all(target_arch = "x86_64", target_os = "linux"))]
 const AMX_MIN_TOKENS: usize = 16;
 
+/// Steps of at least this many tokens run the table-lookup kernel where the weights were
+/// repacked for it: a one-token step keeps the byte-row decode kernel, whose two memory streams
+/// decoded faster (tg32 19.3–23.7 t/s against 14.4–17.1 with tables; pp64 ran 1.8× faster with
+/// them, BENCHMARKS.md).
+#[cfg(target_arch = "x86_64")]
+const LUT_MIN_TOKENS: usize = 2;
+
 /// Byte rows per prefill job: 4 runs of 16 outputs per token (whole cache lines for 2B4T).
 const BYTE_ROWS: usize = 16;
 /// Tokens per prefill block: their int8 activations (≤ 32 × 6912 B for 2B4T) stay in L2.
@@ -103,7 +110,7 @@ impl CpuBackend {
         check_matmul(&w.name, (w.rows, w.cols), (x.capacity, x.cols), n)?;
         self.check("ternary_matmul", out, w.rows)?;
         #[cfg(target_arch = "x86_64")]
-        if !w.lut.is_empty() && w.lut.iter().all(Option::is_some) {
+        if n >= LUT_MIN_TOKENS && !w.lut.is_empty() && w.lut.iter().all(Option::is_some) {
             self.matmul_lut(w, x, out);
             return Ok(());
         }
@@ -144,10 +151,11 @@ impl CpuBackend {
         }
     }
 
-    /// Whether ternary matmuls run on the table-lookup kernel: the AVX-512 VNNI level (its
-    /// `vpermw` tables beat its `vpdpbusd` kernel, BENCHMARKS.md), unless `BITNET_CPU_NO_LUT=1`
-    /// (an A/B, or to save the repacked copy's memory: 0.89 × the 2-bit weights). The AMX level
-    /// keeps the byte rows its tiles unpack.
+    /// Whether ternary matmuls of steps of `LUT_MIN_TOKENS` (2) or more run on the table-lookup
+    /// kernel: the AVX-512 VNNI level (its `vpermw` tables beat its `vpdpbusd` kernel,
+    /// BENCHMARKS.md), unless `BITNET_CPU_NO_LUT=1` (an A/B, or to save the repacked copy's
+    /// memory: 0.89 × the 2-bit weights, kept beside them for decode). The AMX level keeps the
+    /// byte rows its tiles unpack.
     pub(super) fn uses_lut(&self) -> bool {
         cfg!(target_arch = "x86_64") && self.use_lut && self.level == CpuLevel::Avx512Vnni
     }
