@@ -293,6 +293,39 @@ pub fn dot_bf16_rows2(level: CpuLevel, rows: [&[u8]; 2], x: &[f32]) -> [f32; 2] 
     }
 }
 
+/// Whether this machine's x86 levels may run the F16C kernels (every AVX2 CPU in use has
+/// F16C, but the levels do not require it).
+#[cfg(target_arch = "x86_64")]
+fn has_f16c() -> bool {
+    static F16C: OnceLock<bool> = OnceLock::new();
+    *F16C.get_or_init(|| is_x86_feature_detected!("f16c"))
+}
+
+/// `Σ row[c] · x[c]` for an f16 row (little-endian bytes) and f32 `x`: the LM head of a file
+/// whose head is f16.
+#[inline]
+pub fn dot_f16(level: CpuLevel, row: &[u8], x: &[f32]) -> f32 {
+    dot_f16_rows::<1>(level, [row], x)[0]
+}
+
+/// [`dot_f16`] of `R` rows read side by side (the same results as one at a time).
+#[inline]
+pub fn dot_f16_rows<const R: usize>(level: CpuLevel, rows: [&[u8]; R], x: &[f32]) -> [f32; R] {
+    assert!(
+        rows.iter().all(|r| r.len() == 2 * x.len()),
+        "dot_f16: row and activation lengths differ"
+    );
+    match level {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: the level has AVX2 (one `available()` returned), F16C checked; lengths
+        // checked above.
+        CpuLevel::Avx2 | CpuLevel::AvxVnni | CpuLevel::Avx512Vnni | CpuLevel::Amx if has_f16c() => unsafe {
+            avx2::dot_f16_avx2_rows::<R>(rows, x)
+        },
+        _ => rows.map(|r| reference::dot_f16_scalar(r, x)),
+    }
+}
+
 /// `y += a·x` in f32 (attention's weighted sum of values).
 #[inline]
 pub fn axpy_f32(level: CpuLevel, a: f32, x: &[f32], y: &mut [f32]) {

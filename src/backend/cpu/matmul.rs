@@ -6,7 +6,8 @@ use std::cell::{Cell, RefCell};
 
 use super::dispatch::CpuLevel;
 use super::dispatch::{
-    dot_bf16, dot_bf16_rows2, ternary_dot4, ternary_dot4_rows2, ternary_dot4_x2, ternary_dot4_x4,
+    dot_bf16, dot_bf16_rows2, dot_f16_rows, ternary_dot4, ternary_dot4_rows2, ternary_dot4_x2,
+    ternary_dot4_x4,
 };
 use super::pool::DisjointSlice;
 use super::q4::Q4Input;
@@ -539,7 +540,7 @@ impl CpuBackend {
         const CHUNK: usize = 256;
         let level = self.level;
         thread_local! {
-            // One decoded head row, for heads that are not bf16 (f16, f32).
+            // One decoded head row, for f32 heads.
             static ROW: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
         }
         // One job per vocabulary chunk, every selected row inside it: the chunk is read from
@@ -608,8 +609,23 @@ impl CpuBackend {
                             );
                             continue;
                         }
+                        if m.dtype == FloatDtype::F16 {
+                            // the tied F16 embedding of bitnet.cpp's I2_S files: the same
+                            // two-stream walk on the F16C kernel
+                            let out = Cell::from_mut(out).as_slice_of_cells();
+                            side_by_side(
+                                out.len(),
+                                |i, j| {
+                                    let [a, b] = dot_f16_rows(level, [row(v(i)), row(v(j))], xr);
+                                    out[i].set(a);
+                                    out[j].set(b);
+                                },
+                                |i| out[i].set(dot_f16_rows(level, [row(v(i))], xr)[0]),
+                            );
+                            continue;
+                        }
                         for (i, o) in out.iter_mut().enumerate() {
-                            // f16 / f32 heads: decoded row by row
+                            // f32 heads: decoded row by row
                             *o = ROW.with_borrow_mut(|decoded| {
                                 decoded.resize(h, 0.0);
                                 decode_floats(m.dtype, row(v(i)), decoded);

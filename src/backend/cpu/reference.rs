@@ -80,6 +80,14 @@ pub fn dot_bf16_scalar(row: &[u8], x: &[f32]) -> f32 {
         .sum()
 }
 
+/// The scalar twin of `dispatch::dot_f16`: f16 (little-endian bytes) times f32, summed in f32.
+pub fn dot_f16_scalar(row: &[u8], x: &[f32]) -> f32 {
+    row.chunks_exact(2)
+        .zip(x)
+        .map(|(b, &xi)| half::f16::from_le_bytes([b[0], b[1]]).to_f32() * xi)
+        .sum()
+}
+
 /// `Σ_b scale_b · Σ_{c∈b} q_c x_c`: exact i32 block sums (|sum| ≤ 64·127·32767 < 2³¹), then
 /// f32 over the blocks.
 pub fn dot_q8_scalar(q: &[i8], scales: &[f32], x: &[i16]) -> f32 {

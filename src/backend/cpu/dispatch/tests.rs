@@ -347,3 +347,44 @@ fn bf16_dot_matches_scalar_within_tolerance() {
         }
     }
 }
+
+/// The f16 head's dot (the tied F16 embedding of bitnet.cpp's I2_S files) against its scalar
+/// twin, with subnormal, infinite-free extreme and zero halves among the values.
+#[test]
+fn f16_dot_matches_scalar_within_tolerance() {
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(6);
+    for &n in &[1usize, 7, 16, 17, 255, 2560] {
+        let mut vals: Vec<half::f16> = (0..n)
+            .map(|_| half::f16::from_f32(rng.random_range(-1.0..1.0)))
+            .collect();
+        // a subnormal, the largest finite half and a zero where the row is long enough
+        for (k, v) in [half::f16::from_bits(1), half::f16::MAX, half::f16::ZERO]
+            .into_iter()
+            .enumerate()
+        {
+            if k < n {
+                vals[n - 1 - k] = v;
+            }
+        }
+        let row: Vec<u8> = vals.iter().flat_map(|v| v.to_le_bytes()).collect();
+        let x: Vec<f32> = (0..n).map(|_| rng.random_range(-1.0..1.0)).collect();
+        let want = reference::dot_f16_scalar(&row, &x);
+        let mag: f32 = vals
+            .iter()
+            .zip(&x)
+            .map(|(w, v)| (w.to_f32() * v).abs())
+            .sum();
+        for &l in &CpuLevel::available() {
+            let got = dot_f16(l, &row, &x);
+            assert!(
+                (got - want).abs() <= 1e-6 + 1e-6 * mag,
+                "{l:?} n {n}: got {got}, expected {want}"
+            );
+            let rev: Vec<u8> = row.chunks(2).rev().flatten().copied().collect();
+            let two = dot_f16_rows(l, [&row, &rev], &x);
+            assert_eq!(two[0].to_bits(), got.to_bits(), "{l:?} n {n}: rows first");
+            let one = dot_f16(l, &rev, &x);
+            assert_eq!(two[1].to_bits(), one.to_bits(), "{l:?} n {n}: rows second");
+        }
+    }
+}
