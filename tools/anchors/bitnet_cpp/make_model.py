@@ -1,5 +1,6 @@
 #!/usr/bin/env python3
-"""Writes a random BitNet b1.58 2B4T-shaped F16 GGUF for bitnet.cpp's llama-quantize (→ I2_S).
+"""Writes a random BitNet b1.58 F16 GGUF for bitnet.cpp's llama-quantize (→ I2_S): 2B4T's shape by
+default, other dimensions by option (the small models of ../bitnet_cpp_logits/).
 
     python make_model.py --llama-cpp BITNET_CPP/3rdparty/llama.cpp OUT.gguf [--seed N]
         [--tokenizer tokenizer.json]
@@ -34,8 +35,7 @@ from pathlib import Path
 
 import numpy as np
 
-HIDDEN, INTER, LAYERS, HEADS, KV_HEADS, VOCAB = 2560, 6912, 30, 20, 5, 128256
-HEAD_DIM = HIDDEN // HEADS
+VOCAB = 128256
 DEFAULT_TOKENIZER = "/work/shared/data/llama3-tokenizer/tokenizer.json"
 
 
@@ -46,8 +46,14 @@ def main() -> int:
                     help="llama.cpp checkout whose gguf-py is used (bitnet.cpp's 3rdparty/llama.cpp)")
     ap.add_argument("--tokenizer", type=Path, default=Path(DEFAULT_TOKENIZER))
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--layers", type=int, default=LAYERS, help="for a quick smoke test only")
+    ap.add_argument("--layers", type=int, default=30)
+    ap.add_argument("--hidden", type=int, default=2560)
+    ap.add_argument("--inter", type=int, default=6912)
+    ap.add_argument("--heads", type=int, default=20)
+    ap.add_argument("--kv-heads", type=int, default=5)
     args = ap.parse_args()
+    HIDDEN, INTER, LAYERS, HEADS, KV_HEADS = args.hidden, args.inter, args.layers, args.heads, args.kv_heads
+    HEAD_DIM = HIDDEN // HEADS
 
     sys.path.insert(0, str(args.llama_cpp / "gguf-py"))
     try:
@@ -83,7 +89,7 @@ def main() -> int:
     merges = [m if isinstance(m, str) else " ".join(m) for m in merges]
 
     w = gguf.GGUFWriter(args.out, "bitnet")
-    w.add_name("random-2b4t-shaped-bitnet")
+    w.add_name(f"random-bitnet-{HIDDEN}x{LAYERS}")
     w.add_context_length(4096)
     w.add_embedding_length(HIDDEN)
     w.add_block_count(args.layers)

@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""A float64 numpy reference of llama.cpp's `bitnet` graph on the F16 file from make_small_model.py
+"""A float64 numpy reference of llama.cpp's `bitnet` graph on the F16 file from ../bitnet_cpp/make_model.py
 (whose projections are exactly ±s / 0, i.e. what I2_S stores), with BitNet's per-token-row int8
 absmax activation quantization before every ternary projection (as bitnet.cpp's
 quantize_row_i8_s and our CPU path do), to tell which engine is nearer an exact computation.

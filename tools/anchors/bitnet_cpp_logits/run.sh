@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # bitnet.cpp vs bitnet logits on one small random I2_S GGUF (issue #16). Run by hand, never in CI.
 #
-#   tools/anchors/bitnet_cpp_logits/run.sh BITNET_CPP_DIR BITNET_BIN WORKDIR [make_small_model.py options]
+#   tools/anchors/bitnet_cpp_logits/run.sh BITNET_CPP_DIR BITNET_BIN WORKDIR [../bitnet_cpp/make_model.py options]
 #
 # BITNET_CPP_DIR: a bitnet.cpp built by tools/anchors/bitnet_cpp/build.sh (microsoft/BitNet 4645960,
 # llama.cpp fork 406a5036). BITNET_BIN: our release binary. WORKDIR: where files go (~250 MB).
@@ -19,7 +19,8 @@ mkdir -p "$W"
 nice -n 19 cc -O2 -Wall "$HERE/bitnet_cpp_logits.c" -o "$W/bitnet_cpp_logits" -I "$LL/include" -I "$LL/ggml/include" \
   -L "$LIBS" -L "$GLIBS" -lllama -lggml -lm -Wl,-rpath,"$LIBS" -Wl,-rpath,"$GLIBS"
 # model: F16 with the fork's gguf-py, then I2_S with the fork's llama-quantize (one thread => one scale per tensor)
-nice -n 19 "$PY" "$HERE/make_small_model.py" --llama-cpp "$LL" "$W/small-f16.gguf" "$@"
+nice -n 19 "$PY" "$HERE/../bitnet_cpp/make_model.py" --llama-cpp "$LL" "$W/small-f16.gguf" \
+    --hidden 256 --inter 768 --layers 2 --heads 4 --kv-heads 2 "$@"
 nice -n 19 "$BN/build/bin/llama-quantize" "$W/small-f16.gguf" "$W/small-i2_s.gguf" I2_S 1 > "$W/quantize.log" 2>&1
 M=$W/small-i2_s.gguf
 # bitnet.cpp: one batch of all ids, every position's logits, 1 thread, default f16 KV cache
