@@ -184,8 +184,12 @@ impl CpuBackend {
         let (n, cols, stride) = (self.n(), w.cols, out.cols);
         let mut tables = std::mem::take(&mut self.lut_tables);
         let out = DisjointSlice::new(&mut out.data[..n * stride]);
-        let luts: Vec<&LutWeights> = w.lut.iter().flatten().map(|l| &**l).collect();
-        let per_token = luts[0].tables_per_token();
+        let lut = |k: usize| {
+            w.lut[k]
+                .as_deref()
+                .expect("every part repacked (the caller checks)")
+        };
+        let per_token = lut(0).tables_per_token();
         for t0 in (0..n).step_by(TOKEN_BLOCK) {
             let tn = TOKEN_BLOCK.min(n - t0);
             tables.resize(tn * per_token, Line::ZERO);
@@ -197,10 +201,12 @@ impl CpuBackend {
                 });
             let tables = &tables[..tn * per_token];
             let mut col0 = 0;
-            for (part, lut) in w.parts.iter().zip(&luts) {
-                let factor: Vec<f32> = (t0..t0 + tn)
-                    .map(|t| part.out_scale / x.scales[t])
-                    .collect();
+            for (k, part) in w.parts.iter().enumerate() {
+                let lut = lut(k);
+                self.token_factor.clear();
+                self.token_factor
+                    .extend(x.scales[t0..t0 + tn].iter().map(|&s| part.out_scale / s));
+                let factor = &self.token_factor; // [tn]
                 let pairs = lut.rows_pad / PAIR_ROWS;
                 // job j: (chunk of 4 tokens, run of row pairs), ~8 jobs per thread
                 let job_tokens = 4;
@@ -229,7 +235,7 @@ impl CpuBackend {
                         }
                     });
                 };
-                self.pool.run(tn.div_ceil(job_tokens) * pair_jobs, &job);
+                self.pool.run(chunks * pair_jobs, &job);
                 col0 += part.rows;
             }
         }
