@@ -360,79 +360,77 @@ pub unsafe fn dot_bf16_avx2(row: &[u8], x: &[f32]) -> f32 {
     unsafe { dot_bf16_avx2_rows::<1>([row], x)[0] }
 }
 
-/// [`dot_bf16_avx2`] for `R` rows read side by side, each row's operations in the same order
-/// (each result equals the one-row kernel's bit for bit).
-///
-/// # Safety
-/// AVX2; every row `2 · x.len()` bytes.
-#[target_feature(enable = "avx2")]
-pub unsafe fn dot_bf16_avx2_rows<const R: usize>(rows: [&[u8]; R], x: &[f32]) -> [f32; R] {
-    let n = x.len() / 16 * 16;
-    let mut acc = [[_mm256_setzero_ps(); 2]; R];
-    let mut c = 0;
-    while c < n {
-        // SAFETY: c + 16 ≤ n: 16 floats of x and 32 bytes of every row are in bounds.
-        let (x0, x1) = unsafe {
-            (
-                _mm256_loadu_ps(x.as_ptr().add(c)),
-                _mm256_loadu_ps(x.as_ptr().add(c + 8)),
-            )
-        };
-        for (acc, row) in acc.iter_mut().zip(&rows) {
-            prefetch(row.as_ptr().wrapping_add(2 * c + PREFETCH_BYTES));
-            let w = unsafe { _mm256_loadu_si256(row.as_ptr().add(2 * c) as *const __m256i) };
-            let lo = _mm256_cvtepu16_epi32(_mm256_castsi256_si128(w));
-            let hi = _mm256_cvtepu16_epi32(_mm256_extracti128_si256(w, 1));
-            let w0 = _mm256_castsi256_ps(_mm256_slli_epi32(lo, 16));
-            let w1 = _mm256_castsi256_ps(_mm256_slli_epi32(hi, 16));
-            acc[0] = _mm256_add_ps(acc[0], _mm256_mul_ps(w0, x0));
-            acc[1] = _mm256_add_ps(acc[1], _mm256_mul_ps(w1, x1));
+/// The dot of `R` rows of 16-bit floats with f32 `x`, rows read side by side: 16 halves per
+/// step widened to two f32 vectors by `$widen` (the one thing the formats differ in), two
+/// accumulators, the tail through the scalar twin `$tail`. Each row's operations run in the
+/// same order whatever `R` (each result equals the one-row call's bit for bit).
+macro_rules! dot_half_rows {
+    ($(#[$doc:meta])* $name:ident, $features:literal, $tail:path,
+     |$w:ident| ($lo:expr, $hi:expr)) => {
+        $(#[$doc])*
+        #[target_feature(enable = $features)]
+        pub unsafe fn $name<const R: usize>(rows: [&[u8]; R], x: &[f32]) -> [f32; R] {
+            let n = x.len() / 16 * 16;
+            let mut acc = [[_mm256_setzero_ps(); 2]; R];
+            let mut c = 0;
+            while c < n {
+                // SAFETY: c + 16 ≤ n: 16 floats of x and 32 bytes of every row are in bounds.
+                let (x0, x1) = unsafe {
+                    (
+                        _mm256_loadu_ps(x.as_ptr().add(c)),
+                        _mm256_loadu_ps(x.as_ptr().add(c + 8)),
+                    )
+                };
+                for (acc, row) in acc.iter_mut().zip(&rows) {
+                    prefetch(row.as_ptr().wrapping_add(2 * c + PREFETCH_BYTES));
+                    let $w =
+                        unsafe { _mm256_loadu_si256(row.as_ptr().add(2 * c) as *const __m256i) };
+                    let (w0, w1): (__m256, __m256) = ($lo, $hi);
+                    acc[0] = _mm256_add_ps(acc[0], _mm256_mul_ps(w0, x0));
+                    acc[1] = _mm256_add_ps(acc[1], _mm256_mul_ps(w1, x1));
+                }
+                c += 16;
+            }
+            std::array::from_fn(|r| {
+                let mut lanes = [0f32; 8];
+                // SAFETY: lanes has 8 floats.
+                unsafe {
+                    _mm256_storeu_ps(lanes.as_mut_ptr(), _mm256_add_ps(acc[r][0], acc[r][1]))
+                };
+                lanes.iter().sum::<f32>() + $tail(&rows[r][2 * n..], &x[n..])
+            })
         }
-        c += 16;
-    }
-    std::array::from_fn(|r| {
-        let mut lanes = [0f32; 8];
-        // SAFETY: lanes has 8 floats.
-        unsafe { _mm256_storeu_ps(lanes.as_mut_ptr(), _mm256_add_ps(acc[r][0], acc[r][1])) };
-        lanes.iter().sum::<f32>() + reference::dot_bf16_scalar(&rows[r][2 * n..], &x[n..])
-    })
+    };
 }
 
-/// [`dot_bf16_avx2_rows`] for f16 rows (the tied F16 embeddings of bitnet.cpp's I2_S files):
-/// the same loop, each 16 halves widened by `vcvtph2ps` (F16C, exact) instead of a shift.
-///
-/// # Safety
-/// AVX2 + F16C; every row `2 · x.len()` bytes.
-#[target_feature(enable = "avx2,f16c")]
-pub unsafe fn dot_f16_avx2_rows<const R: usize>(rows: [&[u8]; R], x: &[f32]) -> [f32; R] {
-    let n = x.len() / 16 * 16;
-    let mut acc = [[_mm256_setzero_ps(); 2]; R];
-    let mut c = 0;
-    while c < n {
-        // SAFETY: c + 16 ≤ n: 16 floats of x and 32 bytes of every row are in bounds.
-        let (x0, x1) = unsafe {
-            (
-                _mm256_loadu_ps(x.as_ptr().add(c)),
-                _mm256_loadu_ps(x.as_ptr().add(c + 8)),
-            )
-        };
-        for (acc, row) in acc.iter_mut().zip(&rows) {
-            prefetch(row.as_ptr().wrapping_add(2 * c + PREFETCH_BYTES));
-            let w = unsafe { _mm256_loadu_si256(row.as_ptr().add(2 * c) as *const __m256i) };
-            let w0 = _mm256_cvtph_ps(_mm256_castsi256_si128(w));
-            let w1 = _mm256_cvtph_ps(_mm256_extracti128_si256(w, 1));
-            acc[0] = _mm256_add_ps(acc[0], _mm256_mul_ps(w0, x0));
-            acc[1] = _mm256_add_ps(acc[1], _mm256_mul_ps(w1, x1));
-        }
-        c += 16;
-    }
-    std::array::from_fn(|r| {
-        let mut lanes = [0f32; 8];
-        // SAFETY: lanes has 8 floats.
-        unsafe { _mm256_storeu_ps(lanes.as_mut_ptr(), _mm256_add_ps(acc[r][0], acc[r][1])) };
-        lanes.iter().sum::<f32>() + reference::dot_f16_scalar(&rows[r][2 * n..], &x[n..])
-    })
-}
+dot_half_rows!(
+    /// [`dot_bf16_avx2`] for `R` rows read side by side: bf16 widened by a 16-bit shift.
+    ///
+    /// # Safety
+    /// AVX2; every row `2 · x.len()` bytes.
+    dot_bf16_avx2_rows,
+    "avx2",
+    reference::dot_bf16_scalar,
+    |w| (
+        _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm256_castsi256_si128(w)), 16)),
+        _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm256_extracti128_si256(w, 1)), 16))
+    )
+);
+
+dot_half_rows!(
+    /// The same for f16 rows (the tied F16 embeddings of bitnet.cpp's I2_S files), widened by
+    /// `vcvtph2ps` (F16C, exact).
+    ///
+    /// # Safety
+    /// AVX2 + F16C; every row `2 · x.len()` bytes.
+    dot_f16_avx2_rows,
+    "avx2,f16c",
+    reference::dot_f16_scalar,
+    |w| (
+        _mm256_cvtph_ps(_mm256_castsi256_si128(w)),
+        _mm256_cvtph_ps(_mm256_extracti128_si256(w, 1))
+    )
+);
 
 /// The q8 head's dot (`q8.rs`) of `R` rows, 16 weights per step: sign-extend int8 → int16,
 /// `pmaddwd` with the int16 activations (pairs → i32, exact), 4 steps per block; the block's 8
