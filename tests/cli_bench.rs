@@ -224,4 +224,14 @@ fn tile_variables_keep_the_greedy_text() {
         shown.contains("k-step 64 columns") && shown.contains("norm prologue 3 x 16 rows"),
         "{shown}"
     );
+    // a value the kernels do not take is ignored, with a warning naming it
+    let o = command(&[("BITNET_GPU_TILE_K", "6")])
+        .args(["info", "--model", model])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        o.status.success() && err.contains("BITNET_GPU_TILE_K=\"6\""),
+        "{err}"
+    );
 }

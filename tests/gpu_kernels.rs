@@ -269,6 +269,27 @@ fn ternary_matmul_accumulators_are_exact_and_outputs_match_cpu() {
         let mut g = gpu_with_tiles("ternary_matmul", Some(tiles)).unwrap();
         ternary_matmul_case(&mut g, &format!("{tiles:?}"));
     }
+    // a shape the kernels do not have is refused when the device opens, by name
+    let odd = TileShapes {
+        matmul_k_groups: 6,
+        ..g.tiles()
+    };
+    let name = std::env::var("BITNET_GPU_ADAPTER").ok();
+    let err = WgpuBackend::new_with(
+        bitnet_wgpu::backend::wgpu::AdapterChoice::Gpu,
+        name.as_deref(),
+        GpuOptions {
+            subgroups: !workgroup_variant(),
+            tiles: Some(odd),
+        },
+    )
+    .err()
+    .expect("refused")
+    .to_string();
+    assert!(
+        err.contains("tile sizes") && err.contains("matmul_k_groups: 6"),
+        "{err}"
+    );
 }
 
 fn ternary_matmul_case(g: &mut WgpuBackend, tiles: &str) {

@@ -79,14 +79,16 @@ impl TileShapes {
     }
 
     /// `self` with the environment's overrides (`BITNET_GPU_TILE_K`, `BITNET_GPU_TILE_TJ`,
-    /// `BITNET_GPU_PRO_BLOCKS`); a value out of range is ignored, and a k-step whose tiles do
-    /// not fit the adapter's workgroup memory falls back to 4.
+    /// `BITNET_GPU_PRO_BLOCKS`); a value out of range, or a k-step whose tiles do not fit the
+    /// adapter's workgroup memory, is ignored with a warning.
     pub fn with_env(self, limits: &wgpu::Limits) -> TileShapes {
         let var = |name: &str, ok: &dyn Fn(u32) -> bool| {
-            std::env::var(name)
-                .ok()
-                .and_then(|v| v.trim().parse::<u32>().ok())
-                .filter(|&v| ok(v))
+            let raw = std::env::var(name).ok()?;
+            let v = raw.trim().parse::<u32>().ok().filter(|&v| ok(v));
+            if v.is_none() {
+                eprintln!("warning: {name}={raw:?} is not a tile size this adapter takes; ignored");
+            }
+            v
         };
         let memory = limits.max_compute_workgroup_storage_size;
         let fits = |k: u32| {
