@@ -151,6 +151,69 @@ fn head_row(c: &mut Criterion) {
         });
     }
     g.finish();
+    // A batched decode step's head: 8 activation rows, one token at a time against 4 at a time
+    // (each pair of head rows read once for 4 tokens), the same results bit for bit.
+    let hxs: Vec<HeadInput> = (0..8)
+        .map(|_| {
+            let x: Vec<f32> = (0..cols).map(|_| r.random_range(-2f32..2.0)).collect();
+            HeadInput::new(&x)
+        })
+        .collect();
+    let mut g = c.benchmark_group("lm_head 256 rows x 2560 x 8 tokens");
+    g.throughput(Throughput::Elements((8 * rows * cols) as u64));
+    for level in CpuLevel::available() {
+        g.bench_function(
+            BenchmarkId::new("q8 one token at a time", level.name()),
+            |b| {
+                b.iter(|| {
+                    (0..rows / 2)
+                        .map(|i| {
+                            hxs.iter()
+                                .map(|x| q8.dot2(level, [i, i + rows / 2], x)[0])
+                                .sum::<f32>()
+                        })
+                        .sum::<f32>()
+                })
+            },
+        );
+        g.bench_function(
+            BenchmarkId::new("q8 2 tokens at a time", level.name()),
+            |b| {
+                b.iter(|| {
+                    (0..rows / 2)
+                        .map(|i| {
+                            hxs.chunks(2)
+                                .map(|x| {
+                                    q8.dot_tokens(level, [i, i + rows / 2], [&x[0], &x[1]])[0][0]
+                                })
+                                .sum::<f32>()
+                        })
+                        .sum::<f32>()
+                })
+            },
+        );
+        g.bench_function(
+            BenchmarkId::new("q8 4 tokens at a time", level.name()),
+            |b| {
+                b.iter(|| {
+                    (0..rows / 2)
+                        .map(|i| {
+                            hxs.chunks(4)
+                                .map(|x| {
+                                    q8.dot_tokens(
+                                        level,
+                                        [i, i + rows / 2],
+                                        [&x[0], &x[1], &x[2], &x[3]],
+                                    )[0][0]
+                                })
+                                .sum::<f32>()
+                        })
+                        .sum::<f32>()
+                })
+            },
+        );
+    }
+    g.finish();
 }
 
 /// The gated FFN activation of a 64-token prefill step, [64, 6912] (2B4T's intermediate size):

@@ -653,13 +653,17 @@ mod tests {
     }
 
     fn tiny_model(slots: usize) -> (Model<CpuBackend>, usize) {
+        tiny_model_with(slots, HeadFormat::Exact)
+    }
+
+    fn tiny_model_with(slots: usize, lm_head: HeadFormat) -> (Model<CpuBackend>, usize) {
         let c = preset("tiny").unwrap();
         let w = random_weights(&c, 7).unwrap();
         let opts = ModelOptions {
             ctx: 32,
             max_batch: 32,
             max_logit_rows: 32,
-            lm_head: HeadFormat::Exact,
+            lm_head,
             kv_cache: KvDtype::F32,
             slots,
         };
@@ -671,23 +675,39 @@ mod tests {
 
     #[test]
     fn a_batch_of_rows_from_several_slots_equals_each_sequence_alone_bit_for_bit() {
+        for head in [HeadFormat::Exact, HeadFormat::Q8, HeadFormat::Q4] {
+            batch_equals_each_sequence_alone(head);
+        }
+    }
+
+    /// Each sequence alone (a single-slot model, one token per step, so every logit comes from
+    /// a one-row step) against the sequences' rows batched with prefill chunks and decode rows
+    /// of other slots: the same logits bit for bit, for the head format `head` (the q8 head
+    /// runs several rows 2 or 4 at a time, one row alone).
+    fn batch_equals_each_sequence_alone(head: HeadFormat) {
         let seqs: Vec<Vec<u32>> = [(11usize, 5u32), (9, 1001), (14, 2903)]
             .iter()
             .map(|&(n, k)| (0..n as u32).map(|i| (i * 337 + k) % 4096).collect())
             .collect();
-        // alone: each sequence in a single-slot model, every position's logits in one step
-        let (mut alone_model, v) = tiny_model(1);
+        let (mut alone_model, v) = tiny_model_with(1, head);
         let alone: Vec<Vec<f32>> = seqs
             .iter()
             .map(|s| {
                 alone_model.reset();
-                alone_model.forward_all(s).unwrap()
+                let mut all = Vec::with_capacity(s.len() * v);
+                for (p, &t) in s.iter().enumerate() {
+                    alone_model
+                        .step_rows(&StepRow::sequence_in(0, &[t], p), &[0])
+                        .unwrap();
+                    all.extend(alone_model.read_logits(1).unwrap());
+                }
+                all
             })
             .collect();
         // batched: sequence i joins at step start[i] with a prefill chunk of prefill[i] tokens,
         // then decodes one token per step; slots in a scrambled order within each step
         let (start, prefill, order) = ([0usize, 1, 2], [5usize, 3, 7], [2usize, 0, 1]);
-        let (mut m, _) = tiny_model(3);
+        let (mut m, _) = tiny_model_with(3, head);
         let mut fed = [0usize; 3];
         let mut checked = 0;
         for step in 0.. {
@@ -718,7 +738,7 @@ mod tests {
                 for (j, (a, b)) in g.iter().zip(e).enumerate() {
                     assert!(
                         a.to_bits() == b.to_bits(),
-                        "step {step} sequence {i} position {p} index {j}: got {a}, expected {b}"
+                        "{head:?} head, step {step} sequence {i} position {p} index {j}: got {a}, expected {b}"
                     );
                 }
                 checked += 1;

@@ -11,7 +11,7 @@ use super::dispatch::{
 };
 use super::pool::DisjointSlice;
 use super::q4::Q4Input;
-use super::q8::HeadInput;
+use super::q8::{HeadInput, Q8Matrix};
 use super::reference::rms_norm_row;
 use super::{CpuBackend, CpuLinear, CpuLmHead, CpuQTensor, CpuTensor, LutWeights};
 use crate::backend::check_matmul;
@@ -565,6 +565,15 @@ impl CpuBackend {
         let job = |c: usize| {
             let (v0, v1) = (c * CHUNK, ((c + 1) * CHUNK).min(vocab));
             let v = |i: usize| v0 + i;
+            if let (CpuLmHead::Q8(q8), 2..) = (head, out_rows) {
+                // Several rows: each pair of head rows is read once for all of them, tokens
+                // `TOKENS` at a time (the same results as one row at a time, bit for bit).
+                // SAFETY (every write): job c alone writes columns v0..v1 of every row.
+                let set =
+                    |t: usize, i: usize, val: f32| unsafe { all.write(t * vocab + v(i), val) };
+                q8_head_tokens(q8, level, &hxs, v1 - v0, v0, set);
+                return;
+            }
             for (r, &xr) in xs.iter().enumerate() {
                 // SAFETY: job c alone writes columns v0..v1 of every row.
                 let out = unsafe { all.slice_mut(r * vocab + v0..r * vocab + v1) };
@@ -644,6 +653,71 @@ impl CpuBackend {
         };
         self.pool.run(vocab.div_ceil(CHUNK), &job);
     }
+}
+
+/// The q8 head's logits of every activation row in `hxs` for head rows `v0 .. v0 + len`,
+/// handed to `set(token, i, logit)`: pairs of head rows side by side (two memory streams), each
+/// pair's weights used for a chunk of tokens while they are in registers.
+fn q8_head_tokens(
+    q8: &Q8Matrix,
+    level: CpuLevel,
+    hxs: &[HeadInput],
+    len: usize,
+    v0: usize,
+    set: impl Fn(usize, usize, f32),
+) {
+    fn chunk<const R: usize, const T: usize>(
+        q8: &Q8Matrix,
+        level: CpuLevel,
+        hxs: &[HeadInput],
+        t0: usize,
+        rows: [usize; R],
+        v0: usize,
+        set: &impl Fn(usize, usize, f32),
+    ) {
+        let xs: [&HeadInput; T] = std::array::from_fn(|k| &hxs[t0 + k]);
+        let got = q8.dot_tokens(level, rows.map(|i| v0 + i), xs);
+        for (k, row) in got.iter().enumerate() {
+            for (&i, &val) in rows.iter().zip(row) {
+                set(t0 + k, i, val);
+            }
+        }
+    }
+    fn tokens<const R: usize>(
+        q8: &Q8Matrix,
+        level: CpuLevel,
+        hxs: &[HeadInput],
+        rows: [usize; R],
+        v0: usize,
+        set: &impl Fn(usize, usize, f32),
+    ) {
+        // Tokens per call: the most whose sums stay in registers with 2 rows. AVX-512 holds
+        // 4 (16 of 32 zmm); AVX2's 16 ymm spill at 4 (0.94× of 2 tokens, where 2 are 1.25×
+        // one at a time; `cargo bench --bench cpu_kernels -- "x 8 tokens"`).
+        let most = match level {
+            CpuLevel::Avx512Vnni | CpuLevel::Amx => 4,
+            _ => 2,
+        };
+        let mut t0 = 0;
+        while t0 < hxs.len() {
+            let k = match (hxs.len() - t0).min(most) {
+                4 => 4,
+                2 | 3 => 2,
+                _ => 1,
+            };
+            match k {
+                4 => chunk::<R, 4>(q8, level, hxs, t0, rows, v0, set),
+                2 => chunk::<R, 2>(q8, level, hxs, t0, rows, v0, set),
+                _ => chunk::<R, 1>(q8, level, hxs, t0, rows, v0, set),
+            }
+            t0 += k;
+        }
+    }
+    side_by_side(
+        len,
+        |i, j| tokens(q8, level, hxs, [i, j], v0, &set),
+        |i| tokens(q8, level, hxs, [i], v0, &set),
+    );
 }
 
 /// Visits `0..len` as pairs `(i, i + len/2)` for `i < len/2`, then the odd last index alone:

@@ -100,27 +100,44 @@ impl Q8Matrix {
     /// The dots of `R` rows with `level`'s kernel (each row's result independent of `R`).
     #[inline]
     fn dot_rows<const R: usize>(&self, level: CpuLevel, r: [usize; R], x: &HeadInput) -> [f32; R] {
-        debug_assert_eq!(x.q.len(), self.cols);
+        self.dot_tokens(level, r, [x])[0]
+    }
+
+    /// The dots of `R` rows with each of `T` activation rows, `[T][R]`, reading each weight
+    /// once for all of them (a batch of decode rows costs one pass over the head's weights and
+    /// `T` times the multiply-adds). Each result is [`Q8Matrix::dot`]'s bit for bit, whatever
+    /// `R` and `T`, so a sequence's logits do not depend on the batch it runs in.
+    #[inline]
+    pub fn dot_tokens<const R: usize, const T: usize>(
+        &self,
+        level: CpuLevel,
+        r: [usize; R],
+        xs: [&HeadInput; T],
+    ) -> [[f32; R]; T] {
+        for x in xs {
+            debug_assert_eq!(x.q.len(), self.cols);
+        }
         let q = r.map(|i| self.row(i).0);
         let s = r.map(|i| self.row(i).1);
-        let sums = match level {
+        let xq = xs.map(|x| &x.q[..]);
+        let sums: [[f32; R]; T] = match level {
             #[cfg(target_arch = "x86_64")]
             // SAFETY: the level is only ever one `CpuLevel::available()` returned (AVX2 + FMA);
-            // rows and scales come from `row`, sized for `cols` = x's length.
-            CpuLevel::Avx2 | CpuLevel::AvxVnni => unsafe { avx2::dot_q8_avx2_rows(q, s, &x.q) },
+            // rows and scales come from `row`, sized for `cols` = every x's length.
+            CpuLevel::Avx2 | CpuLevel::AvxVnni => unsafe { avx2::dot_q8_avx2_rows(q, s, xq) },
             #[cfg(target_arch = "x86_64")]
             // SAFETY: as above; these levels have AVX-512 F/BW and VNNI.
             CpuLevel::Avx512Vnni | CpuLevel::Amx => unsafe {
-                avx512::dot_q8_avx512vnni_rows(q, s, &x.q)
+                avx512::dot_q8_avx512vnni_rows(q, s, xq)
             },
             #[cfg(target_arch = "aarch64")]
             // SAFETY: as above (aarch64 levels all have NEON).
             CpuLevel::Neon | CpuLevel::NeonDot => {
-                std::array::from_fn(|k| unsafe { neon::dot_q8_neon(q[k], s[k], &x.q) })
+                xq.map(|x| std::array::from_fn(|k| unsafe { neon::dot_q8_neon(q[k], s[k], x) }))
             }
-            _ => std::array::from_fn(|k| dot_q8_scalar(q[k], s[k], &x.q)),
+            _ => xq.map(|x| std::array::from_fn(|k| dot_q8_scalar(q[k], s[k], x))),
         };
-        sums.map(|v| v * x.inv_scale)
+        std::array::from_fn(|t| sums[t].map(|v| v * xs[t].inv_scale))
     }
 
     /// The scalar twin of [`Q8Matrix::dot`].
@@ -280,6 +297,51 @@ pub(super) mod tests {
                             level.name()
                         );
                     }
+                }
+            }
+        }
+    }
+
+    /// Several activation rows at once (a batch of decode rows): every level's `[T][R]` results
+    /// are its one-row, one-token dots bit for bit, for 1, 2 and 4 rows of tokens, odd widths
+    /// included.
+    #[test]
+    fn token_batched_dots_equal_the_one_token_dots_bit_for_bit() {
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(4);
+        for cols in [1usize, 65, 130, 2560] {
+            let m = bf16_matrix(6, cols, 20 + cols as u64);
+            let q8 = Q8Matrix::quantize(&m, |_| {});
+            let hx: Vec<HeadInput> = (0..4)
+                .map(|_| {
+                    let x: Vec<f32> = (0..cols).map(|_| rng.random_range(-4f32..4.0)).collect();
+                    HeadInput::new(&x)
+                })
+                .collect();
+            for level in CpuLevel::available() {
+                // got[t][i] is row rows[i] against hx[toks[t]]
+                let check = |rows: &[usize], toks: &[usize], got: &[&[f32]]| {
+                    for (t, row) in got.iter().enumerate() {
+                        for (i, &g) in row.iter().enumerate() {
+                            let one = q8.dot(level, rows[i], &hx[toks[t]]);
+                            assert_eq!(
+                                g.to_bits(),
+                                one.to_bits(),
+                                "{} cols {cols} token {} row {}: batched {g} vs one {one}",
+                                level.name(),
+                                toks[t],
+                                rows[i]
+                            );
+                        }
+                    }
+                };
+                for r in 0..m.rows {
+                    let pair = [r, (r + 5) % m.rows];
+                    let got = q8.dot_tokens(level, pair, [&hx[0], &hx[1], &hx[2], &hx[3]]);
+                    check(&pair, &[0, 1, 2, 3], &got.each_ref().map(|v| &v[..]));
+                    let got = q8.dot_tokens(level, [r], [&hx[2], &hx[1]]);
+                    check(&[r], &[2, 1], &got.each_ref().map(|v| &v[..]));
+                    let got = q8.dot_tokens(level, pair, [&hx[3], &hx[0]]);
+                    check(&pair, &[3, 0], &got.each_ref().map(|v| &v[..]));
                 }
             }
         }

@@ -432,53 +432,68 @@ dot_half_rows!(
     )
 );
 
-/// The q8 head's dot (`q8.rs`) of `R` rows, 16 weights per step: sign-extend int8 → int16,
-/// `pmaddwd` with the int16 activations (pairs → i32, exact), 4 steps per block; the block's 8
-/// lanes go to f32 once and are scaled by one FMA. The row's tail (a block shorter than
-/// `Q8_BLOCK`) goes through scalar code. Each row's operations run in the same order whatever
-/// `R` (so a row's result is the one-row call's bit for bit); the rows' weight streams are read
+/// The q8 head's dots (`q8.rs`) of `R` rows and `T` activation rows, 16 weights per step:
+/// sign-extend int8 → int16 (once for all `T` activation rows), `pmaddwd` with each row's int16
+/// activations (pairs → i32, exact), 4 steps per block; the block's 8 lanes go to f32 once and
+/// are scaled by one FMA. The row's tail (a block shorter than `Q8_BLOCK`) goes through scalar
+/// code. Each (row, activation row) result's operations run in the same order whatever `R` and
+/// `T` (so it is the one-row, one-token call's bit for bit); the rows' weight streams are read
 /// side by side.
 ///
 /// # Safety
-/// AVX2 + FMA; every row as long as `x`, every `scales` one per block of it.
+/// AVX2 + FMA; every `x` has one length, every row as long as that, every `scales` one per
+/// block of it.
 #[target_feature(enable = "avx2,fma")]
-#[allow(clippy::needless_range_loop)] // b indexes x, every row and every row's scales
-pub unsafe fn dot_q8_avx2_rows<const R: usize>(
+#[allow(clippy::needless_range_loop)] // b, r, t index x, every row, its scales and accumulators
+pub unsafe fn dot_q8_avx2_rows<const R: usize, const T: usize>(
     q: [&[i8]; R],
     scales: [&[f32]; R],
-    x: &[i16],
-) -> [f32; R] {
-    let full = x.len() / Q8_BLOCK;
-    let mut total = [_mm256_setzero_ps(); R];
+    x: [&[i16]; T],
+) -> [[f32; R]; T] {
+    let cols = x[0].len();
+    let full = cols / Q8_BLOCK;
+    for t in 0..T {
+        assert_eq!(x[t].len(), cols);
+    }
+    let mut total = [[_mm256_setzero_ps(); R]; T];
     for b in 0..full {
         let base = b * Q8_BLOCK;
-        let mut acc = [_mm256_setzero_si256(); R];
+        let mut acc = [[_mm256_setzero_si256(); R]; T];
         for r in 0..R {
             // one 64-byte block is one cache line of q: ask for the one PREFETCH_BYTES ahead
             prefetch(q[r].as_ptr().wrapping_add(base + PREFETCH_BYTES) as *const u8);
         }
         let mut c = 0;
         while c < Q8_BLOCK {
-            // SAFETY: base + c + 16 ≤ full * Q8_BLOCK ≤ len of x and of every row.
-            let xv = unsafe { _mm256_loadu_si256(x.as_ptr().add(base + c) as *const __m256i) };
-            for r in 0..R {
-                let w = unsafe { _mm_loadu_si128(q[r].as_ptr().add(base + c) as *const __m128i) };
-                acc[r] = _mm256_add_epi32(acc[r], _mm256_madd_epi16(_mm256_cvtepi8_epi16(w), xv));
+            // SAFETY: base + c + 16 ≤ full * Q8_BLOCK ≤ len of every x and of every row.
+            let w: [__m256i; R] = std::array::from_fn(|r| unsafe {
+                _mm256_cvtepi8_epi16(_mm_loadu_si128(q[r].as_ptr().add(base + c) as *const _))
+            });
+            for t in 0..T {
+                let xv =
+                    unsafe { _mm256_loadu_si256(x[t].as_ptr().add(base + c) as *const __m256i) };
+                for r in 0..R {
+                    acc[t][r] = _mm256_add_epi32(acc[t][r], _mm256_madd_epi16(w[r], xv));
+                }
             }
             c += 16;
         }
         for r in 0..R {
             let s = _mm256_set1_ps(scales[r][b]);
-            total[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(acc[r]), s, total[r]);
+            for t in 0..T {
+                total[t][r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(acc[t][r]), s, total[t][r]);
+            }
         }
     }
     let tail = full * Q8_BLOCK;
-    std::array::from_fn(|r| {
-        let mut lanes = [0f32; 8];
-        // SAFETY: lanes has 8 floats.
-        unsafe { _mm256_storeu_ps(lanes.as_mut_ptr(), total[r]) };
-        lanes.iter().sum::<f32>()
-            + reference::dot_q8_scalar(&q[r][tail..], &scales[r][full..], &x[tail..])
+    std::array::from_fn(|t| {
+        std::array::from_fn(|r| {
+            let mut lanes = [0f32; 8];
+            // SAFETY: lanes has 8 floats.
+            unsafe { _mm256_storeu_ps(lanes.as_mut_ptr(), total[t][r]) };
+            lanes.iter().sum::<f32>()
+                + reference::dot_q8_scalar(&q[r][tail..], &scales[r][full..], &x[t][tail..])
+        })
     })
 }
 

@@ -329,62 +329,72 @@ pub unsafe fn softmax_avx512(x: &mut [f32]) {
     }
 }
 
-/// The q8 head's dot (`q8.rs`) of `R` rows with 512-bit vectors: per block of 64 columns, the
-/// int8 weights sign-extended to int16 in two halves and `vpdpwssd` against the int16
-/// activations (pairs → i32, exact, accumulated in 16 lanes), then the block's lanes to f32 once
-/// and one FMA by its scale; the row's tail (a block shorter than `Q8_BLOCK`) through scalar
-/// code. Each row's operations run in the same order whatever `R` (so a row's result is the
-/// one-row call's bit for bit); the rows' weight streams are read side by side. The AVX2 kernel
-/// (`avx2::dot_q8_avx2_rows`) does the same with 256-bit vectors.
+/// The q8 head's dots (`q8.rs`) of `R` rows and `T` activation rows with 512-bit vectors: per
+/// block of 64 columns, the int8 weights sign-extended to int16 in two halves (once for all `T`
+/// activation rows) and `vpdpwssd` against each row's int16 activations (pairs → i32, exact,
+/// accumulated in 16 lanes), then the block's lanes to f32 once and one FMA by its scale; the
+/// row's tail (a block shorter than `Q8_BLOCK`) through scalar code. Each (row, activation row)
+/// result's operations run in the same order whatever `R` and `T`, so it is the one-row,
+/// one-token call's bit for bit (a batch of decode rows does not change a row's logits); the
+/// rows' weight streams are read side by side. The AVX2 kernel (`avx2::dot_q8_avx2_rows`) does
+/// the same with 256-bit vectors.
 ///
 /// # Safety
-/// AVX-512 F/BW and VNNI must be available; every row holds at least `x.len()` codes and one
-/// scale per whole block.
+/// AVX-512 F/BW and VNNI must be available; every `x` has one length, every row holds at least
+/// that many codes and one scale per whole block.
 #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
-#[allow(clippy::needless_range_loop)] // `r` indexes R rows of q, scales and accumulators alike
-pub unsafe fn dot_q8_avx512vnni_rows<const R: usize>(
+#[allow(clippy::needless_range_loop)] // `r`, `t` index rows, activations and accumulators alike
+pub unsafe fn dot_q8_avx512vnni_rows<const R: usize, const T: usize>(
     q: [&[i8]; R],
     scales: [&[f32]; R],
-    x: &[i16],
-) -> [f32; R] {
-    let full = x.len() / Q8_BLOCK;
+    x: [&[i16]; T],
+) -> [[f32; R]; T] {
+    let cols = x[0].len();
+    let full = cols / Q8_BLOCK;
     for r in 0..R {
         assert!(q[r].len() >= full * Q8_BLOCK && scales[r].len() >= full);
     }
-    let mut total = [_mm512_setzero_ps(); R];
+    for t in 0..T {
+        assert_eq!(x[t].len(), cols);
+    }
+    let mut total = [[_mm512_setzero_ps(); R]; T];
     for b in 0..full {
         let base = b * Q8_BLOCK;
         for r in 0..R {
             // one 64-byte block is one cache line of q: ask for the one PREFETCH_BYTES ahead
             prefetch(q[r].as_ptr().wrapping_add(base + PREFETCH_BYTES) as *const u8);
         }
-        // SAFETY: base + 64 ≤ full · Q8_BLOCK ≤ x.len() (32 int16 per load).
-        let (x0, x1) = unsafe {
-            (
-                _mm512_loadu_si512(x.as_ptr().add(base) as *const __m512i),
-                _mm512_loadu_si512(x.as_ptr().add(base + 32) as *const __m512i),
-            )
-        };
-        for r in 0..R {
-            // SAFETY: base + 64 ≤ full · Q8_BLOCK ≤ the row's length (asserted above).
-            let (w0, w1) = unsafe {
+        // SAFETY: base + 64 ≤ full · Q8_BLOCK ≤ the row's length (asserted above).
+        let w: [[__m512i; 2]; R] = std::array::from_fn(|r| unsafe {
+            [
+                _mm512_cvtepi8_epi16(_mm256_loadu_si256(q[r].as_ptr().add(base) as *const _)),
+                _mm512_cvtepi8_epi16(_mm256_loadu_si256(q[r].as_ptr().add(base + 32) as *const _)),
+            ]
+        });
+        let s: [__m512; R] = std::array::from_fn(|r| _mm512_set1_ps(scales[r][b]));
+        for t in 0..T {
+            // SAFETY: base + 64 ≤ full · Q8_BLOCK ≤ cols (32 int16 per load).
+            let (x0, x1) = unsafe {
                 (
-                    _mm256_loadu_si256(q[r].as_ptr().add(base) as *const __m256i),
-                    _mm256_loadu_si256(q[r].as_ptr().add(base + 32) as *const __m256i),
+                    _mm512_loadu_si512(x[t].as_ptr().add(base) as *const __m512i),
+                    _mm512_loadu_si512(x[t].as_ptr().add(base + 32) as *const __m512i),
                 )
             };
-            let acc = _mm512_dpwssd_epi32(_mm512_setzero_si512(), _mm512_cvtepi8_epi16(w0), x0);
-            let acc = _mm512_dpwssd_epi32(acc, _mm512_cvtepi8_epi16(w1), x1);
-            let s = _mm512_set1_ps(scales[r][b]);
-            total[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc), s, total[r]);
+            for r in 0..R {
+                let acc = _mm512_dpwssd_epi32(_mm512_setzero_si512(), w[r][0], x0);
+                let acc = _mm512_dpwssd_epi32(acc, w[r][1], x1);
+                total[t][r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc), s[r], total[t][r]);
+            }
         }
     }
     let tail = full * Q8_BLOCK;
-    std::array::from_fn(|r| {
-        let mut lanes = [0f32; 16];
-        // SAFETY: lanes has 16 floats.
-        unsafe { _mm512_storeu_ps(lanes.as_mut_ptr(), total[r]) };
-        lanes.iter().sum::<f32>()
-            + reference::dot_q8_scalar(&q[r][tail..], &scales[r][full..], &x[tail..])
+    std::array::from_fn(|t| {
+        std::array::from_fn(|r| {
+            let mut lanes = [0f32; 16];
+            // SAFETY: lanes has 16 floats.
+            unsafe { _mm512_storeu_ps(lanes.as_mut_ptr(), total[t][r]) };
+            lanes.iter().sum::<f32>()
+                + reference::dot_q8_scalar(&q[r][tail..], &scales[r][full..], &x[t][tail..])
+        })
     })
 }
