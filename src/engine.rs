@@ -9,6 +9,7 @@ use serde::Serialize;
 
 use crate::backend::cpu::CpuBackend;
 use crate::backend::wgpu::{self as gpu, AdapterChoice, WgpuBackend};
+use crate::backend::StepRow;
 pub use crate::backend::{HeadFormat, KvDtype};
 use crate::config::ModelConfig;
 use crate::error::{BitnetError, Result};
@@ -125,6 +126,14 @@ impl AnyModel {
     }
     pub fn forward_all(&mut self, tokens: &[u32]) -> Result<Vec<f32>> {
         with_model!(self, m => m.forward_all(tokens))
+    }
+    /// One step of `rows` (any slots and positions), returning the logits of the rows
+    /// `logit_rows` names, in that order: `[logit_rows.len(), vocab]`.
+    pub fn step_logits(&mut self, rows: &[StepRow], logit_rows: &[u32]) -> Result<Vec<f32>> {
+        with_model!(self, m => {
+            m.step_rows(rows, logit_rows)?;
+            m.read_logits(logit_rows.len())
+        })
     }
     pub fn vocab_size(&self) -> usize {
         with_model!(self, m => m.config.vocab_size)

@@ -18,6 +18,7 @@ fn base(model: &str, test: &str) -> BenchResult {
         test: test.to_string(),
         n_tokens: 128,
         depth: 0,
+        batch: 1,
         tokens_per_s: Summary::from_slice(&[30.0, 32.0, 34.0]).unwrap(),
         energy: None,
         energy_na_reason: None,

@@ -36,6 +36,51 @@ fn json_rows_have_llama_bench_names_and_measured_speed() {
     }
 }
 
+/// `-b 1,4`: each decode test also runs with 4 sequences decoded together (`tg4 x4`, one row
+/// of each per step), on the CPU and, where an adapter exists, the GPU; the rows carry the batch
+/// and count every sequence's tokens; a batch of 0 is refused by name.
+#[test]
+fn batched_decode_tests_run_on_each_backend() {
+    let empty = tempfile::tempdir().unwrap();
+    let mut devices = vec!["cpu"];
+    if let Some(g) = bitnet_wgpu::backend::wgpu::gpu_backend_for_test("bench_batched_decode") {
+        drop(g);
+        devices.push("gpu");
+    }
+    for device in devices {
+        let o = bench(
+            &[
+                "-p", "0", "-n", "4", "-b", "1,4", "-d", "0,3", "--device", device, "-o", "json",
+            ],
+            empty.path(),
+        );
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+        let rows = v.as_array().unwrap();
+        let names: Vec<&str> = rows.iter().map(|r| r["test"].as_str().unwrap()).collect();
+        assert_eq!(
+            names,
+            vec!["tg4", "tg4 x4", "tg4 @ d3", "tg4 x4 @ d3"],
+            "{device}"
+        );
+        let batches: Vec<u64> = rows.iter().map(|r| r["batch"].as_u64().unwrap()).collect();
+        assert_eq!(batches, vec![1, 4, 1, 4], "{device}");
+        for r in rows {
+            assert_eq!(r["n_tokens"].as_u64(), Some(4), "{device}: {r}");
+            assert!(r["tokens_per_s"]["mean"].as_f64().unwrap() > 0.0);
+        }
+        let backend = rows[0]["backend"].as_str().unwrap();
+        let want = if device == "cpu" { "cpu" } else { "wgpu" };
+        assert!(backend.starts_with(want), "{device}: {backend}");
+    }
+    let o = bench(&["-p", "0", "-n", "4", "-b", "2,0"], empty.path());
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        !o.status.success() && err.contains("--batch 0") && !err.contains("panicked"),
+        "{err}"
+    );
+}
+
 #[test]
 fn fake_rapl_tree_is_used_and_named() {
     let root = tempfile::tempdir().unwrap();

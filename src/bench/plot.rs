@@ -44,7 +44,12 @@ pub fn bench_series(results: &[BenchResult], by_depth: bool) -> BenchSeries {
     for r in results {
         let label = if by_depth {
             let kind = if r.test.starts_with("pp") { "pp" } else { "tg" };
-            format!("{kind}{} {}t", r.n_tokens, r.threads)
+            let batch = if r.batch > 1 {
+                format!(" x{}", r.batch)
+            } else {
+                String::new()
+            };
+            format!("{kind}{}{batch} {}t", r.n_tokens, r.threads)
         } else {
             r.test.clone()
         };
@@ -299,6 +304,7 @@ mod tests {
             test: test.into(),
             n_tokens,
             depth,
+            batch: 1,
             tokens_per_s: Summary::from_slice(&[tps]).unwrap(),
             energy: None,
             energy_na_reason: Some("none".into()),

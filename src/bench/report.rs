@@ -70,8 +70,11 @@ pub struct BenchResult {
     pub threads: usize,
     /// llama-bench's test name: "pp512", "tg128", "pp512 @ d1024".
     pub test: String,
+    /// Tokens per sequence.
     pub n_tokens: usize,
     pub depth: usize,
+    /// Sequences decoded together (1 but for a batched decode test, `tg128 x8`).
+    pub batch: usize,
     pub tokens_per_s: Summary,
     pub energy: Option<EnergyResult>,
     /// Why `energy` is missing ("no RAPL in this machine: ..."); `None` when energy is present.
@@ -375,7 +378,7 @@ pub fn render_json(results: &[BenchResult]) -> Result<String, serde_json::Error>
 }
 
 /// The CSV columns, in order.
-pub const CSV_HEADER: [&str; 22] = [
+pub const CSV_HEADER: [&str; 23] = [
     "model",
     "model_size_bytes",
     "params",
@@ -384,6 +387,7 @@ pub const CSV_HEADER: [&str; 22] = [
     "test",
     "n_tokens",
     "depth",
+    "batch",
     "repetitions",
     "tps_mean",
     "tps_stddev",
@@ -426,6 +430,7 @@ pub fn render_csv(results: &[BenchResult]) -> String {
             r.test.clone(),
             r.n_tokens.to_string(),
             r.depth.to_string(),
+            r.batch.to_string(),
             r.tokens_per_s.n.to_string(),
             num(r.tokens_per_s.mean),
             num(r.tokens_per_s.stddev),

@@ -1,13 +1,18 @@
 //! The benchmark runner behind `bitnet bench`: llama-bench's ppN (the prompt as one batch) and
 //! tgN (one token at a time) tests, optionally after `depth` tokens of context, timed after a
 //! warm-up and excluding tokenization and sampling. Every timed region ends with a read-back
-//! (a GPU backend must finish its work before the clock stops).
+//! (a GPU backend must finish its work before the clock stops). A decode test of batch B
+//! (`tgN xB`) decodes B sequences together, one row of each per step, as `bitnet serve`'s
+//! scheduler runs them (each step's logits read back and each row's next token picked on the
+//! host), which shows how a backend scales with the rows of a step without HTTP in the way.
 
 use std::time::Instant;
 
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
+use crate::backend::cpu::reference::argmax;
+use crate::backend::StepRow;
 use crate::energy::{EnergyMeter, EnergyReading};
 use crate::engine::{build_model, AnyModel, EngineOptions};
 use crate::error::{BitnetError, Result};
@@ -24,15 +29,19 @@ pub enum TestKind {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct TestSpec {
     pub kind: TestKind,
+    /// Tokens per sequence: the prompt (prefill) or the generated tokens (decode).
     pub n_tokens: usize,
     pub depth: usize,
+    /// Sequences decoded together (1 for prefill tests).
+    pub batch: usize,
 }
 
 impl TestSpec {
-    /// llama-bench's names: `pp512`, `tg128`, `pp512 @ d1024`.
+    /// llama-bench's names: `pp512`, `tg128`, `pp512 @ d1024`; a batched decode `tg128 x8`.
     pub fn name(&self) -> String {
         let base = match self.kind {
             TestKind::Prefill => format!("pp{}", self.n_tokens),
+            TestKind::Decode if self.batch > 1 => format!("tg{} x{}", self.n_tokens, self.batch),
             TestKind::Decode => format!("tg{}", self.n_tokens),
         };
         if self.depth > 0 {
@@ -40,6 +49,11 @@ impl TestSpec {
         } else {
             base
         }
+    }
+
+    /// Tokens one run processes, every sequence's.
+    pub fn tokens(&self) -> usize {
+        self.n_tokens * self.batch
     }
 }
 
@@ -56,22 +70,37 @@ impl TestTimes {
     pub fn tokens_per_s(&self) -> Vec<f64> {
         self.seconds
             .iter()
-            .map(|s| self.spec.n_tokens as f64 / s)
+            .map(|s| self.spec.tokens() as f64 / s)
             .collect()
     }
 }
 
 /// The tests of one `bitnet bench` command line: at each context depth, prefill of each prompt
-/// length, then decode of each generation length (a length of 0 is no test).
-pub fn test_matrix(depths: &[usize], n_prompt: &[usize], n_gen: &[usize]) -> Vec<TestSpec> {
+/// length, then decode of each generation length at each batch size (a length of 0 is no test;
+/// batch sizes of 0 are dropped).
+pub fn test_matrix(
+    depths: &[usize],
+    n_prompt: &[usize],
+    n_gen: &[usize],
+    batches: &[usize],
+) -> Vec<TestSpec> {
     let mut tests = Vec::new();
     for &depth in depths {
-        for (kind, lengths) in [(TestKind::Prefill, n_prompt), (TestKind::Decode, n_gen)] {
-            for &n_tokens in lengths.iter().filter(|&&n| n > 0) {
+        for &n_tokens in n_prompt.iter().filter(|&&n| n > 0) {
+            tests.push(TestSpec {
+                kind: TestKind::Prefill,
+                n_tokens,
+                depth,
+                batch: 1,
+            });
+        }
+        for &n_tokens in n_gen.iter().filter(|&&n| n > 0) {
+            for &batch in batches.iter().filter(|&&b| b > 0) {
                 tests.push(TestSpec {
-                    kind,
+                    kind: TestKind::Decode,
                     n_tokens,
                     depth,
+                    batch,
                 });
             }
         }
@@ -97,6 +126,7 @@ pub fn build_for_tests(
             ctx: c.max_position_embeddings,
         });
     }
+    let batch = tests.iter().map(|t| t.batch).max().unwrap_or(1).max(1);
     let mut mo = ModelOptions::for_config(c);
     mo.ctx = need;
     mo.max_batch = tests
@@ -106,8 +136,11 @@ pub fn build_for_tests(
         .max()
         .unwrap_or(1)
         .max(512)
-        .min(need);
-    mo.max_logit_rows = 1;
+        .min(need)
+        .max(batch);
+    // a batched decode test: one KV-cache slot of `need` positions per sequence
+    mo.slots = batch;
+    mo.max_logit_rows = batch;
     mo.lm_head = opts.lm_head;
     mo.kv_cache = opts.kv_cache;
     build_model(weights, opts, mo)
@@ -133,12 +166,19 @@ pub fn run_test(
     };
     // (dispatches, submits, waits, encode ns) summed over the timed repetitions
     let mut work: Option<[u64; 4]> = None;
+    let batched = spec.kind == TestKind::Decode && spec.batch > 1;
     for rep in 0..=reps {
         model.reset();
-        if spec.depth > 0 {
+        if spec.depth > 0 && batched {
+            // every sequence's context, each in its slot (one prefill step per sequence)
+            for slot in 0..spec.batch as u32 {
+                let rows = StepRow::sequence_in(slot, &random_tokens(spec.depth), 0);
+                model.step_logits(&rows, &[spec.depth as u32 - 1])?;
+            }
+        } else if spec.depth > 0 {
             model.forward_argmax(&random_tokens(spec.depth))?;
         }
-        let tokens = random_tokens(spec.n_tokens);
+        let tokens = random_tokens(if batched { spec.batch } else { spec.n_tokens });
         let warmup = rep == 0;
         if !warmup {
             on_region(true);
@@ -148,6 +188,27 @@ pub fn run_test(
         match spec.kind {
             TestKind::Prefill => {
                 model.forward_argmax(&tokens)?;
+            }
+            TestKind::Decode if batched => {
+                // `batch` sequences at positions depth.., one row each per step, each row's
+                // logits read back and its greedy token picked on the host (as `serve` does)
+                let logit_rows: Vec<u32> = (0..spec.batch as u32).collect();
+                let mut next = tokens.clone();
+                for s in 0..spec.n_tokens {
+                    let rows: Vec<StepRow> = next
+                        .iter()
+                        .enumerate()
+                        .map(|(slot, &token)| StepRow {
+                            token,
+                            pos: (spec.depth + s) as u32,
+                            slot: slot as u32,
+                        })
+                        .collect();
+                    let logits = model.step_logits(&rows, &logit_rows)?; // [batch, vocab]
+                    for (t, row) in next.iter_mut().zip(logits.chunks_exact(vocab)) {
+                        *t = argmax(row) as u32;
+                    }
+                }
             }
             TestKind::Decode => {
                 // Greedy decoding as `generate` runs it (on the GPU each token's step is
@@ -176,7 +237,7 @@ pub fn run_test(
             }
         }
     }
-    let tokens = (spec.n_tokens * reps).max(1) as f64;
+    let tokens = (spec.tokens() * reps).max(1) as f64;
     let gpu_work = work.map(|[d, s, w, ns]| crate::bench::GpuWork {
         dispatches_per_token: d as f64 / tokens,
         submits_per_token: s as f64 / tokens,
@@ -251,12 +312,27 @@ mod tests {
 
     #[test]
     fn the_test_matrix_is_prefill_then_decode_at_each_depth() {
-        let names: Vec<String> = test_matrix(&[0, 64], &[512, 0], &[0, 16])
+        let names: Vec<String> = test_matrix(&[0, 64], &[512, 0], &[0, 16], &[1])
             .iter()
             .map(TestSpec::name)
             .collect();
         assert_eq!(names, ["pp512", "tg16", "pp512 @ d64", "tg16 @ d64"]);
-        assert!(test_matrix(&[0], &[0], &[0]).is_empty());
+        assert!(test_matrix(&[0], &[0], &[0], &[1]).is_empty());
+        let batched = test_matrix(&[0, 8], &[4], &[16], &[1, 8, 0]);
+        let names: Vec<String> = batched.iter().map(TestSpec::name).collect();
+        assert_eq!(
+            names,
+            [
+                "pp4",
+                "tg16",
+                "tg16 x8",
+                "pp4 @ d8",
+                "tg16 @ d8",
+                "tg16 x8 @ d8"
+            ]
+        );
+        assert_eq!(batched[2].tokens(), 128);
+        assert_eq!(batched[0].tokens(), 4);
     }
 
     #[test]

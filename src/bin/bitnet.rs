@@ -398,6 +398,12 @@ struct BenchArgs {
         value_delimiter = ','
     )]
     n_gen: Vec<usize>,
+    /// Sequences decoded together in each decode test (comma-separated): one row of each per
+    /// step, as `bitnet serve` batches its requests, reported as `tg128 x8`, tokens/s counting
+    /// every sequence's tokens. Compare `-b 1,8` to see how a backend scales with the rows of a
+    /// step.
+    #[arg(short = 'b', long, default_value = "1", value_delimiter = ',')]
+    batch: Vec<usize>,
     /// Repetitions per test (after one warm-up).
     #[arg(short = 'r', long, default_value_t = 5)]
     repetitions: usize,
@@ -1097,6 +1103,9 @@ fn info(a: InfoArgs) -> Result<()> {
     Ok(())
 }
 
+/// The most sequences a batched decode test runs together (each holds a KV-cache slot).
+const MAX_BENCH_BATCH: usize = 1024;
+
 fn bench(a: BenchArgs) -> Result<()> {
     use bitnet_wgpu::bench::{
         bench_series, build_for_tests, plot_series, render, run_metered, test_matrix, BenchResult,
@@ -1159,7 +1168,10 @@ fn bench(a: BenchArgs) -> Result<()> {
         _ => None,
     };
 
-    let tests = test_matrix(&a.depth, &a.n_prompt, &a.n_gen);
+    if let Some(b) = a.batch.iter().find(|&&b| b == 0 || b > MAX_BENCH_BATCH) {
+        bail!("--batch {b}: give a number of sequences from 1 to {MAX_BENCH_BATCH}");
+    }
+    let tests = test_matrix(&a.depth, &a.n_prompt, &a.n_gen, &a.batch);
     if tests.is_empty() {
         bail!("nothing to run: -p and -n are both 0");
     }
@@ -1230,6 +1242,7 @@ fn bench(a: BenchArgs) -> Result<()> {
                 test: spec.name(),
                 n_tokens: spec.n_tokens,
                 depth: spec.depth,
+                batch: spec.batch,
                 tokens_per_s: tps,
                 energy: None,
                 energy_na_reason: None,
@@ -1240,7 +1253,7 @@ fn bench(a: BenchArgs) -> Result<()> {
             r.set_energy(match energy {
                 None => Err(na_reason.clone()),
                 Some(reading) => reading.and_then(|total| {
-                    EnergyResult::from_reading(&total, (spec.n_tokens * reps) as u64, idle.as_ref())
+                    EnergyResult::from_reading(&total, (spec.tokens() * reps) as u64, idle.as_ref())
                         .ok_or_else(|| "no time measured".to_string())
                 }),
             });

@@ -19,7 +19,6 @@ use super::api::{GenParams, Usage};
 use super::metrics::Shared;
 use crate::backend::StepRow;
 use crate::engine::AnyModel;
-use crate::error::Result;
 use crate::sampler::Sampler;
 use crate::tokenizer::{StreamDecoder, Tokenizer};
 
@@ -62,20 +61,6 @@ pub enum Control {
     Submit(Request),
     /// End every sequence (a final `Done` each) and stop.
     Shutdown,
-}
-
-/// The model's step entry points on either backend.
-fn run_step(model: &mut AnyModel, rows: &[StepRow], logit_rows: &[u32]) -> Result<Vec<f32>> {
-    match model {
-        AnyModel::Cpu(m) => {
-            m.step_rows(rows, logit_rows)?;
-            m.read_logits(logit_rows.len())
-        }
-        AnyModel::Gpu(m) => {
-            m.step_rows(rows, logit_rows)?;
-            m.read_logits(logit_rows.len())
-        }
-    }
 }
 
 struct Seq {
@@ -364,7 +349,7 @@ impl Scheduler {
             }
         }
         let t0 = Instant::now();
-        let logits = match run_step(&mut self.model, &rows, &logit_rows) {
+        let logits = match self.model.step_logits(&rows, &logit_rows) {
             Ok(l) => l,
             Err(e) => {
                 // the step's sequences cannot go on (their caches are in an unknown state)
