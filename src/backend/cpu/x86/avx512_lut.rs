@@ -13,7 +13,7 @@
 //! One index vector is 32 rows × one triple; a step takes 2 of them (64 rows) so that each
 //! table load serves two `vpermw`. Per token and triple: 6 `vpermw` + 6 `vpaddw` for 576 MACs.
 //! Sums stay in i16 for [`BLOCK_TRIPLES`] triples (a column block, whose tables for a chunk of
-//! 8 tokens stay in L1 while the job's rows pass), then are widened into i32. The tables hold
+//! 4 tokens stay in L1 while the job's rows pass), then are widened into i32. The tables hold
 //! signed weights' sums, so no `Σ x` correction; the i32 sums are exactly the scalar
 //! reference's (`reference::ternary_dot_rows_scalar`), as the byte-row kernels' are.
 
@@ -33,7 +33,7 @@ pub const LANE_ROWS: usize = 32;
 pub const PAIR_ROWS: usize = 2 * LANE_ROWS;
 /// Triples per column block: 3 lookups per triple, each `|T| ≤ 3·128 = 384`, so 28 triples
 /// stay within 84 · 384 = 32256 < 2^15 (exact in i16). 28 was also the fastest block in the
-/// experiment's sweep (its tables for 4 tokens are 21 KiB, for 8 tokens 42 KiB, within a 48 KiB L1).
+/// experiment's sweep (its tables for 4 tokens are 21 KiB, under half of L1).
 const BLOCK_TRIPLES: usize = 28;
 
 /// 64 bytes, aligned to a cache line: one table (32 i16) or one index vector (32 u16).
@@ -150,7 +150,7 @@ pub unsafe fn build_tables(q: &[i8], tables: &mut [Line]) {
 /// and the `tokens` tokens whose tables are `tables [tokens, tables_per_token]`;
 /// `sums [tokens, 64·(p1 − p0)]` is overwritten.
 ///
-/// Loop order: column block by column block, chunks of up to 8 tokens inside, so that a chunk's
+/// Loop order: column block by column block, chunks of 4 tokens inside, so that a chunk's
 /// tables of one block (5.25 KiB per token) stay in L1 while every row pair passes; the index
 /// vectors of one block and a run of rows are one contiguous run of memory.
 ///
@@ -174,14 +174,13 @@ pub unsafe fn lut_rows(
             f(s0, (s0 + BLOCK_TRIPLES).min(w.triples));
         }
     };
-    // tokens t0 .. t0 + k, 8 at a time (one zmm accumulator per token and index vector: 16 of
-    // the 32 registers; 8 rather than 4 was 1.03-1.07x at 8 and 64 tokens, BENCHMARKS.md)
+    // tokens t0 .. t0 + k, 4 at a time (one zmm accumulator per token and index vector); 8 at
+    // a time was measured: 1.02-1.04x at 64 tokens, 0.92x on 8-row decode steps (BENCHMARKS.md)
     let chunks = |t0: usize, pairs: (usize, usize), cols: (usize, usize), sums: &mut [i32]| {
         let mut t = t0;
         while t < tokens {
             let k = match tokens - t {
-                8.. => 8,
-                4..=7 => 4,
+                4.. => 4,
                 2 | 3 => 2,
                 _ => 1,
             };
@@ -195,7 +194,6 @@ pub unsafe fn lut_rows(
             // SAFETY: passed on; t + k ≤ tokens.
             unsafe {
                 match k {
-                    8 => block::<8>(w, tables, sums, at),
                     4 => block::<4>(w, tables, sums, at),
                     2 => block::<2>(w, tables, sums, at),
                     _ => block::<1>(w, tables, sums, at),
