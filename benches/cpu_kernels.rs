@@ -89,7 +89,7 @@ fn projection(c: &mut Criterion) {
     let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
     let mut g = c.benchmark_group("ternary_matmul [6912, 2560]");
     g.sample_size(20);
-    for n in [1usize, 64] {
+    for n in [1usize, 8, 64] {
         g.throughput(if n == 1 {
             Throughput::Bytes((w.rows / 4 * w.cols) as u64)
         } else {

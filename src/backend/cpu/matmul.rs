@@ -223,14 +223,14 @@ impl CpuBackend {
                         // SAFETY: AVX-512 F + BW (`uses_lut`); p1 ≤ pairs; sizes checked
                         // inside.
                         unsafe { avx512_lut::lut_rows(lut, tab, tb - ta, (p0, p1), sums) };
+                        let (r0, r1) = (p0 * PAIR_ROWS, (p1 * PAIR_ROWS).min(lut.rows));
                         for t in ta..tb {
-                            let row = &sums[(t - ta) * run..];
                             let o = (t0 + t) * stride + col0;
-                            for r in p0 * PAIR_ROWS..(p1 * PAIR_ROWS).min(lut.rows) {
-                                let v = row[r - p0 * PAIR_ROWS] as f32 * factor[t];
-                                // SAFETY: rows p0·64 .. p1·64 of tokens ta..tb are this
-                                // job's only.
-                                unsafe { out.write(o + r, v) };
+                            // SAFETY: rows r0..r1 of tokens ta..tb are this job's only.
+                            let dst = unsafe { out.slice_mut(o + r0..o + r1) };
+                            let f = factor[t];
+                            for (d, &v) in dst.iter_mut().zip(&sums[(t - ta) * run..]) {
+                                *d = v as f32 * f;
                             }
                         }
                     });
