@@ -333,6 +333,19 @@ impl File<'_> {
         &self.map[t.start..t.start + t.len]
     }
 
+    /// Lets the OS drop the resident pages of `t`'s bytes in the file mapping once a copy in
+    /// another layout exists (a repacked ternary or a dequantized tensor, whose source is never
+    /// read again), so that the file's copy does not count beside it in the process's memory
+    /// (best effort, see [`ByteStorage::release`]).
+    fn release(&self, t: &TensorInfo) {
+        ByteStorage::Mapped {
+            map: Arc::clone(self.map),
+            offset: t.start,
+            len: t.len,
+        }
+        .release(0..t.len);
+    }
+
     fn check_dims(&self, t: &TensorInfo, want: &[usize]) -> Result<()> {
         // ggml lists the innermost dimension first; report shapes in row-major order.
         let found: Vec<usize> = t.dims.iter().rev().map(|&d| d as usize).collect();
@@ -523,16 +536,40 @@ impl File<'_> {
                 len: t.len,
             },
         };
-        let deq = |f: fn(&[u8], &mut [f32])| {
-            let mut out = vec![0f32; rows * cols];
-            f(bytes, &mut out);
-            FloatMatrix {
+        // Dequantized a chunk of blocks at a time straight into the f32 bytes (no second copy
+        // of the whole matrix), the file's pages dropped after.
+        let deq = |f: fn(&[u8], &mut [f32])| -> Result<FloatMatrix> {
+            let (block, block_bytes) = t.ty.block();
+            let (block, block_bytes) = (block as usize, block_bytes as usize);
+            let len = rows
+                .checked_mul(cols)
+                .and_then(|n| n.checked_mul(4))
+                .ok_or_else(|| BitnetError::Shape {
+                    name: name.to_string(),
+                    expected: vec![rows, cols],
+                    found: vec![rows, cols],
+                })?;
+            let mut out = vec![0u8; len]; // [rows, cols] f32 little-endian
+            const CHUNK_BLOCKS: usize = 1024;
+            let mut buf = vec![0f32; CHUNK_BLOCKS * block];
+            for (src, dst) in bytes
+                .chunks(CHUNK_BLOCKS * block_bytes)
+                .zip(out.chunks_mut(CHUNK_BLOCKS * block * 4))
+            {
+                let vals = &mut buf[..dst.len() / 4];
+                f(src, vals);
+                for (d, v) in dst.chunks_exact_mut(4).zip(vals.iter()) {
+                    d.copy_from_slice(&v.to_le_bytes());
+                }
+            }
+            self.release(t);
+            Ok(FloatMatrix {
                 name: name.to_string(),
                 rows,
                 cols,
                 dtype: FloatDtype::F32,
-                data: ByteStorage::Owned(Arc::new(bytemuck::cast_slice(&out).to_vec())),
-            }
+                data: ByteStorage::Owned(Arc::new(out)),
+            })
         };
         Ok(match t.ty {
             GgmlType::F32 => mapped(FloatDtype::F32),
@@ -540,11 +577,11 @@ impl File<'_> {
             GgmlType::Bf16 => mapped(FloatDtype::Bf16),
             GgmlType::Q8_0 => {
                 conv.add(t.ty, "F32 (dequantized)");
-                deq(types::dequant_q8_0)
+                deq(types::dequant_q8_0)?
             }
             GgmlType::Q6K => {
                 conv.add(t.ty, "F32 (dequantized)");
-                deq(types::dequant_q6_k)
+                deq(types::dequant_q6_k)?
             }
             other => {
                 return Err(BitnetError::Dtype {
@@ -798,6 +835,7 @@ impl File<'_> {
                 "packed 2-bit"
             },
         );
+        self.release(t);
         let scale = scale * self.extra_scale(base)?;
         let m = TernaryMatrix::new(
             name,
