@@ -312,7 +312,7 @@ fn gpu_model(
 ) -> Result<Model<WgpuBackend>> {
     let adapter = gpu::select_adapter(choice, opts.adapter.as_deref()).map_err(BitnetError::Gpu)?;
     let info = adapter.get_info();
-    let elem_bytes = weights.embed_tokens.dtype.size() as u64;
+    let elem_bytes = weights.embed_tokens.dtype.on_device().row_bytes(1) as u64;
     let need = gpu::estimate_memory(&weights.config, &options, elem_bytes);
     gpu::check_fits(&need, &info, &adapter.limits())
         .map_err(|e| BitnetError::Gpu(format!("{}: {e}", info.name)))?;

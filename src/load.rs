@@ -20,13 +20,33 @@ pub enum FloatDtype {
     Bf16,
     F16,
     F32,
+    /// GGUF Q8_0 blocks as in the file: per 32 columns one f16 scale `d` then 32 int8 codes `q`
+    /// (34 bytes), the value `d · q` in f32 (how ggml dequantizes it, exact). Rows are whole
+    /// blocks (`cols % 32 == 0`). A tied Q8_0 embedding stays this size in memory (1.06 bytes
+    /// per value, not the 4 of a dequantized copy) and is decoded a row at a time.
+    Q8_0,
 }
 
+/// Columns per [`FloatDtype::Q8_0`] block, and its bytes.
+pub const Q8_0_BLOCK: usize = 32;
+const Q8_0_BLOCK_BYTES: usize = 34;
+
 impl FloatDtype {
-    pub fn size(self) -> usize {
+    /// Bytes of one row of `cols` values (a whole number of blocks for Q8_0).
+    pub fn row_bytes(self, cols: usize) -> usize {
         match self {
-            FloatDtype::Bf16 | FloatDtype::F16 => 2,
-            FloatDtype::F32 => 4,
+            FloatDtype::Bf16 | FloatDtype::F16 => 2 * cols,
+            FloatDtype::F32 => 4 * cols,
+            FloatDtype::Q8_0 => cols / Q8_0_BLOCK * Q8_0_BLOCK_BYTES,
+        }
+    }
+
+    /// The float type a GPU keeps this as (its shaders read bf16, f16 and f32; Q8_0 rows are
+    /// decoded to f32 at upload).
+    pub fn on_device(self) -> FloatDtype {
+        match self {
+            FloatDtype::Q8_0 => FloatDtype::F32,
+            d => d,
         }
     }
 }
@@ -44,13 +64,17 @@ pub struct FloatMatrix {
 impl FloatMatrix {
     /// Row `r` converted to f32: `out [cols]`.
     pub fn row_f32(&self, r: usize, out: &mut [f32]) {
-        let es = self.dtype.size();
-        let bytes = &self.data.as_slice()[r * self.cols * es..(r + 1) * self.cols * es];
-        decode_floats(self.dtype, bytes, out);
+        decode_floats(self.dtype, self.row_bytes(r), out);
+    }
+
+    /// Row `r` as stored (`dtype.row_bytes(cols)` bytes).
+    pub fn row_bytes(&self, r: usize) -> &[u8] {
+        let rb = self.dtype.row_bytes(self.cols);
+        &self.data.as_slice()[r * rb..(r + 1) * rb]
     }
 
     pub fn bytes(&self) -> usize {
-        self.rows * self.cols * self.dtype.size()
+        self.rows * self.dtype.row_bytes(self.cols)
     }
 }
 
@@ -72,6 +96,7 @@ pub fn decode_floats(dtype: FloatDtype, bytes: &[u8], out: &mut [f32]) {
                 *o = f32::from_le_bytes([b[0], b[1], b[2], b[3]]);
             }
         }
+        FloatDtype::Q8_0 => crate::gguf::types::dequant_q8_0(bytes, out),
     }
 }
 
@@ -409,11 +434,12 @@ fn bad_tensor_entry(file: &[u8]) -> Option<String> {
 fn first_non_finite(dtype: FloatDtype, bytes: &[u8]) -> Option<usize> {
     use rayon::prelude::*;
     const CHUNK: usize = 1 << 20; // a multiple of every element size
-    let es = dtype.size();
+    let es = dtype.on_device().row_bytes(1);
     let bad = |b: &[u8]| match dtype {
         FloatDtype::Bf16 => u16::from_le_bytes([b[0], b[1]]) & 0x7f80 == 0x7f80,
         FloatDtype::F16 => u16::from_le_bytes([b[0], b[1]]) & 0x7c00 == 0x7c00,
-        FloatDtype::F32 => {
+        // safetensors files hold no Q8_0 (the GGUF loader checks its scales)
+        FloatDtype::F32 | FloatDtype::Q8_0 => {
             u32::from_le_bytes([b[0], b[1], b[2], b[3]]) & 0x7f80_0000 == 0x7f80_0000
         }
     };
@@ -509,7 +535,7 @@ impl Tensors<'_> {
             });
         }
         let dtype = float_dtype(name, v.dtype())?;
-        let mut out = vec![0f32; v.data().len() / dtype.size()];
+        let mut out = vec![0f32; v.data().len() / dtype.row_bytes(1)];
         decode_floats(dtype, v.data(), &mut out);
         if let Some(k) = out.iter().position(|x| !x.is_finite()) {
             return Err(BitnetError::BadValue {

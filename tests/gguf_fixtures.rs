@@ -9,7 +9,7 @@ mod common;
 use std::path::PathBuf;
 
 use bitnet_wgpu::config::{FfnActivation, ModelFamily};
-use bitnet_wgpu::engine::{DeviceChoice, Engine, EngineOptions};
+use bitnet_wgpu::engine::{DeviceChoice, Engine, EngineOptions, HeadFormat};
 use bitnet_wgpu::error::BitnetError;
 use bitnet_wgpu::gguf::{GgufOptions, I2sLayout};
 use bitnet_wgpu::sampler::{Sampler, SamplerConfig};
@@ -65,7 +65,7 @@ fn every_gguf_gives_the_logits_of_the_safetensors_folder() {
         let got = e.logits(&prompt()).unwrap();
         // Same codes, scales and embedding values, so every integer path is identical. The
         // TQ2_0 file keeps the embedding in bf16 like the folder: bit-identical logits. The
-        // others hold it as Q8_0 (-> f32) and f16, which the tied head reads with other
+        // others hold it as Q8_0 (decoded by row) and f16, which the tied head reads with other
         // kernels (another f32 summation order): ~1e-6 apart.
         let tol = if file == "model-tq2_0.gguf" {
             0.0
@@ -294,7 +294,7 @@ fn summary_names_types_and_conversions() {
     assert_eq!(
         g.conversions,
         vec![
-            "1 x Q8_0 -> F32 (dequantized)".to_string(),
+            "1 x Q8_0 -> Q8_0 (kept, decoded by row)".to_string(),
             "7 x TQ1_0 -> packed 2-bit".to_string()
         ]
     );
@@ -451,6 +451,75 @@ fn differing_tq_block_scales_are_honoured_per_block() {
         b[52..54].copy_from_slice(&[0, 0])
     });
     engine(&p, GgufOptions::default()).unwrap();
+}
+
+/// A Q8_0 embedding stays Q8_0 in memory (34 bytes per 32 values, not a 4-byte f32 copy) and
+/// gives the logits of the same values dequantized to f32 (a Q8_0 block's `d · q` is exact in
+/// f32): the exact head, the q8 head and, where an adapter exists, the GPU (which decodes the
+/// rows to f32 at upload). A non-finite block scale is refused by name.
+#[test]
+fn a_q8_0_embedding_stays_q8_0_and_gives_the_dequantized_logits() {
+    use bitnet_wgpu::engine::build_model;
+    use bitnet_wgpu::load::{decode_floats, FloatDtype, FloatMatrix};
+    use bitnet_wgpu::model::ModelOptions;
+    use bitnet_wgpu::ternary::ByteStorage;
+    let file = "model-tq1_0.gguf";
+    let kept = engine(&path(file), relu2()).unwrap().weights;
+    let emb = &kept.embed_tokens;
+    assert_eq!(emb.dtype, FloatDtype::Q8_0);
+    assert_eq!(emb.bytes(), emb.rows * emb.cols / 32 * 34);
+    assert_eq!(emb.data.as_slice().len(), emb.bytes());
+    // the same model with the embedding dequantized to f32
+    let mut f32s = vec![0f32; emb.rows * emb.cols];
+    decode_floats(emb.dtype, emb.data.as_slice(), &mut f32s);
+    let mut dequantized = engine(&path(file), relu2()).unwrap().weights;
+    dequantized.embed_tokens = FloatMatrix {
+        name: emb.name.clone(),
+        rows: emb.rows,
+        cols: emb.cols,
+        dtype: FloatDtype::F32,
+        data: ByteStorage::Owned(std::sync::Arc::new(
+            f32s.iter().flat_map(|v| v.to_le_bytes()).collect(),
+        )),
+    };
+    let logits = |w: &bitnet_wgpu::load::ModelWeights, device, lm_head| {
+        let opts = EngineOptions {
+            device,
+            threads: 2,
+            ..Default::default()
+        };
+        let mut mo = ModelOptions::for_config(&w.config);
+        mo.ctx = 64;
+        mo.lm_head = lm_head;
+        let mut m = build_model(w, &opts, mo).unwrap();
+        m.forward_all(&prompt()).unwrap()
+    };
+    for head in [HeadFormat::Exact, HeadFormat::Q8] {
+        let got = logits(&kept, DeviceChoice::Cpu, head);
+        let same = logits(&dequantized, DeviceChoice::Cpu, head);
+        assert_close(
+            &format!("{head:?} head: Q8_0 vs f32"),
+            &got,
+            &same,
+            1e-5,
+            1e-5,
+        );
+    }
+    if bitnet_wgpu::backend::wgpu::gpu_backend_for_test("q8_0_embedding").is_some() {
+        // the rows decoded at upload: the values of the f32 copy, so the same logits
+        let got = logits(&kept, DeviceChoice::Gpu, HeadFormat::Exact);
+        let same = logits(&dequantized, DeviceChoice::Gpu, HeadFormat::Exact);
+        assert_close("GPU: Q8_0 vs f32", &got, &same, 0.0, 0.0);
+    }
+    // block 3's f16 scale = +inf
+    let (_d, p) = patched(file, "token_embd.weight", |b| {
+        b[3 * 34..3 * 34 + 2].copy_from_slice(&0x7c00u16.to_le_bytes())
+    });
+    let err = engine(&p, relu2()).err().unwrap().to_string();
+    assert!(
+        err.contains("token_embd.weight") && err.contains("block 3") && !err.contains('\n'),
+        "{err}"
+    );
 }
 
 #[test]

@@ -807,6 +807,22 @@ fn float_matrix(r: &mut ChaCha8Rng, rows: usize, cols: usize, dtype: FloatDtype)
             .flat_map(|v| half::f16::from_f32(*v).to_bits().to_le_bytes())
             .collect(),
         FloatDtype::F32 => vals.iter().flat_map(|v| v.to_le_bytes()).collect(),
+        // GGUF Q8_0 blocks: an f16 scale, then 32 int8 codes
+        FloatDtype::Q8_0 => vals
+            .chunks(32)
+            .flat_map(|b| {
+                let d = half::f16::from_f32(b.iter().fold(0f32, |m, v| m.max(v.abs())) / 127.0);
+                let inv = if d.to_f32() > 0.0 {
+                    1.0 / d.to_f32()
+                } else {
+                    0.0
+                };
+                let q = b
+                    .iter()
+                    .map(move |v| (v * inv).round().clamp(-127.0, 127.0) as i8 as u8);
+                d.to_bits().to_le_bytes().into_iter().chain(q)
+            })
+            .collect(),
     };
     FloatMatrix {
         name: format!("emb {dtype:?}"),
@@ -824,12 +840,21 @@ fn embedding_and_lm_head_match_cpu_for_every_dtype_and_chunking() {
     };
     let mut c = cpu();
     let mut r = rng(11);
-    for dtype in [FloatDtype::Bf16, FloatDtype::F16, FloatDtype::F32] {
+    for dtype in [
+        FloatDtype::Bf16,
+        FloatDtype::F16,
+        FloatDtype::F32,
+        FloatDtype::Q8_0,
+    ] {
         for &(vocab, cols, chunk) in &[
             (300, 37, None),
             (1001, 64, Some(64 * 100 * 4)),
             (77, 9, Some(4 * 8 * 5)),
+            (130, 96, Some(96 * 4 * 9)),
         ] {
+            if dtype == FloatDtype::Q8_0 && cols % 32 != 0 {
+                continue; // Q8_0 rows are whole blocks of 32
+            }
             g.set_max_chunk_bytes(chunk);
             let m = float_matrix(&mut r, vocab, cols, dtype);
             let ge = g.upload_embedding(&m).unwrap();
@@ -1303,7 +1328,7 @@ fn device_sampling_follows_the_cpu_distribution() {
 
 /// `m` with `rows` replaced by `values` (`[cols]`), in its dtype.
 fn with_rows(m: &FloatMatrix, rows: &[usize], values: &[f32]) -> FloatMatrix {
-    let es = m.dtype.size();
+    let es = m.dtype.row_bytes(1);
     let mut data = m.data.as_slice().to_vec();
     let bytes: Vec<u8> = match m.dtype {
         FloatDtype::Bf16 => values
@@ -1315,6 +1340,7 @@ fn with_rows(m: &FloatMatrix, rows: &[usize], values: &[f32]) -> FloatMatrix {
             .flat_map(|v| half::f16::from_f32(*v).to_bits().to_le_bytes())
             .collect(),
         FloatDtype::F32 => values.iter().flat_map(|v| v.to_le_bytes()).collect(),
+        FloatDtype::Q8_0 => panic!("with_rows takes bf16, f16 or f32 matrices"),
     };
     for &row in rows {
         data[row * m.cols * es..(row + 1) * m.cols * es].copy_from_slice(&bytes);

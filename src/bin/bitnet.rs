@@ -1090,7 +1090,7 @@ fn info(a: InfoArgs) -> Result<()> {
     let need = bitnet_wgpu::backend::wgpu::estimate_memory(
         c,
         &engine.model_options(),
-        w.embed_tokens.dtype.size() as u64,
+        w.embed_tokens.dtype.on_device().row_bytes(1) as u64,
     );
     outln!(
         "gpu memory       {} needed on a GPU (weights, {} KV cache, activations)",

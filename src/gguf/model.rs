@@ -33,7 +33,7 @@ use super::reader::{GgufError, GgufHeader, TensorInfo, Value};
 use super::types::{self, GgmlType, I2sLayout};
 use crate::config::{FfnActivation, ModelConfig, ModelFamily, WeightVariant};
 use crate::error::{BitnetError, Result};
-use crate::load::{decode_floats, FloatDtype, FloatMatrix, LayerWeights, ModelWeights};
+use crate::load::{decode_floats, FloatDtype, FloatMatrix, LayerWeights, ModelWeights, Q8_0_BLOCK};
 use crate::ternary::ByteStorage;
 use crate::ternary::TernaryMatrix;
 use crate::tokenizer::Tokenizer;
@@ -513,8 +513,9 @@ impl File<'_> {
         })
     }
 
-    /// A float matrix `[rows, cols]`: F32/F16/BF16 stay in the map, Q8_0/Q6_K are dequantized
-    /// to f32 (exactly as ggml does: `d · q` in f32).
+    /// A float matrix `[rows, cols]`: F32/F16/BF16 and Q8_0 (rows of whole blocks) stay in the
+    /// map, Q6_K (and Q8_0 rows of part blocks) are dequantized to f32 (exactly as ggml does:
+    /// `d · q` in f32).
     fn float_matrix(
         &self,
         name: &str,
@@ -575,6 +576,20 @@ impl File<'_> {
             GgmlType::F32 => mapped(FloatDtype::F32),
             GgmlType::F16 => mapped(FloatDtype::F16),
             GgmlType::Bf16 => mapped(FloatDtype::Bf16),
+            GgmlType::Q8_0 if cols % Q8_0_BLOCK == 0 => {
+                // kept as in the file (1.06 bytes a value), decoded a row at a time
+                if let Some(b) = bytes
+                    .chunks_exact(34)
+                    .position(|b| !types::f16(&b[..2]).is_finite())
+                {
+                    return Err(BitnetError::BadValue {
+                        name: name.to_string(),
+                        msg: format!("Q8_0 block {b} has a non-finite scale"),
+                    });
+                }
+                conv.add(t.ty, "Q8_0 (kept, decoded by row)");
+                mapped(FloatDtype::Q8_0)
+            }
             GgmlType::Q8_0 => {
                 conv.add(t.ty, "F32 (dequantized)");
                 deq(types::dequant_q8_0)?

@@ -225,7 +225,7 @@ impl GgmlType {
     }
 }
 
-fn f16(b: &[u8]) -> f32 {
+pub(crate) fn f16(b: &[u8]) -> f32 {
     half::f16::from_bits(u16::from_le_bytes([b[0], b[1]])).to_f32()
 }
 

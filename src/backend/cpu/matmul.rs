@@ -607,9 +607,7 @@ impl CpuBackend {
                         );
                     }
                     CpuLmHead::Exact(m) => {
-                        let es = m.dtype.size();
-                        let data = m.data.as_slice();
-                        let row = |v: usize| &data[v * h * es..(v + 1) * h * es]; // [h] file dtype
+                        let row = |v: usize| m.row_bytes(v); // [h] in the file dtype
                         if m.dtype == FloatDtype::Bf16 {
                             // the two halves of the chunk side by side (two memory streams)
                             let out = Cell::from_mut(out).as_slice_of_cells();

@@ -351,14 +351,14 @@ impl Backend for CpuBackend {
                 CpuLmHead::Exact(m.clone())
             }
             HeadFormat::Q8 => {
-                let row_bytes = m.cols * m.dtype.size();
+                let row_bytes = m.dtype.row_bytes(m.cols);
                 let q8 = Q8Matrix::quantize(m, |rows| {
                     m.data.release(rows.start * row_bytes..rows.end * row_bytes)
                 });
                 CpuLmHead::Q8(q8)
             }
             HeadFormat::Q4 => {
-                let row_bytes = m.cols * m.dtype.size();
+                let row_bytes = m.dtype.row_bytes(m.cols);
                 let q4 = Q4Matrix::quantize(m, |rows| {
                     m.data.release(rows.start * row_bytes..rows.end * row_bytes)
                 });

@@ -250,12 +250,7 @@ mod tests {
             let mut exact = vec![0f32; cols];
             let mut approx = vec![0f32; cols];
             for r in 0..m.rows {
-                let es = m.dtype.size();
-                decode_floats(
-                    m.dtype,
-                    &m.data.as_slice()[r * cols * es..(r + 1) * cols * es],
-                    &mut exact,
-                );
+                decode_floats(m.dtype, m.row_bytes(r), &mut exact);
                 q4.row_f32(r, &mut approx);
                 for (c, (e, a)) in exact.iter().zip(&approx).enumerate() {
                     let b = c / Q4_BLOCK;

@@ -203,12 +203,7 @@ pub(super) mod tests {
 
     /// Decodes `m`'s row `r` exactly (for the error statistics of [`q8_head_error`]).
     fn exact_row(m: &FloatMatrix, r: usize, out: &mut [f32]) {
-        let es = m.dtype.size();
-        decode_floats(
-            m.dtype,
-            &m.data.as_slice()[r * m.cols * es..(r + 1) * m.cols * es],
-            out,
-        );
+        decode_floats(m.dtype, m.row_bytes(r), out);
     }
 
     /// The largest relative weight error `|w − ŵ| / absmax_row` over the first `rows` rows: a quick

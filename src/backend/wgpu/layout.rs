@@ -93,16 +93,17 @@ pub fn unpack_q_rows(words: &[u32], rows: usize, cols: usize) -> Vec<i8> {
 
 /// Dtype code of the WGSL `DTYPE` constant (shaders/embedding.wgsl).
 pub fn dtype_code(d: FloatDtype) -> u32 {
-    match d {
+    match d.on_device() {
         FloatDtype::Bf16 => 0,
         FloatDtype::F16 => 1,
-        FloatDtype::F32 => 2,
+        FloatDtype::F32 | FloatDtype::Q8_0 => 2,
     }
 }
 
-/// u32 words per stored row of a float matrix with `cols` columns of `dtype` (16-byte rows).
+/// u32 words per device row of a float matrix with `cols` columns of `dtype` (16-byte rows, in
+/// the dtype the device keeps: Q8_0 as f32).
 pub fn row_words(dtype: FloatDtype, cols: usize) -> usize {
-    (cols * dtype.size()).div_ceil(16) * 4
+    dtype.on_device().row_bytes(cols).div_ceil(16) * 4
 }
 
 /// Splits `rows` rows of `row_bytes` bytes each into chunks of at most `max_bytes` bytes:
@@ -125,9 +126,20 @@ pub fn chunk_rows(rows: usize, row_bytes: usize, max_bytes: u64) -> Option<Vec<(
 /// Bytes of rows `row0 .. row0 + rows` of `m` in the device layout (rows padded to whole words).
 /// Borrows the file's bytes when no padding is needed (the common case: even `cols`).
 pub fn float_rows_bytes(m: &FloatMatrix, row0: usize, rows: usize) -> std::borrow::Cow<'_, [u8]> {
-    let es = m.dtype.size();
-    let src_row = m.cols * es;
     let dst_row = row_words(m.dtype, m.cols) * 4;
+    if m.dtype == FloatDtype::Q8_0 {
+        // decoded to f32 rows
+        let mut out = vec![0u8; rows * dst_row];
+        let mut vals = vec![0f32; m.cols];
+        for (r, d) in (row0..row0 + rows).zip(out.chunks_exact_mut(dst_row)) {
+            m.row_f32(r, &mut vals);
+            for (b, v) in d.chunks_exact_mut(4).zip(&vals) {
+                b.copy_from_slice(&v.to_le_bytes());
+            }
+        }
+        return std::borrow::Cow::Owned(out);
+    }
+    let src_row = m.dtype.row_bytes(m.cols);
     let src = &m.data.as_slice()[row0 * src_row..(row0 + rows) * src_row];
     if src_row == dst_row {
         return std::borrow::Cow::Borrowed(src);
