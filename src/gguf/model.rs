@@ -576,7 +576,7 @@ impl File<'_> {
             GgmlType::F32 => mapped(FloatDtype::F32),
             GgmlType::F16 => mapped(FloatDtype::F16),
             GgmlType::Bf16 => mapped(FloatDtype::Bf16),
-            GgmlType::Q8_0 if cols % Q8_0_BLOCK == 0 => {
+            GgmlType::Q8_0 if cols.is_multiple_of(Q8_0_BLOCK) => {
                 // kept as in the file (1.06 bytes a value), decoded a row at a time
                 if let Some(b) = bytes
                     .chunks_exact(34)
