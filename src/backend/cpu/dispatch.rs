@@ -326,6 +326,27 @@ pub fn dot_f16_rows<const R: usize>(level: CpuLevel, rows: [&[u8]; R], x: &[f32]
     }
 }
 
+/// `Σ row[c] · x[c]` for a GGUF Q8_0 row (34 bytes per 32 columns, values `d · q`) and f32
+/// `x`: the exact LM head of a file whose tied embedding is Q8_0.
+#[inline]
+pub fn dot_q8_0(level: CpuLevel, row: &[u8], x: &[f32]) -> f32 {
+    assert!(
+        x.len().is_multiple_of(32) && row.len() == x.len() / 32 * 34,
+        "dot_q8_0: {} bytes for {} columns",
+        row.len(),
+        x.len()
+    );
+    match level {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: the level has AVX2 + FMA (one `available()` returned), F16C checked;
+        // lengths checked above.
+        CpuLevel::Avx2 | CpuLevel::AvxVnni | CpuLevel::Avx512Vnni | CpuLevel::Amx if has_f16c() => unsafe {
+            avx2::dot_q8_0_avx2(row, x)
+        },
+        _ => reference::dot_q8_0_scalar(row, x),
+    }
+}
+
 /// `y += a·x` in f32 (attention's weighted sum of values).
 #[inline]
 pub fn axpy_f32(level: CpuLevel, a: f32, x: &[f32], y: &mut [f32]) {

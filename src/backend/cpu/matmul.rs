@@ -6,8 +6,8 @@ use std::cell::{Cell, RefCell};
 
 use super::dispatch::CpuLevel;
 use super::dispatch::{
-    dot_bf16, dot_bf16_rows2, dot_f16_rows, ternary_dot4, ternary_dot4_rows2, ternary_dot4_x2,
-    ternary_dot4_x4,
+    dot_bf16, dot_bf16_rows2, dot_f16_rows, dot_q8_0, ternary_dot4, ternary_dot4_rows2,
+    ternary_dot4_x2, ternary_dot4_x4,
 };
 use super::pool::DisjointSlice;
 use super::q4::Q4Input;
@@ -620,6 +620,13 @@ impl CpuBackend {
                                 },
                                 |i| out[i].set(dot_bf16(level, row(v(i)), xr)),
                             );
+                            continue;
+                        }
+                        if m.dtype == FloatDtype::Q8_0 {
+                            // a tied Q8_0 embedding (GGUF), read as stored
+                            for (i, o) in out.iter_mut().enumerate() {
+                                *o = dot_q8_0(level, row(v(i)), xr);
+                            }
                             continue;
                         }
                         if m.dtype == FloatDtype::F16 {

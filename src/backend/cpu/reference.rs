@@ -88,6 +88,24 @@ pub fn dot_f16_scalar(row: &[u8], x: &[f32]) -> f32 {
         .sum()
 }
 
+/// The scalar twin of `dispatch::dot_q8_0`: a GGUF Q8_0 row (per 32 columns an f16 scale `d`
+/// and 32 int8 codes `q`, the values `d · q`) times f32 `x`, as `Σ_b d_b · (Σ_{c∈b} q_c x_c)`
+/// in f32.
+pub fn dot_q8_0_scalar(row: &[u8], x: &[f32]) -> f32 {
+    row.chunks_exact(34)
+        .zip(x.chunks_exact(32))
+        .map(|(b, xb)| {
+            let d = half::f16::from_le_bytes([b[0], b[1]]).to_f32();
+            let s: f32 = b[2..]
+                .iter()
+                .zip(xb)
+                .map(|(&q, &v)| q as i8 as f32 * v)
+                .sum();
+            d * s
+        })
+        .sum()
+}
+
 /// `Σ_b scale_b · Σ_{c∈b} q_c x_c`: exact i32 block sums (|sum| ≤ 64·127·32767 < 2³¹), then
 /// f32 over the blocks.
 pub fn dot_q8_scalar(q: &[i8], scales: &[f32], x: &[i16]) -> f32 {

@@ -348,6 +348,46 @@ fn bf16_dot_matches_scalar_within_tolerance() {
     }
 }
 
+/// The Q8_0 head's dot (a tied Q8_0 embedding) against its scalar twin and against the decoded
+/// values' dot in f64, with codes −128 and 127 and scales of both signs among the blocks.
+#[test]
+fn q8_0_dot_matches_scalar_within_tolerance() {
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(12);
+    for &blocks in &[1usize, 3, 80] {
+        let n = 32 * blocks;
+        let mut row = Vec::with_capacity(34 * blocks);
+        for b in 0..blocks {
+            let d = half::f16::from_f32(rng.random_range(-0.02..0.02));
+            row.extend(d.to_le_bytes());
+            for c in 0..32 {
+                let q: i8 = match (b, c) {
+                    (0, 0) => -128,
+                    (0, 1) => 127,
+                    _ => rng.random_range(-127..=127),
+                };
+                row.push(q as u8);
+            }
+        }
+        let x: Vec<f32> = (0..n).map(|_| rng.random_range(-4.0..4.0)).collect();
+        let mut w = vec![0f32; n];
+        crate::gguf::types::dequant_q8_0(&row, &mut w);
+        let exact: f64 = w.iter().zip(&x).map(|(&a, &b)| a as f64 * b as f64).sum();
+        let mag: f32 = w.iter().zip(&x).map(|(a, b)| (a * b).abs()).sum();
+        let want = reference::dot_q8_0_scalar(&row, &x);
+        assert!(
+            (want as f64 - exact).abs() <= 1e-6 * mag as f64 + 1e-9,
+            "scalar n {n}: {want} vs {exact}"
+        );
+        for &l in &CpuLevel::available() {
+            let got = dot_q8_0(l, &row, &x);
+            assert!(
+                (got - want).abs() <= 1e-6 + 1e-6 * mag,
+                "{l:?} n {n}: got {got}, expected {want}"
+            );
+        }
+    }
+}
+
 /// The f16 head's dot (the tied F16 embedding of bitnet.cpp's I2_S files) against its scalar
 /// twin, with subnormal, infinite-free extreme and zero halves among the values.
 #[test]

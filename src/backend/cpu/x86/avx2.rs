@@ -432,6 +432,35 @@ dot_half_rows!(
     )
 );
 
+/// `dispatch::dot_q8_0`: a GGUF Q8_0 row (per 32 columns an f16 scale, 32 int8 codes) times
+/// f32 `x`: per block the codes widened to f32 by 8 and multiplied with `x` into one
+/// accumulator, then the block's 8 lanes scaled once into the total (FMA).
+///
+/// # Safety
+/// AVX2 + FMA + F16C; `row` holds `x.len() / 32` blocks, `x.len()` a multiple of 32.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub unsafe fn dot_q8_0_avx2(row: &[u8], x: &[f32]) -> f32 {
+    assert!(x.len().is_multiple_of(32) && row.len() == x.len() / 32 * 34);
+    let mut total = _mm256_setzero_ps();
+    for (b, xb) in row.chunks_exact(34).zip(x.chunks_exact(32)) {
+        let d = _mm256_cvtph_ps(_mm_set1_epi16(i16::from_le_bytes([b[0], b[1]])));
+        let mut acc = _mm256_setzero_ps();
+        for k in 0..4 {
+            // SAFETY: bytes 2 + 8k .. 10 + 8k of a 34-byte block; floats 8k .. 8k + 8 of 32.
+            unsafe {
+                let q = _mm_loadl_epi64(b.as_ptr().add(2 + 8 * k) as *const __m128i);
+                let w = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(q));
+                acc = _mm256_fmadd_ps(w, _mm256_loadu_ps(xb.as_ptr().add(8 * k)), acc);
+            }
+        }
+        total = _mm256_fmadd_ps(acc, d, total);
+    }
+    let mut lanes = [0f32; 8];
+    // SAFETY: lanes has 8 floats.
+    unsafe { _mm256_storeu_ps(lanes.as_mut_ptr(), total) };
+    lanes.iter().sum()
+}
+
 /// The q8 head's dots (`q8.rs`) of `R` rows and `T` activation rows, 16 weights per step:
 /// sign-extend int8 → int16 (once for all `T` activation rows), `pmaddwd` with each row's int16
 /// activations (pairs → i32, exact), 4 steps per block; the block's 8 lanes go to f32 once and
