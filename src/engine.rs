@@ -321,6 +321,25 @@ fn gpu_model(
 
 impl Engine {
     pub fn load(dir: &Path, opts: &EngineOptions) -> Result<Self> {
+        Self::load_sized(dir, opts, |config| {
+            let mut options = ModelOptions::for_config(config);
+            if let Some(ctx) = opts.ctx {
+                options.ctx = ctx;
+            }
+            options.lm_head = opts.lm_head;
+            options.kv_cache = opts.kv_cache;
+            options
+        })
+    }
+
+    /// [`Engine::load`] with the model's sizes (context, batch, slots, head) chosen by `sizes`
+    /// from the model's config once it is read: the model is built once, at those sizes (a
+    /// [`Engine::rebuild`] holds two models in memory while it builds the second).
+    pub fn load_sized(
+        dir: &Path,
+        opts: &EngineOptions,
+        sizes: impl FnOnce(&ModelConfig) -> ModelOptions,
+    ) -> Result<Self> {
         let t0 = Instant::now();
         let bar = opts.progress.then(|| {
             let bar = indicatif::ProgressBar::new(0);
@@ -343,13 +362,7 @@ impl Engine {
         if let Some(b) = bar {
             b.finish_and_clear();
         }
-        let mut options = ModelOptions::for_config(&config);
-        if let Some(ctx) = opts.ctx {
-            options.ctx = ctx;
-        }
-        options.lm_head = opts.lm_head;
-        options.kv_cache = opts.kv_cache;
-        let (model, device_note) = build_model_explained(&weights, opts, options)?;
+        let (model, device_note) = build_model_explained(&weights, opts, sizes(&config))?;
         Ok(Engine {
             device_note,
             options: opts.clone(),
@@ -381,7 +394,9 @@ impl Engine {
         with_model!(&self.model, m => m.options)
     }
 
-    /// Rebuilds the model on the same device with other sizes (the context is cleared).
+    /// Rebuilds the model on the same device with other sizes (the context is cleared). The old
+    /// model stays until the new one is built (so a failure leaves the engine usable): both are
+    /// in memory for a moment; [`Engine::load_sized`] builds once.
     pub fn rebuild(&mut self, options: ModelOptions) -> Result<()> {
         self.model = build_model(&self.weights, &self.options, options)?;
         self.fed.clear();

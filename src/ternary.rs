@@ -57,10 +57,9 @@ impl ByteStorage {
     pub fn release(&self, range: std::ops::Range<usize>) {
         #[cfg(unix)]
         if let ByteStorage::Mapped { map, offset, len } = self {
-            // 64 KiB covers every page size in use (4 KiB x86, 16 KiB Apple, 64 KiB some Arm).
-            const ALIGN: usize = 1 << 16;
-            let start = (offset + range.start.min(*len)).next_multiple_of(ALIGN);
-            let end = (offset + range.end.min(*len)) / ALIGN * ALIGN;
+            let align = page_size();
+            let start = (offset + range.start.min(*len)).next_multiple_of(align);
+            let end = (offset + range.end.min(*len)) / align * align;
             if end > start {
                 // SAFETY: the mapping is a read-only private file mapping whose pages are never
                 // written, so MADV_DONTNEED cannot change what any live borrow reads: a dropped
@@ -76,6 +75,30 @@ impl ByteStorage {
         }
         #[cfg(not(unix))]
         let _ = range;
+    }
+}
+
+/// The granularity of [`ByteStorage::release`]: the system's page size on Linux (4 KiB on x86, so
+/// that a tensor's edges keep little of it resident), elsewhere 64 KiB, which covers every page
+/// size in use (16 KiB Apple, 64 KiB some Arm).
+#[cfg(unix)]
+fn page_size() -> usize {
+    #[cfg(target_os = "linux")]
+    {
+        static PAGE: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+        *PAGE.get_or_init(|| {
+            // SAFETY: sysconf has no preconditions.
+            let p = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+            if p > 0 && (p as usize).is_power_of_two() {
+                p as usize
+            } else {
+                1 << 16
+            }
+        })
+    }
+    #[cfg(not(target_os = "linux"))]
+    {
+        1 << 16
     }
 }
 

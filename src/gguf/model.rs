@@ -86,39 +86,63 @@ pub fn load_gguf(
     let file = std::fs::File::open(path).map_err(|e| BitnetError::io(path, e))?;
     // SAFETY: read-only map, as in load.rs: a file changed under us is the user's problem.
     let map = Arc::new(unsafe { memmap2::Mmap::map(&file) }.map_err(|e| BitnetError::io(path, e))?);
-    let h = GgufHeader::parse(&map[..]).map_err(|e| gerr(path, e))?;
+    let mut h = GgufHeader::parse(&map[..]).map_err(|e| gerr(path, e))?;
+    // metadata first: the architecture, the config and the tokenizer
+    let (arch, arch_g, activation, activation_source, config, tokenizer) = {
+        let g = File {
+            path: path.to_path_buf(),
+            h: &h,
+            map: &map,
+            i2s_layout: opts.i2s_layout,
+        };
+        let arch = h
+            .get_str("general.architecture")
+            .map_err(|e| gerr(path, e))?
+            .ok_or_else(|| gerr(path, GgufError::MissingKey("general.architecture".into())))?
+            .to_string();
+        let arch_g = Arch::of(&arch)?;
+        let (arch_act, why) = (arch_g.activation, arch_g.why);
+        let (activation, activation_source) = match opts.activation {
+            Some(a) => (
+                a,
+                format!(
+                    "user override (the architecture {arch:?} implies {})",
+                    arch_act.name()
+                ),
+            ),
+            None => (arch_act, format!("architecture {arch:?}: {why}")),
+        };
+        if arch_g.family == ModelFamily::Llama {
+            g.check_ternary_llama()?;
+        }
+        let mut config = g.config(&arch)?;
+        config.activation = activation;
+        config.tie_word_embeddings = h.tensor("output.weight").is_none();
+        let tokenizer = g.tokenizer(&config)?;
+        (
+            arch,
+            arch_g,
+            activation,
+            activation_source,
+            config,
+            tokenizer,
+        )
+    };
+    // The header is parsed and the tokenizer built: neither the parsed token arrays nor the
+    // header's pages in the map are needed while the weights load.
+    h.free_tokenizer_arrays();
+    ByteStorage::Mapped {
+        map: Arc::clone(&map),
+        offset: 0,
+        len: h.data_start.min(map.len()),
+    }
+    .release(0..h.data_start);
     let g = File {
         path: path.to_path_buf(),
         h: &h,
         map: &map,
         i2s_layout: opts.i2s_layout,
     };
-
-    let arch = h
-        .get_str("general.architecture")
-        .map_err(|e| gerr(path, e))?
-        .ok_or_else(|| gerr(path, GgufError::MissingKey("general.architecture".into())))?
-        .to_string();
-    let arch_g = Arch::of(&arch)?;
-    let (arch_act, why) = (arch_g.activation, arch_g.why);
-    let (activation, activation_source) = match opts.activation {
-        Some(a) => (
-            a,
-            format!(
-                "user override (the architecture {arch:?} implies {})",
-                arch_act.name()
-            ),
-        ),
-        None => (arch_act, format!("architecture {arch:?}: {why}")),
-    };
-    if arch_g.family == ModelFamily::Llama {
-        g.check_ternary_llama()?;
-    }
-
-    let mut config = g.config(&arch)?;
-    config.activation = activation;
-    config.tie_word_embeddings = h.tensor("output.weight").is_none();
-    let tokenizer = g.tokenizer(&config)?;
 
     let c = &config;
     let (hd, i) = (c.hidden_size, c.intermediate_size);

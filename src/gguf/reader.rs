@@ -537,6 +537,19 @@ impl GgufHeader {
         }
     }
 
+    /// Frees the parsed `tokenizer.ggml.*` arrays (vocabulary, merges, types, scores: ~30 MB
+    /// of small allocations for a 128k vocabulary) once the tokenizer has been built from them,
+    /// so that they are not held while the weights load. The keys stay, with empty arrays.
+    pub fn free_tokenizer_arrays(&mut self) {
+        for (key, v) in &mut self.metadata {
+            if key.starts_with("tokenizer.ggml.") {
+                if let Value::Array(a) = v {
+                    *a = Vec::new();
+                }
+            }
+        }
+    }
+
     pub fn get_array(&self, key: &str) -> R<Option<&[Value]>> {
         match self.get(key) {
             None => Ok(None),

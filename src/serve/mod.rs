@@ -118,14 +118,10 @@ fn load(opts: &ServeOptions) -> Result<(AnyModel, Tokenizer, Vec<u32>, String, u
     };
     match &opts.model {
         ModelSource::Dir(dir) => {
-            // loaded with a one-position cache, then rebuilt with the server's slots
-            let e = EngineOptions {
-                ctx: Some(1),
-                ..opts.engine.clone()
-            };
-            let mut engine = Engine::load(dir, &e)?;
-            let options = sizes(engine.config.max_position_embeddings);
-            engine.rebuild(options)?;
+            // built once, with the server's slots (the context from the model's config)
+            let engine =
+                Engine::load_sized(dir, &opts.engine, |c| sizes(c.max_position_embeddings))?;
+            let options = engine.model_options();
             if let Some(note) = &engine.device_note {
                 eprintln!("note: {note}");
             }
