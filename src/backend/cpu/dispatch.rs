@@ -229,8 +229,9 @@ pub fn ternary_dot4_x2(
 }
 
 /// Four tokens against one packed byte row (prefill): AVX-512 and NEON (32 vector registers)
-/// reuse the planes 4 times; AVX2 and AVX-VNNI (16) and scalar run it as two calls of the
-/// two-token kernel.
+/// reuse the planes 4 times; AVX2 in two passes of two planes (its 16 registers hold 4 tokens'
+/// sums of two planes; 1.04–1.08× two two-token calls, BENCHMARKS.md); AVX-VNNI and scalar
+/// run it as two calls of the two-token kernel.
 #[inline]
 pub fn ternary_dot4_x4(
     level: CpuLevel,
@@ -248,6 +249,8 @@ pub fn ternary_dot4_x4(
         CpuLevel::Avx512Vnni | CpuLevel::Amx => unsafe {
             avx512::ternary_dot4_xn_avx512vnni::<4>(bytes, q, q_sum)
         },
+        #[cfg(target_arch = "x86_64")]
+        CpuLevel::Avx2 => unsafe { avx2::ternary_dot4_x4_avx2_halves(bytes, q, q_sum) },
         #[cfg(target_arch = "aarch64")]
         CpuLevel::Neon => unsafe { neon::ternary_dot4_xn_neon::<4>(bytes, q, q_sum) },
         #[cfg(target_arch = "aarch64")]
