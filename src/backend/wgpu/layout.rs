@@ -9,8 +9,9 @@
 //!   padded to a multiple of 64 columns (`G = 4·ceil(in/64)`, weight 0) so that it can load
 //!   16-byte vectors. int8 activation rows are padded the same way (with zeros).
 //! - Float matrices (embedding / LM head) stay in their file dtype (bf16 and f16 as pairs of u16
-//!   in a u32, f32 as is; exact), rows padded to 16 bytes (so the LM head loads 16-byte vectors),
-//!   split by rows into chunks that each fit one storage binding.
+//!   in a u32, f32 as is; exact; GGUF Q8_0 rows decoded to f32, also exact), rows padded to 16
+//!   bytes (so the LM head loads 16-byte vectors), split by rows into chunks that each fit one
+//!   storage binding.
 //! - RoPE: the (cos, sin) table, computed exactly as the CPU backend computes them.
 
 use crate::load::{FloatDtype, FloatMatrix};
