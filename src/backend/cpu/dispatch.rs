@@ -290,9 +290,57 @@ pub fn dot_bf16_rows2(level: CpuLevel, rows: [&[u8]; 2], x: &[f32]) -> [f32; 2] 
         #[cfg(target_arch = "x86_64")]
         // SAFETY: the level is only ever one `available()` returned; lengths checked above.
         CpuLevel::Avx2 | CpuLevel::AvxVnni | CpuLevel::Avx512Vnni | CpuLevel::Amx => unsafe {
-            avx2::dot_bf16_avx2_rows::<2>(rows, x)
+            avx2::dot_bf16_avx2_rows::<2, 1>(rows, [x])[0]
         },
         _ => [dot_bf16(level, rows[0], x), dot_bf16(level, rows[1], x)],
+    }
+}
+
+/// [`dot_bf16`] of `R` rows with each of `T` activation rows, `[T][R]`, each row's halves
+/// widened once for all of them (a batched decode step's exact head). Each result is
+/// [`dot_bf16`]'s bit for bit.
+#[inline]
+pub fn dot_bf16_tokens<const R: usize, const T: usize>(
+    level: CpuLevel,
+    rows: [&[u8]; R],
+    xs: [&[f32]; T],
+) -> [[f32; R]; T] {
+    assert!(
+        xs.iter()
+            .all(|x| rows.iter().all(|r| r.len() == 2 * x.len())),
+        "dot_bf16_tokens: row and activation lengths differ"
+    );
+    match level {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: the level is only ever one `available()` returned; lengths checked above.
+        CpuLevel::Avx2 | CpuLevel::AvxVnni | CpuLevel::Avx512Vnni | CpuLevel::Amx => unsafe {
+            avx2::dot_bf16_avx2_rows::<R, T>(rows, xs)
+        },
+        _ => xs.map(|x| rows.map(|r| dot_bf16(level, r, x))),
+    }
+}
+
+/// [`dot_f16`] of `R` rows with each of `T` activation rows, `[T][R]` (as
+/// [`dot_bf16_tokens`]); each result is [`dot_f16`]'s bit for bit.
+#[inline]
+pub fn dot_f16_tokens<const R: usize, const T: usize>(
+    level: CpuLevel,
+    rows: [&[u8]; R],
+    xs: [&[f32]; T],
+) -> [[f32; R]; T] {
+    assert!(
+        xs.iter()
+            .all(|x| rows.iter().all(|r| r.len() == 2 * x.len())),
+        "dot_f16_tokens: row and activation lengths differ"
+    );
+    match level {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: the level has AVX2 (one `available()` returned), F16C checked; lengths
+        // checked above.
+        CpuLevel::Avx2 | CpuLevel::AvxVnni | CpuLevel::Avx512Vnni | CpuLevel::Amx if has_f16c() => unsafe {
+            avx2::dot_f16_avx2_rows::<R, T>(rows, xs)
+        },
+        _ => xs.map(|x| rows.map(|r| reference::dot_f16_scalar(r, x))),
     }
 }
 
@@ -323,7 +371,7 @@ pub fn dot_f16_rows<const R: usize>(level: CpuLevel, rows: [&[u8]; R], x: &[f32]
         // SAFETY: the level has AVX2 (one `available()` returned), F16C checked; lengths
         // checked above.
         CpuLevel::Avx2 | CpuLevel::AvxVnni | CpuLevel::Avx512Vnni | CpuLevel::Amx if has_f16c() => unsafe {
-            avx2::dot_f16_avx2_rows::<R>(rows, x)
+            avx2::dot_f16_avx2_rows::<R, 1>(rows, [x])[0]
         },
         _ => rows.map(|r| reference::dot_f16_scalar(r, x)),
     }

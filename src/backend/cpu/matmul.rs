@@ -6,8 +6,8 @@ use std::cell::{Cell, RefCell};
 
 use super::dispatch::CpuLevel;
 use super::dispatch::{
-    dot_bf16, dot_bf16_rows2, dot_f16_rows, dot_q8_0, ternary_dot4, ternary_dot4_rows2,
-    ternary_dot4_x2, ternary_dot4_x4,
+    dot_bf16, dot_bf16_rows2, dot_bf16_tokens, dot_f16_rows, dot_f16_tokens, dot_q8_0,
+    ternary_dot4, ternary_dot4_rows2, ternary_dot4_x2, ternary_dot4_x4,
 };
 use super::pool::DisjointSlice;
 use super::q4::Q4Input;
@@ -16,7 +16,7 @@ use super::reference::rms_norm_row;
 use super::{CpuBackend, CpuLinear, CpuLmHead, CpuQTensor, CpuTensor, LutWeights};
 use crate::backend::check_matmul;
 use crate::error::{BitnetError, Result};
-use crate::load::{decode_floats, FloatDtype};
+use crate::load::{decode_floats, FloatDtype, FloatMatrix};
 use crate::ternary::{BlockScales, TernaryMatrix};
 
 /// Steps of at least this many tokens run their ternary matmuls on AMX tiles (fewer would leave
@@ -561,18 +561,25 @@ impl CpuBackend {
             CpuLmHead::Q4(_) => xs.iter().map(|xr| Q4Input::new(xr)).collect(), // [h] int8
             _ => Vec::new(),
         };
+        let hx_refs: Vec<&HeadInput> = hxs.iter().collect();
         let all = DisjointSlice::new(&mut logits.data[..out_rows * vocab]); // [rows, vocab]
         let job = |c: usize| {
             let (v0, v1) = (c * CHUNK, ((c + 1) * CHUNK).min(vocab));
             let v = |i: usize| v0 + i;
-            if let (CpuLmHead::Q8(q8), 2..) = (head, out_rows) {
-                // Several rows: each pair of head rows is read once for all of them, tokens
-                // `TOKENS` at a time (the same results as one row at a time, bit for bit).
-                // SAFETY (every write): job c alone writes columns v0..v1 of every row.
-                let set =
-                    |t: usize, i: usize, val: f32| unsafe { all.write(t * vocab + v(i), val) };
-                q8_head_tokens(q8, level, &hxs, v1 - v0, v0, set);
-                return;
+            // Several rows: each pair of head rows is read once for a chunk of them (the same
+            // results as one row at a time, bit for bit).
+            // SAFETY (every write): job c alone writes columns v0..v1 of every row.
+            let set = |t: usize, i: usize, val: f32| unsafe { all.write(t * vocab + v(i), val) };
+            match head {
+                CpuLmHead::Q8(q8) if out_rows > 1 => {
+                    return head_rows_tokens(&Q8Dots(q8, level), &hx_refs, v1 - v0, v0, set);
+                }
+                CpuLmHead::Exact(m)
+                    if out_rows > 1 && matches!(m.dtype, FloatDtype::Bf16 | FloatDtype::F16) =>
+                {
+                    return head_rows_tokens(&HalfDots { m, level }, xs, v1 - v0, v0, set);
+                }
+                _ => {}
             }
             for (r, &xr) in xs.iter().enumerate() {
                 // SAFETY: job c alone writes columns v0..v1 of every row.
@@ -660,68 +667,120 @@ impl CpuBackend {
     }
 }
 
-/// The q8 head's logits of every activation row in `hxs` for head rows `v0 .. v0 + len`,
-/// handed to `set(token, i, logit)`: pairs of head rows side by side (two memory streams), each
-/// pair's weights used for a chunk of tokens while they are in registers.
-fn q8_head_tokens(
-    q8: &Q8Matrix,
+/// A head whose kernels take several activation rows at once: `dots` gives the logits of head
+/// rows `rows` for the activation rows `xs`, `[T][R]`, each the one-row, one-token result bit
+/// for bit, reading each head row once for all of `xs`.
+trait TokenDots {
+    type X: ?Sized;
+    /// Activation rows per call that keep their sums in registers with 2 head rows.
+    fn most_tokens(&self) -> usize;
+    fn dots<const R: usize, const T: usize>(
+        &self,
+        rows: [usize; R],
+        xs: [&Self::X; T],
+    ) -> [[f32; R]; T];
+}
+
+/// The q8 head (`q8.rs`).
+struct Q8Dots<'a>(&'a Q8Matrix, CpuLevel);
+
+impl TokenDots for Q8Dots<'_> {
+    type X = HeadInput;
+    fn most_tokens(&self) -> usize {
+        // AVX-512 holds 4 (16 of 32 zmm); AVX2's 16 ymm spill at 4 (0.94× of 2 tokens, where 2
+        // are 1.25× one at a time; `cargo bench --bench cpu_kernels -- "x 8 tokens"`).
+        match self.1 {
+            CpuLevel::Avx512Vnni | CpuLevel::Amx => 4,
+            _ => 2,
+        }
+    }
+    fn dots<const R: usize, const T: usize>(
+        &self,
+        rows: [usize; R],
+        xs: [&HeadInput; T],
+    ) -> [[f32; R]; T] {
+        self.0.dot_tokens(self.1, rows, xs)
+    }
+}
+
+/// An exact head of 16-bit floats (bf16 checkpoints, the F16 embeddings of bitnet.cpp's files).
+struct HalfDots<'a> {
+    m: &'a FloatMatrix,
     level: CpuLevel,
-    hxs: &[HeadInput],
+}
+
+impl TokenDots for HalfDots<'_> {
+    type X = [f32];
+    fn most_tokens(&self) -> usize {
+        2 // the AVX2 kernel's 16 registers: 8 sums, 4 widened halves, 2 activations
+    }
+    fn dots<const R: usize, const T: usize>(
+        &self,
+        rows: [usize; R],
+        xs: [&[f32]; T],
+    ) -> [[f32; R]; T] {
+        let rows = rows.map(|v| self.m.row_bytes(v));
+        match self.m.dtype {
+            FloatDtype::F16 => dot_f16_tokens(self.level, rows, xs),
+            _ => dot_bf16_tokens(self.level, rows, xs),
+        }
+    }
+}
+
+/// The logits of every activation row in `xs` for head rows `v0 .. v0 + len`, handed to
+/// `set(token, i, logit)`: pairs of head rows side by side (two memory streams), each pair's
+/// weights used for a chunk of activation rows while they are in registers.
+fn head_rows_tokens<D: TokenDots + ?Sized>(
+    d: &D,
+    xs: &[&D::X],
     len: usize,
     v0: usize,
     set: impl Fn(usize, usize, f32),
 ) {
-    fn chunk<const R: usize, const T: usize>(
-        q8: &Q8Matrix,
-        level: CpuLevel,
-        hxs: &[HeadInput],
+    fn chunk<D: TokenDots + ?Sized, const R: usize, const T: usize>(
+        d: &D,
+        xs: &[&D::X],
         t0: usize,
         rows: [usize; R],
         v0: usize,
         set: &impl Fn(usize, usize, f32),
     ) {
-        let xs: [&HeadInput; T] = std::array::from_fn(|k| &hxs[t0 + k]);
-        let got = q8.dot_tokens(level, rows.map(|i| v0 + i), xs);
+        let got = d.dots(
+            rows.map(|i| v0 + i),
+            std::array::from_fn::<_, T, _>(|k| xs[t0 + k]),
+        );
         for (k, row) in got.iter().enumerate() {
             for (&i, &val) in rows.iter().zip(row) {
                 set(t0 + k, i, val);
             }
         }
     }
-    fn tokens<const R: usize>(
-        q8: &Q8Matrix,
-        level: CpuLevel,
-        hxs: &[HeadInput],
+    fn tokens<D: TokenDots + ?Sized, const R: usize>(
+        d: &D,
+        xs: &[&D::X],
         rows: [usize; R],
         v0: usize,
         set: &impl Fn(usize, usize, f32),
     ) {
-        // Tokens per call: the most whose sums stay in registers with 2 rows. AVX-512 holds
-        // 4 (16 of 32 zmm); AVX2's 16 ymm spill at 4 (0.94× of 2 tokens, where 2 are 1.25×
-        // one at a time; `cargo bench --bench cpu_kernels -- "x 8 tokens"`).
-        let most = match level {
-            CpuLevel::Avx512Vnni | CpuLevel::Amx => 4,
-            _ => 2,
-        };
         let mut t0 = 0;
-        while t0 < hxs.len() {
-            let k = match (hxs.len() - t0).min(most) {
+        while t0 < xs.len() {
+            let k = match (xs.len() - t0).min(d.most_tokens()) {
                 4 => 4,
                 2 | 3 => 2,
                 _ => 1,
             };
             match k {
-                4 => chunk::<R, 4>(q8, level, hxs, t0, rows, v0, set),
-                2 => chunk::<R, 2>(q8, level, hxs, t0, rows, v0, set),
-                _ => chunk::<R, 1>(q8, level, hxs, t0, rows, v0, set),
+                4 => chunk::<D, R, 4>(d, xs, t0, rows, v0, set),
+                2 => chunk::<D, R, 2>(d, xs, t0, rows, v0, set),
+                _ => chunk::<D, R, 1>(d, xs, t0, rows, v0, set),
             }
             t0 += k;
         }
     }
     side_by_side(
         len,
-        |i, j| tokens(q8, level, hxs, [i, j], v0, &set),
-        |i| tokens(q8, level, hxs, [i], v0, &set),
+        |i, j| tokens(d, xs, [i, j], v0, &set),
+        |i| tokens(d, xs, [i], v0, &set),
     );
 }
 

@@ -388,6 +388,56 @@ fn q8_0_dot_matches_scalar_within_tolerance() {
     }
 }
 
+/// The 16-bit heads' dots of several rows with several activation rows (a batched decode
+/// step's exact head): every result bit for bit the one-row, one-token dot, at every level.
+#[test]
+fn half_dots_of_token_batches_equal_one_token_dots_bit_for_bit() {
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(14);
+    for &n in &[1usize, 17, 2560] {
+        let row = |rng: &mut rand_chacha::ChaCha8Rng, f16: bool| -> Vec<u8> {
+            (0..n)
+                .flat_map(|_| {
+                    let v = rng.random_range(-1.0f32..1.0);
+                    if f16 {
+                        half::f16::from_f32(v).to_le_bytes()
+                    } else {
+                        half::bf16::from_f32(v).to_le_bytes()
+                    }
+                })
+                .collect()
+        };
+        let xs: Vec<Vec<f32>> = (0..2)
+            .map(|_| (0..n).map(|_| rng.random_range(-1.0..1.0)).collect())
+            .collect();
+        for f16 in [false, true] {
+            let (a, b) = (row(&mut rng, f16), row(&mut rng, f16));
+            for &l in &CpuLevel::available() {
+                let one = |r: &[u8], x: &[f32]| {
+                    if f16 {
+                        dot_f16(l, r, x)
+                    } else {
+                        dot_bf16(l, r, x)
+                    }
+                };
+                let got = if f16 {
+                    dot_f16_tokens(l, [&a, &b], [&xs[0], &xs[1]])
+                } else {
+                    dot_bf16_tokens(l, [&a, &b], [&xs[0], &xs[1]])
+                };
+                for (t, x) in xs.iter().enumerate() {
+                    for (k, r) in [&a, &b].into_iter().enumerate() {
+                        assert_eq!(
+                            got[t][k].to_bits(),
+                            one(r, x).to_bits(),
+                            "{l:?} f16={f16} n {n} token {t} row {k}"
+                        );
+                    }
+                }
+            }
+        }
+    }
+}
+
 /// The f16 head's dot (the tied F16 embedding of bitnet.cpp's I2_S files) against its scalar
 /// twin, with subnormal, infinite-free extreme and zero halves among the values.
 #[test]

@@ -424,57 +424,79 @@ pub unsafe fn softmax_avx2(x: &mut [f32]) {
 #[target_feature(enable = "avx2")]
 pub unsafe fn dot_bf16_avx2(row: &[u8], x: &[f32]) -> f32 {
     // SAFETY: passed on.
-    unsafe { dot_bf16_avx2_rows::<1>([row], x)[0] }
+    unsafe { dot_bf16_avx2_rows::<1, 1>([row], [x])[0][0] }
 }
 
-/// The dot of `R` rows of 16-bit floats with f32 `x`, rows read side by side: 16 halves per
-/// step widened to two f32 vectors by `$widen` (the one thing the formats differ in), two
-/// accumulators, the tail through the scalar twin `$tail`. Each row's operations run in the
-/// same order whatever `R` (each result equals the one-row call's bit for bit).
+/// The dots of `R` rows of 16-bit floats with `T` f32 activation rows, `[T][R]`, rows read side
+/// by side: 16 halves per step widened to two f32 vectors by `$widen` (the one thing the formats
+/// differ in) once for all `T` activation rows, two accumulators each, the tail through the
+/// scalar twin `$tail`. Each (row, activation row)'s operations run in the same order whatever
+/// `R` and `T` (each result equals the one-row, one-token call's bit for bit). `R = 2, T = 2`
+/// keeps 8 accumulators, 4 widened halves and 2 activations in the 16 registers.
 macro_rules! dot_half_rows {
     ($(#[$doc:meta])* $name:ident, $features:literal, $tail:path,
      |$w:ident| ($lo:expr, $hi:expr)) => {
         $(#[$doc])*
         #[target_feature(enable = $features)]
-        pub unsafe fn $name<const R: usize>(rows: [&[u8]; R], x: &[f32]) -> [f32; R] {
-            let n = x.len() / 16 * 16;
-            let mut acc = [[_mm256_setzero_ps(); 2]; R];
+        #[allow(clippy::needless_range_loop)] // r and t index rows, activations and sums alike
+        pub unsafe fn $name<const R: usize, const T: usize>(
+            rows: [&[u8]; R],
+            x: [&[f32]; T],
+        ) -> [[f32; R]; T] {
+            let cols = x[0].len();
+            for t in 0..T {
+                assert_eq!(x[t].len(), cols);
+            }
+            let n = cols / 16 * 16;
+            let mut acc = [[[_mm256_setzero_ps(); 2]; R]; T];
             let mut c = 0;
             while c < n {
-                // SAFETY: c + 16 ≤ n: 16 floats of x and 32 bytes of every row are in bounds.
-                let (x0, x1) = unsafe {
-                    (
-                        _mm256_loadu_ps(x.as_ptr().add(c)),
-                        _mm256_loadu_ps(x.as_ptr().add(c + 8)),
-                    )
-                };
-                for (acc, row) in acc.iter_mut().zip(&rows) {
+                // SAFETY: c + 16 ≤ n: 32 bytes of every row are in bounds (2 · cols each).
+                let w: [(__m256, __m256); R] = std::array::from_fn(|r| {
+                    let row = rows[r];
                     prefetch(row.as_ptr().wrapping_add(2 * c + PREFETCH_BYTES));
                     let $w =
                         unsafe { _mm256_loadu_si256(row.as_ptr().add(2 * c) as *const __m256i) };
-                    let (w0, w1): (__m256, __m256) = ($lo, $hi);
-                    acc[0] = _mm256_add_ps(acc[0], _mm256_mul_ps(w0, x0));
-                    acc[1] = _mm256_add_ps(acc[1], _mm256_mul_ps(w1, x1));
+                    ($lo, $hi)
+                });
+                for t in 0..T {
+                    // SAFETY: c + 16 ≤ n: 16 floats of every x are in bounds.
+                    let (x0, x1) = unsafe {
+                        (
+                            _mm256_loadu_ps(x[t].as_ptr().add(c)),
+                            _mm256_loadu_ps(x[t].as_ptr().add(c + 8)),
+                        )
+                    };
+                    for r in 0..R {
+                        let acc = &mut acc[t][r];
+                        acc[0] = _mm256_add_ps(acc[0], _mm256_mul_ps(w[r].0, x0));
+                        acc[1] = _mm256_add_ps(acc[1], _mm256_mul_ps(w[r].1, x1));
+                    }
                 }
                 c += 16;
             }
-            std::array::from_fn(|r| {
-                let mut lanes = [0f32; 8];
-                // SAFETY: lanes has 8 floats.
-                unsafe {
-                    _mm256_storeu_ps(lanes.as_mut_ptr(), _mm256_add_ps(acc[r][0], acc[r][1]))
-                };
-                lanes.iter().sum::<f32>() + $tail(&rows[r][2 * n..], &x[n..])
+            std::array::from_fn(|t| {
+                std::array::from_fn(|r| {
+                    let mut lanes = [0f32; 8];
+                    // SAFETY: lanes has 8 floats.
+                    unsafe {
+                        _mm256_storeu_ps(
+                            lanes.as_mut_ptr(),
+                            _mm256_add_ps(acc[t][r][0], acc[t][r][1]),
+                        )
+                    };
+                    lanes.iter().sum::<f32>() + $tail(&rows[r][2 * n..], &x[t][n..])
+                })
             })
         }
     };
 }
 
 dot_half_rows!(
-    /// [`dot_bf16_avx2`] for `R` rows read side by side: bf16 widened by a 16-bit shift.
+    /// [`dot_bf16_avx2`] for `R` rows and `T` activation rows: bf16 widened by a 16-bit shift.
     ///
     /// # Safety
-    /// AVX2; every row `2 · x.len()` bytes.
+    /// AVX2; every `x` one length, every row twice that in bytes.
     dot_bf16_avx2_rows,
     "avx2",
     reference::dot_bf16_scalar,
@@ -489,7 +511,7 @@ dot_half_rows!(
     /// `vcvtph2ps` (F16C, exact).
     ///
     /// # Safety
-    /// AVX2 + F16C; every row `2 · x.len()` bytes.
+    /// AVX2 + F16C; every `x` one length, every row twice that in bytes.
     dot_f16_avx2_rows,
     "avx2,f16c",
     reference::dot_f16_scalar,
