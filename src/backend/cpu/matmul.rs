@@ -10,7 +10,7 @@ use super::dispatch::{
     ternary_dot4, ternary_dot4_rows2, ternary_dot4_x2, ternary_dot4_x4,
 };
 use super::pool::DisjointSlice;
-use super::q4::Q4Input;
+use super::q4::{Q4Input, Q4Matrix};
 use super::q8::{HeadInput, Q8Matrix};
 use super::reference::rms_norm_row;
 use super::{CpuBackend, CpuLinear, CpuLmHead, CpuQTensor, CpuTensor, LutWeights};
@@ -562,6 +562,7 @@ impl CpuBackend {
             _ => Vec::new(),
         };
         let hx_refs: Vec<&HeadInput> = hxs.iter().collect();
+        let q4x_refs: Vec<&Q4Input> = q4xs.iter().collect();
         let all = DisjointSlice::new(&mut logits.data[..out_rows * vocab]); // [rows, vocab]
         let job = |c: usize| {
             let (v0, v1) = (c * CHUNK, ((c + 1) * CHUNK).min(vocab));
@@ -573,6 +574,9 @@ impl CpuBackend {
             match head {
                 CpuLmHead::Q8(q8) if out_rows > 1 => {
                     return head_rows_tokens(&Q8Dots(q8, level), &hx_refs, v1 - v0, v0, set);
+                }
+                CpuLmHead::Q4(q4) if out_rows > 1 => {
+                    return head_rows_tokens(&Q4Dots(q4, level), &q4x_refs, v1 - v0, v0, set);
                 }
                 CpuLmHead::Exact(m)
                     if out_rows > 1 && matches!(m.dtype, FloatDtype::Bf16 | FloatDtype::F16) =>
@@ -698,6 +702,23 @@ impl TokenDots for Q8Dots<'_> {
         &self,
         rows: [usize; R],
         xs: [&HeadInput; T],
+    ) -> [[f32; R]; T] {
+        self.0.dot_tokens(self.1, rows, xs)
+    }
+}
+
+/// The q4 head (`q4.rs`).
+struct Q4Dots<'a>(&'a Q4Matrix, CpuLevel);
+
+impl TokenDots for Q4Dots<'_> {
+    type X = Q4Input;
+    fn most_tokens(&self) -> usize {
+        2 // the AVX2 kernel's 16 registers: 4 sums, 4 decoded halves, 4 activations
+    }
+    fn dots<const R: usize, const T: usize>(
+        &self,
+        rows: [usize; R],
+        xs: [&Q4Input; T],
     ) -> [[f32; R]; T] {
         self.0.dot_tokens(self.1, rows, xs)
     }

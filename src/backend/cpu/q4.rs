@@ -102,7 +102,7 @@ impl Q4Matrix {
             // SAFETY: the level is only ever one `CpuLevel::available()` returned (AVX2 + FMA);
             // the row and x hold `blocks` whole blocks (x padded).
             CpuLevel::Avx2 | CpuLevel::AvxVnni | CpuLevel::Avx512Vnni | CpuLevel::Amx => unsafe {
-                avx2::dot_q4_avx2_rows::<1>([q], [s], &x.q, &x.offsets)[0]
+                avx2::dot_q4_avx2_rows::<1, 1>([q], [s], [&x.q], [&x.offsets])[0][0]
             },
             #[cfg(target_arch = "aarch64")]
             // SAFETY: as above (aarch64 levels all have NEON).
@@ -122,11 +122,44 @@ impl Q4Matrix {
                 debug_assert_eq!(x.q.len(), self.blocks * Q4_BLOCK);
                 let ((q0, s0), (q1, s1)) = (self.row(r[0]), self.row(r[1]));
                 // SAFETY: as in `dot`.
-                let sums =
-                    unsafe { avx2::dot_q4_avx2_rows::<2>([q0, q1], [s0, s1], &x.q, &x.offsets) };
+                let sums = unsafe {
+                    avx2::dot_q4_avx2_rows::<2, 1>([q0, q1], [s0, s1], [&x.q], [&x.offsets])[0]
+                };
                 sums.map(|s| s * x.inv_scale)
             }
             _ => [self.dot(level, r[0], x), self.dot(level, r[1], x)],
+        }
+    }
+
+    /// The dots of `R` rows with each of `T` activation rows, `[T][R]`, each row's codes decoded
+    /// once for all of them (a batched decode step). Each result is [`Q4Matrix::dot`]'s bit for
+    /// bit, whatever `R` and `T`.
+    #[inline]
+    pub fn dot_tokens<const R: usize, const T: usize>(
+        &self,
+        level: CpuLevel,
+        r: [usize; R],
+        xs: [&Q4Input; T],
+    ) -> [[f32; R]; T] {
+        match level {
+            #[cfg(target_arch = "x86_64")]
+            CpuLevel::Avx2 | CpuLevel::AvxVnni | CpuLevel::Avx512Vnni | CpuLevel::Amx => {
+                for x in xs {
+                    debug_assert_eq!(x.q.len(), self.blocks * Q4_BLOCK);
+                }
+                let rows = r.map(|i| self.row(i));
+                // SAFETY: as in `dot`.
+                let sums = unsafe {
+                    avx2::dot_q4_avx2_rows::<R, T>(
+                        rows.map(|(q, _)| q),
+                        rows.map(|(_, s)| s),
+                        xs.map(|x| &x.q[..]),
+                        xs.map(|x| &x.offsets[..]),
+                    )
+                };
+                std::array::from_fn(|t| sums[t].map(|s| s * xs[t].inv_scale))
+            }
+            _ => xs.map(|x| r.map(|i| self.dot(level, i, x))),
         }
     }
 
@@ -311,6 +344,21 @@ mod tests {
                             "{} cols {cols} rows {pair:?}: dot2 {g} vs dot {one}",
                             level.name()
                         );
+                    }
+                    // two activation rows at once (a batched step): the one-token dots
+                    let x2: Vec<f32> = x.iter().map(|v| -0.5 * v + 0.25).collect();
+                    let hx2 = Q4Input::new(&x2);
+                    let both = q4.dot_tokens(level, pair, [&hx, &hx2]);
+                    for (t, h) in [&hx, &hx2].into_iter().enumerate() {
+                        for (i, &g) in both[t].iter().enumerate() {
+                            let one = q4.dot(level, pair[i], h);
+                            assert_eq!(
+                                g.to_bits(),
+                                one.to_bits(),
+                                "{} cols {cols} rows {pair:?} token {t}: {g} vs {one}",
+                                level.name()
+                            );
+                        }
                     }
                 }
             }

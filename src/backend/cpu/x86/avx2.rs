@@ -626,51 +626,63 @@ pub unsafe fn dot_q8_avx2_rows<const R: usize, const T: usize>(
 /// AVX2 and FMA must be available; every row holds `x.len() / 64 * 32` code bytes and
 /// `x.len() / 64` scales, `offsets` one entry per block, and `x` is whole blocks.
 #[target_feature(enable = "avx2,fma")]
-#[allow(clippy::needless_range_loop)] // `b` indexes x, the codes and R rows of scales alike
-pub unsafe fn dot_q4_avx2_rows<const R: usize>(
+#[allow(clippy::needless_range_loop)] // `b`, `r`, `t` index x, the codes, scales and sums alike
+pub unsafe fn dot_q4_avx2_rows<const R: usize, const T: usize>(
     codes: [&[u8]; R],
     scales: [&[u16]; R],
-    x: &[i8],
-    offsets: &[i32],
-) -> [f32; R] {
-    let blocks = x.len() / Q4_BLOCK;
-    assert_eq!(x.len(), blocks * Q4_BLOCK);
-    assert!(offsets.len() >= blocks);
+    x: [&[i8]; T],
+    offsets: [&[i32]; T],
+) -> [[f32; R]; T] {
+    let blocks = x[0].len() / Q4_BLOCK;
+    for t in 0..T {
+        assert_eq!(x[t].len(), blocks * Q4_BLOCK);
+        assert!(offsets[t].len() >= blocks);
+    }
     for r in 0..R {
         assert!(codes[r].len() >= blocks * Q4_BLOCK_BYTES && scales[r].len() >= blocks);
     }
     let (m15, ones) = (_mm256_set1_epi8(15), _mm256_set1_epi16(1));
-    let mut total = [_mm256_setzero_ps(); R];
+    let mut total = [[_mm256_setzero_ps(); R]; T];
     for b in 0..blocks {
         let (xb, cb) = (b * Q4_BLOCK, b * Q4_BLOCK_BYTES);
-        // SAFETY: xb + 64 ≤ x.len().
-        let (x0, x1) = unsafe {
-            (
-                _mm256_loadu_si256(x.as_ptr().add(xb) as *const __m256i),
-                _mm256_loadu_si256(x.as_ptr().add(xb + 32) as *const __m256i),
-            )
-        };
-        let offset = _mm256_zextsi128_si256(_mm_cvtsi32_si128(offsets[b]));
-        for r in 0..R {
+        // the codes of each row decoded once for all T activation rows
+        let lohi: [(__m256i, __m256i); R] = std::array::from_fn(|r| {
             if b % 2 == 0 {
                 // two blocks are one cache line of codes: ask for the one PREFETCH_BYTES ahead
                 prefetch(codes[r].as_ptr().wrapping_add(cb + PREFETCH_BYTES));
             }
             // SAFETY: cb + 32 ≤ blocks * 32 ≤ the row's code bytes (asserted above).
             let v = unsafe { _mm256_loadu_si256(codes[r].as_ptr().add(cb) as *const __m256i) };
-            let lo = _mm256_and_si256(v, m15); // columns 0..31
-            let hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), m15); // columns 32..63
-            let pairs =
-                _mm256_add_epi16(_mm256_maddubs_epi16(lo, x0), _mm256_maddubs_epi16(hi, x1));
-            let acc = _mm256_sub_epi32(_mm256_madd_epi16(pairs, ones), offset);
-            let s = _mm256_set1_ps(bf16_to_f32(scales[r][b]));
-            total[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(acc), s, total[r]);
+            (
+                _mm256_and_si256(v, m15),                       // columns 0..31
+                _mm256_and_si256(_mm256_srli_epi16(v, 4), m15), // columns 32..63
+            )
+        });
+        let s: [__m256; R] = std::array::from_fn(|r| _mm256_set1_ps(bf16_to_f32(scales[r][b])));
+        for t in 0..T {
+            // SAFETY: xb + 64 ≤ x[t].len().
+            let (x0, x1) = unsafe {
+                (
+                    _mm256_loadu_si256(x[t].as_ptr().add(xb) as *const __m256i),
+                    _mm256_loadu_si256(x[t].as_ptr().add(xb + 32) as *const __m256i),
+                )
+            };
+            let offset = _mm256_zextsi128_si256(_mm_cvtsi32_si128(offsets[t][b]));
+            for r in 0..R {
+                let (lo, hi) = lohi[r];
+                let pairs =
+                    _mm256_add_epi16(_mm256_maddubs_epi16(lo, x0), _mm256_maddubs_epi16(hi, x1));
+                let acc = _mm256_sub_epi32(_mm256_madd_epi16(pairs, ones), offset);
+                total[t][r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(acc), s[r], total[t][r]);
+            }
         }
     }
-    std::array::from_fn(|r| {
-        let mut lanes = [0f32; 8];
-        // SAFETY: lanes has 8 floats.
-        unsafe { _mm256_storeu_ps(lanes.as_mut_ptr(), total[r]) };
-        lanes.iter().sum::<f32>()
+    std::array::from_fn(|t| {
+        std::array::from_fn(|r| {
+            let mut lanes = [0f32; 8];
+            // SAFETY: lanes has 8 floats.
+            unsafe { _mm256_storeu_ps(lanes.as_mut_ptr(), total[t][r]) };
+            lanes.iter().sum::<f32>()
+        })
     })
 }
