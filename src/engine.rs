@@ -141,6 +141,10 @@ impl AnyModel {
     pub fn ctx(&self) -> usize {
         with_model!(self, m => m.options.ctx)
     }
+    /// The most rows one step takes.
+    pub fn max_batch(&self) -> usize {
+        with_model!(self, m => m.options.max_batch)
+    }
     /// How the KV cache is stored: as asked on the GPU, always f32 on the CPU.
     pub fn kv_dtype(&self) -> KvDtype {
         match self {

@@ -73,6 +73,16 @@ fn batched_decode_tests_run_on_each_backend() {
         let want = if device == "cpu" { "cpu" } else { "wgpu" };
         assert!(backend.starts_with(want), "{device}: {backend}");
     }
+    // a context deeper than one step's rows (max_batch 512) is filled in several steps
+    let o = bench(
+        &[
+            "-p", "0", "-n", "2", "-b", "2", "-d", "600", "--device", "cpu", "-o", "json",
+        ],
+        empty.path(),
+    );
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(v[0]["test"].as_str(), Some("tg2 x2 @ d600"));
     let o = bench(&["-p", "0", "-n", "4", "-b", "2,0"], empty.path());
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(

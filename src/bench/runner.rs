@@ -170,10 +170,14 @@ pub fn run_test(
     for rep in 0..=reps {
         model.reset();
         if spec.depth > 0 && batched {
-            // every sequence's context, each in its slot (one prefill step per sequence)
+            // every sequence's context, each in its slot, in steps of at most max_batch rows
+            let step = model.max_batch();
             for slot in 0..spec.batch as u32 {
-                let rows = StepRow::sequence_in(slot, &random_tokens(spec.depth), 0);
-                model.step_logits(&rows, &[spec.depth as u32 - 1])?;
+                let context = random_tokens(spec.depth);
+                for (k, chunk) in context.chunks(step).enumerate() {
+                    let rows = StepRow::sequence_in(slot, chunk, k * step);
+                    model.step_logits(&rows, &[chunk.len() as u32 - 1])?;
+                }
             }
         } else if spec.depth > 0 {
             model.forward_argmax(&random_tokens(spec.depth))?;
