@@ -1058,6 +1058,15 @@ fn info(a: InfoArgs) -> Result<()> {
         gib(ternary),
         gib(emb)
     );
+    if let bitnet_wgpu::engine::AnyModel::Cpu(m) = &engine.model {
+        let tables = m.backend.table_copy_bytes();
+        if tables > 0 {
+            outln!(
+                "                 + {} table-lookup copy of the ternary weights (steps of 2+ tokens; BITNET_CPU_NO_LUT=1 drops it)",
+                gib(tables)
+            );
+        }
+    }
     let kv = engine.model.kv_dtype();
     let kv_per_pos = c.kv_bytes_per_position() / 4 * kv.bytes();
     outln!(

@@ -86,6 +86,13 @@ pub(crate) use x86::avx512_lut::LutWeights;
 #[derive(Debug)]
 pub(crate) enum LutWeights {}
 
+#[cfg(not(target_arch = "x86_64"))]
+impl LutWeights {
+    pub fn bytes(&self) -> usize {
+        match *self {}
+    }
+}
+
 /// Keys and values of every layer and slot, f32.
 pub struct CpuKvCache {
     /// Keys transposed, `[layers, slots, kv_dim, ctx]`: a query's scores over all positions are
@@ -141,9 +148,18 @@ pub struct CpuBackend {
     #[cfg(target_arch = "x86_64")]
     lut_tables: Vec<x86::avx512_lut::Line>,
     use_lut: bool, // repack ternary weights for the table-lookup kernel (see `uses_lut`)
+    /// Bytes of the table-lookup copies made by `upload_linears` (0 where the kernel is unused).
+    table_copy_bytes: u64,
 }
 
 impl CpuBackend {
+    /// Bytes of the ternary weights' table-lookup copies this backend made (the AVX-512 VNNI
+    /// level keeps one beside the 2-bit rows for steps of 2+ tokens; `BITNET_CPU_NO_LUT=1`
+    /// turns it off), 0 elsewhere.
+    pub fn table_copy_bytes(&self) -> u64 {
+        self.table_copy_bytes
+    }
+
     /// Takes the scratch tensor sized `[n, cols]` (given back by `put_scratch`).
     fn take_scratch(&mut self, cols: usize) -> CpuTensor {
         let mut t = std::mem::take(&mut self.scratch);
@@ -211,6 +227,7 @@ impl CpuBackend {
             #[cfg(target_arch = "x86_64")]
             lut_tables: Vec::new(),
             use_lut: !std::env::var("BITNET_CPU_NO_LUT").is_ok_and(|v| v == "1"),
+            table_copy_bytes: 0,
         })
     }
 
@@ -312,10 +329,11 @@ impl Backend for CpuBackend {
                 ),
             ));
         }
-        let lut = parts
+        let lut: Vec<Option<Arc<LutWeights>>> = parts
             .iter()
             .map(|&p| self.repack_for_lut(p).map(Arc::new))
             .collect();
+        self.table_copy_bytes += lut.iter().flatten().map(|l| l.bytes() as u64).sum::<u64>();
         Ok(CpuLinear {
             lut,
             parts: parts.iter().map(|&p| p.clone()).collect(),
@@ -1078,6 +1096,31 @@ mod tests {
                 .qkv_rope_store(&qkv, &xq, &mut cache, 2, &shape, &mut q)
                 .unwrap_err();
             assert!(e.to_string().contains("layer 2"), "{e}");
+        }
+    }
+
+    /// `table_copy_bytes` counts the table-lookup copies the AVX-512 VNNI level makes (what
+    /// `bitnet info` reports) and is 0 on a level without them.
+    #[test]
+    #[cfg(target_arch = "x86_64")] // the table-lookup kernel is x86-64 only
+    fn table_copy_bytes_count_the_repacked_weights() {
+        let mut r = rand_chacha::ChaCha8Rng::seed_from_u64(31);
+        let (a, b) = (
+            random_ternary(&mut r, "a", 68, 263),
+            random_ternary(&mut r, "b", 132, 263),
+        );
+        for level in CpuLevel::available() {
+            let mut cpu = CpuBackend::new(1).unwrap().with_level(level).unwrap();
+            cpu.upload_linears(&[&a, &b]).unwrap();
+            let want = if cpu.uses_lut() {
+                (LutWeights::new(&a).bytes() + LutWeights::new(&b).bytes()) as u64
+            } else {
+                0
+            };
+            assert_eq!(cpu.table_copy_bytes(), want, "{}", level.name());
+            if cpu.uses_lut() {
+                assert!(want > 0);
+            }
         }
     }
 

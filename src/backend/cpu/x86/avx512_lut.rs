@@ -109,6 +109,11 @@ impl LutWeights {
         self.data[(b * row_blocks + rb) * BLOCK_TRIPLES..].as_ptr()
     }
 
+    /// Bytes held by the repacked weights.
+    pub fn bytes(&self) -> usize {
+        std::mem::size_of_val(&self.data[..])
+    }
+
     /// Tables per token: one per group of 3 columns.
     pub fn tables_per_token(&self) -> usize {
         GROUP * self.triples
