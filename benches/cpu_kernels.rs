@@ -161,57 +161,36 @@ fn head_row(c: &mut Criterion) {
         .collect();
     let mut g = c.benchmark_group("lm_head 256 rows x 2560 x 8 tokens");
     g.throughput(Throughput::Elements((8 * rows * cols) as u64));
+    // every pair of head rows (i, i + rows/2) against all 8 activation rows, T at a time
+    fn pairs_t<const T: usize>(q8: &Q8Matrix, level: CpuLevel, hxs: &[HeadInput]) -> f32 {
+        let rows = q8.rows;
+        (0..rows / 2)
+            .map(|i| {
+                hxs.chunks(T)
+                    .map(|x| {
+                        q8.dot_tokens(
+                            level,
+                            [i, i + rows / 2],
+                            std::array::from_fn::<_, T, _>(|k| &x[k]),
+                        )[0][0]
+                    })
+                    .sum::<f32>()
+            })
+            .sum()
+    }
     for level in CpuLevel::available() {
-        g.bench_function(
-            BenchmarkId::new("q8 one token at a time", level.name()),
-            |b| {
-                b.iter(|| {
-                    (0..rows / 2)
-                        .map(|i| {
-                            hxs.iter()
-                                .map(|x| q8.dot2(level, [i, i + rows / 2], x)[0])
-                                .sum::<f32>()
-                        })
-                        .sum::<f32>()
-                })
-            },
-        );
-        g.bench_function(
-            BenchmarkId::new("q8 2 tokens at a time", level.name()),
-            |b| {
-                b.iter(|| {
-                    (0..rows / 2)
-                        .map(|i| {
-                            hxs.chunks(2)
-                                .map(|x| {
-                                    q8.dot_tokens(level, [i, i + rows / 2], [&x[0], &x[1]])[0][0]
-                                })
-                                .sum::<f32>()
-                        })
-                        .sum::<f32>()
-                })
-            },
-        );
-        g.bench_function(
-            BenchmarkId::new("q8 4 tokens at a time", level.name()),
-            |b| {
-                b.iter(|| {
-                    (0..rows / 2)
-                        .map(|i| {
-                            hxs.chunks(4)
-                                .map(|x| {
-                                    q8.dot_tokens(
-                                        level,
-                                        [i, i + rows / 2],
-                                        [&x[0], &x[1], &x[2], &x[3]],
-                                    )[0][0]
-                                })
-                                .sum::<f32>()
-                        })
-                        .sum::<f32>()
-                })
-            },
-        );
+        for (name, f) in [
+            (
+                "q8 one token at a time",
+                pairs_t::<1> as fn(&Q8Matrix, CpuLevel, &[HeadInput]) -> f32,
+            ),
+            ("q8 2 tokens at a time", pairs_t::<2>),
+            ("q8 4 tokens at a time", pairs_t::<4>),
+        ] {
+            g.bench_function(BenchmarkId::new(name, level.name()), |b| {
+                b.iter(|| f(&q8, level, &hxs))
+            });
+        }
     }
     g.finish();
 }

@@ -282,18 +282,7 @@ pub fn dot_bf16(level: CpuLevel, row: &[u8], x: &[f32]) -> f32 {
 /// of a core's memory bandwidth busy than one.
 #[inline]
 pub fn dot_bf16_rows2(level: CpuLevel, rows: [&[u8]; 2], x: &[f32]) -> [f32; 2] {
-    assert!(
-        rows.iter().all(|r| r.len() == 2 * x.len()),
-        "dot_bf16_rows2: row and activation lengths differ"
-    );
-    match level {
-        #[cfg(target_arch = "x86_64")]
-        // SAFETY: the level is only ever one `available()` returned; lengths checked above.
-        CpuLevel::Avx2 | CpuLevel::AvxVnni | CpuLevel::Avx512Vnni | CpuLevel::Amx => unsafe {
-            avx2::dot_bf16_avx2_rows::<2, 1>(rows, [x])[0]
-        },
-        _ => [dot_bf16(level, rows[0], x), dot_bf16(level, rows[1], x)],
-    }
+    dot_bf16_tokens(level, rows, [x])[0]
 }
 
 /// [`dot_bf16`] of `R` rows with each of `T` activation rows, `[T][R]`, each row's halves
@@ -356,25 +345,13 @@ fn has_f16c() -> bool {
 /// whose head is f16.
 #[inline]
 pub fn dot_f16(level: CpuLevel, row: &[u8], x: &[f32]) -> f32 {
-    dot_f16_rows::<1>(level, [row], x)[0]
+    dot_f16_tokens(level, [row], [x])[0][0]
 }
 
 /// [`dot_f16`] of `R` rows read side by side (the same results as one at a time).
 #[inline]
 pub fn dot_f16_rows<const R: usize>(level: CpuLevel, rows: [&[u8]; R], x: &[f32]) -> [f32; R] {
-    assert!(
-        rows.iter().all(|r| r.len() == 2 * x.len()),
-        "dot_f16: row and activation lengths differ"
-    );
-    match level {
-        #[cfg(target_arch = "x86_64")]
-        // SAFETY: the level has AVX2 (one `available()` returned), F16C checked; lengths
-        // checked above.
-        CpuLevel::Avx2 | CpuLevel::AvxVnni | CpuLevel::Avx512Vnni | CpuLevel::Amx if has_f16c() => unsafe {
-            avx2::dot_f16_avx2_rows::<R, 1>(rows, [x])[0]
-        },
-        _ => rows.map(|r| reference::dot_f16_scalar(r, x)),
-    }
+    dot_f16_tokens(level, rows, [x])[0]
 }
 
 /// `Σ row[c] · x[c]` for a GGUF Q8_0 row (34 bytes per 32 columns, values `d · q`) and f32

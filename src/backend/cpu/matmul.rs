@@ -2,12 +2,12 @@
 //! decode for one token, 4/2/1-token blocks for prefill, AMX tiles for long prefill steps) and
 //! the LM head (two-stream decode over the vocabulary rows).
 
-use std::cell::{Cell, RefCell};
+use std::cell::RefCell;
 
 use super::dispatch::CpuLevel;
 use super::dispatch::{
-    dot_bf16, dot_bf16_rows2, dot_bf16_tokens, dot_f16_rows, dot_f16_tokens, dot_q8_0,
-    ternary_dot4, ternary_dot4_rows2, ternary_dot4_x2, ternary_dot4_x4,
+    dot_bf16_tokens, dot_f16_tokens, dot_q8_0, ternary_dot4, ternary_dot4_rows2, ternary_dot4_x2,
+    ternary_dot4_x4,
 };
 use super::pool::DisjointSlice;
 use super::q4::{Q4Input, Q4Matrix};
@@ -561,109 +561,44 @@ impl CpuBackend {
             CpuLmHead::Q4(_) => xs.iter().map(|xr| Q4Input::new(xr)).collect(), // [h] int8
             _ => Vec::new(),
         };
-        let hx_refs: Vec<&HeadInput> = hxs.iter().collect();
-        let q4x_refs: Vec<&Q4Input> = q4xs.iter().collect();
         let all = DisjointSlice::new(&mut logits.data[..out_rows * vocab]); // [rows, vocab]
         let job = |c: usize| {
             let (v0, v1) = (c * CHUNK, ((c + 1) * CHUNK).min(vocab));
             let v = |i: usize| v0 + i;
-            // Several rows: each pair of head rows is read once for a chunk of them (the same
-            // results as one row at a time, bit for bit).
+            // Each pair of head rows is read once for a chunk of the rows (the same results as
+            // one row at a time, bit for bit).
             // SAFETY (every write): job c alone writes columns v0..v1 of every row.
             let set = |t: usize, i: usize, val: f32| unsafe { all.write(t * vocab + v(i), val) };
-            match head {
-                CpuLmHead::Q8(q8) if out_rows > 1 => {
-                    return head_rows_tokens(&Q8Dots(q8, level), &hx_refs, v1 - v0, v0, set);
+            let m = match head {
+                CpuLmHead::Q8(q8) => {
+                    return head_rows_tokens(&Q8Dots(q8, level, &hxs), v1 - v0, v0, set);
                 }
-                CpuLmHead::Q4(q4) if out_rows > 1 => {
-                    return head_rows_tokens(&Q4Dots(q4, level), &q4x_refs, v1 - v0, v0, set);
+                CpuLmHead::Q4(q4) => {
+                    return head_rows_tokens(&Q4Dots(q4, level, &q4xs), v1 - v0, v0, set);
                 }
-                CpuLmHead::Exact(m)
-                    if out_rows > 1 && matches!(m.dtype, FloatDtype::Bf16 | FloatDtype::F16) =>
-                {
-                    return head_rows_tokens(&HalfDots { m, level }, xs, v1 - v0, v0, set);
+                CpuLmHead::Exact(m) if matches!(m.dtype, FloatDtype::Bf16 | FloatDtype::F16) => {
+                    return head_rows_tokens(&HalfDots { m, level, xs }, v1 - v0, v0, set);
                 }
-                _ => {}
-            }
+                CpuLmHead::Exact(m) => m, // Q8_0 and f32: one row at a time
+            };
+            let row = |v: usize| m.row_bytes(v); // [h] in the file dtype
             for (r, &xr) in xs.iter().enumerate() {
                 // SAFETY: job c alone writes columns v0..v1 of every row.
                 let out = unsafe { all.slice_mut(r * vocab + v0..r * vocab + v1) };
-                match head {
-                    CpuLmHead::Q8(q8) => {
-                        let hx = &hxs[r];
-                        // the two halves of the chunk side by side (two memory streams)
-                        let out = Cell::from_mut(out).as_slice_of_cells();
-                        side_by_side(
-                            out.len(),
-                            |i, j| {
-                                let [a, b] = q8.dot2(level, [v(i), v(j)], hx);
-                                out[i].set(a);
-                                out[j].set(b);
-                            },
-                            |i| out[i].set(q8.dot(level, v(i), hx)),
-                        );
+                if m.dtype == FloatDtype::Q8_0 {
+                    // a tied Q8_0 embedding (GGUF), read as stored
+                    for (i, o) in out.iter_mut().enumerate() {
+                        *o = dot_q8_0(level, row(v(i)), xr);
                     }
-                    CpuLmHead::Q4(q4) => {
-                        let hx = &q4xs[r];
-                        // the two halves of the chunk side by side (two memory streams)
-                        let out = Cell::from_mut(out).as_slice_of_cells();
-                        side_by_side(
-                            out.len(),
-                            |i, j| {
-                                let [a, b] = q4.dot2(level, [v(i), v(j)], hx);
-                                out[i].set(a);
-                                out[j].set(b);
-                            },
-                            |i| out[i].set(q4.dot(level, v(i), hx)),
-                        );
-                    }
-                    CpuLmHead::Exact(m) => {
-                        let row = |v: usize| m.row_bytes(v); // [h] in the file dtype
-                        if m.dtype == FloatDtype::Bf16 {
-                            // the two halves of the chunk side by side (two memory streams)
-                            let out = Cell::from_mut(out).as_slice_of_cells();
-                            side_by_side(
-                                out.len(),
-                                |i, j| {
-                                    let [a, b] = dot_bf16_rows2(level, [row(v(i)), row(v(j))], xr);
-                                    out[i].set(a);
-                                    out[j].set(b);
-                                },
-                                |i| out[i].set(dot_bf16(level, row(v(i)), xr)),
-                            );
-                            continue;
-                        }
-                        if m.dtype == FloatDtype::Q8_0 {
-                            // a tied Q8_0 embedding (GGUF), read as stored
-                            for (i, o) in out.iter_mut().enumerate() {
-                                *o = dot_q8_0(level, row(v(i)), xr);
-                            }
-                            continue;
-                        }
-                        if m.dtype == FloatDtype::F16 {
-                            // the tied F16 embedding of bitnet.cpp's I2_S files: the same
-                            // two-stream walk on the F16C kernel
-                            let out = Cell::from_mut(out).as_slice_of_cells();
-                            side_by_side(
-                                out.len(),
-                                |i, j| {
-                                    let [a, b] = dot_f16_rows(level, [row(v(i)), row(v(j))], xr);
-                                    out[i].set(a);
-                                    out[j].set(b);
-                                },
-                                |i| out[i].set(dot_f16_rows(level, [row(v(i))], xr)[0]),
-                            );
-                            continue;
-                        }
-                        for (i, o) in out.iter_mut().enumerate() {
-                            // f32 heads: decoded row by row
-                            *o = ROW.with_borrow_mut(|decoded| {
-                                decoded.resize(h, 0.0);
-                                decode_floats(m.dtype, row(v(i)), decoded);
-                                decoded.iter().zip(xr).map(|(a, b)| a * b).sum()
-                            });
-                        }
-                    }
+                    continue;
+                }
+                for (i, o) in out.iter_mut().enumerate() {
+                    // f32 heads: decoded row by row
+                    *o = ROW.with_borrow_mut(|decoded| {
+                        decoded.resize(h, 0.0);
+                        decode_floats(m.dtype, row(v(i)), decoded);
+                        decoded.iter().zip(xr).map(|(a, b)| a * b).sum()
+                    });
                 }
             }
         };
@@ -671,25 +606,24 @@ impl CpuBackend {
     }
 }
 
-/// A head whose kernels take several activation rows at once: `dots` gives the logits of head
-/// rows `rows` for the activation rows `xs`, `[T][R]`, each the one-row, one-token result bit
-/// for bit, reading each head row once for all of `xs`.
+/// A head and the activation rows of a step, for kernels that take several rows at once:
+/// `dots` gives the logits of head rows `rows` for activation rows `t0 .. t0 + T`, `[T][R]`,
+/// each the one-row, one-token result bit for bit, reading each head row once for all `T`.
 trait TokenDots {
-    type X: ?Sized;
+    /// Activation rows of the step.
+    fn tokens(&self) -> usize;
     /// Activation rows per call that keep their sums in registers with 2 head rows.
     fn most_tokens(&self) -> usize;
-    fn dots<const R: usize, const T: usize>(
-        &self,
-        rows: [usize; R],
-        xs: [&Self::X; T],
-    ) -> [[f32; R]; T];
+    fn dots<const R: usize, const T: usize>(&self, rows: [usize; R], t0: usize) -> [[f32; R]; T];
 }
 
-/// The q8 head (`q8.rs`).
-struct Q8Dots<'a>(&'a Q8Matrix, CpuLevel);
+/// The q8 head (`q8.rs`) and the step's rows rounded for it.
+struct Q8Dots<'a>(&'a Q8Matrix, CpuLevel, &'a [HeadInput]);
 
 impl TokenDots for Q8Dots<'_> {
-    type X = HeadInput;
+    fn tokens(&self) -> usize {
+        self.2.len()
+    }
     fn most_tokens(&self) -> usize {
         // AVX-512 holds 4 (16 of 32 zmm); AVX2's 16 ymm spill at 4 (0.94× of 2 tokens, where 2
         // are 1.25× one at a time; `cargo bench --bench cpu_kernels -- "x 8 tokens"`).
@@ -698,49 +632,46 @@ impl TokenDots for Q8Dots<'_> {
             _ => 2,
         }
     }
-    fn dots<const R: usize, const T: usize>(
-        &self,
-        rows: [usize; R],
-        xs: [&HeadInput; T],
-    ) -> [[f32; R]; T] {
-        self.0.dot_tokens(self.1, rows, xs)
+    fn dots<const R: usize, const T: usize>(&self, rows: [usize; R], t0: usize) -> [[f32; R]; T] {
+        self.0
+            .dot_tokens(self.1, rows, std::array::from_fn(|k| &self.2[t0 + k]))
     }
 }
 
-/// The q4 head (`q4.rs`).
-struct Q4Dots<'a>(&'a Q4Matrix, CpuLevel);
+/// The q4 head (`q4.rs`) and the step's rows rounded for it.
+struct Q4Dots<'a>(&'a Q4Matrix, CpuLevel, &'a [Q4Input]);
 
 impl TokenDots for Q4Dots<'_> {
-    type X = Q4Input;
+    fn tokens(&self) -> usize {
+        self.2.len()
+    }
     fn most_tokens(&self) -> usize {
         2 // the AVX2 kernel's 16 registers: 4 sums, 4 decoded halves, 4 activations
     }
-    fn dots<const R: usize, const T: usize>(
-        &self,
-        rows: [usize; R],
-        xs: [&Q4Input; T],
-    ) -> [[f32; R]; T] {
-        self.0.dot_tokens(self.1, rows, xs)
+    fn dots<const R: usize, const T: usize>(&self, rows: [usize; R], t0: usize) -> [[f32; R]; T] {
+        self.0
+            .dot_tokens(self.1, rows, std::array::from_fn(|k| &self.2[t0 + k]))
     }
 }
 
-/// An exact head of 16-bit floats (bf16 checkpoints, the F16 embeddings of bitnet.cpp's files).
+/// An exact head of 16-bit floats (bf16 checkpoints, the F16 embeddings of bitnet.cpp's files)
+/// and the step's rows.
 struct HalfDots<'a> {
     m: &'a FloatMatrix,
     level: CpuLevel,
+    xs: &'a [&'a [f32]],
 }
 
 impl TokenDots for HalfDots<'_> {
-    type X = [f32];
+    fn tokens(&self) -> usize {
+        self.xs.len()
+    }
     fn most_tokens(&self) -> usize {
         2 // the AVX2 kernel's 16 registers: 8 sums, 4 widened halves, 2 activations
     }
-    fn dots<const R: usize, const T: usize>(
-        &self,
-        rows: [usize; R],
-        xs: [&[f32]; T],
-    ) -> [[f32; R]; T] {
+    fn dots<const R: usize, const T: usize>(&self, rows: [usize; R], t0: usize) -> [[f32; R]; T] {
         let rows = rows.map(|v| self.m.row_bytes(v));
+        let xs = std::array::from_fn(|k| self.xs[t0 + k]);
         match self.m.dtype {
             FloatDtype::F16 => dot_f16_tokens(self.level, rows, xs),
             _ => dot_bf16_tokens(self.level, rows, xs),
@@ -748,60 +679,49 @@ impl TokenDots for HalfDots<'_> {
     }
 }
 
-/// The logits of every activation row in `xs` for head rows `v0 .. v0 + len`, handed to
+/// The logits of every activation row of `d` for head rows `v0 .. v0 + len`, handed to
 /// `set(token, i, logit)`: pairs of head rows side by side (two memory streams), each pair's
 /// weights used for a chunk of activation rows while they are in registers.
-fn head_rows_tokens<D: TokenDots + ?Sized>(
-    d: &D,
-    xs: &[&D::X],
-    len: usize,
-    v0: usize,
-    set: impl Fn(usize, usize, f32),
-) {
-    fn chunk<D: TokenDots + ?Sized, const R: usize, const T: usize>(
+fn head_rows_tokens<D: TokenDots>(d: &D, len: usize, v0: usize, set: impl Fn(usize, usize, f32)) {
+    fn tokens<D: TokenDots, const R: usize>(
         d: &D,
-        xs: &[&D::X],
-        t0: usize,
         rows: [usize; R],
         v0: usize,
         set: &impl Fn(usize, usize, f32),
     ) {
-        let got = d.dots(
-            rows.map(|i| v0 + i),
-            std::array::from_fn::<_, T, _>(|k| xs[t0 + k]),
-        );
-        for (k, row) in got.iter().enumerate() {
-            for (&i, &val) in rows.iter().zip(row) {
-                set(t0 + k, i, val);
+        fn chunk<D: TokenDots, const R: usize, const T: usize>(
+            d: &D,
+            rows: [usize; R],
+            t0: usize,
+            v0: usize,
+            set: &impl Fn(usize, usize, f32),
+        ) {
+            let got: [[f32; R]; T] = d.dots(rows.map(|i| v0 + i), t0);
+            for (k, row) in got.iter().enumerate() {
+                for (&i, &val) in rows.iter().zip(row) {
+                    set(t0 + k, i, val);
+                }
             }
         }
-    }
-    fn tokens<D: TokenDots + ?Sized, const R: usize>(
-        d: &D,
-        xs: &[&D::X],
-        rows: [usize; R],
-        v0: usize,
-        set: &impl Fn(usize, usize, f32),
-    ) {
-        let mut t0 = 0;
-        while t0 < xs.len() {
-            let k = match (xs.len() - t0).min(d.most_tokens()) {
+        let (n, mut t0) = (d.tokens(), 0);
+        while t0 < n {
+            let k = match (n - t0).min(d.most_tokens()) {
                 4 => 4,
                 2 | 3 => 2,
                 _ => 1,
             };
             match k {
-                4 => chunk::<D, R, 4>(d, xs, t0, rows, v0, set),
-                2 => chunk::<D, R, 2>(d, xs, t0, rows, v0, set),
-                _ => chunk::<D, R, 1>(d, xs, t0, rows, v0, set),
+                4 => chunk::<D, R, 4>(d, rows, t0, v0, set),
+                2 => chunk::<D, R, 2>(d, rows, t0, v0, set),
+                _ => chunk::<D, R, 1>(d, rows, t0, v0, set),
             }
             t0 += k;
         }
     }
     side_by_side(
         len,
-        |i, j| tokens(d, xs, [i, j], v0, &set),
-        |i| tokens(d, xs, [i], v0, &set),
+        |i, j| tokens(d, [i, j], v0, &set),
+        |i| tokens(d, [i], v0, &set),
     );
 }
 

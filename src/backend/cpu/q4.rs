@@ -116,19 +116,7 @@ impl Q4Matrix {
     /// two memory streams keep more of a core's memory bandwidth busy than one.
     #[inline]
     pub fn dot2(&self, level: CpuLevel, r: [usize; 2], x: &Q4Input) -> [f32; 2] {
-        match level {
-            #[cfg(target_arch = "x86_64")]
-            CpuLevel::Avx2 | CpuLevel::AvxVnni | CpuLevel::Avx512Vnni | CpuLevel::Amx => {
-                debug_assert_eq!(x.q.len(), self.blocks * Q4_BLOCK);
-                let ((q0, s0), (q1, s1)) = (self.row(r[0]), self.row(r[1]));
-                // SAFETY: as in `dot`.
-                let sums = unsafe {
-                    avx2::dot_q4_avx2_rows::<2, 1>([q0, q1], [s0, s1], [&x.q], [&x.offsets])[0]
-                };
-                sums.map(|s| s * x.inv_scale)
-            }
-            _ => [self.dot(level, r[0], x), self.dot(level, r[1], x)],
-        }
+        self.dot_tokens(level, r, [x])[0]
     }
 
     /// The dots of `R` rows with each of `T` activation rows, `[T][R]`, each row's codes decoded

@@ -87,19 +87,13 @@ impl Q8Matrix {
     /// `Σ_c W[r, c] · x[c]` with the fastest kernel of `level`.
     #[inline]
     pub fn dot(&self, level: CpuLevel, r: usize, x: &HeadInput) -> f32 {
-        self.dot_rows(level, [r], x)[0]
+        self.dot_tokens(level, [r], [x])[0][0]
     }
 
     /// [`Q8Matrix::dot`] of two rows (the same results), reading their weights side by side:
     /// two memory streams keep more of a core's memory bandwidth busy than one.
     #[inline]
     pub fn dot2(&self, level: CpuLevel, r: [usize; 2], x: &HeadInput) -> [f32; 2] {
-        self.dot_rows(level, r, x)
-    }
-
-    /// The dots of `R` rows with `level`'s kernel (each row's result independent of `R`).
-    #[inline]
-    fn dot_rows<const R: usize>(&self, level: CpuLevel, r: [usize; R], x: &HeadInput) -> [f32; R] {
         self.dot_tokens(level, r, [x])[0]
     }
 
