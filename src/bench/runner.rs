@@ -197,7 +197,7 @@ pub fn run_test(
                 // `batch` sequences at positions depth.., one row each per step, each row's
                 // logits read back and its greedy token picked on the host (as `serve` does)
                 let logit_rows: Vec<u32> = (0..spec.batch as u32).collect();
-                let mut next = tokens.clone();
+                let mut next = tokens;
                 for s in 0..spec.n_tokens {
                     let rows: Vec<StepRow> = next
                         .iter()

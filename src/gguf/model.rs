@@ -131,18 +131,13 @@ pub fn load_gguf(
     // The header is parsed and the tokenizer built: neither the parsed token arrays nor the
     // header's pages in the map are needed while the weights load.
     h.free_tokenizer_arrays();
-    ByteStorage::Mapped {
-        map: Arc::clone(&map),
-        offset: 0,
-        len: h.data_start.min(map.len()),
-    }
-    .release(0..h.data_start);
     let g = File {
         path: path.to_path_buf(),
         h: &h,
         map: &map,
         i2s_layout: opts.i2s_layout,
     };
+    g.release_bytes(0, h.data_start.min(map.len()));
 
     let c = &config;
     let (hd, i) = (c.hidden_size, c.intermediate_size);
@@ -362,12 +357,17 @@ impl File<'_> {
     /// read again), so that the file's copy does not count beside it in the process's memory
     /// (best effort, see [`ByteStorage::release`]).
     fn release(&self, t: &TensorInfo) {
+        self.release_bytes(t.start, t.len);
+    }
+
+    /// [`File::release`] of `len` bytes of the map from `start`.
+    fn release_bytes(&self, start: usize, len: usize) {
         ByteStorage::Mapped {
             map: Arc::clone(self.map),
-            offset: t.start,
-            len: t.len,
+            offset: start,
+            len,
         }
-        .release(0..t.len);
+        .release(0..len);
     }
 
     fn check_dims(&self, t: &TensorInfo, want: &[usize]) -> Result<()> {
@@ -569,10 +569,9 @@ impl File<'_> {
             let len = rows
                 .checked_mul(cols)
                 .and_then(|n| n.checked_mul(4))
-                .ok_or_else(|| BitnetError::Shape {
+                .ok_or_else(|| BitnetError::BadValue {
                     name: name.to_string(),
-                    expected: vec![rows, cols],
-                    found: vec![rows, cols],
+                    msg: format!("an f32 copy of [{rows}, {cols}] overflows the address space"),
                 })?;
             let mut out = vec![0u8; len]; // [rows, cols] f32 little-endian
             const CHUNK_BLOCKS: usize = 1024;
