@@ -9,7 +9,7 @@ use serde::Serialize;
 
 use crate::backend::cpu::CpuBackend;
 use crate::backend::wgpu::{self as gpu, AdapterChoice, WgpuBackend};
-use crate::backend::StepRow;
+use crate::backend::{Backend, StepRow};
 pub use crate::backend::{HeadFormat, KvDtype};
 use crate::config::ModelConfig;
 use crate::error::{BitnetError, Result};
@@ -56,8 +56,9 @@ pub struct EngineOptions {
     pub progress: bool,
     /// Storage of the LM head (`q8`, `q4`: smaller and faster on the CPU, approximate).
     pub lm_head: HeadFormat,
-    /// Storage of the KV cache on a GPU (`f16`, the default, or `f32`; the CPU keeps f32).
-    pub kv_cache: KvDtype,
+    /// Storage of the KV cache (`f16` or `f32`); `None` = the device's default (f16 on a GPU,
+    /// f32 on the CPU).
+    pub kv_cache: Option<KvDtype>,
     /// Choices for GGUF files (I2_S layout, FFN activation override).
     pub gguf: crate::gguf::GgufOptions,
 }
@@ -145,12 +146,9 @@ impl AnyModel {
     pub fn max_batch(&self) -> usize {
         with_model!(self, m => m.options.max_batch)
     }
-    /// How the KV cache is stored: as asked on the GPU, always f32 on the CPU.
+    /// How the KV cache is stored (as asked, or the device's default).
     pub fn kv_dtype(&self) -> KvDtype {
-        match self {
-            AnyModel::Cpu(_) => KvDtype::F32,
-            AnyModel::Gpu(m) => m.options.kv_cache,
-        }
+        with_model!(self, m => m.kv_dtype())
     }
 }
 
@@ -286,15 +284,16 @@ pub fn check_host_memory(
     let Some(available) = available else {
         return Ok(());
     };
-    // The CPU backend's buffers have the GPU's layout and sizes with an f32 cache.
+    // The CPU backend's buffers have the GPU's layout and sizes (its cache f32 by default).
     let options = ModelOptions {
-        kv_cache: KvDtype::F32,
+        kv_cache: Some(options.kv_cache.unwrap_or(CpuBackend::DEFAULT_KV)),
         ..*options
     };
     let need = gpu::estimate_memory(config, &options, 4);
     let bytes = need.kv_cache.saturating_add(need.activations);
     if bytes > available {
-        let per_pos = config.kv_bytes_per_position().max(1);
+        let kv = options.kv_cache.unwrap_or(CpuBackend::DEFAULT_KV);
+        let per_pos = (config.kv_bytes_per_position() / 4 * kv.bytes()).max(1);
         let fits = available.saturating_sub(need.activations) / per_pos;
         return Err(BitnetError::InvalidArgument(format!(
             "a context of {} positions needs {:.1} GiB for the KV cache and activations but only {:.1} GiB of memory is available: use a smaller --ctx (at most about {fits})",

@@ -42,8 +42,9 @@ pub struct ModelOptions {
     pub max_logit_rows: usize,
     /// Storage of the LM head.
     pub lm_head: HeadFormat,
-    /// Storage of the KV cache on a GPU (f16 by default; the CPU backend always keeps f32).
-    pub kv_cache: KvDtype,
+    /// Storage of the KV cache; `None` = the backend's default ([`Backend::DEFAULT_KV`]: f32 on
+    /// the CPU, the exact semantics; f16 on a GPU). [`Model::new`] sets the one it used.
+    pub kv_cache: Option<KvDtype>,
     /// Independent sequences the KV cache holds (`ctx` positions each); the single-sequence API
     /// (`forward_*`) uses slot 0, [`Model::step_rows`] any.
     pub slots: usize,
@@ -60,7 +61,7 @@ impl ModelOptions {
             max_batch: 512,
             max_logit_rows: 64,
             lm_head: HeadFormat::Exact,
-            kv_cache: KvDtype::F16,
+            kv_cache: None,
             slots: 1,
         }
     }
@@ -215,13 +216,18 @@ impl<B: Backend> Model<B> {
             ffn_q: b.alloc_q(n, i)?,
             logits: b.alloc(options.max_logit_rows, c.vocab_size)?,
         };
+        let kv_dtype = options.kv_cache.unwrap_or(B::DEFAULT_KV);
         let cache = b.alloc_kv_cache(
             c.num_hidden_layers,
             options.slots,
             options.ctx,
             kvd,
-            options.kv_cache,
+            kv_dtype,
         )?;
+        let options = ModelOptions {
+            kv_cache: Some(kv_dtype),
+            ..options
+        };
         let shape = AttentionShape {
             n_heads: c.num_attention_heads,
             n_kv_heads: c.num_key_value_heads,
@@ -253,6 +259,11 @@ impl<B: Backend> Model<B> {
     }
 
     /// Forgets the context (the cache is overwritten from position 0).
+    /// How the KV cache stores keys and values.
+    pub fn kv_dtype(&self) -> KvDtype {
+        self.options.kv_cache.unwrap_or(B::DEFAULT_KV)
+    }
+
     pub fn reset(&mut self) {
         self.pos = 0;
     }
@@ -622,7 +633,7 @@ mod tests {
             max_batch: 16,
             max_logit_rows: 16,
             lm_head: HeadFormat::Exact,
-            kv_cache: KvDtype::F32,
+            kv_cache: Some(KvDtype::F32),
             slots: 1,
         };
         let mut m = Model::new(CpuBackend::new(2).unwrap(), &w, opts).unwrap();
@@ -664,7 +675,7 @@ mod tests {
             max_batch: 32,
             max_logit_rows: 32,
             lm_head,
-            kv_cache: KvDtype::F32,
+            kv_cache: Some(KvDtype::F32),
             slots,
         };
         (
@@ -823,7 +834,7 @@ mod tests {
             max_batch: 8,
             max_logit_rows: 8,
             lm_head: HeadFormat::Exact,
-            kv_cache: KvDtype::F32,
+            kv_cache: Some(KvDtype::F32),
             slots: 1,
         };
         let mut m = Model::new(CpuBackend::new(2).unwrap(), &w, opts).unwrap();

@@ -45,13 +45,14 @@ fn gpu_model(test: &str, w: &ModelWeights, options: ModelOptions) -> Option<Mode
     Some(Model::new(b, w, options).unwrap_or_else(|e| panic!("{test}: {e}")))
 }
 
-/// The CPU model; with `options.kv_cache` f16 it rounds stored keys and values to f16 as the
-/// GPU's f16 cache does (its cache stays f32).
+/// The CPU model with the GPU model's KV cache format (f16 unless `options` asks for f32), so
+/// that both attend over the same stored values.
 fn cpu_model(w: &ModelWeights, options: ModelOptions) -> Model<CpuBackend> {
-    let b = CpuBackend::new(2)
-        .unwrap()
-        .emulate_f16_kv_cache(options.kv_cache == KvDtype::F16);
-    Model::new(b, w, options).unwrap()
+    let options = ModelOptions {
+        kv_cache: Some(options.kv_cache.unwrap_or(KvDtype::F16)),
+        ..options
+    };
+    Model::new(CpuBackend::new(2).unwrap(), w, options).unwrap()
 }
 
 /// Greedy generation as Engine::generate with ignore_eos: the first id from the prefill, then
@@ -113,7 +114,7 @@ fn check_gpu_logits(
     kv_cache: KvDtype,
 ) -> Option<(Model<WgpuBackend>, ModelOptions)> {
     let options = ModelOptions {
-        kv_cache,
+        kv_cache: Some(kv_cache),
         ..ModelOptions::for_config(&w.config)
     };
     let mut g = gpu_model(test, w, options)?;
@@ -337,7 +338,7 @@ fn sampled_generation_on_the_device_equals_the_cpu_sampler() {
         // the f32 cache: the CPU's logits, so the same draws pick the same tokens
         let opts = EngineOptions {
             device,
-            kv_cache: KvDtype::F32,
+            kv_cache: Some(KvDtype::F32),
             ..Default::default()
         };
         let mut e = Engine::load(&fixture(name), &opts).unwrap();

@@ -644,7 +644,7 @@ fn attention_case_scaled(
     dtype: KvDtype,
     kv_scale: f32,
 ) {
-    let mut c = cpu().emulate_f16_kv_cache(dtype == KvDtype::F16);
+    let mut c = cpu();
     let mut r = rng(seed);
     let shape = AttentionShape {
         n_heads: heads,
@@ -657,7 +657,8 @@ fn attention_case_scaled(
     let ctx: usize = steps.iter().sum::<usize>() + 3;
     let cap = *steps.iter().max().unwrap();
     let layers = 2;
-    let mut ccache = c.alloc_kv_cache(layers, 1, ctx, kvd, KvDtype::F32).unwrap();
+    // the CPU cache in the same format: both attend over the same stored values
+    let mut ccache = c.alloc_kv_cache(layers, 1, ctx, kvd, dtype).unwrap();
     let mut gcache = g.alloc_kv_cache(layers, 1, ctx, kvd, dtype).unwrap();
     let parts = [
         random_ternary(&mut r, qd, hidden, 0.05),

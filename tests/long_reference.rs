@@ -162,9 +162,18 @@ fn options(w: &ModelWeights, n: usize) -> ModelOptions {
 fn cpu_matches_float64_over_288_positions() {
     let r = reference();
     let w = weights();
-    let mut m = Model::new(CpuBackend::new(2).unwrap(), &w, options(&w, r.ids.len())).unwrap();
-    check_within_envelope("cpu prefill", &prefill_all(&mut m, &r.ids), &r);
-    check_within_envelope("cpu decode", &decode_each(&mut m, &r.ids), &r);
+    // the default cache (f32, the exact semantics), then `--kv-cache f16`
+    for (kv_cache, dtype) in [(None, KvDtype::F32), (Some(KvDtype::F16), KvDtype::F16)] {
+        let o = ModelOptions {
+            kv_cache,
+            ..options(&w, r.ids.len())
+        };
+        let mut m = Model::new(CpuBackend::new(2).unwrap(), &w, o).unwrap();
+        assert_eq!(m.kv_dtype(), dtype);
+        let what = format!("cpu {dtype:?} KV");
+        check_within_envelope(&format!("{what} prefill"), &prefill_all(&mut m, &r.ids), &r);
+        check_within_envelope(&format!("{what} decode"), &decode_each(&mut m, &r.ids), &r);
+    }
 }
 
 #[test]
@@ -177,7 +186,7 @@ fn gpu_matches_float64_over_288_positions() {
             return;
         };
         let o = ModelOptions {
-            kv_cache,
+            kv_cache: Some(kv_cache),
             ..options(&w, r.ids.len())
         };
         let mut m = Model::new(b, &w, o).unwrap();

@@ -133,12 +133,12 @@ impl HeadFormat {
 /// How a backend stores the keys and values of the KV cache.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum KvDtype {
-    /// IEEE half floats (GPU): half the memory and half the bytes attention reads per token;
-    /// logits move by up to ~1e-2 of their range (README, "GPU"). The CPU backend keeps f32
-    /// whatever is asked.
+    /// IEEE half floats (the GPU's default, `--kv-cache f16` on the CPU): half the memory and
+    /// half the bytes attention reads per token; logits move by up to ~1e-2 of their range
+    /// (README, "GPU").
     #[default]
     F16,
-    /// f32: the same values as the CPU backend's cache.
+    /// f32: the exact semantics (the CPU's default).
     F32,
 }
 
@@ -210,6 +210,8 @@ pub trait Backend {
     type Head;
     /// Keys and values of all layers and slots, `[layers, slots, ctx, kv_dim]` each.
     type KvCache;
+    /// The KV cache's storage when none is asked for (`ModelOptions::kv_cache` `None`).
+    const DEFAULT_KV: KvDtype;
 
     /// A human-readable name: "cpu (2 threads)", "wgpu Vulkan NVIDIA H100", ...
     fn name(&self) -> String;
@@ -234,8 +236,7 @@ pub trait Backend {
     ) -> Result<Self::Head>;
     fn alloc(&mut self, capacity: usize, cols: usize) -> Result<Self::Tensor>;
     fn alloc_q(&mut self, capacity: usize, cols: usize) -> Result<Self::QTensor>;
-    /// KV cache of `slots` independent sequences of `ctx` positions each, stored as `dtype`
-    /// where the backend supports it (the CPU backend always stores f32).
+    /// KV cache of `slots` independent sequences of `ctx` positions each, stored as `dtype`.
     fn alloc_kv_cache(
         &mut self,
         layers: usize,

@@ -190,11 +190,11 @@ struct DeviceArgs {
     /// within a few % of their spread; see the README for what it costs in perplexity).
     #[arg(long, default_value = "exact", value_name = "exact|q8|q4")]
     lm_head: HeadFormat,
-    /// KV cache storage on a GPU: f16 (half the memory and attention traffic; logits move by
-    /// up to ~1e-2 of their range, see the README) or f32 (the CPU's values). The CPU backend
-    /// always keeps f32.
-    #[arg(long, default_value = "f16", value_name = "f16|f32")]
-    kv_cache: KvDtype,
+    /// KV cache storage: f16 (half the memory and attention traffic; logits move by up to
+    /// ~1e-2 of their range, see the README) or f32 (the exact semantics). Default: f16 on a
+    /// GPU, f32 on the CPU.
+    #[arg(long, value_name = "f16|f32")]
+    kv_cache: Option<KvDtype>,
     /// GGUF I2_S block layout: x86 (Microsoft's published files) or arm (written by bitnet.cpp
     /// built for ARM; the file does not record it).
     #[arg(long, default_value = "x86", value_name = "x86|arm")]
@@ -1073,10 +1073,10 @@ fn info(a: InfoArgs) -> Result<()> {
         "kv cache         {} per token ({}{}), {} at the context of {ctx}",
         gib(kv_per_pos),
         kv.name(),
-        if matches!(engine.model, bitnet_wgpu::engine::AnyModel::Cpu(_)) {
-            ", always on the CPU"
-        } else {
+        if engine.options.kv_cache.is_some() {
             ", --kv-cache"
+        } else {
+            ", the device's default; --kv-cache f16|f32"
         },
         gib(kv_per_pos.saturating_mul(ctx as u64)),
     );
@@ -1096,15 +1096,23 @@ fn info(a: InfoArgs) -> Result<()> {
         outln!("{label:<17}{a}");
         outln!("{:<17}{}", "", a.tiles);
     }
+    // what a GPU would hold: the cache as asked, or the GPU's default
+    let gpu_options = bitnet_wgpu::model::ModelOptions {
+        kv_cache: engine.options.kv_cache,
+        ..engine.model_options()
+    };
     let need = bitnet_wgpu::backend::wgpu::estimate_memory(
         c,
-        &engine.model_options(),
+        &gpu_options,
         w.embed_tokens.dtype.on_device().row_bytes(1) as u64,
     );
     outln!(
         "gpu memory       {} needed on a GPU (weights, {} KV cache, activations)",
         gib(need.total()),
-        engine.model_options().kv_cache.name()
+        gpu_options
+            .kv_cache
+            .unwrap_or(bitnet_wgpu::backend::KvDtype::F16)
+            .name()
     );
     if let Some(note) = &engine.device_note {
         outln!("auto device      {note}");

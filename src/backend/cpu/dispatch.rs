@@ -402,12 +402,12 @@ pub fn axpy_f32(level: CpuLevel, a: f32, x: &[f32], y: &mut [f32]) {
 /// so each `b` run is loaded once for all heads instead of once per head, and the outputs stay
 /// in registers across k.
 #[allow(clippy::too_many_arguments)]
-pub fn rows_times_runs(
+pub fn rows_times_runs<T: KvElem>(
     level: CpuLevel,
     a: &[f32],
     heads: usize,
     depth: usize,
-    b: &[f32],
+    b: &[T],
     b_stride: usize,
     cols: usize,
     out: &mut [f32],
@@ -435,8 +435,8 @@ pub fn rows_times_runs(
                 avx512::rows_times_runs_avx512(a, hn, depth, b, b_stride, cols, out)
             },
             #[cfg(target_arch = "x86_64")]
-            // SAFETY: as above (AVX2 implies FMA there).
-            CpuLevel::Avx2 | CpuLevel::AvxVnni => unsafe {
+            // SAFETY: as above (AVX2 implies FMA there); F16C checked (the half-float loads).
+            CpuLevel::Avx2 | CpuLevel::AvxVnni if has_f16c() => unsafe {
                 avx2::rows_times_runs_avx2(a, hn, depth, b, b_stride, cols, out)
             },
             _ => rows_times_runs_with(level, a, hn, depth, b, b_stride, cols, out),
@@ -444,24 +444,62 @@ pub fn rows_times_runs(
     }
 }
 
-/// [`rows_times_runs`] as one [`axpy_f32`] per (head, k); with `CpuLevel::Scalar` its scalar twin.
+/// [`rows_times_runs`] as one [`axpy_f32`] per (head, k) (a half-float run converted to f32
+/// first); with `CpuLevel::Scalar` its scalar twin.
 #[allow(clippy::too_many_arguments)]
-fn rows_times_runs_with(
+fn rows_times_runs_with<T: KvElem>(
     level: CpuLevel,
     a: &[f32],
     heads: usize,
     depth: usize,
-    b: &[f32],
+    b: &[T],
     b_stride: usize,
     cols: usize,
     out: &mut [f32],
 ) {
+    let mut run = Vec::new(); // [cols] a half-float run in f32
     for (h, o) in out.chunks_exact_mut(cols).take(heads).enumerate() {
         for (k, &ak) in a[h * depth..(h + 1) * depth].iter().enumerate() {
             if ak != 0.0 {
-                axpy_f32(level, ak, &b[k * b_stride..k * b_stride + cols], o);
+                let bk = T::run_f32(&b[k * b_stride..k * b_stride + cols], &mut run);
+                axpy_f32(level, ak, bk, o);
             }
         }
+    }
+}
+
+/// An element of the CPU's KV cache: f32 (the exact semantics, the default) or IEEE half
+/// (`--kv-cache f16`: half the memory and the bytes attention reads; every half converts to
+/// f32 exactly, so the attention kernels compute in f32 on the stored values either way).
+pub trait KvElem: Copy + Default + Send + Sync + 'static {
+    /// Whether the element is an IEEE half (the SIMD kernels' loads convert it).
+    const HALF: bool;
+    /// The stored element for `x`: `x` itself, or the nearest half clamped to ±65504 (as the
+    /// GPU's f16 store: a key past the half range stays finite).
+    fn store(x: f32) -> Self;
+    /// The run as f32: itself, or converted into `buf`.
+    fn run_f32<'a>(run: &'a [Self], buf: &'a mut Vec<f32>) -> &'a [f32];
+}
+
+impl KvElem for f32 {
+    const HALF: bool = false;
+    fn store(x: f32) -> f32 {
+        x
+    }
+    fn run_f32<'a>(run: &'a [f32], _buf: &'a mut Vec<f32>) -> &'a [f32] {
+        run
+    }
+}
+
+impl KvElem for half::f16 {
+    const HALF: bool = true;
+    fn store(x: f32) -> half::f16 {
+        half::f16::from_f32(x.clamp(-65504.0, 65504.0))
+    }
+    fn run_f32<'a>(run: &'a [half::f16], buf: &'a mut Vec<f32>) -> &'a [f32] {
+        buf.clear();
+        buf.extend(run.iter().map(|h| h.to_f32()));
+        buf
     }
 }
 

@@ -33,6 +33,7 @@ use super::{
 use crate::error::{BitnetError, Result};
 use crate::load::FloatMatrix;
 use crate::ternary::TernaryMatrix;
+pub use dispatch::KvElem;
 use dispatch::{absmax_f32, quantize_i8, rows_times_runs, softmax_f32, CpuLevel};
 use pool::SpinPool;
 use q4::Q4Matrix;
@@ -93,15 +94,53 @@ impl LutWeights {
     }
 }
 
-/// Keys and values of every layer and slot, f32.
-pub struct CpuKvCache {
+/// Keys and values of every layer and slot in one element type (f32 or f16, see [`KvElem`]).
+pub struct KvPlanes<T> {
     /// Keys transposed, `[layers, slots, kv_dim, ctx]`: a query's scores over all positions are
     /// then `head_dim` contiguous axpys (no per-position dot product and horizontal sum).
-    pub k: Vec<f32>, // [layers, slots, kv_dim, ctx]
-    pub v: Vec<f32>, // [layers, slots, ctx, kv_dim]
+    pub k: Vec<T>, // [layers, slots, kv_dim, ctx]
+    pub v: Vec<T>, // [layers, slots, ctx, kv_dim]
+}
+
+impl<T: KvElem> KvPlanes<T> {
+    fn zeroed(len: usize) -> Self {
+        KvPlanes {
+            k: vec![T::default(); len],
+            v: vec![T::default(); len],
+        }
+    }
+}
+
+/// The KV cache's storage: f32 (the exact semantics, the CPU's default) or f16
+/// (`--kv-cache f16`, as the GPU's).
+pub enum KvStore {
+    F32(KvPlanes<f32>),
+    F16(KvPlanes<half::f16>),
+}
+
+/// Keys and values of every layer and slot.
+pub struct CpuKvCache {
+    pub store: KvStore,
     pub slots: usize,
     pub ctx: usize,
     pub kv_dim: usize,
+}
+
+impl CpuKvCache {
+    /// Elements per plane (keys or values), all layers.
+    fn len(&self) -> usize {
+        match &self.store {
+            KvStore::F32(p) => p.k.len(),
+            KvStore::F16(p) => p.k.len(),
+        }
+    }
+
+    pub fn dtype(&self) -> KvDtype {
+        match self.store {
+            KvStore::F32(_) => KvDtype::F32,
+            KvStore::F16(_) => KvDtype::F16,
+        }
+    }
 }
 
 /// The CPU LM head: the checkpoint's floats (shared with the embedding when tied), or the
@@ -143,7 +182,6 @@ pub struct CpuBackend {
     /// matmul before the residual add), reused across ops and steps.
     scratch: CpuTensor,
     level: CpuLevel,
-    kv_f16_values: bool, // round stored keys and values to f16 (see emulate_f16_kv_cache)
     /// `[tokens, tables per token]` the table-lookup kernel's tables for a chunk of tokens.
     #[cfg(target_arch = "x86_64")]
     lut_tables: Vec<x86::avx512_lut::Line>,
@@ -223,20 +261,11 @@ impl CpuBackend {
             rope_key: None,
             scratch: CpuTensor::default(),
             level: CpuLevel::detect(),
-            kv_f16_values: false,
             #[cfg(target_arch = "x86_64")]
             lut_tables: Vec::new(),
             use_lut: !std::env::var("BITNET_CPU_NO_LUT").is_ok_and(|v| v == "1"),
             table_copy_bytes: 0,
         })
-    }
-
-    /// Rounds every key and value `qkv_rope_store` stores to the nearest f16, clamped to
-    /// ±65504 (kept in the f32 cache): the values a GPU's f16 KV cache holds, so that the tests can compare the GPU's
-    /// f16 mode with the CPU to f32 summation order. Not a memory saving.
-    pub fn emulate_f16_kv_cache(mut self, on: bool) -> Self {
-        self.kv_f16_values = on;
-        self
     }
 
     /// Forces a kernel level (tests compare levels; the level must be one `available()` lists).
@@ -293,13 +322,106 @@ impl CpuBackend {
         )?;
         check_step_rows(&self.rows, cache.slots, cache.ctx)?;
         let per_layer = cache.slots * cache.ctx * cache.kv_dim;
-        if (layer + 1) * per_layer > cache.k.len() {
+        if (layer + 1) * per_layer > cache.len() {
             return Err(BitnetError::op(
                 op,
                 format!("no layer {layer} in the cache"),
             ));
         }
         Ok(())
+    }
+
+    /// [`Backend::attention`] over the cache's keys and values in their element type.
+    fn attention_over<T: KvElem>(
+        &self,
+        q: &CpuTensor,
+        planes: &KvPlanes<T>,
+        cache: &CpuKvCache,
+        layer: usize,
+        shape: &AttentionShape,
+        out: &mut CpuTensor,
+    ) {
+        let (n, hd) = (self.n(), shape.head_dim);
+        let (qd, kvd) = (shape.n_heads * hd, shape.n_kv_heads * hd);
+        let (ctx, slots) = (cache.ctx, cache.slots);
+        // [slots, ctx, kv_dim] and [slots, kv_dim, ctx] of this layer, slot s at s * ctx * kvd
+        let slot_base = move |slot: u32| (layer * slots + slot as usize) * ctx * kvd;
+        let (kc, vc) = (&planes.k, &planes.v);
+        let rows = &self.rows;
+        let group = shape.n_heads / shape.n_kv_heads;
+        let scale = 1.0 / (hd as f32).sqrt();
+        let level = self.level;
+        // A work item is one token and the query heads of one kv head (they read the same keys
+        // and values, so one pass over them serves all), or a single head when that would leave
+        // too few items to keep every thread busy (a decode step has n_kv_heads groups).
+        let heads = if n * shape.n_kv_heads >= 4 * self.threads {
+            group
+        } else {
+            1
+        };
+        thread_local! {
+            // [heads, len] scores, then probabilities, and [heads, head_dim] scaled queries of
+            // one work item: buffers per thread, grown as needed.
+            static SCRATCH: RefCell<(Vec<f32>, Vec<f32>)> = const { RefCell::new((Vec::new(), Vec::new())) };
+        }
+        self.pool
+            .for_each_chunk_mut(&mut out.data[..n * qd], heads * hd, |idx, o| {
+                SCRATCH.with_borrow_mut(|(scores, qs)| {
+                    let per_token = shape.n_heads / heads;
+                    let (t, h0) = (idx / per_token, idx % per_token * heads);
+                    let kvh = h0 / group;
+                    let r = rows[t];
+                    let len = r.pos as usize + 1; // causal: positions 0..=pos of its slot
+                    let (kc, vc) = (&kc[slot_base(r.slot)..], &vc[slot_base(r.slot)..]);
+                    qs.clear(); // [heads, hd]
+                    qs.extend(
+                        q.data[t * qd + h0 * hd..t * qd + (h0 + heads) * hd]
+                            .iter()
+                            .map(|&v| v * scale),
+                    );
+                    scores.clear();
+                    scores.resize(heads * len, 0.0); // [heads, len]
+
+                    // scores[h][j] = Σ_d qs[h][d] · K[j][d], with K stored as [kv_dim, ctx]
+                    let keys = &kc[kvh * hd * ctx..]; // rows d: component d of every key
+                    rows_times_runs(level, qs, heads, hd, keys, ctx, len, scores);
+                    for s in scores.chunks_exact_mut(len) {
+                        softmax_f32(level, s);
+                    }
+                    // o[h] = Σ_j p[h][j] · V[j] (probabilities that underflowed are skipped)
+                    o.fill(0.0);
+                    let values = &vc[kvh * hd..]; // rows j: value j of this kv head
+                    rows_times_runs(level, scores, heads, len, values, kvd, hd, o);
+                })
+            });
+    }
+}
+
+/// Writes the k and v parts of each step row of `qkv` (`[n, qd + 2·kvd]` q | k | v) into the
+/// row's slot and position of layer `layer` (`at` = (layer, slots, ctx)), as `T` stores them.
+fn store_kv<T: KvElem>(
+    planes: &mut KvPlanes<T>,
+    rows: &[StepRow],
+    qkv: &[f32],
+    (layer, slots, ctx): (usize, usize, usize),
+    (qd, kvd): (usize, usize),
+) {
+    let wd = qd + 2 * kvd;
+    for (t, r) in rows.iter().enumerate() {
+        // [slots, ctx, kv_dim] and [slots, kv_dim, ctx] of this layer
+        let (base, p) = (
+            (layer * slots + r.slot as usize) * ctx * kvd,
+            r.pos as usize,
+        );
+        let row = &qkv[t * wd..(t + 1) * wd];
+        let vrow = &mut planes.v[base + p * kvd..base + (p + 1) * kvd];
+        for (dst, &x) in vrow.iter_mut().zip(&row[qd + kvd..]) {
+            *dst = T::store(x);
+        }
+        let kt = &mut planes.k[base..base + kvd * ctx]; // [kv_dim, ctx]
+        for (e, krow) in kt.chunks_exact_mut(ctx).enumerate() {
+            krow[p] = T::store(row[qd + e]);
+        }
     }
 }
 
@@ -311,6 +433,8 @@ impl Backend for CpuBackend {
     type Embedding = FloatMatrix;
     type Head = CpuLmHead;
     type KvCache = CpuKvCache;
+    /// f32: the exact semantics; f16 halves the cache on request.
+    const DEFAULT_KV: KvDtype = KvDtype::F32;
 
     fn name(&self) -> String {
         format!("cpu {} ({} threads)", self.level.name(), self.threads)
@@ -413,24 +537,27 @@ impl Backend for CpuBackend {
         })
     }
 
-    /// Always f32, whatever `_dtype` asks: the CPU's attention reads f32 rows with SIMD axpys,
-    /// and halving its memory is not worth a conversion per element read.
+    /// f32 (the exact semantics) or f16 (half the memory; the attention kernels convert each
+    /// half as they load it and compute in f32).
     fn alloc_kv_cache(
         &mut self,
         layers: usize,
         slots: usize,
         ctx: usize,
         kv_dim: usize,
-        _dtype: KvDtype,
+        dtype: KvDtype,
     ) -> Result<CpuKvCache> {
         let len = layers
             .checked_mul(slots)
             .and_then(|x| x.checked_mul(ctx))
             .and_then(|x| x.checked_mul(kv_dim))
             .ok_or_else(|| BitnetError::op("alloc_kv_cache", "size overflows"))?;
+        let store = match dtype {
+            KvDtype::F32 => KvStore::F32(KvPlanes::zeroed(len)),
+            KvDtype::F16 => KvStore::F16(KvPlanes::zeroed(len)),
+        };
         Ok(CpuKvCache {
-            k: vec![0.0; len],
-            v: vec![0.0; len],
+            store,
             slots,
             ctx,
             kv_dim,
@@ -634,30 +761,10 @@ impl Backend for CpuBackend {
                 rope_row(t, &mut row[qd..qd + kvd]);
             });
         let (ctx, slots) = (cache.ctx, cache.slots);
-        for (t, r) in self.rows.iter().enumerate() {
-            // [slots, ctx, kv_dim] and [slots, kv_dim, ctx] of this layer
-            let (base, p) = (
-                (layer * slots + r.slot as usize) * ctx * kvd,
-                r.pos as usize,
-            );
-            let row = &qkv.data[t * wd..(t + 1) * wd];
-            let f16 = self.kv_f16_values;
-            let stored = |x: f32| {
-                if f16 {
-                    // clamped to the finite halves, as the GPU's store
-                    half::f16::from_f32(x.clamp(-65504.0, 65504.0)).to_f32()
-                } else {
-                    x
-                }
-            };
-            let vrow = &mut cache.v[base + p * kvd..base + (p + 1) * kvd];
-            for (dst, &x) in vrow.iter_mut().zip(&row[qd + kvd..]) {
-                *dst = stored(x);
-            }
-            let kt = &mut cache.k[base..base + kvd * ctx]; // [kv_dim, ctx]
-            for (e, krow) in kt.chunks_exact_mut(ctx).enumerate() {
-                krow[p] = stored(row[qd + e]);
-            }
+        let at = (layer, slots, ctx);
+        match &mut cache.store {
+            KvStore::F32(p) => store_kv(p, &self.rows, &qkv.data, at, (qd, kvd)),
+            KvStore::F16(p) => store_kv(p, &self.rows, &qkv.data, at, (qd, kvd)),
         }
         self.put_scratch(qkv);
         Ok(())
@@ -671,60 +778,11 @@ impl Backend for CpuBackend {
         shape: &AttentionShape,
         out: &mut CpuTensor,
     ) -> Result<()> {
-        let (n, hd) = (self.n(), shape.head_dim);
-        let (qd, kvd) = (shape.n_heads * hd, shape.n_kv_heads * hd);
         self.check_cache("attention", shape, q, out, cache, layer)?;
-        let (ctx, slots) = (cache.ctx, cache.slots);
-        // [slots, ctx, kv_dim] and [slots, kv_dim, ctx] of this layer, slot s at s * ctx * kvd
-        let slot_base = move |slot: u32| (layer * slots + slot as usize) * ctx * kvd;
-        let (kc, vc) = (&cache.k, &cache.v);
-        let rows = &self.rows;
-        let group = shape.n_heads / shape.n_kv_heads;
-        let scale = 1.0 / (hd as f32).sqrt();
-        let level = self.level;
-        // A work item is one token and the query heads of one kv head (they read the same keys
-        // and values, so one pass over them serves all), or a single head when that would leave
-        // too few items to keep every thread busy (a decode step has n_kv_heads groups).
-        let heads = if n * shape.n_kv_heads >= 4 * self.threads {
-            group
-        } else {
-            1
-        };
-        thread_local! {
-            // [heads, len] scores, then probabilities, and [heads, head_dim] scaled queries of
-            // one work item: buffers per thread, grown as needed.
-            static SCRATCH: RefCell<(Vec<f32>, Vec<f32>)> = const { RefCell::new((Vec::new(), Vec::new())) };
+        match &cache.store {
+            KvStore::F32(p) => self.attention_over(q, p, cache, layer, shape, out),
+            KvStore::F16(p) => self.attention_over(q, p, cache, layer, shape, out),
         }
-        self.pool
-            .for_each_chunk_mut(&mut out.data[..n * qd], heads * hd, |idx, o| {
-                SCRATCH.with_borrow_mut(|(scores, qs)| {
-                    let per_token = shape.n_heads / heads;
-                    let (t, h0) = (idx / per_token, idx % per_token * heads);
-                    let kvh = h0 / group;
-                    let r = rows[t];
-                    let len = r.pos as usize + 1; // causal: positions 0..=pos of its slot
-                    let (kc, vc) = (&kc[slot_base(r.slot)..], &vc[slot_base(r.slot)..]);
-                    qs.clear(); // [heads, hd]
-                    qs.extend(
-                        q.data[t * qd + h0 * hd..t * qd + (h0 + heads) * hd]
-                            .iter()
-                            .map(|&v| v * scale),
-                    );
-                    scores.clear();
-                    scores.resize(heads * len, 0.0); // [heads, len]
-
-                    // scores[h][j] = Σ_d qs[h][d] · K[j][d], with K stored as [kv_dim, ctx]
-                    let keys = &kc[kvh * hd * ctx..]; // rows d: component d of every key
-                    rows_times_runs(level, qs, heads, hd, keys, ctx, len, scores);
-                    for s in scores.chunks_exact_mut(len) {
-                        softmax_f32(level, s);
-                    }
-                    // o[h] = Σ_j p[h][j] · V[j] (probabilities that underflowed are skipped)
-                    o.fill(0.0);
-                    let values = &vc[kvh * hd..]; // rows j: value j of this kv head
-                    rows_times_runs(level, scores, heads, len, values, kvd, hd, o);
-                })
-            });
         Ok(())
     }
 
@@ -1027,11 +1085,14 @@ mod tests {
                     );
                     let base = (2 + 1) * ctx * kvd; // layer 1, slot 1
                     let p = row.pos as usize;
-                    let kc: Vec<f32> = (0..kvd).map(|e| cache.k[base + e * ctx + p]).collect();
+                    let KvStore::F32(planes) = &cache.store else {
+                        unreachable!("an f32 cache")
+                    };
+                    let kc: Vec<f32> = (0..kvd).map(|e| planes.k[base + e * ctx + p]).collect();
                     assert_bits(&format!("{what}: cached k row {t}"), &kc, &v[qd..qd + kvd]);
                     assert_bits(
                         &format!("{what}: cached v row {t}"),
-                        &cache.v[base + p * kvd..base + (p + 1) * kvd],
+                        &planes.v[base + p * kvd..base + (p + 1) * kvd],
                         &v[qd + kvd..],
                     );
                 }
@@ -1135,35 +1196,53 @@ mod tests {
             head_dim: 2,
             rope_theta: 1e4,
         };
-        // k, v of position p into layer 0, slot 0 (k transposed: [kv_dim, ctx])
-        let store = |cache: &mut CpuKvCache, p: usize, k: [f32; 4], v: [f32; 4]| {
+        // k, v of position p into layer 0, slot 0 (k transposed: [kv_dim, ctx]); every value
+        // here is a half, so both storages hold them exactly
+        fn put<T: KvElem>(planes: &mut KvPlanes<T>, p: usize, k: [f32; 4], v: [f32; 4]) {
             for e in 0..4 {
-                cache.k[e * cache.ctx + p] = k[e];
-                cache.v[p * 4 + e] = v[e];
+                planes.k[e * 4 + p] = T::store(k[e]);
+                planes.v[p * 4 + e] = T::store(v[e]);
             }
-        };
-        b.begin_step(&StepRow::sequence(&[0], 0)).unwrap();
-        let q = CpuTensor {
-            data: vec![1.0; 8],
-            capacity: 1,
-            cols: 8,
-        };
-        let mut cache = b.alloc_kv_cache(1, 1, 4, 4, KvDtype::F32).unwrap();
-        let mut out = b.alloc(1, 8).unwrap();
-        store(&mut cache, 0, [1.0; 4], [10.0, 11.0, 20.0, 21.0]);
-        b.attention(&q, &cache, 0, &shape, &mut out).unwrap();
-        assert_eq!(
-            out.data,
-            vec![10.0, 11.0, 10.0, 11.0, 20.0, 21.0, 20.0, 21.0]
-        );
-        // second token: kv head 1 gets a key aligned with q heads 2,3 → they weight it more.
-        b.begin_step(&StepRow::sequence(&[0], 1)).unwrap();
-        store(&mut cache, 1, [0.0, 0.0, 5.0, 5.0], [0.0; 4]);
-        b.attention(&q, &cache, 0, &shape, &mut out).unwrap();
-        // heads 0,1: scores (1·1+1·1)/√2 vs 0 → p0 = σ(√2); heads 2,3: 2/√2 vs 10/√2.
-        let p0 = 1.0 / (1.0 + (-(2f32.sqrt())).exp());
-        let p1 = 1.0 / (1.0 + (8.0 / 2f32.sqrt()).exp());
-        assert!((out.data[0] - 10.0 * p0).abs() < 1e-4, "{:?}", out.data);
-        assert!((out.data[4] - 20.0 * p1).abs() < 1e-4, "{:?}", out.data);
+        }
+        let store =
+            |cache: &mut CpuKvCache, p: usize, k: [f32; 4], v: [f32; 4]| match &mut cache.store {
+                KvStore::F32(planes) => put(planes, p, k, v),
+                KvStore::F16(planes) => put(planes, p, k, v),
+            };
+        for dtype in [KvDtype::F32, KvDtype::F16] {
+            b.begin_step(&StepRow::sequence(&[0], 0)).unwrap();
+            let q = CpuTensor {
+                data: vec![1.0; 8],
+                capacity: 1,
+                cols: 8,
+            };
+            let mut cache = b.alloc_kv_cache(1, 1, 4, 4, dtype).unwrap();
+            assert_eq!(cache.dtype(), dtype);
+            let mut out = b.alloc(1, 8).unwrap();
+            store(&mut cache, 0, [1.0; 4], [10.0, 11.0, 20.0, 21.0]);
+            b.attention(&q, &cache, 0, &shape, &mut out).unwrap();
+            assert_eq!(
+                out.data,
+                vec![10.0, 11.0, 10.0, 11.0, 20.0, 21.0, 20.0, 21.0],
+                "{dtype:?}"
+            );
+            // second token: kv head 1 gets a key aligned with q heads 2,3 → they weight it more.
+            b.begin_step(&StepRow::sequence(&[0], 1)).unwrap();
+            store(&mut cache, 1, [0.0, 0.0, 5.0, 5.0], [0.0; 4]);
+            b.attention(&q, &cache, 0, &shape, &mut out).unwrap();
+            // heads 0,1: scores (1·1+1·1)/√2 vs 0 → p0 = σ(√2); heads 2,3: 2/√2 vs 10/√2.
+            let p0 = 1.0 / (1.0 + (-(2f32.sqrt())).exp());
+            let p1 = 1.0 / (1.0 + (8.0 / 2f32.sqrt()).exp());
+            assert!(
+                (out.data[0] - 10.0 * p0).abs() < 1e-4,
+                "{dtype:?} {:?}",
+                out.data
+            );
+            assert!(
+                (out.data[4] - 20.0 * p1).abs() < 1e-4,
+                "{dtype:?} {:?}",
+                out.data
+            );
+        }
     }
 }

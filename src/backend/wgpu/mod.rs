@@ -254,6 +254,8 @@ impl Backend for WgpuBackend {
     type Embedding = Arc<GpuEmbedding>;
     type Head = Arc<GpuEmbedding>;
     type KvCache = GpuKvCache;
+    /// f16: half the memory and attention traffic of f32.
+    const DEFAULT_KV: KvDtype = KvDtype::F16;
 
     fn name(&self) -> String {
         let sg = if self.pipelines.subgroups() {

@@ -229,6 +229,62 @@ fn rows_times_runs_matches_scalar_within_tolerance() {
     }
 }
 
+/// A half-float `b` gives, on every level, exactly the f32 results over its values converted
+/// (the kernels convert as they load and then run the f32 arithmetic), including the blocks'
+/// last columns (the zero-padded copies).
+#[test]
+fn rows_times_runs_over_halves_equals_the_f32_kernel_on_their_values() {
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(19);
+    for &(heads, depth, cols) in &[
+        (1usize, 1usize, 1usize),
+        (2, 5, 7),
+        (3, 7, 17),
+        (4, 128, 64),
+        (4, 9, 65),
+        (5, 33, 130),
+        (8, 3, 200),
+    ] {
+        let b_stride = cols + 3;
+        let mut a: Vec<f32> = (0..heads * depth)
+            .map(|_| rng.random_range(-1f32..1.0))
+            .collect();
+        a[0] = 0.0;
+        let b: Vec<half::f16> = (0..(depth - 1) * b_stride + cols)
+            .map(|_| half::f16::store(rng.random_range(-300f32..300.0)))
+            .collect();
+        let b32: Vec<f32> = b.iter().map(|h| h.to_f32()).collect();
+        let out0: Vec<f32> = (0..heads * cols)
+            .map(|_| rng.random_range(-1f32..1.0))
+            .collect();
+        for level in CpuLevel::available() {
+            let mut want = out0.clone();
+            rows_times_runs(level, &a, heads, depth, &b32, b_stride, cols, &mut want);
+            let mut got = out0.clone();
+            rows_times_runs(level, &a, heads, depth, &b, b_stride, cols, &mut got);
+            for (i, (&g, &w)) in got.iter().zip(&want).enumerate() {
+                assert_eq!(
+                    g.to_bits(),
+                    w.to_bits(),
+                    "{} [{heads}x{depth}]·[{depth}x{cols}] index {i}: got {g}, expected {w}",
+                    level.name()
+                );
+            }
+        }
+    }
+}
+
+/// The f16 store rounds to the nearest half and keeps keys past the half range finite (as the
+/// GPU's store does).
+#[test]
+fn half_store_rounds_and_clamps() {
+    assert_eq!(half::f16::store(1.0).to_f32(), 1.0);
+    assert_eq!(half::f16::store(1.0 + 1.0 / 4096.0).to_f32(), 1.0);
+    assert_eq!(half::f16::store(1e6).to_f32(), 65504.0);
+    assert_eq!(half::f16::store(-1e6).to_f32(), -65504.0);
+    assert!(half::f16::store(f32::NAN).is_nan());
+    assert_eq!(<f32 as KvElem>::store(1e6), 1e6);
+}
+
 #[test]
 fn absmax_equals_scalar_exactly() {
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(23);

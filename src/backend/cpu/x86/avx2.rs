@@ -5,6 +5,7 @@
 use std::arch::x86_64::*;
 
 use super::{prefetch, PREFETCH_BYTES};
+use crate::backend::cpu::dispatch::KvElem;
 use crate::backend::cpu::q4::{bf16_to_f32, Q4_BLOCK, Q4_BLOCK_BYTES};
 use crate::backend::cpu::q8::Q8_BLOCK;
 use crate::backend::cpu::reference;
@@ -260,17 +261,18 @@ pub unsafe fn axpy_f32_avx2(a: f32, x: &[f32], y: &mut [f32]) {
 }
 
 /// [`super::avx512::rows_times_runs_avx512`] for AVX2: up to 4 heads × 16 columns (8 of the 16
-/// ymm registers accumulate), the last block through masked loads and stores.
+/// ymm registers accumulate), the last block through masked loads and stores (a half-float
+/// block's last columns through a zero-padded copy: AVX2 has no 16-bit masked load).
 ///
 /// # Safety
-/// AVX2 + FMA; `heads ≤ 4`; the lengths `dispatch::rows_times_runs` checks.
-#[target_feature(enable = "avx2,fma")]
+/// AVX2 + FMA + F16C; `heads ≤ 4`; the lengths `dispatch::rows_times_runs` checks.
+#[target_feature(enable = "avx2,fma,f16c")]
 #[allow(clippy::too_many_arguments)]
-pub unsafe fn rows_times_runs_avx2(
+pub unsafe fn rows_times_runs_avx2<T: KvElem>(
     a: &[f32],
     heads: usize,
     depth: usize,
-    b: &[f32],
+    b: &[T],
     b_stride: usize,
     cols: usize,
     out: &mut [f32],
@@ -278,20 +280,20 @@ pub unsafe fn rows_times_runs_avx2(
     // SAFETY: passed on from the caller.
     unsafe {
         match heads {
-            1 => heads_block_avx2::<1>(a, depth, b, b_stride, cols, out),
-            2 => heads_block_avx2::<2>(a, depth, b, b_stride, cols, out),
-            3 => heads_block_avx2::<3>(a, depth, b, b_stride, cols, out),
-            _ => heads_block_avx2::<4>(a, depth, b, b_stride, cols, out),
+            1 => heads_block_avx2::<1, T>(a, depth, b, b_stride, cols, out),
+            2 => heads_block_avx2::<2, T>(a, depth, b, b_stride, cols, out),
+            3 => heads_block_avx2::<3, T>(a, depth, b, b_stride, cols, out),
+            _ => heads_block_avx2::<4, T>(a, depth, b, b_stride, cols, out),
         }
     }
 }
 
 #[inline]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn heads_block_avx2<const H: usize>(
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn heads_block_avx2<const H: usize, T: KvElem>(
     a: &[f32],
     depth: usize,
-    b: &[f32],
+    b: &[T],
     b_stride: usize,
     cols: usize,
     out: &mut [f32],
@@ -319,10 +321,8 @@ unsafe fn heads_block_avx2<const H: usize>(
             if coef.iter().all(|&x| x == 0.0) {
                 continue;
             }
-            // SAFETY: the masked lanes lie in b[k·b_stride + c0 ..][..width] ⊂ b (checked).
-            let row = unsafe { b.as_ptr().add(k * b_stride + c0) };
-            let bv: [__m256; 2] =
-                std::array::from_fn(|v| unsafe { _mm256_maskload_ps(row.add(8 * v), masks[v]) });
+            // SAFETY: b[k·b_stride + c0 ..][..width] ⊂ b (checked).
+            let bv = unsafe { load16_avx2(b.as_ptr().add(k * b_stride + c0), width, &masks) };
             for h in 0..H {
                 let av = _mm256_set1_ps(coef[h]);
                 for v in 0..2 {
@@ -339,6 +339,38 @@ unsafe fn heads_block_avx2<const H: usize>(
             }
         }
         c0 += 16;
+    }
+}
+
+/// 16 cache elements from `p` as f32 (lanes at or past `width` are 0): f32 through masked
+/// loads, halves through F16C conversions.
+///
+/// # Safety
+/// AVX2 + F16C; `p[..min(width, 16)]` readable; `masks` as `heads_block_avx2` builds them.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn load16_avx2<T: KvElem>(p: *const T, width: i32, masks: &[__m256i; 2]) -> [__m256; 2] {
+    // SAFETY: as the caller guarantees.
+    unsafe {
+        if !T::HALF {
+            let p = p.cast::<f32>();
+            return [
+                _mm256_maskload_ps(p, masks[0]),
+                _mm256_maskload_ps(p.add(8), masks[1]),
+            ];
+        }
+        let p = p.cast::<u16>();
+        let mut pad = [0u16; 16];
+        let p = if width >= 16 {
+            p
+        } else {
+            std::ptr::copy_nonoverlapping(p, pad.as_mut_ptr(), width as usize);
+            pad.as_ptr()
+        };
+        [
+            _mm256_cvtph_ps(_mm_loadu_si128(p.cast())),
+            _mm256_cvtph_ps(_mm_loadu_si128(p.add(8).cast())),
+        ]
     }
 }
 

@@ -6,6 +6,7 @@
 use std::arch::x86_64::*;
 
 use super::{prefetch, PREFETCH_BYTES};
+use crate::backend::cpu::dispatch::KvElem;
 use crate::backend::cpu::q8::Q8_BLOCK;
 use crate::backend::cpu::reference;
 
@@ -159,17 +160,18 @@ pub unsafe fn axpy_f32_avx512(a: f32, x: &[f32], y: &mut [f32]) {
 }
 
 /// `dispatch::rows_times_runs` for AVX-512 and 1 to 4 heads: columns in blocks of 64 (4 zmm,
-/// the last block masked), so up to 16 accumulators stay in registers over all of k.
+/// the last block masked; a half-float block's last columns through a zero-padded copy), so up
+/// to 16 accumulators stay in registers over all of k.
 ///
 /// # Safety
 /// AVX-512F; `heads ≤ 4`; the lengths `dispatch::rows_times_runs` checks.
 #[target_feature(enable = "avx512f")]
 #[allow(clippy::too_many_arguments)]
-pub unsafe fn rows_times_runs_avx512(
+pub unsafe fn rows_times_runs_avx512<T: KvElem>(
     a: &[f32],
     heads: usize,
     depth: usize,
-    b: &[f32],
+    b: &[T],
     b_stride: usize,
     cols: usize,
     out: &mut [f32],
@@ -177,20 +179,20 @@ pub unsafe fn rows_times_runs_avx512(
     // SAFETY: passed on from the caller.
     unsafe {
         match heads {
-            1 => heads_block::<1>(a, depth, b, b_stride, cols, out),
-            2 => heads_block::<2>(a, depth, b, b_stride, cols, out),
-            3 => heads_block::<3>(a, depth, b, b_stride, cols, out),
-            _ => heads_block::<4>(a, depth, b, b_stride, cols, out),
+            1 => heads_block::<1, T>(a, depth, b, b_stride, cols, out),
+            2 => heads_block::<2, T>(a, depth, b, b_stride, cols, out),
+            3 => heads_block::<3, T>(a, depth, b, b_stride, cols, out),
+            _ => heads_block::<4, T>(a, depth, b, b_stride, cols, out),
         }
     }
 }
 
 #[inline]
 #[target_feature(enable = "avx512f")]
-unsafe fn heads_block<const H: usize>(
+unsafe fn heads_block<const H: usize, T: KvElem>(
     a: &[f32],
     depth: usize,
-    b: &[f32],
+    b: &[T],
     b_stride: usize,
     cols: usize,
     out: &mut [f32],
@@ -217,11 +219,8 @@ unsafe fn heads_block<const H: usize>(
             if coef.iter().all(|&x| x == 0.0) {
                 continue;
             }
-            // SAFETY: the masked lanes lie in b[k·b_stride + c0 ..][..width] ⊂ b (checked).
-            let row = unsafe { b.as_ptr().add(k * b_stride + c0) };
-            let bv: [__m512; 4] = std::array::from_fn(|v| unsafe {
-                _mm512_maskz_loadu_ps(masks[v], row.add(16 * v))
-            });
+            // SAFETY: b[k·b_stride + c0 ..][..width] ⊂ b (checked).
+            let bv = unsafe { load64(b.as_ptr().add(k * b_stride + c0), width, &masks) };
             for h in 0..H {
                 let av = _mm512_set1_ps(coef[h]);
                 for v in 0..4 {
@@ -242,6 +241,32 @@ unsafe fn heads_block<const H: usize>(
             }
         }
         c0 += 64;
+    }
+}
+
+/// 64 cache elements from `p` as f32 (lanes at or past `width` are 0): f32 through masked
+/// loads, halves through `vcvtph2ps`.
+///
+/// # Safety
+/// AVX-512F; `p[..min(width, 64)]` readable; `masks` as `heads_block` builds them.
+#[inline]
+#[target_feature(enable = "avx512f")]
+unsafe fn load64<T: KvElem>(p: *const T, width: usize, masks: &[__mmask16; 4]) -> [__m512; 4] {
+    // SAFETY: as the caller guarantees.
+    unsafe {
+        if !T::HALF {
+            let p = p.cast::<f32>();
+            return std::array::from_fn(|v| _mm512_maskz_loadu_ps(masks[v], p.add(16 * v)));
+        }
+        let p = p.cast::<u16>();
+        let mut pad = [0u16; 64];
+        let p = if width >= 64 {
+            p
+        } else {
+            std::ptr::copy_nonoverlapping(p, pad.as_mut_ptr(), width);
+            pad.as_ptr()
+        };
+        std::array::from_fn(|v| _mm512_cvtph_ps(_mm256_loadu_si256(p.add(16 * v).cast())))
     }
 }
 
