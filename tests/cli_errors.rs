@@ -27,6 +27,63 @@ fn stdout(o: &std::process::Output) -> String {
     String::from_utf8_lossy(&o.stdout).into_owned()
 }
 
+/// The CPU keeps its KV cache in f32 (the exact semantics) unless `--kv-cache f16` asks for
+/// half the memory: `info` says which, with its size, and generation runs with both.
+#[test]
+fn cpu_kv_cache_is_f32_by_default_and_f16_on_request() {
+    let d = copy_fixture(BASE);
+    let m = d.path().to_str().unwrap();
+    let kv_line = |extra: &[&str]| {
+        let mut args = vec!["info", "--model", m, "--device", "cpu"];
+        args.extend_from_slice(extra);
+        let o = bitnet(&args);
+        assert!(o.status.success(), "{}", stderr(&o));
+        stdout(&o)
+            .lines()
+            .find(|l| l.starts_with("kv cache"))
+            .unwrap_or_else(|| panic!("no kv cache line: {}", stdout(&o)))
+            .to_string()
+    };
+    let (f32_line, f16_line) = (kv_line(&[]), kv_line(&["--kv-cache", "f16"]));
+    assert!(
+        f32_line.contains("(f32, the device's default"),
+        "{f32_line}"
+    );
+    assert!(f16_line.contains("(f16, --kv-cache)"), "{f16_line}");
+    assert!(kv_line(&["--kv-cache", "f32"]).contains("(f32, --kv-cache)"));
+    // half the bytes per token
+    let per_token = |l: &str| l.split_whitespace().nth(2).unwrap().parse::<f64>().unwrap();
+    assert_eq!(
+        per_token(&f32_line),
+        2.0 * per_token(&f16_line),
+        "{f32_line} / {f16_line}"
+    );
+    for kv in ["f16", "f32"] {
+        let o = bitnet(&[
+            "generate",
+            "--model",
+            m,
+            "--device",
+            "cpu",
+            "--kv-cache",
+            kv,
+            "--tokens",
+            "1,2,3",
+            "-n",
+            "4",
+            "--temperature",
+            "0",
+        ]);
+        assert!(o.status.success(), "--kv-cache {kv}: {}", stderr(&o));
+    }
+    let o = bitnet(&["info", "--model", m, "--device", "cpu", "--kv-cache", "f8"]);
+    assert!(
+        !o.status.success() && stderr(&o).contains("f8"),
+        "{}",
+        stderr(&o)
+    );
+}
+
 /// Issue 18.1: a huge max_position_embeddings used to allocate its KV cache eagerly and abort.
 #[test]
 fn huge_max_position_embeddings_uses_a_default_context_and_checks_memory() {
