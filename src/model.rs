@@ -258,12 +258,12 @@ impl<B: Backend> Model<B> {
         self.pos
     }
 
-    /// Forgets the context (the cache is overwritten from position 0).
     /// How the KV cache stores keys and values.
     pub fn kv_dtype(&self) -> KvDtype {
         self.options.kv_cache.unwrap_or(B::DEFAULT_KV)
     }
 
+    /// Forgets the context (the cache is overwritten from position 0).
     pub fn reset(&mut self) {
         self.pos = 0;
     }
