@@ -19,6 +19,8 @@ fn base(model: &str, test: &str) -> BenchResult {
         n_tokens: 128,
         depth: 0,
         batch: 1,
+        lm_head: "exact".into(),
+        kv_cache: "f32".into(),
         tokens_per_s: Summary::from_slice(&[30.0, 32.0, 34.0]).unwrap(),
         energy: None,
         energy_na_reason: None,
@@ -136,6 +138,7 @@ fn markdown_with_and_without_energy() {
             "size",
             "params",
             "backend",
+            "head / KV",
             "threads",
             "test",
             "t/s",
@@ -160,6 +163,7 @@ fn markdown_with_and_without_energy() {
             "1.10 GiB",
             "2.41 B",
             "cpu",
+            "exact / f32",
             "8",
             "tg128",
             "32.00 ± 2.00",
@@ -172,10 +176,10 @@ fn markdown_with_and_without_energy() {
         ]
     );
     let row = md_cells(lines[3]);
-    assert_eq!(row[5], "pp512 @ d1024");
-    assert_eq!(&row[7..11], &["n/a", "n/a", "n/a", "n/a"]);
+    assert_eq!(row[6], "pp512 @ d1024");
+    assert_eq!(&row[8..12], &["n/a", "n/a", "n/a", "n/a"]);
     let row = md_cells(lines[4]);
-    assert_eq!(&row[7..11], &["~0.0700", "~35.0", "n/a", "n/a"]);
+    assert_eq!(&row[8..12], &["~0.0700", "~35.0", "n/a", "n/a"]);
     // All table lines have the same display width (padded like llama-bench).
     let w = lines[0].chars().count();
     assert!(lines[..5].iter().all(|l| l.chars().count() == w), "{md}");
@@ -271,6 +275,7 @@ fn csv_is_parseable_with_na_and_quoting() {
     let mut odd = with_energy();
     odd.model = "my \"tiny\", model".into();
     odd.backend = "wgpu Vulkan NVIDIA H100".into();
+    (odd.lm_head, odd.kv_cache) = ("q8".into(), "f16".into());
     let csv = render_csv(&[odd, without_energy()]);
     let rows = parse_csv(&csv);
     assert_eq!(rows.len(), 3);
@@ -282,6 +287,10 @@ fn csv_is_parseable_with_na_and_quoting() {
     assert_eq!(a[col("model")], "my \"tiny\", model");
     assert_eq!(a[col("backend")], "wgpu Vulkan NVIDIA H100");
     assert_eq!(a[col("test")], "tg128");
+    assert_eq!(
+        (a[col("lm_head")].as_str(), a[col("kv_cache")].as_str()),
+        ("q8", "f16")
+    );
     assert_eq!(a[col("repetitions")], "3");
     assert_eq!(a[col("tps_mean")], "32");
     assert_eq!(a[col("tps_stddev")], "2");

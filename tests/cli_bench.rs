@@ -72,6 +72,15 @@ fn batched_decode_tests_run_on_each_backend() {
         let backend = rows[0]["backend"].as_str().unwrap();
         let want = if device == "cpu" { "cpu" } else { "wgpu" };
         assert!(backend.starts_with(want), "{device}: {backend}");
+        // the formats measured: the exact head, and each device's default KV cache
+        let kv = if device == "cpu" { "f32" } else { "f16" };
+        for r in rows {
+            assert_eq!(
+                (r["lm_head"].as_str(), r["kv_cache"].as_str()),
+                (Some("exact"), Some(kv)),
+                "{device}: {r}"
+            );
+        }
     }
     // a context deeper than one step's rows (max_batch 512) is filled in several steps
     let o = bench(

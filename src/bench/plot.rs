@@ -305,6 +305,8 @@ mod tests {
             n_tokens,
             depth,
             batch: 1,
+            lm_head: "exact".into(),
+            kv_cache: "f32".into(),
             tokens_per_s: Summary::from_slice(&[tps]).unwrap(),
             energy: None,
             energy_na_reason: Some("none".into()),

@@ -75,6 +75,10 @@ pub struct BenchResult {
     pub depth: usize,
     /// Sequences decoded together (1 but for a batched decode test, `tg128 x8`).
     pub batch: usize,
+    /// The LM head's storage (`--lm-head`): "exact", "q8" or "q4".
+    pub lm_head: String,
+    /// The KV cache's storage (`--kv-cache` or the device's default): "f32" or "f16".
+    pub kv_cache: String,
     pub tokens_per_s: Summary,
     pub energy: Option<EnergyResult>,
     /// Why `energy` is missing ("no RAPL in this machine: ..."); `None` when energy is present.
@@ -245,11 +249,12 @@ fn md_energy_cells(r: &BenchResult) -> [String; 4] {
 /// The markdown table, padded like llama-bench's, followed by notes on the energy sources and
 /// on why energy is missing, so the table can be pasted without losing that context.
 pub fn render_markdown(results: &[BenchResult]) -> String {
-    const HEADERS: [&str; 13] = [
+    const HEADERS: [&str; 14] = [
         "model",
         "size",
         "params",
         "backend",
+        "head / KV",
         "threads",
         "test",
         "t/s",
@@ -261,10 +266,10 @@ pub fn render_markdown(results: &[BenchResult]) -> String {
         "GPU mem",
     ];
     // Text columns are left-aligned, numbers right-aligned (as in llama-bench).
-    const RIGHT: [bool; 13] = [
-        false, true, true, false, true, true, true, true, true, true, true, true, true,
+    const RIGHT: [bool; 14] = [
+        false, true, true, false, false, true, true, true, true, true, true, true, true, true,
     ];
-    let rows: Vec<[String; 13]> = results
+    let rows: Vec<[String; 14]> = results
         .iter()
         .map(|r| {
             let [jt, w, iw, ja] = md_energy_cells(r);
@@ -273,6 +278,7 @@ pub fn render_markdown(results: &[BenchResult]) -> String {
                 format_size(r.model_size_bytes),
                 format_params(r.params),
                 md_escape(&r.backend),
+                format!("{} / {}", md_escape(&r.lm_head), md_escape(&r.kv_cache)),
                 r.threads.to_string(),
                 md_escape(&r.test),
                 r.tokens_per_s.to_string(),
@@ -285,7 +291,7 @@ pub fn render_markdown(results: &[BenchResult]) -> String {
             ]
         })
         .collect();
-    let mut widths: [usize; 13] = HEADERS.map(|h| h.chars().count());
+    let mut widths: [usize; 14] = HEADERS.map(|h| h.chars().count());
     for row in &rows {
         for (w, c) in widths.iter_mut().zip(row) {
             *w = (*w).max(c.chars().count());
@@ -302,12 +308,12 @@ pub fn render_markdown(results: &[BenchResult]) -> String {
     let mut out = String::new();
     let line = |cells: Vec<String>| format!("| {} |\n", cells.join(" | "));
     out.push_str(&line(
-        (0..13)
+        (0..HEADERS.len())
             .map(|i| pad(HEADERS[i], widths[i], RIGHT[i]))
             .collect(),
     ));
     out.push_str(&line(
-        (0..13)
+        (0..HEADERS.len())
             .map(|i| {
                 let dashes = "-".repeat(widths[i].max(3) - usize::from(RIGHT[i]));
                 if RIGHT[i] {
@@ -320,7 +326,9 @@ pub fn render_markdown(results: &[BenchResult]) -> String {
     ));
     for row in &rows {
         out.push_str(&line(
-            (0..13).map(|i| pad(&row[i], widths[i], RIGHT[i])).collect(),
+            (0..HEADERS.len())
+                .map(|i| pad(&row[i], widths[i], RIGHT[i]))
+                .collect(),
         ));
     }
 
@@ -378,7 +386,7 @@ pub fn render_json(results: &[BenchResult]) -> Result<String, serde_json::Error>
 }
 
 /// The CSV columns, in order.
-pub const CSV_HEADER: [&str; 23] = [
+pub const CSV_HEADER: [&str; 25] = [
     "model",
     "model_size_bytes",
     "params",
@@ -388,6 +396,8 @@ pub const CSV_HEADER: [&str; 23] = [
     "n_tokens",
     "depth",
     "batch",
+    "lm_head",
+    "kv_cache",
     "repetitions",
     "tps_mean",
     "tps_stddev",
@@ -431,6 +441,8 @@ pub fn render_csv(results: &[BenchResult]) -> String {
             r.n_tokens.to_string(),
             r.depth.to_string(),
             r.batch.to_string(),
+            r.lm_head.clone(),
+            r.kv_cache.clone(),
             r.tokens_per_s.n.to_string(),
             num(r.tokens_per_s.mean),
             num(r.tokens_per_s.stddev),

@@ -1260,6 +1260,8 @@ fn bench(a: BenchArgs) -> Result<()> {
                 n_tokens: spec.n_tokens,
                 depth: spec.depth,
                 batch: spec.batch,
+                lm_head: a.device.lm_head.name().to_string(),
+                kv_cache: model.kv_dtype().name().to_string(),
                 tokens_per_s: tps,
                 energy: None,
                 energy_na_reason: None,
