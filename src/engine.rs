@@ -9,7 +9,7 @@ use serde::Serialize;
 
 use crate::backend::cpu::CpuBackend;
 use crate::backend::wgpu::{self as gpu, AdapterChoice, WgpuBackend};
-use crate::backend::{Backend, StepRow};
+use crate::backend::StepRow;
 pub use crate::backend::{HeadFormat, KvDtype};
 use crate::config::ModelConfig;
 use crate::error::{BitnetError, Result};
@@ -285,14 +285,14 @@ pub fn check_host_memory(
         return Ok(());
     };
     // The CPU backend's buffers have the GPU's layout and sizes (its cache f32 by default).
+    let kv = options.kv_dtype::<CpuBackend>();
     let options = ModelOptions {
-        kv_cache: Some(options.kv_cache.unwrap_or(CpuBackend::DEFAULT_KV)),
+        kv_cache: Some(kv),
         ..*options
     };
     let need = gpu::estimate_memory(config, &options, 4);
     let bytes = need.kv_cache.saturating_add(need.activations);
     if bytes > available {
-        let kv = options.kv_cache.unwrap_or(CpuBackend::DEFAULT_KV);
         let per_pos = (config.kv_bytes_per_position() / 4 * kv.bytes()).max(1);
         let fits = available.saturating_sub(need.activations) / per_pos;
         return Err(BitnetError::InvalidArgument(format!(

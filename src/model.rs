@@ -65,6 +65,12 @@ impl ModelOptions {
             slots: 1,
         }
     }
+
+    /// The KV cache format of a model on backend `B` with these options: as asked, or `B`'s
+    /// default.
+    pub fn kv_dtype<B: Backend>(&self) -> KvDtype {
+        self.kv_cache.unwrap_or(B::DEFAULT_KV)
+    }
 }
 
 struct Layer<B: Backend> {
@@ -216,7 +222,7 @@ impl<B: Backend> Model<B> {
             ffn_q: b.alloc_q(n, i)?,
             logits: b.alloc(options.max_logit_rows, c.vocab_size)?,
         };
-        let kv_dtype = options.kv_cache.unwrap_or(B::DEFAULT_KV);
+        let kv_dtype = options.kv_dtype::<B>();
         let cache = b.alloc_kv_cache(
             c.num_hidden_layers,
             options.slots,
@@ -260,7 +266,7 @@ impl<B: Backend> Model<B> {
 
     /// How the KV cache stores keys and values.
     pub fn kv_dtype(&self) -> KvDtype {
-        self.options.kv_cache.unwrap_or(B::DEFAULT_KV)
+        self.options.kv_dtype::<B>()
     }
 
     /// Forgets the context (the cache is overwritten from position 0).

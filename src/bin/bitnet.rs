@@ -1110,8 +1110,7 @@ fn info(a: InfoArgs) -> Result<()> {
         "gpu memory       {} needed on a GPU (weights, {} KV cache, activations)",
         gib(need.total()),
         gpu_options
-            .kv_cache
-            .unwrap_or(bitnet_wgpu::backend::KvDtype::F16)
+            .kv_dtype::<bitnet_wgpu::backend::wgpu::WgpuBackend>()
             .name()
     );
     if let Some(note) = &engine.device_note {

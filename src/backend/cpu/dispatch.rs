@@ -445,7 +445,9 @@ pub fn rows_times_runs<T: KvElem>(
 }
 
 /// [`rows_times_runs`] as one [`axpy_f32`] per (head, k) (a half-float run converted to f32
-/// first); with `CpuLevel::Scalar` its scalar twin.
+/// 64 at a time on the stack: a multiple of every vector width, so each element takes the same
+/// vector or scalar path as in one call over the whole run); with `CpuLevel::Scalar` its
+/// scalar twin.
 #[allow(clippy::too_many_arguments)]
 fn rows_times_runs_with<T: KvElem>(
     level: CpuLevel,
@@ -457,12 +459,22 @@ fn rows_times_runs_with<T: KvElem>(
     cols: usize,
     out: &mut [f32],
 ) {
-    let mut run = Vec::new(); // [cols] a half-float run in f32
     for (h, o) in out.chunks_exact_mut(cols).take(heads).enumerate() {
         for (k, &ak) in a[h * depth..(h + 1) * depth].iter().enumerate() {
-            if ak != 0.0 {
-                let bk = T::run_f32(&b[k * b_stride..k * b_stride + cols], &mut run);
-                axpy_f32(level, ak, bk, o);
+            if ak == 0.0 {
+                continue;
+            }
+            let run = &b[k * b_stride..k * b_stride + cols];
+            if let Some(run) = T::as_f32(run) {
+                axpy_f32(level, ak, run, o);
+                continue;
+            }
+            let mut chunk = [0f32; 64];
+            for (src, dst) in run.chunks(64).zip(o.chunks_mut(64)) {
+                for (c, &x) in chunk.iter_mut().zip(src) {
+                    *c = x.to_f32();
+                }
+                axpy_f32(level, ak, &chunk[..src.len()], dst);
             }
         }
     }
@@ -477,8 +489,10 @@ pub trait KvElem: Copy + Default + Send + Sync + 'static {
     /// The stored element for `x`: `x` itself, or the nearest half clamped to ±65504 (as the
     /// GPU's f16 store: a key past the half range stays finite).
     fn store(x: f32) -> Self;
-    /// The run as f32: itself, or converted into `buf`.
-    fn run_f32<'a>(run: &'a [Self], buf: &'a mut Vec<f32>) -> &'a [f32];
+    /// The element's value (exact).
+    fn to_f32(self) -> f32;
+    /// The run itself when it is f32.
+    fn as_f32(run: &[Self]) -> Option<&[f32]>;
 }
 
 impl KvElem for f32 {
@@ -486,8 +500,11 @@ impl KvElem for f32 {
     fn store(x: f32) -> f32 {
         x
     }
-    fn run_f32<'a>(run: &'a [f32], _buf: &'a mut Vec<f32>) -> &'a [f32] {
-        run
+    fn to_f32(self) -> f32 {
+        self
+    }
+    fn as_f32(run: &[f32]) -> Option<&[f32]> {
+        Some(run)
     }
 }
 
@@ -496,10 +513,11 @@ impl KvElem for half::f16 {
     fn store(x: f32) -> half::f16 {
         half::f16::from_f32(x.clamp(-65504.0, 65504.0))
     }
-    fn run_f32<'a>(run: &'a [half::f16], buf: &'a mut Vec<f32>) -> &'a [f32] {
-        buf.clear();
-        buf.extend(run.iter().map(|h| h.to_f32()));
-        buf
+    fn to_f32(self) -> f32 {
+        half::f16::to_f32(self)
+    }
+    fn as_f32(_run: &[half::f16]) -> Option<&[f32]> {
+        None
     }
 }
 

@@ -215,10 +215,7 @@ pub fn estimate_memory(c: &ModelConfig, o: &ModelOptions, elem_bytes: u64) -> Me
         _ => v * emb_row,
     };
     let embedding = v * emb_row + head;
-    let kv_bytes = o
-        .kv_cache
-        .unwrap_or(<super::WgpuBackend as crate::backend::Backend>::DEFAULT_KV)
-        .bytes();
+    let kv_bytes = o.kv_dtype::<super::WgpuBackend>().bytes();
     let kv_cache = 2 * l * o.slots as u64 * o.ctx as u64 * kvd * kv_bytes;
     let b = o.max_batch as u64;
     let f32s = b * (4 * h + 2 * qd + 2 * kvd + 4 * i) + o.max_logit_rows as u64 * v;

@@ -179,6 +179,29 @@ fn f32_axpy_matches_scalar_within_tolerance() {
     }
 }
 
+/// A `rows_times_runs` case: `a` `[heads, depth]` in ±1 with each head's first coefficient 0
+/// (skipped), `b` runs of `cols` values from `b_value` every `b_stride`, and the `out` they add
+/// to, `[heads, cols]` in ±1.
+fn runs_case(
+    rng: &mut rand_chacha::ChaCha8Rng,
+    (heads, depth, cols, b_stride): (usize, usize, usize, usize),
+    mut b_value: impl FnMut(&mut rand_chacha::ChaCha8Rng) -> f32,
+) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+    let mut a: Vec<f32> = (0..heads * depth)
+        .map(|_| rng.random_range(-1f32..1.0))
+        .collect();
+    for h in 0..heads {
+        a[h * depth] = 0.0;
+    }
+    let b: Vec<f32> = (0..(depth - 1) * b_stride + cols)
+        .map(|_| b_value(rng))
+        .collect();
+    let out0: Vec<f32> = (0..heads * cols)
+        .map(|_| rng.random_range(-1f32..1.0))
+        .collect();
+    (a, b, out0)
+}
+
 #[test]
 fn rows_times_runs_matches_scalar_within_tolerance() {
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(17);
@@ -192,18 +215,9 @@ fn rows_times_runs_matches_scalar_within_tolerance() {
         (8, 3, 200),
     ] {
         let b_stride = cols + 5;
-        let mut a: Vec<f32> = (0..heads * depth)
-            .map(|_| rng.random_range(-1f32..1.0))
-            .collect();
-        for h in 0..heads {
-            a[h * depth] = 0.0;
-        }
-        let b: Vec<f32> = (0..(depth - 1) * b_stride + cols)
-            .map(|_| rng.random_range(-2f32..2.0))
-            .collect();
-        let out0: Vec<f32> = (0..heads * cols)
-            .map(|_| rng.random_range(-1f32..1.0))
-            .collect();
+        let (a, b, out0) = runs_case(&mut rng, (heads, depth, cols, b_stride), |r| {
+            r.random_range(-2f32..2.0)
+        });
         let mut want = out0.clone();
         rows_times_runs_with(
             CpuLevel::Scalar,
@@ -245,17 +259,11 @@ fn rows_times_runs_over_halves_equals_the_f32_kernel_on_their_values() {
         (8, 3, 200),
     ] {
         let b_stride = cols + 3;
-        let mut a: Vec<f32> = (0..heads * depth)
-            .map(|_| rng.random_range(-1f32..1.0))
-            .collect();
-        a[0] = 0.0;
-        let b: Vec<half::f16> = (0..(depth - 1) * b_stride + cols)
-            .map(|_| half::f16::store(rng.random_range(-300f32..300.0)))
-            .collect();
-        let b32: Vec<f32> = b.iter().map(|h| h.to_f32()).collect();
-        let out0: Vec<f32> = (0..heads * cols)
-            .map(|_| rng.random_range(-1f32..1.0))
-            .collect();
+        // b32: the halves' values
+        let (a, b32, out0) = runs_case(&mut rng, (heads, depth, cols, b_stride), |r| {
+            half::f16::store(r.random_range(-300f32..300.0)).to_f32()
+        });
+        let b: Vec<half::f16> = b32.iter().map(|&x| half::f16::store(x)).collect();
         for level in CpuLevel::available() {
             let mut want = out0.clone();
             rows_times_runs(level, &a, heads, depth, &b32, b_stride, cols, &mut want);
