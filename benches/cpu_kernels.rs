@@ -10,7 +10,9 @@ use std::sync::Arc;
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use rand::{Rng, SeedableRng};
 
-use bitnet_wgpu::backend::cpu::dispatch::{dot_bf16, ternary_dot4, ternary_dot4_x2, CpuLevel};
+use bitnet_wgpu::backend::cpu::dispatch::{
+    dot_bf16, dot_bf16_tokens, ternary_dot4, ternary_dot4_x2, CpuLevel,
+};
 use bitnet_wgpu::backend::cpu::q4::{Q4Input, Q4Matrix};
 use bitnet_wgpu::backend::cpu::q8::{HeadInput, Q8Matrix};
 use bitnet_wgpu::backend::cpu::CpuBackend;
@@ -67,6 +69,8 @@ fn bench_matmul(
     threads: usize,
 ) {
     let mut b = CpuBackend::new(threads).unwrap();
+    // a step of n rows as a batched decode makes them (the AMX level's tables for 2–15 rows)
+    b.plan_sequences(n);
     let mut x = b.alloc(n, w.cols).unwrap(); // [n, cols]
     let mut r = rng();
     x.data
@@ -178,7 +182,44 @@ fn head_row(c: &mut Criterion) {
             })
             .sum()
     }
+    // the exact bf16 head the same way (2B4T's tied embedding)
+    let xs: Vec<Vec<f32>> = (0..8)
+        .map(|_| (0..cols).map(|_| r.random_range(-2f32..2.0)).collect())
+        .collect();
+    fn bf16_pairs_t<const T: usize>(
+        raw: &[u8],
+        rows: usize,
+        level: CpuLevel,
+        xs: &[Vec<f32>],
+    ) -> f32 {
+        let row = |i: usize| &raw[i * raw.len() / rows..(i + 1) * raw.len() / rows];
+        (0..rows / 2)
+            .map(|i| {
+                xs.chunks(T)
+                    .map(|x| {
+                        dot_bf16_tokens(
+                            level,
+                            [row(i), row(i + rows / 2)],
+                            std::array::from_fn::<_, T, _>(|k| &x[k][..]),
+                        )[0][0]
+                    })
+                    .sum::<f32>()
+            })
+            .sum()
+    }
     for level in CpuLevel::available() {
+        for (name, f) in [
+            (
+                "bf16 one token at a time",
+                bf16_pairs_t::<1> as fn(&[u8], usize, CpuLevel, &[Vec<f32>]) -> f32,
+            ),
+            ("bf16 2 tokens at a time", bf16_pairs_t::<2>),
+            ("bf16 4 tokens at a time", bf16_pairs_t::<4>),
+        ] {
+            g.bench_function(BenchmarkId::new(name, level.name()), |b| {
+                b.iter(|| f(raw, rows, level, &xs))
+            });
+        }
         for (name, f) in [
             (
                 "q8 one token at a time",

@@ -269,9 +269,9 @@ pub fn dot_bf16(level: CpuLevel, row: &[u8], x: &[f32]) -> f32 {
     debug_assert_eq!(row.len(), 2 * x.len());
     match level {
         #[cfg(target_arch = "x86_64")]
-        CpuLevel::Avx2 | CpuLevel::AvxVnni | CpuLevel::Avx512Vnni | CpuLevel::Amx => unsafe {
-            avx2::dot_bf16_avx2(row, x)
-        },
+        CpuLevel::Avx2 | CpuLevel::AvxVnni | CpuLevel::Avx512Vnni | CpuLevel::Amx => {
+            dot_bf16_tokens(level, [row], [x])[0][0]
+        }
         #[cfg(target_arch = "aarch64")]
         CpuLevel::Neon | CpuLevel::NeonDot => unsafe { neon::dot_bf16_neon(row, x) },
         _ => reference::dot_bf16_scalar(row, x),
@@ -302,9 +302,12 @@ pub fn dot_bf16_tokens<const R: usize, const T: usize>(
     match level {
         #[cfg(target_arch = "x86_64")]
         // SAFETY: the level is only ever one `available()` returned; lengths checked above.
-        CpuLevel::Avx2 | CpuLevel::AvxVnni | CpuLevel::Avx512Vnni | CpuLevel::Amx => unsafe {
-            avx2::dot_bf16_avx2_rows::<R, T>(rows, xs)
+        CpuLevel::Avx512Vnni | CpuLevel::Amx => unsafe {
+            avx512::dot_bf16_avx512_rows::<R, T>(rows, xs)
         },
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: as above.
+        CpuLevel::Avx2 | CpuLevel::AvxVnni => unsafe { avx2::dot_bf16_avx2_rows::<R, T>(rows, xs) },
         _ => xs.map(|x| rows.map(|r| dot_bf16(level, r, x))),
     }
 }
@@ -324,9 +327,14 @@ pub fn dot_f16_tokens<const R: usize, const T: usize>(
     );
     match level {
         #[cfg(target_arch = "x86_64")]
-        // SAFETY: the level has AVX2 (one `available()` returned), F16C checked; lengths
-        // checked above.
-        CpuLevel::Avx2 | CpuLevel::AvxVnni | CpuLevel::Avx512Vnni | CpuLevel::Amx if has_f16c() => unsafe {
+        // SAFETY: the level has AVX-512 F (one `available()` returned; vcvtph2ps is AVX-512 F);
+        // lengths checked above.
+        CpuLevel::Avx512Vnni | CpuLevel::Amx => unsafe {
+            avx512::dot_f16_avx512_rows::<R, T>(rows, xs)
+        },
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: the level has AVX2, F16C checked; lengths checked above.
+        CpuLevel::Avx2 | CpuLevel::AvxVnni if has_f16c() => unsafe {
             avx2::dot_f16_avx2_rows::<R, T>(rows, xs)
         },
         _ => xs.map(|x| rows.map(|r| reference::dot_f16_scalar(r, x))),

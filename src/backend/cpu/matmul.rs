@@ -111,7 +111,11 @@ impl CpuBackend {
         check_matmul(&w.name, (w.rows, w.cols), (x.capacity, x.cols), n)?;
         self.check("ternary_matmul", out, w.rows)?;
         #[cfg(target_arch = "x86_64")]
-        if n >= LUT_MIN_TOKENS && !w.lut.is_empty() && w.lut.iter().all(Option::is_some) {
+        if n >= LUT_MIN_TOKENS
+            && x.tiles_rows != n
+            && !w.lut.is_empty()
+            && w.lut.iter().all(Option::is_some)
+        {
             self.matmul_lut(w, x, out);
             return Ok(());
         }
@@ -153,12 +157,20 @@ impl CpuBackend {
     }
 
     /// Whether ternary matmuls of steps of `LUT_MIN_TOKENS` (2) or more run on the table-lookup
-    /// kernel: the AVX-512 VNNI level (its `vpermw` tables beat its `vpdpbusd` kernel,
-    /// BENCHMARKS.md), unless `BITNET_CPU_NO_LUT=1` (an A/B, or to save the repacked copy's
-    /// memory: 0.89 × the 2-bit weights, kept beside them for decode). The AMX level keeps the
-    /// byte rows its tiles unpack.
+    /// kernel: at the AVX-512 VNNI level (its `vpermw` tables beat its `vpdpbusd` kernel,
+    /// BENCHMARKS.md), and at the AMX level for the steps below its tiles when several
+    /// sequences are decoded together (`plan_sequences`: 8-row steps ran 1.7–2.5× the
+    /// `vpdpbusd` kernel there; a single sequence's steps are one token or a prompt on tiles,
+    /// so it does not pay for the copy); unless `BITNET_CPU_NO_LUT=1` (an A/B, or to save the
+    /// repacked copy's memory: 0.89 × the 2-bit weights, kept beside them for decode).
     pub(super) fn uses_lut(&self) -> bool {
-        cfg!(target_arch = "x86_64") && self.use_lut && self.level == CpuLevel::Avx512Vnni
+        cfg!(target_arch = "x86_64")
+            && self.use_lut
+            && match self.level {
+                CpuLevel::Avx512Vnni => true,
+                CpuLevel::Amx => self.sequences > 1,
+                _ => false,
+            }
     }
 
     /// `w` repacked for the table-lookup kernel, if this backend uses it and `w` has one scale.
@@ -175,7 +187,7 @@ impl CpuBackend {
     /// The ternary matmul on the table-lookup kernel (`x86/avx512_lut.rs`), every part of `w`
     /// repacked: per chunk of up to [`TOKEN_BLOCK`] tokens, every token's tables once for all
     /// parts (they depend on the input only; one job per token), then per part ~8 jobs per
-    /// thread, each a chunk of 4 tokens (their tables of a column block stay in L1) × a run of
+    /// thread, each a chunk of tokens (all of a step of up to 8, else 4) × a run of
     /// row pairs (a contiguous run of index vectors per column block), writing its exact sums
     /// scaled.
     #[cfg(target_arch = "x86_64")]
@@ -196,7 +208,7 @@ impl CpuBackend {
             self.pool
                 .for_each_chunk_mut(&mut tables[..tn * per_token], per_token, |t, tab| {
                     let q = &x.q[(t0 + t) * cols..(t0 + t + 1) * cols];
-                    // SAFETY: the AVX-512 VNNI level has AVX-512 F + BW (`uses_lut`).
+                    // SAFETY: the AVX-512 VNNI and AMX levels have AVX-512 F + BW (`uses_lut`).
                     unsafe { avx512_lut::build_tables(q, tab) }
                 });
             let tables = &tables[..tn * per_token];
@@ -208,8 +220,11 @@ impl CpuBackend {
                     .extend(x.scales[t0..t0 + tn].iter().map(|&s| part.out_scale / s));
                 let factor = &self.token_factor; // [tn]
                 let pairs = lut.rows_pad / PAIR_ROWS;
-                // job j: (chunk of 4 tokens, run of row pairs), ~8 jobs per thread
-                let job_tokens = 4;
+                // job j: (chunk of tokens, run of row pairs), ~8 jobs per thread. A decode step
+                // of up to 8 rows is one chunk, so that a run's index vectors come from memory
+                // once (8-row steps 1.06–1.16× over chunks of 4, BENCHMARKS.md); longer steps
+                // take 4 tokens a job (their tables of a column block stay in L1).
+                let job_tokens = if tn <= 8 { tn } else { 4 };
                 let chunks = tn.div_ceil(job_tokens);
                 let job_pairs = pairs.div_ceil((8 * self.threads).div_ceil(chunks)).max(1);
                 let pair_jobs = pairs.div_ceil(job_pairs);
@@ -667,7 +682,11 @@ impl TokenDots for HalfDots<'_> {
         self.xs.len()
     }
     fn most_tokens(&self) -> usize {
-        2 // the AVX2 kernel's 16 registers: 8 sums, 4 widened halves, 2 activations
+        // AVX2's 16 registers: 8 sums, 4 widened halves, 2 activations; AVX-512's 32: 16 sums
+        match self.level {
+            CpuLevel::Avx512Vnni | CpuLevel::Amx => 4,
+            _ => 2,
+        }
     }
     fn dots<const R: usize, const T: usize>(&self, rows: [usize; R], t0: usize) -> [[f32; R]; T] {
         let rows = rows.map(|v| self.m.row_bytes(v));
@@ -773,6 +792,8 @@ mod tests {
                 for level in CpuLevel::available() {
                     for threads in [1, 3] {
                         let mut b = CpuBackend::new(threads).unwrap().with_level(level).unwrap();
+                        // several sequences: the AMX level's small steps on the tables too
+                        b.plan_sequences(if threads == 3 { 8 } else { 1 });
                         b.begin_step(&StepRow::sequence(&vec![0; n], 0)).unwrap();
                         let mut x = b.alloc(n, cols).unwrap();
                         x.data[..n * cols].copy_from_slice(&x_data);

@@ -457,7 +457,8 @@ fn q8_0_dot_matches_scalar_within_tolerance() {
 #[test]
 fn half_dots_of_token_batches_equal_one_token_dots_bit_for_bit() {
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(14);
-    for &n in &[1usize, 17, 2560] {
+    // lengths: one column, tails after the AVX2 (16) and AVX-512 (32) steps, the 2B4T width
+    for &n in &[1usize, 17, 63, 2560] {
         let row = |rng: &mut rand_chacha::ChaCha8Rng, f16: bool| -> Vec<u8> {
             (0..n)
                 .flat_map(|_| {
@@ -470,7 +471,7 @@ fn half_dots_of_token_batches_equal_one_token_dots_bit_for_bit() {
                 })
                 .collect()
         };
-        let xs: Vec<Vec<f32>> = (0..2)
+        let xs: Vec<Vec<f32>> = (0..4)
             .map(|_| (0..n).map(|_| rng.random_range(-1.0..1.0)).collect())
             .collect();
         for f16 in [false, true] {
@@ -483,18 +484,27 @@ fn half_dots_of_token_batches_equal_one_token_dots_bit_for_bit() {
                         dot_bf16(l, r, x)
                     }
                 };
-                let got = if f16 {
-                    dot_f16_tokens(l, [&a, &b], [&xs[0], &xs[1]])
+                let xs4 = [&xs[0][..], &xs[1], &xs[2], &xs[3]];
+                let (two, four) = if f16 {
+                    (
+                        dot_f16_tokens(l, [&a, &b], [&xs[0], &xs[1]]).to_vec(),
+                        dot_f16_tokens(l, [&a, &b], xs4).to_vec(),
+                    )
                 } else {
-                    dot_bf16_tokens(l, [&a, &b], [&xs[0], &xs[1]])
+                    (
+                        dot_bf16_tokens(l, [&a, &b], [&xs[0], &xs[1]]).to_vec(),
+                        dot_bf16_tokens(l, [&a, &b], xs4).to_vec(),
+                    )
                 };
-                for (t, x) in xs.iter().enumerate() {
-                    for (k, r) in [&a, &b].into_iter().enumerate() {
-                        assert_eq!(
-                            got[t][k].to_bits(),
-                            one(r, x).to_bits(),
-                            "{l:?} f16={f16} n {n} token {t} row {k}"
-                        );
+                for (batch, got) in [(2, two), (4, four)] {
+                    for (t, x) in xs.iter().take(batch).enumerate() {
+                        for (k, r) in [&a, &b].into_iter().enumerate() {
+                            assert_eq!(
+                                got[t][k].to_bits(),
+                                one(r, x).to_bits(),
+                                "{l:?} f16={f16} n {n} {batch} tokens: token {t} row {k}"
+                            );
+                        }
                     }
                 }
             }

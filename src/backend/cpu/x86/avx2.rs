@@ -451,14 +451,6 @@ pub unsafe fn softmax_avx2(x: &mut [f32]) {
     }
 }
 
-/// bf16 → f32 is a 16-bit left shift; 8 columns per step with FMA-free mul+add so the result
-/// does not depend on FMA availability (AVX2 machines without FMA exist).
-#[target_feature(enable = "avx2")]
-pub unsafe fn dot_bf16_avx2(row: &[u8], x: &[f32]) -> f32 {
-    // SAFETY: passed on.
-    unsafe { dot_bf16_avx2_rows::<1, 1>([row], [x])[0][0] }
-}
-
 /// The dots of `R` rows of 16-bit floats with `T` f32 activation rows, `[T][R]`, rows read side
 /// by side: 16 halves per step widened to two f32 vectors by `$widen` (the one thing the formats
 /// differ in) once for all `T` activation rows, two accumulators each, the tail through the
@@ -525,7 +517,8 @@ macro_rules! dot_half_rows {
 }
 
 dot_half_rows!(
-    /// [`dot_bf16_avx2`] for `R` rows and `T` activation rows: bf16 widened by a 16-bit shift.
+    /// `dispatch::dot_bf16_tokens` on AVX2: bf16 widened by a 16-bit shift; mul + add, not FMA,
+    /// so that the result does not depend on FMA availability (AVX2 machines without FMA exist).
     ///
     /// # Safety
     /// AVX2; every `x` one length, every row twice that in bytes.
