@@ -6,8 +6,12 @@
 //!
 //! `cargo run --release [-- --reps N --ms M --verify-only --sweep]`; `--sweep` times the vpermw
 //! kernel's blockings against the best shipped level instead; `--peak` measures the
-//! throughput ceilings of the instructions the kernels are built on (`peak.rs`).
+//! throughput ceilings of the instructions the kernels are built on (`peak.rs`); `--base3`
+//! times one-token decode on base-3 packed weights against the shipped 2-bit kernels, in cache
+//! and streaming a 2B4T-sized matrix from memory (`base3.rs`).
 
+#[cfg(target_arch = "x86_64")]
+mod base3;
 #[cfg(target_arch = "x86_64")]
 mod baseline;
 #[cfg(target_arch = "x86_64")]
@@ -36,7 +40,7 @@ mod bench {
     use bitnet_wgpu::ternary::pack_ternary;
 
     use crate::util::{unpack_codes, Rng};
-    use crate::{baseline, permw, shufb};
+    use crate::{base3, baseline, permw, shufb};
 
     /// One problem: weights (as given, packed, and as codes), T tokens of activations.
     struct Problem {
@@ -243,6 +247,7 @@ mod bench {
         verify_only: bool,
         sweep: bool,
         peak: bool,
+        base3: bool,
     }
 
     fn opts() -> Opts {
@@ -252,6 +257,7 @@ mod bench {
             verify_only: false,
             sweep: false,
             peak: false,
+            base3: false,
         };
         let args: Vec<String> = std::env::args().skip(1).collect();
         let mut i = 0;
@@ -268,8 +274,9 @@ mod bench {
                 "--verify-only" => o.verify_only = true,
                 "--sweep" => o.sweep = true,
                 "--peak" => o.peak = true,
+                "--base3" => o.base3 = true,
                 a => panic!(
-                    "unknown argument {a} (--reps N, --ms M, --verify-only, --sweep, --peak)"
+                    "unknown argument {a} (--reps N, --ms M, --verify-only, --sweep, --peak, --base3)"
                 ),
             }
             i += 1;
@@ -281,6 +288,10 @@ mod bench {
         let o = opts();
         if o.peak {
             crate::peak::main();
+            return;
+        }
+        if o.base3 {
+            base3_main(&o);
             return;
         }
         let levels: Vec<_> = CpuLevel::available().iter().map(|l| l.name()).collect();
@@ -384,5 +395,139 @@ mod bench {
         );
         println!("|---|---|---|---|---|---|---|---|---|");
         print!("{table}");
+    }
+
+    /// `--base3`: exactness of the base-3 kernel, then one-token decode timed against the
+    /// shipped byte-row kernels (one byte row at a time, as `baseline::matmul` at T = 1), in
+    /// cache on one thread and streaming a 2B4T-sized matrix (2.09 G weights) on 2 threads.
+    fn base3_main(o: &Opts) {
+        assert!(is_x86_feature_detected!("avx2"), "--base3 needs AVX2");
+        for (i, &(rows, cols)) in [(108, 2567), (52, 6917), (4, 1), (12, 31), (6916, 2560)]
+            .iter()
+            .enumerate()
+        {
+            let p = Problem::new(rows, cols, 300 + i as u64, true);
+            let w = base3::Base3Weights::new(&p.codes, rows, cols);
+            for (lo, hi) in [(-128, 127), (-128, -128), (127, 127)] {
+                let x = activations(1, cols, lo, hi, 400 + i as u64, false);
+                let want = p.reference(&x);
+                let mut got = vec![i32::MIN; rows];
+                base3::matvec(&w, &x, sums(&x, cols)[0], (0, w.p5), &mut got);
+                for r in 0..rows {
+                    assert_eq!(got[r], want[r], "base3 rows {rows} cols {cols}: row {r}");
+                }
+            }
+        }
+        println!("base3: exact on odd shapes (rows 108/52/4/12/6916, K 2567/6917/1/31/2560)");
+        let levels = CpuLevel::available();
+        let shipped: Vec<CpuLevel> = [CpuLevel::Avx2, CpuLevel::Avx512Vnni]
+            .into_iter()
+            .filter(|l| levels.contains(l))
+            .collect();
+        // in cache, one thread
+        for &(label, rows, cols) in &[("up", 6912, 2560), ("down", 2560, 6912)] {
+            let p = Problem::new(rows, cols, 1, false);
+            let w = base3::Base3Weights::new(&p.codes, rows, cols);
+            let x = activations(1, cols, -127, 127, 9, false);
+            let qs = sums(&x, cols);
+            let mut out = vec![0i32; rows];
+            let mut samples = vec![Vec::new(); shipped.len() + 1];
+            for rep in 0..o.reps {
+                for j in 0..samples.len() {
+                    let k = (j + rep) % samples.len();
+                    let t0 = Instant::now();
+                    for _ in 0..50 {
+                        match shipped.get(k) {
+                            Some(&l) => {
+                                baseline::matmul(l, &p.packed, rows, cols, &x, &qs, &mut out)
+                            }
+                            None => base3::matvec(&w, &x, qs[0], (0, w.p5), &mut out),
+                        }
+                    }
+                    samples[k].push(t0.elapsed().as_secs_f64() / 50.0);
+                }
+            }
+            for (k, s) in samples.iter_mut().enumerate() {
+                let name = shipped.get(k).map_or("base3 avx2".to_string(), |l| {
+                    format!("shipped {}", l.name())
+                });
+                let m = median(s);
+                println!(
+                    "in cache, 1 thread, {label} [{rows}, {cols}], T 1: {name}: {:.1} µs, {:.1} G weights/s",
+                    m * 1e6,
+                    (rows * cols) as f64 / m * 1e-9
+                );
+            }
+        }
+        // streaming from memory, 2 threads: 118 gate projections' worth of weights (2B4T's
+        // ternary total), random codes (the speed does not depend on them)
+        let (rows, cols) = (6912 * 118, 2560);
+        let mut rng = crate::util::Rng::new(5);
+        let packed: Vec<u8> = (0..rows / 4 * cols)
+            .map(|_| (0..4).fold(0u8, |b, i| b | ((rng.range(0, 2) as u8) << (2 * i))))
+            .collect();
+        let b3 = base3::Base3Weights {
+            rows,
+            cols,
+            p5: rows / 5 + 1,
+            bytes: (0..(rows / 5 + 1) * cols)
+                .map(|_| rng.range(0, 255) as u8)
+                .collect(),
+        };
+        let x = activations(1, cols, -127, 127, 9, false);
+        let qs = sums(&x, cols);
+        let run = |k: usize| {
+            let halves = |n: usize| [(0, n / 2), (n / 2, n)];
+            std::thread::scope(|sc| {
+                for (h, (p0, p1)) in halves(if k < shipped.len() { rows / 4 } else { b3.p5 })
+                    .into_iter()
+                    .enumerate()
+                {
+                    let (packed, b3, x, qs, shipped) = (&packed, &b3, &x, &qs, &shipped);
+                    sc.spawn(move || {
+                        let mut out = vec![0i32; rows];
+                        let mut acc = 0i64;
+                        if let Some(&l) = shipped.get(k) {
+                            for p in p0..p1 {
+                                let r = bitnet_wgpu::backend::cpu::dispatch::ternary_dot4(
+                                    l,
+                                    &packed[p * cols..(p + 1) * cols],
+                                    x,
+                                    qs[0],
+                                );
+                                acc += r[0] as i64;
+                            }
+                        } else {
+                            base3::matvec(b3, x, qs[0], (p0, p1), &mut out);
+                            acc += out[p0] as i64;
+                        }
+                        std::hint::black_box((acc, h));
+                    });
+                }
+            });
+        };
+        let mut samples = vec![Vec::new(); shipped.len() + 1];
+        for rep in 0..o.reps {
+            for j in 0..samples.len() {
+                let k = (j + rep) % samples.len();
+                let t0 = Instant::now();
+                run(k);
+                samples[k].push(t0.elapsed().as_secs_f64());
+            }
+        }
+        for (k, s) in samples.iter_mut().enumerate() {
+            let (name, bytes) = match shipped.get(k) {
+                Some(l) => (format!("shipped {}", l.name()), packed.len()),
+                None => ("base3 avx2".to_string(), b3.bytes.len()),
+            };
+            let (m, min) = (median(s), s.iter().cloned().fold(f64::INFINITY, f64::min));
+            println!(
+                "from memory, 2 threads, [{rows}, {cols}] ({:.0} MB), T 1: {name}: median {:.1} ms, min {:.1} ms, {:.1} GB/s (median)",
+                bytes as f64 / 1e6,
+                m * 1e3,
+                min * 1e3,
+                bytes as f64 / m * 1e-9
+            );
+        }
     }
 }
