@@ -1062,7 +1062,7 @@ fn info(a: InfoArgs) -> Result<()> {
         let tables = m.backend.table_copy_bytes();
         if tables > 0 {
             outln!(
-                "                 + {} table-lookup copy of the ternary weights (steps of 2+ tokens; BITNET_CPU_NO_LUT=1 drops it)",
+                "                 + {} table-lookup copy of the ternary weights (steps of several tokens; BITNET_CPU_NO_LUT=1 drops it)",
                 gib(tables)
             );
         }
