@@ -266,16 +266,7 @@ pub fn ternary_dot4_x4(
 /// `Σ x·row` with `row` in bf16 (little-endian bytes), f32 accumulation. The LM head's kernel.
 #[inline]
 pub fn dot_bf16(level: CpuLevel, row: &[u8], x: &[f32]) -> f32 {
-    debug_assert_eq!(row.len(), 2 * x.len());
-    match level {
-        #[cfg(target_arch = "x86_64")]
-        CpuLevel::Avx2 | CpuLevel::AvxVnni | CpuLevel::Avx512Vnni | CpuLevel::Amx => {
-            dot_bf16_tokens(level, [row], [x])[0][0]
-        }
-        #[cfg(target_arch = "aarch64")]
-        CpuLevel::Neon | CpuLevel::NeonDot => unsafe { neon::dot_bf16_neon(row, x) },
-        _ => reference::dot_bf16_scalar(row, x),
-    }
+    dot_bf16_tokens(level, [row], [x])[0][0]
 }
 
 /// [`dot_bf16`] of two rows read side by side (the same results): two memory streams keep more
@@ -308,7 +299,12 @@ pub fn dot_bf16_tokens<const R: usize, const T: usize>(
         #[cfg(target_arch = "x86_64")]
         // SAFETY: as above.
         CpuLevel::Avx2 | CpuLevel::AvxVnni => unsafe { avx2::dot_bf16_avx2_rows::<R, T>(rows, xs) },
-        _ => xs.map(|x| rows.map(|r| dot_bf16(level, r, x))),
+        #[cfg(target_arch = "aarch64")]
+        // SAFETY: the NEON levels have NEON; lengths checked above.
+        CpuLevel::Neon | CpuLevel::NeonDot => {
+            xs.map(|x| rows.map(|r| unsafe { neon::dot_bf16_neon(r, x) }))
+        }
+        _ => xs.map(|x| rows.map(|r| reference::dot_bf16_scalar(r, x))),
     }
 }
 

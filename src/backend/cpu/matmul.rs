@@ -112,7 +112,7 @@ impl CpuBackend {
         self.check("ternary_matmul", out, w.rows)?;
         #[cfg(target_arch = "x86_64")]
         if n >= LUT_MIN_TOKENS
-            && x.tiles_rows != n
+            && x.tiles_rows != n // a step laid out for AMX tiles runs on them
             && !w.lut.is_empty()
             && w.lut.iter().all(Option::is_some)
         {

@@ -451,84 +451,27 @@ pub unsafe fn softmax_avx2(x: &mut [f32]) {
     }
 }
 
-/// The dots of `R` rows of 16-bit floats with `T` f32 activation rows, `[T][R]`, rows read side
-/// by side: 16 halves per step widened to two f32 vectors by `$widen` (the one thing the formats
-/// differ in) once for all `T` activation rows, two accumulators each, the tail through the
-/// scalar twin `$tail`. Each (row, activation row)'s operations run in the same order whatever
-/// `R` and `T` (each result equals the one-row, one-token call's bit for bit). `R = 2, T = 2`
-/// keeps 8 accumulators, 4 widened halves and 2 activations in the 16 registers.
-macro_rules! dot_half_rows {
-    ($(#[$doc:meta])* $name:ident, $features:literal, $tail:path,
-     |$w:ident| ($lo:expr, $hi:expr)) => {
-        $(#[$doc])*
-        #[target_feature(enable = $features)]
-        #[allow(clippy::needless_range_loop)] // r and t index rows, activations and sums alike
-        pub unsafe fn $name<const R: usize, const T: usize>(
-            rows: [&[u8]; R],
-            x: [&[f32]; T],
-        ) -> [[f32; R]; T] {
-            let cols = x[0].len();
-            for t in 0..T {
-                assert_eq!(x[t].len(), cols);
-            }
-            let n = cols / 16 * 16;
-            let mut acc = [[[_mm256_setzero_ps(); 2]; R]; T];
-            let mut c = 0;
-            while c < n {
-                // SAFETY: c + 16 ≤ n: 32 bytes of every row are in bounds (2 · cols each).
-                let w: [(__m256, __m256); R] = std::array::from_fn(|r| {
-                    let row = rows[r];
-                    prefetch(row.as_ptr().wrapping_add(2 * c + PREFETCH_BYTES));
-                    let $w =
-                        unsafe { _mm256_loadu_si256(row.as_ptr().add(2 * c) as *const __m256i) };
-                    ($lo, $hi)
-                });
-                for t in 0..T {
-                    // SAFETY: c + 16 ≤ n: 16 floats of every x are in bounds.
-                    let (x0, x1) = unsafe {
-                        (
-                            _mm256_loadu_ps(x[t].as_ptr().add(c)),
-                            _mm256_loadu_ps(x[t].as_ptr().add(c + 8)),
-                        )
-                    };
-                    for r in 0..R {
-                        let acc = &mut acc[t][r];
-                        acc[0] = _mm256_add_ps(acc[0], _mm256_mul_ps(w[r].0, x0));
-                        acc[1] = _mm256_add_ps(acc[1], _mm256_mul_ps(w[r].1, x1));
-                    }
-                }
-                c += 16;
-            }
-            std::array::from_fn(|t| {
-                std::array::from_fn(|r| {
-                    let mut lanes = [0f32; 8];
-                    // SAFETY: lanes has 8 floats.
-                    unsafe {
-                        _mm256_storeu_ps(
-                            lanes.as_mut_ptr(),
-                            _mm256_add_ps(acc[t][r][0], acc[t][r][1]),
-                        )
-                    };
-                    lanes.iter().sum::<f32>() + $tail(&rows[r][2 * n..], &x[t][n..])
-                })
-            })
-        }
-    };
-}
-
 dot_half_rows!(
-    /// `dispatch::dot_bf16_tokens` on AVX2: bf16 widened by a 16-bit shift; mul + add, not FMA,
-    /// so that the result does not depend on FMA availability (AVX2 machines without FMA exist).
+    /// `dispatch::dot_bf16_tokens` on AVX2: 16 halves a step, bf16 widened by a 16-bit shift;
+    /// mul + add, not FMA, so that the result does not depend on FMA availability (AVX2
+    /// machines without FMA exist). `R = 2, T = 2` keeps 8 accumulators, 4 widened halves and
+    /// 2 activations in the 16 registers.
     ///
     /// # Safety
-    /// AVX2; every `x` one length, every row twice that in bytes.
+    /// AVX2; every `x` one length, every row at least twice that in bytes.
     dot_bf16_avx2_rows,
     "avx2",
     reference::dot_bf16_scalar,
-    |w| (
+    lanes: 8,
+    zero: _mm256_setzero_ps(),
+    load: |p| _mm256_loadu_si256(p as *const __m256i),
+    widen: |w| (
         _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm256_castsi256_si128(w)), 16)),
         _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm256_extracti128_si256(w, 1)), 16))
-    )
+    ),
+    load_x: |p| _mm256_loadu_ps(p),
+    mul_add: |acc, a, b| _mm256_add_ps(acc, _mm256_mul_ps(a, b)),
+    lane_sum: |v0, v1| hsum256(_mm256_add_ps(v0, v1)),
 );
 
 dot_half_rows!(
@@ -536,15 +479,31 @@ dot_half_rows!(
     /// `vcvtph2ps` (F16C, exact).
     ///
     /// # Safety
-    /// AVX2 + F16C; every `x` one length, every row twice that in bytes.
+    /// AVX2 + F16C; every `x` one length, every row at least twice that in bytes.
     dot_f16_avx2_rows,
     "avx2,f16c",
     reference::dot_f16_scalar,
-    |w| (
+    lanes: 8,
+    zero: _mm256_setzero_ps(),
+    load: |p| _mm256_loadu_si256(p as *const __m256i),
+    widen: |w| (
         _mm256_cvtph_ps(_mm256_castsi256_si128(w)),
         _mm256_cvtph_ps(_mm256_extracti128_si256(w, 1))
-    )
+    ),
+    load_x: |p| _mm256_loadu_ps(p),
+    mul_add: |acc, a, b| _mm256_add_ps(acc, _mm256_mul_ps(a, b)),
+    lane_sum: |v0, v1| hsum256(_mm256_add_ps(v0, v1)),
 );
+
+/// The lanes of `v` summed in order, as the half-float dots always reduced them.
+#[inline]
+#[target_feature(enable = "avx")]
+fn hsum256(v: __m256) -> f32 {
+    let mut lanes = [0f32; 8];
+    // SAFETY: lanes has 8 floats.
+    unsafe { _mm256_storeu_ps(lanes.as_mut_ptr(), v) };
+    lanes.iter().sum()
+}
 
 /// `dispatch::dot_q8_0`: a GGUF Q8_0 row (per 32 columns an f16 scale, 32 int8 codes) times
 /// f32 `x`: per block the codes widened to f32 by 8 and multiplied with `x` into one

@@ -424,85 +424,20 @@ pub unsafe fn dot_q8_avx512vnni_rows<const R: usize, const T: usize>(
     })
 }
 
-/// The dots of `R` rows of 16-bit floats with `T` f32 activation rows, `[T][R]`: 32 halves per
-/// row and step widened to two f32 vectors by `$widen` once for all `T` activation rows, then
-/// one FMA per vector and activation row into two accumulators per (row, activation row); the
-/// tail through the scalar twin `$tail`. Each (row, activation row)'s operations run in the same
-/// order whatever `R` and `T`, so each result is the one-row, one-token call's bit for bit (a
-/// batch of decode rows does not change a row's logits). `R = 2, T = 4` keeps 16 sums, 4
-/// widened vectors and 2 activations in the 32 zmm registers. The AVX2 twins
-/// (`avx2::dot_bf16_avx2_rows`) do the same with 8 lanes and no FMA, twice the vector work and
-/// 4× the instructions of a batched step.
-macro_rules! dot_half_rows_avx512 {
-    ($(#[$doc:meta])* $name:ident, $features:literal, $tail:path,
-     |$w:ident| ($lo:expr, $hi:expr)) => {
-        $(#[$doc])*
-        #[target_feature(enable = $features)]
-        #[allow(clippy::needless_range_loop)] // r and t index rows, activations and sums alike
-        pub unsafe fn $name<const R: usize, const T: usize>(
-            rows: [&[u8]; R],
-            x: [&[f32]; T],
-        ) -> [[f32; R]; T] {
-            let cols = x[0].len();
-            for t in 0..T {
-                assert_eq!(x[t].len(), cols);
-            }
-            for r in 0..R {
-                assert!(rows[r].len() >= 2 * cols);
-            }
-            let n = cols / 32 * 32;
-            let mut acc = [[[_mm512_setzero_ps(); 2]; R]; T];
-            let mut c = 0;
-            while c < n {
-                // SAFETY: c + 32 ≤ n: 64 bytes of every row are in bounds (2 · cols each).
-                let w: [(__m512, __m512); R] = std::array::from_fn(|r| {
-                    let row = rows[r];
-                    prefetch(row.as_ptr().wrapping_add(2 * c + PREFETCH_BYTES));
-                    let $w = unsafe { _mm512_loadu_si512(row.as_ptr().add(2 * c) as *const _) };
-                    ($lo, $hi)
-                });
-                for t in 0..T {
-                    // SAFETY: c + 32 ≤ n: 32 floats of every x are in bounds.
-                    let (x0, x1) = unsafe {
-                        (
-                            _mm512_loadu_ps(x[t].as_ptr().add(c)),
-                            _mm512_loadu_ps(x[t].as_ptr().add(c + 16)),
-                        )
-                    };
-                    for r in 0..R {
-                        let acc = &mut acc[t][r];
-                        acc[0] = _mm512_fmadd_ps(w[r].0, x0, acc[0]);
-                        acc[1] = _mm512_fmadd_ps(w[r].1, x1, acc[1]);
-                    }
-                }
-                c += 32;
-            }
-            std::array::from_fn(|t| {
-                std::array::from_fn(|r| {
-                    let mut lanes = [0f32; 16];
-                    // SAFETY: lanes has 16 floats.
-                    unsafe {
-                        _mm512_storeu_ps(
-                            lanes.as_mut_ptr(),
-                            _mm512_add_ps(acc[t][r][0], acc[t][r][1]),
-                        )
-                    };
-                    lanes.iter().sum::<f32>() + $tail(&rows[r][2 * n..], &x[t][n..])
-                })
-            })
-        }
-    };
-}
-
-dot_half_rows_avx512!(
-    /// `dispatch::dot_bf16_tokens` on AVX-512: bf16 widened by a 16-bit shift.
+dot_half_rows!(
+    /// `dispatch::dot_bf16_tokens` on AVX-512: 32 halves a step, bf16 widened by a 16-bit
+    /// shift, FMA. `R = 2, T = 4` keeps 16 sums, 4 widened vectors and 2 activations in the 32
+    /// zmm registers (the AVX2 kernel: 8 lanes, no FMA, 2 activation rows a pass).
     ///
     /// # Safety
     /// AVX-512 F; every `x` one length, every row at least twice that in bytes.
     dot_bf16_avx512_rows,
     "avx512f",
     reference::dot_bf16_scalar,
-    |w| (
+    lanes: 16,
+    zero: _mm512_setzero_ps(),
+    load: |p| _mm512_loadu_si512(p as *const _),
+    widen: |w| (
         _mm512_castsi512_ps(_mm512_slli_epi32(
             _mm512_cvtepu16_epi32(_mm512_castsi512_si256(w)),
             16
@@ -511,10 +446,13 @@ dot_half_rows_avx512!(
             _mm512_cvtepu16_epi32(_mm512_extracti64x4_epi64(w, 1)),
             16
         ))
-    )
+    ),
+    load_x: |p| _mm512_loadu_ps(p),
+    mul_add: |acc, a, b| _mm512_fmadd_ps(a, b, acc),
+    lane_sum: |v0, v1| hsum512(_mm512_add_ps(v0, v1)),
 );
 
-dot_half_rows_avx512!(
+dot_half_rows!(
     /// `dispatch::dot_f16_tokens` on AVX-512: f16 widened by `vcvtph2ps` (exact).
     ///
     /// # Safety
@@ -522,8 +460,24 @@ dot_half_rows_avx512!(
     dot_f16_avx512_rows,
     "avx512f",
     reference::dot_f16_scalar,
-    |w| (
+    lanes: 16,
+    zero: _mm512_setzero_ps(),
+    load: |p| _mm512_loadu_si512(p as *const _),
+    widen: |w| (
         _mm512_cvtph_ps(_mm512_castsi512_si256(w)),
         _mm512_cvtph_ps(_mm512_extracti64x4_epi64(w, 1))
-    )
+    ),
+    load_x: |p| _mm512_loadu_ps(p),
+    mul_add: |acc, a, b| _mm512_fmadd_ps(a, b, acc),
+    lane_sum: |v0, v1| hsum512(_mm512_add_ps(v0, v1)),
 );
+
+/// The lanes of `v` summed in order, as the half-float dots reduce them.
+#[inline]
+#[target_feature(enable = "avx512f")]
+fn hsum512(v: __m512) -> f32 {
+    let mut lanes = [0f32; 16];
+    // SAFETY: lanes has 16 floats.
+    unsafe { _mm512_storeu_ps(lanes.as_mut_ptr(), v) };
+    lanes.iter().sum()
+}
