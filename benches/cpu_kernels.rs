@@ -69,8 +69,6 @@ fn bench_matmul(
     threads: usize,
 ) {
     let mut b = CpuBackend::new(threads).unwrap();
-    // a step of n rows as a batched decode makes them (the AMX level's tables for 2–15 rows)
-    b.plan_sequences(n);
     let mut x = b.alloc(n, w.cols).unwrap(); // [n, cols]
     let mut r = rng();
     x.data
@@ -93,7 +91,7 @@ fn projection(c: &mut Criterion) {
     let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
     let mut g = c.benchmark_group("ternary_matmul [6912, 2560]");
     g.sample_size(20);
-    for n in [1usize, 8, 64] {
+    for n in [1usize, 2, 4, 8, 16, 64] {
         g.throughput(if n == 1 {
             Throughput::Bytes((w.rows / 4 * w.cols) as u64)
         } else {

@@ -184,7 +184,6 @@ impl<B: Backend> Model<B> {
         let positions = options.ctx.saturating_mul(options.slots);
         options.max_batch = options.max_batch.clamp(1, positions);
         options.max_logit_rows = options.max_logit_rows.clamp(1, options.max_batch);
-        backend.plan_sequences(options.slots);
         let b = &mut backend;
         let mut layers = Vec::with_capacity(w.layers.len());
         for l in &w.layers {

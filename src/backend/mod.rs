@@ -216,12 +216,6 @@ pub trait Backend {
     /// A human-readable name: "cpu (2 threads)", "wgpu Vulkan NVIDIA H100", ...
     fn name(&self) -> String;
 
-    /// Told before any weight is uploaded how many sequences the model will decode together
-    /// (its KV-cache slots), so that a backend may lay its weights out for steps of that many
-    /// rows as well (the CPU's AMX level then keeps a table-lookup copy for its 2–15-row
-    /// steps). Changes no result.
-    fn plan_sequences(&mut self, _slots: usize) {}
-
     /// The row-concatenation of `parts` (same column count) as one matrix, e.g. q, k and v or
     /// gate and up: one matmul computes all of them. Each part keeps its own `out_scale`
     /// (applied to its range of output rows; the integer accumulation is unchanged).

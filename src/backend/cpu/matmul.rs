@@ -1,5 +1,6 @@
-//! The CPU backend's matrix products: the ternary matmul in its three strategies (two-stream
-//! decode for one token, 4/2/1-token blocks for prefill, AMX tiles for long prefill steps) and
+//! The CPU backend's matrix products: the ternary matmul in its strategies (two-stream decode
+//! for one token, 4/2/1-token blocks or table lookups for prefill, AMX tiles for steps of 2+
+//! tokens: one token block with the codes unpacked in L1, or many with them unpacked once) and
 //! the LM head (two-stream decode over the vocabulary rows).
 
 use std::cell::RefCell;
@@ -19,10 +20,12 @@ use crate::error::{BitnetError, Result};
 use crate::load::{decode_floats, FloatDtype, FloatMatrix};
 use crate::ternary::{BlockScales, TernaryMatrix};
 
-/// Steps of at least this many tokens run their ternary matmuls on AMX tiles (fewer would leave
-/// most of each 16-token tile empty while still unpacking every weight).
+/// Steps of at least this many tokens run their ternary matmuls on AMX tiles. A tile product
+/// costs the same for 1 or 16 tokens, so a step of a few rows pays for 16; from 2 rows it still
+/// beats the `vpdpbusd` kernel, and from 4 the table-lookup kernel (BENCHMARKS.md). A one-token
+/// step is bound by memory and keeps the two-stream byte-row kernel.
 #[cfg(all(target_arch = "x86_64", target_os = "linux"))]
-const AMX_MIN_TOKENS: usize = 16;
+const AMX_MIN_TOKENS: usize = 2;
 
 /// Steps of at least this many tokens run the table-lookup kernel where the weights were
 /// repacked for it: a one-token step keeps the byte-row decode kernel, whose two memory streams
@@ -137,7 +140,11 @@ impl CpuBackend {
         #[cfg(all(target_arch = "x86_64", target_os = "linux"))]
         // quantize laid out the tiles exactly when this step is for AMX
         if x.tiles_rows == n && n > 0 && w.block_scales.is_none() {
-            self.matmul_amx(w, x, out, col0);
+            if n <= super::x86::amx::TILE_TOKENS {
+                self.matmul_amx_one_block(w, x, out, col0);
+            } else {
+                self.matmul_amx(w, x, out, col0);
+            }
             return;
         }
         let outputs = Outputs {
@@ -158,19 +165,11 @@ impl CpuBackend {
 
     /// Whether ternary matmuls of steps of `LUT_MIN_TOKENS` (2) or more run on the table-lookup
     /// kernel: at the AVX-512 VNNI level (its `vpermw` tables beat its `vpdpbusd` kernel,
-    /// BENCHMARKS.md), and at the AMX level for the steps below its tiles when several
-    /// sequences are decoded together (`plan_sequences`: 8-row steps ran 1.7–2.5× the
-    /// `vpdpbusd` kernel there; a single sequence's steps are one token or a prompt on tiles,
-    /// so it does not pay for the copy); unless `BITNET_CPU_NO_LUT=1` (an A/B, or to save the
-    /// repacked copy's memory: 0.89 × the 2-bit weights, kept beside them for decode).
+    /// BENCHMARKS.md; the AMX level runs such steps on tiles), unless `BITNET_CPU_NO_LUT=1` (an
+    /// A/B, or to save the repacked copy's memory: 0.89 × the 2-bit weights, kept beside them
+    /// for decode).
     pub(super) fn uses_lut(&self) -> bool {
-        cfg!(target_arch = "x86_64")
-            && self.use_lut
-            && match self.level {
-                CpuLevel::Avx512Vnni => true,
-                CpuLevel::Amx => self.sequences > 1,
-                _ => false,
-            }
+        cfg!(target_arch = "x86_64") && self.use_lut && self.level == CpuLevel::Avx512Vnni
     }
 
     /// `w` repacked for the table-lookup kernel, if this backend uses it and `w` has one scale.
@@ -385,7 +384,7 @@ impl CpuBackend {
         self.pool.run(p4.div_ceil(BYTE_ROWS), &job);
     }
 
-    /// The ternary matmul on AMX tiles (`x86/amx.rs`), for steps of many tokens. A job is one
+    /// The ternary matmul on AMX tiles (`x86/amx.rs`), for steps of more than 16 tokens. A job is one
     /// block of 16 packed byte rows (4 planes × 16 weight rows) and one chunk of tokens: it
     /// unpacks the block's codes into this thread's buffer (≤ 4 × 16 × 6912 B for 2B4T) and runs
     /// tile products over the chunk's token blocks, 32 tokens and 2 planes at a time. The chunk
@@ -465,6 +464,63 @@ impl CpuBackend {
         };
         self.pool
             .run(pairs.div_ceil(chunk_pairs) * row_blocks, &job);
+    }
+
+    /// [`CpuBackend::matmul_amx`] for a step of at most 16 tokens (one token block): each job
+    /// takes 16 byte rows and unpacks their codes 64 columns at a time, in L1, right before
+    /// the tiles multiply them (`amx::tile_rows_one_block`).
+    #[cfg(all(target_arch = "x86_64", target_os = "linux"))]
+    fn matmul_amx_one_block(
+        &self,
+        w: &TernaryMatrix,
+        x: &CpuQTensor,
+        out: &mut CpuTensor,
+        col0: usize,
+    ) {
+        use super::x86::amx::{self, padded_cols, TILE_ROWS, TILE_TOKENS};
+        /// Two halves of 4 code tiles, on 64-byte lines.
+        #[repr(C, align(64))]
+        struct CodeTiles([u8; 2 * 4 * 1024]);
+        let n = self.n();
+        let (p4, rows, cols) = (w.rows / 4, out.cols, w.cols);
+        let factor = &self.token_factor; // [n]
+        let out_rows = DisjointSlice::new(&mut out.data[..n * rows]); // [n, stride]
+        let block = &x.tiles[..TILE_TOKENS * padded_cols(cols)]; // [kp / 64, 16 tokens, 64]
+        let packed = w.packed.as_slice(); // [p4, cols]
+        let job = |j: usize| {
+            let (p0, p1) = (j * TILE_ROWS, (j * TILE_ROWS + TILE_ROWS).min(p4));
+            let mut buf = CodeTiles([0; 2 * 4 * 1024]);
+            let mut c = [0i32; 4 * 256]; // [4 planes, 16 rows, 16 tokens]
+                                         // SAFETY: AMX is available (the level), which implies AVX-512 BW; the block holds
+                                         // 16 · kp bytes.
+            unsafe {
+                let tiles = amx::Tiles::configure();
+                amx::tile_rows_one_block(
+                    &tiles,
+                    &packed[p0 * cols..p1 * cols],
+                    cols,
+                    block,
+                    &mut buf.0,
+                    &mut c,
+                );
+            }
+            for (plane, tile) in c.chunks_exact(256).enumerate() {
+                // SAFETY: this job alone owns byte rows p0..p1 (for every token); runs_ptr
+                // checked the runs' bounds.
+                unsafe {
+                    let dst = out_rows.runs_ptr(col0 + plane * p4 + p0, rows, n, p1 - p0);
+                    amx::store_tile(
+                        tile.try_into().expect("256-element tile"),
+                        p1 - p0,
+                        &x.sums[..n],
+                        &factor[..n],
+                        dst,
+                        rows,
+                    );
+                }
+            }
+        };
+        self.pool.run(p4.div_ceil(TILE_ROWS), &job);
     }
 
     /// `logits = x · headᵀ` for the rows selected; the vocabulary rows in chunks across the
@@ -772,7 +828,7 @@ mod tests {
         let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(21);
         // rows: fewer byte rows than a job, not a multiple of the job size, many jobs;
         // cols: below and above one SIMD step; tokens: every remainder of the 4- and 2-token
-        // kernels and more than one token block
+        // kernels, one full AMX token block (16), one more (17) and more than two blocks
         for &(rows, cols) in &[
             (4usize, 1usize),
             (68, 33),
@@ -785,15 +841,13 @@ mod tests {
                 .collect();
             let w = TernaryMatrix::new("w", rows, cols, ByteStorage::Owned(Arc::new(packed)), 0.37)
                 .unwrap();
-            for n in [1usize, 2, 3, 5, 7, 37] {
+            for n in [1usize, 2, 3, 5, 7, 16, 17, 37] {
                 let x_data: Vec<f32> = (0..n * cols)
                     .map(|_| rng.random_range(-2f32..2.0))
                     .collect();
                 for level in CpuLevel::available() {
                     for threads in [1, 3] {
                         let mut b = CpuBackend::new(threads).unwrap().with_level(level).unwrap();
-                        // several sequences: the AMX level's small steps on the tables too
-                        b.plan_sequences(if threads == 3 { 8 } else { 1 });
                         b.begin_step(&StepRow::sequence(&vec![0; n], 0)).unwrap();
                         let mut x = b.alloc(n, cols).unwrap();
                         x.data[..n * cols].copy_from_slice(&x_data);

@@ -186,16 +186,14 @@ pub struct CpuBackend {
     #[cfg(target_arch = "x86_64")]
     lut_tables: Vec<x86::avx512_lut::Line>,
     use_lut: bool, // repack ternary weights for the table-lookup kernel (see `uses_lut`)
-    sequences: usize, // decoded together (`Backend::plan_sequences`; 1 until told)
     /// Bytes of the table-lookup copies made by `upload_linears` (0 where the kernel is unused).
     table_copy_bytes: u64,
 }
 
 impl CpuBackend {
     /// Bytes of the ternary weights' table-lookup copies this backend made (the AVX-512 VNNI
-    /// level keeps one beside the 2-bit rows for steps of 2+ tokens, the AMX level for steps of
-    /// 2–15 rows when several sequences are decoded together; `BITNET_CPU_NO_LUT=1` turns it
-    /// off), 0 elsewhere.
+    /// level keeps one beside the 2-bit rows for steps of 2+ tokens; `BITNET_CPU_NO_LUT=1` turns
+    /// it off), 0 elsewhere.
     pub fn table_copy_bytes(&self) -> u64 {
         self.table_copy_bytes
     }
@@ -266,7 +264,6 @@ impl CpuBackend {
             #[cfg(target_arch = "x86_64")]
             lut_tables: Vec::new(),
             use_lut: !std::env::var("BITNET_CPU_NO_LUT").is_ok_and(|v| v == "1"),
-            sequences: 1,
             table_copy_bytes: 0,
         })
     }
@@ -438,10 +435,6 @@ impl Backend for CpuBackend {
     type KvCache = CpuKvCache;
     /// f32: the exact semantics; f16 halves the cache on request.
     const DEFAULT_KV: KvDtype = KvDtype::F32;
-
-    fn plan_sequences(&mut self, slots: usize) {
-        self.sequences = slots;
-    }
 
     fn name(&self) -> String {
         format!("cpu {} ({} threads)", self.level.name(), self.threads)
@@ -1177,21 +1170,12 @@ mod tests {
             random_ternary(&mut r, "a", 68, 263),
             random_ternary(&mut r, "b", 132, 263),
         );
-        for (level, sequences) in CpuLevel::available()
-            .into_iter()
-            .flat_map(|l| [(l, 1), (l, 8)])
-        {
+        for level in CpuLevel::available() {
             let mut cpu = CpuBackend::new(1).unwrap().with_level(level).unwrap();
-            cpu.plan_sequences(sequences);
-            let tables = match level {
-                CpuLevel::Avx512Vnni => true,
-                CpuLevel::Amx => sequences > 1,
-                _ => false,
-            };
             assert_eq!(
                 cpu.uses_lut(),
-                tables && cpu.use_lut, // unless BITNET_CPU_NO_LUT=1
-                "{} x{sequences}",
+                level == CpuLevel::Avx512Vnni && cpu.use_lut, // unless BITNET_CPU_NO_LUT=1
+                "{}",
                 level.name()
             );
             cpu.upload_linears(&[&a, &b]).unwrap();

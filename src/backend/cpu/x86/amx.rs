@@ -1,7 +1,7 @@
-//! Intel AMX (Advanced Matrix Extensions) for the prefill ternary matmul.
+//! Intel AMX (Advanced Matrix Extensions) for the ternary matmul of steps of 2 or more tokens.
 //!
 //! A prefill step multiplies the same weights by many tokens, so it is an int8 GEMM and bound by
-//! multiply-adds, not by memory. One AMX `tdpbusd` does a 16×64 by 64×16 int8 product
+//! multiply-adds, not by memory; so is a batched decode step of a few rows on this core. One AMX `tdpbusd` does a 16×64 by 64×16 int8 product
 //! (16 384 multiply-adds) where an AVX-512 `vpdpbusd` does 64; on a Sapphire Rapids-class core
 //! that is about 8× the multiply-adds per cycle.
 //!
@@ -10,7 +10,10 @@
 //! per weight row (the A operand), and multiplies them by the step's activations, which
 //! [`pack_activations`] has laid out once per quantization in the "VNNI" order the B operand needs.
 //! As in the other kernels, `Σ q·w = Σ q·c − Σ q`, and the integer sums are exact: this path
-//! gives bit-identical outputs to the scalar kernel.
+//! gives bit-identical outputs to the scalar kernel. A long step unpacks a job's codes once
+//! ([`unpack_codes`]) and multiplies them by many token blocks ([`tile_2x2`]); a step of one
+//! token block unpacks them 64 columns at a time into L1 right before their only product
+//! ([`tile_rows_one_block`]), as tile loads from L2 ran slower than the multiply-adds here.
 //!
 //! Rust's AMX intrinsics are unstable (rust-lang/rust#126622), so the tile instructions are written
 //! in `asm!`. Loading the tile configuration is slow (BENCHMARKS.md has what it cost per
@@ -257,6 +260,134 @@ pub unsafe fn tile_2x2(
             row = in(reg) 64usize,
             n = inout(reg) k_steps => _,
             c = inout(reg) c.as_mut_ptr() => _,
+            options(nostack),
+        );
+    }
+}
+
+/// The codes of columns `64s .. 64s + 64` of `rows` packed byte rows (`bytes`: `[rows, cols]`)
+/// into half `s % 2` of `buf` (`[2 halves, 4 planes, 16 rows, 64]`), zeros past `cols`.
+///
+/// # Safety
+/// AVX-512 BW; `rows ≤ 16`, `bytes.len() = rows · cols`, `64s < cols`.
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw")]
+unsafe fn unpack_step(
+    bytes: &[u8],
+    cols: usize,
+    rows: usize,
+    s: usize,
+    buf: &mut [u8; 2 * 4 * 1024],
+) {
+    let m3 = _mm512_set1_epi8(3);
+    let c0 = s * TILE_K;
+    let left = (cols - c0).min(TILE_K);
+    let mask: __mmask64 = if left == 64 { !0 } else { (1u64 << left) - 1 };
+    let half = (s % 2) * 4 * 1024;
+    for r in 0..rows {
+        // SAFETY: the mask limits the load to bytes[r·cols + c0 ..][..left], inside the row;
+        // each store writes 64 bytes at half + i·1024 + r·64 < 8192.
+        unsafe {
+            let w = _mm512_maskz_loadu_epi8(mask, bytes.as_ptr().add(r * cols + c0) as *const i8);
+            let planes = [
+                _mm512_and_si512(w, m3),
+                _mm512_and_si512(_mm512_srli_epi16::<2>(w), m3),
+                _mm512_and_si512(_mm512_srli_epi16::<4>(w), m3),
+                _mm512_and_si512(_mm512_srli_epi16::<6>(w), m3),
+            ];
+            for (i, plane) in planes.into_iter().enumerate() {
+                let dst = buf.as_mut_ptr().add(half + i * 1024 + r * TILE_K);
+                _mm512_storeu_si512(dst as *mut _, plane);
+            }
+        }
+    }
+}
+
+/// `c[i] = A_i · B` for one run of up to 16 packed byte rows (`bytes`: `[rows ≤ 16, cols]`,
+/// code plane `i` of each byte = A tile `i`) and one block of up to 16 tokens (`b`: the
+/// [`pack_activation_block`] layout, `padded_cols / 64` tiles of 1 KiB), unpacking the codes
+/// 64 columns at a time into `buf` just before their tiles are loaded. A step of a few rows
+/// multiplies every code by one token block only, so unpacking them all first
+/// ([`unpack_codes`], as long prompts do) would write and read back 4 bytes per weight through
+/// L2; here they stay in L1, and the next step's unpack runs while this step's tiles multiply
+/// (two halves of `buf`). `c`: `[4 planes, 16 rows, 16 tokens]` i32, rows past `bytes`' are
+/// unspecified.
+///
+/// # Safety
+/// The CPU must have AVX-512 BW (every machine with AMX has it); `b` must hold
+/// `16 · padded_cols(cols)` bytes.
+#[target_feature(enable = "avx512f,avx512bw")]
+pub unsafe fn tile_rows_one_block(
+    _tiles: &Tiles,
+    bytes: &[u8],
+    cols: usize,
+    b: &[i8],
+    buf: &mut [u8; 2 * 4 * 1024],
+    c: &mut [i32; 4 * 256],
+) {
+    let kp = padded_cols(cols);
+    let rows = bytes.len() / cols.max(1);
+    assert!(cols > 0 && bytes.len().is_multiple_of(cols) && (1..=TILE_ROWS).contains(&rows));
+    assert!(
+        b.len() >= TILE_TOKENS * kp,
+        "tile_rows_one_block: token block length"
+    );
+    let steps = kp / TILE_K;
+    static MODE: OnceLock<u8> = OnceLock::new();
+    let mode = *MODE.get_or_init(|| {
+        std::env::var("XMODE")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0)
+    });
+    // SAFETY: AVX-512 BW (the caller's contract); rows ≤ 16, bytes holds rows · cols.
+    unsafe { unpack_step(bytes, cols, rows, 0, buf) };
+    // SAFETY: the tiles are configured (`_tiles`); tmm0–3 accumulate the 4 planes.
+    unsafe {
+        asm!(
+            "tilezero tmm0",
+            "tilezero tmm1",
+            "tilezero tmm2",
+            "tilezero tmm3",
+            options(nostack, nomem)
+        )
+    };
+    for s in 0..steps {
+        if s + 1 < steps {
+            // SAFETY: as above.
+            unsafe { unpack_step(bytes, cols, rows, s + 1, buf) };
+        }
+        // SAFETY: the half of buf holds 4 tiles of 1 KiB; b holds tile s (checked above). The
+        // asm reads memory the Rust stores above wrote (no `nomem`), so they stay before it.
+        if mode != 2 {
+            unsafe {
+                asm!(
+                    "tileloadd tmm7, [{b} + {row}*1]",
+                    "tileloadd tmm4, [{a} + {row}*1]",
+                    "tdpbusd tmm0, tmm4, tmm7",
+                    "tileloadd tmm5, [{a} + {row}*1 + 1024]",
+                    "tdpbusd tmm1, tmm5, tmm7",
+                    "tileloadd tmm6, [{a} + {row}*1 + 2048]",
+                    "tdpbusd tmm2, tmm6, tmm7",
+                    "tileloadd tmm4, [{a} + {row}*1 + 3072]",
+                    "tdpbusd tmm3, tmm4, tmm7",
+                    a = in(reg) buf.as_ptr().add((s % 2) * 4 * 1024),
+                    b = in(reg) b.as_ptr().add(s * 1024),
+                    row = in(reg) 64usize,
+                    options(nostack, readonly),
+                );
+            }
+        }
+    }
+    // SAFETY: c holds 4 × 1 KiB; tiles as configured.
+    unsafe {
+        asm!(
+            "tilestored [{c} + {row}*1], tmm0",
+            "tilestored [{c} + {row}*1 + 1024], tmm1",
+            "tilestored [{c} + {row}*1 + 2048], tmm2",
+            "tilestored [{c} + {row}*1 + 3072], tmm3",
+            c = in(reg) c.as_mut_ptr(),
+            row = in(reg) 64usize,
             options(nostack),
         );
     }
