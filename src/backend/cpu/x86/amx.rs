@@ -118,6 +118,26 @@ pub fn with_code_buffer<R>(len: usize, f: impl FnOnce(&mut [u8]) -> R) -> R {
     })
 }
 
+/// The 4 code planes `(b >> 2i) & 3` of the `left ≤ 64` packed bytes at `at`, zeros past them
+/// (the load is masked, so no read goes past `at + left`).
+///
+/// # Safety
+/// AVX-512 BW; `left` bytes readable at `at`.
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw")]
+unsafe fn code_planes(at: *const u8, left: usize) -> [__m512i; 4] {
+    let m3 = _mm512_set1_epi8(3);
+    let mask: __mmask64 = if left >= 64 { !0 } else { (1u64 << left) - 1 };
+    // SAFETY: the caller's contract; the mask limits the load to at[..left].
+    let w = unsafe { _mm512_maskz_loadu_epi8(mask, at as *const i8) };
+    [
+        _mm512_and_si512(w, m3),
+        _mm512_and_si512(_mm512_srli_epi16::<2>(w), m3),
+        _mm512_and_si512(_mm512_srli_epi16::<4>(w), m3),
+        _mm512_and_si512(_mm512_srli_epi16::<6>(w), m3),
+    ]
+}
+
 /// Unpacks up to 16 packed byte rows (`bytes`: `[rows ≤ 16, cols]`) into codes laid out tile
 /// by tile, `codes[i][c / 64][r][c % 64] = (bytes[r][c] >> 2i) & 3`
 /// (`[4 planes, padded_cols / 64 steps, 16 rows, 64]`), zeros past `cols`: each A tile is then
@@ -135,23 +155,14 @@ pub unsafe fn unpack_codes(bytes: &[u8], cols: usize, codes: &mut [u8]) {
         4 * TILE_ROWS * kp,
         "unpack_codes: output length"
     );
-    let m3 = _mm512_set1_epi8(3);
     for (r, row) in bytes.chunks_exact(cols).enumerate() {
         let mut c = 0;
         while c < kp {
-            // bytes past the row's end are masked off (read as 0) so no read leaves the slice
             let left = cols.saturating_sub(c).min(64);
-            let mask: __mmask64 = if left == 64 { !0 } else { (1u64 << left) - 1 };
-            // SAFETY: the mask limits the load to row[c..c + left] ⊂ row; each store writes 64
-            // bytes at codes[((i·steps + c/64)·16 + r)·64 ..], inside codes as c + 64 ≤ kp.
+            // SAFETY: row[c..c + left] ⊂ row; each store writes 64 bytes at
+            // codes[((i·steps + c/64)·16 + r)·64 ..], inside codes as c + 64 ≤ kp.
             unsafe {
-                let w = _mm512_maskz_loadu_epi8(mask, row.as_ptr().add(c) as *const i8);
-                let planes = [
-                    _mm512_and_si512(w, m3),
-                    _mm512_and_si512(_mm512_srli_epi16::<2>(w), m3),
-                    _mm512_and_si512(_mm512_srli_epi16::<4>(w), m3),
-                    _mm512_and_si512(_mm512_srli_epi16::<6>(w), m3),
-                ];
+                let planes = code_planes(row.as_ptr().add(c), left);
                 for (i, plane) in planes.into_iter().enumerate() {
                     let tile = i * (kp / TILE_K) + c / TILE_K;
                     let dst = codes.as_mut_ptr().add((tile * TILE_ROWS + r) * TILE_K);
@@ -208,6 +219,36 @@ impl Drop for Tiles {
     }
 }
 
+/// Zeroes the accumulator tiles tmm0–3.
+fn zero_accumulators(_tiles: &Tiles) {
+    // SAFETY: the tiles are configured (`_tiles`); touches no memory.
+    unsafe {
+        asm!(
+            "tilezero tmm0",
+            "tilezero tmm1",
+            "tilezero tmm2",
+            "tilezero tmm3",
+            options(nostack, nomem)
+        )
+    };
+}
+
+/// Stores the accumulator tiles tmm0–3 (16 rows × 16 i32 each) into `c`, one after another.
+fn store_accumulators(_tiles: &Tiles, c: &mut [i32; 4 * 256]) {
+    // SAFETY: the tiles are configured (`_tiles`); the stores write 4 × 1 KiB into c.
+    unsafe {
+        asm!(
+            "tilestored [{c} + {row}*1], tmm0",
+            "tilestored [{c} + {row}*1 + 1024], tmm1",
+            "tilestored [{c} + {row}*1 + 2048], tmm2",
+            "tilestored [{c} + {row}*1 + 3072], tmm3",
+            c = in(reg) c.as_mut_ptr(),
+            row = in(reg) 64usize,
+            options(nostack),
+        );
+    }
+}
+
 /// `c[2a + b] = A_a · B_b` over `k_steps` steps of 64 columns, for two runs of A tiles (16
 /// weight rows of u8 codes, [`unpack_codes`]) and two runs of B tiles (16 tokens of packed
 /// activations, [`pack_activation_block`]); every tile is 1 KiB, rows 64 bytes apart, and the
@@ -223,14 +264,11 @@ pub unsafe fn tile_2x2(
     c: &mut [i32; 4 * 256],
 ) {
     debug_assert!(k_steps >= 1);
-    // SAFETY: the tiles are configured (`_tiles`); the caller's contract covers every tile load;
-    // the stores write 4 × 1 KiB into c. tmm0–3 accumulate, tmm4–5 hold A, tmm6–7 hold B.
+    zero_accumulators(_tiles);
+    // SAFETY: the tiles are configured (`_tiles`); the caller's contract covers every tile load.
+    // tmm0–3 accumulate, tmm4–5 hold A, tmm6–7 hold B.
     unsafe {
         asm!(
-            "tilezero tmm0",
-            "tilezero tmm1",
-            "tilezero tmm2",
-            "tilezero tmm3",
             "2:",
             "tileloadd tmm4, [{a0} + {row}*1]",
             "tileloadd tmm6, [{b0} + {row}*1]",
@@ -246,23 +284,16 @@ pub unsafe fn tile_2x2(
             "add {b1}, 1024",
             "dec {n}",
             "jnz 2b",
-            "tilestored [{c} + {row}*1], tmm0",
-            "add {c}, 1024",
-            "tilestored [{c} + {row}*1], tmm1",
-            "add {c}, 1024",
-            "tilestored [{c} + {row}*1], tmm2",
-            "add {c}, 1024",
-            "tilestored [{c} + {row}*1], tmm3",
             a0 = inout(reg) a[0] => _,
             a1 = inout(reg) a[1] => _,
             b0 = inout(reg) b[0] => _,
             b1 = inout(reg) b[1] => _,
             row = in(reg) 64usize,
             n = inout(reg) k_steps => _,
-            c = inout(reg) c.as_mut_ptr() => _,
-            options(nostack),
+            options(nostack, readonly),
         );
     }
+    store_accumulators(_tiles, c);
 }
 
 /// The codes of columns `64s .. 64s + 64` of `rows` packed byte rows (`bytes`: `[rows, cols]`)
@@ -279,22 +310,14 @@ unsafe fn unpack_step(
     s: usize,
     buf: &mut [u8; 2 * 4 * 1024],
 ) {
-    let m3 = _mm512_set1_epi8(3);
     let c0 = s * TILE_K;
     let left = (cols - c0).min(TILE_K);
-    let mask: __mmask64 = if left == 64 { !0 } else { (1u64 << left) - 1 };
     let half = (s % 2) * 4 * 1024;
     for r in 0..rows {
-        // SAFETY: the mask limits the load to bytes[r·cols + c0 ..][..left], inside the row;
-        // each store writes 64 bytes at half + i·1024 + r·64 < 8192.
+        // SAFETY: bytes[r·cols + c0 ..][..left] is inside the row; each store writes 64 bytes
+        // at half + i·1024 + r·64 < 8192.
         unsafe {
-            let w = _mm512_maskz_loadu_epi8(mask, bytes.as_ptr().add(r * cols + c0) as *const i8);
-            let planes = [
-                _mm512_and_si512(w, m3),
-                _mm512_and_si512(_mm512_srli_epi16::<2>(w), m3),
-                _mm512_and_si512(_mm512_srli_epi16::<4>(w), m3),
-                _mm512_and_si512(_mm512_srli_epi16::<6>(w), m3),
-            ];
+            let planes = code_planes(bytes.as_ptr().add(r * cols + c0), left);
             for (i, plane) in planes.into_iter().enumerate() {
                 let dst = buf.as_mut_ptr().add(half + i * 1024 + r * TILE_K);
                 _mm512_storeu_si512(dst as *mut _, plane);
@@ -333,25 +356,9 @@ pub unsafe fn tile_rows_one_block(
         "tile_rows_one_block: token block length"
     );
     let steps = kp / TILE_K;
-    static MODE: OnceLock<u8> = OnceLock::new();
-    let mode = *MODE.get_or_init(|| {
-        std::env::var("XMODE")
-            .ok()
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(0)
-    });
     // SAFETY: AVX-512 BW (the caller's contract); rows ≤ 16, bytes holds rows · cols.
     unsafe { unpack_step(bytes, cols, rows, 0, buf) };
-    // SAFETY: the tiles are configured (`_tiles`); tmm0–3 accumulate the 4 planes.
-    unsafe {
-        asm!(
-            "tilezero tmm0",
-            "tilezero tmm1",
-            "tilezero tmm2",
-            "tilezero tmm3",
-            options(nostack, nomem)
-        )
-    };
+    zero_accumulators(_tiles); // tmm0–3: the 4 planes
     for s in 0..steps {
         if s + 1 < steps {
             // SAFETY: as above.
@@ -359,38 +366,25 @@ pub unsafe fn tile_rows_one_block(
         }
         // SAFETY: the half of buf holds 4 tiles of 1 KiB; b holds tile s (checked above). The
         // asm reads memory the Rust stores above wrote (no `nomem`), so they stay before it.
-        if mode != 2 {
-            unsafe {
-                asm!(
-                    "tileloadd tmm7, [{b} + {row}*1]",
-                    "tileloadd tmm4, [{a} + {row}*1]",
-                    "tdpbusd tmm0, tmm4, tmm7",
-                    "tileloadd tmm5, [{a} + {row}*1 + 1024]",
-                    "tdpbusd tmm1, tmm5, tmm7",
-                    "tileloadd tmm6, [{a} + {row}*1 + 2048]",
-                    "tdpbusd tmm2, tmm6, tmm7",
-                    "tileloadd tmm4, [{a} + {row}*1 + 3072]",
-                    "tdpbusd tmm3, tmm4, tmm7",
-                    a = in(reg) buf.as_ptr().add((s % 2) * 4 * 1024),
-                    b = in(reg) b.as_ptr().add(s * 1024),
-                    row = in(reg) 64usize,
-                    options(nostack, readonly),
-                );
-            }
+        unsafe {
+            asm!(
+                "tileloadd tmm7, [{b} + {row}*1]",
+                "tileloadd tmm4, [{a} + {row}*1]",
+                "tdpbusd tmm0, tmm4, tmm7",
+                "tileloadd tmm5, [{a} + {row}*1 + 1024]",
+                "tdpbusd tmm1, tmm5, tmm7",
+                "tileloadd tmm6, [{a} + {row}*1 + 2048]",
+                "tdpbusd tmm2, tmm6, tmm7",
+                "tileloadd tmm4, [{a} + {row}*1 + 3072]",
+                "tdpbusd tmm3, tmm4, tmm7",
+                a = in(reg) buf.as_ptr().add((s % 2) * 4 * 1024),
+                b = in(reg) b.as_ptr().add(s * 1024),
+                row = in(reg) 64usize,
+                options(nostack, readonly),
+            );
         }
     }
-    // SAFETY: c holds 4 × 1 KiB; tiles as configured.
-    unsafe {
-        asm!(
-            "tilestored [{c} + {row}*1], tmm0",
-            "tilestored [{c} + {row}*1 + 1024], tmm1",
-            "tilestored [{c} + {row}*1 + 2048], tmm2",
-            "tilestored [{c} + {row}*1 + 3072], tmm3",
-            c = in(reg) c.as_mut_ptr(),
-            row = in(reg) 64usize,
-            options(nostack),
-        );
-    }
+    store_accumulators(_tiles, c);
 }
 
 /// Transposes a 16×16 i32 matrix held as 16 row vectors (64 shuffles: 32-bit and 64-bit
