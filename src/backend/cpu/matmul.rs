@@ -101,6 +101,17 @@ impl CpuBackend {
         self.level == CpuLevel::Amx && rows >= AMX_MIN_TOKENS
     }
 
+    #[cfg(all(target_arch = "x86_64", target_os = "linux"))]
+    /// Whether the exact head `m` runs on AMX-BF16 tiles: a bf16 head whose rows are whole tile
+    /// steps (32 columns), at the AMX level, on every step (one row or many: each logit is then
+    /// the same sum whatever the batch).
+    pub(super) fn uses_amx_head(&self, m: &FloatMatrix) -> bool {
+        self.level == CpuLevel::Amx
+            && m.dtype == FloatDtype::Bf16
+            && m.cols.is_multiple_of(super::x86::amx::HEAD_K)
+            && super::x86::amx::bf16_available()
+    }
+
     /// `out[t, i·P + p] = (Σ W[i·P + p]·q[t]) · out_scale / act_scale[t]`: the shape checks,
     /// then per part of a concatenated matrix (its columns of `out`, its own scale) one factor
     /// per token and the strategy for this step.
@@ -632,9 +643,22 @@ impl CpuBackend {
             CpuLmHead::Q4(_) => xs.iter().map(|xr| Q4Input::new(xr)).collect(), // [h] int8
             _ => Vec::new(),
         };
+        #[cfg(all(target_arch = "x86_64", target_os = "linux"))]
+        let amx_head = match head {
+            CpuLmHead::Exact(m) if self.uses_amx_head(m) => {
+                Some((m, super::x86::amx::HeadActivations::new(xs, h)))
+            }
+            _ => None,
+        };
         let all = DisjointSlice::new(&mut logits.data[..out_rows * vocab]); // [rows, vocab]
         let job = |c: usize| {
             let (v0, v1) = (c * CHUNK, ((c + 1) * CHUNK).min(vocab));
+            #[cfg(all(target_arch = "x86_64", target_os = "linux"))]
+            if let Some((m, acts)) = &amx_head {
+                // SAFETY: job c alone writes columns v0..v1 of every row.
+                unsafe { head_rows_amx(m, acts, v0, v1, &all, vocab) };
+                return;
+            }
             let v = |i: usize| v0 + i;
             // Each pair of head rows is read once for a chunk of the rows (the same results as
             // one row at a time, bit for bit).
@@ -674,6 +698,80 @@ impl CpuBackend {
             }
         };
         self.pool.run(vocab.div_ceil(CHUNK), &job);
+    }
+}
+
+/// Logits `v0..v1` (a job's head rows) of every activation row on AMX-BF16 tiles, 16 head rows
+/// at a time loaded straight from memory (a last run of fewer is copied, zero-padded, into a
+/// scratch first), two groups of 5 activation rows per tile pass (one for an odd last group).
+/// Each logit is the same sequence of tile products whatever the other rows, so the batch
+/// changes no bit.
+///
+/// # Safety
+/// The caller's job alone writes columns `v0..v1` of every row of `all` (`[rows, vocab]`);
+/// `CpuBackend::uses_amx_head` said yes for `m`.
+#[cfg(all(target_arch = "x86_64", target_os = "linux"))]
+unsafe fn head_rows_amx(
+    m: &FloatMatrix,
+    acts: &super::x86::amx::HeadActivations,
+    v0: usize,
+    v1: usize,
+    all: &DisjointSlice<'_, f32>,
+    vocab: usize,
+) {
+    use super::x86::amx::{self, HEAD_GROUP};
+    const RUN: usize = 16;
+    thread_local! {
+        // A last run of fewer than 16 head rows, zero-padded: [16, h] bf16.
+        static TAIL: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
+    }
+    let (h, stride) = (m.cols, m.dtype.row_bytes(m.cols));
+    let data = m.data.as_slice(); // [vocab, h] bf16
+    let groups = acts.groups();
+    // SAFETY: AMX-BF16 is available (`uses_amx_head`).
+    let tiles = unsafe { amx::Tiles::configure() };
+    let mut c = [0f32; 4 * 256]; // 4 tiles of [16 head rows, 16 columns]
+    let mut r0 = v0;
+    while r0 < v1 {
+        let run = (v1 - r0).min(RUN);
+        // logits r0 .. r0 + run of group g's rows from one tile
+        let put = |tile: &[f32], g: usize| {
+            let t0 = g * HEAD_GROUP;
+            let t1 = (t0 + HEAD_GROUP).min(acts.rows);
+            // SAFETY: this job alone writes columns v0..v1 ⊇ r0..r0 + run (the caller's
+            // contract); runs_ptr checked the runs' bounds.
+            unsafe {
+                let dst = all.runs_ptr(t0 * vocab + r0, vocab, t1 - t0, run);
+                let tile = tile.try_into().expect("256-element tile");
+                amx::store_head_tile(tile, run, t1 - t0, dst, vocab);
+            }
+        };
+        let mut product = |rows: *const u8| {
+            for g in (0..groups).step_by(2) {
+                if g + 1 < groups {
+                    let pair = [acts.group(g), acts.group(g + 1)];
+                    // SAFETY: 16 rows at `rows`; the groups hold h / 32 tiles each.
+                    unsafe { amx::head_tiles_16x2(&tiles, rows, stride, h, pair, &mut c) };
+                    put(&c[..256], g);
+                    put(&c[256..512], g + 1);
+                } else {
+                    // SAFETY: 16 rows at `rows`; the group holds h / 32 tiles.
+                    unsafe { amx::head_tiles_16x1(&tiles, rows, stride, h, acts.group(g), &mut c) };
+                    put(&c[..256], g);
+                }
+            }
+        };
+        if run == RUN {
+            product(data[r0 * stride..(r0 + RUN) * stride].as_ptr());
+        } else {
+            TAIL.with_borrow_mut(|tail| {
+                tail.clear();
+                tail.extend_from_slice(&data[r0 * stride..(r0 + run) * stride]);
+                tail.resize(RUN * stride, 0);
+                product(tail.as_ptr());
+            });
+        }
+        r0 += run;
     }
 }
 
@@ -818,6 +916,102 @@ mod tests {
     use super::super::dispatch::CpuLevel;
     use super::*;
     use crate::backend::{Backend, StepRow};
+
+    /// The three bf16 parts of a float add up to it exactly.
+    #[test]
+    #[cfg(all(target_arch = "x86_64", target_os = "linux"))]
+    fn bf16_split_is_exact() {
+        use rand::{Rng, SeedableRng};
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(5);
+        let mut xs: Vec<f32> = (0..100_000)
+            .map(|_| f32::from_bits(rng.random_range(0x0c00_0000u32..0x7f00_0000)))
+            .flat_map(|x| [x, -x])
+            .collect();
+        xs.extend([0.0, 1.0, -1.0, 1.0 + f32::EPSILON, 3.999_999_8, 3e38, 0.1]);
+        for x in xs {
+            let p = super::super::x86::amx::split_bf16(x);
+            let sum = p.iter().map(|v| v.to_f64()).sum::<f64>();
+            assert_eq!(sum, x as f64, "{x:e} split into {p:?}");
+        }
+    }
+
+    /// The AMX-BF16 exact head: each logit within f32 summation error of the f64 dot product,
+    /// and the same bits whether its row is computed alone, among 11 or among 19 (groups of 5
+    /// rows one or two per tile pass),
+    /// with head row counts that leave a last run of fewer than 64 rows, on 1 and 3 threads.
+    #[test]
+    #[cfg(all(target_arch = "x86_64", target_os = "linux"))]
+    fn amx_bf16_head_is_near_the_f64_dot_and_batch_invariant() {
+        use crate::backend::HeadFormat;
+        use rand::{Rng, SeedableRng};
+        if !CpuLevel::available().contains(&CpuLevel::Amx)
+            || !super::super::x86::amx::bf16_available()
+        {
+            use std::io::Write;
+            let _ = writeln!(
+                std::io::stderr(),
+                "SKIPPED amx_bf16_head_is_near_the_f64_dot_and_batch_invariant: no AMX-BF16 here"
+            );
+            return;
+        }
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(17);
+        // last runs of 8 rows, none, 2 rows, and 8 rows in the third of three jobs
+        for (vocab, h) in [(200usize, 96usize), (64, 32), (130, 2560), (600, 64)] {
+            let m = super::super::q8::tests::bf16_matrix(vocab, h, vocab as u64);
+            let n = 19;
+            let x: Vec<f32> = (0..n * h).map(|_| rng.random_range(-4f32..4.0)).collect();
+            for threads in [1, 3] {
+                let mut b = CpuBackend::new(threads)
+                    .unwrap()
+                    .with_level(CpuLevel::Amx)
+                    .unwrap();
+                assert!(b.uses_amx_head(&m));
+                let head = b.upload_lm_head(&m, None, HeadFormat::Exact).unwrap();
+                let mut xt = b.alloc(n, h).unwrap();
+                xt.data[..n * h].copy_from_slice(&x);
+                b.begin_step(&StepRow::sequence(&vec![0; n], 0)).unwrap();
+                // 19 rows: two pairs of groups of 5; 11 rows: a pair and a group alone
+                let (mut all, mut some) = (b.alloc(n, vocab).unwrap(), b.alloc(11, vocab).unwrap());
+                let all_rows: Vec<u32> = (0..n as u32).collect();
+                b.lm_head(&head, &xt, &all_rows, &mut all).unwrap();
+                b.lm_head(&head, &xt, &all_rows[..11], &mut some).unwrap();
+                let mut alone = b.alloc(1, vocab).unwrap();
+                for t in 0..n {
+                    b.lm_head(&head, &xt, &[t as u32], &mut alone).unwrap();
+                    let xr = &x[t * h..(t + 1) * h];
+                    for v in 0..vocab {
+                        let (got, one) = (all.data[t * vocab + v], alone.data[v]);
+                        assert_eq!(
+                            got.to_bits(),
+                            one.to_bits(),
+                            "[{vocab}, {h}] {threads} threads: row {t} logit {v}: {got} among {n}, {one} alone"
+                        );
+                        if t < 11 {
+                            let among = some.data[t * vocab + v];
+                            assert_eq!(
+                                among.to_bits(),
+                                one.to_bits(),
+                                "[{vocab}, {h}] {threads} threads: row {t} logit {v}: {among} among 11, {one} alone"
+                            );
+                        }
+                        let w = &m.row_bytes(v);
+                        let (mut want, mut mag) = (0f64, 0f64);
+                        for (k, &xv) in xr.iter().enumerate() {
+                            let wv = half::bf16::from_le_bytes([w[2 * k], w[2 * k + 1]]).to_f64();
+                            want += xv as f64 * wv;
+                            mag += (xv as f64 * wv).abs();
+                        }
+                        let tol = 1e-6 * mag + 1e-9;
+                        assert!(
+                            (got as f64 - want).abs() <= tol,
+                            "[{vocab}, {h}] row {t} logit {v}: got {got}, expected {want} (tolerance {tol:e})"
+                        );
+                    }
+                }
+                b.end_step().unwrap();
+            }
+        }
+    }
 
     #[test]
     fn ternary_matmul_equals_the_scalar_dot_at_every_level_and_thread_count() {

@@ -387,6 +387,204 @@ pub unsafe fn tile_rows_one_block(
     store_accumulators(_tiles, c);
 }
 
+/// Whether this CPU also has AMX-BF16 (the bf16 tile product of the exact LM head).
+pub fn bf16_available() -> bool {
+    available() && (__cpuid_count(7, 0).edx >> 22) & 1 == 1
+}
+
+/// Head columns per tile step: 32 bf16, one 64-byte tile row.
+pub const HEAD_K: usize = 32;
+/// Activation rows per B tile of the head: 5 rows × 3 parts fill 15 of the 16 columns.
+pub const HEAD_GROUP: usize = 5;
+
+/// `x` as three bf16 (`hi + mid + lo == x` exactly for `2^-110 ≤ |x| ≤ 3e38`: each takes the
+/// next 8 significant bits of what is left, rounded to nearest). A bf16 × bf16 product is exact
+/// in f32, so the tiles' f32 sums of these three products equal an f32 dot product of `x`
+/// with the bf16 weights up to the summation order, as the other exact-head kernels.
+pub fn split_bf16(x: f32) -> [half::bf16; 3] {
+    let hi = half::bf16::from_f32(x);
+    let r = x - hi.to_f32(); // exact: the bits hi did not take
+    let mid = half::bf16::from_f32(r);
+    [hi, mid, half::bf16::from_f32(r - mid.to_f32())]
+}
+
+/// The activation rows of a head step as the B operand of the bf16 tiles: each value split in
+/// three ([`split_bf16`]), the three parts of a row side by side as three columns of a tile,
+/// 5 rows per group: `[groups, h / 32 steps, 16 pairs, 16 columns (3·row + part), 2]` bf16
+/// (1 KiB per tile), zeros in column 15 and past the last row. Every logit then costs one
+/// tile product for its group, whatever the other rows.
+pub struct HeadActivations {
+    tiles: Vec<half::bf16>, // [groups, h / 32, 16, 16, 2]
+    steps: usize,
+    /// Activation rows.
+    pub rows: usize,
+}
+
+impl HeadActivations {
+    /// `xs`: the rows (`[h]` each, `h` a multiple of [`HEAD_K`]).
+    pub fn new(xs: &[&[f32]], h: usize) -> Self {
+        assert!(h.is_multiple_of(HEAD_K) && xs.iter().all(|x| x.len() == h));
+        let steps = h / HEAD_K;
+        let group_len = steps * 512;
+        let mut tiles = vec![half::bf16::ZERO; xs.len().div_ceil(HEAD_GROUP) * group_len];
+        for (t, x) in xs.iter().enumerate() {
+            let group = &mut tiles[(t / HEAD_GROUP) * group_len..][..group_len];
+            for (k, &v) in x.iter().enumerate() {
+                // [step k / 32][pair (k % 32) / 2][column 3·(t % 5) + part][k % 2]
+                let at = (k / HEAD_K) * 512 + ((k % HEAD_K) / 2) * 32 + k % 2;
+                for (part, p) in split_bf16(v).into_iter().enumerate() {
+                    group[at + 2 * (3 * (t % HEAD_GROUP) + part)] = p;
+                }
+            }
+        }
+        HeadActivations {
+            tiles,
+            steps,
+            rows: xs.len(),
+        }
+    }
+
+    /// Groups of 5 rows.
+    pub fn groups(&self) -> usize {
+        self.rows.div_ceil(HEAD_GROUP)
+    }
+
+    /// Group `g`'s tiles: `[h / 32 steps, 512]`.
+    pub fn group(&self, g: usize) -> &[half::bf16] {
+        let len = self.steps * 512;
+        &self.tiles[g * len..(g + 1) * len]
+    }
+}
+
+/// `c[0][m][col] = Σ_k head[m][k] · b[k][col]` for 16 head rows (bf16, row `m` at
+/// `rows + m·stride` bytes, `h` columns) and one group of activations (`b`:
+/// [`HeadActivations::group`]): f32 tile sums over the `h / 32` steps in order, the weights
+/// loaded into the tiles straight from the head in memory. Each row is one memory stream; 16
+/// rows at a time keep the streams few enough for the prefetchers (64 rows at a time made
+/// one-token decode 8–24 % slower than the AVX-512 head, BENCHMARKS.md). `c`: `[4 tiles, 16
+/// head rows, 16 columns]`, tile 0 written.
+///
+/// # Safety
+/// The tiles must be configured and the CPU must have AMX-BF16 ([`bf16_available`]); 16 rows of
+/// `2h` bytes must be readable at `rows`, `stride` apart; `b` must hold `h / 32` tiles; h ≥ 32.
+pub unsafe fn head_tiles_16x1(
+    _tiles: &Tiles,
+    rows: *const u8,
+    stride: usize,
+    h: usize,
+    b: &[half::bf16],
+    c: &mut [f32; 4 * 256],
+) {
+    let steps = h / HEAD_K;
+    assert!(
+        steps >= 1 && b.len() >= steps * 512,
+        "head_tiles_16x1: activation tiles"
+    );
+    // SAFETY: the caller's contract covers every A load (64 bytes of each of the 16 rows per
+    // step); the B loads stay in b (checked above); the store writes tile 0 of c. tmm0
+    // accumulates, tmm4 holds the step's activations, tmm5 the weights.
+    unsafe {
+        asm!(
+            "tilezero tmm0",
+            "2:",
+            "tileloadd tmm4, [{b} + {row}*1]",
+            "tileloadd tmm5, [{a} + {stride}*1]",
+            "tdpbf16ps tmm0, tmm5, tmm4",
+            "add {a}, 64",
+            "add {b}, 1024",
+            "dec {n}",
+            "jnz 2b",
+            "tilestored [{c} + {row}*1], tmm0",
+            a = inout(reg) rows => _,
+            b = inout(reg) b.as_ptr() => _,
+            stride = in(reg) stride,
+            row = in(reg) 64usize,
+            n = inout(reg) steps => _,
+            c = in(reg) c.as_mut_ptr(),
+            options(nostack),
+        );
+    }
+}
+
+/// [`head_tiles_16x1`] for two groups of activations at once (each weight tile loaded once for
+/// both, 10 activation rows): tile `g` of `c` for group `g`.
+///
+/// # Safety
+/// As [`head_tiles_16x1`], for both groups.
+pub unsafe fn head_tiles_16x2(
+    _tiles: &Tiles,
+    rows: *const u8,
+    stride: usize,
+    h: usize,
+    b: [&[half::bf16]; 2],
+    c: &mut [f32; 4 * 256],
+) {
+    let steps = h / HEAD_K;
+    assert!(
+        steps >= 1 && b.iter().all(|b| b.len() >= steps * 512),
+        "head_tiles_16x2: activation tiles"
+    );
+    // SAFETY: as in head_tiles_16x1; the stores write tiles 0 and 1 of c. tmm0–1 accumulate
+    // the groups, tmm4 and tmm6 hold their activations, tmm5 the weights.
+    unsafe {
+        asm!(
+            "tilezero tmm0",
+            "tilezero tmm1",
+            "2:",
+            "tileloadd tmm5, [{a} + {stride}*1]",
+            "tileloadd tmm4, [{b0} + {row}*1]",
+            "tdpbf16ps tmm0, tmm5, tmm4",
+            "tileloadd tmm6, [{b1} + {row}*1]",
+            "tdpbf16ps tmm1, tmm5, tmm6",
+            "add {a}, 64",
+            "add {b0}, 1024",
+            "add {b1}, 1024",
+            "dec {n}",
+            "jnz 2b",
+            "tilestored [{c} + {row}*1], tmm0",
+            "tilestored [{c} + {row}*1 + 1024], tmm1",
+            a = inout(reg) rows => _,
+            b0 = inout(reg) b[0].as_ptr() => _,
+            b1 = inout(reg) b[1].as_ptr() => _,
+            stride = in(reg) stride,
+            row = in(reg) 64usize,
+            n = inout(reg) steps => _,
+            c = in(reg) c.as_mut_ptr(),
+            options(nostack),
+        );
+    }
+}
+
+/// Writes the logits of one accumulator tile `c` (`[16 head rows, 16 columns]`, columns
+/// `3·r + part`): `out[r·out_stride + m] = (c[m][3r] + c[m][3r + 1]) + c[m][3r + 2]` for the
+/// first `rows` head rows and `tokens` (≤ 5) activation rows.
+///
+/// # Safety
+/// AVX-512F; `out` must be writable at `r·out_stride + m` for every written (r, m).
+#[target_feature(enable = "avx512f")]
+pub unsafe fn store_head_tile(
+    c: &[f32; 256],
+    rows: usize,
+    tokens: usize,
+    out: *mut f32,
+    out_stride: usize,
+) {
+    debug_assert!(rows <= 16 && tokens <= HEAD_GROUP);
+    let mut r = [_mm512_setzero_si512(); 16];
+    for (m, v) in r.iter_mut().enumerate() {
+        // SAFETY: row m of c is 16 f32 inside the 256.
+        *v = unsafe { _mm512_loadu_si512(c.as_ptr().add(16 * m) as *const _) };
+    }
+    let by_col = transpose16(r); // [16 columns] of [16 rows]
+    let mask: __mmask16 = if rows == 16 { !0 } else { (1 << rows) - 1 };
+    for t in 0..tokens {
+        let col = |i: usize| _mm512_castsi512_ps(by_col[3 * t + i]);
+        let v = _mm512_add_ps(_mm512_add_ps(col(0), col(1)), col(2));
+        // SAFETY: the caller's contract.
+        unsafe { _mm512_mask_storeu_ps(out.add(t * out_stride), mask, v) };
+    }
+}
+
 /// Transposes a 16×16 i32 matrix held as 16 row vectors (64 shuffles: 32-bit and 64-bit
 /// interleaves within 128-bit lanes, then a 4×4 transpose of the lanes).
 ///
