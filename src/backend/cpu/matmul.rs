@@ -1,7 +1,8 @@
 //! The CPU backend's matrix products: the ternary matmul in its strategies (two-stream decode
 //! for one token, 4/2/1-token blocks or table lookups for prefill, AMX tiles for steps of 2+
 //! tokens: one token block with the codes unpacked in L1, or many with them unpacked once) and
-//! the LM head (two-stream decode over the vocabulary rows).
+//! the LM head (two-stream decode over the vocabulary rows, or AMX-BF16 tiles for an exact bf16
+//! head at the AMX level).
 
 use std::cell::RefCell;
 

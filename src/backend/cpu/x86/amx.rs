@@ -1,4 +1,5 @@
-//! Intel AMX (Advanced Matrix Extensions) for the ternary matmul of steps of 2 or more tokens.
+//! Intel AMX (Advanced Matrix Extensions) for the ternary matmul of steps of 2 or more tokens,
+//! and (AMX-BF16) for the exact bf16 LM head of every step ([`head_tiles_16x1`]).
 //!
 //! A prefill step multiplies the same weights by many tokens, so it is an int8 GEMM and bound by
 //! multiply-adds, not by memory; so is a batched decode step of a few rows on this core. One AMX `tdpbusd` does a 16×64 by 64×16 int8 product
