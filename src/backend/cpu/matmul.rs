@@ -126,11 +126,7 @@ impl CpuBackend {
         check_matmul(&w.name, (w.rows, w.cols), (x.capacity, x.cols), n)?;
         self.check("ternary_matmul", out, w.rows)?;
         #[cfg(target_arch = "x86_64")]
-        if n >= LUT_MIN_TOKENS
-            && x.tiles_rows != n // a step laid out for AMX tiles runs on them
-            && !w.lut.is_empty()
-            && w.lut.iter().all(Option::is_some)
-        {
+        if n >= LUT_MIN_TOKENS && !w.lut.is_empty() && w.lut.iter().all(Option::is_some) {
             self.matmul_lut(w, x, out);
             return Ok(());
         }
@@ -219,7 +215,7 @@ impl CpuBackend {
             self.pool
                 .for_each_chunk_mut(&mut tables[..tn * per_token], per_token, |t, tab| {
                     let q = &x.q[(t0 + t) * cols..(t0 + t + 1) * cols];
-                    // SAFETY: the AVX-512 VNNI and AMX levels have AVX-512 F + BW (`uses_lut`).
+                    // SAFETY: the AVX-512 VNNI level has AVX-512 F + BW (`uses_lut`).
                     unsafe { avx512_lut::build_tables(q, tab) }
                 });
             let tables = &tables[..tn * per_token];
@@ -647,7 +643,9 @@ impl CpuBackend {
         #[cfg(all(target_arch = "x86_64", target_os = "linux"))]
         let amx_head = match head {
             CpuLmHead::Exact(m) if self.uses_amx_head(m) => {
-                Some((m, super::x86::amx::HeadActivations::new(xs, h)))
+                let mut acts = std::mem::take(&mut self.head_tiles); // given back below
+                acts.fill(xs, h);
+                Some((m, acts))
             }
             _ => None,
         };
@@ -699,6 +697,10 @@ impl CpuBackend {
             }
         };
         self.pool.run(vocab.div_ceil(CHUNK), &job);
+        #[cfg(all(target_arch = "x86_64", target_os = "linux"))]
+        if let Some((_, acts)) = amx_head {
+            self.head_tiles = acts;
+        }
     }
 }
 
@@ -731,7 +733,7 @@ unsafe fn head_rows_amx(
     let groups = acts.groups();
     // SAFETY: AMX-BF16 is available (`uses_amx_head`).
     let tiles = unsafe { amx::Tiles::configure() };
-    let mut c = [0f32; 4 * 256]; // 4 tiles of [16 head rows, 16 columns]
+    let mut c = [0f32; 2 * 256]; // 2 tiles of [16 head rows, 16 columns]
     let mut r0 = v0;
     while r0 < v1 {
         let run = (v1 - r0).min(RUN);
@@ -939,7 +941,7 @@ mod tests {
     /// The AMX-BF16 exact head: each logit within f32 summation error of the f64 dot product,
     /// and the same bits whether its row is computed alone, among 11 or among 19 (groups of 5
     /// rows one or two per tile pass),
-    /// with head row counts that leave a last run of fewer than 64 rows, on 1 and 3 threads.
+    /// with head row counts that leave a last run of fewer than 16 rows, on 1 and 3 threads.
     #[test]
     #[cfg(all(target_arch = "x86_64", target_os = "linux"))]
     fn amx_bf16_head_is_near_the_f64_dot_and_batch_invariant() {

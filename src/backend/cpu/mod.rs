@@ -185,6 +185,9 @@ pub struct CpuBackend {
     /// `[tokens, tables per token]` the table-lookup kernel's tables for a chunk of tokens.
     #[cfg(target_arch = "x86_64")]
     lut_tables: Vec<x86::avx512_lut::Line>,
+    /// The AMX-BF16 head's activation tiles of a step, reused across steps.
+    #[cfg(all(target_arch = "x86_64", target_os = "linux"))]
+    head_tiles: x86::amx::HeadActivations,
     use_lut: bool, // repack ternary weights for the table-lookup kernel (see `uses_lut`)
     /// Bytes of the table-lookup copies made by `upload_linears` (0 where the kernel is unused).
     table_copy_bytes: u64,
@@ -263,6 +266,8 @@ impl CpuBackend {
             level: CpuLevel::detect(),
             #[cfg(target_arch = "x86_64")]
             lut_tables: Vec::new(),
+            #[cfg(all(target_arch = "x86_64", target_os = "linux"))]
+            head_tiles: Default::default(),
             use_lut: !std::env::var("BITNET_CPU_NO_LUT").is_ok_and(|v| v == "1"),
             table_copy_bytes: 0,
         })

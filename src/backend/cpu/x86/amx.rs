@@ -390,7 +390,8 @@ pub unsafe fn tile_rows_one_block(
 
 /// Whether this CPU also has AMX-BF16 (the bf16 tile product of the exact LM head).
 pub fn bf16_available() -> bool {
-    available() && (__cpuid_count(7, 0).edx >> 22) & 1 == 1
+    static OK: OnceLock<bool> = OnceLock::new();
+    *OK.get_or_init(|| available() && (__cpuid_count(7, 0).edx >> 22) & 1 == 1)
 }
 
 /// Head columns per tile step: 32 bf16, one 64-byte tile row.
@@ -413,7 +414,8 @@ pub fn split_bf16(x: f32) -> [half::bf16; 3] {
 /// three ([`split_bf16`]), the three parts of a row side by side as three columns of a tile,
 /// 5 rows per group: `[groups, h / 32 steps, 16 pairs, 16 columns (3·row + part), 2]` bf16
 /// (1 KiB per tile), zeros in column 15 and past the last row. Every logit then costs one
-/// tile product for its group, whatever the other rows.
+/// tile product for its group, whatever the other rows. Its buffer is kept across steps.
+#[derive(Default)]
 pub struct HeadActivations {
     tiles: Vec<half::bf16>, // [groups, h / 32, 16, 16, 2]
     steps: usize,
@@ -422,12 +424,14 @@ pub struct HeadActivations {
 }
 
 impl HeadActivations {
-    /// `xs`: the rows (`[h]` each, `h` a multiple of [`HEAD_K`]).
-    pub fn new(xs: &[&[f32]], h: usize) -> Self {
+    /// Lays out `xs`: the rows (`[h]` each, `h` a multiple of [`HEAD_K`]).
+    pub fn fill(&mut self, xs: &[&[f32]], h: usize) {
         assert!(h.is_multiple_of(HEAD_K) && xs.iter().all(|x| x.len() == h));
         let steps = h / HEAD_K;
         let group_len = steps * 512;
-        let mut tiles = vec![half::bf16::ZERO; xs.len().div_ceil(HEAD_GROUP) * group_len];
+        let tiles = &mut self.tiles;
+        tiles.clear();
+        tiles.resize(xs.len().div_ceil(HEAD_GROUP) * group_len, half::bf16::ZERO);
         for (t, x) in xs.iter().enumerate() {
             let group = &mut tiles[(t / HEAD_GROUP) * group_len..][..group_len];
             for (k, &v) in x.iter().enumerate() {
@@ -438,11 +442,7 @@ impl HeadActivations {
                 }
             }
         }
-        HeadActivations {
-            tiles,
-            steps,
-            rows: xs.len(),
-        }
+        (self.steps, self.rows) = (steps, xs.len());
     }
 
     /// Groups of 5 rows.
@@ -462,7 +462,7 @@ impl HeadActivations {
 /// [`HeadActivations::group`]): f32 tile sums over the `h / 32` steps in order, the weights
 /// loaded into the tiles straight from the head in memory. Each row is one memory stream; 16
 /// rows at a time keep the streams few enough for the prefetchers (64 rows at a time made
-/// one-token decode 8–24 % slower than the AVX-512 head, BENCHMARKS.md). `c`: `[4 tiles, 16
+/// one-token decode 8–24 % slower than the AVX-512 head, BENCHMARKS.md). `c`: `[2 tiles, 16
 /// head rows, 16 columns]`, tile 0 written.
 ///
 /// # Safety
@@ -474,7 +474,7 @@ pub unsafe fn head_tiles_16x1(
     stride: usize,
     h: usize,
     b: &[half::bf16],
-    c: &mut [f32; 4 * 256],
+    c: &mut [f32; 2 * 256],
 ) {
     let steps = h / HEAD_K;
     assert!(
@@ -518,7 +518,7 @@ pub unsafe fn head_tiles_16x2(
     stride: usize,
     h: usize,
     b: [&[half::bf16]; 2],
-    c: &mut [f32; 4 * 256],
+    c: &mut [f32; 2 * 256],
 ) {
     let steps = h / HEAD_K;
     assert!(
@@ -571,18 +571,36 @@ pub unsafe fn store_head_tile(
     out_stride: usize,
 ) {
     debug_assert!(rows <= 16 && tokens <= HEAD_GROUP);
-    let mut r = [_mm512_setzero_si512(); 16];
-    for (m, v) in r.iter_mut().enumerate() {
-        // SAFETY: row m of c is 16 f32 inside the 256.
-        *v = unsafe { _mm512_loadu_si512(c.as_ptr().add(16 * m) as *const _) };
-    }
-    let by_col = transpose16(r); // [16 columns] of [16 rows]
-    let mask: __mmask16 = if rows == 16 { !0 } else { (1 << rows) - 1 };
+    let by_col = columns(c); // [16 columns] of [16 rows]
+    let mask = row_mask(rows);
     for t in 0..tokens {
         let col = |i: usize| _mm512_castsi512_ps(by_col[3 * t + i]);
         let v = _mm512_add_ps(_mm512_add_ps(col(0), col(1)), col(2));
         // SAFETY: the caller's contract.
         unsafe { _mm512_mask_storeu_ps(out.add(t * out_stride), mask, v) };
+    }
+}
+
+/// The columns of an accumulator tile (`[16 rows, 16 columns]` of i32 or f32) as 16 vectors
+/// of 16 rows each.
+#[inline]
+#[target_feature(enable = "avx512f")]
+fn columns<T: Copy>(c: &[T; 256]) -> [__m512i; 16] {
+    const { assert!(std::mem::size_of::<T>() == 4) };
+    let mut r = [_mm512_setzero_si512(); 16];
+    for (m, v) in r.iter_mut().enumerate() {
+        // SAFETY: row m of c is 16 four-byte values inside the 256.
+        *v = unsafe { _mm512_loadu_si512(c.as_ptr().add(16 * m) as *const _) };
+    }
+    transpose16(r)
+}
+
+/// The lanes of the first `rows` (≤ 16) rows.
+fn row_mask(rows: usize) -> __mmask16 {
+    if rows >= 16 {
+        !0
+    } else {
+        (1 << rows) - 1
     }
 }
 
@@ -637,13 +655,8 @@ pub unsafe fn store_tile(
     out_stride: usize,
 ) {
     debug_assert!(rows <= 16 && q_sum.len() <= 16 && factor.len() == q_sum.len());
-    let mut r = [_mm512_setzero_si512(); 16];
-    for (m, v) in r.iter_mut().enumerate() {
-        // SAFETY: row m of c is 16 i32 inside the 256.
-        *v = unsafe { _mm512_loadu_si512(c.as_ptr().add(16 * m) as *const _) };
-    }
-    let by_token = transpose16(r); // [16 tokens] of [16 rows]
-    let mask: __mmask16 = if rows == 16 { !0 } else { (1 << rows) - 1 };
+    let by_token = columns(c); // [16 tokens] of [16 rows]
+    let mask = row_mask(rows);
     for (t, (&s, &f)) in q_sum.iter().zip(factor).enumerate() {
         let v = _mm512_sub_epi32(by_token[t], _mm512_set1_epi32(s));
         // the scalar path computes `(sum as f32) * factor`: the same two roundings
