@@ -73,7 +73,7 @@ fn cpu_tensor(data: &[f32], capacity: usize, cols: usize) -> CpuTensor {
     let mut d = data.to_vec();
     d.resize(capacity * cols, 0.0);
     CpuTensor {
-        data: d,
+        data: d.into(),
         capacity,
         cols,
     }
@@ -225,7 +225,7 @@ fn quantize_matches_cpu_exactly() {
 fn cpu_q(q: &[i8], scales: &[f32], cols: usize) -> CpuQTensor {
     let n = scales.len();
     CpuQTensor {
-        q: q.to_vec(),
+        q: q.to_vec().into(),
         scales: scales.to_vec(),
         sums: (0..n)
             .map(|t| q[t * cols..(t + 1) * cols].iter().map(|&v| v as i32).sum())

@@ -35,7 +35,8 @@ const AMX_MIN_TOKENS: usize = 2;
 #[cfg(target_arch = "x86_64")]
 const LUT_MIN_TOKENS: usize = 2;
 
-/// Byte rows per prefill job: 4 runs of 16 outputs per token (whole cache lines for 2B4T).
+/// Byte rows per prefill job: 4 runs of 16 outputs per token (whole cache lines for 2B4T, whose
+/// matrices have multiples of 64 rows, in the 64-byte aligned outputs).
 const BYTE_ROWS: usize = 16;
 /// Tokens per prefill block: their int8 activations (≤ 32 × 6912 B for 2B4T) stay in L2.
 const TOKEN_BLOCK: usize = 32;
@@ -81,6 +82,31 @@ impl Outputs<'_> {
                     v * self.factor[t],
                 )
             };
+        }
+    }
+
+    /// [`Outputs::put`] for a block of tokens from `t0` and the byte rows `rows` of one job
+    /// (`sums [tokens, 4, BYTE_ROWS]`): one run of `rows.len()` outputs per token and plane.
+    ///
+    /// # Safety
+    /// No other job writes these byte rows (jobs own disjoint byte rows).
+    unsafe fn put_block(
+        &self,
+        t0: usize,
+        sums: &[[[i32; BYTE_ROWS]; 4]],
+        rows: std::ops::Range<usize>,
+    ) {
+        for (k, planes) in sums.iter().enumerate() {
+            let t = t0 + k;
+            let f = self.factor[t];
+            for (i, plane) in planes.iter().enumerate() {
+                let start = t * self.stride + self.col0 + i * self.p4 + rows.start;
+                // SAFETY: passed on from the caller.
+                let run = unsafe { self.out.slice_mut(start..start + rows.len()) };
+                for (o, &v) in run.iter_mut().zip(plane) {
+                    *o = v as f32 * f;
+                }
+            }
         }
     }
 
@@ -297,17 +323,27 @@ impl CpuBackend {
     /// [`TOKEN_BLOCK`] tokens, so that the block's activations stay in L2 and each byte row in
     /// L1 across the block; the tokens go 4, then 2, then 1 at a time through the kernels that
     /// extract the code planes once for all of them. A job's outputs are 4 runs of
-    /// `BYTE_ROWS` floats per token that no other job writes.
+    /// `BYTE_ROWS` floats per token that no other job writes: kept in a small buffer while the
+    /// block runs and written a run at a time when it ends (one cache line each in the 64-byte
+    /// aligned output), not 4 scattered floats per byte row and token as the kernels return
+    /// them, which cost up to 1.2× on a [6912, 2560] matmul (BENCHMARKS.md).
     fn matmul_prefill(&self, w: &TernaryMatrix, x: &CpuQTensor, outputs: &Outputs) {
         let (n, p4, cols, level) = (self.n(), w.rows / 4, w.cols, self.level);
         let row = |t: usize| &x.q[t * cols..(t + 1) * cols]; // [cols]
         let job = |job: usize| {
             let (p0, p1) = (job * BYTE_ROWS, ((job + 1) * BYTE_ROWS).min(p4));
-            // SAFETY (every put): p lies in this job's byte rows, which no other job writes.
+            // the block's sums, written out a cache line per (token, plane) once the block is
+            // done: [token of the block, plane, byte row of the job]
+            let mut sums = [[[0i32; BYTE_ROWS]; 4]; TOKEN_BLOCK];
             for t0 in (0..n).step_by(TOKEN_BLOCK) {
                 let t1 = (t0 + TOKEN_BLOCK).min(n);
                 for p in p0..p1 {
                     let bytes = w.byte_row(p); // [cols]
+                    let mut keep = |t: usize, r: [i32; 4]| {
+                        for (i, v) in r.into_iter().enumerate() {
+                            sums[t - t0][i][p - p0] = v;
+                        }
+                    };
                     let mut t = t0;
                     while t + 4 <= t1 {
                         let r = ternary_dot4_x4(
@@ -317,7 +353,7 @@ impl CpuBackend {
                             [x.sums[t], x.sums[t + 1], x.sums[t + 2], x.sums[t + 3]],
                         );
                         for (k, r) in r.into_iter().enumerate() {
-                            unsafe { outputs.put(t + k, p, r) };
+                            keep(t + k, r);
                         }
                         t += 4;
                     }
@@ -328,17 +364,16 @@ impl CpuBackend {
                             [row(t), row(t + 1)],
                             [x.sums[t], x.sums[t + 1]],
                         );
-                        unsafe {
-                            outputs.put(t, p, r[0]);
-                            outputs.put(t + 1, p, r[1]);
-                        }
+                        keep(t, r[0]);
+                        keep(t + 1, r[1]);
                         t += 2;
                     }
                     if t < t1 {
-                        let r = ternary_dot4(level, bytes, row(t), x.sums[t]);
-                        unsafe { outputs.put(t, p, r) };
+                        keep(t, ternary_dot4(level, bytes, row(t), x.sums[t]));
                     }
                 }
+                // SAFETY: byte rows p0..p1 are this job's, which no other job writes.
+                unsafe { outputs.put_block(t0, &sums[..t1 - t0], p0..p1) };
             }
         };
         self.pool.run(p4.div_ceil(BYTE_ROWS), &job);

@@ -13,6 +13,7 @@
 pub(crate) mod arm {
     pub mod neon;
 }
+pub mod aligned;
 pub mod dispatch;
 mod matmul;
 pub mod pool;
@@ -33,6 +34,7 @@ use super::{
 use crate::error::{BitnetError, Result};
 use crate::load::FloatMatrix;
 use crate::ternary::TernaryMatrix;
+use aligned::AlignedVec;
 pub use dispatch::KvElem;
 use dispatch::{absmax_f32, quantize_i8, rows_times_runs, softmax_f32, CpuLevel};
 use pool::SpinPool;
@@ -45,7 +47,7 @@ pub use topology::default_threads;
 /// f32 activations `[capacity, cols]`, row-major.
 #[derive(Debug, Clone, Default)]
 pub struct CpuTensor {
-    pub data: Vec<f32>, // [capacity, cols]
+    pub data: AlignedVec<f32>, // [capacity, cols]
     pub capacity: usize,
     pub cols: usize,
 }
@@ -53,9 +55,9 @@ pub struct CpuTensor {
 /// int8 activations `[capacity, cols]` plus the per-row scale `s = 127 / absmax`.
 #[derive(Debug, Clone)]
 pub struct CpuQTensor {
-    pub q: Vec<i8>,       // [capacity, cols]
-    pub scales: Vec<f32>, // [capacity]
-    pub sums: Vec<i32>,   // [capacity]  Σ q over the row, for the Σq·code − Σq trick
+    pub q: AlignedVec<i8>, // [capacity, cols]
+    pub scales: Vec<f32>,  // [capacity]
+    pub sums: Vec<i32>,    // [capacity]  Σ q over the row, for the Σq·code − Σq trick
     /// With the AMX level only: the rows again as AMX B tiles (`x86/amx.rs`),
     /// `[capacity / 16 rounded up to even, padded_cols / 4, 16, 4]`.
     pub tiles: Vec<i8>,
@@ -516,7 +518,7 @@ impl Backend for CpuBackend {
 
     fn alloc(&mut self, capacity: usize, cols: usize) -> Result<CpuTensor> {
         Ok(CpuTensor {
-            data: vec![0.0; capacity * cols],
+            data: AlignedVec::zeroed(capacity * cols),
             capacity,
             cols,
         })
@@ -532,7 +534,7 @@ impl Backend for CpuBackend {
         #[cfg(not(all(target_arch = "x86_64", target_os = "linux")))]
         let tiles = Vec::new();
         Ok(CpuQTensor {
-            q: vec![0; capacity * cols],
+            q: AlignedVec::zeroed(capacity * cols),
             scales: vec![0.0; capacity],
             sums: vec![0; capacity],
             tiles,
@@ -848,7 +850,7 @@ mod tests {
         let mut data = data;
         data.resize(capacity * cols, 0.0);
         CpuTensor {
-            data,
+            data: data.into(),
             capacity,
             cols,
         }
@@ -1223,7 +1225,7 @@ mod tests {
         for dtype in [KvDtype::F32, KvDtype::F16] {
             b.begin_step(&StepRow::sequence(&[0], 0)).unwrap();
             let q = CpuTensor {
-                data: vec![1.0; 8],
+                data: vec![1.0; 8].into(),
                 capacity: 1,
                 cols: 8,
             };
@@ -1233,7 +1235,7 @@ mod tests {
             store(&mut cache, 0, [1.0; 4], [10.0, 11.0, 20.0, 21.0]);
             b.attention(&q, &cache, 0, &shape, &mut out).unwrap();
             assert_eq!(
-                out.data,
+                out.data[..],
                 vec![10.0, 11.0, 10.0, 11.0, 20.0, 21.0, 20.0, 21.0],
                 "{dtype:?}"
             );

@@ -1,0 +1,191 @@
+//! [`AlignedVec`]: a growable buffer whose first element sits on a 64-byte boundary.
+//!
+//! The CPU kernels read activations and write outputs in whole 32/64-byte vectors, and prefill
+//! jobs write runs of one cache line each. The system allocator returns 16-byte aligned blocks
+//! (large ones at a page plus 16 bytes), so with a plain `Vec` every other 32-byte load split
+//! two cache lines and the jobs' output runs shared lines with their neighbours' (written by
+//! the other thread at the same time). `Vec` cannot be asked for a larger alignment on stable
+//! Rust (the allocator API is unstable), hence this small hand-written type; it is only what
+//! the tensors need: a length fixed at creation, `resize`, and slice access.
+
+use std::alloc::{alloc_zeroed, dealloc, handle_alloc_error, Layout};
+use std::ops::{Deref, DerefMut};
+use std::ptr::NonNull;
+
+/// The alignment of every [`AlignedVec`]: one x86 cache line, one AVX-512 vector.
+pub const ALIGN: usize = 64;
+
+/// Plain numbers whose all-zero bytes are a valid value (the buffer is allocated zeroed).
+///
+/// # Safety
+/// All-zero bytes must be a valid `Self`, and `Self` must need no drop.
+pub unsafe trait Zeroable: Copy {}
+// SAFETY: zero bytes are 0 / 0.0 for each.
+unsafe impl Zeroable for f32 {}
+unsafe impl Zeroable for i8 {}
+unsafe impl Zeroable for u8 {}
+unsafe impl Zeroable for i32 {}
+
+/// A heap buffer of `len` values of `T` starting on a 64-byte boundary.
+pub struct AlignedVec<T: Zeroable> {
+    ptr: NonNull<T>,
+    len: usize,
+}
+
+// SAFETY: it owns its values like a Vec<T>.
+unsafe impl<T: Zeroable + Send> Send for AlignedVec<T> {}
+unsafe impl<T: Zeroable + Sync> Sync for AlignedVec<T> {}
+
+impl<T: Zeroable> AlignedVec<T> {
+    fn layout(len: usize) -> Layout {
+        Layout::array::<T>(len)
+            .and_then(|l| l.align_to(ALIGN))
+            .expect("AlignedVec: size overflows isize")
+    }
+
+    /// `len` zeros.
+    pub fn zeroed(len: usize) -> Self {
+        if len == 0 || size_of::<T>() == 0 {
+            return AlignedVec {
+                ptr: NonNull::dangling(),
+                len,
+            };
+        }
+        let layout = Self::layout(len);
+        // SAFETY: the layout has a non-zero size (len > 0, T not zero-sized).
+        let raw = unsafe { alloc_zeroed(layout) } as *mut T;
+        let ptr = NonNull::new(raw).unwrap_or_else(|| handle_alloc_error(layout));
+        AlignedVec { ptr, len }
+    }
+
+    /// `len` copies of `v`.
+    pub fn filled(len: usize, v: T) -> Self {
+        let mut a = Self::zeroed(len);
+        a.fill(v);
+        a
+    }
+
+    /// Grows or shrinks to `len` values: the first `min(len, old len)` kept, new ones `v`.
+    pub fn resize(&mut self, len: usize, v: T) {
+        if len == self.len {
+            return;
+        }
+        let mut grown = Self::filled(len, v);
+        let keep = len.min(self.len);
+        grown[..keep].copy_from_slice(&self[..keep]);
+        *self = grown;
+    }
+}
+
+impl<T: Zeroable> Drop for AlignedVec<T> {
+    fn drop(&mut self) {
+        if self.len != 0 && size_of::<T>() != 0 {
+            // SAFETY: allocated in `zeroed` with this very layout.
+            unsafe { dealloc(self.ptr.as_ptr() as *mut u8, Self::layout(self.len)) };
+        }
+    }
+}
+
+impl<T: Zeroable> Deref for AlignedVec<T> {
+    type Target = [T];
+    fn deref(&self) -> &[T] {
+        // SAFETY: `len` initialised values at `ptr` (dangling only when empty or zero-sized).
+        unsafe { std::slice::from_raw_parts(self.ptr.as_ptr(), self.len) }
+    }
+}
+
+impl<T: Zeroable> DerefMut for AlignedVec<T> {
+    fn deref_mut(&mut self) -> &mut [T] {
+        // SAFETY: as in `deref`, and `&mut self` is exclusive.
+        unsafe { std::slice::from_raw_parts_mut(self.ptr.as_ptr(), self.len) }
+    }
+}
+
+impl<T: Zeroable> Default for AlignedVec<T> {
+    fn default() -> Self {
+        Self::zeroed(0)
+    }
+}
+
+impl<T: Zeroable> Clone for AlignedVec<T> {
+    fn clone(&self) -> Self {
+        Self::from(&self[..])
+    }
+}
+
+impl<T: Zeroable + std::fmt::Debug> std::fmt::Debug for AlignedVec<T> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self[..].fmt(f)
+    }
+}
+
+impl<T: Zeroable + PartialEq> PartialEq for AlignedVec<T> {
+    fn eq(&self, other: &Self) -> bool {
+        self[..] == other[..]
+    }
+}
+
+impl<T: Zeroable + PartialEq> PartialEq<Vec<T>> for AlignedVec<T> {
+    fn eq(&self, other: &Vec<T>) -> bool {
+        self[..] == other[..]
+    }
+}
+
+impl<T: Zeroable + PartialEq> PartialEq<AlignedVec<T>> for Vec<T> {
+    fn eq(&self, other: &AlignedVec<T>) -> bool {
+        self[..] == other[..]
+    }
+}
+
+impl<T: Zeroable> From<&[T]> for AlignedVec<T> {
+    fn from(values: &[T]) -> Self {
+        let mut a = Self::zeroed(values.len());
+        a.copy_from_slice(values);
+        a
+    }
+}
+
+impl<T: Zeroable> From<Vec<T>> for AlignedVec<T> {
+    fn from(values: Vec<T>) -> Self {
+        Self::from(&values[..])
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn starts_on_a_cache_line_and_keeps_values_across_resizes() {
+        for len in [0usize, 1, 15, 64, 4097, 300_000] {
+            let mut a = AlignedVec::<f32>::zeroed(len);
+            assert_eq!(a.len(), len);
+            assert!(a.iter().all(|&v| v == 0.0), "len {len}: not zeroed");
+            // (an empty buffer owns no memory: its pointer is only a placeholder)
+            assert!(
+                len == 0 || (a.as_ptr() as usize).is_multiple_of(ALIGN),
+                "len {len}: misaligned"
+            );
+            a.iter_mut().enumerate().for_each(|(i, v)| *v = i as f32);
+            a.resize(len + 3, -1.0);
+            assert_eq!(
+                a.as_ptr() as usize % ALIGN,
+                0,
+                "len {len}: misaligned after growing"
+            );
+            for (i, &v) in a.iter().enumerate() {
+                let want = if i < len { i as f32 } else { -1.0 };
+                assert_eq!(v, want, "len {len}: index {i} after growing");
+            }
+            a.resize(len / 2, 0.0);
+            assert_eq!(a.len(), len / 2);
+            assert!(a.iter().enumerate().all(|(i, &v)| v == i as f32));
+            let b = a.clone();
+            assert_eq!(&b[..], &a[..]);
+            assert!(b.is_empty() || (b.as_ptr() as usize).is_multiple_of(ALIGN));
+        }
+        let q = AlignedVec::from(vec![1i8, -2, 3]);
+        assert_eq!(&q[..], &[1, -2, 3]);
+        assert_eq!(q.as_ptr() as usize % ALIGN, 0);
+    }
+}
