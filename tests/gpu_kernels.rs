@@ -230,7 +230,7 @@ fn cpu_q(q: &[i8], scales: &[f32], cols: usize) -> CpuQTensor {
         sums: (0..n)
             .map(|t| q[t * cols..(t + 1) * cols].iter().map(|&v| v as i32).sum())
             .collect(),
-        tiles: Vec::new(), // row layout only: the CPU op reads `q`
+        tiles: Default::default(), // row layout only: the CPU op reads `q`
         tiles_rows: 0,
         capacity: n,
         cols,

@@ -25,6 +25,7 @@ unsafe impl Zeroable for f32 {}
 unsafe impl Zeroable for i8 {}
 unsafe impl Zeroable for u8 {}
 unsafe impl Zeroable for i32 {}
+unsafe impl Zeroable for half::bf16 {}
 
 /// A heap buffer of `len` values of `T` starting on a 64-byte boundary.
 pub struct AlignedVec<T: Zeroable> {

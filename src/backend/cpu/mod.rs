@@ -60,7 +60,7 @@ pub struct CpuQTensor {
     pub sums: Vec<i32>,    // [capacity]  Σ q over the row, for the Σq·code − Σq trick
     /// With the AMX level only: the rows again as AMX B tiles (`x86/amx.rs`),
     /// `[capacity / 16 rounded up to even, padded_cols / 4, 16, 4]`.
-    pub tiles: Vec<i8>,
+    pub tiles: AlignedVec<i8>,
     /// Rows of the current step that `tiles` holds (0: none; the matmul then reads `q`).
     pub tiles_rows: usize,
     pub capacity: usize,
@@ -527,12 +527,12 @@ impl Backend for CpuBackend {
     fn alloc_q(&mut self, capacity: usize, cols: usize) -> Result<CpuQTensor> {
         #[cfg(all(target_arch = "x86_64", target_os = "linux"))]
         let tiles = if self.uses_amx(capacity) {
-            vec![0; x86::amx::packed_activations_len(capacity, cols)]
+            AlignedVec::zeroed(x86::amx::packed_activations_len(capacity, cols))
         } else {
-            Vec::new()
+            AlignedVec::default()
         };
         #[cfg(not(all(target_arch = "x86_64", target_os = "linux")))]
-        let tiles = Vec::new();
+        let tiles = AlignedVec::default();
         Ok(CpuQTensor {
             q: AlignedVec::zeroed(capacity * cols),
             scales: vec![0.0; capacity],

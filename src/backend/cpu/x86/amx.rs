@@ -27,6 +27,7 @@
 //! Linux gives a process the 8 KiB tile state only on request (`arch_prctl(ARCH_REQ_XCOMP_PERM)`,
 //! kernel 5.16+); [`available`] asks once and reports AMX only if the kernel agreed.
 
+use crate::backend::cpu::aligned::AlignedVec;
 use std::arch::asm;
 use std::arch::x86_64::*;
 use std::cell::RefCell;
@@ -104,8 +105,10 @@ pub fn pack_activation_block(q: &[i8], cols: usize, out: &mut [i8]) {
 
 thread_local! {
     /// The unpacked codes of one job: `[4 planes, padded_cols / 64, 16 rows, 64]` u8 (grown on demand,
-    /// kept for the thread's life: ~440 KiB for 2B4T's down projection).
-    static CODES: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
+    /// kept for the thread's life: ~440 KiB for 2B4T's down projection), 64-byte aligned so that
+    /// no 64-byte tile row splits two cache lines (1.17–1.26× on a prefill matmul against the
+    /// allocator's 16-byte alignment, BENCHMARKS.md).
+    static CODES: RefCell<AlignedVec<u8>> = RefCell::new(AlignedVec::default());
 }
 
 /// Runs `f` with this thread's code buffer, at least `len` bytes long.
@@ -417,7 +420,7 @@ pub fn split_bf16(x: f32) -> [half::bf16; 3] {
 /// tile product for its group, whatever the other rows. Its buffer is kept across steps.
 #[derive(Default)]
 pub struct HeadActivations {
-    tiles: Vec<half::bf16>, // [groups, h / 32, 16, 16, 2]
+    tiles: AlignedVec<half::bf16>, // [groups, h / 32, 16, 16, 2]
     steps: usize,
     /// Activation rows.
     pub rows: usize,
@@ -429,9 +432,12 @@ impl HeadActivations {
         assert!(h.is_multiple_of(HEAD_K) && xs.iter().all(|x| x.len() == h));
         let steps = h / HEAD_K;
         let group_len = steps * 512;
-        let tiles = &mut self.tiles;
-        tiles.clear();
-        tiles.resize(xs.len().div_ceil(HEAD_GROUP) * group_len, half::bf16::ZERO);
+        let len = xs.len().div_ceil(HEAD_GROUP) * group_len;
+        if self.tiles.len() < len {
+            self.tiles.resize(len, half::bf16::ZERO);
+        }
+        let tiles = &mut self.tiles[..len];
+        tiles.fill(half::bf16::ZERO);
         for (t, x) in xs.iter().enumerate() {
             let group = &mut tiles[(t / HEAD_GROUP) * group_len..][..group_len];
             for (k, &v) in x.iter().enumerate() {
