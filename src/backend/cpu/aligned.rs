@@ -26,11 +26,14 @@ unsafe impl Zeroable for i8 {}
 unsafe impl Zeroable for u8 {}
 unsafe impl Zeroable for i32 {}
 unsafe impl Zeroable for half::bf16 {}
+unsafe impl Zeroable for half::f16 {}
 
 /// A heap buffer of `len` values of `T` starting on a 64-byte boundary.
 pub struct AlignedVec<T: Zeroable> {
     ptr: NonNull<T>,
     len: usize,
+    /// Bytes from the start of the allocation to `ptr`.
+    offset: usize,
 }
 
 // SAFETY: it owns its values like a Vec<T>.
@@ -38,9 +41,16 @@ unsafe impl<T: Zeroable + Send> Send for AlignedVec<T> {}
 unsafe impl<T: Zeroable + Sync> Sync for AlignedVec<T> {}
 
 impl<T: Zeroable> AlignedVec<T> {
+    /// The allocation behind `len` values: [`ALIGN`] bytes more than they need, at the
+    /// alignment `calloc` gives, so that `alloc_zeroed` stays `calloc`. Asking the allocator
+    /// for 64-byte alignment instead makes std's `alloc_zeroed` write every byte, which maps
+    /// all pages at once: a KV cache or a batch-sized buffer would then count in full in the
+    /// resident memory before a single position is used.
     fn layout(len: usize) -> Layout {
-        Layout::array::<T>(len)
-            .and_then(|l| l.align_to(ALIGN))
+        size_of::<T>()
+            .checked_mul(len)
+            .and_then(|bytes| bytes.checked_add(ALIGN))
+            .and_then(|bytes| Layout::from_size_align(bytes, align_of::<T>().max(16)).ok())
             .expect("AlignedVec: size overflows isize")
     }
 
@@ -50,13 +60,20 @@ impl<T: Zeroable> AlignedVec<T> {
             return AlignedVec {
                 ptr: NonNull::dangling(),
                 len,
+                offset: 0,
             };
         }
         let layout = Self::layout(len);
-        // SAFETY: the layout has a non-zero size (len > 0, T not zero-sized).
-        let raw = unsafe { alloc_zeroed(layout) } as *mut T;
-        let ptr = NonNull::new(raw).unwrap_or_else(|| handle_alloc_error(layout));
-        AlignedVec { ptr, len }
+        // SAFETY: the layout has a non-zero size.
+        let raw = unsafe { alloc_zeroed(layout) };
+        if raw.is_null() {
+            handle_alloc_error(layout);
+        }
+        let offset = raw.align_offset(ALIGN);
+        // SAFETY: offset < ALIGN, and the allocation has ALIGN spare bytes past len values; the
+        // offset is a multiple of align_of::<T>() (both raw and raw + offset are aligned to it).
+        let ptr = unsafe { NonNull::new_unchecked(raw.add(offset) as *mut T) };
+        AlignedVec { ptr, len, offset }
     }
 
     /// `len` copies of `v`.
@@ -81,8 +98,11 @@ impl<T: Zeroable> AlignedVec<T> {
 impl<T: Zeroable> Drop for AlignedVec<T> {
     fn drop(&mut self) {
         if self.len != 0 && size_of::<T>() != 0 {
-            // SAFETY: allocated in `zeroed` with this very layout.
-            unsafe { dealloc(self.ptr.as_ptr() as *mut u8, Self::layout(self.len)) };
+            // SAFETY: allocated in `zeroed` with this very layout, `offset` bytes before `ptr`.
+            unsafe {
+                let raw = (self.ptr.as_ptr() as *mut u8).sub(self.offset);
+                dealloc(raw, Self::layout(self.len))
+            };
         }
     }
 }
@@ -188,5 +208,28 @@ mod tests {
         let q = AlignedVec::from(vec![1i8, -2, 3]);
         assert_eq!(&q[..], &[1, -2, 3]);
         assert_eq!(q.as_ptr() as usize % ALIGN, 0);
+    }
+
+    /// A large zeroed buffer maps no pages until they are written (as `vec![0; n]` does), so a
+    /// KV cache sized for the whole context does not count in the resident memory up front.
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn a_large_zeroed_buffer_is_not_resident_until_used() {
+        let resident = || -> usize {
+            let statm = std::fs::read_to_string("/proc/self/statm").unwrap();
+            let pages: usize = statm.split_whitespace().nth(1).unwrap().parse().unwrap();
+            pages * 4096
+        };
+        let before = resident();
+        let mut a = AlignedVec::<f32>::zeroed(64 << 20); // 256 MiB
+        let after = resident();
+        assert!(
+            after < before + (32 << 20),
+            "allocating 256 MiB made {} MiB resident",
+            (after - before) >> 20
+        );
+        a[12345] = 1.0;
+        assert_eq!(a[12345], 1.0);
+        assert_eq!(a[(64 << 20) - 1], 0.0);
     }
 }

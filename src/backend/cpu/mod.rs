@@ -97,18 +97,18 @@ impl LutWeights {
 }
 
 /// Keys and values of every layer and slot in one element type (f32 or f16, see [`KvElem`]).
-pub struct KvPlanes<T> {
+pub struct KvPlanes<T: KvElem> {
     /// Keys transposed, `[layers, slots, kv_dim, ctx]`: a query's scores over all positions are
     /// then `head_dim` contiguous axpys (no per-position dot product and horizontal sum).
-    pub k: Vec<T>, // [layers, slots, kv_dim, ctx]
-    pub v: Vec<T>, // [layers, slots, ctx, kv_dim]
+    pub k: AlignedVec<T>, // [layers, slots, kv_dim, ctx]
+    pub v: AlignedVec<T>, // [layers, slots, ctx, kv_dim]
 }
 
 impl<T: KvElem> KvPlanes<T> {
     fn zeroed(len: usize) -> Self {
         KvPlanes {
-            k: vec![T::default(); len],
-            v: vec![T::default(); len],
+            k: AlignedVec::zeroed(len),
+            v: AlignedVec::zeroed(len),
         }
     }
 }
