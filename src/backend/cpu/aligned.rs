@@ -76,10 +76,16 @@ impl<T: Zeroable> AlignedVec<T> {
         AlignedVec { ptr, len, offset }
     }
 
-    /// `len` copies of `v`.
+    /// `len` copies of `v` (zeros are left to the allocator, so their pages stay unmapped until
+    /// written, as with [`AlignedVec::zeroed`]).
     pub fn filled(len: usize, v: T) -> Self {
         let mut a = Self::zeroed(len);
-        a.fill(v);
+        // SAFETY: `v` is a plain number (`Zeroable`): all of its bytes are initialised.
+        let bytes =
+            unsafe { std::slice::from_raw_parts(&v as *const T as *const u8, size_of::<T>()) };
+        if bytes.iter().any(|&b| b != 0) {
+            a.fill(v);
+        }
         a
     }
 
@@ -222,12 +228,15 @@ mod tests {
         };
         let before = resident();
         let mut a = AlignedVec::<f32>::zeroed(64 << 20); // 256 MiB
+        let mut b = AlignedVec::<f32>::default();
+        b.resize(64 << 20, 0.0);
         let after = resident();
         assert!(
             after < before + (32 << 20),
-            "allocating 256 MiB made {} MiB resident",
+            "allocating 2 × 256 MiB of zeros made {} MiB resident",
             (after - before) >> 20
         );
+        assert!(b.iter().step_by(4096).all(|&v| v == 0.0));
         a[12345] = 1.0;
         assert_eq!(a[12345], 1.0);
         assert_eq!(a[(64 << 20) - 1], 0.0);
