@@ -12,24 +12,13 @@ use std::alloc::{alloc_zeroed, dealloc, handle_alloc_error, Layout};
 use std::ops::{Deref, DerefMut};
 use std::ptr::NonNull;
 
+use bytemuck::Pod;
+
 /// The alignment of every [`AlignedVec`]: one x86 cache line, one AVX-512 vector.
 pub const ALIGN: usize = 64;
 
-/// Plain numbers whose all-zero bytes are a valid value (the buffer is allocated zeroed).
-///
-/// # Safety
-/// All-zero bytes must be a valid `Self`, and `Self` must need no drop.
-pub unsafe trait Zeroable: Copy {}
-// SAFETY: zero bytes are 0 / 0.0 for each.
-unsafe impl Zeroable for f32 {}
-unsafe impl Zeroable for i8 {}
-unsafe impl Zeroable for u8 {}
-unsafe impl Zeroable for i32 {}
-unsafe impl Zeroable for half::bf16 {}
-unsafe impl Zeroable for half::f16 {}
-
 /// A heap buffer of `len` values of `T` starting on a 64-byte boundary.
-pub struct AlignedVec<T: Zeroable> {
+pub struct AlignedVec<T: Pod> {
     ptr: NonNull<T>,
     len: usize,
     /// Bytes from the start of the allocation to `ptr`.
@@ -37,10 +26,10 @@ pub struct AlignedVec<T: Zeroable> {
 }
 
 // SAFETY: it owns its values like a Vec<T>.
-unsafe impl<T: Zeroable + Send> Send for AlignedVec<T> {}
-unsafe impl<T: Zeroable + Sync> Sync for AlignedVec<T> {}
+unsafe impl<T: Pod + Send> Send for AlignedVec<T> {}
+unsafe impl<T: Pod + Sync> Sync for AlignedVec<T> {}
 
-impl<T: Zeroable> AlignedVec<T> {
+impl<T: Pod> AlignedVec<T> {
     /// The allocation behind `len` values: [`ALIGN`] bytes more than they need, at the
     /// alignment `calloc` gives, so that `alloc_zeroed` stays `calloc`. Asking the allocator
     /// for 64-byte alignment instead makes std's `alloc_zeroed` write every byte, which maps
@@ -80,10 +69,7 @@ impl<T: Zeroable> AlignedVec<T> {
     /// written, as with [`AlignedVec::zeroed`]).
     pub fn filled(len: usize, v: T) -> Self {
         let mut a = Self::zeroed(len);
-        // SAFETY: `v` is a plain number (`Zeroable`): all of its bytes are initialised.
-        let bytes =
-            unsafe { std::slice::from_raw_parts(&v as *const T as *const u8, size_of::<T>()) };
-        if bytes.iter().any(|&b| b != 0) {
+        if bytemuck::bytes_of(&v).iter().any(|&b| b != 0) {
             a.fill(v);
         }
         a
@@ -101,7 +87,7 @@ impl<T: Zeroable> AlignedVec<T> {
     }
 }
 
-impl<T: Zeroable> Drop for AlignedVec<T> {
+impl<T: Pod> Drop for AlignedVec<T> {
     fn drop(&mut self) {
         if self.len != 0 && size_of::<T>() != 0 {
             // SAFETY: allocated in `zeroed` with this very layout, `offset` bytes before `ptr`.
@@ -113,7 +99,7 @@ impl<T: Zeroable> Drop for AlignedVec<T> {
     }
 }
 
-impl<T: Zeroable> Deref for AlignedVec<T> {
+impl<T: Pod> Deref for AlignedVec<T> {
     type Target = [T];
     fn deref(&self) -> &[T] {
         // SAFETY: `len` initialised values at `ptr` (dangling only when empty or zero-sized).
@@ -121,50 +107,50 @@ impl<T: Zeroable> Deref for AlignedVec<T> {
     }
 }
 
-impl<T: Zeroable> DerefMut for AlignedVec<T> {
+impl<T: Pod> DerefMut for AlignedVec<T> {
     fn deref_mut(&mut self) -> &mut [T] {
         // SAFETY: as in `deref`, and `&mut self` is exclusive.
         unsafe { std::slice::from_raw_parts_mut(self.ptr.as_ptr(), self.len) }
     }
 }
 
-impl<T: Zeroable> Default for AlignedVec<T> {
+impl<T: Pod> Default for AlignedVec<T> {
     fn default() -> Self {
         Self::zeroed(0)
     }
 }
 
-impl<T: Zeroable> Clone for AlignedVec<T> {
+impl<T: Pod> Clone for AlignedVec<T> {
     fn clone(&self) -> Self {
         Self::from(&self[..])
     }
 }
 
-impl<T: Zeroable + std::fmt::Debug> std::fmt::Debug for AlignedVec<T> {
+impl<T: Pod + std::fmt::Debug> std::fmt::Debug for AlignedVec<T> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         self[..].fmt(f)
     }
 }
 
-impl<T: Zeroable + PartialEq> PartialEq for AlignedVec<T> {
+impl<T: Pod + PartialEq> PartialEq for AlignedVec<T> {
     fn eq(&self, other: &Self) -> bool {
         self[..] == other[..]
     }
 }
 
-impl<T: Zeroable + PartialEq> PartialEq<Vec<T>> for AlignedVec<T> {
+impl<T: Pod + PartialEq> PartialEq<Vec<T>> for AlignedVec<T> {
     fn eq(&self, other: &Vec<T>) -> bool {
         self[..] == other[..]
     }
 }
 
-impl<T: Zeroable + PartialEq> PartialEq<AlignedVec<T>> for Vec<T> {
+impl<T: Pod + PartialEq> PartialEq<AlignedVec<T>> for Vec<T> {
     fn eq(&self, other: &AlignedVec<T>) -> bool {
         self[..] == other[..]
     }
 }
 
-impl<T: Zeroable> From<&[T]> for AlignedVec<T> {
+impl<T: Pod> From<&[T]> for AlignedVec<T> {
     fn from(values: &[T]) -> Self {
         let mut a = Self::zeroed(values.len());
         a.copy_from_slice(values);
@@ -172,7 +158,7 @@ impl<T: Zeroable> From<&[T]> for AlignedVec<T> {
     }
 }
 
-impl<T: Zeroable> From<Vec<T>> for AlignedVec<T> {
+impl<T: Pod> From<Vec<T>> for AlignedVec<T> {
     fn from(values: Vec<T>) -> Self {
         Self::from(&values[..])
     }

@@ -487,7 +487,7 @@ fn rows_times_runs_with<T: KvElem>(
 /// An element of the CPU's KV cache: f32 (the exact semantics, the default) or IEEE half
 /// (`--kv-cache f16`: half the memory and the bytes attention reads; every half converts to
 /// f32 exactly, so the attention kernels compute in f32 on the stored values either way).
-pub trait KvElem: super::aligned::Zeroable + Default + Send + Sync + 'static {
+pub trait KvElem: bytemuck::Pod + Default + Send + Sync + 'static {
     /// Whether the element is an IEEE half (the SIMD kernels' loads convert it).
     const HALF: bool;
     /// The stored element for `x`: `x` itself, or the nearest half clamped to ±65504 (as the

@@ -68,6 +68,12 @@ fn with_sums<R>(len: usize, f: impl FnOnce(&mut [i32]) -> R) -> R {
 }
 
 impl Outputs<'_> {
+    /// Where output row `i·P + p` of token `t` lies in `out`.
+    #[inline(always)]
+    fn at(&self, t: usize, i: usize, p: usize) -> usize {
+        t * self.stride + self.col0 + i * self.p4 + p
+    }
+
     /// `out[t, i·P + p] = r[i] · factor[t]` for the 4 rows of byte row `p`, from float sums.
     ///
     /// # Safety
@@ -76,12 +82,7 @@ impl Outputs<'_> {
     unsafe fn put_f32(&self, t: usize, p: usize, r: [f32; 4]) {
         for (i, &v) in r.iter().enumerate() {
             // SAFETY: passed on from the caller.
-            unsafe {
-                self.out.write(
-                    t * self.stride + self.col0 + i * self.p4 + p,
-                    v * self.factor[t],
-                )
-            };
+            unsafe { self.out.write(self.at(t, i, p), v * self.factor[t]) };
         }
     }
 
@@ -100,7 +101,7 @@ impl Outputs<'_> {
             let t = t0 + k;
             let f = self.factor[t];
             for (i, plane) in planes.iter().enumerate() {
-                let start = t * self.stride + self.col0 + i * self.p4 + rows.start;
+                let start = self.at(t, i, rows.start);
                 // SAFETY: passed on from the caller.
                 let run = unsafe { self.out.slice_mut(start..start + rows.len()) };
                 for (o, &v) in run.iter_mut().zip(plane) {
