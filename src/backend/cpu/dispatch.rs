@@ -59,6 +59,16 @@ impl CpuLevel {
         }
     }
 
+    /// How many rows of `a` [`rows_times_runs`]' kernel keeps in registers at once: 8 on the
+    /// AVX-512 levels (32 columns), 4 elsewhere (AVX2's 16 columns: 8 rows × 8 columns ran
+    /// slower there; the per-(head, k) path takes one row at a time whatever the group).
+    pub fn rows_times_runs_block(self) -> usize {
+        match self {
+            CpuLevel::Avx512Vnni | CpuLevel::Amx => 8,
+            _ => 4,
+        }
+    }
+
     /// Every level this machine can run, lowest first.
     pub fn available() -> Vec<CpuLevel> {
         let mut v = vec![CpuLevel::Scalar];
@@ -399,12 +409,15 @@ pub fn axpy_f32(level: CpuLevel, a: f32, x: &[f32], y: &mut [f32]) {
 /// the run `b[k·b_stride .. k·b_stride + cols]` and `out` is `[heads, cols]`. Attention's two
 /// products for the query heads that share one kv head: scores (`a` = the scaled queries,
 /// `b[k]` = component k of every key) and the weighted sum of values (`a` = the probabilities,
-/// `b[k]` = value k). Zero coefficients are skipped (underflowed probabilities add nothing).
+/// `b[k]` = value k).
 ///
 /// Per output element the sum runs over k in order, one multiply-add each, as a sequence of
-/// [`axpy_f32`] calls would; the AVX-512 kernel keeps up to 4 heads × 64 columns in registers,
-/// so each `b` run is loaded once for all heads instead of once per head, and the outputs stay
-/// in registers across k.
+/// [`axpy_f32`] calls would; the AVX-512 kernel keeps up to 4 heads × 64 columns in registers
+/// (AVX2 4 × 16), so each `b` run is loaded once for all heads instead of once per head, and
+/// the outputs stay in registers across k. The SIMD kernels multiply-add every coefficient,
+/// zeros included (testing each k for an all-zero column cost them more than it saved,
+/// BENCHMARKS.md); the per-(head, k) path skips zero coefficients, a test that is cheap beside
+/// its `axpy` call. With finite `b` both give the same sums: a zero adds exactly zero.
 #[allow(clippy::too_many_arguments)]
 pub fn rows_times_runs<T: KvElem>(
     level: CpuLevel,
@@ -428,9 +441,10 @@ pub fn rows_times_runs<T: KvElem>(
         b.len() >= (depth - 1) * b_stride + cols,
         "rows_times_runs: b is too short"
     );
-    // the SIMD kernels keep up to 4 heads in registers: heads go to them in groups of 4
-    for h0 in (0..heads).step_by(4) {
-        let hn = (heads - h0).min(4);
+    // the SIMD kernels keep a few rows in registers: rows go to them in groups of that many
+    let most = level.rows_times_runs_block();
+    for h0 in (0..heads).step_by(most) {
+        let hn = (heads - h0).min(most);
         let (a, out) = (&a[h0 * depth..], &mut out[h0 * cols..]);
         match level {
             #[cfg(target_arch = "x86_64")]

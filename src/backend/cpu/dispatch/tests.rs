@@ -180,7 +180,7 @@ fn f32_axpy_matches_scalar_within_tolerance() {
 }
 
 /// A `rows_times_runs` case: `a` `[heads, depth]` in ±1 with each head's first coefficient 0
-/// (skipped), `b` runs of `cols` values from `b_value` every `b_stride`, and the `out` they add
+/// (skipped by the per-(head, k) path, multiplied by the SIMD kernels), `b` runs of `cols` values from `b_value` every `b_stride`, and the `out` they add
 /// to, `[heads, cols]` in ±1.
 fn runs_case(
     rng: &mut rand_chacha::ChaCha8Rng,
@@ -206,13 +206,17 @@ fn runs_case(
 fn rows_times_runs_matches_scalar_within_tolerance() {
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(17);
     // heads: each register block size and more than one block; cols: below, at and past
-    // the 64-column block, odd; a zero coefficient column is skipped
+    // the 64-column block, odd (AVX2's 16-column blocks: full ones and a partial last one);
+    // a zero coefficient column
     for &(heads, depth, cols) in &[
         (1usize, 1usize, 1usize),
         (3, 7, 17),
         (4, 128, 64),
         (5, 33, 130),
+        (6, 17, 45),
         (8, 3, 200),
+        (8, 128, 33),
+        (11, 9, 70),
     ] {
         let b_stride = cols + 5;
         let (a, b, out0) = runs_case(&mut rng, (heads, depth, cols, b_stride), |r| {
@@ -256,7 +260,10 @@ fn rows_times_runs_over_halves_equals_the_f32_kernel_on_their_values() {
         (4, 128, 64),
         (4, 9, 65),
         (5, 33, 130),
+        (6, 17, 45),
         (8, 3, 200),
+        (8, 128, 33),
+        (11, 9, 70),
     ] {
         let b_stride = cols + 3;
         // b32: the halves' values

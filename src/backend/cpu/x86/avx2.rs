@@ -260,117 +260,168 @@ pub unsafe fn axpy_f32_avx2(a: f32, x: &[f32], y: &mut [f32]) {
     reference::axpy_f32_scalar(a, &x[n..], &mut y[n..]);
 }
 
-/// [`super::avx512::rows_times_runs_avx512`] for AVX2: up to 4 heads × 16 columns (8 of the 16
-/// ymm registers accumulate), the last block through masked loads and stores (a half-float
-/// block's last columns through a zero-padded copy: AVX2 has no 16-bit masked load).
+/// [`super::avx512::rows_times_runs_avx512`] for AVX2: 1 to 4 rows of `a` × 16 columns (8 of
+/// the 16 ymm registers accumulate; 8 rows × 8 columns, which loads each `b` run once for
+/// twice the multiply-adds, ran slower: the broadcasts of `a` then fill the load ports), every
+/// full block through plain loads and stores, a last partial one through masked ones (a
+/// half-float block's last columns through a zero-padded copy: AVX2 has no 16-bit masked
+/// load).
 ///
 /// # Safety
-/// AVX2 + FMA + F16C; `heads ≤ 4`; the lengths `dispatch::rows_times_runs` checks.
+/// AVX2 + FMA + F16C; `1 ≤ rows ≤ 4`; the lengths `dispatch::rows_times_runs` checks.
 #[target_feature(enable = "avx2,fma,f16c")]
 #[allow(clippy::too_many_arguments)]
 pub unsafe fn rows_times_runs_avx2<T: KvElem>(
     a: &[f32],
-    heads: usize,
+    rows: usize,
     depth: usize,
     b: &[T],
     b_stride: usize,
     cols: usize,
     out: &mut [f32],
 ) {
+    let args = (a, depth, b, b_stride, cols, out);
     // SAFETY: passed on from the caller.
     unsafe {
-        match heads {
-            1 => heads_block_avx2::<1, T>(a, depth, b, b_stride, cols, out),
-            2 => heads_block_avx2::<2, T>(a, depth, b, b_stride, cols, out),
-            3 => heads_block_avx2::<3, T>(a, depth, b, b_stride, cols, out),
-            _ => heads_block_avx2::<4, T>(a, depth, b, b_stride, cols, out),
+        match rows {
+            1 => blocks_avx2::<1, T>(args),
+            2 => blocks_avx2::<2, T>(args),
+            3 => blocks_avx2::<3, T>(args),
+            _ => blocks_avx2::<4, T>(args),
         }
     }
 }
 
+/// `rows_times_runs`' arguments: `a [rows, depth]`, `depth`, `b` (runs every `b_stride`),
+/// `b_stride`, `cols`, `out [rows, cols]`.
+type RunsArgs<'a, T> = (&'a [f32], usize, &'a [T], usize, usize, &'a mut [f32]);
+
+/// The blocks of 16 columns: full ones through plain loads and stores, a last partial one
+/// through masked ones (chosen once per block, not per k).
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn heads_block_avx2<const H: usize, T: KvElem>(
-    a: &[f32],
-    depth: usize,
-    b: &[T],
-    b_stride: usize,
-    cols: usize,
-    out: &mut [f32],
-) {
-    let mut c0 = 0;
-    while c0 < cols {
-        let width = (cols - c0).min(16) as i32;
-        // lane i of half v is live when 8v + i < width (sign bit set)
-        let lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
-        let masks = [
-            _mm256_cmpgt_epi32(_mm256_set1_epi32(width), lane),
-            _mm256_cmpgt_epi32(_mm256_set1_epi32(width - 8), lane),
-        ];
-        let mut acc = [[_mm256_setzero_ps(); 2]; H];
-        for (h, acc) in acc.iter_mut().enumerate() {
-            for (v, acc) in acc.iter_mut().enumerate() {
-                // SAFETY: the masked lanes lie in out[h·cols + c0 ..][..width].
-                *acc = unsafe {
-                    _mm256_maskload_ps(out.as_ptr().add(h * cols + c0 + 8 * v), masks[v])
-                };
+unsafe fn blocks_avx2<const H: usize, T: KvElem>(args: RunsArgs<T>) {
+    let (a, depth, b, b_stride, cols, out) = args;
+    for c0 in (0..cols).step_by(16) {
+        let width = (cols - c0).min(16);
+        let block = (a, depth, b, b_stride, cols, &mut *out);
+        // SAFETY: passed on from the caller, c0 + width ≤ cols.
+        unsafe {
+            if width == 16 {
+                block_avx2::<H, T, false>(block, c0, width)
+            } else {
+                block_avx2::<H, T, true>(block, c0, width)
             }
         }
-        for k in 0..depth {
-            let coef: [f32; H] = std::array::from_fn(|h| a[h * depth + k]);
-            if coef.iter().all(|&x| x == 0.0) {
-                continue;
-            }
-            // SAFETY: b[k·b_stride + c0 ..][..width] ⊂ b (checked).
-            let bv = unsafe { load16_avx2(b.as_ptr().add(k * b_stride + c0), width, &masks) };
-            for h in 0..H {
-                let av = _mm256_set1_ps(coef[h]);
-                for v in 0..2 {
-                    acc[h][v] = _mm256_fmadd_ps(av, bv[v], acc[h][v]);
-                }
-            }
-        }
-        for (h, acc) in acc.iter().enumerate() {
-            for (v, &acc) in acc.iter().enumerate() {
-                // SAFETY: as for the loads above.
-                unsafe {
-                    _mm256_maskstore_ps(out.as_mut_ptr().add(h * cols + c0 + 8 * v), masks[v], acc)
-                };
-            }
-        }
-        c0 += 16;
     }
 }
 
-/// 16 cache elements from `p` as f32 (lanes at or past `width` are 0): f32 through masked
-/// loads, halves through F16C conversions.
+/// Columns `c0 .. c0 + width` (`width ≤ 16`, less only when `MASKED`) of every row:
+/// `out[h][c] += Σ_k a[h][k] · b[k][c]`, the sums in registers across k. Every k takes its
+/// multiply-adds, zero coefficients included: with finite `b` a zero adds exactly zero, and a
+/// test per k cost more than the multiply-adds it saved (BENCHMARKS.md).
 ///
 /// # Safety
-/// AVX2 + F16C; `p[..min(width, 16)]` readable; `masks` as `heads_block_avx2` builds them.
+/// AVX2 + FMA + F16C; `a[..H·depth]`, `out[..H·cols]`, `b[..(depth-1)·b_stride + c0 + width]`
+/// readable; `c0 + width ≤ cols`.
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn load16_avx2<T: KvElem>(p: *const T, width: i32, masks: &[__m256i; 2]) -> [__m256; 2] {
+unsafe fn block_avx2<const H: usize, T: KvElem, const MASKED: bool>(
+    (a, depth, b, b_stride, cols, out): RunsArgs<T>,
+    c0: usize,
+    width: usize,
+) {
+    // lane i of half v is live when 8v + i < width (sign bit set)
+    let lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+    let masks: [__m256i; 2] = std::array::from_fn(|v| {
+        _mm256_cmpgt_epi32(_mm256_set1_epi32(width as i32 - 8 * v as i32), lane)
+    });
+    let (ap, op) = (a.as_ptr(), out.as_mut_ptr());
+    let mut acc = [[_mm256_setzero_ps(); 2]; H];
+    for (h, acc) in acc.iter_mut().enumerate() {
+        for (v, acc) in acc.iter_mut().enumerate() {
+            // SAFETY: the (live) lanes lie in out[h·cols + c0 ..][..width].
+            *acc = unsafe {
+                let p = op.add(h * cols + c0 + 8 * v);
+                if MASKED {
+                    _mm256_maskload_ps(p, masks[v])
+                } else {
+                    _mm256_loadu_ps(p)
+                }
+            };
+        }
+    }
+    for k in 0..depth {
+        // SAFETY: b[k·b_stride + c0 ..][..width] ⊂ b (checked by the caller).
+        let bv: [__m256; 2] = unsafe {
+            let p = b.as_ptr().add(k * b_stride + c0);
+            if MASKED {
+                load_masked_avx2(p, width, &masks)
+            } else {
+                std::array::from_fn(|v| load8_avx2(p.add(8 * v)))
+            }
+        };
+        for (h, acc) in acc.iter_mut().enumerate() {
+            // SAFETY: h·depth + k < H·depth ≤ a.len().
+            let av = unsafe { _mm256_broadcast_ss(&*ap.add(h * depth + k)) };
+            for (acc, &bv) in acc.iter_mut().zip(&bv) {
+                *acc = _mm256_fmadd_ps(av, bv, *acc);
+            }
+        }
+    }
+    for (h, acc) in acc.iter().enumerate() {
+        for (v, &acc) in acc.iter().enumerate() {
+            // SAFETY: as for the loads above.
+            unsafe {
+                let p = op.add(h * cols + c0 + 8 * v);
+                if MASKED {
+                    _mm256_maskstore_ps(p, masks[v], acc)
+                } else {
+                    _mm256_storeu_ps(p, acc)
+                }
+            };
+        }
+    }
+}
+
+/// 8 cache elements from `p` as f32: f32 loaded, halves through an F16C conversion.
+///
+/// # Safety
+/// AVX2 + F16C; `p[..8]` readable.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn load8_avx2<T: KvElem>(p: *const T) -> __m256 {
+    // SAFETY: as the caller guarantees.
+    unsafe {
+        if T::HALF {
+            _mm256_cvtph_ps(_mm_loadu_si128(p.cast()))
+        } else {
+            _mm256_loadu_ps(p.cast())
+        }
+    }
+}
+
+/// 16 cache elements from `p` as f32, lanes at or past `width` 0: f32 through masked loads,
+/// halves through a zero-padded copy.
+///
+/// # Safety
+/// AVX2 + F16C; `p[..width]` readable, `width ≤ 16`; `masks` as `block_avx2` builds them.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn load_masked_avx2<T: KvElem>(
+    p: *const T,
+    width: usize,
+    masks: &[__m256i; 2],
+) -> [__m256; 2] {
     // SAFETY: as the caller guarantees.
     unsafe {
         if !T::HALF {
             let p = p.cast::<f32>();
-            return [
-                _mm256_maskload_ps(p, masks[0]),
-                _mm256_maskload_ps(p.add(8), masks[1]),
-            ];
+            return std::array::from_fn(|v| _mm256_maskload_ps(p.add(8 * v), masks[v]));
         }
-        let p = p.cast::<u16>();
         let mut pad = [0u16; 16];
-        let p = if width >= 16 {
-            p
-        } else {
-            std::ptr::copy_nonoverlapping(p, pad.as_mut_ptr(), width as usize);
-            pad.as_ptr()
-        };
-        [
-            _mm256_cvtph_ps(_mm_loadu_si128(p.cast())),
-            _mm256_cvtph_ps(_mm_loadu_si128(p.add(8).cast())),
-        ]
+        std::ptr::copy_nonoverlapping(p.cast::<u16>(), pad.as_mut_ptr(), width);
+        std::array::from_fn(|v| _mm256_cvtph_ps(_mm_loadu_si128(pad.as_ptr().add(8 * v).cast())))
     }
 }
 

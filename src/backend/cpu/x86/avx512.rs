@@ -159,99 +159,96 @@ pub unsafe fn axpy_f32_avx512(a: f32, x: &[f32], y: &mut [f32]) {
     reference::axpy_f32_scalar(a, &x[n..], &mut y[n..]);
 }
 
-/// `dispatch::rows_times_runs` for AVX-512 and 1 to 4 heads: columns in blocks of 64 (4 zmm,
-/// the last block masked; a half-float block's last columns through a zero-padded copy), so up
-/// to 16 accumulators stay in registers over all of k.
+/// `dispatch::rows_times_runs` for AVX-512: 1 to 4 rows of `a` × 64 columns (4 zmm), or 5 to 8
+/// rows × 32 columns (2 zmm; 8 rows load each `b` run once for twice the multiply-adds), the
+/// last block masked (a half-float block's last columns through a zero-padded copy), so up to
+/// 16 accumulators stay in registers over all of k. Every k takes its multiply-adds, zero
+/// coefficients included (as in the AVX2 kernel).
 ///
 /// # Safety
-/// AVX-512F; `heads ≤ 4`; the lengths `dispatch::rows_times_runs` checks.
+/// AVX-512F; `1 ≤ rows ≤ 8`; the lengths `dispatch::rows_times_runs` checks.
 #[target_feature(enable = "avx512f")]
 #[allow(clippy::too_many_arguments)]
 pub unsafe fn rows_times_runs_avx512<T: KvElem>(
     a: &[f32],
-    heads: usize,
+    rows: usize,
     depth: usize,
     b: &[T],
     b_stride: usize,
     cols: usize,
     out: &mut [f32],
 ) {
+    let args = (a, depth, b, b_stride, cols, out);
     // SAFETY: passed on from the caller.
     unsafe {
-        match heads {
-            1 => heads_block::<1, T>(a, depth, b, b_stride, cols, out),
-            2 => heads_block::<2, T>(a, depth, b, b_stride, cols, out),
-            3 => heads_block::<3, T>(a, depth, b, b_stride, cols, out),
-            _ => heads_block::<4, T>(a, depth, b, b_stride, cols, out),
+        match rows {
+            1 => rows_block::<1, 4, T>(args),
+            2 => rows_block::<2, 4, T>(args),
+            3 => rows_block::<3, 4, T>(args),
+            4 => rows_block::<4, 4, T>(args),
+            5 => rows_block::<5, 2, T>(args),
+            6 => rows_block::<6, 2, T>(args),
+            7 => rows_block::<7, 2, T>(args),
+            _ => rows_block::<8, 2, T>(args),
         }
     }
 }
 
+/// `rows_times_runs`' arguments: `a [rows, depth]`, `depth`, `b` (runs every `b_stride`),
+/// `b_stride`, `cols`, `out [rows, cols]`.
+type RunsArgs<'a, T> = (&'a [f32], usize, &'a [T], usize, usize, &'a mut [f32]);
+
 #[inline]
 #[target_feature(enable = "avx512f")]
-unsafe fn heads_block<const H: usize, T: KvElem>(
-    a: &[f32],
-    depth: usize,
-    b: &[T],
-    b_stride: usize,
-    cols: usize,
-    out: &mut [f32],
+unsafe fn rows_block<const H: usize, const V: usize, T: KvElem>(
+    (a, depth, b, b_stride, cols, out): RunsArgs<T>,
 ) {
-    let mut c0 = 0;
-    while c0 < cols {
-        let width = (cols - c0).min(64);
-        let mask = |v: usize| -> __mmask16 {
+    let (ap, op) = (a.as_ptr(), out.as_mut_ptr());
+    for c0 in (0..cols).step_by(16 * V) {
+        let width = (cols - c0).min(16 * V);
+        let masks: [__mmask16; V] = std::array::from_fn(|v| {
             let lanes = width.saturating_sub(16 * v).min(16);
             ((1u32 << lanes) - 1) as __mmask16
-        };
-        let masks = [mask(0), mask(1), mask(2), mask(3)];
-        let mut acc = [[_mm512_setzero_ps(); 4]; H];
+        });
+        let mut acc = [[_mm512_setzero_ps(); V]; H];
         for (h, acc) in acc.iter_mut().enumerate() {
             for (v, acc) in acc.iter_mut().enumerate() {
                 // SAFETY: the masked lanes lie in out[h·cols + c0 .. h·cols + c0 + width].
-                *acc = unsafe {
-                    _mm512_maskz_loadu_ps(masks[v], out.as_ptr().add(h * cols + c0 + 16 * v))
-                };
+                *acc = unsafe { _mm512_maskz_loadu_ps(masks[v], op.add(h * cols + c0 + 16 * v)) };
             }
         }
         for k in 0..depth {
-            let coef: [f32; H] = std::array::from_fn(|h| a[h * depth + k]);
-            if coef.iter().all(|&x| x == 0.0) {
-                continue;
-            }
             // SAFETY: b[k·b_stride + c0 ..][..width] ⊂ b (checked).
-            let bv = unsafe { load64(b.as_ptr().add(k * b_stride + c0), width, &masks) };
-            for h in 0..H {
-                let av = _mm512_set1_ps(coef[h]);
-                for v in 0..4 {
-                    acc[h][v] = _mm512_fmadd_ps(av, bv[v], acc[h][v]);
+            let bv = unsafe { load_runs(b.as_ptr().add(k * b_stride + c0), width, &masks) };
+            for (h, acc) in acc.iter_mut().enumerate() {
+                // SAFETY: h·depth + k < H·depth ≤ a.len().
+                let av = _mm512_set1_ps(unsafe { *ap.add(h * depth + k) });
+                for (acc, &bv) in acc.iter_mut().zip(&bv) {
+                    *acc = _mm512_fmadd_ps(av, bv, *acc);
                 }
             }
         }
         for (h, acc) in acc.iter().enumerate() {
             for (v, &acc) in acc.iter().enumerate() {
                 // SAFETY: as for the loads above.
-                unsafe {
-                    _mm512_mask_storeu_ps(
-                        out.as_mut_ptr().add(h * cols + c0 + 16 * v),
-                        masks[v],
-                        acc,
-                    )
-                };
+                unsafe { _mm512_mask_storeu_ps(op.add(h * cols + c0 + 16 * v), masks[v], acc) };
             }
         }
-        c0 += 64;
     }
 }
 
-/// 64 cache elements from `p` as f32 (lanes at or past `width` are 0): f32 through masked
+/// `16·V` cache elements from `p` as f32 (lanes at or past `width` are 0): f32 through masked
 /// loads, halves through `vcvtph2ps`.
 ///
 /// # Safety
-/// AVX-512F; `p[..min(width, 64)]` readable; `masks` as `heads_block` builds them.
+/// AVX-512F; `p[..min(width, 16·V)]` readable; `masks` as `rows_block` builds them; `V ≤ 4`.
 #[inline]
 #[target_feature(enable = "avx512f")]
-unsafe fn load64<T: KvElem>(p: *const T, width: usize, masks: &[__mmask16; 4]) -> [__m512; 4] {
+unsafe fn load_runs<T: KvElem, const V: usize>(
+    p: *const T,
+    width: usize,
+    masks: &[__mmask16; V],
+) -> [__m512; V] {
     // SAFETY: as the caller guarantees.
     unsafe {
         if !T::HALF {
@@ -260,7 +257,7 @@ unsafe fn load64<T: KvElem>(p: *const T, width: usize, masks: &[__mmask16; 4]) -
         }
         let p = p.cast::<u16>();
         let mut pad = [0u16; 64];
-        let p = if width >= 64 {
+        let p = if width >= 16 * V {
             p
         } else {
             std::ptr::copy_nonoverlapping(p, pad.as_mut_ptr(), width);
