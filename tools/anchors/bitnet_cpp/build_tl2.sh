@@ -25,10 +25,6 @@
 # Result: DEST/build/bin/{llama-bench,llama-cli}
 set -euo pipefail
 DEST=${1:?usage: build_tl2.sh DEST}
-BITNET_SRC=${BITNET_SRC:-https://github.com/microsoft/BitNet.git}
-LLAMA_SRC=${LLAMA_SRC:-https://github.com/Eddie-Wang1120/llama.cpp.git}
-BITNET_COMMIT=${BITNET_COMMIT:-4645960}
-LLAMA_COMMIT=${LLAMA_COMMIT:-406a5036f9a8aaee9ec5e96e652f61691340fe95}
 JOBS=${JOBS:-2}
 NICE=${NICE:-nice -n 10}
 TL2_SHAPES=${TL2_SHAPES:-2560x2560,640x2560,6912x2560,2560x6912}
@@ -36,36 +32,9 @@ TL2_BM=${TL2_BM:-320,160,288,160}
 TL2_BK=${TL2_BK:-96,96,96,96}
 TL2_bm=${TL2_bm:-32,32,32,32}
 export CC=${CC:-clang} CXX=${CXX:-clang++}
-
-fetch_tree() { # repo commit dest : export one commit's tree (no .git) into dest (as build.sh)
-  local repo=$1 commit=$2 dest=$3 tmp
-  mkdir -p "$dest"
-  if [ -d "$repo" ] && git -C "$repo" cat-file -e "$commit^{commit}" 2>/dev/null; then
-    local missing
-    missing=$(git -C "$repo" ls-tree -r "$commit" | awk '$2=="blob"{print $3" "$4}' |
-      while read -r sha path; do
-        git -C "$repo" cat-file -e "$sha" 2>/dev/null || echo "$path"; done)
-    if [ -n "$missing" ]; then
-      echo "note: blobs absent from $repo, skipped:" $missing >&2
-      local excl=(); for m in $missing; do excl+=(":(exclude)$m"); done
-      git -C "$repo" archive "$commit" -- . "${excl[@]}" | tar -x -C "$dest"
-    else
-      git -C "$repo" archive "$commit" | tar -x -C "$dest"
-    fi
-  else
-    tmp=$(mktemp -d)
-    git clone --quiet --filter=blob:none --no-checkout "$repo" "$tmp/r"
-    git -C "$tmp/r" archive "$commit" | tar -x -C "$dest"
-    rm -rf "$tmp"
-  fi
-}
-
-if [ ! -f "$DEST/CMakeLists.txt" ]; then
-  fetch_tree "$BITNET_SRC" "$BITNET_COMMIT" "$DEST"
-  rm -rf "$DEST/3rdparty/llama.cpp"
-  fetch_tree "$LLAMA_SRC" "$LLAMA_COMMIT" "$DEST/3rdparty/llama.cpp"
-  echo "bitnet=$BITNET_COMMIT llama.cpp-fork=$LLAMA_COMMIT" > "$DEST/ANCHOR_COMMITS"
-fi
+# shellcheck source=assemble.sh
+source "$(dirname "$0")/assemble.sh"
+assemble_tree "$DEST"
 
 cd "$DEST"
 # Kernel generation: upstream's codegen_tl2.py, run as __main__ with our shapes.

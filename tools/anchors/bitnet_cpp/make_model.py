@@ -39,11 +39,8 @@ VOCAB = 128256
 DEFAULT_TOKENIZER = "/work/shared/data/llama3-tokenizer/tokenizer.json"
 
 
-def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("out", type=Path)
-    ap.add_argument("--llama-cpp", type=Path, required=True,
-                    help="llama.cpp checkout whose gguf-py is used (bitnet.cpp's 3rdparty/llama.cpp)")
+def add_model_args(ap: argparse.ArgumentParser) -> None:
+    """The options every random-model script here shares: tokenizer, seed and dimensions."""
     ap.add_argument("--tokenizer", type=Path, default=Path(DEFAULT_TOKENIZER))
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--layers", type=int, default=30)
@@ -51,26 +48,26 @@ def main() -> int:
     ap.add_argument("--inter", type=int, default=6912)
     ap.add_argument("--heads", type=int, default=20)
     ap.add_argument("--kv-heads", type=int, default=5)
-    args = ap.parse_args()
-    HIDDEN, INTER, LAYERS, HEADS, KV_HEADS = args.hidden, args.inter, args.layers, args.heads, args.kv_heads
-    HEAD_DIM = HIDDEN // HEADS
 
-    sys.path.insert(0, str(args.llama_cpp / "gguf-py"))
+
+def import_gguf(gguf_py: Path):
+    """The gguf-py package at `gguf_py` (a llama.cpp checkout's), imported by path."""
+    sys.path.insert(0, str(gguf_py))
     try:
         import sentencepiece  # noqa: F401
     except ImportError:
         # gguf-py's vocab.py imports it at top level; it is only used for SPM vocabularies,
-        # which this script does not read.
+        # which these scripts do not read.
         import types as _types
         stub = _types.ModuleType("sentencepiece")
         stub.SentencePieceProcessor = None
         sys.modules["sentencepiece"] = stub
-    import gguf  # noqa: E402  (the fork's gguf-py)
+    import gguf  # noqa: E402
+    return gguf
 
-    rng = np.random.default_rng(args.seed)
-    t0 = time.time()
 
-    # ---- tokenizer (Llama 3 BPE) ----
+def add_header(w, gguf, args, name: str, file_type: int) -> None:
+    """The hyperparameters of `args`' dimensions and the Llama 3 tokenizer of `args.tokenizer`."""
     tj = json.loads(args.tokenizer.read_text())
     vocab: dict[str, int] = tj["model"]["vocab"]
     tokens = [""] * VOCAB
@@ -88,19 +85,18 @@ def main() -> int:
     merges = tj["model"]["merges"]
     merges = [m if isinstance(m, str) else " ".join(m) for m in merges]
 
-    w = gguf.GGUFWriter(args.out, "bitnet")
-    w.add_name(f"random-bitnet-{HIDDEN}x{LAYERS}")
+    w.add_name(name)
     w.add_context_length(4096)
-    w.add_embedding_length(HIDDEN)
+    w.add_embedding_length(args.hidden)
     w.add_block_count(args.layers)
-    w.add_feed_forward_length(INTER)
-    w.add_head_count(HEADS)
-    w.add_head_count_kv(KV_HEADS)
-    w.add_rope_dimension_count(HEAD_DIM)
+    w.add_feed_forward_length(args.inter)
+    w.add_head_count(args.heads)
+    w.add_head_count_kv(args.kv_heads)
+    w.add_rope_dimension_count(args.hidden // args.heads)
     w.add_rope_freq_base(500000.0)
     w.add_layer_norm_rms_eps(1e-5)
     w.add_vocab_size(VOCAB)
-    w.add_file_type(gguf.LlamaFileType.MOSTLY_F16)
+    w.add_file_type(file_type)
     w.add_tokenizer_model("gpt2")
     w.add_tokenizer_pre("llama-bpe")
     w.add_token_list(tokens)
@@ -110,50 +106,77 @@ def main() -> int:
     w.add_eos_token_id(128001)
     w.add_add_bos_token(True)
 
-    # ---- tensor plan: (name, numpy shape [rows=out, cols=in], kind) ----
-    plan: list[tuple[str, tuple[int, ...], str]] = [("token_embd.weight", (VOCAB, HIDDEN), "embd")]
-    kv = KV_HEADS * HEAD_DIM
+
+def tensor_plan(args) -> list[tuple[str, tuple[int, ...], str]]:
+    """(name, numpy shape [rows=out, cols=in], kind) of every tensor, in file and draw order."""
+    hidden, inter = args.hidden, args.inter
+    kv = args.kv_heads * (hidden // args.heads)
+    plan: list[tuple[str, tuple[int, ...], str]] = [("token_embd.weight", (VOCAB, hidden), "embd")]
     for i in range(args.layers):
         b = f"blk.{i}."
         plan += [
-            (b + "attn_norm.weight", (HIDDEN,), "norm"),
-            (b + "attn_q.weight", (HIDDEN, HIDDEN), "qk"),
-            (b + "attn_k.weight", (kv, HIDDEN), "qk"),
-            (b + "attn_v.weight", (kv, HIDDEN), "big"),
-            (b + "attn_sub_norm.weight", (HIDDEN,), "norm"),
-            (b + "attn_output.weight", (HIDDEN, HIDDEN), "big"),
-            (b + "ffn_norm.weight", (HIDDEN,), "norm"),
-            (b + "ffn_gate.weight", (INTER, HIDDEN), "gu"),
-            (b + "ffn_up.weight", (INTER, HIDDEN), "gu"),
-            (b + "ffn_sub_norm.weight", (INTER,), "norm"),
-            (b + "ffn_down.weight", (HIDDEN, INTER), "big"),
+            (b + "attn_norm.weight", (hidden,), "norm"),
+            (b + "attn_q.weight", (hidden, hidden), "qk"),
+            (b + "attn_k.weight", (kv, hidden), "qk"),
+            (b + "attn_v.weight", (kv, hidden), "big"),
+            (b + "attn_sub_norm.weight", (hidden,), "norm"),
+            (b + "attn_output.weight", (hidden, hidden), "big"),
+            (b + "ffn_norm.weight", (hidden,), "norm"),
+            (b + "ffn_gate.weight", (inter, hidden), "gu"),
+            (b + "ffn_up.weight", (inter, hidden), "gu"),
+            (b + "ffn_sub_norm.weight", (inter,), "norm"),
+            (b + "ffn_down.weight", (hidden, inter), "big"),
         ]
-    plan.append(("output_norm.weight", (HIDDEN,), "norm"))
+    plan.append(("output_norm.weight", (hidden,), "norm"))
+    return plan
 
-    def dtype_of(kind: str):
-        return np.float32 if kind == "norm" else np.float16
 
+SCALE_RANGE = {"qk": (0.1, 0.2), "gu": (0.08, 0.16), "big": (1.0, 3.0)}
+
+
+def draw(rng, shape: tuple[int, ...], kind: str):
+    """One tensor's random values, drawn in a fixed order (the same file from the same seed):
+    a norm's f32 values, the embedding's f16 values, or a projection's (int8 codes in {-1, 0, 1},
+    f16 scale)."""
+    if kind == "norm":
+        return (1.0 + 0.05 * rng.standard_normal(shape)).astype(np.float32)
+    if kind == "embd":
+        t = np.empty(shape, np.float16)
+        for r in range(0, shape[0], 8192):
+            t[r:r + 8192] = (0.02 * rng.standard_normal((min(8192, shape[0] - r), shape[1]),
+                                                        dtype=np.float32)).astype(np.float16)
+        return t
+    lo, hi = SCALE_RANGE[kind]
+    s = np.float16(rng.uniform(lo, hi))
+    return rng.integers(-1, 2, size=shape, dtype=np.int8), s
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("out", type=Path)
+    ap.add_argument("--llama-cpp", type=Path, required=True,
+                    help="llama.cpp checkout whose gguf-py is used (bitnet.cpp's 3rdparty/llama.cpp)")
+    add_model_args(ap)
+    args = ap.parse_args()
+    gguf = import_gguf(args.llama_cpp / "gguf-py")  # the fork's gguf-py
+
+    rng = np.random.default_rng(args.seed)
+    t0 = time.time()
+    w = gguf.GGUFWriter(args.out, "bitnet")
+    add_header(w, gguf, args, f"random-bitnet-{args.hidden}x{args.layers}", gguf.LlamaFileType.MOSTLY_F16)
+    plan = tensor_plan(args)
     for name, shape, kind in plan:
-        dt = dtype_of(kind)
+        dt = np.float32 if kind == "norm" else np.float16
         w.add_tensor_info(name, shape, np.dtype(dt), int(np.prod(shape)) * np.dtype(dt).itemsize)
 
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_ti_data_to_file()
 
-    scale_range = {"qk": (0.1, 0.2), "gu": (0.08, 0.16), "big": (1.0, 3.0)}
     for name, shape, kind in plan:
-        if kind == "norm":
-            t = (1.0 + 0.05 * rng.standard_normal(shape)).astype(np.float32)
-        elif kind == "embd":
-            t = np.empty(shape, np.float16)
-            for r in range(0, shape[0], 8192):
-                t[r:r + 8192] = (0.02 * rng.standard_normal((min(8192, shape[0] - r), shape[1]),
-                                                            dtype=np.float32)).astype(np.float16)
-        else:
-            lo, hi = scale_range[kind]
-            s = np.float16(rng.uniform(lo, hi))
-            codes = rng.integers(-1, 2, size=shape, dtype=np.int8)
+        t = draw(rng, shape, kind)
+        if isinstance(t, tuple):  # a projection: exactly {-s, 0, +s}
+            codes, s = t
             t = codes.astype(np.float16) * s
         w.write_tensor_data(t)
     w.close()
