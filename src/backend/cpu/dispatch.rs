@@ -60,12 +60,16 @@ impl CpuLevel {
     }
 
     /// How many rows of `a` [`rows_times_runs`]' kernel keeps in registers at once: 8 on the
-    /// AVX-512 levels (32 columns), 4 elsewhere (AVX2's 16 columns: 8 rows × 8 columns ran
-    /// slower there; the per-(head, k) path takes one row at a time whatever the group).
+    /// AVX-512 levels (32 columns), 4 on AVX2 (16 columns: 8 rows × 8 columns ran slower
+    /// there), 1 on the others, whose per-(head, k) path takes one row at a time. Attention
+    /// pairs two rows' heads only where they fit in one block: on the per-(head, k) path a
+    /// longer run could also move an element between NEON's vector body and its scalar tail,
+    /// which round differently.
     pub fn rows_times_runs_block(self) -> usize {
         match self {
             CpuLevel::Avx512Vnni | CpuLevel::Amx => 8,
-            _ => 4,
+            CpuLevel::Avx2 | CpuLevel::AvxVnni => 4,
+            _ => 1,
         }
     }
 
