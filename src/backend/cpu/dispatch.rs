@@ -416,12 +416,18 @@ pub fn axpy_f32(level: CpuLevel, a: f32, x: &[f32], y: &mut [f32]) {
 /// `b[k]` = value k).
 ///
 /// Per output element the sum runs over k in order, one multiply-add each, as a sequence of
-/// [`axpy_f32`] calls would; the AVX-512 kernel keeps up to 4 heads × 64 columns in registers
-/// (AVX2 4 × 16), so each `b` run is loaded once for all heads instead of once per head, and
-/// the outputs stay in registers across k. The SIMD kernels multiply-add every coefficient,
+/// [`axpy_f32`] calls would; the SIMD kernels keep a block of rows in registers (AVX-512 up to
+/// 4 rows × 64 columns or 8 × 32, AVX2 4 × 16: [`CpuLevel::rows_times_runs_block`]), so each
+/// `b` run is loaded once for all rows of the block instead of once per row, and the outputs
+/// stay in registers across k. The SIMD kernels multiply-add every coefficient,
 /// zeros included (testing each k for an all-zero column cost them more than it saved,
 /// BENCHMARKS.md); the per-(head, k) path skips zero coefficients, a test that is cheap beside
 /// its `axpy` call. With finite `b` both give the same sums: a zero adds exactly zero.
+/// [`rows_times_runs`]' arguments as the SIMD kernels pass them on: `a [rows, depth]`, `depth`,
+/// `b` (runs every `b_stride`), `b_stride`, `cols`, `out [rows, cols]`.
+#[cfg(target_arch = "x86_64")]
+pub(crate) type RunsArgs<'a, T> = (&'a [f32], usize, &'a [T], usize, usize, &'a mut [f32]);
+
 #[allow(clippy::too_many_arguments)]
 pub fn rows_times_runs<T: KvElem>(
     level: CpuLevel,

@@ -418,8 +418,8 @@ impl CpuBackend {
                     let paired = o.len() == 2 * qd
                         && rows[t + 1].slot == rows[t].slot
                         && rows[t + 1].pos == rows[t].pos + 1;
+                    let (o0, o1) = o.split_at_mut(qd.min(o.len())); // rows t and t + 1
                     for h0 in (0..shape.n_heads).step_by(group) {
-                        let (o0, o1) = o.split_at_mut(qd.min(o.len()));
                         let span = h0 * hd..(h0 + group) * hd;
                         if paired {
                             attend(
@@ -1295,20 +1295,12 @@ mod tests {
                         }
                         let n = rows.len();
                         b.begin_step(&rows).unwrap();
-                        let qt = CpuTensor {
-                            data: q.clone().into(),
-                            capacity: n,
-                            cols: qd,
-                        };
+                        let qt = tensor(q.clone(), n, qd);
                         let mut out = b.alloc(n, qd).unwrap();
                         b.attention(&qt, &cache, 1, &shape, &mut out).unwrap();
                         for (t, row) in rows.iter().enumerate() {
                             b.begin_step(&[*row]).unwrap();
-                            let qt = CpuTensor {
-                                data: q[t * qd..(t + 1) * qd].to_vec().into(),
-                                capacity: 1,
-                                cols: qd,
-                            };
+                            let qt = tensor(q[t * qd..(t + 1) * qd].to_vec(), 1, qd);
                             let mut alone = b.alloc(1, qd).unwrap();
                             b.attention(&qt, &cache, 1, &shape, &mut alone).unwrap();
                             for (i, (&got, &want)) in out.data[t * qd..(t + 1) * qd]

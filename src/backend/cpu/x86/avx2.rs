@@ -5,7 +5,7 @@
 use std::arch::x86_64::*;
 
 use super::{prefetch, PREFETCH_BYTES};
-use crate::backend::cpu::dispatch::KvElem;
+use crate::backend::cpu::dispatch::{KvElem, RunsArgs};
 use crate::backend::cpu::q4::{bf16_to_f32, Q4_BLOCK, Q4_BLOCK_BYTES};
 use crate::backend::cpu::q8::Q8_BLOCK;
 use crate::backend::cpu::reference;
@@ -291,10 +291,6 @@ pub unsafe fn rows_times_runs_avx2<T: KvElem>(
         }
     }
 }
-
-/// `rows_times_runs`' arguments: `a [rows, depth]`, `depth`, `b` (runs every `b_stride`),
-/// `b_stride`, `cols`, `out [rows, cols]`.
-type RunsArgs<'a, T> = (&'a [f32], usize, &'a [T], usize, usize, &'a mut [f32]);
 
 /// The blocks of 16 columns: full ones through plain loads and stores, a last partial one
 /// through masked ones (chosen once per block, not per k).

@@ -6,7 +6,7 @@
 use std::arch::x86_64::*;
 
 use super::{prefetch, PREFETCH_BYTES};
-use crate::backend::cpu::dispatch::KvElem;
+use crate::backend::cpu::dispatch::{KvElem, RunsArgs};
 use crate::backend::cpu::q8::Q8_BLOCK;
 use crate::backend::cpu::reference;
 
@@ -193,10 +193,6 @@ pub unsafe fn rows_times_runs_avx512<T: KvElem>(
         }
     }
 }
-
-/// `rows_times_runs`' arguments: `a [rows, depth]`, `depth`, `b` (runs every `b_stride`),
-/// `b_stride`, `cols`, `out [rows, cols]`.
-type RunsArgs<'a, T> = (&'a [f32], usize, &'a [T], usize, usize, &'a mut [f32]);
 
 #[inline]
 #[target_feature(enable = "avx512f")]
